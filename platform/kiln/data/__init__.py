@@ -1,0 +1,1 @@
+"""Data: Parquet io, decoding, preprocessing, stratified splits, dataset hashing, built-in sources."""

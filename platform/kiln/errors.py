@@ -1,0 +1,29 @@
+"""User-facing errors: one line naming the problem, exit code 2 at the CLI."""
+
+from __future__ import annotations
+
+
+class KilnError(Exception):
+    """A mistake the user can fix (bad config, missing file, bad request).
+
+    The CLI prints ``error: <message>`` and exits with code 2, no traceback
+    unless ``--debug`` is given.
+    """
+
+    exit_code = 2
+
+
+class ConfigError(KilnError):
+    """The config (file or override) is invalid; the message names the dotted key."""
+
+
+class DataError(KilnError):
+    """The data source cannot be read or does not match the config."""
+
+
+class ResourceError(KilnError):
+    """The cluster cannot place what the job asks for."""
+
+
+class ModelError(KilnError):
+    """A model URI or model artifact cannot be resolved or loaded."""

@@ -1,0 +1,1 @@
+"""Model builders, the model spec (architecture + preprocessing + labels) and safe loading."""

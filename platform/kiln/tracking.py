@@ -1,0 +1,241 @@
+"""The one place that talks to MLflow: runs, params, metrics, artifacts, the model registry."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+from kiln.errors import KilnError, ModelError
+
+TAG_DATASET_HASH = "kiln.dataset_hash"
+TAG_CODE_VERSION = "kiln.code_version"
+TAG_KILN_VERSION = "kiln.version"
+TAG_DATA_SOURCE = "kiln.data_source"
+TAG_STORAGE = "kiln.storage_path"
+TAG_JOB = "kiln.job"
+MODEL_ARTIFACT_PATH = "model"
+
+
+def quiet_mlflow() -> None:
+    """MLflow and alembic log schema migrations and hints at INFO; keep the user's terminal clean."""
+    for name in ("mlflow", "alembic", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def default_tracking_uri(run_dir: str | Path) -> str:
+    """A sqlite store inside ``run_dir`` (MLflow 3 refuses plain file stores by default)."""
+    path = Path(run_dir).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(configured: str | None, run_dir: str | Path) -> str:
+    """Config value, else MLFLOW_TRACKING_URI, else the sqlite default in ``run_dir``."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(run_dir)
+
+
+def client(tracking_uri: str):
+    quiet_mlflow()
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def is_local_store(tracking_uri: str) -> bool:
+    return tracking_uri.startswith("sqlite:") or tracking_uri.startswith("file:")
+
+
+def ensure_experiment(tracking_uri: str, name: str, run_dir: str | Path) -> str:
+    """Experiment id for ``name``, creating it (artifacts beside a local store, not in ./mlruns)."""
+    c = client(tracking_uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if is_local_store(tracking_uri):
+        location = (Path(run_dir).expanduser().resolve() / "artifacts").as_uri()
+    try:
+        return c.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another process
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def code_version() -> str:
+    """git sha of the working tree (``-dirty`` when modified), or 'unknown' outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if sha.returncode != 0:
+            return os.environ.get("KILN_CODE_VERSION", "unknown")
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("KILN_CODE_VERSION", "unknown")
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 0.1}} -> {'train.lr': 0.1}."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, full + "."))
+        else:
+            out[full] = value
+    return out
+
+
+def start_run(tracking_uri: str, experiment_id: str, run_name: str, tags: dict[str, str],
+              parent_run_id: str | None = None) -> str:
+    """Create an MLflow run and return its id."""
+    tags = dict(tags)
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    tags.setdefault("mlflow.runName", run_name)
+    run = client(tracking_uri).create_run(experiment_id, run_name=run_name, tags=tags)
+    return run.info.run_id
+
+
+def log_params(tracking_uri: str, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    c = client(tracking_uri)
+    for i in range(0, len(items), 100):
+        c.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if v is not None]
+    client(tracking_uri).log_batch(run_id, metrics=items)
+
+
+def set_tags(tracking_uri: str, run_id: str, tags: dict[str, Any]) -> None:
+    c = client(tracking_uri)
+    for k, v in tags.items():
+        c.set_tag(run_id, k, str(v))
+
+
+def log_artifacts(tracking_uri: str, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
+    client(tracking_uri).log_artifacts(run_id, str(local_dir), artifact_path)
+
+
+def log_artifact(tracking_uri: str, run_id: str, local_file: str | Path, artifact_path: str | None = None) -> None:
+    client(tracking_uri).log_artifact(run_id, str(local_file), artifact_path)
+
+
+def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    client(tracking_uri).set_terminated(run_id, status)
+
+
+def get_run(tracking_uri: str, run_id: str):
+    """The MLflow run, or KilnError when there is none with that id."""
+    try:
+        return client(tracking_uri).get_run(run_id)
+    except Exception:
+        raise KilnError(f"no MLflow run '{run_id}' in {tracking_uri}") from None
+
+
+def metric_history(tracking_uri: str, run_id: str, key: str) -> list:
+    return client(tracking_uri).get_metric_history(run_id, key)
+
+
+def register_model(tracking_uri: str, name: str, run_id: str, artifact_path: str = MODEL_ARTIFACT_PATH,
+                   tags: dict[str, Any] | None = None, description: str | None = None) -> str:
+    """Register the run's artifact folder as a new version of ``name``; returns the version."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(tracking_uri)
+    try:
+        c.create_registered_model(name)
+    except MlflowException as exc:
+        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code) and "already exists" not in str(exc):
+            raise
+    source = f"{c.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+    mv = c.create_model_version(name, source=source, run_id=run_id,
+                                tags={k: str(v) for k, v in (tags or {}).items()}, description=description)
+    return str(mv.version)
+
+
+def set_alias(tracking_uri: str, name: str, alias: str, version: str) -> None:
+    client(tracking_uri).set_registered_model_alias(name, alias, version)
+
+
+def model_version_for(tracking_uri: str, uri: str):
+    """The registry ModelVersion behind ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``."""
+    c = client(tracking_uri)
+    body = uri[len("models:/"):]
+    try:
+        if "@" in body:
+            name, alias = body.split("@", 1)
+            return c.get_model_version_by_alias(name, alias)
+        name, _, version = body.partition("/")
+        if not version:
+            raise ModelError(f"model URI '{uri}' names no version (use models:/NAME/VERSION or models:/NAME@ALIAS)")
+        return c.get_model_version(name, version)
+    except ModelError:
+        raise
+    except Exception:
+        raise ModelError(f"unknown model '{uri}' in registry {tracking_uri}") from None
+
+
+_DOWNLOADS: dict[tuple[str, str], Path] = {}
+
+
+def resolve_model_dir(model: str, tracking_uri: str | None = None) -> Path:
+    """Local folder of a model artifact from a path, ``models:/`` or ``runs:/`` URI, or a bare run id.
+
+    Registry and run artifacts are downloaded once per process. Raises ModelError.
+    """
+    local = Path(model).expanduser()
+    if "://" not in model and ":/" not in model and local.is_dir():
+        return local
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri("runs")
+    key = (tracking_uri, model)
+    if key in _DOWNLOADS and _DOWNLOADS[key].is_dir():
+        return _DOWNLOADS[key]
+    c = client(tracking_uri)
+    if model.startswith("models:/"):
+        mv = model_version_for(tracking_uri, model)
+        source = mv.source
+    elif model.startswith("runs:/"):
+        run_id, _, path = model[len("runs:/"):].partition("/")
+        source = f"{get_run_or_model_error(c, run_id, model).info.artifact_uri.rstrip('/')}/{path or MODEL_ARTIFACT_PATH}"
+    else:
+        run = get_run_or_model_error(c, model, model)
+        source = f"{run.info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT_PATH}"
+    import mlflow.artifacts
+
+    dest = Path(tempfile.mkdtemp(prefix="kiln-model-"))
+    try:
+        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dest),
+                                                        tracking_uri=tracking_uri))
+    except Exception as exc:
+        raise ModelError(f"cannot download model '{model}' ({str(exc).splitlines()[0]})") from None
+    _DOWNLOADS[key] = path
+    return path
+
+
+def get_run_or_model_error(c, run_id: str, what: str):
+    try:
+        return c.get_run(run_id)
+    except Exception:
+        raise ModelError(f"unknown model '{what}': no such run") from None
+
+
+def iter_model_versions(tracking_uri: str, name: str) -> Iterable:
+    return client(tracking_uri).search_model_versions(f"name='{name}'")

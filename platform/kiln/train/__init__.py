@@ -1,0 +1,1 @@
+"""Training: the loop (plain function), checkpoints, metrics, and the Ray Train driver."""

@@ -1,0 +1,175 @@
+"""The training loop: a plain function over (config, data, session).
+
+It runs in-process (LocalSession) and inside Ray Train workers (RayTrainSession) alike. Each
+epoch it reports train/val metrics and, every ``train.checkpoint.every`` epochs, a checkpoint.
+Rank 0 also logs the epoch's metrics to MLflow once the checkpoint is persisted, so an epoch
+visible in MLflow is an epoch that will not be repeated after a restart.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kiln.config import KilnConfig
+from kiln.data.dataset import PreparedData
+from kiln.models.artifact import build_model, unwrap
+from kiln.models.spec import ModelSpec
+from kiln.train.checkpoint import checkpoint_name, load_checkpoint, read_state, save_checkpoint
+from kiln.train.metrics import accuracy, confusion_matrix, f1_macro
+from kiln.train.session import Session
+
+
+def model_spec(cfg: KilnConfig, data: PreparedData) -> ModelSpec:
+    return ModelSpec(architecture=cfg.model.name, kwargs=cfg.model.kwargs, input_shape=data.input_shape,
+                     labels=data.labels, preprocessing=data.preprocessing)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def make_optimizer(cfg: KilnConfig, model: nn.Module) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=0.9, weight_decay=t.weight_decay, nesterov=True)
+    cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+    return cls(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+
+
+def make_scheduler(cfg: KilnConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    if cfg.train.scheduler == "none":
+        return None
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.train.epochs * steps_per_epoch))
+
+
+@torch.inference_mode()
+def evaluate_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]) if len(x) else x.new_zeros((0,))
+
+
+def split_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, loss_fn, prefix: str) -> dict[str, float]:
+    """Loss, accuracy and macro-F1 of ``model`` on one split."""
+    if len(x) == 0:
+        return {}
+    logits = evaluate_logits(model, x)
+    cm = confusion_matrix(y.numpy(), logits.argmax(1).numpy(), num_classes)
+    return {f"{prefix}_loss": float(loss_fn(logits, y)), f"{prefix}_accuracy": accuracy(cm), f"{prefix}_f1_macro": f1_macro(cm)}
+
+
+def epoch_order(n: int, seed: int, epoch: int, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's shuffled row indices for ``epoch``: equal counts on every rank (DDP needs equal steps)."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    per_rank = n // world_size
+    return perm[: per_rank * world_size][rank::world_size]
+
+
+def train_epochs(cfg: KilnConfig, data: PreparedData, session: Session, tracking: dict[str, str] | None = None,
+                 resume_from: Path | None = None) -> list[dict[str, Any]]:
+    """Train ``cfg.train.epochs`` epochs (continuing after the latest checkpoint). Returns reported metrics."""
+    t = cfg.train
+    torch.set_num_threads(max(1, int(t.cpus_per_worker)))
+    seed_everything(t.seed)
+    spec = model_spec(cfg, data)
+    model = build_model(spec)
+    device = torch.device("cpu")
+    if t.use_gpu and torch.cuda.is_available():
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+    model = session.prepare_model(model.to(device))
+
+    x_train = torch.from_numpy(data.x_train)
+    y_train = torch.from_numpy(data.y_train)
+    x_val, y_val = torch.from_numpy(data.x_val), torch.from_numpy(data.y_val)
+    weights = torch.from_numpy(data.class_weights()).to(device) if t.class_weights == "auto" else None
+    loss_fn = nn.CrossEntropyLoss(weight=weights)
+    eval_loss = nn.CrossEntropyLoss(weight=weights.cpu() if weights is not None else None)
+
+    local_batch = max(1, t.batch_size // session.world_size)
+    rows_per_rank = len(x_train) // session.world_size
+    steps_per_epoch = max(1, math.ceil(rows_per_rank / local_batch))
+    optimizer = make_optimizer(cfg, model)
+    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
+
+    start_epoch = 0
+    candidates = [c for c in (session.latest_checkpoint(), resume_from) if c is not None]
+    if candidates:
+        latest = max(candidates, key=lambda c: (read_state(c) or {"epoch": -1})["epoch"])
+        start_epoch = load_checkpoint(latest, model, optimizer, scheduler) + 1
+        if session.rank == 0 and tracking:
+            from kiln import tracking as trk
+
+            trk.log_metrics(tracking["uri"], tracking["run_id"], {"resumed_at_epoch": start_epoch}, step=start_epoch)
+
+    reports = []
+    every = cfg.train.checkpoint.every
+    for epoch in range(start_epoch, t.epochs):
+        started = time.perf_counter()
+        model.train()
+        order = epoch_order(len(x_train), t.seed, epoch, session.rank, session.world_size)
+        torch.manual_seed(t.seed * 1_000_003 + epoch * 1009 + session.rank)  # dropout, same on resume
+        total, count = 0.0, 0
+        for i in range(0, len(order), local_batch):
+            idx = order[i : i + local_batch]
+            xb, yb = x_train[idx].to(device), y_train[idx].to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(xb), yb)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+        train_seconds = time.perf_counter() - started
+        metrics: dict[str, Any] = {"epoch": epoch, "train_loss": session.all_reduce_mean(total / max(count, 1)),
+                                   "lr": optimizer.param_groups[0]["lr"],
+                                   "samples_per_s": session.all_reduce_mean(count / train_seconds) * session.world_size}
+        checkpoint_dir = None
+        tmp = None
+        if session.rank == 0:
+            # Evaluate the plain module on rank 0 only: no collectives, so the other ranks don't wait on it.
+            metrics.update(split_metrics(unwrap(model).cpu() if device.type == "cpu" else unwrap(model),
+                                         x_val.to(device), y_val.to(device), data.num_classes, eval_loss, "val"))
+            if (epoch + 1) % every == 0 or epoch + 1 == t.epochs:
+                tmp = tempfile.TemporaryDirectory(prefix="kiln-ckpt-")
+                checkpoint_dir = save_checkpoint(Path(tmp.name) / checkpoint_name(epoch), model, optimizer,
+                                                 scheduler, epoch, metrics, spec)
+        session.report(metrics, checkpoint_dir)
+        if tmp is not None:
+            tmp.cleanup()
+        if session.rank == 0 and tracking:
+            from kiln import tracking as trk
+
+            trk.log_metrics(tracking["uri"], tracking["run_id"], {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+            trk.log_metrics(tracking["uri"], tracking["run_id"], {"epoch": epoch}, step=epoch)
+        reports.append(metrics)
+    return reports
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point: ``loop_config`` holds the config dict, a data ObjectRef and tracking info."""
+    import ray
+
+    from kiln.train.session import RayTrainSession
+
+    cfg = KilnConfig.model_validate(loop_config["config"])
+    data = loop_config["data"]
+    if isinstance(data, ray.ObjectRef):
+        data = ray.get(data)
+    resume_from = loop_config.get("resume_from")
+    train_epochs(cfg, data, RayTrainSession(), loop_config.get("tracking"),
+                 Path(resume_from) if resume_from else None)

@@ -1,0 +1,285 @@
+"""The training driver: data -> MLflow run -> Ray Train TorchTrainer -> test evaluation -> registry.
+
+Nothing is registered unless every step succeeded; a failed run is marked FAILED in MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from kiln import tracking as trk
+from kiln.config import KilnConfig, validate_config
+from kiln.data.dataset import PreparedData, prepare_data
+from kiln.errors import ConfigError, KilnError
+from kiln.train.checkpoint import find_latest_checkpoint
+from kiln.train.metrics import accuracy, classification_report, confusion_matrix, f1_macro
+from kiln.train.report import confusion_matrix_png
+
+EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy", "val_f1_macro")
+
+
+@dataclass
+class TrainResult:
+    """What a finished training run produced (the CLI's ``--json`` line)."""
+
+    run_id: str
+    tracking_uri: str
+    model_uri: str
+    model_name: str
+    model_version: str
+    dataset_hash: str
+    checkpoint: str
+    metrics: dict[str, float]
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    per_class: list[dict[str, Any]] = field(default_factory=list)
+    split_sizes: dict[str, int] = field(default_factory=dict)
+    resumed_from_epoch: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+def check_model_fits_data(cfg: KilnConfig, data: PreparedData) -> None:
+    """Build the model and run one batch, so an architecture that cannot take this input fails early."""
+    import torch
+
+    from kiln.models.artifact import build_model
+    from kiln.train.loop import model_spec
+
+    try:
+        model = build_model(model_spec(cfg, data)).eval()
+        with torch.no_grad():
+            out = model(torch.from_numpy(data.x_train[:2]))
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise ConfigError(f"config key 'model': model '{cfg.model.name}' cannot take this data "
+                          f"(input {data.input_shape}): {str(exc).splitlines()[0]}") from None
+    if tuple(out.shape) != (min(2, len(data.x_train)), data.num_classes):
+        raise ConfigError(f"config key 'model': model '{cfg.model.name}' outputs {list(out.shape)}, "
+                          f"expected [batch, {data.num_classes}]")
+
+
+def storage_root(cfg: KilnConfig) -> str:
+    if cfg.experiment.storage_path:
+        return cfg.experiment.storage_path
+    return str((Path(cfg.experiment.run_dir).expanduser().resolve() / "checkpoints"))
+
+
+def _start_or_resume_run(cfg: KilnConfig, data: PreparedData, tracking_uri: str, resume: str | None) -> str:
+    if resume:
+        run = trk.get_run(tracking_uri, resume)
+        if run.info.status == "FINISHED":
+            raise KilnError(f"--resume {resume}: that run already finished; start a new run instead")
+        logged = run.data.tags.get(trk.TAG_DATASET_HASH)
+        if logged and logged != data.dataset_hash:
+            raise KilnError(f"--resume {resume}: the data changed since the run started "
+                            f"(dataset hash {data.dataset_hash}, run has {logged})")
+        stored = json.loads(run.data.tags.get("kiln.config_json", "{}") or "{}")
+        if stored and stored != cfg.to_dict():
+            flat_old, flat_new = trk.flatten(stored), trk.flatten(cfg.to_dict())
+            diff = sorted(k for k in set(flat_old) | set(flat_new) if flat_old.get(k) != flat_new.get(k))
+            raise ConfigError(f"--resume {resume}: config differs from the run's at {', '.join(diff)}")
+        return resume
+    import kiln
+
+    exp_id = trk.ensure_experiment(tracking_uri, cfg.experiment.name, cfg.experiment.run_dir)
+    tags = {
+        trk.TAG_DATASET_HASH: data.dataset_hash,
+        trk.TAG_CODE_VERSION: trk.code_version(),
+        trk.TAG_KILN_VERSION: kiln.__version__,
+        trk.TAG_DATA_SOURCE: cfg.data.source,
+        trk.TAG_JOB: "train",
+        "kiln.config_json": json.dumps(cfg.to_dict(), sort_keys=True),
+    }
+    run_id = trk.start_run(tracking_uri, exp_id, f"train-{cfg.model.name}", tags)
+    trk.log_params(tracking_uri, run_id, trk.flatten(cfg.to_dict()))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(cfg.to_yaml())
+        trk.log_artifact(tracking_uri, run_id, path)
+    return run_id
+
+
+class _ProgressPoller(threading.Thread):
+    """Reads per-epoch metrics back from MLflow while the job runs and hands each new epoch to ``progress``."""
+
+    def __init__(self, tracking_uri: str, run_id: str, progress: ProgressFn, interval: float = 1.0):
+        super().__init__(daemon=True)
+        self.tracking_uri, self.run_id, self.progress, self.interval = tracking_uri, run_id, progress, interval
+        self.stop_event = threading.Event()
+        self.seen: set[int] = set()
+
+    def poll(self) -> None:
+        try:
+            epochs = {m.step for m in trk.metric_history(self.tracking_uri, self.run_id, "epoch")}
+            new = sorted(epochs - self.seen)
+            if not new:
+                return
+            history = {k: {m.step: m.value for m in trk.metric_history(self.tracking_uri, self.run_id, k)}
+                       for k in EPOCH_METRICS}
+            for step in new:
+                self.seen.add(step)
+                self.progress({"epoch": step, **{k: history[k].get(step) for k in EPOCH_METRICS}})
+        except Exception:  # progress is best effort; the run's outcome does not depend on it
+            pass
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.interval):
+            self.poll()
+
+    def finish(self) -> None:
+        self.stop_event.set()
+        self.join(timeout=5)
+        self.poll()
+
+
+def _worker_error_line(exc: BaseException) -> str:
+    """The most telling line of a Ray Train failure (the worker's own exception, not Ray's wrapper)."""
+    text = str(exc)
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    for line in reversed(lines):
+        if ("Error" in line or "Exception" in line) and not line.startswith("File "):
+            return line[:500]
+    return (lines[-1] if lines else type(exc).__name__)[:500]
+
+
+def fit_on_ray(cfg: KilnConfig, data: PreparedData, tracking_uri: str, run_id: str, debug: bool = False,
+               resume_from: str | None = None):
+    """Run the loop under Ray Train's TorchTrainer. Returns the Ray Train Result."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from kiln.runtime import check_placement
+    from kiln.train.loop import train_loop_per_worker
+
+    t = cfg.train
+    per_worker = {"CPU": t.cpus_per_worker, **({"GPU": 1.0} if t.use_gpu else {})}
+    check_placement(t.workers, per_worker)
+    ck = t.checkpoint
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "data": ray.put(data),
+                           "tracking": {"uri": tracking_uri, "run_id": run_id}, "resume_from": resume_from},
+        scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu, resources_per_worker=per_worker),
+        run_config=RunConfig(
+            name=f"kiln-{run_id}",
+            storage_path=storage_root(cfg),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=ck.keep, checkpoint_score_attribute=ck.metric,
+                                               checkpoint_score_order=ck.mode),
+        ),
+    )
+    return trainer.fit()
+
+
+def best_checkpoint_path(result, cfg: KilnConfig) -> str:
+    ck = cfg.train.checkpoint
+    candidates = [(c, m) for c, m in (result.best_checkpoints or []) if m and ck.metric in m]
+    if candidates:
+        pick = max if ck.mode == "max" else min
+        return pick(candidates, key=lambda cm: cm[1][ck.metric])[0].path
+    if result.checkpoint is None:
+        raise KilnError("training finished without a checkpoint")
+    return result.checkpoint.path
+
+
+def evaluate_test(model_dir: Path, data: PreparedData) -> tuple[dict[str, float], np.ndarray]:
+    """Test-split metrics of the saved artifact, loaded the way users load it."""
+    from kiln.models.predictor import load_predictor
+
+    predictor = load_predictor(model_dir)
+    pred = predictor.logits(data.x_test).argmax(axis=1)
+    cm = confusion_matrix(data.y_test, pred, data.num_classes)
+    return {"test_accuracy": accuracy(cm), "test_f1_macro": f1_macro(cm)}, cm
+
+
+def run_training(cfg: KilnConfig, address: str | None = None, resume: str | None = None,
+                 progress: ProgressFn | None = None, debug: bool = False) -> TrainResult:
+    """Train ``cfg`` on Ray (local instance unless ``address``), evaluate, log and register.
+
+    Raises KilnError for user mistakes and for a failed training job (the run is marked FAILED).
+    """
+    from kiln.runtime import ensure_ray
+
+    data = prepare_data(cfg.data)
+    check_model_fits_data(cfg, data)
+    tracking_uri = trk.resolve_tracking_uri(cfg.experiment.tracking_uri, cfg.experiment.run_dir)
+    run_id = _start_or_resume_run(cfg, data, tracking_uri, resume)
+    resume_from = None
+    if resume:
+        latest = find_latest_checkpoint(Path(storage_root(cfg)) / f"kiln-{run_id}")
+        resume_from = str(latest) if latest else None
+    poller = _ProgressPoller(tracking_uri, run_id, progress) if progress else None
+    try:
+        ensure_ray(address, debug=debug)
+        if poller:
+            poller.start()
+        result = fit_on_ray(cfg, data, tracking_uri, run_id, debug, resume_from)
+        if result.error is not None:
+            raise result.error
+    except KilnError:
+        trk.end_run(tracking_uri, run_id, "FAILED")
+        raise
+    except KeyboardInterrupt:
+        trk.end_run(tracking_uri, run_id, "KILLED")
+        raise
+    except Exception as exc:
+        trk.end_run(tracking_uri, run_id, "FAILED")
+        raise KilnError(f"training failed: {_worker_error_line(exc)}") from exc
+    finally:
+        if poller:
+            poller.finish()
+    return finalize_run(cfg, data, tracking_uri, run_id, result)
+
+
+def finalize_run(cfg: KilnConfig, data: PreparedData, tracking_uri: str, run_id: str, result) -> TrainResult:
+    """Best checkpoint -> model artifact, test metrics, report artifacts, registry version."""
+    import kiln
+
+    try:
+        ckpt_path = best_checkpoint_path(result, cfg)
+        with tempfile.TemporaryDirectory(prefix="kiln-final-") as tmp:
+            model_dir = Path(tmp) / trk.MODEL_ARTIFACT_PATH
+            model_dir.mkdir()
+            for name in ("spec.json", "model.safetensors", "MLmodel"):
+                shutil.copy2(Path(ckpt_path) / name, model_dir / name)
+            test_metrics, cm = evaluate_test(model_dir, data)
+            per_class = classification_report(cm, data.labels)
+            confusion_matrix_png(cm, data.labels, Path(tmp) / "confusion_matrix.png")
+            (Path(tmp) / "classification_report.json").write_text(json.dumps(per_class, indent=2))
+            trk.log_metrics(tracking_uri, run_id, test_metrics)
+            trk.log_artifacts(tracking_uri, run_id, model_dir, trk.MODEL_ARTIFACT_PATH)
+            trk.log_artifact(tracking_uri, run_id, Path(tmp) / "confusion_matrix.png")
+            trk.log_artifact(tracking_uri, run_id, Path(tmp) / "classification_report.json")
+        version = trk.register_model(tracking_uri, cfg.experiment.name, run_id, tags={
+            trk.TAG_DATASET_HASH: data.dataset_hash, "kiln.variant": "fp32", "kiln.architecture": cfg.model.name,
+            trk.TAG_KILN_VERSION: kiln.__version__, "test_accuracy": f"{test_metrics['test_accuracy']:.4f}"})
+        trk.set_tags(tracking_uri, run_id, {"kiln.model_version": version, trk.TAG_STORAGE: ckpt_path})
+        trk.end_run(tracking_uri, run_id, "FINISHED")
+    except Exception:
+        trk.end_run(tracking_uri, run_id, "FAILED")
+        raise
+    epochs = {}
+    for key in (*EPOCH_METRICS, "epoch"):
+        for m in trk.metric_history(tracking_uri, run_id, key):
+            epochs.setdefault(m.step, {"epoch": m.step})[key] = m.value
+    resumed = [m.value for m in trk.metric_history(tracking_uri, run_id, "resumed_at_epoch")]
+    return TrainResult(
+        run_id=run_id, tracking_uri=tracking_uri, model_uri=f"models:/{cfg.experiment.name}/{version}",
+        model_name=cfg.experiment.name, model_version=version, dataset_hash=data.dataset_hash, checkpoint=ckpt_path,
+        metrics={**{k: float(v) for k, v in (result.metrics or {}).items() if k in EPOCH_METRICS}, **test_metrics},
+        epochs=[epochs[k] for k in sorted(epochs)], per_class=per_class, split_sizes=data.sizes(),
+        resumed_from_epoch=int(resumed[-1]) if resumed else None,
+    )
+

@@ -1,0 +1,90 @@
+"""The small interface the training loop reports through, in-process or inside Ray Train workers."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class Session(Protocol):
+    rank: int
+    world_size: int
+
+    def prepare_model(self, model): ...
+
+    def latest_checkpoint(self) -> Path | None: ...
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None: ...
+
+    def all_reduce_mean(self, value: float) -> float: ...
+
+
+class LocalSession:
+    """Single process, no Ray: checkpoints are copied into ``checkpoint_root``."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, checkpoint_root: str | Path | None = None):
+        self.root = Path(checkpoint_root or tempfile.mkdtemp(prefix="kiln-ckpt-"))
+        self.reports: list[dict[str, Any]] = []
+        self._latest: Path | None = None
+
+    def prepare_model(self, model):
+        return model
+
+    def latest_checkpoint(self) -> Path | None:
+        return self._latest
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        self.reports.append(dict(metrics))
+        if checkpoint_dir is not None:
+            dest = self.root / Path(checkpoint_dir).name
+            shutil.copytree(checkpoint_dir, dest, dirs_exist_ok=True)
+            self._latest = dest
+
+    def all_reduce_mean(self, value: float) -> float:
+        return value
+
+
+class RayTrainSession:
+    """Inside a Ray Train worker: DDP via prepare_model, checkpoints through ray.train.report."""
+
+    def __init__(self):
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self._restored = ray.train.get_checkpoint()
+        self._tmp: tempfile.TemporaryDirectory | None = None
+
+    def prepare_model(self, model):
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def latest_checkpoint(self) -> Path | None:
+        if self._restored is None:
+            return None
+        self._tmp = tempfile.TemporaryDirectory(prefix="kiln-restore-")
+        return Path(self._restored.to_directory(self._tmp.name))
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        name = Path(checkpoint_dir).name if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+    def all_reduce_mean(self, value: float) -> float:
+        import torch
+        import torch.distributed as dist
+
+        if self.world_size == 1 or not dist.is_initialized():
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t.item() / self.world_size)
