@@ -11,6 +11,9 @@ from typing import Any, Iterable
 
 from kiln.errors import KilnError, ModelError
 
+# Must be set before mlflow is first imported: it configures its loggers at import time.
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
 TAG_DATASET_HASH = "kiln.dataset_hash"
 TAG_CODE_VERSION = "kiln.code_version"
 TAG_KILN_VERSION = "kiln.version"
