@@ -1,43 +1,20 @@
 """The Python predict API: load a saved or registered model and predict labels and probabilities.
 
-A runtime turns normalized float32 inputs into logits; each artifact format has one. Formats
-added by later steps (ONNX, ...) register theirs with ``register_runtime``.
+A runtime (``kiln.models.runtimes``) turns normalized float32 inputs into logits; every artifact
+format has one, so the same Predictor serves every model variant.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from kiln.errors import ModelError
-from kiln.models.artifact import load_spec, load_torch_model
+from kiln.models.artifact import load_spec
 from kiln.models.inputs import to_raw
+from kiln.models.runtimes import Runtime, make_runtime
 from kiln.models.spec import ModelSpec
-
-Runtime = Callable[[np.ndarray], np.ndarray]
-_RUNTIMES: dict[str, Callable[[Path, ModelSpec], Runtime]] = {}
-
-
-def register_runtime(fmt: str, factory: Callable[[Path, ModelSpec], Runtime]) -> None:
-    """Register how artifacts of ``fmt`` are run: ``factory(directory, spec) -> logits_fn``."""
-    _RUNTIMES[fmt] = factory
-
-
-def _torch_runtime(directory: Path, spec: ModelSpec) -> Runtime:
-    import torch
-
-    model, _ = load_torch_model(directory)
-
-    def run(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return model(torch.from_numpy(np.ascontiguousarray(x))).float().numpy()
-
-    return run
-
-
-register_runtime("safetensors", _torch_runtime)
 
 
 class Predictor:
@@ -79,7 +56,4 @@ def load_predictor(model: str | Path, tracking_uri: str | None = None) -> Predic
 
     directory = resolve_model_dir(str(model), tracking_uri)
     spec = load_spec(directory)
-    factory = _RUNTIMES.get(spec.format)
-    if factory is None:
-        raise ModelError(f"no runtime for model format '{spec.format}' (known: {', '.join(sorted(_RUNTIMES))})")
-    return Predictor(spec, factory(directory, spec), str(model))
+    return Predictor(spec, make_runtime(directory, spec), str(model))

@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -25,6 +26,20 @@ from kiln.models.spec import ModelSpec
 from kiln.train.checkpoint import checkpoint_name, load_checkpoint, read_state, save_checkpoint
 from kiln.train.metrics import accuracy, confusion_matrix, f1_macro
 from kiln.train.session import Session
+
+
+@dataclass
+class LoopHooks:
+    """Ways a job kind changes the loop without copying it (compression uses them).
+
+    ``build_model``: the starting model (e.g. a pruned network) instead of a fresh one from ``spec``.
+    ``spec``: the spec saved with checkpoints (defaults to the config's architecture).
+    ``loss``: ``loss(logits, xb, yb, ce_loss) -> loss`` instead of cross-entropy (e.g. distillation).
+    """
+
+    build_model: Callable[[], nn.Module] | None = None
+    spec: ModelSpec | None = None
+    loss: Callable[..., torch.Tensor] | None = None
 
 
 def model_spec(cfg: KilnConfig, data: PreparedData) -> ModelSpec:
@@ -78,13 +93,14 @@ def epoch_order(n: int, seed: int, epoch: int, rank: int, world_size: int) -> to
 
 
 def train_epochs(cfg: KilnConfig, data: PreparedData, session: Session, tracking: dict[str, str] | None = None,
-                 resume_from: Path | None = None) -> list[dict[str, Any]]:
+                 resume_from: Path | None = None, hooks: LoopHooks | None = None) -> list[dict[str, Any]]:
     """Train ``cfg.train.epochs`` epochs (continuing after the latest checkpoint). Returns reported metrics."""
     t = cfg.train
+    hooks = hooks or LoopHooks()
     torch.set_num_threads(max(1, int(t.cpus_per_worker)))
     seed_everything(t.seed)
-    spec = model_spec(cfg, data)
-    model = build_model(spec)
+    spec = hooks.spec or model_spec(cfg, data)
+    model = hooks.build_model() if hooks.build_model else build_model(spec)
     device = torch.device("cpu")
     if t.use_gpu and torch.cuda.is_available():
         import ray.train.torch
@@ -127,7 +143,8 @@ def train_epochs(cfg: KilnConfig, data: PreparedData, session: Session, tracking
             idx = order[i : i + local_batch]
             xb, yb = x_train[idx].to(device), y_train[idx].to(device)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(xb), yb)
+            logits = model(xb)
+            loss = hooks.loss(logits, xb, yb, loss_fn) if hooks.loss else loss_fn(logits, yb)
             loss.backward()
             optimizer.step()
             if scheduler is not None:
@@ -172,4 +189,4 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         data = ray.get(data)
     resume_from = loop_config.get("resume_from")
     train_epochs(cfg, data, RayTrainSession(), loop_config.get("tracking"),
-                 Path(resume_from) if resume_from else None)
+                 Path(resume_from) if resume_from else None, loop_config.get("hooks"))

@@ -153,9 +153,14 @@ def _worker_error_line(exc: BaseException) -> str:
     return (lines[-1] if lines else type(exc).__name__)[:500]
 
 
-def fit_on_ray(cfg: KilnConfig, data: PreparedData, tracking_uri: str, run_id: str, debug: bool = False,
-               resume_from: str | None = None):
-    """Run the loop under Ray Train's TorchTrainer. Returns the Ray Train Result."""
+def fit_on_ray(cfg: KilnConfig, data: PreparedData, tracking_uri: str | None, run_id: str, debug: bool = False,
+               resume_from: str | None = None, hooks=None, callbacks: list | None = None):
+    """Run the loop under Ray Train's TorchTrainer. Returns the Ray Train Result.
+
+    ``hooks`` (a LoopHooks) changes the starting model or the loss; ``callbacks`` go to RunConfig
+    (e.g. Tune's TuneReportCallback when this runs inside a trial). No MLflow logging when
+    ``tracking_uri`` is None.
+    """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -169,8 +174,9 @@ def fit_on_ray(cfg: KilnConfig, data: PreparedData, tracking_uri: str, run_id: s
     ck = t.checkpoint
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "data": ray.put(data),
-                           "tracking": {"uri": tracking_uri, "run_id": run_id}, "resume_from": resume_from},
+        train_loop_config={"config": cfg.to_dict(), "data": ray.put(data), "hooks": hooks,
+                           "tracking": {"uri": tracking_uri, "run_id": run_id} if tracking_uri else None,
+                           "resume_from": resume_from},
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu, resources_per_worker=per_worker),
         run_config=RunConfig(
             name=f"kiln-{run_id}",
@@ -178,6 +184,7 @@ def fit_on_ray(cfg: KilnConfig, data: PreparedData, tracking_uri: str, run_id: s
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=ck.keep, checkpoint_score_attribute=ck.metric,
                                                checkpoint_score_order=ck.mode),
+            callbacks=callbacks,
         ),
     )
     return trainer.fit()
@@ -271,9 +278,9 @@ def finalize_run(cfg: KilnConfig, data: PreparedData, tracking_uri: str, run_id:
         trk.end_run(tracking_uri, run_id, "FAILED")
         raise
     epochs = {}
-    for key in (*EPOCH_METRICS, "epoch"):
+    for key in EPOCH_METRICS:
         for m in trk.metric_history(tracking_uri, run_id, key):
-            epochs.setdefault(m.step, {"epoch": m.step})[key] = m.value
+            epochs.setdefault(m.step, {"epoch": int(m.step)})[key] = m.value
     resumed = [m.value for m in trk.metric_history(tracking_uri, run_id, "resumed_at_epoch")]
     return TrainResult(
         run_id=run_id, tracking_uri=tracking_uri, model_uri=f"models:/{cfg.experiment.name}/{version}",
