@@ -40,7 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     from kiln.errors import KilnError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may come after options (kiln train CONFIG --json train.epochs=3): argparse
+    # leaves those as extras, which are overrides when the command takes them.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if isinstance(getattr(args, "overrides", None), list) and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides += extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

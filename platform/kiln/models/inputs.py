@@ -37,15 +37,20 @@ def raw_images(prep: Preprocessing, inputs: Any) -> np.ndarray:
             arr = np.clip(arr, 0, 255).astype(np.uint8)
         return arr
     items = list(inputs)
+    if items and all(isinstance(i, np.ndarray) for i in items) and len({i.shape for i in items}) == 1:
+        return raw_images(prep, np.stack(items))
     encoded = []
     for item in items:
         if isinstance(item, (bytes, bytearray, memoryview)):
             encoded.append(bytes(item))
-        elif hasattr(item, "save"):  # a PIL image
+        elif hasattr(item, "save") or isinstance(item, np.ndarray):  # a PIL image, or one HWC/HW array
             import io
 
+            from PIL import Image
+
+            img = Image.fromarray(np.asarray(item, dtype=np.uint8)) if isinstance(item, np.ndarray) else item
             buf = io.BytesIO()
-            item.save(buf, format="PNG")
+            img.save(buf, format="PNG")
             encoded.append(buf.getvalue())
         else:
             raise InputError(f"unsupported image input of type {type(item).__name__}")

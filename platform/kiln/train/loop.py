@@ -84,6 +84,20 @@ def split_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classe
     return {f"{prefix}_loss": float(loss_fn(logits, y)), f"{prefix}_accuracy": accuracy(cm), f"{prefix}_f1_macro": f1_macro(cm)}
 
 
+def record_resume(tracking: dict[str, str], state: dict[str, Any], start_epoch: int) -> None:
+    """Log where training resumed; if the driver died between persisting the checkpoint and logging
+    its epoch, log that epoch's metrics from the checkpoint so the history has no gap."""
+    from kiln import tracking as trk
+
+    uri, run_id = tracking["uri"], tracking["run_id"]
+    logged = {m.step for m in trk.metric_history(uri, run_id, "epoch")}
+    done = start_epoch - 1
+    if done not in logged and state.get("metrics"):
+        trk.log_metrics(uri, run_id, {k: v for k, v in state["metrics"].items() if k != "epoch"}, step=done)
+        trk.log_metrics(uri, run_id, {"epoch": done}, step=done)
+    trk.log_metrics(uri, run_id, {"resumed_at_epoch": start_epoch}, step=start_epoch)
+
+
 def epoch_order(n: int, seed: int, epoch: int, rank: int, world_size: int) -> torch.Tensor:
     """This rank's shuffled row indices for ``epoch``: equal counts on every rank (DDP needs equal steps)."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -127,9 +141,7 @@ def train_epochs(cfg: KilnConfig, data: PreparedData, session: Session, tracking
         latest = max(candidates, key=lambda c: (read_state(c) or {"epoch": -1})["epoch"])
         start_epoch = load_checkpoint(latest, model, optimizer, scheduler) + 1
         if session.rank == 0 and tracking:
-            from kiln import tracking as trk
-
-            trk.log_metrics(tracking["uri"], tracking["run_id"], {"resumed_at_epoch": start_epoch}, step=start_epoch)
+            record_resume(tracking, read_state(latest) or {}, start_epoch)
 
     reports = []
     every = cfg.train.checkpoint.every

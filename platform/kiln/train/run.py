@@ -153,6 +153,10 @@ def _worker_error_line(exc: BaseException) -> str:
     return (lines[-1] if lines else type(exc).__name__)[:500]
 
 
+def per_worker_resources(cfg: KilnConfig) -> dict[str, float]:
+    return {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1.0} if cfg.train.use_gpu else {})}
+
+
 def fit_on_ray(cfg: KilnConfig, data: PreparedData, tracking_uri: str | None, run_id: str, debug: bool = False,
                resume_from: str | None = None, hooks=None, callbacks: list | None = None):
     """Run the loop under Ray Train's TorchTrainer. Returns the Ray Train Result.
@@ -169,7 +173,7 @@ def fit_on_ray(cfg: KilnConfig, data: PreparedData, tracking_uri: str | None, ru
     from kiln.train.loop import train_loop_per_worker
 
     t = cfg.train
-    per_worker = {"CPU": t.cpus_per_worker, **({"GPU": 1.0} if t.use_gpu else {})}
+    per_worker = per_worker_resources(cfg)
     check_placement(t.workers, per_worker)
     ck = t.checkpoint
     trainer = TorchTrainer(
@@ -219,9 +223,14 @@ def run_training(cfg: KilnConfig, address: str | None = None, resume: str | None
     """
     from kiln.runtime import ensure_ray
 
+    from kiln.runtime import check_placement
+
     data = prepare_data(cfg.data)
     check_model_fits_data(cfg, data)
     tracking_uri = trk.resolve_tracking_uri(cfg.experiment.tracking_uri, cfg.experiment.run_dir)
+    # Everything that can fail on the user's input fails before an MLflow run exists.
+    ensure_ray(address, debug=debug)
+    check_placement(cfg.train.workers, per_worker_resources(cfg))
     run_id = _start_or_resume_run(cfg, data, tracking_uri, resume)
     resume_from = None
     if resume:
@@ -229,7 +238,6 @@ def run_training(cfg: KilnConfig, address: str | None = None, resume: str | None
         resume_from = str(latest) if latest else None
     poller = _ProgressPoller(tracking_uri, run_id, progress) if progress else None
     try:
-        ensure_ray(address, debug=debug)
         if poller:
             poller.start()
         result = fit_on_ray(cfg, data, tracking_uri, run_id, debug, resume_from)
