@@ -42,10 +42,27 @@ def resolve_tracking_uri(configured: str | None, run_dir: str | Path) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(run_dir)
 
 
+_READY_STORES: set[str] = set()
+
+
 def client(tracking_uri: str):
+    """An MlflowClient for tracking and registry. A sqlite store is created under a file lock:
+    two processes creating the same fresh store at once would race on its schema migrations."""
     quiet_mlflow()
     from mlflow.tracking import MlflowClient
 
+    if tracking_uri.startswith("sqlite:") and tracking_uri not in _READY_STORES:
+        import fcntl
+
+        db = Path(tracking_uri.split("sqlite:///", 1)[-1])
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with open(db.parent / f".{db.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            c = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+            c.search_experiments(max_results=1)  # creates / migrates the tracking tables
+            c.search_registered_models(max_results=1)  # and the registry's
+        _READY_STORES.add(tracking_uri)
+        return c
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
