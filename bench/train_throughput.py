@@ -1,0 +1,123 @@
+"""Kiln training throughput vs a plain PyTorch loop, and Kiln's fixed start-up cost per job.
+
+Same model (the CNN), data (MNIST subset, 28x28), batch size and thread count, measured in one run:
+1. plain PyTorch: the same tensors, a hand-written loop, no Ray (the limit);
+2. Kiln: ``run_training`` with 1 Ray Train worker holding all CPUs, end to end (Ray start, MLflow,
+   checkpoints every epoch, evaluation, registry).
+Steady state = epochs after the first. Kiln's epoch wall time includes validation, checkpointing
+and reporting; its in-loop samples/s counts the training steps only. Fixed cost = Kiln's total wall
+time minus its epochs' wall time.
+
+    python bench/train_throughput.py [--epochs 5] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import print_machine  # noqa: E402
+
+
+def plain_pytorch(cfg, data, epochs: int) -> list[float]:
+    """samples/s per epoch of a minimal loop over the same tensors."""
+    import torch
+
+    from kiln.models.artifact import build_model
+    from kiln.train.loop import model_spec
+
+    torch.manual_seed(0)
+    torch.set_num_threads(int(cfg.train.cpus_per_worker))
+    model = build_model(model_spec(cfg, data))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+    bs = cfg.train.batch_size
+    rates = []
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.randperm(len(x))
+        start = time.perf_counter()
+        for i in range(0, len(x), bs):
+            idx = perm[i : i + bs]
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x[idx]), y[idx]).backward()
+            opt.step()
+        rates.append(len(x) / (time.perf_counter() - start))
+    return rates
+
+
+def kiln_run(cfg) -> dict:
+    from kiln import tracking as trk
+    from kiln.train.run import run_training
+
+    start = time.perf_counter()
+    result = run_training(cfg)
+    total = time.perf_counter() - start
+    epoch_ts = sorted((m.step, m.timestamp) for m in trk.metric_history(result.tracking_uri, result.run_id, "epoch"))
+    in_loop = sorted((m.step, m.value) for m in trk.metric_history(result.tracking_uri, result.run_id, "samples_per_s"))
+    wall = [(b[1] - a[1]) / 1000 for a, b in zip(epoch_ts, epoch_ts[1:])]
+    n_train = result.split_sizes["train"]
+    steady_epoch = statistics.median(wall)
+    return {
+        "total_s": total,
+        "in_loop_samples_per_s": statistics.median(v for _, v in in_loop[1:]),
+        "epoch_wall_samples_per_s": n_train / steady_epoch,
+        "fixed_cost_s": total - steady_epoch * len(epoch_ts),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=128)
+    args = parser.parse_args()
+    info = print_machine()
+
+    import os
+
+    from kiln.config import load_config
+    from kiln.data.dataset import prepare_data
+    from kiln.runtime import ensure_ray
+
+    tmp = tempfile.mkdtemp(prefix="kiln-bench-")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/train/digits_cnn.yaml", [
+        "experiment.name=bench-throughput", f"experiment.run_dir={tmp}", "data.source=mnist",
+        "model.width=16", f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}",
+        "train.workers=1", "train.cpus_per_worker=2", "train.checkpoint.keep=1"])
+    data = prepare_data(cfg.data)
+    # Start Ray outside the timed region once, so each Kiln round measures a job on a running instance.
+    t0 = time.perf_counter()
+    ensure_ray(None)
+    ray_start = time.perf_counter() - t0
+    plain, kiln = [], []
+    for _ in range(args.rounds):
+        plain.append(statistics.median(plain_pytorch(cfg, data, args.epochs)[1:]))
+        kiln.append(kiln_run(cfg))
+    p = statistics.median(plain)
+    k_loop = statistics.median(r["in_loop_samples_per_s"] for r in kiln)
+    k_wall = statistics.median(r["epoch_wall_samples_per_s"] for r in kiln)
+    fixed = statistics.median(r["fixed_cost_s"] for r in kiln)
+    results = {
+        "machine": info, "model": "cnn width 16", "data": f"mnist subset, {len(data.y_train)} train images",
+        "batch_size": args.batch_size, "epochs": args.epochs, "rounds": args.rounds,
+        "plain_samples_per_s": round(p, 1), "kiln_in_loop_samples_per_s": round(k_loop, 1),
+        "kiln_epoch_wall_samples_per_s": round(k_wall, 1),
+        "ratio_in_loop": round(k_loop / p, 3), "ratio_epoch_wall": round(k_wall / p, 3),
+        "kiln_fixed_cost_per_job_s": round(fixed, 1), "ray_local_start_s": round(ray_start, 1),
+    }
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
