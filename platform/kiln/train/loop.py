@@ -115,11 +115,7 @@ def train_epochs(cfg: KilnConfig, data: PreparedData, session: Session, tracking
     seed_everything(t.seed)
     spec = hooks.spec or model_spec(cfg, data)
     model = hooks.build_model() if hooks.build_model else build_model(spec)
-    device = torch.device("cpu")
-    if t.use_gpu and torch.cuda.is_available():
-        import ray.train.torch
-
-        device = ray.train.torch.get_device()
+    device = session.device(t.use_gpu)
     model = session.prepare_model(model.to(device))
 
     x_train = torch.from_numpy(data.x_train)

@@ -12,6 +12,8 @@ class Session(Protocol):
     rank: int
     world_size: int
 
+    def device(self, use_gpu: bool): ...
+
     def prepare_model(self, model): ...
 
     def latest_checkpoint(self) -> Path | None: ...
@@ -31,6 +33,11 @@ class LocalSession:
         self.root = Path(checkpoint_root or tempfile.mkdtemp(prefix="kiln-ckpt-"))
         self.reports: list[dict[str, Any]] = []
         self._latest: Path | None = None
+
+    def device(self, use_gpu: bool):
+        import torch
+
+        return torch.device("cuda:0" if use_gpu and torch.cuda.is_available() else "cpu")
 
     def prepare_model(self, model):
         return model
@@ -61,10 +68,16 @@ class RayTrainSession:
         self._restored = ray.train.get_checkpoint()
         self._tmp: tempfile.TemporaryDirectory | None = None
 
+    def device(self, use_gpu: bool):
+        import ray.train.torch
+        import torch
+
+        return ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+
     def prepare_model(self, model):
         import ray.train.torch
 
-        return ray.train.torch.prepare_model(model)
+        return ray.train.torch.prepare_model(model, move_to_device=False)
 
     def latest_checkpoint(self) -> Path | None:
         if self._restored is None:

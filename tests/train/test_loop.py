@@ -1,0 +1,99 @@
+"""The training loop in-process (LocalSession): learning, checkpoints, resume, determinism, metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from kiln.config import load_config
+from kiln.data.dataset import prepare_data
+from kiln.train.checkpoint import find_latest_checkpoint, read_state
+from kiln.train.loop import LoopHooks, train_epochs
+from kiln.train.metrics import accuracy, classification_report, confusion_matrix, f1_macro
+from kiln.train.session import LocalSession
+
+OVERRIDES = ["train.epochs=3", "model.width=8", "train.cpus_per_worker=1", "train.lr=0.01"]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = load_config(REPO / "configs/train/digits_cnn.yaml", OVERRIDES)
+    return cfg, prepare_data(cfg.data)
+
+
+def test_loop_learns_and_checkpoints_every_epoch(setup, tmp_path):
+    cfg, data = setup
+    session = LocalSession(tmp_path)
+    reports = train_epochs(cfg, data, session)
+    assert [r["epoch"] for r in reports] == [0, 1, 2]
+    assert reports[-1]["val_accuracy"] > 0.8 and reports[-1]["train_loss"] < reports[0]["train_loss"]
+    assert {"train_loss", "val_loss", "val_accuracy", "val_f1_macro", "lr"} <= set(reports[-1])
+    latest = find_latest_checkpoint(tmp_path)
+    assert read_state(latest)["epoch"] == 2
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "spec.json", "state.json"} <= {
+        p.name for p in latest.iterdir()}
+
+
+class CrashAfter(LocalSession):
+    """A session whose process 'dies' right after reporting epoch ``n``."""
+
+    def __init__(self, root, n):
+        super().__init__(root)
+        self.n = n
+
+    def report(self, metrics, checkpoint_dir):
+        super().report(metrics, checkpoint_dir)
+        if metrics["epoch"] == self.n:
+            raise SystemExit("crash")
+
+
+def test_resume_continues_after_the_checkpoint_and_matches_an_uninterrupted_run(setup, tmp_path):
+    cfg, data = setup
+    full = train_epochs(cfg, data, LocalSession(tmp_path / "full"))
+    with pytest.raises(SystemExit):
+        train_epochs(cfg, data, CrashAfter(tmp_path / "crashed", 1))
+    resumed = train_epochs(cfg, data, LocalSession(tmp_path / "after"),
+                           resume_from=find_latest_checkpoint(tmp_path / "crashed"))
+    assert [r["epoch"] for r in resumed] == [2]
+    # weights, optimizer, LR schedule and per-epoch seeds are restored: the same result as no crash
+    for key in ("train_loss", "val_loss", "val_accuracy", "lr"):
+        assert resumed[0][key] == pytest.approx(full[-1][key], rel=1e-5), key
+
+
+def test_same_seed_same_metrics_other_seed_differs(setup):
+    cfg, data = setup
+    a = train_epochs(cfg, data, LocalSession())
+    b = train_epochs(cfg, data, LocalSession())
+    assert a == [{**r, "samples_per_s": a[i]["samples_per_s"]} for i, r in enumerate(b)]
+    other = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": 1})})
+    assert train_epochs(other, data, LocalSession())[-1]["train_loss"] != a[-1]["train_loss"]
+
+
+def test_loss_hook_replaces_cross_entropy(setup):
+    import torch
+
+    cfg, data = setup
+    calls = []
+
+    def loss(logits, xb, yb, ce):
+        calls.append(len(yb))
+        return ce(logits, yb) * 0.0 + torch.nn.functional.cross_entropy(logits, yb)
+
+    one = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})})
+    train_epochs(one, data, LocalSession(), hooks=LoopHooks(loss=loss))
+    assert sum(calls) == len(data.y_train) // 1
+
+
+def test_metrics_match_scikit_learn():
+    from sklearn.metrics import accuracy_score, f1_score
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 500)
+    p = np.where(rng.random(500) < 0.7, y, rng.integers(0, 4, 500))
+    p[p == 3] = 2  # class 3 never predicted
+    cm = confusion_matrix(y, p, 4)
+    assert accuracy(cm) == pytest.approx(accuracy_score(y, p))
+    assert f1_macro(cm) == pytest.approx(f1_score(y, p, average="macro"))
+    report = classification_report(cm, ["a", "b", "c", "d"])
+    assert report[3]["recall"] == 0.0 and sum(r["support"] for r in report) == 500
