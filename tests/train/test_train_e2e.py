@@ -48,7 +48,8 @@ def test_digits_cnn_two_workers_tracked_registered_and_predicting(ray_cluster, r
     for key in ("train_loss", "val_loss", "val_accuracy"):
         assert len(trk.metric_history(out["tracking_uri"], out["run_id"], key)) == 8
     artifacts = {a.path for a in trk.client(out["tracking_uri"]).list_artifacts(out["run_id"])}
-    assert {"model", "confusion_matrix.png", "classification_report.json", "config.yaml"} <= artifacts
+    assert {"model", "confusion_matrix.png", "classification_report.json", "config.yaml",
+            "reference_profile.json"} <= artifacts
 
     # the registered version loads and predicts, from encoded images as a user has them
     from kiln.data.builtin import load_builtin

@@ -15,6 +15,7 @@ from kiln.config import DataConfig
 from kiln.data.decode import decode_images, image_column, numeric_feature_columns, tabular_matrix
 from kiln.data.parquet import read_source
 from kiln.data.preprocess import Preprocessing, fit_image_preprocessing, fit_tabular_preprocessing
+from kiln.data.profile import DataProfile, build_profile
 from kiln.data.split import SplitIndices, stratified_split
 from kiln.errors import DataError
 
@@ -44,6 +45,7 @@ class PreparedData:
     preprocessing: Preprocessing
     dataset_hash: str
     split: SplitIndices
+    profile: DataProfile | None = None
 
     @property
     def num_classes(self) -> int:
@@ -131,7 +133,9 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
     x_train, y_train = take(split.train)
     x_val, y_val = take(split.val)
     x_test, y_test = take(split.test)
+    digest = dataset_hash(raw, cfg)
     return PreparedData(
         x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val, x_test=x_test, y_test=y_test,
-        labels=raw.labels, preprocessing=prep, dataset_hash=dataset_hash(raw, cfg), split=split,
+        labels=raw.labels, preprocessing=prep, dataset_hash=digest, split=split,
+        profile=build_profile(raw, split, cfg.source, digest),
     )

@@ -273,6 +273,9 @@ def finalize_run(cfg: KilnConfig, data: PreparedData, tracking_uri: str, run_id:
             per_class = classification_report(cm, data.labels)
             confusion_matrix_png(cm, data.labels, Path(tmp) / "confusion_matrix.png")
             (Path(tmp) / "classification_report.json").write_text(json.dumps(per_class, indent=2))
+            if data.profile is not None:  # the reference that production monitoring compares with
+                (Path(tmp) / "reference_profile.json").write_text(json.dumps(data.profile.to_dict()))
+                trk.log_artifact(tracking_uri, run_id, Path(tmp) / "reference_profile.json")
             trk.log_metrics(tracking_uri, run_id, test_metrics)
             trk.log_artifacts(tracking_uri, run_id, model_dir, trk.MODEL_ARTIFACT_PATH)
             trk.log_artifact(tracking_uri, run_id, Path(tmp) / "confusion_matrix.png")
