@@ -93,6 +93,9 @@ class TrainConfig(Section):
     class_weights: Literal["none", "auto"] = Field(
         "none", description="'auto' weights the loss by inverse class frequency of the train split."
     )
+    sampler: Literal["none", "oversample", "undersample"] = Field(
+        "none", description="Rebalance the train split each epoch: repeat minority or drop majority rows."
+    )
     max_failures: int = Field(2, ge=0, description="Worker-group restarts allowed before the run fails.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 

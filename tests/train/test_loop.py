@@ -97,3 +97,20 @@ def test_metrics_match_scikit_learn():
     assert f1_macro(cm) == pytest.approx(f1_score(y, p, average="macro"))
     report = classification_report(cm, ["a", "b", "c", "d"])
     assert report[3]["recall"] == 0.0 and sum(r["support"] for r in report) == 500
+
+
+@pytest.mark.parametrize("sampler", ["oversample", "undersample"])
+def test_samplers_balance_classes_on_every_rank(sampler):
+    import torch
+
+    from kiln.train.loop import epoch_order
+
+    labels = torch.tensor([0] * 90 + [1] * 10)
+    orders = [epoch_order(labels, 0, 3, rank, 2, sampler) for rank in range(2)]
+    assert len(orders[0]) == len(orders[1])
+    counts = torch.bincount(labels[torch.cat(orders)], minlength=2).tolist()
+    assert counts == ([90, 90] if sampler == "oversample" else [10, 10])
+    again = epoch_order(labels, 0, 3, 0, 2, sampler)
+    assert torch.equal(again, orders[0])  # deterministic per (seed, epoch)
+    plain = epoch_order(labels, 0, 3, 0, 1)
+    assert sorted(plain.tolist()) == list(range(100))

@@ -98,12 +98,29 @@ def record_resume(tracking: dict[str, str], state: dict[str, Any], start_epoch: 
     trk.log_metrics(uri, run_id, {"resumed_at_epoch": start_epoch}, step=start_epoch)
 
 
-def epoch_order(n: int, seed: int, epoch: int, rank: int, world_size: int) -> torch.Tensor:
-    """This rank's shuffled row indices for ``epoch``: equal counts on every rank (DDP needs equal steps)."""
+def epoch_order(labels: torch.Tensor, seed: int, epoch: int, rank: int, world_size: int,
+                sampler: str = "none") -> torch.Tensor:
+    """This rank's shuffled row indices for ``epoch``: equal counts on every rank (DDP needs equal steps).
+
+    ``oversample`` draws every class up to the largest class's count (with replacement),
+    ``undersample`` down to the smallest's (without); both redraw each epoch, on the train split only.
+    """
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    perm = torch.randperm(n, generator=g)
-    per_rank = n // world_size
-    return perm[: per_rank * world_size][rank::world_size]
+    if sampler == "none":
+        rows = torch.randperm(len(labels), generator=g)
+    else:
+        classes = [torch.nonzero(labels == c).flatten() for c in torch.unique(labels)]
+        target = max(len(c) for c in classes) if sampler == "oversample" else min(len(c) for c in classes)
+        picked = []
+        for idx in classes:
+            if target <= len(idx):
+                picked.append(idx[torch.randperm(len(idx), generator=g)[:target]])
+            else:
+                picked.append(idx[torch.randint(len(idx), (target,), generator=g)])
+        rows = torch.cat(picked)
+        rows = rows[torch.randperm(len(rows), generator=g)]
+    per_rank = len(rows) // world_size
+    return rows[: per_rank * world_size][rank::world_size]
 
 
 def train_epochs(cfg: KilnConfig, data: PreparedData, session: Session, tracking: dict[str, str] | None = None,
@@ -126,7 +143,7 @@ def train_epochs(cfg: KilnConfig, data: PreparedData, session: Session, tracking
     eval_loss = nn.CrossEntropyLoss(weight=weights.cpu() if weights is not None else None)
 
     local_batch = max(1, t.batch_size // session.world_size)
-    rows_per_rank = len(x_train) // session.world_size
+    rows_per_rank = len(epoch_order(y_train, t.seed, 0, session.rank, session.world_size, t.sampler))
     steps_per_epoch = max(1, math.ceil(rows_per_rank / local_batch))
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
@@ -144,7 +161,7 @@ def train_epochs(cfg: KilnConfig, data: PreparedData, session: Session, tracking
     for epoch in range(start_epoch, t.epochs):
         started = time.perf_counter()
         model.train()
-        order = epoch_order(len(x_train), t.seed, epoch, session.rank, session.world_size)
+        order = epoch_order(y_train, t.seed, epoch, session.rank, session.world_size, t.sampler)
         torch.manual_seed(t.seed * 1_000_003 + epoch * 1009 + session.rank)  # dropout, same on resume
         total, count = 0.0, 0
         for i in range(0, len(order), local_batch):
