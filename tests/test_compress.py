@@ -47,7 +47,7 @@ def reference(ray_cluster, tmp_path_factory):
         "experiment": {"name": MODEL, "run_dir": str(run_dir)},
         "data": {"source": "digits", "image": "image", "split": {"val": 0.15, "test": 0.15, "seed": 0}},
         "model": {"name": "cnn", "width": 48},
-        "train": {"epochs": 15, "batch_size": 64, "lr": 0.003, "workers": 1, "cpus_per_worker": 1, "seed": 0},
+        "train": {"epochs": 12, "batch_size": 64, "lr": 0.003, "workers": 1, "cpus_per_worker": 1, "seed": 0},
     })
     result = run_training(cfg, address=ray_cluster)
     assert result.metrics["test_accuracy"] >= 0.97
@@ -62,7 +62,7 @@ def client(reference):
 
 
 def versions(reference) -> dict[str, object]:
-    return {v.version: v for v in client(reference).search_model_versions(f"name='{MODEL}'")}
+    return {str(v.version): v for v in client(reference).search_model_versions(f"name='{MODEL}'")}
 
 
 def alias_version(reference, alias: str = "candidate") -> str | None:
@@ -77,7 +77,7 @@ ALL_STEPS = [
     {"kind": "quantize", "mode": "dynamic"},
     {"kind": "prune", "ratio": 0.5, "scope": "layer", "epochs": 8, "lr": 0.002},
     {"kind": "unstructured_prune", "amount": 0.5},
-    {"kind": "distill", "student": {"name": "cnn", "width": 12}, "temperature": 4.0, "alpha": 0.9},
+    {"kind": "distill", "student": {"name": "cnn", "width": 12}, "temperature": 4.0, "alpha": 0.5},
     {"kind": "quantize", "name": "pruned_int8", "input": "pruned"},
     # distill, then prune, then quantize
     {"kind": "prune", "name": "distilled_pruned", "input": "distilled", "ratio": 0.25, "scope": "global", "epochs": 0},
@@ -203,21 +203,24 @@ def test_registry_versions_tags_and_candidate_alias(compressed, reference):
 
 
 def test_none_qualifies_sets_no_alias(reference, compressed, tmp_path):
+    """Through the library (the CLI path is covered above): a 97%-sparse net is far from the reference."""
+    from kiln.compress.run import run_compression
+    from kiln.config import load_config
+
     before_alias = alias_version(reference)
     config = write_config(tmp_path / "c.yaml", reference["run_dir"], reference["uri"],
                           [{"kind": "unstructured_prune", "name": "very_sparse", "amount": 0.97}],
                           {"max_accuracy_drop": 0.0, "objective": "latency"})
-    proc = run_kiln("compress", str(config), "--json", timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = last_json(proc.stdout)
+    result = run_compression(load_config(config))
+    out = result.to_dict()
     assert out["selected"] is None
-    assert "no variant is within" in out["selection"]
+    assert "no variant is within" in out["selection"] and "not set" in out["selection"]
     assert out["variants"][0]["metrics"]["test_accuracy"] < out["reference"]["metrics"]["test_accuracy"]
     assert alias_version(reference) == before_alias  # the earlier candidate stays; nothing was set
-    assert out["variants"][0]["model_uri"]  # the variant itself is still registered
+    assert out["variants"][0]["model_uri"] in {f"models:/{MODEL}/{v}" for v in versions(reference)}  # still registered
 
 
-@pytest.mark.parametrize("case", ["unknown_model", "step_does_not_apply", "calibration_too_large", "bad_layer_name"])
+@pytest.mark.parametrize("case", ["unknown_model", "step_does_not_apply", "calibration_too_large"])
 def test_bad_inputs_fail_clearly_and_register_nothing(reference, tmp_path, case):
     steps = [{"kind": "quantize", "mode": "static"}]
     model_uri = reference["uri"]
@@ -230,9 +233,6 @@ def test_bad_inputs_fail_clearly_and_register_nothing(reference, tmp_path, case)
     elif case == "calibration_too_large":
         steps = [{"kind": "quantize", "mode": "static", "calibration_samples": 100000}]
         expect = "100000 calibration samples requested, but the train split has only"
-    elif case == "bad_layer_name":
-        steps = [{"kind": "prune", "layer_ratios": {"no.such.layer": 0.5}}]
-        expect = "no Conv/Linear layer 'no.such.layer'"
     config = write_config(tmp_path / "c.yaml", reference["run_dir"], model_uri, steps, {"max_accuracy_drop": 0.5})
     before, alias_before = set(versions(reference)), alias_version(reference)
     if case == "calibration_too_large":  # the job entrypoint behaves as the CLI

@@ -71,7 +71,7 @@ class DistillStep(StepBase, FineTune):
     kind: Literal["distill"]
     student: ModelConfig = Field(description="The student architecture: `name` plus builder arguments (e.g. {name: cnn, width: 8}).")
     temperature: float = Field(4.0, gt=0, description="Softmax temperature T of teacher and student logits.")
-    alpha: float = Field(0.9, ge=0.0, le=1.0, description="Weight of the soft (teacher) loss; 1 - alpha weighs the hard-label cross-entropy.")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the soft (teacher) loss; 1 - alpha weighs the hard-label cross-entropy.")
 
 
 Step = Annotated[Union[PruneStep, UnstructuredPruneStep, QuantizeStep, DistillStep], Field(discriminator="kind")]

@@ -130,6 +130,7 @@ def pareto_png(rows: list[VariantReport], path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     for ax, (label, cost) in zip(axes, [("size (KB)", lambda m: m.size_bytes / 1024),
@@ -142,6 +143,7 @@ def pareto_png(rows: list[VariantReport], path: str | Path) -> Path:
         front = sorted((pts[i] for i in pareto_front(pts)), key=lambda p: p[0])
         ax.plot([p[0] for p in front], [p[1] for p in front], "k--", linewidth=1, label="Pareto front")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor-tick labels of a log axis collide
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy (%)")
         ax.grid(True, alpha=0.3)

@@ -167,7 +167,7 @@ def run_compression(cfg: KilnConfig, address: str | None = None, say: Callable[[
         trk.TAG_KILN_VERSION: kiln.__version__, "kiln.source_model": f"models:/{source.name}/{source.version}",
         "kiln.config_json": json.dumps(cfg.to_dict(), sort_keys=True)})
     work_dir = Path(cfg.experiment.run_dir).expanduser().resolve() / "compress" / run_id
-    made_runs: list[str] = []
+    ctx = None
     try:
         trk.log_params(tracking_uri, run_id, trk.flatten(cfg.to_dict()))
         ctx = StepContext(cfg, data, work_dir / "variants", tracking_uri, exp_id, run_id, debug, say)
@@ -178,13 +178,12 @@ def run_compression(cfg: KilnConfig, address: str | None = None, say: Callable[[
             for m in run_step(step, i, dirs[step.input], ctx):
                 dirs[m.name] = m.directory
                 made.append(m)
-                made_runs.append(m.run_id)
         result = finish(cfg, cc, source, data, made, dirs, work_dir, tracking_uri, run_id, say)
         trk.end_run(tracking_uri, run_id, "FINISHED")
         return result
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-        for rid in [*made_runs, run_id]:
+        for rid in [*(ctx.child_runs if ctx else []), run_id]:
             try:
                 trk.end_run(tracking_uri, rid, status)
             except Exception:

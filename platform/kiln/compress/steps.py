@@ -48,6 +48,7 @@ class StepContext:
     parent_run_id: str
     debug: bool = False
     say: Callable[[str], None] = lambda text: None
+    child_runs: list[str] = field(default_factory=list)  # every MLflow run started, to close them on failure
 
 
 def step_params(step) -> dict[str, Any]:
@@ -59,6 +60,7 @@ def child_run(ctx: StepContext, name: str, kind: str, params: dict[str, Any]) ->
     run_id = trk.start_run(ctx.tracking_uri, ctx.experiment_id, f"compress-{name}",
                            {trk.TAG_JOB: "compress", "kiln.variant": kind, "kiln.variant_name": name},
                            parent_run_id=ctx.parent_run_id)
+    ctx.child_runs.append(run_id)
     trk.log_params(ctx.tracking_uri, run_id, trk.flatten(params))
     return run_id
 
