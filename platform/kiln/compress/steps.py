@@ -137,9 +137,15 @@ def quantized(step: QuantizeStep, input_dir: Path, ctx: StepContext, where: str)
 
 
 def distilled(step: DistillStep, input_dir: Path, ctx: StepContext, where: str) -> list[Made]:
-    """The distilled student and, with the same architecture, budget and seed, a plain cross-entropy student."""
+    """The distilled student and, with the same architecture, budget and seed, a plain cross-entropy student.
+
+    Both are Ray Train jobs; they run side by side when the cluster can place both at once.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     from kiln.compress.distill import DistillationLoss
     from kiln.compress.finetune import step_config, train_variant
+    from kiln.runtime import placeable_slots
 
     params = step_params(step)
     teacher_spec = load_spec(input_dir)
@@ -147,18 +153,26 @@ def distilled(step: DistillStep, input_dir: Path, ctx: StepContext, where: str) 
     student_params = count_parameters(build_student(base, ctx.data, where))
     epochs = ctx.cfg.train.epochs if step.epochs is None else step.epochs
     cfg = step_config(ctx.cfg, epochs, step.lr)
-    made = []
+    jobs = []
     for name, kind, loss in [(step.name, "distill", DistillationLoss(input_dir, step.temperature, step.alpha)),
                              (f"{step.name}_ce", "distill_ce", None)]:
-        started = time.perf_counter()
         what = "distilled from " + step.input if loss else "plain cross-entropy baseline"
         ctx.say(f"  {name}: student {step.student.name} ({student_params:,} parameters), {what}, {epochs} epoch(s) on Ray Train")
-        run_id = child_run(ctx, name, kind, params)
-        spec = variant_spec(base, name, kind, step.input, params)
+        jobs.append((name, kind, loss, child_run(ctx, name, kind, params), variant_spec(base, name, kind, step.input, params)))
+
+    def train(job) -> Made:
+        name, kind, loss, run_id, spec = job
+        started = time.perf_counter()
         out = train_variant(cfg, ctx.data, spec, ctx.work_dir / name, ctx.tracking_uri, run_id, loss=loss, debug=ctx.debug)
         notes = [] if loss else [f"same student, budget and seed as '{step.name}', trained on labels only (what distillation adds)"]
-        made.append(Made(name, kind, step.input, out, run_id, params, time.perf_counter() - started, notes=notes))
-    return made
+        return Made(name, kind, step.input, out, run_id, params, time.perf_counter() - started, notes=notes)
+
+    t = cfg.train
+    side_by_side = placeable_slots({"CPU": t.cpus_per_worker, **({"GPU": 1.0} if t.use_gpu else {})}) >= 2 * t.workers
+    if not side_by_side:
+        return [train(job) for job in jobs]
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="kiln-distill") as pool:
+        return [f.result() for f in [pool.submit(train, job) for job in jobs]]
 
 
 RUNNERS = {"prune": structured, "unstructured_prune": unstructured, "quantize": quantized, "distill": distilled}
