@@ -203,16 +203,18 @@ def test_registry_versions_tags_and_candidate_alias(compressed, reference):
 
 
 def test_none_qualifies_sets_no_alias(reference, compressed, tmp_path):
-    """Through the library (the CLI path is covered above): a 97%-sparse net is far from the reference."""
+    """Through the library (the CLI path is covered above), naming the model by its train run id:
+    a 97%-sparse net is far from the reference, so no variant qualifies."""
     from kiln.compress.run import run_compression
     from kiln.config import load_config
 
     before_alias = alias_version(reference)
-    config = write_config(tmp_path / "c.yaml", reference["run_dir"], reference["uri"],
+    config = write_config(tmp_path / "c.yaml", reference["run_dir"], reference["run_id"],
                           [{"kind": "unstructured_prune", "name": "very_sparse", "amount": 0.97}],
                           {"max_accuracy_drop": 0.0, "objective": "latency"})
     result = run_compression(load_config(config))
     out = result.to_dict()
+    assert out["reference"]["model_uri"] == reference["uri"]  # the run id resolved to its registered version
     assert out["selected"] is None
     assert "no variant is within" in out["selection"] and "not set" in out["selection"]
     assert out["variants"][0]["metrics"]["test_accuracy"] < out["reference"]["metrics"]["test_accuracy"]

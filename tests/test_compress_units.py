@@ -34,6 +34,8 @@ def test_steps_get_default_names_and_chain_by_input():
     ([{"kind": "prune", "ratoi": 0.3}], "unknown config key 'compress.steps.0.prune.ratoi'"),
     ([{"kind": "shrink"}], "does not match any of the expected tags"),
     ([{"kind": "prune", "layer_ratios": {"3": 1.0}}], "layer_ratios['3'] must be in [0, 1)"),
+    ([{"kind": "distill", "student": {"name": "cnn", "depth": 3}}], "unknown key 'student.depth' for model 'cnn'"),
+    ([{"kind": "distill", "student": {"name": "nope"}}], "unknown model 'nope'"),
 ])
 def test_bad_step_configs_name_the_key(steps, message):
     with pytest.raises(ConfigError) as err:

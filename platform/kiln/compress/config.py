@@ -73,6 +73,17 @@ class DistillStep(StepBase, FineTune):
     temperature: float = Field(4.0, gt=0, description="Softmax temperature T of teacher and student logits.")
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the soft (teacher) loss; 1 - alpha weighs the hard-label cross-entropy.")
 
+    @model_validator(mode="after")
+    def _student_arguments(self) -> "DistillStep":
+        from kiln.errors import ConfigError
+        from kiln.models.registry import check_builder_kwargs
+
+        try:
+            check_builder_kwargs(self.student.name, self.student.kwargs)
+        except ConfigError as exc:
+            raise ValueError(str(exc).replace("config key 'model.", "key 'student.").replace("config key 'model.name'", "student.name")) from None
+        return self
+
 
 Step = Annotated[Union[PruneStep, UnstructuredPruneStep, QuantizeStep, DistillStep], Field(discriminator="kind")]
 
