@@ -100,6 +100,11 @@ class TrainConfig(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
 
+# Sections of later job kinds live in their own packages and subclass Section (defined above);
+# kiln/compress/__init__.py imports this module first, so either import order works.
+from kiln.compress.config import CompressConfig  # noqa: E402
+
+
 class KilnConfig(Section):
     """A whole Kiln config: the train sections, plus one section per later job kind."""
 
@@ -107,6 +112,7 @@ class KilnConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    compress: CompressConfig | None = Field(None, description="Post-training compression (kiln compress).")
 
     @model_validator(mode="after")
     def _model_kwargs_match_builder(self) -> "KilnConfig":

@@ -22,9 +22,19 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def build_model(spec: ModelSpec) -> torch.nn.Module:
-    """Instantiate the spec's architecture with fresh weights."""
+    """Instantiate the spec's architecture with fresh weights, resized to ``spec.variant["structure"]``
+    when the spec records changed layer shapes (a structurally pruned network). Raises ModelError."""
+    from kiln.models.structure import apply_structure
+
     builder = resolve_builder(spec.architecture)
-    return builder(spec.input_shape, spec.num_classes, **spec.kwargs)
+    model = builder(spec.input_shape, spec.num_classes, **spec.kwargs)
+    structure = (spec.variant or {}).get("structure")
+    if structure:
+        try:
+            apply_structure(model, structure)
+        except ValueError as exc:
+            raise ModelError(f"model spec does not fit architecture '{spec.architecture}': {exc}") from None
+    return model
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

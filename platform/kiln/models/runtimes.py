@@ -33,8 +33,15 @@ def torch_runtime(directory: Path, spec: ModelSpec) -> Runtime:
     return run
 
 
+def onnx_runtime(directory: Path, spec: ModelSpec) -> Runtime:
+    from kiln.models.onnx_artifact import onnx_runtime as factory
+
+    return factory(directory, spec)
+
+
 RUNTIMES: dict[str, RuntimeFactory] = {
     "safetensors": torch_runtime,
+    "onnx": onnx_runtime,  # fp32 exports and int8 (QDQ / dynamic) quantized variants alike
 }
 
 
