@@ -163,3 +163,36 @@ def test_cli_bad_space_is_one_error_line_exit_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("error: config key 'tune.space.train.lrr': 'train.lrr' is not a train-config key "
                                    "(did you mean 'train.lr'?)")
+
+
+def test_resume_finds_the_latest_unfinished_sweep_of_the_config(tmp_path):
+    from kiln.errors import KilnError
+    from kiln.tune.folder import FINISHED, create_sweep_folder, latest_sweep_folder
+
+    data = config_with_space(BASE["tune"]["space"])
+    data["experiment"]["run_dir"] = str(tmp_path / "runs")
+    cfg = validate_config(data)
+    with pytest.raises(KilnError, match="no sweep named 't' under .* to resume"):
+        latest_sweep_folder(cfg)
+    first = create_sweep_folder(cfg)
+    first.save(status="interrupted", config=cfg.to_dict())
+    other = validate_config({**data, "tune": {**data["tune"], "name": "t-other"}})
+    create_sweep_folder(other).save(status="interrupted")  # another sweep whose name starts the same
+    assert latest_sweep_folder(cfg).path == first.path
+    second = create_sweep_folder(cfg)  # same second: gets a suffix, and is the latest
+    second.save(status=FINISHED)
+    with pytest.raises(KilnError, match="already finished; run without --resume"):
+        latest_sweep_folder(cfg)
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    from kiln.tune.folder import SweepFolder, check_same_config
+
+    cfg = validate_config(config_with_space(BASE["tune"]["space"]))
+    folder = SweepFolder(tmp_path, {"config": cfg.to_dict()})
+    check_same_config(folder, cfg.to_dict())
+    changed = copy.deepcopy(cfg.to_dict())
+    changed["tune"]["num_samples"] = 99
+    changed["train"]["lr"] = 0.5
+    with pytest.raises(ConfigError, match="differs from sweep .* at train.lr, tune.num_samples"):
+        check_same_config(folder, changed)

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kiln import tracking as trk
-from kiln.tune.config import EPOCH_METRICS
 from kiln.tune.results import COMPLETED, FAILED, STOPPED_EARLY, TrialSummary, count, pareto_front, pick_best
 from kiln.tune.space import Dimension, apply_params
 
@@ -55,14 +54,14 @@ def register_trial_model(cfg, tracking_uri: str, trial: TrialSummary, data, tags
 
 
 def _backfill_epochs(tracking_uri: str, trial: TrialSummary) -> None:
-    """Log epochs Tune recorded but the run lacks (a Ray Train run stopped by ASHA may not log its last)."""
-    from kiln.tune.trial import log_epoch
+    """Log epochs Tune recorded that the run lacks (results that reached Tune's state but not the callback)."""
+    from kiln.tune.runs import log_epoch
 
     logged = {int(m.step) for m in trk.metric_history(tracking_uri, trial.run_id, "epoch")}
     for row in trial.history:
         epoch = int(row["epochs_done"]) - 1
         if epoch not in logged:
-            log_epoch(tracking_uri, trial.run_id, {"epoch": epoch, **{k: row[k] for k in EPOCH_METRICS if k in row}})
+            log_epoch(tracking_uri, trial.run_id, epoch, row)
 
 
 def _close_child_runs(tracking_uri: str, trials: list[TrialSummary], best: TrialSummary | None,

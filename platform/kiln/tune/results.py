@@ -33,7 +33,7 @@ class TrialSummary:
     epochs: int
     params: dict[str, Any] = field(default_factory=dict)  # config values, by dotted key
     metrics: dict[str, float] = field(default_factory=dict)  # of the last epoch
-    history: list[dict[str, float]] = field(default_factory=list)  # per epoch: epoch, metrics, timestamp
+    history: list[dict[str, float]] = field(default_factory=list)  # per epoch: epochs_done, metrics, reported_at
     encoded_params: dict[str, Any] = field(default_factory=dict)  # as Optuna stores them
     checkpoint: str | None = None
     error: str | None = None
@@ -73,9 +73,10 @@ def _history(result) -> list[dict[str, float]]:
     df = result.metrics_dataframe
     if df is None or TIME_ATTR not in getattr(df, "columns", []):
         return []
-    keep = [c for c in (TIME_ATTR, *EPOCH_METRICS, "epoch_seconds", "reported_at") if c in df.columns]
+    keep = [c for c in (TIME_ATTR, *EPOCH_METRICS, "epoch_seconds", "samples_per_s", "reported_at") if c in df.columns]
     rows = df[keep].dropna(subset=[TIME_ATTR]).to_dict("records")
-    return [{k: float(v) for k, v in row.items() if v == v} for row in rows]
+    by_epoch = {int(row[TIME_ATTR]): {k: float(v) for k, v in row.items() if v == v} for row in rows}
+    return [by_epoch[e] for e in sorted(by_epoch)]  # a restored trial may report its last epoch again
 
 
 def _checkpoint_path(result) -> str | None:

@@ -7,9 +7,7 @@ its MLflow parent run; run or restore the Tuner; summarize every trial; then pub
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -137,29 +135,11 @@ def in_process(cfg: KilnConfig) -> bool:
     return cfg.tune.trial_workers == 1 and not cfg.tune.gpus_per_worker
 
 
-def _start_parent_run(cfg: KilnConfig, tracking_uri: str, experiment_id: str, dataset_hash: str,
-                      folder: SweepFolder) -> str:
-    import kiln
-
-    tags = {trk.TAG_JOB: "tune", trk.TAG_DATASET_HASH: dataset_hash, trk.TAG_CODE_VERSION: trk.code_version(),
-            trk.TAG_KILN_VERSION: kiln.__version__, trk.TAG_DATA_SOURCE: cfg.data.source,
-            "kiln.tune.sweep_dir": str(folder.path), "kiln.config_json": json.dumps(cfg.to_dict(), sort_keys=True)}
-    run_id = trk.start_run(tracking_uri, experiment_id, f"sweep-{folder.name}", tags)
-    params = trk.flatten(train_config_dict(cfg))
-    params.update({k: json.dumps(v) if isinstance(v, (dict, list)) else v
-                   for k, v in trk.flatten(cfg.tune.model_dump(mode="json", exclude={"space"}), "tune.").items()})
-    params.update({f"tune.space.{k}": json.dumps(v) for k, v in cfg.tune.space.items()})
-    trk.log_params(tracking_uri, run_id, params)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "config.yaml"
-        path.write_text(cfg.to_yaml())
-        trk.log_artifact(tracking_uri, run_id, path)
-    return run_id
-
-
-def _build_tuner(cfg: KilnConfig, dims: list[Dimension], trainable, folder: SweepFolder, max_concurrent: int | None):
+def _build_tuner(cfg: KilnConfig, dims: list[Dimension], trainable, folder: SweepFolder, max_concurrent: int | None,
+                 runs_callback):
     import optuna
     from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
     from ray.tune.search.optuna import OptunaSearch
 
     from kiln.tune.progress import SweepProgress
@@ -187,7 +167,8 @@ def _build_tuner(cfg: KilnConfig, dims: list[Dimension], trainable, folder: Swee
                                     time_budget_s=t.time_budget_s, reuse_actors=True,
                                     trial_name_creator=trial_name, trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(name=folder.tune_dir.name, storage_path=str(folder.path), verbose=0,
-                                  callbacks=[progress], log_to_file=True,
+                                  # result.json per trial: each trial's epochs for the summary and plots
+                                  callbacks=[runs_callback, progress, JsonLoggerCallback()], log_to_file=True,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
@@ -219,7 +200,8 @@ def run_sweep(cfg: KilnConfig, address: str | None = None, resume: bool = False,
     from kiln.tune.publish import publish
     from kiln.tune.results import summarize
     from kiln.tune.scheduler import EARLY_STOPS_FILE, read_early_stops
-    from kiln.tune.trial import TAG_SWEEP, TAG_TRIAL_ID, TrialContext, run_trial
+    from kiln.tune.runs import SweepRuns, child_runs, start_parent_run
+    from kiln.tune.trial import TrialContext, run_trial
 
     import optuna
 
@@ -242,7 +224,7 @@ def run_sweep(cfg: KilnConfig, address: str | None = None, resume: bool = False,
     experiment_id = trk.ensure_experiment(tracking_uri, cfg.experiment.name, base.experiment.run_dir)
     if folder is None:
         folder = create_sweep_folder(cfg)
-        parent = _start_parent_run(cfg, tracking_uri, experiment_id, data.dataset_hash, folder)
+        parent = start_parent_run(cfg, tracking_uri, experiment_id, data.dataset_hash, folder.path)
         mark_driver(folder, name=folder.name, config=cfg.to_dict(), parent_run_id=parent,
                     experiment_id=experiment_id, status=RUNNING, created=time.time())
     else:
@@ -251,8 +233,7 @@ def run_sweep(cfg: KilnConfig, address: str | None = None, resume: bool = False,
 
     from ray import tune
 
-    ctx = TrialContext(base_config=base.to_dict(), dims=dims, tracking_uri=tracking_uri,
-                       experiment_id=experiment_id, parent_run_id=parent,
+    ctx = TrialContext(base_config=base.to_dict(), dims=dims, sweep_name=folder.name,
                        measures=tuple(o.metric for o in t.objectives if o.metric == "latency_ms"),
                        data_config=base.data.model_dump(mode="json"))
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx, data=data), trial_res)
@@ -265,7 +246,8 @@ def run_sweep(cfg: KilnConfig, address: str | None = None, resume: bool = False,
             tuner = tune.Tuner.restore(str(folder.tune_dir), trainable=trainable, resume_unfinished=True,
                                        resume_errored=False)
         else:
-            tuner = _build_tuner(cfg, dims, trainable, folder, max_concurrent)
+            runs = SweepRuns(tracking_uri, experiment_id, parent, base.to_dict(), dims, data.dataset_hash)
+            tuner = _build_tuner(cfg, dims, trainable, folder, max_concurrent, runs)
         kept = _ended_trials(folder) if restoring else 0
         if restoring:
             say(f"resuming {folder.path}: {kept} trial(s) had ended and are kept, the rest continue")
@@ -275,10 +257,8 @@ def run_sweep(cfg: KilnConfig, address: str | None = None, resume: bool = False,
     elapsed = time.monotonic() - started
 
     budget_hit = t.time_budget_s is not None and elapsed >= 0.95 * t.time_budget_s
-    child_runs = {r.data.tags[TAG_TRIAL_ID]: r.info.run_id
-                  for r in trk.search_runs(tracking_uri, experiment_id, f"tags.`{TAG_SWEEP}` = '{parent}'")}
     trials = summarize(grid, dims, trial_epochs(cfg), read_early_stops(folder.path / EARLY_STOPS_FILE),
-                       budget_hit, child_runs)
+                       budget_hit, child_runs(tracking_uri, experiment_id, parent))
     if any(tr.status == TRIAL_INTERRUPTED for tr in trials):
         folder.save(status=INTERRUPTED, driver_pid=None)
         raise SweepInterrupted(f"sweep {folder.path} interrupted; continue it with: kiln tune CONFIG --resume")

@@ -2,8 +2,8 @@
 
 With one worker a trial runs ``train_epochs`` in its own process through ``TuneSession`` (no Ray
 Train start-up per trial). With ``trial_workers`` > 1 it runs a Ray Train TorchTrainer whose
-reports reach Tune through ``TrialReportCallback``. Either way each trial logs to its own MLflow
-child run (found again by trial id when a resumed sweep restarts the trial).
+reports reach Tune through ``TrialReportCallback``. A trial does not talk to MLflow: the driver
+logs what trials report (``kiln.tune.runs``), so trial processes never import it.
 """
 
 from __future__ import annotations
@@ -14,12 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kiln import tracking as trk
 from kiln.tune.space import Dimension, apply_params, decode_params
 
-TAG_SWEEP = "kiln.tune.sweep_run_id"
-TAG_TRIAL_ID = "kiln.tune.trial_id"
-TAG_TRIAL_NUMBER = "kiln.tune.trial"
 TIME_ATTR = "epochs_done"  # what ASHA counts: finished epochs, the same after a restore
 
 
@@ -29,9 +25,7 @@ class TrialContext:
 
     base_config: dict[str, Any]  # the train config of a trial before its sampled values are applied
     dims: list[Dimension]
-    tracking_uri: str
-    experiment_id: str
-    parent_run_id: str
+    sweep_name: str  # names the Ray Train runs of multi-worker trials (stable across a resume)
     measures: tuple[str, ...] = ()  # model measures an objective needs, besides "params"
     data_config: dict[str, Any] = field(default_factory=dict)  # the data config the shipped data was prepared for
 
@@ -54,18 +48,16 @@ def trial_name(trial) -> str:
 class TuneSession:
     """The loop's Session inside a Tune trial: reports and checkpoints go to ``ray.tune.report``.
 
-    Each epoch is logged to the trial's MLflow run *before* it is reported: when Tune (ASHA, or
-    the last epoch) ends the trial, ``ray.tune.report`` does not return.
+    When Tune ends the trial (ASHA, or its last epoch), ``ray.tune.report`` does not return.
     """
 
     rank = 0
     world_size = 1
 
-    def __init__(self, extras: dict[str, float], tracking: dict[str, str] | None = None):
+    def __init__(self, extras: dict[str, float]):
         import ray.tune
 
         self.extras = extras
-        self.tracking = tracking
         self._restored = ray.tune.get_checkpoint()
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._mark = time.perf_counter()
@@ -88,22 +80,12 @@ class TuneSession:
         epoch = int(metrics["epoch"])
         row = {**metrics, **self.extras, TIME_ATTR: epoch + 1, "epoch_seconds": time.perf_counter() - self._mark,
                "reported_at": time.time()}
-        if self.tracking:
-            log_epoch(self.tracking["uri"], self.tracking["run_id"], metrics)
         checkpoint = ray.tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.tune.report(row, checkpoint=checkpoint)  # persists the checkpoint before it returns
         self._mark = time.perf_counter()
 
     def all_reduce_mean(self, value: float) -> float:
         return value
-
-
-def log_epoch(tracking_uri: str, run_id: str, metrics: dict[str, Any]) -> None:
-    """One epoch's metrics on the trial's run, at step = epoch (as the training loop logs them)."""
-    epoch = int(metrics["epoch"])
-    values = {k: v for k, v in metrics.items() if k != "epoch" and isinstance(v, (int, float))}
-    trk.log_metrics(tracking_uri, run_id, values, step=epoch)
-    trk.log_metrics(tracking_uri, run_id, {"epoch": epoch}, step=epoch)
 
 
 def _trial_report_callback(extras: dict[str, float]):
@@ -153,29 +135,8 @@ def model_measures(cfg, data, measures: tuple[str, ...]) -> dict[str, float]:
     return out
 
 
-def find_child_run(tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str):
-    """The MLflow child run of ``trial_id`` in the sweep ``parent_run_id``, or None."""
-    runs = trk.search_runs(tracking_uri, experiment_id,
-                           f"tags.`{TAG_SWEEP}` = '{parent_run_id}' and tags.`{TAG_TRIAL_ID}` = '{trial_id}'")
-    return runs[0] if runs else None
-
-
-def _start_or_continue_child_run(ctx: TrialContext, trial_id: str, number: int, cfg, values: dict[str, Any],
-                                 dataset_hash: str) -> str:
-    existing = find_child_run(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, trial_id)
-    if existing is not None:
-        return existing.info.run_id
-    tags = {TAG_SWEEP: ctx.parent_run_id, TAG_TRIAL_ID: trial_id, TAG_TRIAL_NUMBER: str(number),
-            trk.TAG_JOB: "tune-trial", trk.TAG_DATASET_HASH: dataset_hash, trk.TAG_DATA_SOURCE: cfg.data.source}
-    run_id = trk.start_run(ctx.tracking_uri, ctx.experiment_id, f"trial-{number:04d}", tags,
-                           parent_run_id=ctx.parent_run_id)
-    trk.log_params(ctx.tracking_uri, run_id, trk.flatten(cfg.to_dict()))
-    trk.set_tags(ctx.tracking_uri, run_id, {f"kiln.tune.param.{k}": v for k, v in values.items()})
-    return run_id
-
-
 def run_trial(params: dict[str, Any], ctx: TrialContext, data=None) -> None:
-    """The Tune trainable: train one sampled config, reporting every epoch to Tune and MLflow."""
+    """The Tune trainable: train one sampled config, reporting every epoch (with a checkpoint) to Tune."""
     import ray.tune
 
     from kiln.config import validate_config
@@ -183,37 +144,27 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, data=None) -> None:
     from kiln.train.checkpoint import read_state
     from kiln.train.loop import train_epochs
 
-    tune_ctx = ray.tune.get_context()
-    trial_id = tune_ctx.get_trial_id()
-    number = int(tune_ctx.get_trial_name().rsplit("_", 1)[-1])  # names come from trial_name()
     values = decode_params(ctx.dims, params)
     cfg = validate_config(apply_params(ctx.base_config, values))
     if data is None or cfg.data.model_dump(mode="json") != ctx.data_config:
         data = prepare_data(cfg.data)  # the sampled values change the data itself
-    run_id = _start_or_continue_child_run(ctx, trial_id, number, cfg, values, data.dataset_hash)
-    attempt = len(trk.metric_history(ctx.tracking_uri, run_id, "trial_attempt")) + 1
-    trk.log_metrics(ctx.tracking_uri, run_id, {"trial_attempt": attempt}, step=attempt)
     extras = model_measures(cfg, data, ctx.measures)
-    if attempt == 1:
-        trk.log_metrics(ctx.tracking_uri, run_id, extras)
-    tracking = {"uri": ctx.tracking_uri, "run_id": run_id}
 
     if cfg.train.workers == 1 and not cfg.train.use_gpu:
-        session = TuneSession(extras, tracking)
+        session = TuneSession(extras)
         restored = session.latest_checkpoint()
         state = read_state(restored) if restored else None
         if state and int(state["epoch"]) + 1 >= cfg.train.epochs:
             # Finished before the driver died but not yet recorded as finished: report, don't retrain.
             session.report(state["metrics"], None)
             return
-        if state:
-            trk.log_metrics(ctx.tracking_uri, run_id, {"resumed_at_epoch": int(state["epoch"]) + 1},
-                            step=int(state["epoch"]) + 1)
-        train_epochs(cfg, data, session, tracking=None)  # the session logs each epoch itself
+        train_epochs(cfg, data, session)
         return
 
     from kiln.train.run import fit_on_ray
 
-    result = fit_on_ray(cfg, data, ctx.tracking_uri, run_id, callbacks=[_trial_report_callback(extras)])
+    # Named by trial: a resumed trial's Ray Train run continues from its own checkpoints.
+    name = f"{ctx.sweep_name}-{ray.tune.get_context().get_trial_id()}"
+    result = fit_on_ray(cfg, data, None, name, callbacks=[_trial_report_callback(extras)])
     if result.error is not None:
         raise result.error
