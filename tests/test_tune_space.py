@@ -196,3 +196,28 @@ def test_resume_refuses_a_changed_config(tmp_path):
     changed["train"]["lr"] = 0.5
     with pytest.raises(ConfigError, match="differs from sweep .* at train.lr, tune.num_samples"):
         check_same_config(folder, changed)
+
+
+def test_each_trial_gets_a_status_from_how_it_ended():
+    from types import SimpleNamespace
+
+    from kiln.tune.results import FAILED, INTERRUPTED, NOT_STARTED, STOPPED, STOPPED_BY_BUDGET, summarize
+
+    dims = parse_space({"train.lr": {"loguniform": [1e-4, 1e-1]}})
+
+    def result(number, epochs, error=None):
+        metrics = {"epochs_done": epochs, "val_accuracy": 0.5, "config": {"train.lr": 0.01}} if epochs else {}
+        return SimpleNamespace(path=f"/x/tune/trial_{number:04d}_id{number}", metrics=metrics, error=error,
+                               checkpoint=None, metrics_dataframe=None)
+
+    grid = [result(3, 1), result(1, 3), result(2, 1), result(4, 2), result(5, 0), result(6, 1, RuntimeError("x\nValueError: bad"))]
+    trials = summarize(grid, dims, 3, early_stops={"id2": 1}, budget_hit=False, child_runs={"id1": "run1"},
+                       unfinished={"id4", "id5"})
+    assert [(t.number, t.status) for t in trials] == [
+        (1, COMPLETED), (2, STOPPED_EARLY), (3, STOPPED), (4, INTERRUPTED),
+        (5, INTERRUPTED), (6, FAILED)]
+    assert trials[0].run_id == "run1" and trials[0].params == {"train.lr": 0.01}
+    assert trials[5].error == "ValueError: bad"
+    budget = summarize(grid[:5], dims, 3, early_stops={}, budget_hit=True, child_runs={}, unfinished=set())
+    assert [t.status for t in budget] == [COMPLETED, STOPPED_BY_BUDGET, STOPPED_BY_BUDGET, STOPPED_BY_BUDGET,
+                                          NOT_STARTED]

@@ -20,6 +20,7 @@ COMPLETED = "completed"
 STOPPED_EARLY = "stopped_early"  # by ASHA
 STOPPED_BY_BUDGET = "stopped_by_budget"  # tune.time_budget_s ran out
 INTERRUPTED = "interrupted"  # the driver was stopped; --resume continues it
+STOPPED = "stopped"  # Ray Tune ended it early for another reason
 FAILED = "failed"
 NOT_STARTED = "not_started"
 SUMMARY_METRICS = (*EPOCH_METRICS, *MODEL_MEASURES)
@@ -87,8 +88,11 @@ def _checkpoint_path(result) -> str | None:
 
 
 def summarize(results, dims: list[Dimension], max_epochs: int, early_stops: dict[str, int],
-              budget_hit: bool, child_runs: dict[str, str]) -> list[TrialSummary]:
-    """One TrialSummary per trial of a Ray Tune ResultGrid, ordered by trial number."""
+              budget_hit: bool, child_runs: dict[str, str], unfinished: set[str]) -> list[TrialSummary]:
+    """One TrialSummary per trial of a Ray Tune ResultGrid, ordered by trial number.
+
+    ``unfinished``: ids of trials Ray Tune would still run on a resume (pending, running, paused).
+    """
     trials = []
     for result in results:
         number, trial_id = _trial_identity(result)
@@ -97,14 +101,16 @@ def summarize(results, dims: list[Dimension], max_epochs: int, early_stops: dict
         epochs = int(metrics.get(TIME_ATTR, 0) or 0)
         if result.error is not None:
             status = FAILED
-        elif not epochs:
-            status = NOT_STARTED
         elif epochs >= max_epochs:
             status = COMPLETED
         elif trial_id in early_stops:
             status = STOPPED_EARLY
+        elif budget_hit:
+            status = STOPPED_BY_BUDGET if epochs else NOT_STARTED
+        elif trial_id in unfinished:
+            status = INTERRUPTED
         else:
-            status = STOPPED_BY_BUDGET if budget_hit else INTERRUPTED
+            status = NOT_STARTED if not epochs else STOPPED
         trials.append(TrialSummary(
             number=number, trial_id=trial_id, status=status, epochs=epochs,
             params=decode_params(dims, encoded) if encoded else {}, encoded_params=encoded,

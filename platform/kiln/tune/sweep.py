@@ -248,7 +248,7 @@ def run_sweep(cfg: KilnConfig, address: str | None = None, resume: bool = False,
         else:
             runs = SweepRuns(tracking_uri, experiment_id, parent, base.to_dict(), dims, data.dataset_hash)
             tuner = _build_tuner(cfg, dims, trainable, folder, max_concurrent, runs)
-        kept = _ended_trials(folder) if restoring else 0
+        kept = sum(st in ("TERMINATED", "ERROR") for st in _trial_statuses(folder).values()) if restoring else 0
         if restoring:
             say(f"resuming {folder.path}: {kept} trial(s) had ended and are kept, the rest continue")
         started = time.monotonic()
@@ -257,9 +257,11 @@ def run_sweep(cfg: KilnConfig, address: str | None = None, resume: bool = False,
     elapsed = time.monotonic() - started
 
     budget_hit = t.time_budget_s is not None and elapsed >= 0.95 * t.time_budget_s
+    statuses = _trial_statuses(folder)
+    unfinished = {tid for tid, status in statuses.items() if status not in ("TERMINATED", "ERROR")}
     trials = summarize(grid, dims, trial_epochs(cfg), read_early_stops(folder.path / EARLY_STOPS_FILE),
-                       budget_hit, child_runs(tracking_uri, experiment_id, parent))
-    if any(tr.status == TRIAL_INTERRUPTED for tr in trials):
+                       budget_hit, child_runs(tracking_uri, experiment_id, parent), unfinished)
+    if any(tr.status == TRIAL_INTERRUPTED for tr in trials) or (not budget_hit and len(trials) < t.num_samples):
         folder.save(status=INTERRUPTED, driver_pid=None)
         raise SweepInterrupted(f"sweep {folder.path} interrupted; continue it with: kiln tune CONFIG --resume")
     result = publish(cfg, dims, folder, trials, data, tracking_uri, parent, progress=say)
@@ -268,12 +270,12 @@ def run_sweep(cfg: KilnConfig, address: str | None = None, resume: bool = False,
     return result
 
 
-def _ended_trials(folder: SweepFolder) -> int:
-    """Trials Ray Tune's saved state lists as ended (they are not run again)."""
+def _trial_statuses(folder: SweepFolder) -> dict[str, str]:
+    """``{trial_id: status}`` from Ray Tune's saved state (TERMINATED and ERROR trials are not run again)."""
     from ray.tune import ExperimentAnalysis
 
     try:
-        analysis = ExperimentAnalysis(str(folder.tune_dir))
+        analysis = ExperimentAnalysis(str(folder.tune_dir.resolve()))
     except Exception:
-        return 0
-    return sum(tr.status in ("TERMINATED", "ERROR") for tr in analysis.trials)
+        return {}
+    return {tr.trial_id: tr.status for tr in analysis.trials}
