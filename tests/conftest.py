@@ -56,6 +56,7 @@ def ray_cluster():
     import ray
 
     os.environ["RAY_TRAIN_V2_ENABLED"] = "1"
+    # address="local": a new instance even when /tmp/ray/ray_current_cluster names someone else's.
     ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.ERROR,
              log_to_driver=False)
     try:

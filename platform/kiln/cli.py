@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "train": "kiln.commands.train",
     "data": "kiln.commands.data",
     "compress": "kiln.commands.compress",
+    "tune": "kiln.commands.tune",
 }
 
 

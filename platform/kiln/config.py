@@ -103,6 +103,7 @@ class TrainConfig(Section):
 # Sections of later job kinds live in their own packages and subclass Section (defined above);
 # kiln/compress/__init__.py imports this module first, so either import order works.
 from kiln.compress.config import CompressConfig  # noqa: E402
+from kiln.tune.config import TuneConfig  # noqa: E402  (it subclasses Section, defined above)
 
 
 class KilnConfig(Section):
@@ -113,6 +114,7 @@ class KilnConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     compress: CompressConfig | None = Field(None, description="Post-training compression (kiln compress).")
+    tune: TuneConfig | None = Field(None, description="A tuning sweep over the keys above (kiln tune).")
 
     @model_validator(mode="after")
     def _model_kwargs_match_builder(self) -> "KilnConfig":

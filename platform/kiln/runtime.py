@@ -42,8 +42,10 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None, debug:
         if address:
             ray.init(address=address, **common)
         else:
-            # "local" always starts a new instance, even when another cluster runs on this machine.
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **common)
+            # address="local": always a new instance; with None Ray would join whatever cluster
+            # /tmp/ray/ray_current_cluster names (another user's, on a shared machine).
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                     **common)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = address or "a new local instance"
         raise KilnError(f"cannot reach Ray at {where} ({str(exc).splitlines()[0]})") from None

@@ -170,6 +170,11 @@ def get_run(tracking_uri: str, run_id: str):
         raise KilnError(f"no MLflow run '{run_id}' in {tracking_uri}") from None
 
 
+def search_runs(tracking_uri: str, experiment_id: str, filter_string: str = "") -> list:
+    """Runs of one experiment matching an MLflow filter (e.g. on tags), newest first."""
+    return client(tracking_uri).search_runs([experiment_id], filter_string=filter_string, max_results=5000)
+
+
 def metric_history(tracking_uri: str, run_id: str, key: str) -> list:
     return client(tracking_uri).get_metric_history(run_id, key)
 

@@ -16,6 +16,10 @@ def run(args) -> int:
     from kiln.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.tune is not None:  # searched keys and values need the whole config to check
+        from kiln.tune.sweep import check_sweep
+
+        check_sweep(cfg)
     if args.print:
         print(cfg.to_yaml(), end="")
     else:
