@@ -17,6 +17,10 @@ COMMANDS: dict[str, str] = {
     "validate": "kiln.commands.validate",
     "train": "kiln.commands.train",
     "data": "kiln.commands.data",
+    "submit": "kiln.commands.submit",
+    "jobs": "kiln.commands.jobs",
+    "cluster": "kiln.commands.cluster",
+    "tracking": "kiln.commands.tracking",
 }
 
 
