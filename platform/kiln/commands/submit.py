@@ -64,8 +64,9 @@ def run(args) -> int:
         elif tracking_uri:
             say(args, f"tracking: {tracking_uri}")
         else:
-            say(args, "tracking: no --tracking-uri, so the run goes to a sqlite file in the job's working dir "
-                      "on the head and is gone with the cluster (see 'kiln tracking serve')")
+            say(args, "tracking: no --tracking-uri: the cluster's MLFLOW_TRACKING_URI if its nodes set one, "
+                      "else a sqlite file in the job's working dir on the head, gone with the cluster "
+                      "(see 'kiln tracking serve')")
         if not experiment.storage_path:
             say(args, "checkpoints: in the job's working dir on the head (on a cluster of several machines set "
                       "experiment.storage_path to storage every node reaches)")
