@@ -155,6 +155,14 @@ def test_an_unreachable_address_is_one_clear_line(args):
         "(start one with 'kiln cluster start', or pass --address http://HOST:8265)"]
 
 
+def test_a_config_mistake_is_caught_before_anything_is_submitted():
+    # Nothing listens at the address: the config error coming first shows nothing was contacted.
+    proc = run_kiln("submit", "train", CONFIG, "train.epoch=3", "--address", f"http://127.0.0.1:{free_port()}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: unknown config key 'train.epoch' (did you mean 'train.epochs'?)"]
+
+
 def test_an_address_that_is_not_a_jobs_api_is_one_clear_line():
     import http.server
     import threading

@@ -211,12 +211,12 @@ def stop_local_cluster(timeout: float = 45.0) -> LocalCluster | None:
     return cluster
 
 
-def cluster_nodes(address: str) -> list[NodeInfo]:
-    """The cluster's nodes, from Ray's state API over the dashboard."""
+def cluster_nodes(address: str, headers: dict[str, str] | None = None) -> list[NodeInfo]:
+    """The cluster's nodes, from Ray's state API over the dashboard (``headers``: default, the found token)."""
     from ray.util.state import StateApiClient
     from ray.util.state.common import ListApiOptions, StateResource
 
-    client = StateApiClient(address=address, headers=auth_headers())
+    client = StateApiClient(address=address, headers=auth_headers() if headers is None else headers)
     nodes = client.list(StateResource.NODES, options=ListApiOptions(detail=True), raise_on_missing_output=False)
     return [NodeInfo(node_id=n.node_id, node_ip=n.node_ip, alive=n.state == "ALIVE", is_head=bool(n.is_head_node),
                      resources={k: float(v) for k, v in (n.resources_total or {}).items()}) for n in nodes]
