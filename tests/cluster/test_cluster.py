@@ -142,6 +142,35 @@ def test_the_token_is_found_where_ray_looks_for_it_in_rays_order(monkeypatch, tm
     assert auth.find_token() is None
 
 
+# ---- addresses ------------------------------------------------------------------------------------
+
+
+def test_the_address_comes_from_the_flag_then_rays_variables_then_the_local_head(monkeypatch, tmp_path):
+    from kiln.cluster.client import DEFAULT_ADDRESS, resolve_address
+    from kiln.cluster.local import LocalCluster, state_path
+    from kiln.cluster.processes import start_ticks
+
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert resolve_address(None) == DEFAULT_ADDRESS == "http://127.0.0.1:8265"
+    assert resolve_address("headnode") == "http://headnode:8265"
+    assert resolve_address("10.0.0.5:9000") == "http://10.0.0.5:9000"
+    assert resolve_address("https://ray.example.com/") == "https://ray.example.com"
+    # A head recorded by `kiln cluster start` (here: this very process stands in for it, so it "runs").
+    state_path().write_text(json.dumps(LocalCluster(pid=os.getpid(), started=start_ticks(os.getpid()),
+                                                    dashboard_url="http://127.0.0.1:45678", gcs_address="x:1",
+                                                    temp_dir="/nonexistent", log_file="-").to_dict()))
+    assert resolve_address(None) == "http://127.0.0.1:45678"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")  # a GCS address is for ray.init, not the Jobs API
+    assert resolve_address(None) == "http://127.0.0.1:45678"
+    monkeypatch.setenv("RAY_ADDRESS", "http://10.0.0.5:8265")
+    assert resolve_address(None) == "http://10.0.0.5:8265"
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://10.0.0.6:8265")
+    assert resolve_address(None) == "http://10.0.0.6:8265"
+    assert resolve_address("http://10.0.0.7:8265") == "http://10.0.0.7:8265"
+
+
 # ---- unreachable addresses ------------------------------------------------------------------------
 
 

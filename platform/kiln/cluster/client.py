@@ -15,7 +15,7 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 def resolve_address(address: str | None) -> str:
     """The Jobs API URL: ``address``, else ``$RAY_API_SERVER_ADDRESS``, else ``$RAY_ADDRESS`` when it is a
     URL (Ray's own CLI reads the same two), else the head started by ``kiln cluster start``, else
-    http://127.0.0.1:8265. ``HOST:PORT`` gets ``http://`` in front."""
+    http://127.0.0.1:8265. ``HOST:PORT`` gets ``http://`` in front, a bare ``HOST`` also ``:8265``."""
     if not address:
         env_address = os.environ.get("RAY_ADDRESS", "")
         address = os.environ.get("RAY_API_SERVER_ADDRESS") or (env_address if "://" in env_address else None)
@@ -25,7 +25,7 @@ def resolve_address(address: str | None) -> str:
         state = read_state()
         address = state.dashboard_url if state and state.is_running() else DEFAULT_ADDRESS
     if "://" not in address:
-        address = f"http://{address}"
+        address = f"http://{address}" if ":" in address else f"http://{address}:8265"
     return address.rstrip("/")
 
 
@@ -34,7 +34,7 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
     url = urlparse(address)
     if url.scheme not in ("http", "https") or not url.hostname:
         raise KilnError(f"--address {address}: give the cluster's Jobs API URL, e.g. http://HOST:8265")
-    port = url.port or (443 if url.scheme == "https" else 8265)
+    port = url.port or (443 if url.scheme == "https" else 80)  # what the SDK's requests will use
     try:
         with socket.create_connection((url.hostname, port), timeout=timeout):
             pass

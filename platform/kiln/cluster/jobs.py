@@ -73,7 +73,7 @@ def api_errors(client, submission_id: str | None = None) -> Iterator[None]:
 
     from kiln.cluster.client import auth_error, first_line
 
-    address = getattr(client, "_address", "the cluster")
+    address = client.get_address()
     try:
         yield
     except AuthenticationError as exc:

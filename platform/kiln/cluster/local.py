@@ -116,7 +116,9 @@ def ensure_token() -> str:
     proc = subprocess.run([*ray_cli(), "get-auth-token", "--generate"], capture_output=True, text=True,
                           env={k: v for k, v in os.environ.items() if k != AUTH_MODE_ENV}, timeout=60)
     if proc.returncode != 0 or not find_token():
-        raise KilnError(f"cannot create a Ray auth token ({(proc.stderr or proc.stdout).strip().splitlines()[-1:]})")
+        said = (proc.stderr or proc.stdout).strip().splitlines()
+        raise KilnError(f"cannot create a Ray auth token with 'ray get-auth-token --generate'"
+                        f"{': ' + said[-1] if said else ''}")
     return token_source()
 
 

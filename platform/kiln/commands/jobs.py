@@ -38,7 +38,7 @@ def _list(args, client) -> int:
         emit_json({"jobs": [j.to_dict() for j in jobs]})
         return 0
     if not jobs:
-        print(f"no jobs on {client._address}")
+        print(f"no jobs on {client.get_address()}")
         return 0
     rows = [{"id": j.submission_id, "status": j.status, "job": j.job or "-", "started": _when(j.start_time),
              "seconds": f"{j.end_time - j.start_time:.0f}" if j.end_time and j.start_time else "-"} for j in jobs]

@@ -41,6 +41,8 @@ def default_tracking_uri() -> str | None:
 
 
 def run(args) -> int:
+    from pathlib import Path
+
     from kiln.cli import COMMANDS
     from kiln.cluster.client import connect
     from kiln.cluster.jobs import follow_logs, job_outcome, raise_unless_succeeded, stdout_writer, wait_until_finished
@@ -52,9 +54,11 @@ def run(args) -> int:
     if args.job in COMMANDS:  # a kiln job kind: catch config mistakes here, before anything is uploaded
         cfg = load_config(spec.project / spec.config, spec.overrides)
     client = connect(args.address, args.debug)
-    address = client._address
+    address = client.get_address()
     tracking_uri = args.tracking_uri or default_tracking_uri()
-    runtime_env = build_runtime_env(spec, tracking_uri, with_deps=args.with_deps)
+    # --debug also reaches the job: its tracebacks and Ray's logs land in the job's logs.
+    runtime_env = build_runtime_env(spec, tracking_uri, with_deps=args.with_deps,
+                                    env_vars={"KILN_DEBUG": "1"} if args.debug else None)
     submission_id = submit(client, spec, runtime_env, args.submission_id)
     say(args, f"submitted {submission_id} to {address}: {spec.entrypoint()}")
     experiment = getattr(cfg, "experiment", None)
@@ -68,7 +72,9 @@ def run(args) -> int:
                       "else a sqlite file in the job's working dir on the head, gone with the cluster "
                       "(see 'kiln tracking serve')")
         if not experiment.storage_path:
-            say(args, "checkpoints: in the job's working dir on the head (on a cluster of several machines set "
+            where = (f"{experiment.run_dir}/checkpoints" if Path(experiment.run_dir).is_absolute()
+                     else f"{experiment.run_dir}/checkpoints in the job's working dir")
+            say(args, f"checkpoints: {where} on the head (on a cluster of several machines set "
                       "experiment.storage_path to storage every node reaches)")
     if not (args.follow or args.json):
         say(args, f"follow it with: kiln jobs logs {submission_id} --follow --address {address}")
