@@ -30,6 +30,7 @@ test-quick: install
 
 bench: install
 	$(PY) bench/train_throughput.py
+	$(PY) bench/submit_overhead.py
 
 clean:
 	rm -rf runs mlruns bench/out .pytest_cache

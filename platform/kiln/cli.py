@@ -19,6 +19,10 @@ COMMANDS: dict[str, str] = {
     "data": "kiln.commands.data",
     "compress": "kiln.commands.compress",
     "tune": "kiln.commands.tune",
+    "submit": "kiln.commands.submit",
+    "jobs": "kiln.commands.jobs",
+    "cluster": "kiln.commands.cluster",
+    "tracking": "kiln.commands.tracking",
 }
 
 

@@ -40,7 +40,7 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None, debug:
                         "not the dashboard URL; use 'kiln submit' to send jobs through the Jobs API")
     try:
         if address:
-            ray.init(address=address, **common)
+            ray.init(address=address, **{**common, "runtime_env": with_kiln_package(runtime_env)})
         else:
             # address="local": always a new instance; with None Ray would join whatever cluster
             # /tmp/ray/ray_current_cluster names (another user's, on a shared machine).
@@ -50,6 +50,25 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None, debug:
         where = address or "a new local instance"
         raise KilnError(f"cannot reach Ray at {where} ({str(exc).splitlines()[0]})") from None
     return ray.get_runtime_context().gcs_address
+
+
+def with_kiln_package(runtime_env: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The runtime env of a driver joining an existing cluster: ``runtime_env`` plus the kiln package this
+    driver runs, as a py_module, so that every worker runs the driver's kiln (a node may have another
+    kiln installed, or none). Unchanged when the caller or the submitted job's runtime env already ships
+    py_modules (``kiln submit`` does; Ray refuses two py_modules fields)."""
+    import json
+
+    import kiln
+
+    job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
+    given = {**job_env, **(runtime_env or {})}
+    if "py_modules" in given:
+        return runtime_env
+    extra: dict[str, Any] = {"py_modules": [os.path.dirname(os.path.abspath(kiln.__file__))]}
+    if "excludes" not in given:
+        extra["excludes"] = ["__pycache__", "*.pyc"]
+    return {**(runtime_env or {}), **extra}
 
 
 def placeable_slots(per_worker: dict[str, float]) -> int:

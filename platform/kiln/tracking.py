@@ -20,6 +20,7 @@ TAG_KILN_VERSION = "kiln.version"
 TAG_DATA_SOURCE = "kiln.data_source"
 TAG_STORAGE = "kiln.storage_path"
 TAG_JOB = "kiln.job"
+TAG_WORKER_NODES = "kiln.worker_nodes"  # JSON list: the Ray node each training rank ran on
 MODEL_ARTIFACT_PATH = "model"
 
 

@@ -123,6 +123,21 @@ def epoch_order(labels: torch.Tensor, seed: int, epoch: int, rank: int, world_si
     return rows[: per_rank * world_size][rank::world_size]
 
 
+def record_worker_nodes(session: Session, tracking: dict[str, str] | None) -> None:
+    """Tag the run with the node each rank runs on (``kiln.worker_nodes``), so placement on a cluster is visible.
+
+    Every rank takes part (the node list is gathered collectively); rank 0 writes the tag.
+    """
+    worker_nodes = getattr(session, "worker_nodes", None)  # sessions written before this hook have none
+    nodes = worker_nodes() if worker_nodes else []
+    if nodes and session.rank == 0 and tracking:
+        import json
+
+        from kiln import tracking as trk
+
+        trk.set_tags(tracking["uri"], tracking["run_id"], {trk.TAG_WORKER_NODES: json.dumps(nodes)})
+
+
 def train_epochs(cfg: KilnConfig, data: PreparedData, session: Session, tracking: dict[str, str] | None = None,
                  resume_from: Path | None = None, hooks: LoopHooks | None = None) -> list[dict[str, Any]]:
     """Train ``cfg.train.epochs`` epochs (continuing after the latest checkpoint). Returns reported metrics."""
@@ -134,6 +149,7 @@ def train_epochs(cfg: KilnConfig, data: PreparedData, session: Session, tracking
     model = hooks.build_model() if hooks.build_model else build_model(spec)
     device = session.device(t.use_gpu)
     model = session.prepare_model(model.to(device))
+    record_worker_nodes(session, tracking)
 
     x_train = torch.from_numpy(data.x_train)
     y_train = torch.from_numpy(data.y_train)

@@ -22,6 +22,8 @@ class Session(Protocol):
 
     def all_reduce_mean(self, value: float) -> float: ...
 
+    def worker_nodes(self) -> list[dict[str, Any]]: ...
+
 
 class LocalSession:
     """Single process, no Ray: checkpoints are copied into ``checkpoint_root``."""
@@ -54,6 +56,10 @@ class LocalSession:
 
     def all_reduce_mean(self, value: float) -> float:
         return value
+
+    def worker_nodes(self) -> list[dict[str, Any]]:
+        """No Ray nodes in-process: nothing to record."""
+        return []
 
 
 class RayTrainSession:
@@ -101,3 +107,16 @@ class RayTrainSession:
         t = torch.tensor([value], dtype=torch.float64)
         dist.all_reduce(t)
         return float(t.item() / self.world_size)
+
+    def worker_nodes(self) -> list[dict[str, Any]]:
+        """Where every rank runs, by rank: ``[{"rank", "node_id", "node_ip"}, ...]`` (a collective: all ranks call it)."""
+        import ray
+        import torch.distributed as dist
+
+        here = {"rank": self.rank, "node_id": ray.get_runtime_context().get_node_id(),
+                "node_ip": ray.util.get_node_ip_address()}
+        if self.world_size == 1 or not dist.is_initialized():
+            return [here]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, here)
+        return sorted(gathered, key=lambda w: w["rank"])
