@@ -18,8 +18,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
+# The main job end to end: train (2 Ray Train workers), a small tuning sweep, compression of the
+# trained model. Human-readable progress goes to the terminal; the JSON results to runs/demo/.
 demo: install
-	$(KILN) train configs/train/digits_cnn.yaml
+	@mkdir -p runs/demo
+	$(KILN) train configs/train/digits_cnn.yaml --json > runs/demo/train.json
+	$(KILN) tune configs/tune/digits_cnn.yaml tune.num_samples=6 --json > runs/demo/tune.json
+	$(KILN) compress configs/compress/digits_cnn.yaml \
+	    compress.model=$$($(PY) -c 'import json; print(json.loads(open("runs/demo/train.json").read().splitlines()[-1])["model_uri"])') \
+	    --json > runs/demo/compress.json
 
 test: install
 	$(PY) -m pytest tests $(PYTEST_ARGS)
