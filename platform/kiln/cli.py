@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "validate": "kiln.commands.validate",
     "train": "kiln.commands.train",
     "data": "kiln.commands.data",
+    "serve": "kiln.commands.serve",
 }
 
 

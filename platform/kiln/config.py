@@ -97,6 +97,9 @@ class TrainConfig(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
 
+from kiln.serve.config import ServeConfig  # noqa: E402  (it subclasses Section, defined above)
+
+
 class KilnConfig(Section):
     """A whole Kiln config: the train sections, plus one section per later job kind."""
 
@@ -104,6 +107,7 @@ class KilnConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    serve: ServeConfig | None = Field(None, description="Models to serve over HTTP (kiln serve start).")
 
     @model_validator(mode="after")
     def _model_kwargs_match_builder(self) -> "KilnConfig":
