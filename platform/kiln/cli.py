@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "train": "kiln.commands.train",
     "data": "kiln.commands.data",
     "serve": "kiln.commands.serve",
+    "predict": "kiln.commands.predict",
 }
 
 

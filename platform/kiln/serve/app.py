@@ -34,6 +34,7 @@ def deployment_options(model: ModelPlan) -> dict[str, Any]:
     if d.threads:
         actor["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(d.threads)}}
     options: dict[str, Any] = {"name": "ModelServer", "ray_actor_options": actor,
+                               "graceful_shutdown_timeout_s": d.graceful_shutdown_s,
                                "max_ongoing_requests": d.max_ongoing_requests,
                                "user_config": {"batching": model.batching.model_dump()}}
     if d.autoscaling:

@@ -40,6 +40,8 @@ class DeploymentConfig(Section):
     max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica takes at a time.")
     threads: int | None = Field(
         None, ge=1, description="Intra-op threads of the model runtime per replica; default: Ray's (1 per reserved CPU).")
+    graceful_shutdown_s: float = Field(5.0, gt=0, description="How long a stopping replica waits for the requests "
+                                                              "it is answering.")
 
     @property
     def min_replicas(self) -> int:
@@ -54,6 +56,7 @@ class DeploymentOverrides(Section):
     num_cpus: float | None = Field(None, gt=0)
     max_ongoing_requests: int | None = Field(None, ge=1)
     threads: int | None = Field(None, ge=1)
+    graceful_shutdown_s: float | None = Field(None, gt=0)
 
 
 class BatchingOverrides(Section):

@@ -163,6 +163,7 @@ class ServeState:
     metrics_url: str | None = None
     local_ray: dict[str, Any] | None = None  # a LocalRay's fields when Kiln started the instance
     started_at: float = 0.0
+    haproxy_dir: str | None = None  # HAProxy's files (ingress 'haproxy')
 
     def local(self) -> LocalRay | None:
         return LocalRay(**self.local_ray) if self.local_ray else None

@@ -9,6 +9,8 @@ deployed (and stops the local instance it started).
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -142,7 +144,8 @@ def _pending(apps: dict, app_names: list[str], plan: ServePlan) -> str:
         if app is not None:
             messages = [d.message for d in app.deployments.values() if d.message]
             message = f": {_telling_line(messages[0])}" if messages else ""
-        parts.append(f"'{name}'{need} is {app.status if app else 'not deployed'}{message}")
+        state = getattr(app.status, "value", app.status) if app else "not deployed"
+        parts.append(f"'{name}'{need} is {state}{message}")
     return "; ".join(parts) + f" (the cluster has {free:g} CPU free; other work may hold the rest)"
 
 
@@ -183,19 +186,20 @@ def start_serving(cfg: ServeConfig, tracking_uri: str, run_dir: str | Path, addr
 
     from kiln.serve.http import key_digest
 
-    plan = plan_serving(cfg, tracking_uri)
-    progress(f"serving {plan.describe()}")
     address = address or os.environ.get("RAY_ADDRESS") or None
     local: LocalRay | None = None
     state = load_state(run_dir)
     if address is None and state and state.local() and state.local().alive():
         raise KilnError(f"Kiln is already serving at {state.url} (local Ray instance, pid {state.local().pid}); "
                         "run 'kiln serve stop' first")
+    plan = plan_serving(cfg, tracking_uri)
+    progress(f"serving {plan.describe()}")
     if address is None:
         progress("starting a local Ray instance (it keeps running after this command; stop it with kiln serve stop)")
         local = start_local_ray(state_dir(run_dir), cfg.num_cpus)
         address = local.address
     deployed: list[str] = []
+    haproxy_dir: str | None = None
     try:
         gcs = _connect(address, local.auth_mode if local else None, debug)
         running = running_kiln_apps()
@@ -206,8 +210,14 @@ def start_serving(cfg: ServeConfig, tracking_uri: str, run_dir: str | Path, addr
         port = cfg.port or free_port()
         controller_options = None
         if cfg.ingress == "haproxy":
-            controller_options = {"runtime_env": {"env_vars": haproxy_env(state_dir(run_dir) / "haproxy")}}
-        serve.start(http_options={"host": cfg.host, "port": port}, controller_options=controller_options)
+            # HAProxy's unix sockets live under this folder plus a 56-character node id and must fit
+            # 97 bytes: a short folder of its own, removed by `kiln serve stop`.
+            haproxy_dir = tempfile.mkdtemp(prefix="khap-", dir="/tmp")
+            controller_options = {"runtime_env": {"env_vars": haproxy_env(Path(haproxy_dir))}}
+        try:
+            serve.start(http_options={"host": cfg.host, "port": port}, controller_options=controller_options)
+        except Exception as exc:
+            raise KilnError(f"Ray Serve did not start: {_telling_line(str(exc))}") from exc
         host, port = _check_http(cfg.host, port)
         targets = build_applications(plan, key_digest(api_key) if api_key else None)
         deployed = [t.name for t in targets]
@@ -223,10 +233,12 @@ def start_serving(cfg: ServeConfig, tracking_uri: str, run_dir: str | Path, addr
                                  for m in plan.models for v in m.versions])
     except BaseException:
         _undo(deployed, local)
+        if haproxy_dir:
+            shutil.rmtree(haproxy_dir, ignore_errors=True)
         raise
     save_state(run_dir, ServeState(address=address if local is None else local.address, url=info.url,
                                    ingress=cfg.ingress, models=[asdict(m) for m in info.models],
-                                   metrics_url=info.metrics_url, started_at=time.time(),
+                                   metrics_url=info.metrics_url, started_at=time.time(), haproxy_dir=haproxy_dir,
                                    local_ray=local_ray_from(local) if local else None))
     return info
 
@@ -245,17 +257,30 @@ def _check_http(host: str, port: int) -> tuple[str, int]:
 def _undo(deployed: list[str], local: LocalRay | None) -> None:
     """After a failed start: the local instance it started goes; else the applications it deployed."""
     if local is not None:
+        import ray
+
+        ray.shutdown()  # disconnect first: a driver whose GCS disappears aborts the whole process
         local.stop()
         return
-    if not deployed:
-        return
     try:
-        from ray import serve
-
-        for name in deployed:
-            serve.delete(name, _blocking=False)
+        remove_apps(deployed)
     except Exception:  # best effort: the original error is what the user needs to see
         pass
+
+
+def remove_apps(names: list[str], timeout: float = 60.0) -> None:
+    """Delete Serve applications; if no other application is left on the cluster, shut Serve down, so
+    that the next start chooses its HTTP host and port afresh (Serve fixes them when it starts)."""
+    from ray import serve
+
+    if set(serve.status().applications) <= set(names):
+        serve.shutdown()
+        return
+    for name in names:
+        serve.delete(name, _blocking=False)
+    deadline = time.monotonic() + timeout
+    while any(n in serve.status().applications for n in names) and time.monotonic() < deadline:
+        time.sleep(0.5)
 
 
 @dataclass
@@ -355,6 +380,12 @@ def scrape_counts(metrics: str) -> dict[tuple[str, str], dict[str, float]]:
     return out
 
 
+def _forget(run_dir: str | Path, state: ServeState) -> None:
+    if state.haproxy_dir:
+        shutil.rmtree(state.haproxy_dir, ignore_errors=True)
+    clear_state(run_dir)
+
+
 @dataclass
 class StopResult:
     stopped: list[str]
@@ -366,14 +397,12 @@ class StopResult:
 
 def stop_serving(run_dir: str | Path, address: str | None = None, debug: bool = False) -> StopResult:
     """Delete Kiln's applications; stop the local Ray instance if Kiln started it. Raises KilnError."""
-    from ray import serve
-
     address, state = _target(run_dir, address)
     local = state.local() if state and state.address == address else None
     if local is not None:
         pid, alive = local.pid, local.alive()
         local.stop()
-        clear_state(run_dir)
+        _forget(run_dir, state)
         if not alive:
             raise KilnError(f"the local Ray instance that served (pid {pid}) was already gone")
         return StopResult(stopped=sorted({ROOT_APP, *(model_app_name(m["name"]) for m in state.models)}),
@@ -384,11 +413,7 @@ def stop_serving(run_dir: str | Path, address: str | None = None, debug: bool = 
         if state and state.address == address:
             clear_state(run_dir)
         raise KilnError(f"Kiln serves nothing on the Ray cluster at {address}")
-    for name in apps:
-        serve.delete(name, _blocking=False)
-    deadline = time.monotonic() + 60
-    while running_kiln_apps() and time.monotonic() < deadline:
-        time.sleep(0.5)
+    remove_apps(apps)
     if state and state.address == address:
-        clear_state(run_dir)
+        _forget(run_dir, state)
     return StopResult(stopped=apps, local_ray_pid=None)

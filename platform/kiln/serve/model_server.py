@@ -160,9 +160,9 @@ class ModelServer:
         started = time.perf_counter()
         status, label = 200, "-"
         try:
-            check_api_key(request.headers, self.spec.api_key_sha256)
             runner = self.runner(version if version is not None else self.route(request))
             label = runner.served.version
+            check_api_key(request.headers, self.spec.api_key_sha256)
             body = await read_body(request, self.spec.max_request_bytes)
             if endpoint == "infer":
                 return await self._infer(runner, body, request.headers.get(HEADER_LENGTH))

@@ -1,4 +1,4 @@
-"""Fixtures for serving tests: tiny models trained in-process and registered in a real MLflow store.
+"""Serving test helpers: tiny models trained in-process and registered in a real MLflow store.
 
 Each model is trained by the real training loop (``train_epochs`` with a LocalSession, no Ray
 Train job: seconds instead of a job's fixed cost), logged to an MLflow run and registered, exactly
@@ -133,14 +133,19 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
+_REGISTRY: list[Registry] = []  # built once per test process, shared by the modules that import the fixture
+
+
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory) -> Registry:
-    """Every variant of VARIANTS registered in a fresh sqlite MLflow store (once per module)."""
+    """Every variant of VARIANTS registered in a sqlite MLflow store (trained once per test process)."""
     from kiln import tracking as trk
 
-    run_dir = tmp_path_factory.mktemp("serve-runs")
-    reg = Registry(run_dir=run_dir, tracking_uri=trk.default_tracking_uri(run_dir),
-                   iris=iris_parquet(run_dir / "iris.parquet"))
-    for variant_id, variant in VARIANTS.items():
-        reg.uris[variant_id] = variant.register(reg)
-    return reg
+    if not _REGISTRY:
+        run_dir = tmp_path_factory.mktemp("serve-runs")
+        reg = Registry(run_dir=run_dir, tracking_uri=trk.default_tracking_uri(run_dir),
+                       iris=iris_parquet(run_dir / "iris.parquet"))
+        for variant_id, variant in VARIANTS.items():
+            reg.uris[variant_id] = variant.register(reg)
+        _REGISTRY.append(reg)
+    return _REGISTRY[0]
