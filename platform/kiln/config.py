@@ -224,6 +224,8 @@ def _suggest(schema: type[BaseModel], loc: list[str]) -> str | None:
         if field is None:
             return None
         model = field.annotation
+        # An optional section (``X | None``): look inside X.
+        model = next((a for a in getattr(model, "__args__", ()) if hasattr(a, "model_fields")), model)
     fields = list(getattr(model, "model_fields", {}))
     match = difflib.get_close_matches(loc[-1], fields, n=1)
     return ".".join([*loc[:-1], match[0]]) if match else None

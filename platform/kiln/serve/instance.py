@@ -77,15 +77,15 @@ class LocalRay:
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM, wait, then SIGKILL what is left of its process group; remove its temp dir."""
-        if self.alive():
+        if self.alive():  # only a pid that is still our `ray start`: never signal a recycled pid
             os.kill(self.pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout
             while self.alive() and time.monotonic() < deadline:
                 time.sleep(0.2)
-        try:
-            os.killpg(self.pid, signal.SIGKILL)  # stragglers of this instance only: its own session
-        except (ProcessLookupError, PermissionError):
-            pass
+            try:
+                os.killpg(self.pid, signal.SIGKILL)  # stragglers of this instance only: its own session
+            except (ProcessLookupError, PermissionError):
+                pass
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 

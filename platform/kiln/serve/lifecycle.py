@@ -315,7 +315,7 @@ def serving_status(run_dir: str | Path, address: str | None = None, debug: bool 
     address, state = _target(run_dir, address)
     local = state.local() if state and state.address == address else None
     if local is not None and not local.alive():
-        clear_state(run_dir)
+        _forget(run_dir, state)
         raise KilnError(f"the local Ray instance that served (pid {local.pid}) is gone; start again with "
                         "'kiln serve start'")
     gcs = _connect(address, local.auth_mode if local else None, debug)

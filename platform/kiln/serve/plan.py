@@ -62,7 +62,7 @@ def plan_serving(cfg: ServeConfig, tracking_uri: str) -> ServePlan:
     tracking_uri = absolute_tracking_uri(tracking_uri)
     groups: dict[str, list[tuple[int, ServedModelConfig, VersionSource, str]]] = {}
     for i, entry in enumerate(cfg.models):
-        mv = trk.model_version_for(tracking_uri, entry.uri)
+        mv = _registry_version(tracking_uri, entry.uri)
         name = entry.name or mv.name
         if not SERVED_NAME.match(name):
             raise ConfigError(f"config key 'serve.models.{i}': registered name '{mv.name}' cannot be part of a URL; "
@@ -92,6 +92,17 @@ def plan_serving(cfg: ServeConfig, tracking_uri: str) -> ServePlan:
                                 deployment=cfg.deployment_for(entries), batching=cfg.batching_for(entries),
                                 formats={source.version: fmt for _, _, source, fmt in members}))
     return ServePlan(models=models, tracking_uri=tracking_uri, config=cfg)
+
+
+def _registry_version(tracking_uri: str, uri: str):
+    """The ModelVersion behind a URI; ``models:/NAME/latest`` is the highest registered version."""
+    name, _, version = uri[len("models:/"):].partition("/")
+    if version != "latest":
+        return trk.model_version_for(tracking_uri, uri)
+    versions = list(trk.iter_model_versions(tracking_uri, name))
+    if not versions:
+        raise ModelError(f"unknown model '{uri}' in registry {tracking_uri} (no versions of '{name}')")
+    return max(versions, key=lambda mv: _version_key(str(mv.version)))
 
 
 def _version_key(version: str) -> tuple[int, Any]:

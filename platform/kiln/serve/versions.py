@@ -90,7 +90,8 @@ class ServedVersion:
         if tensor.datatype == "BYTES":
             if len(tensor.shape) != 1:
                 raise ProtocolError(f"input '{INPUT_NAME}': BYTES images need shape [N], got {list(tensor.shape)}")
-            return self._prepare(list(tensor.data))
+            # Encoded files: raw bytes (binary tensor data), or base64 text (JSON has no bytes).
+            return self._prepare([_maybe_b64(item) for item in tensor.data])
         if tensor.datatype != "UINT8":
             raise ProtocolError(f"input '{INPUT_NAME}': datatype {tensor.datatype} is not accepted by image model "
                                 f"'{self.model_name}' (send UINT8 pixels of shape {expected}, or BYTES PNG/JPEG)")
@@ -149,6 +150,14 @@ class ServedVersion:
         keys = [str(label) for label in labels]
         return [{"label": labels[int(row.argmax())], "probabilities": dict(zip(keys, map(float, row)))}
                 for row in probs]
+
+
+def _maybe_b64(item: bytes) -> bytes:
+    """Base64 text decoded; anything else (PNG and JPEG bytes are never valid base64) as it is."""
+    try:
+        return base64.b64decode(item, validate=True)
+    except (binascii.Error, ValueError):
+        return item
 
 
 def _b64decode(item: str, index: int) -> bytes:
