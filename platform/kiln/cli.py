@@ -23,6 +23,8 @@ COMMANDS: dict[str, str] = {
     "jobs": "kiln.commands.jobs",
     "cluster": "kiln.commands.cluster",
     "tracking": "kiln.commands.tracking",
+    "serve": "kiln.commands.serve",
+    "predict": "kiln.commands.predict",
 }
 
 

@@ -104,6 +104,7 @@ class TrainConfig(Section):
 # kiln/compress/__init__.py imports this module first, so either import order works.
 from kiln.compress.config import CompressConfig  # noqa: E402
 from kiln.tune.config import TuneConfig  # noqa: E402  (it subclasses Section, defined above)
+from kiln.serve.config import ServeConfig  # noqa: E402  (it subclasses Section, defined above)
 
 
 class KilnConfig(Section):
@@ -115,6 +116,7 @@ class KilnConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     compress: CompressConfig | None = Field(None, description="Post-training compression (kiln compress).")
     tune: TuneConfig | None = Field(None, description="A tuning sweep over the keys above (kiln tune).")
+    serve: ServeConfig | None = Field(None, description="Models to serve over HTTP (kiln serve start).")
 
     @model_validator(mode="after")
     def _model_kwargs_match_builder(self) -> "KilnConfig":
@@ -231,6 +233,8 @@ def _suggest(schema: type[BaseModel], loc: list[str]) -> str | None:
         if field is None:
             return None
         model = field.annotation
+        # An optional section (``X | None``): look inside X.
+        model = next((a for a in getattr(model, "__args__", ()) if hasattr(a, "model_fields")), model)
     fields = list(getattr(model, "model_fields", {}))
     match = difflib.get_close_matches(loc[-1], fields, n=1)
     return ".".join([*loc[:-1], match[0]]) if match else None

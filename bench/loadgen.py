@@ -1,0 +1,105 @@
+"""A small closed-loop HTTP load generator for loopback benchmarks (asyncio, raw HTTP/1.1, keep-alive).
+
+Each of ``concurrency`` virtual clients holds one connection and sends its next request when the
+previous answer has arrived. A run stops after ``max_requests`` requests or ``max_seconds``,
+whichever comes first. Deliberately minimal, so that the client costs as little CPU as possible
+on a 2-core machine where it shares the CPU with the server it measures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class LoadResult:
+    concurrency: int
+    requests: int
+    errors: int
+    seconds: float
+    throughput: float  # answered requests per second
+    p50_ms: float
+    p99_ms: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    index = min(len(sorted_values) - 1, max(0, int(round(q * (len(sorted_values) - 1)))))
+    return sorted_values[index]
+
+
+async def _read_response(reader: asyncio.StreamReader) -> int:
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    length, chunked = None, False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"transfer-encoding" and b"chunked" in value.lower():
+            chunked = True
+    if chunked:
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            await reader.readexactly(size + 2)
+            if size == 0:
+                break
+    elif length:
+        await reader.readexactly(length)
+    return status
+
+
+async def _client(host: str, port: int, request: bytes, budget: list[int], deadline: float,
+                  latencies: list[float], errors: list[int]) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        while budget[0] > 0 and time.perf_counter() < deadline:
+            budget[0] -= 1
+            started = time.perf_counter()
+            writer.write(request)
+            await writer.drain()
+            status = await _read_response(reader)
+            if status == 200:
+                latencies.append(time.perf_counter() - started)
+            else:
+                errors[0] += 1
+    finally:
+        writer.close()
+
+
+async def _run(host: str, port: int, request: bytes, concurrency: int, max_requests: int,
+               max_seconds: float) -> LoadResult:
+    latencies: list[float] = []
+    errors = [0]
+    budget = [max_requests]
+    started = time.perf_counter()
+    await asyncio.gather(*(_client(host, port, request, budget, started + max_seconds, latencies, errors)
+                           for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return LoadResult(concurrency=concurrency, requests=len(latencies), errors=errors[0], seconds=round(elapsed, 3),
+                      throughput=len(latencies) / elapsed, p50_ms=percentile(latencies, 0.5) * 1000,
+                      p99_ms=percentile(latencies, 0.99) * 1000)
+
+
+def http_request(host: str, path: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    return (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+
+
+def run_load(url: str, path: str, body: bytes, concurrency: int, max_requests: int, max_seconds: float,
+             headers: dict[str, str] | None = None) -> LoadResult:
+    """Closed-loop load against ``url`` (http://127.0.0.1:PORT). Loopback only, by construction of the URL."""
+    host, port = url.removeprefix("http://").split(":")
+    if host not in ("127.0.0.1", "localhost"):
+        raise ValueError(f"this load generator only targets loopback, not {host}")
+    request = http_request(host, path, body, headers)
+    return asyncio.run(_run(host, int(port), request, concurrency, max_requests, max_seconds))

@@ -1,0 +1,419 @@
+"""``kiln serve start | status | stop``: deploy the plan on Ray Serve, wait until it runs, report, tear down.
+
+Where it runs: ``--address`` (or RAY_ADDRESS) names a cluster; otherwise Kiln starts a local Ray
+instance that outlives the CLI call (``instance.py``), recorded in ``RUN_DIR/serve/state.json``.
+A start either ends with every model running, or fails with a clear message and leaves nothing
+deployed (and stops the local instance it started).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from kiln.errors import ConfigError, KilnError, ResourceError
+from kiln.serve.app import ROOT_APP, build_applications, is_kiln_app, model_app_name, model_route
+from kiln.serve.config import ServeConfig
+from kiln.serve.instance import (LocalRay, ServeState, clear_state, free_port, free_port_block, load_state,
+                                 local_ray_from, save_state, start_local_ray, state_dir)
+from kiln.serve.plan import ServePlan, plan_serving
+
+Progress = Callable[[str], None]
+DIRECT_INGRESS_PORTS = 256  # replica ports HAProxy mode may hand out on this node
+
+
+@dataclass
+class ServedModelInfo:
+    name: str
+    version: str
+    infer_url: str
+    default: bool
+    format: str = ""
+
+
+@dataclass
+class ServeInfo:
+    """What ``kiln serve start`` reports (the ``--json`` line)."""
+
+    url: str
+    models: list[ServedModelInfo]
+    ingress: str
+    ray_address: str
+    metrics_url: str | None = None
+    local_ray_pid: int | None = None
+    api_key_required: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _connect(address: str, auth_mode: str | None = None, debug: bool = False) -> str:
+    from kiln.runtime import ensure_ray
+
+    if auth_mode and os.environ.get("RAY_AUTH_MODE") != auth_mode:
+        os.environ["RAY_AUTH_MODE"] = auth_mode
+        from ray._raylet import Config
+
+        Config.initialize("")  # Ray reads the mode once per process; this makes it read it again
+    return ensure_ray(address, debug=debug)
+
+
+def haproxy_env(base_dir: Path) -> dict[str, str]:
+    """Environment for Serve's HAProxy ingress with this instance's own files and ports.
+
+    Ray's defaults (/tmp/haproxy-serve, stats port 8404, metrics port 9101, replica ports 30000+)
+    would collide with any other Serve instance using HAProxy on the same machine.
+    """
+    base_dir.mkdir(parents=True, exist_ok=True)
+    http_low, grpc_low = free_port_block(DIRECT_INGRESS_PORTS), free_port_block(DIRECT_INGRESS_PORTS)
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(base_dir / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(base_dir / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(base_dir),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(base_dir / "server-state"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(base_dir / "metrics.sock"),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(http_low),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(http_low + DIRECT_INGRESS_PORTS),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc_low),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc_low + DIRECT_INGRESS_PORTS),
+    }
+
+
+def check_serving_fits(plan: ServePlan) -> None:
+    """ResourceError at once when the models' replicas can never fit on the cluster's nodes."""
+    import ray
+
+    from kiln.runtime import placeable_slots
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    for model in plan.models:
+        d = model.deployment
+        slots = placeable_slots({"CPU": d.num_cpus})
+        if slots < d.min_replicas:
+            raise ResourceError(f"model '{model.name}' needs {d.min_replicas} replica(s) of {d.num_cpus:g} CPU but the "
+                                f"cluster's nodes can hold only {slots} (it has {total:g} CPU); lower "
+                                "serve.deployment.num_cpus or replicas")
+    need = sum(m.min_cpus for m in plan.models)
+    if need > total + 1e-9:
+        parts = ", ".join(f"{m.name} {m.deployment.min_replicas} x {m.deployment.num_cpus:g}" for m in plan.models)
+        raise ResourceError(f"the served models need {need:g} CPU for their replicas ({parts}) but the cluster has "
+                            f"{total:g}; lower serve.deployment.num_cpus or replicas")
+
+
+def wait_until_running(app_names: list[str], timeout: float, plan: ServePlan) -> None:
+    """Return when every app RUNS; raise at once on DEPLOY_FAILED, ResourceError after ``timeout``."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout
+    while True:
+        apps = serve.status().applications
+        for name in app_names:
+            app = apps.get(name)
+            if app is not None and app.status == "DEPLOY_FAILED":
+                raise KilnError(f"serving '{name}' failed to deploy: {_telling_line(app.message)}")
+        if all(name in apps and apps[name].status == "RUNNING" for name in app_names):
+            return
+        if time.monotonic() > deadline:
+            raise ResourceError(f"the models were not running after {timeout:g}s: {_pending(apps, app_names, plan)}")
+        time.sleep(0.5)
+
+
+def _pending(apps: dict, app_names: list[str], plan: ServePlan) -> str:
+    import ray
+
+    free = ray.available_resources().get("CPU", 0.0)
+    cpus = {model_app_name(m.name): m for m in plan.models}
+    parts = []
+    for name in app_names:
+        app = apps.get(name)
+        if app is not None and app.status == "RUNNING":
+            continue
+        model = cpus.get(name)
+        need = f" ({model.deployment.min_replicas} replica(s) x {model.deployment.num_cpus:g} CPU)" if model else ""
+        message = ""
+        if app is not None:
+            messages = [d.message for d in app.deployments.values() if d.message]
+            message = f": {_telling_line(messages[0])}" if messages else ""
+        state = getattr(app.status, "value", app.status) if app else "not deployed"
+        parts.append(f"'{name}'{need} is {state}{message}")
+    return "; ".join(parts) + f" (the cluster has {free:g} CPU free; other work may hold the rest)"
+
+
+def _telling_line(message: str) -> str:
+    lines = [l.strip() for l in (message or "").splitlines() if l.strip()]
+    for line in reversed(lines):
+        if ("Error" in line or "error" in line) and not line.startswith("File "):
+            return line[:400]
+    return (lines[0] if lines else "no message")[:400]
+
+
+def _http_url(host: str, port: int) -> str:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return f"http://{shown}:{port}"
+
+
+def metrics_url() -> str | None:
+    """The Prometheus endpoint of Ray's metrics agent on the head node (where Kiln's metrics are exported)."""
+    import ray
+
+    for node in ray.nodes():
+        if node.get("Alive") and node.get("MetricsExportPort"):
+            return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    return None
+
+
+def running_kiln_apps() -> dict[str, Any]:
+    from ray import serve
+
+    return {name: app for name, app in serve.status().applications.items() if is_kiln_app(name)}
+
+
+def start_serving(cfg: ServeConfig, tracking_uri: str, run_dir: str | Path, address: str | None = None,
+                  api_key: str | None = None, progress: Progress = lambda _: None,
+                  debug: bool = False) -> ServeInfo:
+    """Deploy every model of ``cfg`` and wait until they run. Raises KilnError (nothing left deployed)."""
+    from ray import serve
+
+    from kiln.serve.http import key_digest
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    local: LocalRay | None = None
+    state = load_state(run_dir)
+    if address is None and state and state.local() and state.local().alive():
+        raise KilnError(f"Kiln is already serving at {state.url} (local Ray instance, pid {state.local().pid}); "
+                        "run 'kiln serve stop' first")
+    plan = plan_serving(cfg, tracking_uri)
+    progress(f"serving {plan.describe()}")
+    if address is None:
+        progress("starting a local Ray instance (it keeps running after this command; stop it with kiln serve stop)")
+        local = start_local_ray(state_dir(run_dir), cfg.num_cpus)
+        address = local.address
+    deployed: list[str] = []
+    haproxy_dir: str | None = None
+    try:
+        gcs = _connect(address, local.auth_mode if local else None, debug)
+        running = running_kiln_apps()
+        if running:
+            raise KilnError(f"Kiln is already serving on the Ray cluster at {gcs} (applications: "
+                            f"{', '.join(sorted(running))}); run 'kiln serve stop --address {address}' first")
+        check_serving_fits(plan)
+        port = cfg.port or free_port()
+        controller_options = None
+        if cfg.ingress == "haproxy":
+            # HAProxy's unix sockets live under this folder plus a 56-character node id and must fit
+            # 97 bytes: a short folder of its own, removed by `kiln serve stop`.
+            haproxy_dir = tempfile.mkdtemp(prefix="khap-", dir="/tmp")
+            controller_options = {"runtime_env": {"env_vars": haproxy_env(Path(haproxy_dir))}}
+        try:
+            serve.start(http_options={"host": cfg.host, "port": port}, controller_options=controller_options)
+        except Exception as exc:
+            raise KilnError(f"Ray Serve did not start: {_telling_line(str(exc))}") from exc
+        host, port = _check_http(cfg.host, port)
+        targets = build_applications(plan, key_digest(api_key) if api_key else None)
+        deployed = [t.name for t in targets]
+        progress(f"deploying {len(plan.models)} model(s) on Ray Serve at {gcs}")
+        serve.run_many(targets, wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+        wait_until_running(deployed, cfg.start_timeout_s, plan)
+        url = _http_url(host, port)
+        info = ServeInfo(url=url, ingress=cfg.ingress, ray_address=gcs, metrics_url=metrics_url(),
+                         local_ray_pid=local.pid if local else None, api_key_required=api_key is not None,
+                         models=[ServedModelInfo(name=m.name, version=v.version,
+                                                 infer_url=f"{url}{model_route(m.name)}/versions/{v.version}/infer",
+                                                 default=v.version == m.default_version, format=m.formats[v.version])
+                                 for m in plan.models for v in m.versions])
+    except BaseException:
+        _undo(deployed, local)
+        if haproxy_dir:
+            shutil.rmtree(haproxy_dir, ignore_errors=True)
+        raise
+    save_state(run_dir, ServeState(address=address if local is None else local.address, url=info.url,
+                                   ingress=cfg.ingress, models=[asdict(m) for m in info.models],
+                                   metrics_url=info.metrics_url, started_at=time.time(), haproxy_dir=haproxy_dir,
+                                   local_ray=local_ray_from(local) if local else None))
+    return info
+
+
+def _check_http(host: str, port: int) -> tuple[str, int]:
+    """Serve's HTTP options are fixed when it first starts on a cluster: fail if it listens elsewhere."""
+    from ray.serve.context import _get_global_client
+
+    actual = _get_global_client().http_config
+    if (actual.host, int(actual.port)) != (host, int(port)):
+        raise ConfigError(f"Ray Serve already runs on this cluster with HTTP at {actual.host}:{actual.port}; "
+                          f"serve.host/serve.port must match it (asked for {host}:{port})")
+    return actual.host, int(actual.port)
+
+
+def _undo(deployed: list[str], local: LocalRay | None) -> None:
+    """After a failed start: the local instance it started goes; else the applications it deployed."""
+    if local is not None:
+        import ray
+
+        ray.shutdown()  # disconnect first: a driver whose GCS disappears aborts the whole process
+        local.stop()
+        return
+    try:
+        remove_apps(deployed)
+    except Exception:  # best effort: the original error is what the user needs to see
+        pass
+
+
+def remove_apps(names: list[str], timeout: float = 60.0) -> None:
+    """Delete Serve applications; if no other application is left on the cluster, shut Serve down, so
+    that the next start chooses its HTTP host and port afresh (Serve fixes them when it starts)."""
+    from ray import serve
+
+    if set(serve.status().applications) <= set(names):
+        serve.shutdown()
+        return
+    for name in names:
+        serve.delete(name, _blocking=False)
+    deadline = time.monotonic() + timeout
+    while any(n in serve.status().applications for n in names) and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+@dataclass
+class ServingStatus:
+    """``kiln serve status``: where it serves, each application's state, each version's counters."""
+
+    url: str | None
+    ray_address: str
+    ingress: str | None
+    local_ray_pid: int | None
+    applications: dict[str, dict[str, Any]] = field(default_factory=dict)
+    models: list[dict[str, Any]] = field(default_factory=list)
+    metrics_url: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _target(run_dir: str | Path, address: str | None) -> tuple[str, ServeState | None]:
+    state = load_state(run_dir)
+    address = address or os.environ.get("RAY_ADDRESS") or (state.address if state else None)
+    if not address:
+        raise KilnError(f"nothing is being served from {state_dir(run_dir)} (no state file); start with "
+                        "'kiln serve start', or pass --address of the cluster that serves")
+    return address, state
+
+
+def serving_status(run_dir: str | Path, address: str | None = None, debug: bool = False) -> ServingStatus:
+    """Ask the cluster what Kiln serves there. Raises KilnError when nothing is found."""
+    from ray.serve.context import _get_global_client
+
+    address, state = _target(run_dir, address)
+    local = state.local() if state and state.address == address else None
+    if local is not None and not local.alive():
+        _forget(run_dir, state)
+        raise KilnError(f"the local Ray instance that served (pid {local.pid}) is gone; start again with "
+                        "'kiln serve start'")
+    gcs = _connect(address, local.auth_mode if local else None, debug)
+    apps = running_kiln_apps()
+    if not apps:
+        raise KilnError(f"Kiln serves nothing on the Ray cluster at {gcs}")
+    http = _get_global_client().http_config
+    url = _http_url(http.host, int(http.port))
+    status = ServingStatus(url=url, ray_address=gcs, ingress=state.ingress if state else None,
+                           local_ray_pid=local.pid if local else None, metrics_url=metrics_url())
+    for name, app in sorted(apps.items()):
+        replicas = {str(k): v for d in app.deployments.values() for k, v in d.replica_states.items()}
+        status.applications[name] = {"status": str(app.status.value if hasattr(app.status, "value") else app.status),
+                                     "replicas": replicas, "message": _telling_line(app.message) if app.message else ""}
+    status.models = _served_models(url, status.metrics_url)
+    return status
+
+
+def _served_models(url: str, metrics: str | None) -> list[dict[str, Any]]:
+    """The root app's model listing, with per-version request and error counts from the metrics endpoint."""
+    import json
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/v2/models", timeout=5) as resp:
+            listing = json.loads(resp.read())["models"]
+    except Exception:
+        return []
+    counts = scrape_counts(metrics) if metrics else {}
+    rows = []
+    for model in listing:
+        for version in model["versions"]:
+            c = counts.get((model["name"], version), {})
+            rows.append({"name": model["name"], "version": version,
+                         "default": version == model.get("default_version"),
+                         "requests": int(c.get("requests", 0)), "errors": int(c.get("errors", 0))})
+    return rows
+
+
+def scrape_counts(metrics: str) -> dict[tuple[str, str], dict[str, float]]:
+    """(model, version) -> {requests, errors} summed over replicas, from Ray's Prometheus endpoint."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(metrics, timeout=5) as resp:
+            text = resp.read().decode()
+    except Exception:
+        return {}
+    out: dict[tuple[str, str], dict[str, float]] = {}
+    wanted = {"ray_kiln_requests": "requests", "ray_kiln_request_errors": "errors"}
+    for family in text_string_to_metric_families(text):
+        key = wanted.get(family.name)
+        if key is None:
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                ident = (sample.labels.get("model", ""), sample.labels.get("model_version", ""))
+                out.setdefault(ident, {}).setdefault(key, 0.0)
+                out[ident][key] += sample.value
+    return out
+
+
+def _forget(run_dir: str | Path, state: ServeState) -> None:
+    if state.haproxy_dir:
+        shutil.rmtree(state.haproxy_dir, ignore_errors=True)
+    clear_state(run_dir)
+
+
+@dataclass
+class StopResult:
+    stopped: list[str]
+    local_ray_pid: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def stop_serving(run_dir: str | Path, address: str | None = None, debug: bool = False) -> StopResult:
+    """Delete Kiln's applications; stop the local Ray instance if Kiln started it. Raises KilnError."""
+    address, state = _target(run_dir, address)
+    local = state.local() if state and state.address == address else None
+    if local is not None:
+        pid, alive = local.pid, local.alive()
+        local.stop()
+        _forget(run_dir, state)
+        if not alive:
+            raise KilnError(f"the local Ray instance that served (pid {pid}) was already gone")
+        return StopResult(stopped=sorted({ROOT_APP, *(model_app_name(m["name"]) for m in state.models)}),
+                          local_ray_pid=pid)
+    _connect(address, None, debug)
+    apps = sorted(running_kiln_apps())
+    if not apps:
+        if state and state.address == address:
+            clear_state(run_dir)
+        raise KilnError(f"Kiln serves nothing on the Ray cluster at {address}")
+    remove_apps(apps)
+    if state and state.address == address:
+        _forget(run_dir, state)
+    return StopResult(stopped=apps, local_ray_pid=None)

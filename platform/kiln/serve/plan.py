@@ -1,0 +1,109 @@
+"""From the ``serve`` config to a plan: each served model, its registry versions and deployment settings.
+
+Aliases are resolved here, once (``models:/digits@champion`` is served as the version it named at
+start), and every version is checked against the registry and the runtimes before anything is
+deployed, so a typo fails in a second instead of inside a replica.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kiln import tracking as trk
+from kiln.errors import ConfigError, ModelError
+from kiln.serve.config import SERVED_NAME, BatchingConfig, DeploymentConfig, ServeConfig, ServedModelConfig
+from kiln.serve.model_server import VersionSource
+
+
+@dataclass
+class ModelPlan:
+    """One served model: its versions (served under their registry version numbers) and how it runs."""
+
+    name: str
+    versions: list[VersionSource]
+    default_version: str
+    deployment: DeploymentConfig
+    batching: BatchingConfig
+    formats: dict[str, str] = field(default_factory=dict)  # version -> artifact format
+
+    @property
+    def min_cpus(self) -> float:
+        return self.deployment.min_replicas * self.deployment.num_cpus
+
+
+@dataclass
+class ServePlan:
+    models: list[ModelPlan]
+    tracking_uri: str
+    config: ServeConfig
+
+    def describe(self) -> str:
+        parts = [f"{m.name} v{', v'.join(v.version for v in m.versions)}" for m in self.models]
+        return "; ".join(parts)
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """Replicas run in other working directories: make a relative sqlite path absolute."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix):]).expanduser().resolve())
+    return uri
+
+
+def plan_serving(cfg: ServeConfig, tracking_uri: str) -> ServePlan:
+    """Resolve every ``serve.models`` entry in the registry. Raises ConfigError or ModelError."""
+    from kiln.models.artifact import load_spec
+    from kiln.models.runtimes import RUNTIMES
+
+    if not cfg.models:
+        raise ConfigError("nothing to serve: give models:/NAME/VERSION URIs or a config with serve.models")
+    tracking_uri = absolute_tracking_uri(tracking_uri)
+    groups: dict[str, list[tuple[int, ServedModelConfig, VersionSource, str]]] = {}
+    for i, entry in enumerate(cfg.models):
+        mv = _registry_version(tracking_uri, entry.uri)
+        name = entry.name or mv.name
+        if not SERVED_NAME.match(name):
+            raise ConfigError(f"config key 'serve.models.{i}': registered name '{mv.name}' cannot be part of a URL; "
+                              f"set serve.models.{i}.name")
+        version = str(mv.version)
+        uri = f"models:/{mv.name}/{version}"
+        for j, _, other, _ in groups.get(name, []):
+            if other.version == version:
+                raise ConfigError(f"config key 'serve.models.{i}': {entry.uri} is version {version} of '{name}', "
+                                  f"already served by serve.models.{j} ({cfg.models[j].uri}); serve one of them "
+                                  "under another name")
+        spec = load_spec(trk.resolve_model_dir(uri, tracking_uri))
+        if spec.format not in RUNTIMES:
+            raise ModelError(f"{entry.uri}: no runtime for artifact format '{spec.format}' "
+                             f"(known: {', '.join(sorted(RUNTIMES))})")
+        groups.setdefault(name, []).append((i, entry, VersionSource(version, uri), spec.format))
+    models = []
+    for name, members in groups.items():
+        defaults = [source.version for _, entry, source, _ in members if entry.default]
+        if len(defaults) > 1:
+            raise ConfigError(f"serve.models: model '{name}' marks versions {', '.join(defaults)} as default; "
+                              "mark one")
+        versions = [source for _, _, source, _ in members]
+        default = defaults[0] if defaults else max(versions, key=lambda s: _version_key(s.version)).version
+        entries = [entry for _, entry, _, _ in members]
+        models.append(ModelPlan(name=name, versions=versions, default_version=default,
+                                deployment=cfg.deployment_for(entries), batching=cfg.batching_for(entries),
+                                formats={source.version: fmt for _, _, source, fmt in members}))
+    return ServePlan(models=models, tracking_uri=tracking_uri, config=cfg)
+
+
+def _registry_version(tracking_uri: str, uri: str):
+    """The ModelVersion behind a URI; ``models:/NAME/latest`` is the highest registered version."""
+    name, _, version = uri[len("models:/"):].partition("/")
+    if version != "latest":
+        return trk.model_version_for(tracking_uri, uri)
+    versions = list(trk.iter_model_versions(tracking_uri, name))
+    if not versions:
+        raise ModelError(f"unknown model '{uri}' in registry {tracking_uri} (no versions of '{name}')")
+    return max(versions, key=lambda mv: _version_key(str(mv.version)))
+
+
+def _version_key(version: str) -> tuple[int, Any]:
+    return (0, int(version)) if version.isdigit() else (1, version)

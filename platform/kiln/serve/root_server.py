@@ -1,0 +1,66 @@
+"""The root deployment (route prefix ``/``): server health and metadata, and clear 404s.
+
+Requests for a served model go to that model's own application (its route prefix is longer), so a
+request that reaches this deployment under ``/v2/models/`` names a model that is not served.
+Imports neither torch nor the models: this replica stays small.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from kiln.serve.http import error_response, json_response, method_not_allowed
+
+READY_CACHE_S = 1.0
+
+
+class RootServer:
+    """Serve deployment class for ``/v2/health/*``, ``/v2`` and ``/v2/models`` (a Kiln listing)."""
+
+    def __init__(self, models: dict[str, dict[str, Any]], app_names: list[str], server_version: str):
+        self.models = models  # name -> {"versions": [...], "default_version": "..."}
+        self.app_names = app_names
+        self.server_version = server_version
+        self._ready: tuple[float, list[str]] | None = None
+
+    def not_ready(self) -> list[str]:
+        """Kiln applications that are not RUNNING (cached briefly: health checks come often)."""
+        now = time.monotonic()
+        if self._ready is None or now - self._ready[0] > READY_CACHE_S:
+            from ray import serve
+
+            apps = serve.status().applications
+            pending = [name for name in self.app_names if name not in apps or apps[name].status != "RUNNING"]
+            self._ready = (now, pending)
+        return self._ready[1]
+
+    async def __call__(self, request):
+        path = request.url.path.rstrip("/") or "/"
+        parts = [p for p in path.split("/") if p]
+        if parts[:2] == ["v2", "models"] and len(parts) >= 3:
+            served = ", ".join(sorted(self.models)) or "none"
+            return error_response(f"unknown model '{parts[2]}' (served: {served})", 404)
+        routes = {"/v2/health/live": self.live, "/v2/health/ready": self.ready, "/v2": self.server_metadata,
+                  "/v2/models": self.list_models}
+        handler = routes.get(path)
+        if handler is None:
+            return error_response(f"no endpoint {path} (the Open Inference Protocol lives under /v2)", 404)
+        if request.method != "GET":
+            return method_not_allowed(request.method, path, "GET")
+        return handler()
+
+    def live(self):
+        return json_response({"live": True})
+
+    def ready(self):
+        pending = self.not_ready()
+        if pending:
+            return json_response({"ready": False, "not_running": pending}, 503)
+        return json_response({"ready": True})
+
+    def server_metadata(self):
+        return json_response({"name": "kiln", "version": self.server_version, "extensions": ["binary_tensor_data"]})
+
+    def list_models(self):
+        return json_response({"models": [{"name": name, **info} for name, info in sorted(self.models.items())]})

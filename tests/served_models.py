@@ -1,0 +1,151 @@
+"""Serving test helpers: tiny models trained in-process and registered in a real MLflow store.
+
+Each model is trained by the real training loop (``train_epochs`` with a LocalSession, no Ray
+Train job: seconds instead of a job's fixed cost), logged to an MLflow run and registered, exactly
+the artifact layout ``kiln train`` registers. ``VARIANTS`` lists the served variant kinds; every
+serving test that compares HTTP with in-process predictions is parametrized over it.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def iris_parquet(path: Path) -> Path:
+    """Iris as a user's tabular Parquet file: four float columns and a string label."""
+    from sklearn.datasets import load_iris
+
+    bunch = load_iris()
+    names = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+    table = pa.table({**{n: bunch.data[:, i].astype(np.float64) for i, n in enumerate(names)},
+                      "species": [str(bunch.target_names[t]) for t in bunch.target]})
+    pq.write_table(table, path)
+    return path
+
+
+def train_and_register(run_dir: Path, name: str, data: dict[str, Any], model: dict[str, Any], epochs: int = 2,
+                       seed: int = 0) -> str:
+    """Train ``model`` on ``data`` in-process, register it as a new version of ``name``; returns its URI."""
+    from kiln import tracking as trk
+    from kiln.config import validate_config
+    from kiln.data.dataset import prepare_data
+    from kiln.train.loop import train_epochs
+    from kiln.train.session import LocalSession
+
+    cfg = validate_config({"experiment": {"name": name, "run_dir": str(run_dir)}, "data": data, "model": model,
+                           "train": {"epochs": epochs, "batch_size": 64, "lr": 0.003, "seed": seed,
+                                     "cpus_per_worker": 1}})
+    prepared = prepare_data(cfg.data)
+    with tempfile.TemporaryDirectory(prefix="kiln-test-ckpt-") as tmp:
+        session = LocalSession(tmp)
+        train_epochs(cfg, prepared, session)
+        model_dir = Path(tmp) / "model"
+        model_dir.mkdir()
+        for f in ("spec.json", "model.safetensors", "MLmodel"):
+            shutil.copy2(session.latest_checkpoint() / f, model_dir / f)
+        uri = trk.default_tracking_uri(run_dir)
+        exp = trk.ensure_experiment(uri, name, run_dir)
+        run_id = trk.start_run(uri, exp, f"test-{name}", {trk.TAG_JOB: "test"})
+        trk.log_artifacts(uri, run_id, model_dir, trk.MODEL_ARTIFACT_PATH)
+        trk.end_run(uri, run_id)
+    version = trk.register_model(uri, name, run_id, tags={"kiln.variant": "fp32"})
+    return f"models:/{name}/{version}"
+
+
+def digits_raw(n: int = 24) -> np.ndarray:
+    """Raw uint8 digit images [n, 1, 8, 8], as a client would send them."""
+    from kiln.config import DataConfig
+    from kiln.data.dataset import load_raw
+
+    raw = load_raw(DataConfig(source="digits", image="image"))
+    return raw.x[:: max(1, len(raw.x) // n)][:n]
+
+
+def iris_rows(source: Path, n: int = 12) -> tuple[np.ndarray, list[dict[str, float]]]:
+    table = pq.read_table(source)
+    names = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+    x = np.stack([table.column(c).to_numpy() for c in names], axis=1).astype(np.float32)
+    idx = np.linspace(0, len(x) - 1, n).astype(int)
+    return x[idx], [dict(zip(names, map(float, row))) for row in x[idx]]
+
+
+def png_b64(image: np.ndarray) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image.reshape(image.shape[-2:]), mode="L").save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@dataclass
+class Variant:
+    """A served variant kind: how to register it, and the raw inputs it takes."""
+
+    served_name: str  # the registry name; served under it
+    kind: str  # "image" | "tabular"
+    register: Callable[["Registry"], str]
+
+
+@dataclass
+class Registry:
+    run_dir: Path
+    tracking_uri: str
+    iris: Path
+    uris: dict[str, str] = field(default_factory=dict)  # variant id -> models:/NAME/VERSION
+
+
+DIGITS = {"source": "digits", "image": "image", "label": "label"}
+CNN = {"name": "cnn", "width": 8, "dropout": 0.0}
+
+
+def _fp32_cnn(reg: Registry) -> str:
+    return train_and_register(reg.run_dir, "digits", DIGITS, CNN, epochs=2, seed=0)
+
+
+def _fp32_mlp(reg: Registry) -> str:
+    return train_and_register(reg.run_dir, "iris", {"source": str(reg.iris), "label": "species"},
+                              {"name": "mlp", "hidden": [16], "dropout": 0.0}, epochs=3, seed=0)
+
+
+# Variant kinds served in the HTTP tests. Compressed kinds (ONNX int8, pruned, distilled) go here: a
+# register function producing a registry version of that kind, served under its own name.
+VARIANTS: dict[str, Variant] = {
+    "fp32-cnn": Variant("digits", "image", _fp32_cnn),
+    "fp32-mlp": Variant("iris", "tabular", _fp32_mlp),
+}
+
+
+_REGISTRY: list[Registry] = []  # built once per test process, shared by the modules that import the fixture
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory) -> Registry:
+    """Every variant of VARIANTS registered in a sqlite MLflow store (trained once per test process)."""
+    from kiln import tracking as trk
+
+    if not _REGISTRY:
+        run_dir = tmp_path_factory.mktemp("serve-runs")
+        reg = Registry(run_dir=run_dir, tracking_uri=trk.default_tracking_uri(run_dir),
+                       iris=iris_parquet(run_dir / "iris.parquet"))
+        for variant_id, variant in VARIANTS.items():
+            reg.uris[variant_id] = variant.register(reg)
+        _REGISTRY.append(reg)
+    return _REGISTRY[0]

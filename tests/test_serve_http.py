@@ -1,0 +1,371 @@
+"""kiln serve against a running app over real HTTP on 127.0.0.1 (the module's Ray instance, 2 CPUs).
+
+Served: every variant of VARIANTS, plus a second digits version, behind an API key. The first tests
+check the ways `kiln serve start` refuses to start; the last one stops the app.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import requests
+
+from conftest import last_json, run_kiln
+from served_models import CNN, DIGITS, VARIANTS, digits_raw, free_port, iris_rows, png_b64, registry, train_and_register  # noqa: F401
+
+API_KEY = "test-key-7f3a"
+KEY_ENV = "KILN_TEST_API_KEY"
+MAX_BODY = 65536
+HEADERS = {"X-API-Key": API_KEY}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_metrics_export():
+    """Ray exports metrics every 10 s by default; every 2 s keeps the metrics test short."""
+    import os
+
+    old = os.environ.get("RAY_metrics_report_interval_ms")
+    os.environ["RAY_metrics_report_interval_ms"] = "2000"
+    yield
+    if old is None:
+        os.environ.pop("RAY_metrics_report_interval_ms", None)
+    else:
+        os.environ["RAY_metrics_report_interval_ms"] = old
+
+
+@pytest.fixture(scope="module")
+def second_digits(registry) -> str:
+    """Version 2 of the digits model (another seed: different weights, same interface)."""
+    return train_and_register(registry.run_dir, "digits", DIGITS, CNN, epochs=2, seed=1)
+
+
+def serve_args(ray_cluster, registry, *extra: str) -> list[str]:
+    return ["serve", "start", *extra, "--address", ray_cluster, "--run-dir", str(registry.run_dir), "--json"]
+
+
+def kiln_env(registry) -> dict[str, str]:
+    return {"MLFLOW_TRACKING_URI": registry.tracking_uri, KEY_ENV: API_KEY}
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, registry, second_digits):
+    """The app, started with `kiln serve start` as a user would; stopped after the module."""
+    uris = [*registry.uris.values(), second_digits]
+    proc = run_kiln(*serve_args(ray_cluster, registry, *uris, f"serve.max_request_bytes={MAX_BODY}",
+                                "--port", str(free_port()), "--api-key-env", KEY_ENV),
+                    env=kiln_env(registry), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    info = last_json(proc.stdout)
+    yield info
+    if not info.get("stopped"):  # test_stop_removes_the_app did not get to stop it
+        run_kiln("serve", "stop", "--address", ray_cluster, "--run-dir", str(registry.run_dir), timeout=300)
+
+
+@pytest.fixture(scope="module")
+def predictors(registry, second_digits):
+    from kiln.models.predictor import load_predictor
+
+    uris = {**registry.uris, "digits-v2": second_digits}
+    return {key: load_predictor(uri, registry.tracking_uri) for key, uri in uris.items()}
+
+
+def raw_inputs(registry, kind: str):
+    """(raw array, convenience body) for a variant kind."""
+    if kind == "image":
+        images = digits_raw(16)
+        return images, {"images": [png_b64(img) for img in images]}
+    x, records = iris_rows(registry.iris, 12)
+    return x, {"records": records}
+
+
+def oip_body(kind: str, x: np.ndarray) -> dict:
+    datatype = "UINT8" if kind == "image" else "FP32"
+    return {"id": "r1", "inputs": [{"name": "input", "datatype": datatype, "shape": list(x.shape),
+                                    "data": x.ravel().tolist()}]}
+
+
+def infer(url: str, body, path: str, headers=HEADERS, **kw) -> requests.Response:
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return requests.post(f"{url}{path}", data=data, headers=headers, timeout=60, **kw)
+
+
+# --- refusing to start -------------------------------------------------------------------------
+
+def test_start_rejects_unknown_model(ray_cluster, registry):
+    proc = run_kiln(*serve_args(ray_cluster, registry, "models:/no-such-model/1"), env=kiln_env(registry))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: unknown model 'models:/no-such-model/1' in registry "
+                                                    f"{registry.tracking_uri}")
+
+
+def test_start_fails_at_once_when_replicas_cannot_fit(ray_cluster, registry):
+    from ray import serve
+
+    proc = run_kiln(*serve_args(ray_cluster, registry, registry.uris["fp32-cnn"], "serve.deployment.num_cpus=3"),
+                    env=kiln_env(registry))
+    assert proc.returncode == 2
+    assert "error: model 'digits' needs 1 replica(s) of 3 CPU but the cluster's nodes can hold only 0" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not [a for a in serve.status().applications if a.startswith("kiln")]
+
+
+def test_start_times_out_with_a_clear_message_when_the_cluster_is_busy(ray_cluster, registry):
+    """Replicas that fit the cluster but find no free CPU: start fails after its timeout, deploys nothing."""
+    import ray
+    from ray import serve
+
+    @ray.remote(num_cpus=1.8)
+    class Hog:
+        def ping(self):
+            return True
+
+    hog = Hog.remote()
+    ray.get(hog.ping.remote())
+    try:
+        started = time.monotonic()
+        proc = run_kiln(*serve_args(ray_cluster, registry, registry.uris["fp32-cnn"], "--timeout", "5",
+                                    "--port", str(free_port())), env=kiln_env(registry))
+        elapsed = time.monotonic() - started
+    finally:
+        ray.kill(hog)
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: the models were not running after 5s: 'kiln-digits' (1 replica(s) x 0.5 CPU)")
+    assert "CPU free" in line
+    assert elapsed < 120
+    deadline = time.monotonic() + 60
+    while [a for a in serve.status().applications if a.startswith("kiln")] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not [a for a in serve.status().applications if a.startswith("kiln")]
+
+
+# --- the running app --------------------------------------------------------------------------
+
+def test_start_reports_url_and_every_version(served, registry):
+    url = served["url"]
+    assert url.startswith("http://127.0.0.1:")
+    got = {(m["name"], m["version"]): m for m in served["models"]}
+    assert set(got) == {("digits", "1"), ("digits", "2"), ("iris", "1")}
+    assert got[("digits", "2")]["infer_url"] == f"{url}/v2/models/digits/versions/2/infer"
+    assert got[("digits", "2")]["default"] and not got[("digits", "1")]["default"]
+    assert served["api_key_required"] is True
+
+
+def test_health_and_metadata(served):
+    url = served["url"]
+    assert requests.get(f"{url}/v2/health/live", timeout=10).json() == {"live": True}
+    assert requests.get(f"{url}/v2/health/ready", timeout=10).json() == {"ready": True}
+    assert requests.get(f"{url}/v2", timeout=10).json()["name"] == "kiln"
+    meta = requests.get(f"{url}/v2/models/digits", timeout=10).json()
+    assert meta["versions"] == ["1", "2"]
+    assert meta["inputs"] == [{"name": "input", "datatype": "UINT8", "shape": [-1, 1, 8, 8]}]
+    assert meta["outputs"][0] == {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}
+    iris = requests.get(f"{url}/v2/models/iris/versions/1", timeout=10).json()
+    assert iris["inputs"][0]["shape"] == [-1, 4]
+    assert iris["parameters"]["labels"] == ["setosa", "versicolor", "virginica"]
+    assert requests.get(f"{url}/v2/models/iris/versions/1/ready", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("variant_id", list(VARIANTS))
+def test_http_matches_in_process_predictions(served, registry, predictors, variant_id):
+    """Both endpoints answer what the same registered version predicts in-process."""
+    variant = VARIANTS[variant_id]
+    predictor = predictors[variant_id]
+    version = registry.uris[variant_id].rsplit("/", 1)[1]
+    x, convenience = raw_inputs(registry, variant.kind)
+    expected_p = predictor.predict_proba(x)
+    expected_labels = predictor.predict(x)
+    base = f"{served['url']}/v2/models/{variant.served_name}/versions/{version}"
+
+    resp = infer(base, oip_body(variant.kind, x), "/infer")
+    assert resp.status_code == 200, resp.text
+    out = {o["name"]: o for o in resp.json()["outputs"]}
+    assert resp.json()["id"] == "r1" and resp.json()["model_version"] == version
+    probs = np.asarray(out["probabilities"]["data"], np.float32).reshape(out["probabilities"]["shape"])
+    np.testing.assert_allclose(probs, expected_p, atol=1e-5)
+    assert out["label"]["data"] == [str(label) for label in expected_labels]
+
+    resp = infer(base, convenience, "/predict")
+    assert resp.status_code == 200, resp.text
+    predictions = resp.json()["predictions"]
+    assert [p["label"] for p in predictions] == expected_labels  # original label values and types
+    got = np.asarray([list(p["probabilities"].values()) for p in predictions], np.float32)
+    np.testing.assert_allclose(got, expected_p, atol=1e-5)
+
+
+def test_tritonclient_round_trip(served, registry, predictors):
+    """tritonclient's HTTP client, unchanged: binary tensors (its default) and JSON."""
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(url=served["url"].removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("digits", "1")
+    meta = client.get_model_metadata("digits", "1", headers=dict(HEADERS))
+    assert meta["inputs"][0]["datatype"] == "UINT8"
+    x = digits_raw(8)
+    expected = predictors["fp32-cnn"].predict_proba(x)
+    for binary in (True, False):
+        tensor = httpclient.InferInput("input", list(x.shape), "UINT8")
+        tensor.set_data_from_numpy(x, binary_data=binary)
+        outputs = [httpclient.InferRequestedOutput("probabilities", binary_data=binary),
+                   httpclient.InferRequestedOutput("label", binary_data=binary)]
+        result = client.infer("digits", [tensor], model_version="1", outputs=outputs, headers=dict(HEADERS))
+        np.testing.assert_allclose(result.as_numpy("probabilities"), expected, atol=1e-5)
+        labels = [v.decode() if isinstance(v, bytes) else str(v) for v in result.as_numpy("label")]
+        assert labels == [str(v) for v in predictors["fp32-cnn"].predict(x)]
+    tensor = httpclient.InferInput("input", list(x.shape), "UINT8")
+    tensor.set_data_from_numpy(x)
+    result = client.infer("digits", [tensor], headers=dict(HEADERS))  # no outputs named: all, as binary
+    assert result.get_response()["model_version"] == "2"
+    assert result.as_numpy("probabilities").shape == (8, 10)
+
+
+def bad_requests(url: str) -> list[tuple[str, str, object, dict, int, str]]:
+    """(what, path, body, headers, expected status, expected words in the error)."""
+    good = oip_body("image", digits_raw(2))
+    wrong_shape = {"inputs": [{"name": "input", "datatype": "UINT8", "shape": [2, 64], "data": [0] * 128}]}
+    wrong_type = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [0.0] * 64}]}
+    short_data = {"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 1, 8, 8], "data": [0] * 10}]}
+    no_data = {"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 1, 8, 8]}]}
+    bad_bytes = {"inputs": [{"name": "input", "datatype": "BYTES", "shape": [1], "data": ["not an image"]}]}
+    digits = "/v2/models/digits/versions/1"
+    return [
+        ("not JSON", f"{digits}/infer", b"{not json", HEADERS, 400, "not valid JSON"),
+        ("not an object", f"{digits}/infer", b"[1, 2]", HEADERS, 400, "must be a JSON object"),
+        ("missing inputs", f"{digits}/infer", {"id": "x"}, HEADERS, 400, "missing field 'inputs'"),
+        ("missing data", f"{digits}/infer", no_data, HEADERS, 400, "missing field 'data'"),
+        ("wrong shape", f"{digits}/infer", wrong_shape, HEADERS, 400, "shape [2, 64] does not match [-1, 1, 8, 8]"),
+        ("wrong datatype", f"{digits}/infer", wrong_type, HEADERS, 400, "datatype FP32 is not accepted"),
+        ("data vs shape", f"{digits}/infer", short_data, HEADERS, 400, "10 values, but shape [1, 1, 8, 8] needs 64"),
+        ("undecodable image", f"{digits}/infer", bad_bytes, HEADERS, 400, "does not decode as an image"),
+        ("undecodable base64 image", f"{digits}/predict", {"images": ["aGVsbG8="]}, HEADERS, 400,
+         "does not decode as an image"),
+        ("not base64", f"{digits}/predict", {"images": ["%%%"]}, HEADERS, 400, "not valid base64"),
+        ("missing record field", "/v2/models/iris/predict", {"records": [{"sepal_length": 1.0}]}, HEADERS, 400,
+         "missing feature columns: sepal_width, petal_length, petal_width"),
+        ("unknown output", f"{digits}/infer", {**good, "outputs": [{"name": "logits"}]}, HEADERS, 400,
+         "unknown output 'logits'"),
+        ("body over the limit", f"{digits}/infer", b"x" * (MAX_BODY + 1), HEADERS, 413,
+         f"over the limit of {MAX_BODY} bytes"),
+        ("unknown model", "/v2/models/nope/infer", good, HEADERS, 404, "unknown model 'nope' (served: digits, iris)"),
+        ("unknown version", "/v2/models/digits/versions/7/infer", good, HEADERS, 404,
+         "has no served version '7' (served: 1, 2)"),
+        ("missing API key", f"{digits}/infer", good, {}, 401, "missing API key"),
+        ("wrong API key", f"{digits}/infer", good, {"X-API-Key": "wrong"}, 403, "wrong API key"),
+        ("wrong bearer token", f"{digits}/predict", {"images": []}, {"Authorization": "Bearer nope"}, 403,
+         "wrong API key"),
+    ]
+
+
+def test_each_bad_input_gets_its_4xx_and_the_server_keeps_serving(served):
+    url = served["url"]
+    good = oip_body("image", digits_raw(2))
+    for what, path, body, headers, status, words in bad_requests(url):
+        resp = infer(url, body, path, headers=headers)
+        assert resp.status_code == status, f"{what}: {resp.status_code} {resp.text}"
+        assert resp.headers["content-type"].startswith("application/json"), what
+        assert words in resp.json()["error"], f"{what}: {resp.json()['error']}"
+        after = infer(url, good, "/v2/models/digits/versions/1/infer")
+        assert after.status_code == 200, f"after {what}: {after.text}"
+    assert requests.get(f"{url}/v2/models/digits/versions/1/infer", timeout=10).status_code == 405
+    assert requests.get(f"{url}/v2/nothing-here", timeout=10).status_code == 404
+
+
+def test_two_versions_served_at_once_each_reachable(served, predictors):
+    url = served["url"]
+    x = digits_raw(16)
+    answers = {}
+    for version, key in (("1", "fp32-cnn"), ("2", "digits-v2")):
+        resp = infer(url, oip_body("image", x), f"/v2/models/digits/versions/{version}/infer")
+        assert resp.status_code == 200 and resp.json()["model_version"] == version
+        probs = np.asarray(resp.json()["outputs"][0]["data"], np.float32).reshape(-1, 10)
+        np.testing.assert_allclose(probs, predictors[key].predict_proba(x), atol=1e-5)
+        answers[version] = probs
+    assert not np.allclose(answers["1"], answers["2"], atol=1e-3)  # really two different models
+    unversioned = infer(url, oip_body("image", x), "/v2/models/digits/infer")
+    assert unversioned.json()["model_version"] == "2"  # the default: the highest version served
+
+
+def test_concurrent_requests_are_batched_and_answered_correctly(served, predictors):
+    """Many clients at once: every response matches its own input (batches are split back correctly)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = served["url"]
+    x = digits_raw(32)
+    expected = predictors["fp32-cnn"].predict_proba(x)
+
+    def one(i: int) -> np.ndarray:
+        resp = infer(url, oip_body("image", x[i: i + 1]), "/v2/models/digits/versions/1/infer")
+        assert resp.status_code == 200, resp.text
+        return np.asarray(resp.json()["outputs"][0]["data"], np.float32)
+
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(one, range(len(x))))
+    np.testing.assert_allclose(np.stack(got), expected, atol=1e-5)
+
+
+def scrape(metrics_url: str) -> list:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(metrics_url, timeout=10).text
+    return [s for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name.startswith("ray_kiln_")]
+
+
+def test_metrics_per_version(served):
+    """requests, errors, latency histogram and batch sizes, labelled by model and version."""
+    url = served["url"]
+    good = oip_body("image", digits_raw(3))
+    for version in ("1", "2"):
+        assert infer(url, good, f"/v2/models/digits/versions/{version}/infer").status_code == 200
+    assert infer(url, good, "/v2/models/digits/versions/1/infer", headers={}).status_code == 401
+
+    def value(samples, name, **labels):
+        return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    deadline = time.monotonic() + 90
+    while True:
+        samples = scrape(served["metrics_url"])
+        seen = {(s.labels.get("model"), s.labels.get("model_version")) for s in samples
+                if s.name == "ray_kiln_requests_total"}
+        if {("digits", "1"), ("digits", "2")} <= seen and value(samples, "ray_kiln_request_errors_total",
+                                                                 model="digits", code="401") >= 1:
+            break
+        assert time.monotonic() < deadline, f"metrics never showed both versions: {sorted(seen)}"
+        time.sleep(2)
+    for version in ("1", "2"):
+        assert value(samples, "ray_kiln_requests_total", model="digits", model_version=version, endpoint="infer") >= 1
+        assert value(samples, "ray_kiln_request_latency_ms_count", model="digits", model_version=version) >= 1
+        assert value(samples, "ray_kiln_batch_size_count", model="digits", model_version=version) >= 1
+        assert value(samples, "ray_kiln_batch_size_sum", model="digits", model_version=version) >= 3
+    assert value(samples, "ray_kiln_request_errors_total", model="digits", model_version="1", code="401") >= 1
+
+
+def test_status_shows_models_and_counts(served, ray_cluster, registry):
+    proc = run_kiln("serve", "status", "--address", ray_cluster, "--run-dir", str(registry.run_dir), "--json")
+    assert proc.returncode == 0, proc.stderr
+    status = last_json(proc.stdout)
+    assert status["url"] == served["url"]
+    assert {name: app["status"] for name, app in status["applications"].items()} == {
+        "kiln": "RUNNING", "kiln-digits": "RUNNING", "kiln-iris": "RUNNING"}
+    assert {(m["name"], m["version"]) for m in status["models"]} == {("digits", "1"), ("digits", "2"), ("iris", "1")}
+
+
+def test_second_start_is_refused_while_serving(served, ray_cluster, registry):
+    proc = run_kiln(*serve_args(ray_cluster, registry, registry.uris["fp32-cnn"]), env=kiln_env(registry))
+    assert proc.returncode == 2
+    assert "Kiln is already serving on the Ray cluster" in proc.stderr and "kiln serve stop" in proc.stderr
+
+
+def test_stop_removes_the_app(served, ray_cluster, registry):
+    proc = run_kiln("serve", "stop", "--address", ray_cluster, "--run-dir", str(registry.run_dir), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert last_json(proc.stdout)["stopped"] == ["kiln", "kiln-digits", "kiln-iris"]
+    served["stopped"] = True
+    with pytest.raises(requests.exceptions.ConnectionError):  # no app left: Serve itself was shut down
+        infer(served["url"], oip_body("image", digits_raw(1)), "/v2/models/digits/versions/1/infer")
+    again = run_kiln("serve", "stop", "--address", ray_cluster, "--run-dir", str(registry.run_dir))
+    assert again.returncode == 2 and "Kiln serves nothing" in again.stderr
