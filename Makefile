@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 # The main job end to end: train (2 Ray Train workers), a small tuning sweep, compression of the
-# trained model. Human-readable progress goes to the terminal; the JSON results to runs/demo/.
+# trained model, the last compressed variant served and answering a request over HTTP.
+# Human-readable progress goes to the terminal; the JSON results to runs/demo/.
 demo: install
 	@mkdir -p runs/demo
 	$(KILN) train configs/train/digits_cnn.yaml --json > runs/demo/train.json
@@ -27,6 +28,8 @@ demo: install
 	$(KILN) compress configs/compress/digits_cnn.yaml \
 	    compress.model=$$($(PY) -c 'import json; print(json.loads(open("runs/demo/train.json").read().splitlines()[-1])["model_uri"])') \
 	    --json > runs/demo/compress.json
+	$(KILN) serve start models:/digits-cnn/latest --port 0 --json > runs/demo/serve.json
+	$(PY) bench/demo_request.py runs/demo/serve.json; status=$$?; $(KILN) serve stop; exit $$status
 
 test: install
 	$(PY) -m pytest tests $(PYTEST_ARGS)
