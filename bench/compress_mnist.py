@@ -5,7 +5,8 @@ dynamic int8, 50% structured pruning + fine-tuning, magnitude pruning and distil
 cross-entropy student. The evaluation harness times every model side by side in each round and
 reports medians; this script prints the machine, the table and each target's ratio.
 
-    PYTHONPATH=platform python bench/compress_mnist.py [--rounds 7] [--epochs 15] [--out bench/out]
+    PYTHONPATH=platform python -u bench/compress_mnist.py [--rounds 7] [--epochs 15] [--out bench/out]
+    (again on a trained teacher: --run-dir DIR --teacher models:/bench-mnist-cnn/1)
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ def main() -> int:
     ap.add_argument("--width", type=int, default=64, help="teacher CNN width")
     ap.add_argument("--student-width", type=int, default=16)
     ap.add_argument("--out", default="bench/out", help="where report.json / report.md / pareto.png are copied")
+    ap.add_argument("--run-dir", help="reuse this run dir (MLflow store) instead of a fresh temporary one")
+    ap.add_argument("--teacher", help="compress this registered teacher (models:/...) instead of training one")
+    ap.add_argument("--cpus-per-worker", type=float, default=1.0,
+                    help="Ray Train CPUs per worker (1 on 2 CPUs lets the two students train side by side)")
     args = ap.parse_args()
 
     from kiln.compress.report import machine_info
@@ -38,16 +43,21 @@ def main() -> int:
     info = machine_info()
     print(f"machine: {info['cpu']}, {info['cpus']} CPUs, flags: {' '.join(info['flags'])}")
     print(f"torch {info['torch']} ({info['torch_threads']} threads), onnxruntime {info['onnxruntime']}, GPU: {info['gpu']}")
-    run_dir = Path(tempfile.mkdtemp(prefix="kiln-bench-compress-")) / "runs"
+    run_dir = Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp(prefix="kiln-bench-compress-")) / "runs"
     base = {"experiment": {"name": "bench-mnist-cnn", "run_dir": str(run_dir)},
             "data": {"source": "mnist", "image": "image", "split": {"val": 0.15, "test": 0.15, "seed": 0}},
-            "train": {"epochs": args.epochs, "batch_size": 64, "lr": 0.003, "workers": 1, "cpus_per_worker": 2, "seed": 0}}
+            "train": {"epochs": args.epochs, "batch_size": 64, "lr": 0.003, "workers": 1, "cpus_per_worker": args.cpus_per_worker, "seed": 0}}
     ensure_ray(num_cpus=2)
     started = time.perf_counter()
-    teacher = run_training(validate_config({**base, "model": {"name": "cnn", "width": args.width}}))
-    print(f"teacher: {teacher.model_uri}, test accuracy {teacher.metrics['test_accuracy']:.4f}, "
-          f"{time.perf_counter() - started:.0f} s; val accuracy by epoch: "
-          + " ".join(f"{e.get('val_accuracy', 0):.3f}" for e in teacher.epochs))
+    if args.teacher:
+        teacher_uri = args.teacher
+        print(f"teacher: {teacher_uri} (already trained)")
+    else:
+        teacher = run_training(validate_config({**base, "model": {"name": "cnn", "width": args.width}}))
+        teacher_uri = teacher.model_uri
+        print(f"teacher: {teacher.model_uri}, test accuracy {teacher.metrics['test_accuracy']:.4f}, "
+              f"{time.perf_counter() - started:.0f} s; val accuracy by epoch: "
+              + " ".join(f"{e.get('val_accuracy', 0):.3f}" for e in teacher.epochs))
     steps = [
         {"kind": "quantize", "mode": "static", "calibration_samples": 256},
         {"kind": "quantize", "mode": "dynamic"},
@@ -57,7 +67,7 @@ def main() -> int:
         {"kind": "quantize", "name": "pruned_int8", "input": "pruned"},
     ]
     cfg = validate_config({**base, "compress": {
-        "model": teacher.model_uri, "steps": steps, "selection": {"max_accuracy_drop": 0.01},
+        "model": teacher_uri, "steps": steps, "selection": {"max_accuracy_drop": 0.01},
         "benchmark": {"rounds": args.rounds, "latency_runs": 100, "throughput_batch": 256, "throughput_runs": 3}}})
     result = run_compression(cfg, say=print)
     print()

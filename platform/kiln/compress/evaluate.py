@@ -76,6 +76,10 @@ def measure_speed(predictors: dict[str, Predictor], x: np.ndarray, bench: Benchm
     for _ in range(bench.rounds):
         for name, p in predictors.items():
             run = p.runtime
+            # Untimed calls first: thread pools that went idle while the previous model ran must
+            # wake up (torch's OpenMP workers are otherwise slow to resume after ONNX Runtime ran).
+            for _ in range(WARMUP_CALLS):
+                run(singles[0])
             for i in range(bench.latency_runs):
                 xi = singles[i % len(singles)]
                 t0 = time.perf_counter()
