@@ -221,3 +221,18 @@ def test_each_trial_gets_a_status_from_how_it_ended():
     budget = summarize(grid[:5], dims, 3, early_stops={}, budget_hit=True, child_runs={}, unfinished=set())
     assert [t.status for t in budget] == [COMPLETED, STOPPED_BY_BUDGET, STOPPED_BY_BUDGET, STOPPED_BY_BUDGET,
                                           NOT_STARTED]
+
+
+def test_model_measures_count_parameters_and_time_batch_one():
+    from kiln.data.dataset import prepare_data
+    from kiln.models.artifact import build_model
+    from kiln.models.builders import count_parameters
+    from kiln.train.loop import model_spec
+    from kiln.tune.trial import model_measures
+
+    cfg = validate_config(trial_train_config(validate_config(BASE), absolute_paths=False))
+    data = prepare_data(cfg.data)
+    measures = model_measures(cfg, data, ("latency_ms",))
+    assert measures["params"] == count_parameters(build_model(model_spec(cfg, data)))
+    assert measures["latency_ms"] > 0
+    assert set(model_measures(cfg, data, ())) == {"params"}  # latency only when an objective needs it

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kiln import tracking as trk
+from kiln.errors import KilnError
 from kiln.tune.results import COMPLETED, FAILED, STOPPED_EARLY, TrialSummary, count, pareto_front, pick_best
 from kiln.tune.space import Dimension, apply_params
 
@@ -86,73 +87,106 @@ def _close_child_runs(tracking_uri: str, trials: list[TrialSummary], best: Trial
 
 def publish(cfg, dims: list[Dimension], folder, trials: list[TrialSummary], data, tracking_uri: str, parent: str,
             progress: Callable[[str], None]):
-    """Write the sweep's outputs and close its runs. Returns the SweepResult."""
-    from kiln.tune.outputs import write_plots, write_train_config
-    from kiln.tune.sweep import SweepResult, trial_train_config
+    """Write the sweep's outputs and close its runs. Returns the SweepResult.
 
-    t = cfg.tune
-    objectives = t.objectives
-    multi = t.multi_objective
+    Raises KilnError when every trial failed (the runs are closed as FAILED).
+    """
+    from kiln.tune.outputs import write_plots
+    from kiln.tune.sweep import SweepResult
+
+    objectives, multi = cfg.tune.objectives, cfg.tune.multi_objective
     try:
+        failed = [t for t in trials if t.status == FAILED]
+        if trials and len(failed) == len(trials):
+            _close_child_runs(tracking_uri, trials, None, [], multi)
+            first = failed[0]
+            raise KilnError(f"all {len(trials)} trials failed; trial {first.number}: {first.error} "
+                            f"(its log: {folder.tune_dir}/trial_{first.number:04d}_{first.trial_id})")
         best = pick_best(trials, objectives)
-        front = pareto_front(trials, objectives) if multi else ([best] if best else [])
+        front = pareto_front(trials, objectives) if multi else []
         _close_child_runs(tracking_uri, trials, best, front, multi)
-        reproduce_base = trial_train_config(cfg, absolute_paths=False)
-        objective_txt = ", ".join(f"{o.metric} ({o.mode})" for o in objectives)
-
-        best_path = best_config = model_uri = None
-        front_uris: dict[int, str] = {}
-        test_metrics: dict[str, float] = {}
-        if best is not None:
-            values = ", ".join(f"{o.metric} {best.metrics.get(o.metric):.6g}" for o in objectives)
-            header = (f"Best trial ({best.number}) of sweep {folder.name} (MLflow run {parent}): {values}.\n"
-                      f"Reproduce it: kiln train best.yaml")
-            best_path = write_train_config(reproduce_base, best, folder.path / "best.yaml", header)
-            best_config = apply_params(reproduce_base, best.params)
-            to_register = front if multi else [best]
-            for member in to_register:
-                member_cfg = apply_params(trial_train_config(cfg, absolute_paths=True), member.params)
-                tags = {"kiln.tune.sweep_run_id": parent, "kiln.tune.trial": member.number,
-                        trk.TAG_DATASET_HASH: data.dataset_hash, "kiln.variant": "fp32",
-                        **{f"kiln.tune.{o.metric}": f"{member.metrics.get(o.metric):.6g}" for o in objectives}}
-                if multi:
-                    tags[TAG_PARETO] = "true"
-                    write_train_config(reproduce_base, member, folder.path / "front" / f"trial_{member.number:04d}.yaml",
-                                       f"Pareto-front member (trial {member.number}) of sweep {folder.name}: "
-                                       f"{objective_txt}.\nReproduce it: kiln train front/trial_{member.number:04d}.yaml")
-                uri, metrics = register_trial_model(cfg, tracking_uri, member, _data_for(member_cfg, data), tags)
-                front_uris[member.number] = uri
-                if member is best:
-                    model_uri, test_metrics = uri, metrics
-
+        best_path, best_config = _write_train_configs(cfg, folder, parent, best, front)
+        progress("registering the best model" + (" and the Pareto front's models" if multi else ""))
+        model_uris, test_metrics = _register_models(cfg, tracking_uri, data, parent, front if multi else
+                                                    [best] if best else [], best)
         plots, notes = write_plots(trials, dims, objectives, folder.path / "plots")
-        (folder.path / "results.json").write_text(json.dumps(
-            {"objectives": [o.model_dump() for o in objectives], "trials": [tr.to_dict() for tr in trials],
+        results_path = folder.path / "results.json"
+        results_path.write_text(json.dumps(
+            {"objectives": [o.model_dump() for o in objectives], "trials": [t.to_dict() for t in trials],
              "best_trial": best.number if best else None, "front": [m.number for m in front] if multi else None},
             indent=1, default=str))
-
-        summary = {"trials": len(trials), "trials_completed": count(trials, COMPLETED),
-                   "trials_stopped_early": count(trials, STOPPED_EARLY), "trials_failed": count(trials, FAILED)}
-        if best is not None:
-            summary.update({f"best_{o.metric}": best.metrics[o.metric] for o in objectives})
-        trk.log_metrics(tracking_uri, parent, summary)
-        trk.set_tags(tracking_uri, parent, {"kiln.tune.best_trial": best.number if best else "none",
-                                            "kiln.model_uri": model_uri or "none",
-                                            **({"kiln.tune.front": ",".join(str(m.number) for m in front)}
-                                               if multi else {})})
-        for path in [best_path, folder.path / "results.json"]:
-            if path:
-                trk.log_artifact(tracking_uri, parent, path)
-        for path in plots:
-            trk.log_artifact(tracking_uri, parent, path, "plots")
-        if multi and (folder.path / "front").is_dir():
-            trk.log_artifacts(tracking_uri, parent, folder.path / "front", "front")
-        trk.end_run(tracking_uri, parent, "FINISHED")
+        _close_parent_run(tracking_uri, parent, trials, objectives, best, front, model_uris.get(best.number)
+                          if best else None, files=[p for p in (best_path, results_path) if p], plots=plots,
+                          front_dir=folder.path / "front" if multi else None)
     except Exception:
         trk.end_run(tracking_uri, parent, "FAILED")
         raise
     return SweepResult(
         run_id=parent, sweep_dir=str(folder.path), tracking_uri=tracking_uri,
-        objectives=[o.model_dump() for o in objectives], trials=trials, best=best, front=front if multi else [],
-        best_config_path=str(best_path) if best_path else None, best_config=best_config, model_uri=model_uri,
-        front_model_uris=front_uris, test_metrics=test_metrics, plots=[str(p) for p in plots], notes=notes)
+        objectives=[o.model_dump() for o in objectives], trials=trials, best=best, front=front,
+        best_config_path=str(best_path) if best_path else None, best_config=best_config,
+        model_uri=model_uris.get(best.number) if best else None, front_model_uris=model_uris if multi else {},
+        test_metrics=test_metrics, plots=[str(p) for p in plots], notes=notes)
+
+
+def _write_train_configs(cfg, folder, parent: str, best: TrialSummary | None,
+                         front: list[TrialSummary]) -> tuple[Path | None, dict[str, Any] | None]:
+    """best.yaml (and front/trial_N.yaml for each Pareto-front member). Returns (path, config) of best.yaml."""
+    from kiln.tune.outputs import write_train_config
+    from kiln.tune.sweep import trial_train_config
+
+    if best is None:
+        return None, None
+    base = trial_train_config(cfg, absolute_paths=False)  # the user's paths, as the config gave them
+    values = ", ".join(f"{o.metric} {best.metrics.get(o.metric):.6g}" for o in cfg.tune.objectives)
+    path = write_train_config(base, best, folder.path / "best.yaml",
+                              f"Best trial ({best.number}) of sweep {folder.name} (MLflow run {parent}): {values}.\n"
+                              f"Reproduce it: kiln train best.yaml")
+    objective_txt = ", ".join(f"{o.metric} ({o.mode})" for o in cfg.tune.objectives)
+    for member in front:
+        name = f"trial_{member.number:04d}.yaml"
+        write_train_config(base, member, folder.path / "front" / name,
+                           f"Pareto-front member (trial {member.number}) of sweep {folder.name}: {objective_txt}.\n"
+                           f"Reproduce it: kiln train front/{name}")
+    return path, apply_params(base, best.params)
+
+
+def _register_models(cfg, tracking_uri: str, data, parent: str, members: list[TrialSummary],
+                     best: TrialSummary | None) -> tuple[dict[int, str], dict[str, float]]:
+    """Register each member's model. Returns ({trial number: model URI}, the best trial's test metrics)."""
+    from kiln.tune.sweep import trial_train_config
+
+    uris: dict[int, str] = {}
+    best_test: dict[str, float] = {}
+    for member in members:
+        member_cfg = apply_params(trial_train_config(cfg, absolute_paths=True), member.params)
+        tags = {"kiln.tune.sweep_run_id": parent, "kiln.tune.trial": member.number,
+                trk.TAG_DATASET_HASH: data.dataset_hash, "kiln.variant": "fp32",
+                **{f"kiln.tune.{o.metric}": f"{member.metrics.get(o.metric):.6g}" for o in cfg.tune.objectives}}
+        if cfg.tune.multi_objective:
+            tags[TAG_PARETO] = "true"
+        uri, test_metrics = register_trial_model(cfg, tracking_uri, member, _data_for(member_cfg, data), tags)
+        uris[member.number] = uri
+        if best is not None and member.number == best.number:
+            best_test = test_metrics
+    return uris, best_test
+
+
+def _close_parent_run(tracking_uri: str, parent: str, trials: list[TrialSummary], objectives, best, front,
+                      model_uri: str | None, files: list[Path], plots: list[Path], front_dir: Path | None) -> None:
+    summary = {"trials": len(trials), "trials_completed": count(trials, COMPLETED),
+               "trials_stopped_early": count(trials, STOPPED_EARLY), "trials_failed": count(trials, FAILED)}
+    if best is not None:
+        summary.update({f"best_{o.metric}": best.metrics[o.metric] for o in objectives})
+    trk.log_metrics(tracking_uri, parent, summary)
+    tags = {"kiln.tune.best_trial": best.number if best else "none", "kiln.model_uri": model_uri or "none"}
+    if front_dir is not None:
+        tags["kiln.tune.front"] = ",".join(str(m.number) for m in front)
+    trk.set_tags(tracking_uri, parent, tags)
+    for path in files:
+        trk.log_artifact(tracking_uri, parent, path)
+    for path in plots:
+        trk.log_artifact(tracking_uri, parent, path, "plots")
+    if front_dir is not None and front_dir.is_dir():
+        trk.log_artifacts(tracking_uri, parent, front_dir, "front")
+    trk.end_run(tracking_uri, parent, "FINISHED")

@@ -16,9 +16,9 @@ from typing import Any, Callable
 
 from kiln import tracking as trk
 from kiln.config import KilnConfig, validate_config
-from kiln.errors import ConfigError
-from kiln.tune.folder import (FINISHED, INTERRUPTED, RUNNING, SweepFolder, check_same_config, create_sweep_folder,
-                              latest_sweep_folder, mark_driver)
+from kiln.errors import ConfigError, KilnError
+from kiln.tune.folder import (FAILED, FINISHED, INTERRUPTED, RUNNING, SweepFolder, check_same_config,
+                              create_sweep_folder, latest_sweep_folder, mark_driver)
 from kiln.tune.results import INTERRUPTED as TRIAL_INTERRUPTED
 from kiln.tune.results import STOPPED_EARLY, TrialSummary
 from kiln.tune.space import Dimension, check_space, train_config_dict
@@ -193,20 +193,20 @@ def run_sweep(cfg: KilnConfig, address: str | None = None, resume: bool = False,
     Raises ConfigError for a bad space, ResourceError when a trial can never be placed,
     KilnError when there is nothing to resume, SweepInterrupted when stopped before the end.
     """
+    import optuna
+
     from kiln.data.dataset import prepare_data
     from kiln.runtime import check_placement, ensure_ray
     from kiln.train.run import check_model_fits_data
     from kiln.tune.progress import progress_sink
     from kiln.tune.publish import publish
     from kiln.tune.results import summarize
+    from kiln.tune.runs import child_runs
     from kiln.tune.scheduler import EARLY_STOPS_FILE, read_early_stops
-    from kiln.tune.runs import SweepRuns, child_runs, start_parent_run
-    from kiln.tune.trial import TrialContext, run_trial
-
-    import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     say = progress or (lambda text: None)
+    # 1. Check everything that can fail fast: config, resume target, data, model, placement.
     dims = check_sweep(cfg)
     t = cfg.tune
     folder = latest_sweep_folder(cfg) if resume else None
@@ -215,59 +215,81 @@ def run_sweep(cfg: KilnConfig, address: str | None = None, resume: bool = False,
     base = validate_config(trial_train_config(cfg, absolute_paths=True))
     data = prepare_data(base.data)
     check_model_fits_data(base, data)
-    tracking_uri = base.experiment.tracking_uri
     ensure_ray(address, debug=debug)
     trial_res, per_worker = trial_resources(cfg)
     check_placement(t.trial_workers, per_worker, what="tune.trial_workers")
-    max_concurrent = _default_concurrency(cfg, per_worker)
 
+    # 2. The sweep's folder and MLflow parent run (new, or those of the sweep being resumed).
+    tracking_uri = base.experiment.tracking_uri
     experiment_id = trk.ensure_experiment(tracking_uri, cfg.experiment.name, base.experiment.run_dir)
-    if folder is None:
-        folder = create_sweep_folder(cfg)
-        parent = start_parent_run(cfg, tracking_uri, experiment_id, data.dataset_hash, folder.path)
-        mark_driver(folder, name=folder.name, config=cfg.to_dict(), parent_run_id=parent,
-                    experiment_id=experiment_id, status=RUNNING, created=time.time())
-    else:
-        parent = folder.state["parent_run_id"]
-        mark_driver(folder, status=RUNNING)
+    folder, parent = _open_sweep(cfg, folder, tracking_uri, experiment_id, data.dataset_hash)
 
-    from ray import tune
-
-    ctx = TrialContext(base_config=base.to_dict(), dims=dims, sweep_name=folder.name,
-                       measures=tuple(o.metric for o in t.objectives if o.metric == "latency_ms"),
-                       data_config=base.data.model_dump(mode="json"))
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx, data=data), trial_res)
-    # Save Tune's experiment state often: a driver killed between two saves re-runs what ended in between.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-    restoring = resume and tune.Tuner.can_restore(str(folder.tune_dir))
-    with warnings.catch_warnings():
+    # 3. Run the trials with Ray Tune (or continue them).
+    tuner, kept = _tuner(cfg, dims, folder, base, data, trial_res, _default_concurrency(cfg, per_worker),
+                         (tracking_uri, experiment_id, parent), resume)
+    if kept is not None:
+        say(f"resuming {folder.path}: {kept} trial(s) had ended and are kept, the rest continue")
+    started = time.monotonic()
+    with warnings.catch_warnings(), progress_sink(str(folder.path), say):
         warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning, Ray's deprecation notes
-        if restoring:
-            tuner = tune.Tuner.restore(str(folder.tune_dir), trainable=trainable, resume_unfinished=True,
-                                       resume_errored=False)
-        else:
-            runs = SweepRuns(tracking_uri, experiment_id, parent, base.to_dict(), dims, data.dataset_hash)
-            tuner = _build_tuner(cfg, dims, trainable, folder, max_concurrent, runs)
-        kept = sum(st in ("TERMINATED", "ERROR") for st in _trial_statuses(folder).values()) if restoring else 0
-        if restoring:
-            say(f"resuming {folder.path}: {kept} trial(s) had ended and are kept, the rest continue")
-        started = time.monotonic()
-        with progress_sink(str(folder.path), say):
-            grid = tuner.fit()
-    elapsed = time.monotonic() - started
+        grid = tuner.fit()
+    budget_hit = t.time_budget_s is not None and time.monotonic() - started >= 0.95 * t.time_budget_s
 
-    budget_hit = t.time_budget_s is not None and elapsed >= 0.95 * t.time_budget_s
-    statuses = _trial_statuses(folder)
-    unfinished = {tid for tid, status in statuses.items() if status not in ("TERMINATED", "ERROR")}
+    # 4. Summarize every trial; publish unless the sweep was interrupted.
+    unfinished = {tid for tid, status in _trial_statuses(folder).items() if status not in ("TERMINATED", "ERROR")}
     trials = summarize(grid, dims, trial_epochs(cfg), read_early_stops(folder.path / EARLY_STOPS_FILE),
                        budget_hit, child_runs(tracking_uri, experiment_id, parent), unfinished)
     if any(tr.status == TRIAL_INTERRUPTED for tr in trials) or (not budget_hit and len(trials) < t.num_samples):
         folder.save(status=INTERRUPTED, driver_pid=None)
         raise SweepInterrupted(f"sweep {folder.path} interrupted; continue it with: kiln tune CONFIG --resume")
-    result = publish(cfg, dims, folder, trials, data, tracking_uri, parent, progress=say)
-    result.resumed, result.kept_from_before = bool(resume), kept
+    try:
+        result = publish(cfg, dims, folder, trials, data, tracking_uri, parent, progress=say)
+    except KilnError:
+        folder.save(status=FAILED, driver_pid=None)
+        raise
+    result.resumed, result.kept_from_before = bool(resume), kept or 0
     folder.save(status=FINISHED, driver_pid=None, finished=time.time())
     return result
+
+
+def _open_sweep(cfg: KilnConfig, folder: SweepFolder | None, tracking_uri: str, experiment_id: str,
+                dataset_hash: str) -> tuple[SweepFolder, str]:
+    """(folder, parent run id): a new folder and parent run, or the resumed sweep's."""
+    from kiln.tune.runs import start_parent_run
+
+    if folder is not None:
+        mark_driver(folder, status=RUNNING)
+        return folder, folder.state["parent_run_id"]
+    folder = create_sweep_folder(cfg)
+    parent = start_parent_run(cfg, tracking_uri, experiment_id, dataset_hash, folder.path)
+    mark_driver(folder, name=folder.name, config=cfg.to_dict(), parent_run_id=parent, experiment_id=experiment_id,
+                status=RUNNING, created=time.time())
+    return folder, parent
+
+
+def _tuner(cfg: KilnConfig, dims: list[Dimension], folder: SweepFolder, base: KilnConfig, data,
+           trial_res: dict[str, float], max_concurrent: int | None, tracking: tuple[str, str, str], resume: bool):
+    """(Tuner, trials kept from before or None): restored when resuming a folder that holds Tune's state
+    (a driver may die before Tune saved any), else new."""
+    from ray import tune
+
+    from kiln.tune.runs import SweepRuns
+    from kiln.tune.trial import TrialContext, run_trial
+
+    ctx = TrialContext(base_config=base.to_dict(), dims=dims, sweep_name=folder.name,
+                       measures=tuple(o.metric for o in cfg.tune.objectives if o.metric == "latency_ms"),
+                       data_config=base.data.model_dump(mode="json"))
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx, data=data), trial_res)
+    # Save Tune's state often: a driver killed between two saves re-runs the trials that ended in between.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if not (resume and tune.Tuner.can_restore(str(folder.tune_dir))):
+            runs = SweepRuns(*tracking, base.to_dict(), dims, data.dataset_hash)
+            return _build_tuner(cfg, dims, trainable, folder, max_concurrent, runs), None
+        kept = sum(st in ("TERMINATED", "ERROR") for st in _trial_statuses(folder).values())
+        return tune.Tuner.restore(str(folder.tune_dir), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=False), kept
 
 
 def _trial_statuses(folder: SweepFolder) -> dict[str, str]:
