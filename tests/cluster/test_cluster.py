@@ -39,8 +39,8 @@ def test_job_spec_runs_the_jobs_script_with_the_config_inside_the_project(monkey
 
 
 def test_job_spec_names_what_is_wrong(tmp_path):
-    with pytest.raises(KilnError, match=r"no job 'tune': .*jobs/tune.py does not exist \(jobs there: train;"):
-        job_spec("tune", CONFIG, [], REPO)
+    with pytest.raises(KilnError, match=r"no job 'serve': .*jobs/serve.py does not exist \(jobs there: compress, train, tune;"):
+        job_spec("serve", CONFIG, [], REPO)
     with pytest.raises(KilnError, match="not a plain name"):
         job_spec("../train", CONFIG, [], REPO)
     outside = tmp_path / "c.yaml"
