@@ -25,6 +25,13 @@ class Session(Protocol):
     def worker_nodes(self) -> list[dict[str, Any]]: ...
 
 
+def single_process_device(use_gpu: bool):
+    """The first GPU when asked for and present, else the CPU (sessions without DDP)."""
+    import torch
+
+    return torch.device("cuda:0" if use_gpu and torch.cuda.is_available() else "cpu")
+
+
 class LocalSession:
     """Single process, no Ray: checkpoints are copied into ``checkpoint_root``."""
 
@@ -37,9 +44,7 @@ class LocalSession:
         self._latest: Path | None = None
 
     def device(self, use_gpu: bool):
-        import torch
-
-        return torch.device("cuda:0" if use_gpu and torch.cuda.is_available() else "cpu")
+        return single_process_device(use_gpu)
 
     def prepare_model(self, model):
         return model

@@ -62,6 +62,11 @@ class TuneSession:
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._mark = time.perf_counter()
 
+    def device(self, use_gpu: bool):
+        from kiln.train.session import single_process_device
+
+        return single_process_device(use_gpu)
+
     def prepare_model(self, model):
         self._mark = time.perf_counter()
         return model
