@@ -41,6 +41,7 @@ test-quick: install
 bench: install
 	$(PY) bench/train_throughput.py
 	$(PY) bench/submit_overhead.py
+	$(PY) bench/tune_efficiency.py
 
 clean:
 	rm -rf runs mlruns bench/out .pytest_cache
