@@ -2,7 +2,8 @@
 
   (a) the model called in-process (the limit; at "concurrency 32" one call on a batch of 32 rows),
   (b) kiln serve with dynamic batching, (c) kiln serve without batching, in both ingress modes:
-      'proxy' (Ray Serve's proxy, the safe default) and 'haproxy' (the opt-in fast path),
+      'haproxy' (the opt-in fast path) and 'proxy' (Ray Serve's proxy, the safe default), one phase each
+      (one Kiln instance at a time, with (a) and (d) measured again in each phase),
   (d) a plain FastAPI + uvicorn app serving the same model (bench/fastapi_baseline.py).
 
 Models: the small digits CNN (8x8 inputs) and ResNet-18 on 64x64 RGB inputs (batch-1 compute dominates).
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -200,42 +202,28 @@ def main() -> int:
     tracking_uri, uris, dirs = register_models(work / "runs")
     config = serve_config(work / "serve.yaml", uris)
     fastapi, fastapi_url = start_fastapi(dirs)
-    servers: dict[str, dict] = {}
     results: dict[str, list] = {}
     try:
-        for ingress in ("proxy", "haproxy"):
-            servers[ingress] = start_kiln(config, work / f"run-{ingress}", tracking_uri, ingress)
-            print(f"kiln serve ({ingress}) at {servers[ingress]['url']}")
-        configs = {  # label -> (url, path) or None for in-process
-            "(a) in-process": None,
-            "(d) FastAPI + uvicorn": (fastapi_url, "/{model}/infer"),
-            "(b) kiln serve, batching, proxy": (servers["proxy"]["url"], "/v2/models/{model}-batch/infer"),
-            "(c) kiln serve, no batching, proxy": (servers["proxy"]["url"], "/v2/models/{model}-nobatch/infer"),
-            "(b) kiln serve, batching, haproxy": (servers["haproxy"]["url"], "/v2/models/{model}-batch/infer"),
-            "(c) kiln serve, no batching, haproxy": (servers["haproxy"]["url"], "/v2/models/{model}-nobatch/infer"),
-        }
-        for model, (_, shape, _, threads) in MODELS.items():
-            body = body_for(shape)
-            for label, target in configs.items():  # warm up every path (first requests load and compile)
-                if target:
-                    run_load(target[0], target[1].format(model=model), body, 4, 40, 30.0)
-            for r in range(rounds):
-                for label, target in configs.items():
-                    for concurrency, max_requests, max_seconds in BOUNDS[model]:
-                        n = max(concurrency, int(max_requests * scale))
-                        if target is None:
-                            res = in_process(dirs[model], shape, threads, concurrency, n, max_seconds * scale + 1)
-                        else:
-                            res = run_load(target[0], target[1].format(model=model), body, concurrency, n,
-                                           max_seconds * scale + 1)
-                        results.setdefault(f"{model}|{label}|{concurrency}", []).append(res.to_dict())
-                        print(f"  round {r + 1} {model:<12} {label:<38} c={concurrency:<3} {res.throughput:8.1f} req/s"
-                              f"  p50 {res.p50_ms:7.2f} ms  p99 {res.p99_ms:8.2f} ms  errors {res.errors}", flush=True)
+        # One Kiln instance at a time: an idle Ray instance still takes CPU on a 2-core machine, so each phase
+        # measures one ingress mode beside (a) and (d), in interleaved rounds.
+        for ingress in ("haproxy", "proxy"):
+            run_dir = work / f"run-{ingress}"
+            server = start_kiln(config, run_dir, tracking_uri, ingress)
+            print(f"phase {ingress}: kiln serve at {server['url']}", flush=True)
+            try:
+                configs = {  # label -> (url, path) or None for in-process
+                    "(a) in-process": None,
+                    "(d) FastAPI + uvicorn": (fastapi_url, "/{model}/infer"),
+                    f"(b) kiln serve, batching, {ingress}": (server["url"], "/v2/models/{model}-batch/infer"),
+                    f"(c) kiln serve, no batching, {ingress}": (server["url"], "/v2/models/{model}-nobatch/infer"),
+                }
+                measure(configs, dirs, rounds, scale, ingress, results)
+            finally:
+                stop_kiln(run_dir)
     finally:
-        for ingress in servers:
-            stop_kiln(work / f"run-{ingress}")
         fastapi.terminate()
         fastapi.wait(30)
+        shutil.rmtree(work, ignore_errors=True)
     info["load_average_end"] = list(os.getloadavg())
     summary = summarize(results)
     report(summary, info)
@@ -244,6 +232,29 @@ def main() -> int:
     out.write_text(json.dumps({"machine": info, "rounds": rounds, "summary": summary, "runs": results}, indent=2))
     print(f"\nwrote {out}")
     return 0
+
+
+def measure(configs: dict, dirs: dict[str, Path], rounds: int, scale: float, phase: str,
+            results: dict[str, list]) -> None:
+    """Every configuration, every concurrency, ``rounds`` times interleaved; results keyed model|label|phase|c."""
+    for model, (_, shape, _, threads) in MODELS.items():
+        body = body_for(shape)
+        for target in configs.values():  # warm up every path (first requests load and compile)
+            if target:
+                run_load(target[0], target[1].format(model=model), body, 4, 40, 30.0)
+        for r in range(rounds):
+            for label, target in configs.items():
+                for concurrency, max_requests, max_seconds in BOUNDS[model]:
+                    n = max(concurrency, int(max_requests * scale))
+                    if target is None:
+                        res = in_process(dirs[model], shape, threads, concurrency, n, max_seconds * scale + 1)
+                    else:
+                        res = run_load(target[0], target[1].format(model=model), body, concurrency, n,
+                                       max_seconds * scale + 1)
+                    results.setdefault(f"{model}|{label}|{phase}|{concurrency}", []).append(res.to_dict())
+                    print(f"  {phase:<8} round {r + 1} {model:<12} {label:<38} c={concurrency:<3} "
+                          f"{res.throughput:8.1f} req/s  p50 {res.p50_ms:7.2f} ms  p99 {res.p99_ms:8.2f} ms  "
+                          f"errors {res.errors}", flush=True)
 
 
 def summarize(results: dict[str, list]) -> dict[str, dict]:
@@ -256,23 +267,23 @@ def summarize(results: dict[str, list]) -> dict[str, dict]:
 
 def report(summary: dict[str, dict], info: dict) -> None:
     print(f"\nmedians; load average at end: {' '.join(f'{v:.1f}' for v in info['load_average_end'])}")
-    print(f"| model | configuration | c | req/s | p50 ms | p99 ms |\n|---|---|---|---|---|---|")
+    print("| model | phase | configuration | c | req/s | p50 ms | p99 ms |\n|---|---|---|---|---|---|---|")
     for key, s in summary.items():
-        model, label, c = key.split("|")
-        print(f"| {model} | {label} | {c} | {s['throughput']:.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.1f} |")
-    print("\ntargets (fastest configuration Kiln offers = haproxy ingress):")
-    for ingress in ("haproxy", "proxy"):
+        model, label, phase, c = key.split("|")
+        print(f"| {model} | {phase} | {label} | {c} | {s['throughput']:.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.1f} |")
+    print("\ntargets (fastest configuration Kiln offers: the haproxy ingress; the safe default: proxy):")
+    for phase in ("haproxy", "proxy"):
         def get(model, label, c, field):
-            return summary.get(f"{model}|{label}|{c}", {}).get(field, float("nan"))
+            return summary.get(f"{model}|{label}|{phase}|{c}", {}).get(field, float("nan"))
 
-        b, cc, d = (f"(b) kiln serve, batching, {ingress}", f"(c) kiln serve, no batching, {ingress}",
+        b, cc, d = (f"(b) kiln serve, batching, {phase}", f"(c) kiln serve, no batching, {phase}",
                     "(d) FastAPI + uvicorn")
         m = "digits-cnn"
-        print(f"  [{ingress}] digits: (b)/(d) throughput at c=32 = "
+        print(f"  [{phase}] digits: (b)/(d) throughput at c=32 = "
               f"{get(m, b, 32, 'throughput') / get(m, d, 32, 'throughput'):.2f} (target >= 0.8); "
               f"p50 at c=1: (b) - (d) = {get(m, b, 1, 'p50_ms') - get(m, d, 1, 'p50_ms'):+.2f} ms (target <= 2)")
         m = "resnet18-64"
-        print(f"  [{ingress}] resnet18: (b)/(c) throughput at c=32 = "
+        print(f"  [{phase}] resnet18: (b)/(c) throughput at c=32 = "
               f"{get(m, b, 32, 'throughput') / get(m, cc, 32, 'throughput'):.2f} (target >= 2); "
               f"(b)/(d) = {get(m, b, 32, 'throughput') / get(m, d, 32, 'throughput'):.2f}")
 

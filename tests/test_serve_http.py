@@ -94,6 +94,27 @@ def infer(url: str, body, path: str, headers=HEADERS, **kw) -> requests.Response
 
 # --- refusing to start -------------------------------------------------------------------------
 
+def test_plan_resolves_aliases_latest_and_the_default_version(registry, second_digits):
+    from kiln import tracking as trk
+    from kiln.errors import ConfigError
+    from kiln.serve.config import ServeConfig
+    from kiln.serve.plan import plan_serving
+
+    trk.set_alias(registry.tracking_uri, "digits", "champion", "1")
+    plan = plan_serving(ServeConfig(models=["models:/digits@champion", "models:/digits/latest", "models:/iris/1"]),
+                        registry.tracking_uri)
+    digits, iris = plan.models
+    assert [v.version for v in digits.versions] == ["1", "2"] and digits.default_version == "2"
+    assert digits.versions[0].uri == "models:/digits/1"  # the alias is pinned at start
+    assert (iris.name, iris.default_version, digits.formats) == ("iris", "1", {"1": "safetensors",
+                                                                               "2": "safetensors"})
+    chosen = plan_serving(ServeConfig(models=[{"uri": "models:/digits/1", "default": True}, "models:/digits/2"]),
+                          registry.tracking_uri)
+    assert chosen.models[0].default_version == "1"
+    with pytest.raises(ConfigError, match="is version 1 of 'digits', already served by serve.models.0"):
+        plan_serving(ServeConfig(models=["models:/digits/1", "models:/digits@champion"]), registry.tracking_uri)
+
+
 def test_start_rejects_unknown_model(ray_cluster, registry):
     proc = run_kiln(*serve_args(ray_cluster, registry, "models:/no-such-model/1"), env=kiln_env(registry))
     assert proc.returncode == 2
@@ -112,6 +133,7 @@ def test_start_fails_at_once_when_replicas_cannot_fit(ray_cluster, registry):
     assert not [a for a in serve.status().applications if a.startswith("kiln")]
 
 
+@pytest.mark.slow  # waits out a start timeout
 def test_start_times_out_with_a_clear_message_when_the_cluster_is_busy(ray_cluster, registry):
     """Replicas that fit the cluster but find no free CPU: start fails after its timeout, deploys nothing."""
     import ray

@@ -41,6 +41,7 @@ def pid_alive(pid: int) -> bool:
     return not (stat.exists() and stat.read_text().split(")")[-1].split()[0] == "Z")
 
 
+@pytest.mark.slow  # starts its own Ray instance: about a minute
 def test_local_instance_outlives_the_cli_and_stops_cleanly(registry, tmp_path):
     from kiln.models.predictor import load_predictor
 

@@ -154,3 +154,22 @@ def test_served_version_checks_inputs_against_the_model():
         served.prepare_json({"records": []})
     predictions = served.predictions(np.array([[0.0, 2.0]], np.float32))
     assert predictions[0]["label"] == 5 and list(predictions[0]["probabilities"]) == ["3", "5"]
+
+
+def test_deployment_options_carry_replicas_autoscaling_cpus_and_batching():
+    from kiln.serve.app import deployment_options
+    from kiln.serve.config import AutoscalingConfig, BatchingConfig, DeploymentConfig
+    from kiln.serve.plan import ModelPlan, VersionSource
+
+    plan = ModelPlan(name="digits", versions=[VersionSource("1", "models:/digits/1")], default_version="1",
+                     deployment=DeploymentConfig(num_cpus=0.25, replicas=3, threads=2),
+                     batching=BatchingConfig(max_batch_size=8, wait_ms=2.0))
+    options = deployment_options(plan)
+    assert options["num_replicas"] == 3 and "autoscaling_config" not in options
+    assert options["ray_actor_options"] == {"num_cpus": 0.25, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "2"}}}
+    assert options["user_config"] == {"batching": {"enabled": True, "max_batch_size": 8, "wait_ms": 2.0}}
+    plan.deployment = DeploymentConfig(autoscaling=AutoscalingConfig(min_replicas=0, max_replicas=4))
+    options = deployment_options(plan)
+    assert "num_replicas" not in options
+    assert options["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4, "target_ongoing_requests": 16.0}
+    assert plan.min_cpus == 0.0  # scale-to-zero reserves nothing up front

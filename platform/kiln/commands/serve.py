@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from pathlib import Path
 
@@ -31,6 +30,7 @@ def add_arguments(parser) -> None:
     stop = sub.add_parser("stop", help="remove the served models (and the local Ray instance Kiln started)")
     stop.set_defaults(_serve_run=_stop)
     for cmd in (start, status, stop):
+        cmd.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and Ray's logs")
         cmd.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else the local instance "
                                            "Kiln starts and records in RUN_DIR/serve)")
         cmd.add_argument("--run-dir", help="where the serving state is kept (default: experiment.run_dir, 'runs')")
@@ -77,13 +77,6 @@ def build_config(args):
     return validate_config(data)
 
 
-def _quiet(debug: bool) -> None:
-    if not debug:  # Serve logs its start-up at INFO; the CLI prints its own summary
-        import ray.serve  # noqa: F401  (configures its logger on import; set the level after that)
-
-        logging.getLogger("ray.serve").setLevel(logging.WARNING)
-
-
 def _run_dir(args, cfg=None) -> str:
     return args.run_dir or (cfg.experiment.run_dir if cfg is not None else "runs")
 
@@ -103,7 +96,6 @@ def _start(args) -> int:
         if not api_key:
             raise ConfigError(f"serve.api_key_env names {serve_cfg.api_key_env}, but that environment variable "
                               "is not set (or empty)")
-    _quiet(args.debug)
     info = start_serving(serve_cfg, tracking_uri, run_dir, address=args.address, api_key=api_key,
                          progress=lambda text: say(args, f"kiln serve: {text}"), debug=args.debug)
     where = f"local Ray instance, pid {info.local_ray_pid}" if info.local_ray_pid else f"Ray at {info.ray_address}"
@@ -125,7 +117,6 @@ def _start(args) -> int:
 def _status(args) -> int:
     from kiln.serve.lifecycle import serving_status
 
-    _quiet(args.debug)
     st = serving_status(_run_dir(args), args.address, args.debug)
     where = f"local Ray instance, pid {st.local_ray_pid}" if st.local_ray_pid else f"Ray at {st.ray_address}"
     say(args, f"serving at {st.url}  (ingress: {st.ingress or 'unknown'}; {where})")
@@ -145,7 +136,6 @@ def _status(args) -> int:
 def _stop(args) -> int:
     from kiln.serve.lifecycle import stop_serving
 
-    _quiet(args.debug)
     result = stop_serving(_run_dir(args), args.address, args.debug)
     say(args, f"stopped {', '.join(result.stopped)}"
               + (f" and the local Ray instance (pid {result.local_ray_pid})" if result.local_ray_pid else ""))

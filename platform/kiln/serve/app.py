@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kiln.serve.model_server import ModelAppSpec
-from kiln.serve.plan import ModelPlan, ServePlan
+from kiln.serve.plan import ModelAppSpec, ModelPlan, ServePlan
 
 ROOT_APP = "kiln"
 MODEL_APP_PREFIX = "kiln-"

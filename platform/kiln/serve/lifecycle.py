@@ -53,8 +53,14 @@ class ServeInfo:
 
 
 def _connect(address: str, auth_mode: str | None = None, debug: bool = False) -> str:
+    import logging
+
     from kiln.runtime import ensure_ray
 
+    if not debug:  # Serve logs its start-up at INFO; the CLI prints its own summary
+        import ray.serve  # noqa: F401  (configures its logger on import: set the level after that)
+
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     if auth_mode and os.environ.get("RAY_AUTH_MODE") != auth_mode:
         os.environ["RAY_AUTH_MODE"] = auth_mode
         from ray._raylet import Config
@@ -182,8 +188,6 @@ def start_serving(cfg: ServeConfig, tracking_uri: str, run_dir: str | Path, addr
                   api_key: str | None = None, progress: Progress = lambda _: None,
                   debug: bool = False) -> ServeInfo:
     """Deploy every model of ``cfg`` and wait until they run. Raises KilnError (nothing left deployed)."""
-    from ray import serve
-
     from kiln.serve.http import key_digest
 
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -200,8 +204,11 @@ def start_serving(cfg: ServeConfig, tracking_uri: str, run_dir: str | Path, addr
         address = local.address
     deployed: list[str] = []
     haproxy_dir: str | None = None
+    started_serve = False
     try:
         gcs = _connect(address, local.auth_mode if local else None, debug)
+        from ray import serve
+
         running = running_kiln_apps()
         if running:
             raise KilnError(f"Kiln is already serving on the Ray cluster at {gcs} (applications: "
@@ -214,6 +221,7 @@ def start_serving(cfg: ServeConfig, tracking_uri: str, run_dir: str | Path, addr
             # 97 bytes: a short folder of its own, removed by `kiln serve stop`.
             haproxy_dir = tempfile.mkdtemp(prefix="khap-", dir="/tmp")
             controller_options = {"runtime_env": {"env_vars": haproxy_env(Path(haproxy_dir))}}
+        started_serve = not serve_running()
         try:
             serve.start(http_options={"host": cfg.host, "port": port}, controller_options=controller_options)
         except Exception as exc:
@@ -232,7 +240,7 @@ def start_serving(cfg: ServeConfig, tracking_uri: str, run_dir: str | Path, addr
                                                  default=v.version == m.default_version, format=m.formats[v.version])
                                  for m in plan.models for v in m.versions])
     except BaseException:
-        _undo(deployed, local)
+        _undo(deployed, local, started_serve)
         if haproxy_dir:
             shutil.rmtree(haproxy_dir, ignore_errors=True)
         raise
@@ -254,8 +262,9 @@ def _check_http(host: str, port: int) -> tuple[str, int]:
     return actual.host, int(actual.port)
 
 
-def _undo(deployed: list[str], local: LocalRay | None) -> None:
-    """After a failed start: the local instance it started goes; else the applications it deployed."""
+def _undo(deployed: list[str], local: LocalRay | None, started_serve: bool) -> None:
+    """After a failed start: the local instance it started goes; else what it deployed (and Serve, if it
+    started Serve and nothing else runs there)."""
     if local is not None:
         import ray
 
@@ -263,9 +272,26 @@ def _undo(deployed: list[str], local: LocalRay | None) -> None:
         local.stop()
         return
     try:
-        remove_apps(deployed)
+        if deployed:
+            remove_apps(deployed)
+        elif started_serve:
+            from ray import serve
+
+            serve.shutdown()
     except Exception:  # best effort: the original error is what the user needs to see
         pass
+
+
+def serve_running() -> bool:
+    """Whether Ray Serve's controller exists on the connected cluster."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return False
+    return True
 
 
 def remove_apps(names: list[str], timeout: float = 60.0) -> None:

@@ -15,38 +15,18 @@ import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from kiln.serve.config import BatchingConfig
+from kiln.serve.plan import ModelAppSpec
 from kiln.serve.http import check_api_key, error_response, json_response, method_not_allowed, read_body
 from kiln.serve.protocol import (HEADER_LENGTH, ProtocolError, check_outputs, encode_infer_response, load_json,
                                  parse_infer_request, select_outputs)
 from kiln.serve.versions import ServedVersion
 
 logger = logging.getLogger("ray.serve")
-
-
-@dataclass
-class VersionSource:
-    """A version to serve: its served number and the registry URI it loads from."""
-
-    version: str
-    uri: str
-
-
-@dataclass
-class ModelAppSpec:
-    """Everything a ModelServer replica needs (picklable; the API key only as its sha256)."""
-
-    model_name: str
-    versions: list[VersionSource]
-    default_version: str
-    tracking_uri: str
-    max_request_bytes: int
-    api_key_sha256: str | None = None
 
 
 class VersionRunner:

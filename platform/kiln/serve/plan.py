@@ -13,8 +13,28 @@ from typing import Any
 
 from kiln import tracking as trk
 from kiln.errors import ConfigError, ModelError
+from kiln.models.spec import SPEC_FILE, ModelSpec
 from kiln.serve.config import SERVED_NAME, BatchingConfig, DeploymentConfig, ServeConfig, ServedModelConfig
-from kiln.serve.model_server import VersionSource
+
+
+@dataclass
+class VersionSource:
+    """A version to serve: its served number and the registry URI it loads from."""
+
+    version: str
+    uri: str
+
+
+@dataclass
+class ModelAppSpec:
+    """Everything a ModelServer replica needs (picklable; the API key only as its sha256)."""
+
+    model_name: str
+    versions: list[VersionSource]
+    default_version: str
+    tracking_uri: str
+    max_request_bytes: int
+    api_key_sha256: str | None = None
 
 
 @dataclass
@@ -54,7 +74,6 @@ def absolute_tracking_uri(uri: str) -> str:
 
 def plan_serving(cfg: ServeConfig, tracking_uri: str) -> ServePlan:
     """Resolve every ``serve.models`` entry in the registry. Raises ConfigError or ModelError."""
-    from kiln.models.artifact import load_spec
     from kiln.models.runtimes import RUNTIMES
 
     if not cfg.models:
@@ -74,7 +93,7 @@ def plan_serving(cfg: ServeConfig, tracking_uri: str) -> ServePlan:
                 raise ConfigError(f"config key 'serve.models.{i}': {entry.uri} is version {version} of '{name}', "
                                   f"already served by serve.models.{j} ({cfg.models[j].uri}); serve one of them "
                                   "under another name")
-        spec = load_spec(trk.resolve_model_dir(uri, tracking_uri))
+        spec = _load_spec(trk.resolve_model_dir(uri, tracking_uri), entry.uri)
         if spec.format not in RUNTIMES:
             raise ModelError(f"{entry.uri}: no runtime for artifact format '{spec.format}' "
                              f"(known: {', '.join(sorted(RUNTIMES))})")
@@ -92,6 +111,16 @@ def plan_serving(cfg: ServeConfig, tracking_uri: str) -> ServePlan:
                                 deployment=cfg.deployment_for(entries), batching=cfg.batching_for(entries),
                                 formats={source.version: fmt for _, _, source, fmt in members}))
     return ServePlan(models=models, tracking_uri=tracking_uri, config=cfg)
+
+
+def _load_spec(directory: Path, uri: str) -> ModelSpec:
+    """The artifact's spec (without importing torch: the CLI stays quick). Raises ModelError."""
+    if not (Path(directory) / SPEC_FILE).is_file():
+        raise ModelError(f"{uri} is not a Kiln model artifact (no {SPEC_FILE})")
+    try:
+        return ModelSpec.load(directory)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{uri}: {SPEC_FILE} is malformed ({exc})") from None
 
 
 def _registry_version(tracking_uri: str, uri: str):
