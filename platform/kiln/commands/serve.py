@@ -115,7 +115,7 @@ def _start(args) -> int:
 
 
 def _status(args) -> int:
-    from kiln.serve.lifecycle import serving_status
+    from kiln.serve.status import serving_status
 
     st = serving_status(_run_dir(args), args.address, args.debug)
     where = f"local Ray instance, pid {st.local_ray_pid}" if st.local_ray_pid else f"Ray at {st.ray_address}"

@@ -1,4 +1,4 @@
-"""``kiln serve start | status | stop``: deploy the plan on Ray Serve, wait until it runs, report, tear down.
+"""``kiln serve start | stop``: deploy the plan on Ray Serve, wait until it runs, report; tear it down.
 
 Where it runs: ``--address`` (or RAY_ADDRESS) names a cluster; otherwise Kiln starts a local Ray
 instance that outlives the CLI call (``instance.py``), recorded in ``RUN_DIR/serve/state.json``.
@@ -12,15 +12,17 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from kiln.errors import ConfigError, KilnError, ResourceError
-from kiln.serve.app import ROOT_APP, build_applications, is_kiln_app, model_app_name, model_route
+from kiln.serve.app import ROOT_APP, build_applications, model_app_name, model_route
+from kiln.serve.cluster import (connect, find_target, forget, http_url, metrics_url, remove_apps, running_kiln_apps,
+                                serve_running, telling_line)
 from kiln.serve.config import ServeConfig
-from kiln.serve.instance import (LocalRay, ServeState, clear_state, free_port, free_port_block, load_state,
-                                 local_ray_from, save_state, start_local_ray, state_dir)
+from kiln.serve.instance import (LocalRay, ServeState, free_port, free_port_block, load_state, local_ray_from,
+                                 save_state, start_local_ray, state_dir)
 from kiln.serve.plan import ServePlan, plan_serving
 
 Progress = Callable[[str], None]
@@ -50,23 +52,6 @@ class ServeInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _connect(address: str, auth_mode: str | None = None, debug: bool = False) -> str:
-    import logging
-
-    from kiln.runtime import ensure_ray
-
-    if not debug:  # Serve logs its start-up at INFO; the CLI prints its own summary
-        import ray.serve  # noqa: F401  (configures its logger on import: set the level after that)
-
-        logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    if auth_mode and os.environ.get("RAY_AUTH_MODE") != auth_mode:
-        os.environ["RAY_AUTH_MODE"] = auth_mode
-        from ray._raylet import Config
-
-        Config.initialize("")  # Ray reads the mode once per process; this makes it read it again
-    return ensure_ray(address, debug=debug)
 
 
 def haproxy_env(base_dir: Path) -> dict[str, str]:
@@ -126,7 +111,7 @@ def wait_until_running(app_names: list[str], timeout: float, plan: ServePlan) ->
         for name in app_names:
             app = apps.get(name)
             if app is not None and app.status == "DEPLOY_FAILED":
-                raise KilnError(f"serving '{name}' failed to deploy: {_telling_line(app.message)}")
+                raise KilnError(f"serving '{name}' failed to deploy: {telling_line(app.message)}")
         if all(name in apps and apps[name].status == "RUNNING" for name in app_names):
             return
         if time.monotonic() > deadline:
@@ -149,39 +134,10 @@ def _pending(apps: dict, app_names: list[str], plan: ServePlan) -> str:
         message = ""
         if app is not None:
             messages = [d.message for d in app.deployments.values() if d.message]
-            message = f": {_telling_line(messages[0])}" if messages else ""
+            message = f": {telling_line(messages[0])}" if messages else ""
         state = getattr(app.status, "value", app.status) if app else "not deployed"
         parts.append(f"'{name}'{need} is {state}{message}")
     return "; ".join(parts) + f" (the cluster has {free:g} CPU free; other work may hold the rest)"
-
-
-def _telling_line(message: str) -> str:
-    lines = [l.strip() for l in (message or "").splitlines() if l.strip()]
-    for line in reversed(lines):
-        if ("Error" in line or "error" in line) and not line.startswith("File "):
-            return line[:400]
-    return (lines[0] if lines else "no message")[:400]
-
-
-def _http_url(host: str, port: int) -> str:
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    return f"http://{shown}:{port}"
-
-
-def metrics_url() -> str | None:
-    """The Prometheus endpoint of Ray's metrics agent on the head node (where Kiln's metrics are exported)."""
-    import ray
-
-    for node in ray.nodes():
-        if node.get("Alive") and node.get("MetricsExportPort"):
-            return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
-    return None
-
-
-def running_kiln_apps() -> dict[str, Any]:
-    from ray import serve
-
-    return {name: app for name, app in serve.status().applications.items() if is_kiln_app(name)}
 
 
 def start_serving(cfg: ServeConfig, tracking_uri: str, run_dir: str | Path, address: str | None = None,
@@ -206,7 +162,7 @@ def start_serving(cfg: ServeConfig, tracking_uri: str, run_dir: str | Path, addr
     haproxy_dir: str | None = None
     started_serve = False
     try:
-        gcs = _connect(address, local.auth_mode if local else None, debug)
+        gcs = connect(address, local.auth_mode if local else None, debug)
         from ray import serve
 
         running = running_kiln_apps()
@@ -225,14 +181,14 @@ def start_serving(cfg: ServeConfig, tracking_uri: str, run_dir: str | Path, addr
         try:
             serve.start(http_options={"host": cfg.host, "port": port}, controller_options=controller_options)
         except Exception as exc:
-            raise KilnError(f"Ray Serve did not start: {_telling_line(str(exc))}") from exc
+            raise KilnError(f"Ray Serve did not start: {telling_line(str(exc))}") from exc
         host, port = _check_http(cfg.host, port)
         targets = build_applications(plan, key_digest(api_key) if api_key else None)
         deployed = [t.name for t in targets]
         progress(f"deploying {len(plan.models)} model(s) on Ray Serve at {gcs}")
         serve.run_many(targets, wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
         wait_until_running(deployed, cfg.start_timeout_s, plan)
-        url = _http_url(host, port)
+        url = http_url(host, port)
         info = ServeInfo(url=url, ingress=cfg.ingress, ray_address=gcs, metrics_url=metrics_url(),
                          local_ray_pid=local.pid if local else None, api_key_required=api_key is not None,
                          models=[ServedModelInfo(name=m.name, version=v.version,
@@ -282,136 +238,6 @@ def _undo(deployed: list[str], local: LocalRay | None, started_serve: bool) -> N
         pass
 
 
-def serve_running() -> bool:
-    """Whether Ray Serve's controller exists on the connected cluster."""
-    import ray
-    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
-
-    try:
-        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-    except ValueError:
-        return False
-    return True
-
-
-def remove_apps(names: list[str], timeout: float = 60.0) -> None:
-    """Delete Serve applications; if no other application is left on the cluster, shut Serve down, so
-    that the next start chooses its HTTP host and port afresh (Serve fixes them when it starts)."""
-    from ray import serve
-
-    if set(serve.status().applications) <= set(names):
-        serve.shutdown()
-        return
-    for name in names:
-        serve.delete(name, _blocking=False)
-    deadline = time.monotonic() + timeout
-    while any(n in serve.status().applications for n in names) and time.monotonic() < deadline:
-        time.sleep(0.5)
-
-
-@dataclass
-class ServingStatus:
-    """``kiln serve status``: where it serves, each application's state, each version's counters."""
-
-    url: str | None
-    ray_address: str
-    ingress: str | None
-    local_ray_pid: int | None
-    applications: dict[str, dict[str, Any]] = field(default_factory=dict)
-    models: list[dict[str, Any]] = field(default_factory=list)
-    metrics_url: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _target(run_dir: str | Path, address: str | None) -> tuple[str, ServeState | None]:
-    state = load_state(run_dir)
-    address = address or os.environ.get("RAY_ADDRESS") or (state.address if state else None)
-    if not address:
-        raise KilnError(f"nothing is being served from {state_dir(run_dir)} (no state file); start with "
-                        "'kiln serve start', or pass --address of the cluster that serves")
-    return address, state
-
-
-def serving_status(run_dir: str | Path, address: str | None = None, debug: bool = False) -> ServingStatus:
-    """Ask the cluster what Kiln serves there. Raises KilnError when nothing is found."""
-    from ray.serve.context import _get_global_client
-
-    address, state = _target(run_dir, address)
-    local = state.local() if state and state.address == address else None
-    if local is not None and not local.alive():
-        _forget(run_dir, state)
-        raise KilnError(f"the local Ray instance that served (pid {local.pid}) is gone; start again with "
-                        "'kiln serve start'")
-    gcs = _connect(address, local.auth_mode if local else None, debug)
-    apps = running_kiln_apps()
-    if not apps:
-        raise KilnError(f"Kiln serves nothing on the Ray cluster at {gcs}")
-    http = _get_global_client().http_config
-    url = _http_url(http.host, int(http.port))
-    status = ServingStatus(url=url, ray_address=gcs, ingress=state.ingress if state else None,
-                           local_ray_pid=local.pid if local else None, metrics_url=metrics_url())
-    for name, app in sorted(apps.items()):
-        replicas = {str(k): v for d in app.deployments.values() for k, v in d.replica_states.items()}
-        status.applications[name] = {"status": str(app.status.value if hasattr(app.status, "value") else app.status),
-                                     "replicas": replicas, "message": _telling_line(app.message) if app.message else ""}
-    status.models = _served_models(url, status.metrics_url)
-    return status
-
-
-def _served_models(url: str, metrics: str | None) -> list[dict[str, Any]]:
-    """The root app's model listing, with per-version request and error counts from the metrics endpoint."""
-    import json
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{url}/v2/models", timeout=5) as resp:
-            listing = json.loads(resp.read())["models"]
-    except Exception:
-        return []
-    counts = scrape_counts(metrics) if metrics else {}
-    rows = []
-    for model in listing:
-        for version in model["versions"]:
-            c = counts.get((model["name"], version), {})
-            rows.append({"name": model["name"], "version": version,
-                         "default": version == model.get("default_version"),
-                         "requests": int(c.get("requests", 0)), "errors": int(c.get("errors", 0))})
-    return rows
-
-
-def scrape_counts(metrics: str) -> dict[tuple[str, str], dict[str, float]]:
-    """(model, version) -> {requests, errors} summed over replicas, from Ray's Prometheus endpoint."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    try:
-        with urllib.request.urlopen(metrics, timeout=5) as resp:
-            text = resp.read().decode()
-    except Exception:
-        return {}
-    out: dict[tuple[str, str], dict[str, float]] = {}
-    wanted = {"ray_kiln_requests": "requests", "ray_kiln_request_errors": "errors"}
-    for family in text_string_to_metric_families(text):
-        key = wanted.get(family.name)
-        if key is None:
-            continue
-        for sample in family.samples:
-            if sample.name.endswith("_total"):
-                ident = (sample.labels.get("model", ""), sample.labels.get("model_version", ""))
-                out.setdefault(ident, {}).setdefault(key, 0.0)
-                out[ident][key] += sample.value
-    return out
-
-
-def _forget(run_dir: str | Path, state: ServeState) -> None:
-    if state.haproxy_dir:
-        shutil.rmtree(state.haproxy_dir, ignore_errors=True)
-    clear_state(run_dir)
-
-
 @dataclass
 class StopResult:
     stopped: list[str]
@@ -423,23 +249,23 @@ class StopResult:
 
 def stop_serving(run_dir: str | Path, address: str | None = None, debug: bool = False) -> StopResult:
     """Delete Kiln's applications; stop the local Ray instance if Kiln started it. Raises KilnError."""
-    address, state = _target(run_dir, address)
+    address, state = find_target(run_dir, address)
     local = state.local() if state and state.address == address else None
     if local is not None:
         pid, alive = local.pid, local.alive()
         local.stop()
-        _forget(run_dir, state)
+        forget(run_dir, state)
         if not alive:
             raise KilnError(f"the local Ray instance that served (pid {pid}) was already gone")
         return StopResult(stopped=sorted({ROOT_APP, *(model_app_name(m["name"]) for m in state.models)}),
                           local_ray_pid=pid)
-    _connect(address, None, debug)
+    connect(address, None, debug)
     apps = sorted(running_kiln_apps())
     if not apps:
         if state and state.address == address:
-            clear_state(run_dir)
+            forget(run_dir, state)
         raise KilnError(f"Kiln serves nothing on the Ray cluster at {address}")
     remove_apps(apps)
     if state and state.address == address:
-        _forget(run_dir, state)
+        forget(run_dir, state)
     return StopResult(stopped=apps, local_ray_pid=None)

@@ -1,0 +1,109 @@
+"""Talking to the Ray cluster that serves: connecting, Kiln's Serve applications, where things listen."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from kiln.errors import KilnError
+from kiln.serve.app import is_kiln_app
+from kiln.serve.instance import ServeState, clear_state, load_state, state_dir
+
+
+def connect(address: str, auth_mode: str | None = None, debug: bool = False) -> str:
+    """Connect this process to the Ray cluster at ``address`` (with ``auth_mode`` for Kiln's local
+    instance); returns its GCS address. Raises KilnError when nothing answers there."""
+    import logging
+
+    from kiln.runtime import ensure_ray
+
+    if not debug:  # Serve logs its start-up at INFO; the CLI prints its own summary
+        import ray.serve  # noqa: F401  (configures its logger on import: set the level after that)
+
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    if auth_mode and os.environ.get("RAY_AUTH_MODE") != auth_mode:
+        os.environ["RAY_AUTH_MODE"] = auth_mode
+        from ray._raylet import Config
+
+        Config.initialize("")  # Ray reads the mode once per process; this makes it read it again
+    return ensure_ray(address, debug=debug)
+
+
+def telling_line(message: str) -> str:
+    """The most telling line of a (Ray) error message: the last one naming an error."""
+    lines = [l.strip() for l in (message or "").splitlines() if l.strip()]
+    for line in reversed(lines):
+        if ("Error" in line or "error" in line) and not line.startswith("File "):
+            return line[:400]
+    return (lines[0] if lines else "no message")[:400]
+
+
+def http_url(host: str, port: int) -> str:
+    """The base URL a client on this machine uses (an all-interfaces bind is reachable on loopback)."""
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return f"http://{shown}:{port}"
+
+
+def metrics_url() -> str | None:
+    """The Prometheus endpoint of Ray's metrics agent on the head node (where Kiln's metrics are exported)."""
+    import ray
+
+    for node in ray.nodes():
+        if node.get("Alive") and node.get("MetricsExportPort"):
+            return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    return None
+
+
+def running_kiln_apps() -> dict[str, Any]:
+    """Kiln's Serve applications on the connected cluster: name -> ApplicationStatusOverview."""
+    from ray import serve
+
+    return {name: app for name, app in serve.status().applications.items() if is_kiln_app(name)}
+
+
+def serve_running() -> bool:
+    """Whether Ray Serve's controller exists on the connected cluster."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return False
+    return True
+
+
+def remove_apps(names: list[str], timeout: float = 60.0) -> None:
+    """Delete Serve applications; if no other application is left on the cluster, shut Serve down, so
+    that the next start chooses its HTTP host and port afresh (Serve fixes them when it starts)."""
+    from ray import serve
+
+    if set(serve.status().applications) <= set(names):
+        serve.shutdown()
+        return
+    for name in names:
+        serve.delete(name, _blocking=False)
+    deadline = time.monotonic() + timeout
+    while any(n in serve.status().applications for n in names) and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+def find_target(run_dir: str | Path, address: str | None) -> tuple[str, ServeState | None]:
+    """The cluster to ask (``--address``, RAY_ADDRESS, else the state file's) and the state file, if any.
+    Raises KilnError when there is neither."""
+    state = load_state(run_dir)
+    address = address or os.environ.get("RAY_ADDRESS") or (state.address if state else None)
+    if not address:
+        raise KilnError(f"nothing is being served from {state_dir(run_dir)} (no state file); start with "
+                        "'kiln serve start', or pass --address of the cluster that serves")
+    return address, state
+
+
+def forget(run_dir: str | Path, state: ServeState) -> None:
+    """Remove the state file and the HAProxy files it points to."""
+    if state.haproxy_dir:
+        shutil.rmtree(state.haproxy_dir, ignore_errors=True)
+    clear_state(run_dir)
