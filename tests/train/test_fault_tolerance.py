@@ -106,12 +106,12 @@ def test_killed_driver_resumes_without_repeating_finished_epochs(ray_cluster, ru
     history = [m.step for m in trk.metric_history(uri, run_id, "epoch")]
     assert sorted(set(history)) == list(range(8))
     assert len(history) == len(set(history)), f"epochs repeated: {sorted(history)}"
-    assert out["resumed_from_epoch"] == max(done_before) + 1 or out["resumed_from_epoch"] > max(done_before)
+    assert out["resumed_from_epoch"] > max(done_before)
     assert trk.get_run(uri, run_id).info.status == "FINISHED"
 
     again = run_kiln("train", DEFAULT, "--address", ray_cluster, f"experiment.run_dir={run_dir}", *args,
                      "--resume", run_id)
     assert again.returncode == 2 and "already finished" in again.stderr
-    changed = run_kiln("train", DEFAULT, "--address", ray_cluster, f"experiment.run_dir={run_dir}", *args,
+    unknown = run_kiln("train", DEFAULT, "--address", ray_cluster, f"experiment.run_dir={run_dir}", *args,
                        "train.lr=0.1", "--resume", "0" * 32)
-    assert changed.returncode == 2 and "no MLflow run" in changed.stderr
+    assert unknown.returncode == 2 and "no MLflow run" in unknown.stderr
