@@ -360,7 +360,8 @@ def test_shadow_traffic_never_changes_a_response(served, serve_dir, versions):
     status = rollout_status(serve_dir, None, MODEL)
     rollout_command(serve_dir, None, MODEL, "rollback")
     assert not failures(answers) and {a.version for a in answers} == {versions.good}
-    assert all(a.probabilities == direct[a.image] for a in answers)
+    # Same answers as the stable version alone (dynamic batching may change the last float bits).
+    assert all(np.allclose(a.probabilities, direct[a.image], rtol=0, atol=1e-5) for a in answers)
     mirrored = [e["metrics"].get(versions.faulty) for e in since_start(serve_dir) if e["decision"] == "continue"]
     mirrored = [m for m in mirrored if m]
     assert sum(m["requests"] for m in mirrored) > 0 and sum(m["errors"] for m in mirrored) > 0
@@ -370,23 +371,22 @@ def test_shadow_traffic_never_changes_a_response(served, serve_dir, versions):
 
 def test_rollout_goes_on_after_the_router_replica_and_controller_die(served, serve_dir, versions):
     import ray
-    from ray.util.state import list_actors
 
     from kiln.rollout.controller import NAMESPACE, controller_name
 
-    def replicas():
-        return [a for a in list_actors(filters=[("state", "=", "ALIVE")])
-                if a.class_name.startswith("ServeReplica:kiln-digits")]
+    def replicas() -> list[str]:  # the model's Serve replica actors (named in Serve's namespace)
+        return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["namespace"] == "serve" and a["name"].startswith("SERVE_REPLICA::kiln-digits#")]
 
     with Load(served["url"]):  # gates need traffic; requests in flight in the killed replica fail
         start(serve_dir, versions.stable, "linear", steps=[20.0, 60.0, 100.0], bake_s=3.0, interval_s=0.5)
         wait_weight(serve_dir, 20.0)
         victim = replicas()[0]
-        ray.kill(ray.get_actor(victim.name, namespace="serve"), no_restart=True)
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
         ray.kill(ray.get_actor(controller_name(MODEL), namespace=NAMESPACE), no_restart=False)
         record = wait_phase(serve_dir, "promoted", "rolled_back", timeout=150)
     assert record.phase == "promoted", record.reason
-    assert victim.actor_id not in {a.actor_id for a in replicas()}
+    assert replicas() and victim not in replicas()
     decisions = [e["decision"] for e in since_start(serve_dir) if e["decision"] not in ("continue", "hold")]
     assert decisions == ["start", "step", "advance", "advance", "promote"]  # one rollout, each step once
     answers = Load(served["url"], limit=40).__enter__().wait()
