@@ -143,10 +143,10 @@ def rollout_status(run_dir: str | Path, address: str | None, model: str, debug: 
     record = store.load()
     if record is None:
         raise KilnError(f"no rollout of '{model}' is recorded in {run_dir}")
-    connect_to_serving(run_dir, address, debug)
     try:
+        connect_to_serving(run_dir, address, debug)
         live = ray.get(controller_for(run_dir, model).status.remote(), timeout=10)
-    except Exception:
+    except Exception:  # nothing serving, or the controller does not answer: what was persisted
         return RolloutStatus(record=record.to_dict(), metrics={}, gates={}, decision={}, replicas={}, live=False)
     return RolloutStatus(record=live["record"], metrics=live["metrics"], gates=live["gates"],
                          decision=live["decision"], replicas=live["replicas"], live=True)
