@@ -9,6 +9,9 @@ Ray instance, the chosen ingress). Configurations, each measured at concurrency 
   (d) routed, canary at 50% with a sticky header (a hash of the header value per request)
   (e) routed, shadow mirroring 100% of requests to v2 (the mirrored call runs after the answer)
 
+Also, in-process: the cost of the routing decision itself (``RolloutAgent.route`` + ``record``, what a
+request pays in the replica), per call, without and with a canary table and a sticky header.
+
 Phases: no rollout [(a), (b)], canary [(a), (c), (d)], shadow [(a), (e)]; (a) is measured again in
 every phase and the added latency is each configuration's p50/p99 minus (a)'s in the same phase,
 over interleaved rounds (medians), because the machine is shared. The load generator
@@ -91,6 +94,36 @@ def measure(url: str, configs: dict, rounds: int, scale: float, phase: str, resu
                       f"p50 {res.p50_ms:6.2f} ms  p99 {res.p99_ms:7.2f} ms  errors {res.errors}", flush=True)
 
 
+def decision_cost(calls: int = 200_000) -> dict[str, float]:
+    """Microseconds per request of the replica's routing decision plus its bookkeeping, in-process."""
+    from kiln.rollout.replica import RolloutAgent
+    from kiln.rollout.routing import RoutingTable
+
+    async def noop(version, uri):
+        return None
+
+    out = {}
+    tables = {"no rollout": None, "canary 50%": RoutingTable(stable="1", candidate="2", weight=50.0),
+              "canary 50%, sticky": RoutingTable(stable="1", candidate="2", weight=50.0, sticky_header="x-user"),
+              "shadow 100%": RoutingTable(stable="1", candidate="2", shadow=100.0)}
+    headers = {"x-user": "user-42", "content-type": "application/json"}
+    for label, table in tables.items():
+        agent = RolloutAgent(MODEL, "1", ["1", "2"], noop, lambda v: {})
+        agent.table = table
+        best = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            for _ in range(calls):
+                version = agent.route(headers)
+                agent.mirror_to(version)
+                agent.record(version, 200, 1.0)
+            best = min(best, (time.perf_counter() - started) / calls * 1e6)
+            agent.windows.clear()
+        out[label] = best
+        print(f"  decision + bookkeeping, {label:<20} {best:6.2f} us per request", flush=True)
+    return out
+
+
 def wait_rollout_running(run_dir: Path, timeout: float = 120.0) -> None:
     from kiln.rollout.store import RolloutStore
 
@@ -113,6 +146,7 @@ def main() -> int:
     args = parser.parse_args()
     rounds, scale = (2, 0.25) if args.quick else (args.rounds, 1.0)
     info = print_machine()
+    decision_us = decision_cost(50_000 if args.quick else 200_000)
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-rollout-"))
     run_dir = work / "runs"
     tracking_uri, (v1, v2) = register(run_dir)
@@ -153,7 +187,8 @@ def main() -> int:
               f"{s['p50_ms'] - base['p50_ms']:+.2f} | {s['p99_ms'] - base['p99_ms']:+.2f} | {s['errors']} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": info, "ingress": args.ingress, "rounds": rounds, "summary": summary,
+    out.write_text(json.dumps({"machine": info, "ingress": args.ingress, "rounds": rounds, "decision_us": decision_us,
+                               "summary": summary,
                                "runs": results}, indent=2))
     print(f"\nwrote {out}")
     return 0

@@ -149,9 +149,8 @@ async def _await_ref(ref) -> Any:
 
 
 def _replica_id() -> str:
-    try:
-        import ray
+    import ray
 
-        return ray.get_runtime_context().get_actor_id() or "local"
-    except Exception:
+    if not ray.is_initialized():  # built outside a replica: asking for the context would start Ray
         return "local"
+    return ray.get_runtime_context().get_actor_id() or "local"
