@@ -148,3 +148,23 @@ def test_controller_promotes_remembers_the_previous_version_and_reloads(tmp_path
     assert refused == {"error": "no rollout of 'm' in progress to promote (last: rolled_back)"}
     promote = [e for e in RolloutStore(tmp_path, "m").history() if e["decision"] == "promote"][0]
     assert "alias 'champion' NOT moved" in promote["reason"]  # no registry at that URI: said, not hidden
+
+
+def test_only_intervals_with_every_gate_passing_count_towards_the_bake(tmp_path):
+    async def tick_after(ctl, seconds: float, requests: int) -> str:
+        await _report(ctl, {"1": "ready", "2": "ready"}, requests=requests)
+        ctl._last_tick = time.monotonic() - seconds  # the interval that just ended lasted `seconds`
+        await ctl._tick()
+        return ctl.last_decision["decision"]
+
+    async def scenario():
+        ctl = RolloutController(str(tmp_path), "m")
+        record = _record(gates=["error_rate<0.1"])
+        record["bake_s"] = 1.5
+        await ctl.start(record, "user")
+        await tick_after(ctl, 1.0, 0)  # preparing -> step 0
+        return [await tick_after(ctl, 1.0, n) for n in (10, 0, 0, 10)], ctl.record
+
+    decisions, record = asyncio.run(scenario())
+    assert decisions == ["continue", "hold", "hold", "advance"]  # 1 s passing + 2 s without data + 1 s passing
+    assert (record.weight, record.baked_s) == (100.0, 0.0)

@@ -94,14 +94,16 @@ def _status(args) -> int:
 
 def render_status(st) -> str:
     r = st.record or {}
+    active = r.get("phase") in ("preparing", "running", "paused")
     lines = [f"{r.get('model')}: {r.get('phase')}  stable v{r.get('stable')}"
-             + (f"  candidate v{r.get('candidate')} ({r.get('strategy')})" if r.get("candidate") else "")
+             + (f"  candidate v{r.get('candidate')} ({r.get('strategy')})" if active else
+                f"  (last rollout: {r.get('strategy')} to v{r.get('candidate')})" if r.get("candidate") else "")
              + ("" if st.live else "  [controller not answering: persisted state]")]
-    if r.get("phase") in ("preparing", "running", "paused"):
+    if active:
         steps = r.get("steps") or []
         lines.append(f"  weights: v{r['stable']} {100 - r['weight']:g}%  v{r['candidate']} {r['weight']:g}%"
                      + (f"  (mirrored {r['shadow']:g}%)" if r.get("shadow") else "")
-                     + f"  step {r['step'] + 1}/{len(steps)}  bake {r['bake_s']:g}s")
+                     + f"  step {r['step'] + 1}/{len(steps)}  baked {r.get('baked_s', 0):.1f}/{r['bake_s']:g}s")
     elif r.get("reason"):
         lines.append(f"  {r['reason']}")
     for version, m in sorted(st.metrics.items()):

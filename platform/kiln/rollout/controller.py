@@ -2,8 +2,9 @@
 
 Replicas call ``report`` every half second: they hand over their per-version statistics and get the
 routing table back. Every gate interval the controller evaluates the gates on the candidate's
-metrics of that interval and decides: roll back (a gate failed), hold (a gate has no data), advance
-to the next step or promote (the step's bake time is over and every gate passed), or continue.
+metrics of that interval and decides: roll back (a gate failed), hold (a gate has no data: the
+interval does not count towards the bake time), advance to the next step or promote (the step has
+run its bake time with every gate passing), or continue.
 Every decision and its gate values go to the audit log; the record is saved on every change, and a
 restarted controller (``max_restarts=-1``) reloads it and goes on where it was.
 """
@@ -43,6 +44,7 @@ class RolloutController:
         self.last_gates: dict[str, Any] = {}
         self.last_decision: dict[str, Any] = {}
         self._loop: asyncio.Task | None = None
+        self._last_tick = 0.0
 
     # --- called by replicas ---------------------------------------------------------------------
 
@@ -120,7 +122,7 @@ class RolloutController:
             if r.phase != "paused":
                 return {"error": f"the rollout of '{r.model}' is not paused ({r.phase})"}
             r.phase = "running" if r.step >= 0 else "preparing"
-            r.step_started_at = time.time()  # the step bakes again in full
+            r.step_started_at, r.baked_s = time.time(), 0.0  # the step bakes again in full
             r.reason = ""
             self._changed("resume", trigger, "the step's bake time starts again")
         else:
@@ -152,6 +154,10 @@ class RolloutController:
 
     async def _tick(self) -> None:
         r = self.record
+        now = time.monotonic()
+        # the evaluated interval's length (capped: a stalled loop must not count as a long passing bake)
+        elapsed = min(now - self._last_tick, 2 * r.interval_s) if r is not None and self._last_tick else 0.0
+        self._last_tick = now
         window, self.window = self.window, {}
         metrics = {v: metrics_of(w) for v, w in window.items()}
         self.last_metrics = {v: m.to_dict() for v, m in metrics.items()}
@@ -172,17 +178,18 @@ class RolloutController:
             self._roll_back("gate", "; ".join(failed), gates)
             return
         missing = [name for name, g in gates.items() if g["ok"] is None]
-        baked = time.time() - r.step_started_at >= r.bake_s
         if r.phase == "paused":
             self._audit("paused", "gate", "held by hand", gates)
         elif missing:
             self._audit("hold", "gate", f"no data for {', '.join(missing)}", gates)
-        elif not baked:
+        elif r.baked_s + elapsed < r.bake_s:
+            r.baked_s += elapsed  # only intervals with every gate passing count towards the bake time
+            self._save()
             self._audit("continue", "gate", "", gates)
         elif r.step + 1 < len(r.steps):
             r.step += 1
             r.weight = r.steps[r.step]
-            r.step_started_at = time.time()
+            r.step_started_at, r.baked_s = time.time(), 0.0
             self._changed("advance", "auto", f"step {r.step} baked with every gate passing", gates)
         else:
             await self._promote("auto", "every step baked with every gate passing", gates)
@@ -199,7 +206,7 @@ class RolloutController:
             return
         if live and all(ready.get(r.candidate) == "ready" for ready in live.values()):
             r.phase, r.step, r.weight = "running", 0, r.steps[0]
-            r.step_started_at = time.time()
+            r.step_started_at, r.baked_s = time.time(), 0.0
             self._changed("step", "auto", f"v{r.candidate} loaded and smoke-checked on {len(live)} replica(s)")
 
     # --- decisions ------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ class RolloutRecord:
     step: int = -1  # index into steps; -1 while preparing
     weight: float = 0.0  # the candidate's share now
     step_started_at: float = 0.0
+    baked_s: float = 0.0  # time the current step has run with every gate passing (holds do not count)
     started_at: float = 0.0
     finished_at: float | None = None
     trigger: str = "user"  # who started it: user | gate | auto | monitor | ...
