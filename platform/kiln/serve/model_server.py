@@ -195,17 +195,19 @@ class ModelServer:
             if label != "-":
                 self.rollout.record(label, status, latency_ms)
 
-    def _shadow(self, version: str | None, x: np.ndarray, logits: np.ndarray) -> None:
-        """Mirror ``x`` to ``version`` in the background: its answer is only compared, never returned."""
+    def _shadow(self, version: str | None, prepare, logits: np.ndarray) -> None:
+        """Mirror the request to ``version`` in the background: its answer is only compared, never returned.
+        ``prepare(served_version)`` turns the request into that version's input (its own preprocessing)."""
         if version is None or version not in self.runners:
             return
-        task = asyncio.get_running_loop().create_task(self._compare(self.runners[version], x, logits))
+        task = asyncio.get_running_loop().create_task(self._compare(self.runners[version], prepare, logits))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _compare(self, runner: VersionRunner, x: np.ndarray, stable_logits: np.ndarray) -> None:
+    async def _compare(self, runner: VersionRunner, prepare, stable_logits: np.ndarray) -> None:
         started, status = time.perf_counter(), 200
         try:
+            x = prepare(runner.served)
             logits = await runner.logits(x)
             agreed = int((np.argmax(logits, axis=1) == np.argmax(stable_logits, axis=1)).sum())
             self.rollout.compare(runner.served.version, agreed, len(x))
@@ -222,7 +224,7 @@ class ModelServer:
         x = served.prepare_tensors(req.inputs)
         check_outputs(req, [o["name"] for o in served.output_metadata()])  # before spending compute on it
         logits = await runner.logits(x)
-        self._shadow(mirror, x, logits)
+        self._shadow(mirror, lambda other: other.prepare_tensors(req.inputs), logits)
         content, headers = encode_infer_response(self.spec.model_name, served.version, req.id,
                                                  select_outputs(req, served.output_tensors(logits)))
         return Response(content, status_code=200, headers=headers)
@@ -232,9 +234,8 @@ class ModelServer:
 
         payload = load_json(body)
         served = runner.served
-        x = served.prepare_json(payload)
-        logits = await runner.logits(x)
-        self._shadow(mirror, x, logits)
+        logits = await runner.logits(served.prepare_json(payload))
+        self._shadow(mirror, lambda other: other.prepare_json(payload), logits)
         out = {"model_name": self.spec.model_name, "model_version": served.version,
                "predictions": served.predictions(logits)}
         return Response(json.dumps(out, separators=(",", ":")).encode(), status_code=200,
