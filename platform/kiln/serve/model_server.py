@@ -96,7 +96,7 @@ class ModelServer:
         from kiln.rollout.replica import RolloutAgent
 
         self.rollout = RolloutAgent(spec.model_name, spec.default_version, list(self.runners), self.add_version,
-                                    self.quality_signals)
+                                    self.quality_signals, self.remove_version)
         try:  # Serve runs the constructor on the replica's event loop; built elsewhere (tests) no reports
             self._reporter = asyncio.get_running_loop().create_task(self.rollout.run_forever())
         except RuntimeError:
@@ -136,6 +136,11 @@ class ModelServer:
                              f"(finite: {bool(np.isfinite(logits).all())})")
         runner.configure(self.batching)
         self.runners[version] = runner
+
+    def remove_version(self, version: str) -> None:
+        """Stop serving a version a rollout loaded. Requests already holding its runner finish on it (its
+        thread is not shut down under them; it goes with the runner)."""
+        self.runners.pop(version, None)
 
     def runner(self, version: str) -> VersionRunner:
         found = self.runners.get(version)
