@@ -26,10 +26,17 @@ demo: install
 	$(KILN) train configs/train/digits_cnn.yaml --json > runs/demo/train.json
 	$(KILN) tune configs/tune/digits_cnn.yaml tune.num_samples=6 --json > runs/demo/tune.json
 	$(KILN) compress configs/compress/digits_cnn.yaml \
-	    compress.model=$$($(PY) -c 'import json; print(json.loads(open("runs/demo/train.json").read().splitlines()[-1])["model_uri"])') \
+	    compress.model=$$($(PY) bench/json_field.py runs/demo/train.json model_uri) \
 	    --json > runs/demo/compress.json
-	$(KILN) serve start models:/digits-cnn/latest --port 0 --json > runs/demo/serve.json
-	$(PY) bench/demo_request.py runs/demo/serve.json; status=$$?; $(KILN) serve stop; exit $$status
+	$(KILN) serve start $$($(PY) bench/json_field.py runs/demo/train.json model_uri) \
+	    --port 0 --json > runs/demo/serve.json
+	@# The trained version serves; the compression's selected variant is rolled out as a gated canary.
+	$(PY) bench/demo_request.py runs/demo/serve.json \
+	  && $(KILN) rollout start digits-cnn --strategy canary --weight 50 --bake 3s --interval 1s \
+	       --gate error_rate\<0.01 --gate p99_ms\<500 \
+	       --to $$($(PY) bench/json_field.py runs/demo/compress.json selected --version) \
+	  && $(PY) bench/demo_rollout.py runs/demo/serve.json --run-dir runs \
+	  && $(KILN) rollout history digits-cnn; status=$$?; $(KILN) serve stop; exit $$status
 
 test: install
 	$(PY) -m pytest tests $(PYTEST_ARGS)
