@@ -47,6 +47,7 @@ def train_and_register(run_dir: Path, name: str, data: dict[str, Any], model: di
     from kiln import tracking as trk
     from kiln.config import validate_config
     from kiln.data.dataset import prepare_data
+    from kiln.monitor.reference import write_reference
     from kiln.train.loop import train_epochs
     from kiln.train.session import LocalSession
 
@@ -61,6 +62,7 @@ def train_and_register(run_dir: Path, name: str, data: dict[str, Any], model: di
         model_dir.mkdir()
         for f in ("spec.json", "model.safetensors", "MLmodel"):
             shutil.copy2(session.latest_checkpoint() / f, model_dir / f)
+        write_reference(model_dir, prepared)  # as kiln train does: the monitoring reference
         uri = trk.default_tracking_uri(run_dir)
         exp = trk.ensure_experiment(uri, name, run_dir)
         run_id = trk.start_run(uri, exp, f"test-{name}", {trk.TAG_JOB: "test"})

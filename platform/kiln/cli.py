@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "tracking": "kiln.commands.tracking",
     "serve": "kiln.commands.serve",
     "predict": "kiln.commands.predict",
+    "monitor": "kiln.commands.monitor",
 }
 
 

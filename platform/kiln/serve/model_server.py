@@ -5,7 +5,8 @@ there: no second hop through a deployment handle (measured at 3-3.5 ms on this k
 ``route`` picks the version of an unversioned request; a rollout router replaces it.
 
 Paths, under ``/v2/models/{name}``: ``GET ""`` (metadata), ``GET /ready``, ``POST /infer``,
-``POST /predict`` (convenience JSON), and the same under ``/versions/{version}``.
+``POST /predict`` (convenience JSON), ``GET /monitor`` (live monitoring: drift, OOD, alerts; this
+replica's window), and the same under ``/versions/{version}``.
 """
 
 from __future__ import annotations
@@ -76,17 +77,26 @@ class ModelServer:
 
     def __init__(self, spec: ModelAppSpec):
         from kiln.models.predictor import load_predictor
+        from kiln.monitor.config import MonitorConfig
+        from kiln.monitor.metrics import MonitorMetrics
+        from kiln.monitor.served import ReplicaMonitors
         from kiln.serve.metrics import ServeMetrics
+        from kiln.tracking import resolve_model_dir
 
         self.spec = spec
         self.prefix = f"/v2/models/{spec.model_name}"
         self.metrics = ServeMetrics()
         self.runners: dict[str, VersionRunner] = {}
+        monitor_cfg = MonitorConfig.model_validate(spec.monitor or {})
+        self.monitors = ReplicaMonitors(spec.model_name, monitor_cfg,
+                                        MonitorMetrics() if monitor_cfg.enabled else None)
         for source in spec.versions:
-            predictor = load_predictor(source.uri, spec.tracking_uri)
+            directory = resolve_model_dir(source.uri, spec.tracking_uri)
+            predictor = load_predictor(directory)
             runner = VersionRunner(ServedVersion(spec.model_name, source.version, predictor), self.metrics)
             runner.configure(BatchingConfig())
             self.runners[source.version] = runner
+            self.monitors.add(source.version, directory)
         self.default_version = spec.default_version
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -102,6 +112,15 @@ class ModelServer:
     def route(self, request) -> str:
         """The version that answers an unversioned request (the default; rollouts override this)."""
         return self.default_version
+
+    def quality_signals(self, version: str) -> dict[str, float]:
+        """This replica's live-window signals of ``version``: {"drift": score, "ood_rate": rate, "rows": n}
+        (drift is NaN until the window holds ``serve.monitor.min_rows``); {} when it is not monitored."""
+        return self.monitors.signals(version)
+
+    def monitor_status(self, version: str | None = None, window: bool = False) -> dict:
+        """The monitor report of one version (or all) as JSON; ``window`` adds the rows and reference."""
+        return self.monitors.report([version] if version else self.versions, window)
 
     def runner(self, version: str) -> VersionRunner:
         found = self.runners.get(version)
@@ -122,6 +141,17 @@ class ModelServer:
             if request.method != "POST":
                 return method_not_allowed(request.method, path, "POST")
             return await self.infer(request, version, action)
+        if action == "monitor":
+            if request.method != "GET":
+                return method_not_allowed(request.method, path, "GET")
+            try:
+                if version is not None:
+                    self.runner(version)
+                check_api_key(request.headers, self.spec.api_key_sha256)
+            except ProtocolError as exc:
+                return error_response(str(exc), exc.status)
+            window = request.query_params.get("window", "").lower() in ("1", "true", "yes")
+            return json_response(self.monitor_status(version, window))
         if action in ("", "ready"):
             if request.method != "GET":
                 return method_not_allowed(request.method, path, "GET")
@@ -133,7 +163,7 @@ class ModelServer:
                 return json_response({"name": self.spec.model_name, "version": chosen.served.version, "ready": True})
             return json_response(chosen.served.metadata(self.versions))
         return error_response(f"no endpoint {path} (model endpoints: {self.prefix}[/versions/V][/ready|/infer|"
-                              "/predict])", 404)
+                              "/predict|/monitor])", 404)
 
     async def infer(self, request, version: str | None, endpoint: str):
         """Answer an infer (OIP) or predict (convenience JSON) request; 4xx for every bad input."""
@@ -166,8 +196,10 @@ class ModelServer:
         x = served.prepare_tensors(req.inputs)
         check_outputs(req, [o["name"] for o in served.output_metadata()])  # before spending compute on it
         logits = await runner.logits(x)
+        ood = self.monitors.observe(served.version, x, logits)
         content, headers = encode_infer_response(self.spec.model_name, served.version, req.id,
-                                                 select_outputs(req, served.output_tensors(logits)))
+                                                 select_outputs(req, served.output_tensors(logits)),
+                                                 ood.parameters() if ood is not None else None)
         return Response(content, status_code=200, headers=headers)
 
     async def _predict(self, runner: VersionRunner, body: bytes):
@@ -175,8 +207,12 @@ class ModelServer:
 
         payload = load_json(body)
         served = runner.served
-        logits = await runner.logits(served.prepare_json(payload))
+        x = served.prepare_json(payload)
+        logits = await runner.logits(x)
+        ood = self.monitors.observe(served.version, x, logits)
         out = {"model_name": self.spec.model_name, "model_version": served.version,
                "predictions": served.predictions(logits)}
+        if ood is not None:
+            out["parameters"] = ood.parameters()
         return Response(json.dumps(out, separators=(",", ":")).encode(), status_code=200,
                         media_type="application/json")

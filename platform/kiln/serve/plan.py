@@ -35,6 +35,7 @@ class ModelAppSpec:
     tracking_uri: str
     max_request_bytes: int
     api_key_sha256: str | None = None
+    monitor: dict[str, Any] | None = None  # serve.monitor (a MonitorConfig's fields)
 
 
 @dataclass
