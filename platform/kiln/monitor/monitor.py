@@ -30,7 +30,7 @@ class OodResult:
 
     def parameters(self) -> dict[str, Any]:
         """The response's ``parameters`` entries: one list item per input row."""
-        return {"ood": self.flags.tolist(), "ood_score": [round(float(s), 5) for s in self.scores],
+        return {"ood": self.flags.tolist(), "ood_score": np.round(self.scores, 5).tolist(),
                 "ood_threshold": round(self.threshold, 6)}
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kiln.monitor.features import tail_probability
+from kiln.monitor.features import plotting_positions, tail_probability
 
 
 class OodScorer:
@@ -24,13 +24,14 @@ class OodScorer:
     def __init__(self, output_quantiles: list[float], input_samples: list[list[float]] | None):
         self.output = np.asarray(output_quantiles, np.float64)
         self.inputs = [np.asarray(s, np.float64) for s in (input_samples or []) if len(s)]
+        self._ranks = {len(a): plotting_positions(len(a)) for a in [self.output, *self.inputs]}  # not per request
 
     def score(self, output_score: np.ndarray, input_columns: np.ndarray | None) -> np.ndarray:
         """Per-row typicality (0..1) from each row's output score and its input-feature columns."""
-        typical = tail_probability(self.output, output_score, two_sided=False)
+        typical = tail_probability(self.output, output_score, False, self._ranks[len(self.output)])
         if self.inputs and input_columns is not None:
             for j, sample in enumerate(self.inputs):
                 column = input_columns[:, j].astype(np.float64)
-                tails = tail_probability(sample, column, two_sided=True)
+                tails = tail_probability(sample, column, True, self._ranks[len(sample)])
                 typical = np.minimum(typical, np.where(np.isnan(column), 1.0, tails))
         return typical
