@@ -16,7 +16,7 @@ from kiln.monitor.alerts import Alert, Threshold, notify
 from kiln.monitor.config import MonitorConfig
 from kiln.monitor.features import input_features, ood_scores, output_features, softmax
 from kiln.monitor.reference import MonitorReference
-from kiln.monitor.stats import DriftResult, drift
+from kiln.monitor.stats import DriftResult, drift, prepare
 from kiln.monitor.window import RowWindow
 
 
@@ -61,6 +61,7 @@ class VersionMonitor:
         self.n_inputs = sum(f.source == "input" for f in reference.features)
         self.window = RowWindow(cfg.window, len(reference.features))
         self.layout = [f.spec for f in reference.features]
+        self.statistics = prepare(reference)
         self.drift_alert = Threshold("drift", cfg.drift_threshold, cfg.hysteresis)
         self.ood_alert = Threshold("ood_rate", cfg.ood_rate_threshold, cfg.hysteresis)
         self.on_alert = on_alert or (lambda alert: notify(alert, cfg.webhook_url, cfg.webhook_timeout_s))
@@ -104,7 +105,7 @@ class VersionMonitor:
         with self._evaluating:
             result = None
             if len(rows) >= self.cfg.min_rows:
-                result = drift(self.reference, rows, self.cfg.psi_threshold, self.cfg.ks_alpha)
+                result = drift(self.statistics, rows, self.cfg.psi_threshold, self.cfg.ks_alpha)
             rate = float(flags.mean()) if len(flags) else 0.0
             evaluation = Evaluation(at=time.time(), rows=int(len(rows)), ood_rate=rate, drift=result)
             if result is not None:

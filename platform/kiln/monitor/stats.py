@@ -55,40 +55,76 @@ def psi(expected: np.ndarray, actual: np.ndarray) -> float:
     return float(np.sum((a - e) * np.log(a / e)))
 
 
-def numeric_drift(ref: FeatureReference, live: np.ndarray, psi_threshold: float, alpha: float) -> FeatureDrift:
-    from scipy.stats import ks_2samp
+class NumericStatistic:
+    """PSI and two-sample KS of one numeric feature; the reference's bins, shares and sorted sample are
+    prepared once (an evaluation runs every ``eval_every`` rows: numpy only, no per-call set-up)."""
 
-    sample = np.asarray(ref.sample, np.float64)
-    live = live[~np.isnan(live)].astype(np.float64)
-    # Decile bins of the reference; ties (integer or constant features) merge bins.
-    edges = np.unique(np.quantile(sample, np.linspace(0, 1, PSI_BINS + 1)[1:-1]))
-    expected = np.bincount(np.searchsorted(edges, sample, side="right"), minlength=len(edges) + 1)
-    actual = np.bincount(np.searchsorted(edges, live, side="right"), minlength=len(edges) + 1)
-    value = psi(expected / len(sample), actual / max(len(live), 1))
-    test = ks_2samp(sample, live)
-    p = float(test.pvalue)
-    return FeatureDrift(ref.name, value, float(test.statistic), p, value >= psi_threshold and p < alpha,
-                        float(live.mean()) if len(live) else None, float(sample.mean()))
+    def __init__(self, ref: FeatureReference):
+        self.ref = ref
+        self.sample = np.asarray(ref.sample, np.float64)
+        # Decile bins of the reference; ties (integer or constant features) merge bins.
+        self.edges = np.unique(np.quantile(self.sample, np.linspace(0, 1, PSI_BINS + 1)[1:-1]))
+        counts = np.bincount(np.searchsorted(self.edges, self.sample, side="right"), minlength=len(self.edges) + 1)
+        self.expected = counts / len(self.sample)
+        self.mean = float(self.sample.mean())
+
+    def measure(self, live: np.ndarray, psi_threshold: float, alpha: float) -> FeatureDrift:
+        from scipy.special import kolmogorov
+
+        live = np.sort(live[~np.isnan(live)].astype(np.float64))
+        n, m = len(self.sample), len(live)
+        if m == 0:
+            return FeatureDrift(self.ref.name, 0.0, 0.0, 1.0, False, None, self.mean)
+        actual = np.bincount(np.searchsorted(self.edges, live, side="right"), minlength=len(self.edges) + 1)
+        value = psi(self.expected, actual / m)
+        # KS: the largest gap between the two empirical CDFs, over every value of either sample.
+        points = np.concatenate([self.sample, live])
+        gap = np.abs(np.searchsorted(self.sample, points, side="right") / n
+                     - np.searchsorted(live, points, side="right") / m)
+        d = float(gap.max())
+        en = n * m / (n + m)
+        p = float(kolmogorov((np.sqrt(en) + 0.12 + 0.11 / np.sqrt(en)) * d))  # asymptotic (Stephens' correction)
+        return FeatureDrift(self.ref.name, value, d, p, value >= psi_threshold and p < alpha, float(live.mean()),
+                            self.mean)
+
+
+class CategoricalStatistic:
+    """PSI and chi-square goodness of fit of one categorical feature against the reference's shares."""
+
+    def __init__(self, ref: FeatureReference):
+        self.ref = ref
+        self.k = len(ref.proportions)
+        expected = np.maximum(np.asarray(ref.proportions, np.float64), EPS)
+        self.expected = expected / expected.sum()
+
+    def measure(self, live: np.ndarray, psi_threshold: float, alpha: float) -> FeatureDrift:
+        from scipy.special import chdtrc
+
+        counts = np.bincount(np.clip(live.astype(int), 0, self.k - 1), minlength=self.k).astype(np.float64)
+        total = max(counts.sum(), 1.0)
+        value = psi(self.expected, counts / total)
+        expected = self.expected * total
+        statistic = float(((counts - expected) ** 2 / expected).sum())
+        p = float(chdtrc(self.k - 1, statistic)) if self.k > 1 else 1.0
+        return FeatureDrift(self.ref.name, value, statistic, p, value >= psi_threshold and p < alpha)
+
+
+def prepare(reference: MonitorReference) -> list:
+    """One prepared statistic per monitored feature, in the reference's order."""
+    return [CategoricalStatistic(f) if f.kind == "categorical" else NumericStatistic(f) for f in reference.features]
+
+
+def numeric_drift(ref: FeatureReference, live: np.ndarray, psi_threshold: float, alpha: float) -> FeatureDrift:
+    return NumericStatistic(ref).measure(live, psi_threshold, alpha)
 
 
 def categorical_drift(ref: FeatureReference, live: np.ndarray, psi_threshold: float, alpha: float) -> FeatureDrift:
-    from scipy.stats import chisquare
-
-    k = len(ref.proportions)
-    counts = np.bincount(np.clip(live.astype(int), 0, k - 1), minlength=k).astype(np.float64)
-    expected = np.maximum(np.asarray(ref.proportions, np.float64), EPS)
-    expected = expected / expected.sum()
-    value = psi(expected, counts / max(counts.sum(), 1.0))
-    test = chisquare(counts, expected * counts.sum())
-    p = float(test.pvalue)
-    return FeatureDrift(ref.name, value, float(test.statistic), p, value >= psi_threshold and p < alpha)
+    return CategoricalStatistic(ref).measure(live, psi_threshold, alpha)
 
 
-def drift(reference: MonitorReference, window: np.ndarray, psi_threshold: float, alpha: float) -> DriftResult:
-    """Drift of ``window`` (rows x monitored features, in the reference's feature order)."""
-    features = []
-    for i, ref in enumerate(reference.features):
-        measure = categorical_drift if ref.kind == "categorical" else numeric_drift
-        features.append(measure(ref, window[:, i], psi_threshold, alpha))
+def drift(statistics: list, window: np.ndarray, psi_threshold: float, alpha: float) -> DriftResult:
+    """Drift of ``window`` (rows x monitored features, in the reference's feature order), with the
+    statistics ``prepare`` made for the reference."""
+    features = [stat.measure(window[:, i], psi_threshold, alpha) for i, stat in enumerate(statistics)]
     score = sum(f.drifted for f in features) / max(len(features), 1)
     return DriftResult(score=float(score), rows=int(len(window)), features=features)
