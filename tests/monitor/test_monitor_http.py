@@ -2,7 +2,13 @@
 alerts to a real webhook receiver, Prometheus metrics, `kiln monitor status|report`.
 
 Served: the digits CNN of served_models (with its monitor reference) and a copy of it registered
-without one ("legacy"), started with `kiln serve start` and a small window.
+without one ("legacy"), started with `kiln serve start` and a small window, and a retraining policy:
+two seconds of drift submit a one-epoch training job to the serving cluster (Jobs API).
+
+The module serves on the local Ray instance `kiln serve start` starts (2 CPUs) rather than on the
+conftest's `ray_cluster`: that one's dashboard agent takes Ray's fixed default port, which another Ray
+instance on a shared machine may hold, and then its Jobs API cannot run jobs. Kiln's own instance
+takes free ports for everything.
 """
 
 from __future__ import annotations
@@ -22,6 +28,10 @@ from conftest import last_json, run_kiln
 from served_models import digits_raw, free_port, png_b64, registry  # noqa: F401
 
 WINDOW = 120
+RETRAIN = ["serve.monitor.retrain.config=configs/train/digits_cnn.yaml", "serve.monitor.retrain.data_source=digits",
+           "serve.monitor.retrain.after_s=2",
+           "serve.monitor.retrain.overrides=[train.epochs=1, train.workers=1, train.cpus_per_worker=0.5, "
+           "model.width=8, train.checkpoint.keep=1]"]
 
 
 class Receiver(http.server.BaseHTTPRequestHandler):
@@ -73,16 +83,16 @@ def legacy_uri(registry) -> str:
 
 
 @pytest.fixture(scope="module")
-def served(ray_cluster, registry, legacy_uri, webhook):
+def served(registry, legacy_uri, webhook):
     proc = run_kiln("serve", "start", registry.uris["fp32-cnn"], legacy_uri,
                     f"serve.monitor.window={WINDOW}", "serve.monitor.min_rows=60", "serve.monitor.eval_every=20",
-                    f"serve.monitor.webhook_url={webhook}", "--port", str(free_port()), "--address", ray_cluster,
+                    f"serve.monitor.webhook_url={webhook}", *RETRAIN, "--port", str(free_port()), "--num-cpus", "2",
                     "--run-dir", str(registry.run_dir), "--json",
                     env={"MLFLOW_TRACKING_URI": registry.tracking_uri}, timeout=600)
     assert proc.returncode == 0, proc.stderr
     info = last_json(proc.stdout)
     yield info
-    run_kiln("serve", "stop", "--address", ray_cluster, "--run-dir", str(registry.run_dir), timeout=300)
+    run_kiln("serve", "stop", "--run-dir", str(registry.run_dir), timeout=300)
 
 
 def infer(url: str, images: np.ndarray, path: str = "/v2/models/digits/infer") -> dict:
@@ -93,8 +103,8 @@ def infer(url: str, images: np.ndarray, path: str = "/v2/models/digits/infer") -
     return resp.json()
 
 
-def monitor_cli(ray_cluster, registry, *args: str):
-    return run_kiln("monitor", *args, "--address", ray_cluster, "--run-dir", str(registry.run_dir))
+def monitor_cli(registry, *args: str):
+    return run_kiln("monitor", *args, "--run-dir", str(registry.run_dir))
 
 
 def test_each_response_carries_per_row_ood_flags(served):
@@ -118,22 +128,22 @@ def test_monitor_endpoint_does_not_shadow_the_protocol(served):
     assert missing.status_code == 404 and "no served version '9'" in missing.json()["error"]
 
 
-def test_noise_is_flagged_drift_alerts_and_the_webhook_gets_the_json(served, ray_cluster, registry):
+def test_noise_is_flagged_drift_alerts_and_the_webhook_gets_the_json(served, registry):
     rng = np.random.default_rng(0)
     flags = []
     for _ in range(WINDOW // 20):
         flags += infer(served["url"], rng.integers(0, 256, (20, 1, 8, 8)).astype(np.uint8))["parameters"]["ood"]
     assert np.mean(flags) >= 0.8
     deadline = time.monotonic() + 30
-    while not any(p["signal"] == "drift" for p in Receiver.posts):
+    while not any(p.get("signal") == "drift" for p in Receiver.posts):
         assert time.monotonic() < deadline, f"no drift alert reached the webhook: {Receiver.posts}"
         time.sleep(0.5)
-    alert = next(p for p in Receiver.posts if p["signal"] == "drift")
+    alert = next(p for p in Receiver.posts if p.get("signal") == "drift")
     assert (alert["kind"], alert["model"], alert["version"], alert["state"]) == ("kiln.monitor.alert", "digits", "1",
                                                                                  "firing")
     assert alert["value"] > alert["threshold"] == 0.3 and "input.brightness" in alert["details"]["drifted"]
 
-    proc = monitor_cli(ray_cluster, registry, "status", "digits", "--json")
+    proc = monitor_cli(registry, "status", "digits", "--json")
     assert proc.returncode == 0, proc.stderr
     status = last_json(proc.stdout)["versions"]["1"]
     assert status["drift"]["score"] > 0.3 and status["drift"]["alerting"]
@@ -142,8 +152,39 @@ def test_noise_is_flagged_drift_alerts_and_the_webhook_gets_the_json(served, ray
     assert "drifted: input.brightness" in proc.stderr or "input.brightness" in proc.stderr
 
 
-def test_unmonitored_version_gets_a_one_line_warning(served, ray_cluster, registry):
-    proc = monitor_cli(ray_cluster, registry, "status", "legacy")
+@pytest.mark.slow  # a real training job on the module's cluster (about a minute)
+def test_sustained_drift_submits_a_retraining_job_that_registers_a_new_version(served, registry):
+    """After the noise above, the drift alert keeps firing: after_s later the replica submits `train` through
+    the Jobs API (kiln submit's path) with the configured data source; the job registers a new version."""
+    from kiln import tracking as trk
+
+    deadline = time.monotonic() + 300
+    while True:
+        status = requests.get(served["url"] + "/v2/models/digits/versions/1/monitor", timeout=30).json()
+        retrain = status["versions"]["1"]["retrain"]
+        steps = [e["step"] for e in retrain["events"]]
+        if "registered" in steps or "failed" in steps:
+            break
+        assert time.monotonic() < deadline, f"no retraining outcome in time: {retrain}"
+        time.sleep(2)
+    assert steps[:3] == ["triggered", "submitted", "registered"], json.dumps(retrain["events"])
+    triggered, submitted, registered = retrain["events"][:3]
+    assert triggered["detail"]["drift"] > 0.3 and triggered["detail"]["firing_s"] >= 2
+    assert submitted["submission_id"].startswith("kiln-retrain-digits-v1-")
+    assert "jobs/train.py" in submitted["detail"]["entrypoint"] and "data.source=digits" in submitted["detail"]["entrypoint"]
+    model_uri = registered["detail"]["model_uri"]
+    name, version = model_uri[len("models:/"):].split("/")
+    assert name == "digits" and int(version) > 1
+    mv = trk.model_version_for(registry.tracking_uri, model_uri)
+    assert mv.tags.get("kiln.variant") == "fp32"
+    assert (trk.resolve_model_dir(model_uri, registry.tracking_uri) / "monitor_reference.json").is_file()
+    webhook_steps = [p["step"] for p in Receiver.posts if p.get("kind") == "kiln.monitor.retrain"]
+    assert webhook_steps[:3] == ["triggered", "submitted", "registered"]
+    assert retrain["in_flight"] is None  # one job at a time; the cooldown keeps the next one away
+
+
+def test_unmonitored_version_gets_a_one_line_warning(served, registry):
+    proc = monitor_cli(registry, "status", "legacy")
     assert proc.returncode == 0, proc.stderr
     warning = [line for line in proc.stdout.splitlines() if "warning" in line]
     assert len(warning) == 1 and "not monitored" in warning[0] and "monitor_reference.json" in warning[0]
@@ -168,8 +209,8 @@ def test_monitoring_metrics_per_version(served):
                for s in samples)
 
 
-def test_report_writes_html_with_plots(served, ray_cluster, registry, tmp_path):
-    proc = monitor_cli(ray_cluster, registry, "report", "digits", "--out", str(tmp_path), "--json")
+def test_report_writes_html_with_plots(served, registry, tmp_path):
+    proc = monitor_cli(registry, "report", "digits", "--out", str(tmp_path), "--json")
     assert proc.returncode == 0, proc.stderr
     paths = last_json(proc.stdout)
     page = (tmp_path / "monitor.html").read_text()
@@ -178,7 +219,7 @@ def test_report_writes_html_with_plots(served, ray_cluster, registry, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "data:image/png;base64" in page
 
 
-def test_status_of_an_unknown_model_is_one_error_line(served, ray_cluster, registry):
-    proc = monitor_cli(ray_cluster, registry, "status", "nosuch")
+def test_status_of_an_unknown_model_is_one_error_line(served, registry):
+    proc = monitor_cli(registry, "status", "nosuch")
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and "nosuch" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

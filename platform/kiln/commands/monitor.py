@@ -61,6 +61,10 @@ def _status(args) -> int:
                   + (f"  ALERT: {', '.join(flags)}" if flags else ""))
         if drift.get("drifted"):
             say(args, f"      drifted: {', '.join(drift['drifted'])}")
+        for event in (st.get("retrain") or {}).get("events", [])[-5:]:
+            detail = " ".join(f"{k}={v}" for k, v in event["detail"].items())
+            job = f" {event['submission_id']}" if event.get("submission_id") else ""
+            say(args, f"      retrain {event['step']}{job} {detail}".rstrip())
     if args.json:
         emit_json(report)
     return 0

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from kiln.config import Section
+from kiln.monitor.retrain import RetrainPolicy
 
 
 class MonitorConfig(Section):
@@ -34,6 +35,8 @@ class MonitorConfig(Section):
                                                            "hysteresis x threshold (one alert per crossing).")
     webhook_url: str | None = Field(None, description="POST a JSON body here on every alert and recovery.")
     webhook_timeout_s: float = Field(3.0, gt=0, description="Timeout of one webhook call.")
+    retrain: RetrainPolicy | None = Field(None, description="Retrain when drift stays above its threshold "
+                                                            "(off when absent).")
 
     @field_validator("webhook_url")
     @classmethod
@@ -41,3 +44,30 @@ class MonitorConfig(Section):
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError(f"'{value}' is not an http(s) URL")
         return value
+
+
+def resolve_retrain(cfg: MonitorConfig, cwd: str | None = None) -> None:
+    """Pin ``retrain.project`` to an absolute folder (replicas run elsewhere) and check that the retraining
+    config is a file in it. Raises ConfigError naming the key."""
+    import os
+    from pathlib import Path
+
+    from kiln.errors import ConfigError
+
+    policy = cfg.retrain
+    if policy is None:
+        return
+    project = Path(policy.project or cwd or os.getcwd()).expanduser().resolve()
+    if not (project / "jobs" / "train.py").is_file():
+        raise ConfigError(f"config key 'serve.monitor.retrain.project': {project} has no jobs/train.py "
+                          "(the retraining job); set it to the Kiln project folder")
+    config = Path(policy.config).expanduser()
+    config = (config if config.is_absolute() else project / config).resolve()
+    if not config.is_file():
+        raise ConfigError(f"config key 'serve.monitor.retrain.config': {config} does not exist")
+    try:
+        relative = config.relative_to(project)
+    except ValueError:
+        raise ConfigError(f"config key 'serve.monitor.retrain.config': {config} is outside the project folder "
+                          f"{project}, so the job would not get it") from None
+    policy.project, policy.config = str(project), relative.as_posix()

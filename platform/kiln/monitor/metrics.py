@@ -31,6 +31,14 @@ class MonitorMetrics:
             self.ood_rows.inc(flagged, tags=tags)
 
     def evaluated(self, model: str, version: str, evaluation, monitor) -> None:
+        """After an evaluation: the gauges, and the alerts it fired."""
+        self.publish(model, version, evaluation, monitor)
+        for alert in evaluation.alerts:
+            if alert.state == "firing":
+                self.alerts.inc(1, tags={"model": model, "model_version": version, "signal": alert.signal})
+
+    def publish(self, model: str, version: str, evaluation, monitor) -> None:
+        """Set the gauges from an evaluation (again: called every second, see ReplicaMonitors._watch)."""
         tags = {"model": model, "model_version": version}
         self.ood_rate.set(evaluation.ood_rate, tags=tags)
         if evaluation.drift is not None:
@@ -39,6 +47,3 @@ class MonitorMetrics:
                 self.feature_psi.set(f.psi, tags={**tags, "feature": f.name})
         for tracker in (monitor.drift_alert, monitor.ood_alert):
             self.alerting.set(1.0 if tracker.firing else 0.0, tags={**tags, "signal": tracker.signal})
-        for alert in evaluation.alerts:
-            if alert.state == "firing":
-                self.alerts.inc(1, tags={**tags, "signal": alert.signal})

@@ -10,15 +10,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from kiln.monitor.alerts import post_webhook
 from kiln.monitor.config import MonitorConfig
 from kiln.monitor.monitor import OodResult, VersionMonitor
 from kiln.monitor.reference import REFERENCE_FILE, load_reference
+from kiln.monitor.retrain import RetrainLoop
 
 logger = logging.getLogger("ray.serve")
 
@@ -26,12 +30,46 @@ logger = logging.getLogger("ray.serve")
 class ReplicaMonitors:
     """The monitors of one replica's versions (absent versions: registered without a reference)."""
 
-    def __init__(self, model: str, cfg: MonitorConfig, metrics=None):
-        self.model, self.cfg, self.metrics = model, cfg, metrics
+    def __init__(self, model: str, cfg: MonitorConfig, metrics=None, tracking_uri: str | None = None):
+        self.model, self.cfg, self.metrics, self.tracking_uri = model, cfg, metrics, tracking_uri
         self.monitors: dict[str, VersionMonitor] = {}
+        self.loops: dict[str, RetrainLoop] = {}
         self.unmonitored: dict[str, str] = {}  # version -> why
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"kiln-monitor-{model}")
         self.replica = _replica_id()
+        self._watcher: threading.Thread | None = None
+
+    def add_retraining(self, version: str, registry_name: str) -> None:
+        """Attach the retraining policy to a monitored version; a watcher thread checks it every second
+        (time, not traffic, decides when drift has lasted ``after_s``)."""
+        if self.cfg.retrain is None or version not in self.monitors:
+            return
+        cfg = self.cfg
+        self.loops[version] = RetrainLoop(
+            cfg.retrain, self.model, version, registry_name, self.tracking_uri or "",
+            on_event=lambda event: cfg.webhook_url and post_webhook(
+                cfg.webhook_url, {"kind": "kiln.monitor.retrain", **event.to_dict()}, cfg.webhook_timeout_s))
+
+    def _start_watcher(self) -> None:
+        if self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, daemon=True, name=f"kiln-monitor-watch-{self.model}")
+            self._watcher.start()
+
+    def _watch(self) -> None:
+        """Every second: publish the latest gauges again (Ray drops a gauge series that is not refreshed within
+        two export intervals, and an idle version is evaluated no more) and check the retraining policies."""
+        while True:
+            time.sleep(1.0)
+            for version, monitor in list(self.monitors.items()):
+                try:
+                    if self.metrics is not None and monitor.last is not None:
+                        self.metrics.publish(self.model, version, monitor.last, monitor)
+                    loop = self.loops.get(version)
+                    if loop is not None:
+                        loop.check(monitor.drift_alert.since if monitor.drift_alert.firing else None,
+                                   monitor.last.drift_score if monitor.last else None)
+                except Exception:
+                    logger.exception("kiln monitor: periodic check failed for %s v%s", self.model, version)
 
     def add(self, version: str, model_dir: Path) -> None:
         if not self.cfg.enabled:
@@ -48,6 +86,7 @@ class ReplicaMonitors:
             logger.warning("kiln monitor: model %s version %s is not monitored: %s", self.model, version, why)
             return
         self.monitors[version] = VersionMonitor(self.model, version, reference, self.cfg)
+        self._start_watcher()
 
     def observe(self, version: str, x: np.ndarray, logits: np.ndarray) -> OodResult | None:
         """Score a request on the event loop; evaluate on the monitor thread when due."""
@@ -92,6 +131,10 @@ class ReplicaMonitors:
                     "reason": self.unmonitored.get(version, "not served")}
         self.refresh(version)
         out = monitor.status()
+        loop = self.loops.get(version)
+        if loop is not None:
+            out["retrain"] = {"policy": loop.policy.model_dump(), "in_flight": loop.in_flight,
+                              "events": [e.to_dict() for e in loop.events]}
         if window:
             out["window_rows"] = monitor.window_rows()
             out["reference"] = monitor.reference.to_dict()

@@ -89,7 +89,7 @@ class ModelServer:
         self.runners: dict[str, VersionRunner] = {}
         monitor_cfg = MonitorConfig.model_validate(spec.monitor or {})
         self.monitors = ReplicaMonitors(spec.model_name, monitor_cfg,
-                                        MonitorMetrics() if monitor_cfg.enabled else None)
+                                        MonitorMetrics() if monitor_cfg.enabled else None, spec.tracking_uri)
         for source in spec.versions:
             directory = resolve_model_dir(source.uri, spec.tracking_uri)
             predictor = load_predictor(directory)
@@ -97,6 +97,7 @@ class ModelServer:
             runner.configure(BatchingConfig())
             self.runners[source.version] = runner
             self.monitors.add(source.version, directory)
+            self.monitors.add_retraining(source.version, source.uri[len("models:/"):].split("/")[0])
         self.default_version = spec.default_version
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:

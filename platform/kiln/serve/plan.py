@@ -80,6 +80,9 @@ def plan_serving(cfg: ServeConfig, tracking_uri: str) -> ServePlan:
     if not cfg.models:
         raise ConfigError("nothing to serve: give models:/NAME/VERSION URIs or a config with serve.models")
     tracking_uri = absolute_tracking_uri(tracking_uri)
+    from kiln.monitor.config import resolve_retrain
+
+    resolve_retrain(cfg.monitor)
     groups: dict[str, list[tuple[int, ServedModelConfig, VersionSource, str]]] = {}
     for i, entry in enumerate(cfg.models):
         mv = _registry_version(tracking_uri, entry.uri)
