@@ -63,13 +63,54 @@ def train_and_register(run_dir: Path, name: str, data: dict[str, Any], model: di
         for f in ("spec.json", "model.safetensors", "MLmodel"):
             shutil.copy2(session.latest_checkpoint() / f, model_dir / f)
         write_reference(model_dir, prepared)  # as kiln train does: the monitoring reference
-        uri = trk.default_tracking_uri(run_dir)
-        exp = trk.ensure_experiment(uri, name, run_dir)
-        run_id = trk.start_run(uri, exp, f"test-{name}", {trk.TAG_JOB: "test"})
-        trk.log_artifacts(uri, run_id, model_dir, trk.MODEL_ARTIFACT_PATH)
-        trk.end_run(uri, run_id)
-    version = trk.register_model(uri, name, run_id, tags={"kiln.variant": "fp32"})
+        return register_artifact(run_dir, name, model_dir, "fp32")
+
+
+def register_artifact(run_dir: Path, name: str, model_dir: Path, variant: str) -> str:
+    """Log an artifact folder on a new run and register it as a version of ``name``; returns its URI."""
+    from kiln import tracking as trk
+
+    uri = trk.default_tracking_uri(run_dir)
+    exp = trk.ensure_experiment(uri, name, run_dir)
+    run_id = trk.start_run(uri, exp, f"test-{name}", {trk.TAG_JOB: "test"})
+    trk.log_artifacts(uri, run_id, model_dir, trk.MODEL_ARTIFACT_PATH)
+    trk.end_run(uri, run_id)
+    version = trk.register_model(uri, name, run_id, tags={"kiln.variant": variant})
     return f"models:/{name}/{version}"
+
+
+def compress_and_register(reg: "Registry", source_uri: str, name: str, kind: str, data: dict | None = None) -> str:
+    """A compressed variant of ``source_uri`` made by the compression steps' own functions, registered as
+    ``name``: "int8" (static QDQ int8 ONNX) or "pruned" (structured channel pruning, no fine-tuning).
+    ``data``: the source's data section (default: DIGITS), for the variant's own monitoring reference."""
+    from kiln import tracking as trk
+    from kiln.config import DataConfig
+    from kiln.data.dataset import prepare_data
+    from kiln.monitor.reference import write_reference
+    from kiln.compress.config import PruneStep, QuantizeStep
+    from kiln.models.artifact import build_model, load_torch_model, save_artifact
+
+    model, spec = load_torch_model(trk.resolve_model_dir(source_uri, reg.tracking_uri))
+    with tempfile.TemporaryDirectory(prefix="kiln-test-variant-") as tmp:
+        out = Path(tmp) / "model"
+        if kind == "int8":
+            from kiln.compress.quantize import quantize_onnx
+            from kiln.models.onnx_artifact import export_onnx_model, save_onnx_artifact
+
+            calibration = (np.random.default_rng(0).random((64, *spec.input_shape)) * 2 - 1).astype(np.float32)
+            step = QuantizeStep(kind="quantize", calibration_samples=64)
+            spec.variant = {"name": name, "kind": "quantize"}
+            save_onnx_artifact(quantize_onnx(export_onnx_model(model, spec.input_shape), step, calibration), spec, out)
+        else:
+            from kiln.compress.prune import structured_prune
+            from kiln.models.structure import record_structure
+
+            pruned = structured_prune(model, spec.input_shape, PruneStep(kind="prune", ratio=0.5, epochs=0))
+            spec.variant = {"name": name, "kind": "prune"}
+            spec.variant["structure"] = record_structure(pruned, build_model(spec))
+            save_artifact(pruned, spec, out)
+        write_reference(out, prepare_data(DataConfig.model_validate(data or DIGITS)))  # as kiln compress does
+        return register_artifact(reg.run_dir, name, out, kind)
 
 
 def digits_raw(n: int = 24) -> np.ndarray:
@@ -127,11 +168,22 @@ def _fp32_mlp(reg: Registry) -> str:
                               {"name": "mlp", "hidden": [16], "dropout": 0.0}, epochs=3, seed=0)
 
 
-# Variant kinds served in the HTTP tests. Compressed kinds (ONNX int8, pruned, distilled) go here: a
-# register function producing a registry version of that kind, served under its own name.
+def _int8_cnn(reg: Registry) -> str:
+    return compress_and_register(reg, reg.uris["fp32-cnn"], "digits-int8", "int8")
+
+
+def _pruned_cnn(reg: Registry) -> str:
+    return compress_and_register(reg, reg.uris["fp32-cnn"], "digits-pruned", "pruned")
+
+
+# Variant kinds served in the HTTP tests, each a register function producing a registry version of that
+# kind, served under its own name (in this order: the compressed kinds start from the fp32 CNN). A
+# distilled student is an fp32 CNN of another width: the fp32 kind covers its serving path.
 VARIANTS: dict[str, Variant] = {
     "fp32-cnn": Variant("digits", "image", _fp32_cnn),
     "fp32-mlp": Variant("iris", "tabular", _fp32_mlp),
+    "int8-onnx-cnn": Variant("digits-int8", "image", _int8_cnn),
+    "pruned-cnn": Variant("digits-pruned", "image", _pruned_cnn),
 }
 
 

@@ -72,6 +72,11 @@ def predictors(registry, second_digits):
     return {key: load_predictor(uri, registry.tracking_uri) for key, uri in uris.items()}
 
 
+def served_versions(registry) -> set[tuple[str, str]]:
+    """(served name, version) of everything the module serves: each variant, plus digits version 2."""
+    return {(v.served_name, registry.uris[i].rsplit("/", 1)[1]) for i, v in VARIANTS.items()} | {("digits", "2")}
+
+
 def raw_inputs(registry, kind: str):
     """(raw array, convenience body) for a variant kind."""
     if kind == "image":
@@ -170,7 +175,7 @@ def test_start_reports_url_and_every_version(served, registry):
     url = served["url"]
     assert url.startswith("http://127.0.0.1:")
     got = {(m["name"], m["version"]): m for m in served["models"]}
-    assert set(got) == {("digits", "1"), ("digits", "2"), ("iris", "1")}
+    assert set(got) == served_versions(registry)
     assert got[("digits", "2")]["infer_url"] == f"{url}/v2/models/digits/versions/2/infer"
     assert got[("digits", "2")]["default"] and not got[("digits", "1")]["default"]
     assert served["api_key_required"] is True
@@ -272,7 +277,7 @@ def bad_requests(url: str) -> list[tuple[str, str, object, dict, int, str]]:
          "unknown output 'logits'"),
         ("body over the limit", f"{digits}/infer", b"x" * (MAX_BODY + 1), HEADERS, 413,
          f"over the limit of {MAX_BODY} bytes"),
-        ("unknown model", "/v2/models/nope/infer", good, HEADERS, 404, "unknown model 'nope' (served: digits, iris)"),
+        ("unknown model", "/v2/models/nope/infer", good, HEADERS, 404, "unknown model 'nope' (served: digits, digits-int8, digits-pruned, iris)"),
         ("unknown version", "/v2/models/digits/versions/7/infer", good, HEADERS, 404,
          "has no served version '7' (served: 1, 2)"),
         ("missing API key", f"{digits}/infer", good, {}, 401, "missing API key"),
@@ -372,8 +377,8 @@ def test_status_shows_models_and_counts(served, ray_cluster, registry):
     status = last_json(proc.stdout)
     assert status["url"] == served["url"]
     assert {name: app["status"] for name, app in status["applications"].items()} == {
-        "kiln": "RUNNING", "kiln-digits": "RUNNING", "kiln-iris": "RUNNING"}
-    assert {(m["name"], m["version"]) for m in status["models"]} == {("digits", "1"), ("digits", "2"), ("iris", "1")}
+        "kiln": "RUNNING", **{f"kiln-{v.served_name}": "RUNNING" for v in VARIANTS.values()}}
+    assert {(m["name"], m["version"]) for m in status["models"]} == served_versions(registry)
 
 
 def test_second_start_is_refused_while_serving(served, ray_cluster, registry):
@@ -385,7 +390,7 @@ def test_second_start_is_refused_while_serving(served, ray_cluster, registry):
 def test_stop_removes_the_app(served, ray_cluster, registry):
     proc = run_kiln("serve", "stop", "--address", ray_cluster, "--run-dir", str(registry.run_dir), "--json")
     assert proc.returncode == 0, proc.stderr
-    assert last_json(proc.stdout)["stopped"] == ["kiln", "kiln-digits", "kiln-iris"]
+    assert last_json(proc.stdout)["stopped"] == sorted({"kiln", *(f"kiln-{v.served_name}" for v in VARIANTS.values())})
     served["stopped"] = True
     with pytest.raises(requests.exceptions.ConnectionError):  # no app left: Serve itself was shut down
         infer(served["url"], oip_body("image", digits_raw(1)), "/v2/models/digits/versions/1/infer")

@@ -6,6 +6,7 @@ Nothing is registered unless every step succeeded; a failed run is marked FAILED
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import threading
@@ -173,6 +174,9 @@ def fit_on_ray(cfg: KilnConfig, data: PreparedData, tracking_uri: str | None, ru
     from kiln.runtime import check_placement
     from kiln.train.loop import train_loop_per_worker
 
+    # Ray Train's controller polls its workers every 2 s by default, so a finished job waits up to 2 s
+    # more to return; 0.5 s trims seconds off every job's fixed cost (measured: bench/train_throughput.py).
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     t = cfg.train
     per_worker = per_worker_resources(cfg)
     check_placement(t.workers, per_worker)
@@ -222,9 +226,7 @@ def run_training(cfg: KilnConfig, address: str | None = None, resume: str | None
 
     Raises KilnError for user mistakes and for a failed training job (the run is marked FAILED).
     """
-    from kiln.runtime import ensure_ray
-
-    from kiln.runtime import check_placement
+    from kiln.runtime import check_placement, ensure_ray
 
     data = prepare_data(cfg.data)
     check_model_fits_data(cfg, data)
