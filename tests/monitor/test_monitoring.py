@@ -268,3 +268,49 @@ def test_webhook_receives_one_json_alert_per_crossing(tabular):
         assert notify.__module__ == "kiln.monitor.alerts"
     finally:
         server.shutdown()
+
+
+# --- the retraining policy ----------------------------------------------------------------------
+
+def test_retraining_is_due_after_sustained_drift_once_per_cooldown():
+    from kiln.monitor.retrain import RetrainLoop, RetrainPolicy
+
+    loop = RetrainLoop(RetrainPolicy(config="configs/train/digits_cnn.yaml", after_s=60, cooldown_s=600),
+                       "digits", "3", "digits-cnn", "sqlite:////tmp/x.db")
+    assert not loop.due(None, now=1000)  # no alert firing
+    assert not loop.due(1000, now=1059)  # firing, but not for 60 s yet
+    assert loop.due(1000, now=1060)
+    loop.last_submitted = 1060
+    assert not loop.due(1000, now=1600) and loop.due(1000, now=1660)  # the cooldown
+    loop.in_flight = "kiln-retrain-digits-v3-2"
+    assert not loop.due(1000, now=5000)  # one job at a time
+
+
+def test_retraining_job_joins_the_registered_model_and_uses_the_configured_data():
+    from kiln.monitor.retrain import RetrainLoop, RetrainPolicy
+
+    policy = RetrainPolicy(config="configs/train/digits_cnn.yaml", data_source="/data/fresh.parquet",
+                           overrides=["train.epochs=2"])
+    loop = RetrainLoop(policy, "digits", "3", "digits-cnn", "sqlite:////tmp/x.db")
+    assert loop.job_overrides() == ["experiment.name=digits-cnn", "data.source=/data/fresh.parquet", "train.epochs=2"]
+    assert loop.submission_id().startswith("kiln-retrain-digits-v3-")
+
+
+def test_retraining_config_mistakes_name_the_key(tmp_path):
+    from kiln.config import validate_config
+    from kiln.errors import ConfigError
+    from kiln.monitor.config import resolve_retrain
+    from conftest import REPO
+
+    cfg = validate_config({"serve": {"monitor": {"retrain": {"config": "configs/train/nope.yaml"}}}}).serve.monitor
+    with pytest.raises(ConfigError, match=r"serve.monitor.retrain.config': .*nope.yaml does not exist"):
+        resolve_retrain(cfg, str(REPO))
+    with pytest.raises(ConfigError, match=r"serve.monitor.retrain.project': .* has no jobs/train.py"):
+        resolve_retrain(cfg, str(tmp_path))
+    ok = validate_config({"serve": {"monitor": {"retrain": {"config": "configs/train/digits_cnn.yaml"}}}}).serve.monitor
+    resolve_retrain(ok, str(REPO))
+    assert (ok.retrain.project, ok.retrain.config) == (str(REPO), "configs/train/digits_cnn.yaml")
+    with pytest.raises(ConfigError, match=r"serve.monitor.window"):
+        validate_config({"serve": {"monitor": {"window": 5}}})
+    with pytest.raises(ConfigError, match=r"serve.monitor.webhook_url"):
+        validate_config({"serve": {"monitor": {"webhook_url": "ftp://x"}}})
