@@ -314,3 +314,36 @@ def test_retraining_config_mistakes_name_the_key(tmp_path):
         validate_config({"serve": {"monitor": {"window": 5}}})
     with pytest.raises(ConfigError, match=r"serve.monitor.webhook_url"):
         validate_config({"serve": {"monitor": {"webhook_url": "ftp://x"}}})
+
+
+def test_quality_signals_for_rollout_gates_wait_for_min_rows(digits, tmp_path):
+    """What ModelServer.quality_signals returns: nothing before min_rows (a gate then holds), then the
+    live window's drift score and OOD rate, refreshed on reading."""
+    import asyncio
+
+    from kiln.monitor.config import MonitorConfig
+    from kiln.monitor.served import ReplicaMonitors
+
+    predictor, data, reference = digits
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    reference.save(model_dir)
+    replica = ReplicaMonitors("digits", MonitorConfig(window=100, min_rows=50, eval_every=10))
+    replica.add("1", model_dir)
+    replica.add("2", tmp_path)  # no reference there: not monitored
+
+    async def send(x):
+        for i in range(0, len(x), 5):
+            replica.observe("1", x[i:i + 5], predictor.logits(x[i:i + 5]))
+
+    asyncio.run(send(data.x_test[:40]))
+    assert replica.signals("1") == {} and replica.signals("2") == {}
+    asyncio.run(send(data.x_test[40:100]))
+    signals = replica.signals("1")
+    assert set(signals) == {"drift", "ood_rate"} and signals["drift"] < 0.3 and signals["ood_rate"] < 0.2
+    noise = predictor.spec.preprocessing.apply(np.random.default_rng(0).integers(0, 256, (100, 1, 8, 8))
+                                               .astype(np.uint8))
+    asyncio.run(send(noise))
+    signals = replica.signals("1")
+    assert signals["drift"] > 0.3 and signals["ood_rate"] >= 0.8
+    assert replica.status("2")["monitored"] is False and "monitor_reference.json" in replica.status("2")["reason"]

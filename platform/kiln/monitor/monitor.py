@@ -128,12 +128,12 @@ class VersionMonitor:
     # --- what others read -------------------------------------------------------------------
 
     def signals(self) -> dict[str, float]:
-        """{"drift": score, "ood_rate": rate, "rows": n} of the latest evaluation (drift NaN before
-        ``min_rows``); what rollout gates read."""
+        """{"drift": score, "ood_rate": rate} of the latest evaluation, what rollout gates read; {} until the
+        window holds ``min_rows`` (no data: a gate holds rather than judging a handful of rows)."""
         last = self.last
-        return {"drift": float("nan") if last is None or last.drift is None else last.drift.score,
-                "ood_rate": float("nan") if last is None else last.ood_rate,
-                "rows": float(0 if last is None else last.rows)}
+        if last is None or last.drift is None:
+            return {}
+        return {"drift": last.drift.score, "ood_rate": last.ood_rate}
 
     def status(self) -> dict[str, Any]:
         """The monitor's state as JSON: thresholds, window, latest drift (per feature), alerts."""

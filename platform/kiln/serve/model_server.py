@@ -115,8 +115,8 @@ class ModelServer:
         return self.default_version
 
     def quality_signals(self, version: str) -> dict[str, float]:
-        """This replica's live-window signals of ``version``: {"drift": score, "ood_rate": rate, "rows": n}
-        (drift is NaN until the window holds ``serve.monitor.min_rows``); {} when it is not monitored."""
+        """This replica's live-window signals of ``version``: {"drift": score, "ood_rate": rate}; {} when it is
+        not monitored or its window holds fewer than ``serve.monitor.min_rows`` rows (no data yet)."""
         return self.monitors.signals(version)
 
     def monitor_status(self, version: str | None = None, window: bool = False) -> dict:
