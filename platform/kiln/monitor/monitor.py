@@ -86,6 +86,11 @@ class VersionMonitor:
         self._new_rows += len(flags)
         return OodResult(scores, flags, self.threshold)
 
+    @property
+    def has_new_rows(self) -> bool:
+        """Whether rows arrived since the last evaluation."""
+        return self._new_rows > 0
+
     def due(self) -> bool:
         """Whether enough new rows (or time with new rows) passed to evaluate again."""
         if self._new_rows == 0 or self._evaluating.locked():

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from kiln.monitor.alerts import post_webhook
+from kiln.monitor.alerts import notify, post_webhook
 from kiln.monitor.config import MonitorConfig
 from kiln.monitor.monitor import OodResult, VersionMonitor
 from kiln.monitor.reference import REFERENCE_FILE, load_reference
@@ -36,6 +36,8 @@ class ReplicaMonitors:
         self.loops: dict[str, RetrainLoop] = {}
         self.unmonitored: dict[str, str] = {}  # version -> why
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"kiln-monitor-{model}")
+        # Alerts go out on their own thread: a slow webhook must delay neither requests nor evaluations.
+        self._alerts = ThreadPoolExecutor(1, thread_name_prefix=f"kiln-alerts-{model}")
         self.replica = _replica_id()
         self._watcher: threading.Thread | None = None
 
@@ -47,8 +49,9 @@ class ReplicaMonitors:
         cfg = self.cfg
         self.loops[version] = RetrainLoop(
             cfg.retrain, self.model, version, registry_name, self.tracking_uri or "",
-            on_event=lambda event: cfg.webhook_url and post_webhook(
-                cfg.webhook_url, {"kind": "kiln.monitor.retrain", **event.to_dict()}, cfg.webhook_timeout_s))
+            on_event=lambda event: cfg.webhook_url and self._alerts.submit(
+                post_webhook, cfg.webhook_url, {"kind": "kiln.monitor.retrain", **event.to_dict()},
+                cfg.webhook_timeout_s))
 
     def _start_watcher(self) -> None:
         if self._watcher is None:
@@ -85,7 +88,10 @@ class ReplicaMonitors:
             self.unmonitored[version] = why
             logger.warning("kiln monitor: model %s version %s is not monitored: %s", self.model, version, why)
             return
-        self.monitors[version] = VersionMonitor(self.model, version, reference, self.cfg)
+        cfg = self.cfg
+        self.monitors[version] = VersionMonitor(
+            self.model, version, reference, cfg,
+            on_alert=lambda alert: self._alerts.submit(notify, alert, cfg.webhook_url, cfg.webhook_timeout_s))
         self._start_watcher()
 
     def observe(self, version: str, x: np.ndarray, logits: np.ndarray) -> OodResult | None:
@@ -114,7 +120,7 @@ class ReplicaMonitors:
     def refresh(self, version: str) -> None:
         """Evaluate now if rows arrived since the last evaluation (for a reader that wants the latest)."""
         monitor = self.monitors.get(version)
-        if monitor is not None and monitor._new_rows:
+        if monitor is not None and monitor.has_new_rows:
             self._evaluate(monitor, monitor.take_snapshot())
 
     def signals(self, version: str) -> dict[str, float]:
