@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "cluster": "kiln.commands.cluster",
     "tracking": "kiln.commands.tracking",
     "serve": "kiln.commands.serve",
+    "rollout": "kiln.commands.rollout",
     "predict": "kiln.commands.predict",
     "monitor": "kiln.commands.monitor",
 }

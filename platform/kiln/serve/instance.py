@@ -164,6 +164,7 @@ class ServeState:
     local_ray: dict[str, Any] | None = None  # a LocalRay's fields when Kiln started the instance
     started_at: float = 0.0
     haproxy_dir: str | None = None  # HAProxy's files (ingress 'haproxy')
+    tracking_uri: str | None = None  # the registry the served versions come from (rollouts load from it)
 
     def local(self) -> LocalRay | None:
         return LocalRay(**self.local_ray) if self.local_ray else None

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kiln.errors import ConfigError, KilnError, ResourceError
-from kiln.serve.app import ROOT_APP, build_applications, model_app_name, model_route
+from kiln.serve.app import MODEL_APP_PREFIX, ROOT_APP, build_applications, model_app_name, model_route
 from kiln.serve.cluster import (connect, find_target, forget, http_url, metrics_url, remove_apps, running_kiln_apps,
                                 serve_running, telling_line)
 from kiln.serve.config import ServeConfig
@@ -36,6 +36,7 @@ class ServedModelInfo:
     infer_url: str
     default: bool
     format: str = ""
+    uri: str = ""  # the registry version it loads (models:/NAME/VERSION)
 
 
 @dataclass
@@ -169,6 +170,7 @@ def start_serving(cfg: ServeConfig, tracking_uri: str, run_dir: str | Path, addr
         if running:
             raise KilnError(f"Kiln is already serving on the Ray cluster at {gcs} (applications: "
                             f"{', '.join(sorted(running))}); run 'kiln serve stop --address {address}' first")
+        plan = apply_rollout_records(plan, run_dir)
         check_serving_fits(plan)
         port = cfg.port or free_port()
         controller_options = None
@@ -193,7 +195,8 @@ def start_serving(cfg: ServeConfig, tracking_uri: str, run_dir: str | Path, addr
                          local_ray_pid=local.pid if local else None, api_key_required=api_key is not None,
                          models=[ServedModelInfo(name=m.name, version=v.version,
                                                  infer_url=f"{url}{model_route(m.name)}/versions/{v.version}/infer",
-                                                 default=v.version == m.default_version, format=m.formats[v.version])
+                                                 default=v.version == m.default_version, format=m.formats[v.version],
+                                                 uri=v.uri)
                                  for m in plan.models for v in m.versions])
     except BaseException:
         _undo(deployed, local, started_serve)
@@ -203,8 +206,29 @@ def start_serving(cfg: ServeConfig, tracking_uri: str, run_dir: str | Path, addr
     save_state(run_dir, ServeState(address=address if local is None else local.address, url=info.url,
                                    ingress=cfg.ingress, models=[asdict(m) for m in info.models],
                                    metrics_url=info.metrics_url, started_at=time.time(), haproxy_dir=haproxy_dir,
-                                   local_ray=local_ray_from(local) if local else None))
+                                   local_ray=local_ray_from(local) if local else None,
+                                   tracking_uri=plan.tracking_uri))
     return info
+
+
+def apply_rollout_records(plan: ServePlan, run_dir: str | Path) -> ServePlan:
+    """Serve each model on the stable version its rollout record names (the last promoted one, or the one
+    a rollback returned to), loading it even when the config does not list it. Needs a Ray connection
+    (to tell a rollout in progress from one whose controller is gone)."""
+    from kiln import tracking as trk
+    from kiln.rollout.api import served_version_overrides
+    from kiln.serve.plan import VersionSource, _load_spec
+
+    for model in plan.models:
+        record = served_version_overrides(run_dir, model.name)
+        if record is None or not record.stable_uri:
+            continue
+        if record.stable not in {v.version for v in model.versions}:
+            model.versions.append(VersionSource(record.stable, record.stable_uri))
+            spec = _load_spec(trk.resolve_model_dir(record.stable_uri, plan.tracking_uri), record.stable_uri)
+            model.formats[record.stable] = spec.format
+        model.default_version = record.stable
+    return plan
 
 
 def _check_http(host: str, port: int) -> tuple[str, int]:
@@ -265,6 +289,9 @@ def stop_serving(run_dir: str | Path, address: str | None = None, debug: bool = 
         if state and state.address == address:
             forget(run_dir, state)
         raise KilnError(f"Kiln serves nothing on the Ray cluster at {address}")
+    from kiln.rollout.api import stop_controllers
+
+    stop_controllers([app[len(MODEL_APP_PREFIX):] for app in apps if app.startswith(MODEL_APP_PREFIX)])
     remove_apps(apps)
     if state and state.address == address:
         forget(run_dir, state)

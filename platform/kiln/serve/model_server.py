@@ -2,7 +2,10 @@
 
 Keeping the versions in the ingress replica means the request that reaches the replica is answered
 there: no second hop through a deployment handle (measured at 3-3.5 ms on this kind of machine).
-``route`` picks the version of an unversioned request; a rollout router replaces it.
+``route`` picks the version of an unversioned request: the default version, or during a rollout
+the routing table's choice (``kiln.rollout.replica.RolloutAgent``: a weighted choice in this replica,
+no extra hop). New versions a rollout names are loaded into the running replica, so a rollout needs
+no redeploy.
 
 Paths, under ``/v2/models/{name}``: ``GET ""`` (metadata), ``GET /ready``, ``POST /infer``,
 ``POST /predict`` (convenience JSON), ``GET /monitor`` (live monitoring: drift, OOD, alerts; this
@@ -99,10 +102,21 @@ class ModelServer:
             self.monitors.add(source.version, directory)
             self.monitors.add_retraining(source.version, source.uri[len("models:/"):].split("/")[0])
         self.default_version = spec.default_version
+        self.batching = BatchingConfig()
+        self._background: set[asyncio.Task] = set()  # shadow calls (a reference keeps them alive)
+        from kiln.rollout.replica import RolloutAgent
+
+        self.rollout = RolloutAgent(spec.model_name, spec.default_version, list(self.runners), self.add_version,
+                                    self.quality_signals)
+        try:  # Serve runs the constructor on the replica's event loop; built elsewhere (tests) no reports
+            self._reporter = asyncio.get_running_loop().create_task(self.rollout.run_forever())
+        except RuntimeError:
+            self._reporter = None
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve calls this with the deployment's user_config: the batching settings, changeable in place."""
         batching = BatchingConfig.model_validate((user_config or {}).get("batching", {}))
+        self.batching = batching
         for runner in self.runners.values():
             runner.configure(batching)
 
@@ -111,8 +125,31 @@ class ModelServer:
         return list(self.runners)
 
     def route(self, request) -> str:
-        """The version that answers an unversioned request (the default; rollouts override this)."""
-        return self.default_version
+        """The version that answers an unversioned request (the default, or the rollout's choice)."""
+        return self.rollout.route(request.headers)
+
+    def quality_signals(self, version: str) -> dict[str, float]:
+        """Quality signals of ``version`` over the last report period (e.g. drift, ood_rate), reported to
+        the rollout controller for gates. None yet: a gate on a signal without data holds its step."""
+        return {}
+
+    async def add_version(self, version: str, uri: str) -> None:
+        """Load a version into this running replica (a rollout's candidate), smoke-check it, then serve it."""
+        from kiln.models.predictor import load_predictor
+        from kiln.tracking import resolve_model_dir
+
+        loop = asyncio.get_running_loop()
+        directory = await loop.run_in_executor(None, resolve_model_dir, uri, self.spec.tracking_uri)
+        predictor = await loop.run_in_executor(None, load_predictor, directory)
+        runner = VersionRunner(ServedVersion(self.spec.model_name, version, predictor), self.metrics)
+        shape = [2, *predictor.spec.input_shape]
+        logits = await loop.run_in_executor(runner._executor, runner._call, np.zeros(shape, dtype=np.float32))
+        if logits.shape != (2, predictor.spec.num_classes) or not np.isfinite(logits).all():
+            raise ValueError(f"smoke request answered logits of shape {logits.shape} "
+                             f"(finite: {bool(np.isfinite(logits).all())})")
+        runner.configure(self.batching)
+        self.monitors.add(version, directory)  # its own reference: gates read its live window
+        self.runners[version] = runner
 
     def quality_signals(self, version: str) -> dict[str, float]:
         """This replica's live-window signals of ``version``: {"drift": score, "ood_rate": rate}; {} when it is
@@ -175,9 +212,10 @@ class ModelServer:
             label = runner.served.version
             check_api_key(request.headers, self.spec.api_key_sha256)
             body = await read_body(request, self.spec.max_request_bytes)
+            mirror = self.rollout.mirror_to(label) if version is None else None
             if endpoint == "infer":
-                return await self._infer(runner, body, request.headers.get(HEADER_LENGTH))
-            return await self._predict(runner, body)
+                return await self._infer(runner, body, request.headers.get(HEADER_LENGTH), mirror)
+            return await self._predict(runner, body, mirror)
         except ProtocolError as exc:
             status = exc.status
             return error_response(str(exc), exc.status)
@@ -186,10 +224,34 @@ class ModelServer:
             logger.exception("kiln: %s failed for model %s version %s", endpoint, self.spec.model_name, label)
             return error_response(f"internal error: {type(exc).__name__}: {exc}", 500)
         finally:
-            self.metrics.request(self.spec.model_name, label, endpoint, status,
-                                 (time.perf_counter() - started) * 1000.0)
+            latency_ms = (time.perf_counter() - started) * 1000.0
+            self.metrics.request(self.spec.model_name, label, endpoint, status, latency_ms)
+            if label != "-":
+                self.rollout.record(label, status, latency_ms)
 
-    async def _infer(self, runner: VersionRunner, body: bytes, header_length: str | None):
+    def _shadow(self, version: str | None, prepare, logits: np.ndarray) -> None:
+        """Mirror the request to ``version`` in the background: its answer is only compared, never returned.
+        ``prepare(served_version)`` turns the request into that version's input (its own preprocessing)."""
+        if version is None or version not in self.runners:
+            return
+        task = asyncio.get_running_loop().create_task(self._compare(self.runners[version], prepare, logits))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _compare(self, runner: VersionRunner, prepare, stable_logits: np.ndarray) -> None:
+        started, status = time.perf_counter(), 200
+        try:
+            x = prepare(runner.served)
+            logits = await runner.logits(x)
+            self.monitors.observe(runner.served.version, x, logits)  # mirrored traffic is the candidate's too
+            agreed = int((np.argmax(logits, axis=1) == np.argmax(stable_logits, axis=1)).sum())
+            self.rollout.compare(runner.served.version, agreed, len(x))
+        except Exception:
+            status = 500
+        finally:
+            self.rollout.record(runner.served.version, status, (time.perf_counter() - started) * 1000.0)
+
+    async def _infer(self, runner: VersionRunner, body: bytes, header_length: str | None, mirror: str | None = None):
         from starlette.responses import Response
 
         req = parse_infer_request(body, header_length)
@@ -198,12 +260,13 @@ class ModelServer:
         check_outputs(req, [o["name"] for o in served.output_metadata()])  # before spending compute on it
         logits = await runner.logits(x)
         ood = self.monitors.observe(served.version, x, logits)
+        self._shadow(mirror, lambda other: other.prepare_tensors(req.inputs), logits)
         content, headers = encode_infer_response(self.spec.model_name, served.version, req.id,
                                                  select_outputs(req, served.output_tensors(logits)),
                                                  ood.parameters() if ood is not None else None)
         return Response(content, status_code=200, headers=headers)
 
-    async def _predict(self, runner: VersionRunner, body: bytes):
+    async def _predict(self, runner: VersionRunner, body: bytes, mirror: str | None = None):
         from starlette.responses import Response
 
         payload = load_json(body)
@@ -211,6 +274,7 @@ class ModelServer:
         x = served.prepare_json(payload)
         logits = await runner.logits(x)
         ood = self.monitors.observe(served.version, x, logits)
+        self._shadow(mirror, lambda other: other.prepare_json(payload), logits)
         out = {"model_name": self.spec.model_name, "model_version": served.version,
                "predictions": served.predictions(logits)}
         if ood is not None:

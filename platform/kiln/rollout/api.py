@@ -1,0 +1,208 @@
+"""Starting and steering rollouts from a driver (the CLI, or a monitoring loop).
+
+``start_rollout`` checks everything it can before it touches the cluster (the model is served, the
+version exists in the registry and has a runtime, the options make sense) and raises KilnError
+otherwise; then it hands the rollout to the model's controller actor, creating it if needed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kiln.errors import KilnError
+from kiln.rollout.controller import NAMESPACE, RolloutController, controller_name
+from kiln.rollout.spec import RolloutOptions
+from kiln.rollout.store import RolloutRecord, RolloutStore
+
+
+@dataclass
+class RolloutStatus:
+    """The record, the last interval's metrics per version, the last gate values and decision, and
+    the live replicas with the versions they have ready. ``live``: whether the controller answered."""
+
+    record: dict[str, Any] | None
+    metrics: dict[str, Any]
+    gates: dict[str, Any]
+    decision: dict[str, Any]
+    replicas: dict[str, Any]
+    live: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def connect_to_serving(run_dir: str | Path, address: str | None, debug: bool = False):
+    """Connect (unless this process is already connected); returns the serve state file (or None)."""
+    import ray
+
+    from kiln.serve.cluster import connect, find_target
+
+    address, state = find_target(run_dir, address)
+    if not ray.is_initialized():
+        local = state.local() if state and state.address == address else None
+        connect(address, local.auth_mode if local else None, debug)
+    return state
+
+
+def controller_for(run_dir: str | Path, model: str):
+    """The model's controller actor: the running one, else a new detached one (it reloads the record)."""
+    import ray
+
+    actor = ray.remote(RolloutController).options(
+        name=controller_name(model), namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
+        max_restarts=-1, max_task_retries=-1, max_concurrency=64)
+    return actor.remote(str(Path(run_dir).expanduser().resolve()), model)
+
+
+def existing_controller(model: str):
+    import ray
+
+    try:
+        return ray.get_actor(controller_name(model), namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+def start_rollout(run_dir: str | Path, address: str | None, model: str, to_version: str, strategy: str,
+                  options: RolloutOptions, trigger: str = "user", debug: bool = False) -> RolloutRecord:
+    """Roll ``model`` (a served name) out to registry version ``to_version`` with ``strategy``.
+
+    ``trigger`` (user | monitor | ...) is recorded in the audit log. Returns the new record; raises
+    KilnError when the model is not served, the version is unknown, the options are wrong, or a
+    rollout of that model is already in progress.
+    """
+    import ray
+
+    steps, shadow, gates = options.plan(strategy)
+    state = connect_to_serving(run_dir, address, debug)
+    served = [m for m in (state.models if state else []) if m["name"] == model]
+    if not served:
+        names = sorted({m["name"] for m in state.models}) if state else []
+        raise KilnError(f"model '{model}' is not served from {run_dir} (served: {', '.join(names) or 'nothing'})")
+    previous = RolloutStore(run_dir, model).load()
+    if previous is not None:
+        stable, stable_uri = previous.stable, previous.stable_uri
+    else:
+        default = next((m for m in served if m.get("default")), served[0])
+        stable, stable_uri = default["version"], default.get("uri") or ""
+    if not stable_uri.startswith("models:/"):
+        raise KilnError(f"the serve state of '{model}' lacks registry URIs (started by an older Kiln); restart "
+                        "serving with 'kiln serve stop' and 'kiln serve start'")
+    registered = stable_uri[len("models:/"):].split("/")[0]
+    tracking_uri = state.tracking_uri
+    to_version = str(to_version).lstrip("v")
+    if to_version == stable:
+        raise KilnError(f"v{to_version} is already the stable version of '{model}'")
+    candidate_uri = f"models:/{registered}/{to_version}"
+    _check_servable(candidate_uri, tracking_uri)
+    record = RolloutRecord(model=model, registered_name=registered, tracking_uri=tracking_uri, stable=stable,
+                           stable_uri=stable_uri, candidate=to_version, candidate_uri=candidate_uri, strategy=strategy,
+                           steps=steps, shadow=shadow, bake_s=options.bake_s, interval_s=options.interval_s,
+                           gates=[g.expr for g in gates], sticky_header=options.sticky_header)
+    result = ray.get(controller_for(run_dir, model).start.remote(record.to_dict(), trigger))
+    if "error" in result:
+        raise KilnError(result["error"])
+    return RolloutRecord.from_dict(result)
+
+
+def _check_servable(uri: str, tracking_uri: str) -> None:
+    """ModelError unless ``uri`` is a registered Kiln artifact with a runtime for its format."""
+    from kiln import tracking as trk
+    from kiln.errors import ModelError
+    from kiln.models.runtimes import RUNTIMES
+    from kiln.serve.plan import _load_spec
+
+    trk.model_version_for(tracking_uri, uri)
+    spec = _load_spec(trk.resolve_model_dir(uri, tracking_uri), uri)
+    if spec.format not in RUNTIMES:
+        raise ModelError(f"{uri}: no runtime for artifact format '{spec.format}'")
+
+
+def rollout_command(run_dir: str | Path, address: str | None, model: str, action: str, trigger: str = "user",
+                    debug: bool = False) -> RolloutRecord:
+    """promote | rollback | pause | resume the rollout of ``model``. Raises KilnError."""
+    import ray
+
+    connect_to_serving(run_dir, address, debug)
+    if RolloutStore(run_dir, model).load() is None:
+        raise KilnError(f"no rollout of '{model}' is recorded in {run_dir}")
+    result = ray.get(controller_for(run_dir, model).command.remote(action, trigger))
+    if "error" in result:
+        raise KilnError(result["error"])
+    return RolloutRecord.from_dict(result)
+
+
+def rollout_status(run_dir: str | Path, address: str | None, model: str, debug: bool = False) -> RolloutStatus:
+    """Live status from the controller; the persisted record alone when it does not answer."""
+    import ray
+
+    store = RolloutStore(run_dir, model)
+    record = store.load()
+    if record is None:
+        raise KilnError(f"no rollout of '{model}' is recorded in {run_dir}")
+    try:
+        connect_to_serving(run_dir, address, debug)
+        live = ray.get(controller_for(run_dir, model).status.remote(), timeout=10)
+    except Exception:  # nothing serving, or the controller does not answer: what was persisted
+        return RolloutStatus(record=record.to_dict(), metrics={}, gates={}, decision={}, replicas={}, live=False)
+    return RolloutStatus(record=live["record"], metrics=live["metrics"], gates=live["gates"],
+                         decision=live["decision"], replicas=live["replicas"], live=True)
+
+
+def rollout_history(run_dir: str | Path, model: str) -> list[dict[str, Any]]:
+    """The audit log, oldest first (read from the run dir: no cluster needed). Raises KilnError."""
+    store = RolloutStore(run_dir, model)
+    if store.load() is None and not store.audit_path.is_file():
+        raise KilnError(f"no rollout of '{model}' is recorded in {run_dir}")
+    return store.history()
+
+
+def stop_controllers(models: list[str]) -> None:
+    """Kill the controllers of ``models`` (when serving stops); their records stay on disk."""
+    import ray
+
+    for model in models:
+        actor = existing_controller(model)
+        if actor is not None:
+            ray.kill(actor, no_restart=True)
+
+
+def wait_for(run_dir: str | Path, model: str, phases: tuple[str, ...], timeout: float) -> RolloutRecord:
+    """Poll the persisted record until its phase is one of ``phases``; raises KilnError after ``timeout``."""
+    store = RolloutStore(run_dir, model)
+    deadline = time.monotonic() + timeout
+    while True:
+        record = store.load()
+        if record is not None and record.phase in phases:
+            return record
+        if time.monotonic() > deadline:
+            raise KilnError(f"rollout of '{model}' not {'/'.join(phases)} after {timeout:g}s "
+                            f"(phase: {record.phase if record else 'none'})")
+        time.sleep(0.2)
+
+
+def served_version_overrides(run_dir: str | Path, model: str) -> RolloutRecord | None:
+    """For ``kiln serve start``: the model's record (its ``stable`` is the version to come back on).
+    A rollout that was in progress when serving stopped is recorded as aborted."""
+    store = RolloutStore(run_dir, model)
+    record = store.load()
+    if record is None:
+        return None
+    if record.active and existing_controller_safe(model) is None:
+        record.phase, record.weight, record.finished_at = "aborted", 0.0, time.time()
+        record.reason = "serving restarted while the rollout was in progress"
+        record.revision += 1
+        store.save(record)
+        store.audit({"step": record.step, "phase": record.phase, "weights": {record.stable: 100.0}, "shadow": 0.0,
+                     "gates": {}, "decision": "abort", "trigger": "serve-start", "reason": record.reason})
+    return record
+
+
+def existing_controller_safe(model: str):
+    try:
+        return existing_controller(model)
+    except Exception:
+        return None

@@ -1,0 +1,266 @@
+"""The rollout controller: one detached, restartable Ray actor per served model (0 CPU).
+
+Replicas call ``report`` every half second: they hand over their per-version statistics and get the
+routing table back. Every gate interval the controller evaluates the gates on the candidate's
+metrics of that interval and decides: roll back (a gate failed), hold (a gate has no data: the
+interval does not count towards the bake time), advance to the next step or promote (the step has
+run its bake time with every gate passing), or continue.
+Every decision and its gate values go to the audit log; the record is saved on every change, and a
+restarted controller (``max_restarts=-1``) reloads it and goes on where it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from kiln.rollout.routing import RoutingTable
+from kiln.rollout.spec import parse_gate
+from kiln.rollout.stats import VersionWindow, metrics_of
+from kiln.rollout.store import FINISHED, RolloutRecord, RolloutStore
+
+logger = logging.getLogger(__name__)
+
+NAMESPACE = "kiln"
+REPLICA_STALE_S = 3.0  # a replica that has not reported for this long is taken as gone
+IDLE_TICK_S = 1.0
+
+
+def controller_name(model: str) -> str:
+    return f"kiln-rollout-{model}"
+
+
+class RolloutController:
+    """Ray actor class (made remote by ``kiln.rollout.api.controller_for``)."""
+
+    def __init__(self, run_dir: str, model: str):
+        self.store = RolloutStore(run_dir, model)
+        self.record: RolloutRecord | None = self.store.load()
+        self.replicas: dict[str, dict[str, Any]] = {}  # replica id -> {"seen": t, "ready": {version: state}}
+        self.window: dict[str, VersionWindow] = {}
+        self.last_metrics: dict[str, Any] = {}
+        self.last_gates: dict[str, Any] = {}
+        self.last_decision: dict[str, Any] = {}
+        self._loop: asyncio.Task | None = None
+        self._last_tick = 0.0
+
+    # --- called by replicas ---------------------------------------------------------------------
+
+    async def report(self, payload: dict[str, Any]) -> dict[str, Any] | None:
+        """A replica's statistics since its last report; returns the routing table (None: no rollout yet)."""
+        self._ensure_loop()
+        self.replicas[payload["replica"]] = {"seen": time.monotonic(), "ready": payload.get("ready", {})}
+        for version, data in payload.get("stats", {}).items():
+            self.window.setdefault(version, VersionWindow()).add(VersionWindow.from_dict(data))
+        return self.table()
+
+    def table(self) -> dict[str, Any] | None:
+        r = self.record
+        if r is None:
+            return None
+        versions = {r.stable: r.stable_uri}
+        if r.previous and r.previous_uri and r.phase in FINISHED:  # kept loaded: an instant rollback
+            versions[r.previous] = r.previous_uri
+        if r.active and r.candidate:
+            versions[r.candidate] = r.candidate_uri
+            return RoutingTable(stable=r.stable, candidate=r.candidate, weight=r.weight,
+                                shadow=r.shadow if r.phase != "preparing" else 0.0, sticky_header=r.sticky_header,
+                                versions=versions, revision=r.revision).to_dict()
+        return RoutingTable(stable=r.stable, versions=versions, revision=r.revision).to_dict()
+
+    # --- called by the CLI / API ----------------------------------------------------------------
+
+    async def ping(self) -> bool:
+        self._ensure_loop()
+        return True
+
+    async def start(self, record: dict[str, Any], trigger: str) -> dict[str, Any]:
+        """Begin a rollout (the record comes checked from ``api.start_rollout``). Returns the record."""
+        self._ensure_loop()
+        if self.record is not None and self.record.active:
+            return {"error": f"a rollout of '{self.record.model}' to v{self.record.candidate} is in progress "
+                             f"({self.record.phase}); promote or roll it back first"}
+        new = RolloutRecord.from_dict(record)
+        if self.record is not None:  # what was promoted before stays known
+            new.previous, new.previous_uri = self.record.previous, self.record.previous_uri
+        new.phase, new.step, new.weight, new.trigger = "preparing", -1, 0.0, trigger
+        new.started_at = time.time()
+        new.revision = (self.record.revision if self.record else 0) + 1
+        self.record = new
+        self.window.clear()
+        self._save()
+        self._audit("start", trigger, f"{new.strategy} rollout v{new.stable} -> v{new.candidate}; waiting for every "
+                                      "replica to load and smoke-check the candidate")
+        return self.record.to_dict()
+
+    async def command(self, action: str, trigger: str = "user") -> dict[str, Any]:
+        """promote | rollback | pause | resume. Returns the record, or {"error": ...}."""
+        self._ensure_loop()
+        r = self.record
+        if r is None:
+            return {"error": f"no rollout of '{self.store.model}' is recorded"}
+        if action == "promote":
+            if not r.active:
+                return {"error": f"no rollout of '{r.model}' in progress to promote (last: {r.phase})"}
+            await self._promote(trigger, "promoted by hand")
+        elif action == "rollback":
+            if r.active:
+                self._roll_back(trigger, "rolled back by hand")
+            elif r.phase == "promoted" and r.previous:
+                await self._undo_promotion(trigger)
+            else:
+                return {"error": f"nothing to roll back for '{r.model}' (last: {r.phase})"}
+        elif action == "pause":
+            if r.phase not in ("preparing", "running"):
+                return {"error": f"no rollout of '{r.model}' in progress to pause (last: {r.phase})"}
+            r.reason = f"paused from {r.phase}"
+            r.phase = "paused"
+            self._changed("pause", trigger, "the ramp holds; gates are still evaluated")
+        elif action == "resume":
+            if r.phase != "paused":
+                return {"error": f"the rollout of '{r.model}' is not paused ({r.phase})"}
+            r.phase = "running" if r.step >= 0 else "preparing"
+            r.step_started_at, r.baked_s = time.time(), 0.0  # the step bakes again in full
+            r.reason = ""
+            self._changed("resume", trigger, "the step's bake time starts again")
+        else:
+            return {"error": f"unknown action '{action}'"}
+        return self.record.to_dict()
+
+    async def status(self) -> dict[str, Any]:
+        self._ensure_loop()
+        now = time.monotonic()
+        live = {rid: info["ready"] for rid, info in self.replicas.items() if now - info["seen"] < REPLICA_STALE_S}
+        return {"record": self.record.to_dict() if self.record else None, "metrics": self.last_metrics,
+                "gates": self.last_gates, "decision": self.last_decision, "replicas": live,
+                "table": self.table()}
+
+    # --- the gate loop --------------------------------------------------------------------------
+
+    def _ensure_loop(self) -> None:
+        if self._loop is None or self._loop.done():
+            self._loop = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            r = self.record
+            await asyncio.sleep(r.interval_s if r is not None and r.active else IDLE_TICK_S)
+            try:
+                await self._tick()
+            except Exception:  # keep evaluating: one bad tick must not end the rollout
+                logger.exception("kiln rollout: gate evaluation failed")
+
+    async def _tick(self) -> None:
+        r = self.record
+        now = time.monotonic()
+        # the evaluated interval's length (capped: a stalled loop must not count as a long passing bake)
+        elapsed = min(now - self._last_tick, 2 * r.interval_s) if r is not None and self._last_tick else 0.0
+        self._last_tick = now
+        window, self.window = self.window, {}
+        metrics = {v: metrics_of(w) for v, w in window.items()}
+        self.last_metrics = {v: m.to_dict() for v, m in metrics.items()}
+        if r is None or not r.active:
+            return
+        if r.phase == "preparing":
+            self._check_ready()
+            return
+        candidate = metrics.get(r.candidate)
+        gates = {}
+        for expr in r.gates:
+            gate = parse_gate(expr)
+            value = candidate.value(gate.signal) if candidate else None
+            gates[gate.expr] = {"value": value, "ok": gate.check(value)}
+        self.last_gates = gates
+        failed = [f"{name} failed ({_fmt(g['value'])})" for name, g in gates.items() if g["ok"] is False]
+        if failed:
+            self._roll_back("gate", "; ".join(failed), gates)
+            return
+        missing = [name for name, g in gates.items() if g["ok"] is None]
+        if r.phase == "paused":
+            self._audit("paused", "gate", "held by hand", gates)
+        elif missing:
+            self._audit("hold", "gate", f"no data for {', '.join(missing)}", gates)
+        elif r.baked_s + elapsed < r.bake_s:
+            r.baked_s += elapsed  # only intervals with every gate passing count towards the bake time
+            self._save()
+            self._audit("continue", "gate", "", gates)
+        elif r.step + 1 < len(r.steps):
+            r.step += 1
+            r.weight = r.steps[r.step]
+            r.step_started_at, r.baked_s = time.time(), 0.0
+            self._changed("advance", "auto", f"step {r.step} baked with every gate passing", gates)
+        else:
+            await self._promote("auto", "every step baked with every gate passing", gates)
+
+    def _check_ready(self) -> None:
+        """Preparing: start step 0 once every live replica has loaded and smoke-checked the candidate."""
+        r = self.record
+        now = time.monotonic()
+        live = {rid: info["ready"] for rid, info in self.replicas.items() if now - info["seen"] < REPLICA_STALE_S}
+        failed = {rid: ready[r.candidate] for rid, ready in live.items()
+                  if str(ready.get(r.candidate, "")).startswith("failed")}
+        if failed:
+            self._roll_back("gate", f"v{r.candidate} failed to load on a replica: {next(iter(failed.values()))}")
+            return
+        if live and all(ready.get(r.candidate) == "ready" for ready in live.values()):
+            r.phase, r.step, r.weight = "running", 0, r.steps[0]
+            r.step_started_at, r.baked_s = time.time(), 0.0
+            self._changed("step", "auto", f"v{r.candidate} loaded and smoke-checked on {len(live)} replica(s)")
+
+    # --- decisions ------------------------------------------------------------------------------
+
+    async def _promote(self, trigger: str, reason: str, gates: dict | None = None) -> None:
+        r = self.record
+        r.previous, r.previous_uri = r.stable, r.stable_uri
+        r.stable, r.stable_uri = r.candidate, r.candidate_uri
+        r.phase, r.weight, r.reason, r.finished_at = "promoted", 0.0, reason, time.time()
+        alias = await self._move_champion(r.stable)
+        self._changed("promote", trigger, reason + alias, gates)
+
+    async def _undo_promotion(self, trigger: str) -> None:
+        r = self.record
+        demoted = r.stable
+        r.stable, r.stable_uri, r.previous, r.previous_uri = r.previous, r.previous_uri, r.stable, r.stable_uri
+        r.phase, r.reason, r.finished_at = "rolled_back", f"promotion of v{demoted} undone by hand", time.time()
+        alias = await self._move_champion(r.stable)
+        self._changed("rollback", trigger, r.reason + alias)
+
+    def _roll_back(self, trigger: str, reason: str, gates: dict | None = None) -> None:
+        r = self.record
+        r.phase, r.weight, r.reason, r.finished_at = "rolled_back", 0.0, reason, time.time()
+        self._changed("rollback", trigger, reason, gates)
+
+    async def _move_champion(self, version: str) -> str:
+        """Point the registry alias ``champion`` at ``version``; returns a note for the audit log."""
+        from kiln import tracking as trk
+
+        r = self.record
+        try:
+            await asyncio.to_thread(trk.set_alias, r.tracking_uri, r.registered_name, "champion", version)
+        except Exception as exc:  # the routing decision stands; the log says the alias did not move
+            return f"; alias 'champion' NOT moved: {type(exc).__name__}: {exc}"
+        return f"; alias 'champion' -> {r.registered_name} v{version}"
+
+    def _changed(self, decision: str, trigger: str, reason: str, gates: dict | None = None) -> None:
+        self.record.revision += 1
+        self._save()
+        self._audit(decision, trigger, reason, gates)
+
+    def _save(self) -> None:
+        self.store.save(self.record)
+
+    def _audit(self, decision: str, trigger: str, reason: str, gates: dict | None = None) -> None:
+        r = self.record
+        weights = {r.stable: round(100.0 - r.weight, 3)}
+        if r.candidate and r.active:
+            weights[r.candidate] = r.weight
+        entry = {"step": r.step, "phase": r.phase, "weights": weights, "shadow": r.shadow if r.active else 0.0,
+                 "gates": gates or {}, "decision": decision, "trigger": trigger, "reason": reason,
+                 "metrics": self.last_metrics}
+        self.last_decision = self.store.audit(entry)
+
+
+def _fmt(value: float | None) -> str:
+    return "no data" if value is None else f"{value:.4g}"

@@ -1,0 +1,156 @@
+"""The rollout's side inside a ModelServer replica: route, count, report, load new versions.
+
+Nothing here is on the request path but ``route`` (a weighted choice on a local table) and
+``record`` (a few counters). A background task reports the counts to the model's controller every
+``REPORT_S`` and gets the routing table back in the same call; a version the table names that the
+replica lacks is loaded off the event loop and smoke-checked before the replica reports it ready.
+Without a controller (no rollout ever started) or while it is unreachable, the last table stands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Awaitable, Callable
+
+from kiln.rollout.controller import NAMESPACE, controller_name
+from kiln.rollout.routing import Router, RoutingTable
+from kiln.rollout.stats import VersionWindow
+
+logger = logging.getLogger("ray.serve")
+
+REPORT_S = 0.5
+LOOKUP_EVERY_S = 2.0  # how often a replica without a controller looks for one
+CALL_TIMEOUT_S = 5.0
+
+
+class RolloutAgent:
+    """Per-replica rollout state. ``load(version, uri)`` is the server's coroutine that adds a version."""
+
+    def __init__(self, model: str, default_version: str, ready_versions: list[str],
+                 load: Callable[[str, str], Awaitable[None]], signals: Callable[[str], dict[str, float]]):
+        self.model = model
+        self.default_version = default_version
+        self.table: RoutingTable | None = None
+        self.router = Router()
+        self.windows: dict[str, VersionWindow] = {}
+        self.ready: dict[str, str] = {v: "ready" for v in ready_versions}
+        self._load = load
+        self._signals = signals
+        self._loading: dict[str, asyncio.Task] = {}
+        self._handle = None
+        self._looked_at = 0.0
+        self._replica_id = _replica_id()
+        self._warned = 0.0
+
+    # --- the request path -----------------------------------------------------------------------
+
+    def route(self, headers) -> str:
+        """The version that answers an unversioned request: the table's choice if this replica has it
+        ready, else the stable (or default) version."""
+        table = self.table
+        if table is None:
+            return self.default_version
+        stable = table.stable if self.ready.get(table.stable) == "ready" else self.default_version
+        if table.candidate is None or self.ready.get(table.candidate) != "ready":
+            return stable
+        key = headers.get(table.sticky_header) if table.sticky_header else None
+        chosen = self.router.choose(table, key)
+        return chosen if chosen == table.candidate else stable
+
+    def mirror_to(self, answered_by: str) -> str | None:
+        """The candidate, when this request (answered by the stable version) is to be mirrored to it."""
+        table = self.table
+        if (table is None or table.candidate is None or answered_by == table.candidate
+                or self.ready.get(table.candidate) != "ready"):
+            return None
+        return table.candidate if self.router.mirror(table) else None
+
+    def record(self, version: str, status: int, latency_ms: float) -> None:
+        self.windows.setdefault(version, VersionWindow()).record(status, latency_ms)
+
+    def compare(self, version: str, agreed: int, rows: int) -> None:
+        self.windows.setdefault(version, VersionWindow()).compare(agreed, rows)
+
+    # --- the background report --------------------------------------------------------------------
+
+    async def run_forever(self) -> None:
+        while True:
+            await asyncio.sleep(REPORT_S)
+            try:
+                await self.sync()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the controller restarting, a slow GCS: try again next time
+                self._handle = None
+                now = time.monotonic()
+                if now - self._warned > 30:
+                    self._warned = now
+                    logger.warning("kiln rollout: report to the controller of '%s' failed: %s", self.model, exc)
+
+    async def sync(self) -> None:
+        handle = await self._controller()
+        stats = self._drain()
+        if handle is None:
+            return
+        payload = {"replica": self._replica_id, "ready": dict(self.ready),
+                   "stats": {v: w.to_dict() for v, w in stats.items()}}
+        table = await asyncio.wait_for(_await_ref(handle.report.remote(payload)), CALL_TIMEOUT_S)
+        if table is not None:
+            self.apply(RoutingTable.from_dict(table))
+
+    def apply(self, table: RoutingTable) -> None:
+        self.table = table
+        for version, uri in table.versions.items():
+            if version not in self.ready and version not in self._loading:
+                self._loading[version] = asyncio.get_running_loop().create_task(self._add(version, uri))
+
+    async def _add(self, version: str, uri: str) -> None:
+        try:
+            await self._load(version, uri)
+            self.ready[version] = "ready"
+        except Exception as exc:
+            logger.exception("kiln rollout: loading %s failed", uri)
+            self.ready[version] = f"failed: {type(exc).__name__}: {exc}"[:300]
+        finally:
+            self._loading.pop(version, None)
+
+    def _drain(self) -> dict[str, VersionWindow]:
+        windows, self.windows = self.windows, {}
+        for version, window in windows.items():
+            signals = self._signals(version)
+            if signals:
+                window.signals = dict(signals)
+        return windows
+
+    async def _controller(self):
+        if self._handle is not None:
+            return self._handle
+        now = time.monotonic()
+        if now - self._looked_at < LOOKUP_EVERY_S:
+            return None
+        self._looked_at = now
+        self._handle = await asyncio.to_thread(_lookup, controller_name(self.model))
+        return self._handle
+
+
+def _lookup(name: str):
+    import ray
+
+    try:
+        return ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+async def _await_ref(ref) -> Any:
+    return await ref
+
+
+def _replica_id() -> str:
+    import ray
+
+    if not ray.is_initialized():  # built outside a replica: asking for the context would start Ray
+        return "local"
+    return ray.get_runtime_context().get_actor_id() or "local"

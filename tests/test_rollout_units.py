@@ -1,0 +1,170 @@
+"""Rollout logic without a cluster: options and gates, routing shares and sticky buckets, windowed
+metrics, and the controller's decisions fed with replica reports (a real store in a temp dir)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+
+import pytest
+
+from kiln.errors import KilnError
+from kiln.rollout.controller import RolloutController
+from kiln.rollout.routing import Router, RoutingTable, sticky_bucket
+from kiln.rollout.spec import RolloutOptions, parse_duration, parse_gate
+from kiln.rollout.stats import VersionWindow, metrics_of
+from kiln.rollout.store import RolloutRecord, RolloutStore
+
+
+def test_durations_and_gates_parse_or_fail_with_a_clear_message():
+    assert [parse_duration(t) for t in ("500ms", "5s", "2m", "1.5h", "3")] == [0.5, 5.0, 120.0, 5400.0, 3.0]
+    with pytest.raises(KilnError, match="'5 minutes' is not a duration"):
+        parse_duration("5 minutes")
+    with pytest.raises(KilnError, match="must be positive"):
+        parse_duration("0s")
+    gate = parse_gate("p99_ms < 200")
+    assert (gate.signal, gate.op, gate.threshold, gate.expr) == ("p99_ms", "<", 200.0, "p99_ms<200")
+    assert (gate.check(150.0), gate.check(250.0), gate.check(None)) == (True, False, None)
+    assert parse_gate("agreement>=0.9").check(0.9) is True
+    assert parse_gate("drift<0.2").check(None) is None  # a quality signal not reported yet: no data
+    with pytest.raises(KilnError, match="unknown signal 'latency'"):
+        parse_gate("latency<5")
+
+
+def test_strategies_resolve_to_steps():
+    assert RolloutOptions().plan("canary")[:2] == ([5.0], 0.0)
+    assert RolloutOptions(weight=20).plan("shadow")[:2] == ([0.0], 20.0)
+    assert RolloutOptions().plan("linear")[0] == [10.0, 25.0, 50.0, 100.0]
+    assert RolloutOptions().plan("blue-green")[0] == [100.0]
+    with pytest.raises(KilnError, match="--steps applies to the linear strategy"):
+        RolloutOptions(steps=[10, 100]).plan("canary")
+    with pytest.raises(KilnError, match="needs mirrored traffic"):
+        RolloutOptions(gates=["agreement>0.9"]).plan("linear")
+
+
+def test_weighted_choice_hits_the_share_and_sticky_keys_move_once():
+    router = Router()
+    table = RoutingTable(stable="1", candidate="2", weight=10.0)
+    counts = Counter(router.choose(table, None) for _ in range(1000))
+    assert abs(counts["2"] - 100) <= 2  # the Weyl sequence: within a request or two of the weight
+    keys = [f"user-{i}" for i in range(2000)]
+    assert all(sticky_bucket(k) == sticky_bucket(k) and 0 <= sticky_bucket(k) < 100 for k in keys)
+    seen: dict[str, list[str]] = {k: [] for k in keys}
+    for weight in (10.0, 25.0, 50.0, 100.0):  # a ramp: a key never returns to the stable version
+        table = RoutingTable(stable="1", candidate="2", weight=weight)
+        for k in keys:
+            seen[k].append(router.choose(table, k))
+    assert all(path == sorted(path) for path in seen.values())  # "1"... then "2"...
+    assert abs(sum(path[0] == "2" for path in seen.values()) / len(keys) - 0.10) < 0.03
+    mirror = Router()
+    shadow = RoutingTable(stable="1", candidate="2", shadow=25.0)
+    assert sum(mirror.mirror(shadow) for _ in range(400)) == 100
+
+
+def test_windows_add_up_across_replicas():
+    a, b = VersionWindow(), VersionWindow()
+    for i in range(99):
+        a.record(200, float(i + 1))
+    b.record(503, 500.0)
+    b.record(404, 1.0)  # a client's mistake: not an error of the version
+    b.compare(agreed=3, rows=4)
+    a.signals, b.signals = {"drift": 0.1}, {"drift": 0.3}
+    total = VersionWindow()
+    total.add(VersionWindow.from_dict(a.to_dict()))
+    total.add(VersionWindow.from_dict(b.to_dict()))
+    m = metrics_of(total)
+    # nearest-rank percentiles over 1, 1, 2, ..., 99, 500
+    assert (m.requests, m.errors, m.agreement, m.p50_ms, m.p99_ms) == (101, 1, 0.75, 50.0, 99.0)
+    assert m.error_rate == pytest.approx(1 / 101) and m.signals["drift"] == pytest.approx(0.2)
+    assert metrics_of(VersionWindow()).error_rate is None
+
+
+def _record(**kw) -> dict:
+    return RolloutRecord(model="m", registered_name="m", tracking_uri="sqlite:////nonexistent/x.db", stable="1",
+                         stable_uri="models:/m/1", candidate="2", candidate_uri="models:/m/2", strategy="linear",
+                         steps=[50.0, 100.0], bake_s=0.0, interval_s=1.0, **kw).to_dict()
+
+
+def _report(ctl, ready, requests=0, errors=0):
+    stats = VersionWindow()
+    for i in range(requests):
+        stats.record(500 if i < errors else 200, 5.0)
+    return ctl.report({"replica": "r1", "ready": ready, "stats": {"2": stats.to_dict()}})
+
+
+def test_controller_waits_for_replicas_advances_holds_and_rolls_back(tmp_path):
+    async def scenario():
+        ctl = RolloutController(str(tmp_path), "m")
+        await ctl.start(_record(gates=["error_rate<0.1"]), "monitor")
+        table = await _report(ctl, {"1": "ready"})
+        assert (table["candidate"], table["weight"], table["versions"]) == ("2", 0.0, {"1": "models:/m/1",
+                                                                                      "2": "models:/m/2"})
+        await ctl._tick()
+        assert ctl.record.phase == "preparing"  # the replica has not loaded v2 yet
+        await _report(ctl, {"1": "ready", "2": "ready"})
+        await ctl._tick()
+        assert (ctl.record.phase, ctl.record.weight) == ("running", 50.0)
+        await ctl._tick()  # no candidate traffic: no data, the step holds
+        assert ctl.record.weight == 50.0 and ctl.last_decision["decision"] == "hold"
+        await _report(ctl, {"1": "ready", "2": "ready"}, requests=20)
+        await ctl._tick()
+        assert ctl.record.weight == 100.0
+        await _report(ctl, {"1": "ready", "2": "ready"}, requests=20, errors=5)
+        await ctl._tick()
+        return ctl
+
+    ctl = asyncio.run(scenario())
+    assert ctl.record.phase == "rolled_back" and ctl.record.stable == "1"
+    entries = RolloutStore(tmp_path, "m").history()
+    assert [e["decision"] for e in entries] == ["start", "step", "hold", "advance", "rollback"]
+    assert entries[0]["trigger"] == "monitor" and entries[-1]["trigger"] == "gate"
+    assert entries[-1]["reason"] == "error_rate<0.1 failed (0.25)"
+    assert RolloutStore(tmp_path, "m").load().phase == "rolled_back"  # persisted: a new controller sees it
+
+
+def test_controller_promotes_remembers_the_previous_version_and_reloads(tmp_path):
+    async def scenario():
+        ctl = RolloutController(str(tmp_path), "m")
+        await ctl.start(_record(gates=[]), "user")
+        await _report(ctl, {"1": "ready", "2": "ready"})
+        await ctl._tick()
+        assert (await ctl.command("pause"))["phase"] == "paused"
+        await ctl._tick()
+        assert ctl.record.weight == 50.0  # paused: no advance
+        await ctl.command("resume")
+        await ctl._tick()
+        await ctl._tick()
+        assert ctl.record.phase == "promoted"
+        again = RolloutController(str(tmp_path), "m")  # a restarted controller
+        table = again.table()
+        undo = await again.command("rollback")
+        return table, undo, await again.command("promote")
+
+    table, undo, refused = asyncio.run(scenario())
+    assert table == {"stable": "2", "candidate": None, "weight": 0.0, "shadow": 0.0, "sticky_header": None,
+                     "versions": {"2": "models:/m/2", "1": "models:/m/1"}, "revision": table["revision"]}
+    assert (undo["phase"], undo["stable"], undo["previous"]) == ("rolled_back", "1", "2")
+    assert refused == {"error": "no rollout of 'm' in progress to promote (last: rolled_back)"}
+    promote = [e for e in RolloutStore(tmp_path, "m").history() if e["decision"] == "promote"][0]
+    assert "alias 'champion' NOT moved" in promote["reason"]  # no registry at that URI: said, not hidden
+
+
+def test_only_intervals_with_every_gate_passing_count_towards_the_bake(tmp_path):
+    async def tick_after(ctl, seconds: float, requests: int) -> str:
+        await _report(ctl, {"1": "ready", "2": "ready"}, requests=requests)
+        ctl._last_tick = time.monotonic() - seconds  # the interval that just ended lasted `seconds`
+        await ctl._tick()
+        return ctl.last_decision["decision"]
+
+    async def scenario():
+        ctl = RolloutController(str(tmp_path), "m")
+        record = _record(gates=["error_rate<0.1"])
+        record["bake_s"] = 1.5
+        await ctl.start(record, "user")
+        await tick_after(ctl, 1.0, 0)  # preparing -> step 0
+        return [await tick_after(ctl, 1.0, n) for n in (10, 0, 0, 10)], ctl.record
+
+    decisions, record = asyncio.run(scenario())
+    assert decisions == ["continue", "hold", "hold", "advance"]  # 1 s passing + 2 s without data + 1 s passing
+    assert (record.weight, record.baked_s) == (100.0, 0.0)
