@@ -31,7 +31,9 @@ WINDOW = 120
 RETRAIN = ["serve.monitor.retrain.config=configs/train/digits_cnn.yaml", "serve.monitor.retrain.data_source=digits",
            "serve.monitor.retrain.after_s=2",
            "serve.monitor.retrain.overrides=[train.epochs=1, train.workers=1, train.cpus_per_worker=0.5, "
-           "model.width=8, train.checkpoint.keep=1]"]
+           "model.width=8, train.checkpoint.keep=1]",
+           "serve.monitor.retrain.rollout.weight=50", "serve.monitor.retrain.rollout.bake_s=3",
+           "serve.monitor.retrain.rollout.interval_s=1", "serve.monitor.retrain.rollout.gates=[error_rate<0.01]"]
 
 
 class Receiver(http.server.BaseHTTPRequestHandler):
@@ -152,37 +154,6 @@ def test_noise_is_flagged_drift_alerts_and_the_webhook_gets_the_json(served, reg
     assert "drifted: input.brightness" in proc.stderr or "input.brightness" in proc.stderr
 
 
-@pytest.mark.slow  # a real training job on the module's cluster (about a minute)
-def test_sustained_drift_submits_a_retraining_job_that_registers_a_new_version(served, registry):
-    """After the noise above, the drift alert keeps firing: after_s later the replica submits `train` through
-    the Jobs API (kiln submit's path) with the configured data source; the job registers a new version."""
-    from kiln import tracking as trk
-
-    deadline = time.monotonic() + 300
-    while True:
-        status = requests.get(served["url"] + "/v2/models/digits/versions/1/monitor", timeout=30).json()
-        retrain = status["versions"]["1"]["retrain"]
-        steps = [e["step"] for e in retrain["events"]]
-        if "registered" in steps or "failed" in steps:
-            break
-        assert time.monotonic() < deadline, f"no retraining outcome in time: {retrain}"
-        time.sleep(2)
-    assert steps[:3] == ["triggered", "submitted", "registered"], json.dumps(retrain["events"])
-    triggered, submitted, registered = retrain["events"][:3]
-    assert triggered["detail"]["drift"] > 0.3 and triggered["detail"]["firing_s"] >= 2
-    assert submitted["submission_id"].startswith("kiln-retrain-digits-v1-")
-    assert "jobs/train.py" in submitted["detail"]["entrypoint"] and "data.source=digits" in submitted["detail"]["entrypoint"]
-    model_uri = registered["detail"]["model_uri"]
-    name, version = model_uri[len("models:/"):].split("/")
-    assert name == "digits" and int(version) > 1
-    mv = trk.model_version_for(registry.tracking_uri, model_uri)
-    assert mv.tags.get("kiln.variant") == "fp32"
-    assert (trk.resolve_model_dir(model_uri, registry.tracking_uri) / "monitor_reference.json").is_file()
-    webhook_steps = [p["step"] for p in Receiver.posts if p.get("kind") == "kiln.monitor.retrain"]
-    assert webhook_steps[:3] == ["triggered", "submitted", "registered"]
-    assert retrain["in_flight"] is None  # one job at a time; the cooldown keeps the next one away
-
-
 def test_unmonitored_version_gets_a_one_line_warning(served, registry):
     proc = monitor_cli(registry, "status", "legacy")
     assert proc.returncode == 0, proc.stderr
@@ -223,3 +194,91 @@ def test_status_of_an_unknown_model_is_one_error_line(served, registry):
     proc = monitor_cli(registry, "status", "nosuch")
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and "nosuch" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+# --- closing the loop, and the gates (they change what is served: last) --------------------------
+
+def audit(registry) -> list[dict]:
+    from kiln.rollout.store import RolloutStore
+
+    return RolloutStore(registry.run_dir, "digits").history()
+
+
+def rollout_phase(registry) -> str | None:
+    from kiln.rollout.store import RolloutStore
+
+    record = RolloutStore(registry.run_dir, "digits").load()
+    return record.phase if record else None
+
+
+@pytest.mark.slow  # a real training job on the serving cluster, then a rollout (about a minute)
+def test_sustained_drift_retrains_and_rolls_the_new_version_out(served, registry):
+    """The loop end to end: after the noise above the drift alert keeps firing; after_s later the replica
+    submits `train` through the Jobs API (kiln submit's path) with the configured data source; the job
+    registers a new version; a gated canary rollout of it starts (trigger: monitor) and, under
+    in-distribution traffic, is promoted. Every step is in the rollout audit log."""
+    from kiln import tracking as trk
+
+    deadline = time.monotonic() + 300
+    while True:
+        status = requests.get(served["url"] + "/v2/models/digits/versions/1/monitor", timeout=30).json()
+        retrain = status["versions"]["1"]["retrain"]
+        steps = [e["step"] for e in retrain["events"]]
+        if "rollout" in steps or "failed" in steps:
+            break
+        assert time.monotonic() < deadline, f"no retraining outcome in time: {retrain}"
+        time.sleep(2)
+    assert steps[:4] == ["triggered", "submitted", "registered", "rollout"], json.dumps(retrain["events"])
+    triggered, submitted, registered, rollout = retrain["events"][:4]
+    assert triggered["detail"]["drift"] > 0.3 and triggered["detail"]["firing_s"] >= 2
+    assert submitted["submission_id"].startswith("kiln-retrain-digits-v1-")
+    assert "jobs/train.py" in submitted["detail"]["entrypoint"] and "data.source=digits" in submitted["detail"]["entrypoint"]
+    model_uri = registered["detail"]["model_uri"]
+    name, version = model_uri[len("models:/"):].split("/")
+    assert name == "digits" and int(version) > 1 and rollout["detail"]["to_version"] == version
+    assert (trk.resolve_model_dir(model_uri, registry.tracking_uri) / "monitor_reference.json").is_file()
+
+    images = digits_raw(200)
+    deadline = time.monotonic() + 120
+    while rollout_phase(registry) not in ("promoted", "rolled_back"):
+        assert time.monotonic() < deadline, f"rollout never finished: {audit(registry)[-3:]}"
+        for i in range(0, 200, 10):
+            infer(served["url"], images[i:i + 10])
+    assert rollout_phase(registry) == "promoted", audit(registry)[-3:]
+    decisions = [(e["decision"], e.get("trigger")) for e in audit(registry)]
+    assert decisions[:5] == [("retrain-triggered", "monitor"), ("retrain-submitted", "monitor"),
+                             ("retrain-registered", "monitor"), ("start", "monitor"), ("retrain-rollout", "monitor")] \
+        or decisions[:5] == [("retrain-triggered", "monitor"), ("retrain-submitted", "monitor"),
+                             ("retrain-registered", "monitor"), ("retrain-rollout", "monitor"), ("start", "monitor")]
+    assert decisions[-1] == ("promote", "auto")
+    webhook_steps = [p["step"] for p in Receiver.posts if p.get("kind") == "kiln.monitor.retrain"]
+    assert webhook_steps[:4] == ["triggered", "submitted", "registered", "rollout"]
+
+
+@pytest.mark.slow  # trains one more version, then a rollout
+def test_a_rollout_whose_new_version_sees_drift_is_rolled_back_by_the_drift_gate(served, registry):
+    from served_models import CNN, DIGITS, train_and_register
+
+    fresh = train_and_register(registry.run_dir, "digits", DIGITS, CNN, epochs=2, seed=2).rsplit("/", 1)[1]
+    proc = run_kiln("rollout", "start", "digits", "--to", fresh, "--strategy", "canary", "--weight", "100",
+                    "--bake", "60s", "--interval", "1s", "--gate", "drift<0.3", "--gate", "error_rate<0.01",
+                    "--run-dir", str(registry.run_dir), "--json")
+    assert proc.returncode == 0, proc.stderr
+    rng = np.random.default_rng(1)
+    deadline = time.monotonic() + 120
+    while rollout_phase(registry) != "rolled_back":
+        assert time.monotonic() < deadline, f"not rolled back: {audit(registry)[-3:]}"
+        out = infer(served["url"], rng.integers(0, 256, (10, 1, 8, 8)).astype(np.uint8))  # drifted traffic
+        assert out["model_version"] in (fresh, rollout_stable(registry))
+    last = audit(registry)[-1]
+    assert (last["decision"], last["trigger"]) == ("rollback", "gate")
+    assert "drift<0.3 failed" in last["reason"] and last["gates"]["drift<0.3"]["value"] > 0.3
+    assert last["gates"]["error_rate<0.01"]["ok"] is True  # a healthy version, rolled back for its inputs
+    history = run_kiln("rollout", "history", "digits", "--run-dir", str(registry.run_dir))
+    assert "drift<0.3 failed" in history.stdout
+
+
+def rollout_stable(registry) -> str:
+    from kiln.rollout.store import RolloutStore
+
+    return RolloutStore(registry.run_dir, "digits").load().stable

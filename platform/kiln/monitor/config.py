@@ -71,3 +71,10 @@ def resolve_retrain(cfg: MonitorConfig, cwd: str | None = None) -> None:
         raise ConfigError(f"config key 'serve.monitor.retrain.config': {config} is outside the project folder "
                           f"{project}, so the job would not get it") from None
     policy.project, policy.config = str(project), relative.as_posix()
+    if policy.rollout is not None:
+        from kiln.errors import KilnError
+
+        try:
+            policy.rollout.options().plan(policy.rollout.strategy)
+        except KilnError as exc:
+            raise ConfigError(f"config key 'serve.monitor.retrain.rollout': {exc}") from None

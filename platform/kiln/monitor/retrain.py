@@ -1,10 +1,10 @@
 """Closing the loop: when a served version's drift alert has been firing for ``after_s``, submit a
 retraining job through the same path as ``kiln submit train`` (Ray Jobs API) on the configured data
-source, follow it to its end, and hand the version it registered to ``on_new_version`` (the gated
-rollout, once rollouts exist).
+source, follow it to its end, and start a gated rollout of the version it registered
+(``kiln.rollout.api.start_rollout``, trigger ``monitor``).
 
-Each step is an event (``RetrainEvent``): logged, kept in the monitor status, and POSTed to the
-webhook. One job at a time per version, at most one per ``cooldown_s``. With several replicas, the
+Each step is an event (``RetrainEvent``): logged, written to the model's rollout audit log, kept in the
+monitor status, and POSTed to the webhook. One job at a time per version, at most one per ``cooldown_s``. With several replicas, the
 submission id is derived from the model, the version and the cooldown period, so the replicas that
 cross the threshold in the same period submit one job (the Jobs API refuses a second job with that id).
 """
@@ -18,13 +18,33 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from pydantic import Field, field_validator
 
 from kiln.config import Section
 
 logger = logging.getLogger("kiln.monitor")
+
+
+class RolloutPolicy(Section):
+    """How the retrained version is rolled out (``kiln rollout start`` options)."""
+
+    strategy: Literal["canary", "linear", "blue-green", "shadow"] = Field("canary", description="Rollout strategy.")
+    weight: float | None = Field(10.0, gt=0, le=100, description="canary: percent of requests to the new version; "
+                                                                 "shadow: percent mirrored.")
+    steps: list[float] | None = Field(None, description="linear: percent per step.")
+    bake_s: float = Field(300.0, gt=0, description="Time at each step with every gate passing.")
+    interval_s: float = Field(10.0, gt=0, description="Gate evaluation interval.")
+    gates: list[str] = Field(default_factory=lambda: ["error_rate<0.01", "drift<0.3"],
+                             description="Gates on the new version's live metrics and monitoring signals.")
+
+    def options(self):
+        """The rollout's RolloutOptions."""
+        from kiln.rollout.spec import RolloutOptions
+
+        return RolloutOptions(weight=self.weight if self.strategy in ("canary", "shadow") else None,
+                              steps=self.steps, bake_s=self.bake_s, interval_s=self.interval_s, gates=list(self.gates))
 
 
 class RetrainPolicy(Section):
@@ -43,6 +63,8 @@ class RetrainPolicy(Section):
                                                   "config); default: the folder `kiln serve start` ran in.")
     python: str | None = Field(None, description="Python of the job on the head; default: the replica's.")
     job_timeout_s: float = Field(3600.0, gt=0, description="Give up following the job after this long.")
+    rollout: RolloutPolicy | None = Field(default_factory=RolloutPolicy, description="Roll the new version out "
+                                          "with these gates (null: only register it).")
 
     @field_validator("overrides")
     @classmethod
@@ -77,12 +99,11 @@ class RetrainLoop:
     """The retraining policy of one served version (``check`` is called periodically off the event loop)."""
 
     def __init__(self, policy: RetrainPolicy, model: str, version: str, registry_name: str, tracking_uri: str,
-                 on_event: Callable[[RetrainEvent], None] | None = None,
-                 on_new_version: Callable[[str, RetrainEvent], None] | None = None):
+                 run_dir: str | None = None, on_event: Callable[[RetrainEvent], None] | None = None):
         self.policy, self.model, self.version = policy, model, version
         self.registry_name, self.tracking_uri = registry_name, tracking_uri
+        self.run_dir = run_dir  # the serving run dir: rollout state and audit log
         self.on_event = on_event or (lambda event: None)
-        self.on_new_version = on_new_version
         self.events: list[RetrainEvent] = []
         self.in_flight: str | None = None
         self.last_submitted: float | None = None
@@ -123,9 +144,9 @@ class RetrainLoop:
             self._emit("failed", self.in_flight if self.in_flight != "starting" else None,
                        {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"})
         else:
-            if outcome is not None and self.on_new_version is not None:
+            if outcome is not None and self.policy.rollout is not None:
                 try:
-                    self.on_new_version(outcome.summary["model_uri"], self.events[-1])
+                    self.roll_out(outcome.summary["model_uri"], outcome.submission_id)
                 except Exception as exc:
                     self._emit("failed", outcome.submission_id, {"error": f"rollout: {exc}"})
         finally:
@@ -164,10 +185,33 @@ class RetrainLoop:
                                                  .get("test_accuracy")})
         return outcome
 
+    def roll_out(self, model_uri: str, submission_id: str) -> None:
+        """Start the gated rollout of the registered version (the rollout controller takes it from there)."""
+        from kiln.errors import KilnError
+        from kiln.rollout.api import start_rollout
+
+        if not self.run_dir:
+            raise KilnError("no serving run dir to keep the rollout's state in")
+        version = model_uri.rsplit("/", 1)[1]
+        policy = self.policy.rollout
+        record = start_rollout(self.run_dir, None, self.model, version, policy.strategy, policy.options(),
+                               trigger="monitor")
+        self._emit("rollout", submission_id, {"to_version": record.candidate, "strategy": record.strategy,
+                                              "gates": ",".join(record.gates)})
+
     def _emit(self, step: str, submission_id: str | None, detail: dict[str, Any]) -> None:
         event = RetrainEvent(self.model, self.version, step, submission_id=submission_id, detail=detail)
         self.events = [*self.events[-49:], event]
         (logger.warning if step == "failed" else logger.info)(event.line())
+        if self.run_dir:  # every step of the loop in the model's rollout audit log
+            try:
+                from kiln.rollout.store import RolloutStore
+
+                RolloutStore(self.run_dir, self.model).audit({
+                    "decision": f"retrain-{step}", "trigger": "monitor", "version": self.version,
+                    "submission_id": submission_id, "reason": event.line(), "detail": detail})
+            except Exception:
+                logger.exception("kiln monitor: could not write the rollout audit log")
         try:
             self.on_event(event)
         except Exception:

@@ -14,7 +14,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -30,8 +30,13 @@ logger = logging.getLogger("ray.serve")
 class ReplicaMonitors:
     """The monitors of one replica's versions (absent versions: registered without a reference)."""
 
-    def __init__(self, model: str, cfg: MonitorConfig, metrics=None, tracking_uri: str | None = None):
+    def __init__(self, model: str, cfg: MonitorConfig, metrics=None, tracking_uri: str | None = None,
+                 run_dir: str | None = None, stable_version: Callable[[], str | None] | None = None):
         self.model, self.cfg, self.metrics, self.tracking_uri = model, cfg, metrics, tracking_uri
+        self.run_dir = run_dir
+        # The one version whose drift may start a retraining (the stable one; None while a rollout runs, its
+        # gates decide then). Without it (no rollouts), every version's drift may.
+        self.stable_version = stable_version
         self.monitors: dict[str, VersionMonitor] = {}
         self.loops: dict[str, RetrainLoop] = {}
         self.unmonitored: dict[str, str] = {}  # version -> why
@@ -48,7 +53,7 @@ class ReplicaMonitors:
             return
         cfg = self.cfg
         self.loops[version] = RetrainLoop(
-            cfg.retrain, self.model, version, registry_name, self.tracking_uri or "",
+            cfg.retrain, self.model, version, registry_name, self.tracking_uri or "", self.run_dir,
             on_event=lambda event: cfg.webhook_url and self._alerts.submit(
                 post_webhook, cfg.webhook_url, {"kind": "kiln.monitor.retrain", **event.to_dict()},
                 cfg.webhook_timeout_s))
@@ -68,7 +73,7 @@ class ReplicaMonitors:
                     if self.metrics is not None and monitor.last is not None:
                         self.metrics.publish(self.model, version, monitor.last, monitor)
                     loop = self.loops.get(version)
-                    if loop is not None:
+                    if loop is not None and (self.stable_version is None or self.stable_version() == version):
                         loop.check(monitor.drift_alert.since if monitor.drift_alert.firing else None,
                                    monitor.last.drift_score if monitor.last else None)
                 except Exception:

@@ -92,7 +92,8 @@ class ModelServer:
         self.runners: dict[str, VersionRunner] = {}
         monitor_cfg = MonitorConfig.model_validate(spec.monitor or {})
         self.monitors = ReplicaMonitors(spec.model_name, monitor_cfg,
-                                        MonitorMetrics() if monitor_cfg.enabled else None, spec.tracking_uri)
+                                        MonitorMetrics() if monitor_cfg.enabled else None, spec.tracking_uri,
+                                        spec.run_dir, self._retrainable_version)
         for source in spec.versions:
             directory = resolve_model_dir(source.uri, spec.tracking_uri)
             predictor = load_predictor(directory)
@@ -128,6 +129,13 @@ class ModelServer:
         """The version that answers an unversioned request (the default, or the rollout's choice)."""
         return self.rollout.route(request.headers)
 
+    def _retrainable_version(self) -> str | None:
+        """The stable version, or None while a rollout is in progress (retraining waits for its outcome)."""
+        table = getattr(self, "rollout", None) and self.rollout.table
+        if table is None:
+            return self.default_version
+        return None if table.candidate is not None else table.stable
+
     def quality_signals(self, version: str) -> dict[str, float]:
         """Quality signals of ``version`` over the last report period (e.g. drift, ood_rate), reported to
         the rollout controller for gates. None yet: a gate on a signal without data holds its step."""
@@ -149,7 +157,15 @@ class ModelServer:
                              f"(finite: {bool(np.isfinite(logits).all())})")
         runner.configure(self.batching)
         self.monitors.add(version, directory)  # its own reference: gates read its live window
+        self.monitors.add_retraining(version, uri[len("models:/"):].split("/")[0])  # should it become stable
         self.runners[version] = runner
+
+    def _retrainable_version(self) -> str | None:
+        """The stable version, or None while a rollout is in progress (retraining waits for its outcome)."""
+        table = getattr(self, "rollout", None) and self.rollout.table
+        if table is None:
+            return self.default_version
+        return None if table.candidate is not None else table.stable
 
     def quality_signals(self, version: str) -> dict[str, float]:
         """This replica's live-window signals of ``version``: {"drift": score, "ood_rate": rate}; {} when it is

@@ -36,6 +36,7 @@ class ModelAppSpec:
     max_request_bytes: int
     api_key_sha256: str | None = None
     monitor: dict[str, Any] | None = None  # serve.monitor (a MonitorConfig's fields)
+    run_dir: str | None = None  # the serving run dir (rollout state, audit log)
 
 
 @dataclass
@@ -59,6 +60,7 @@ class ServePlan:
     models: list[ModelPlan]
     tracking_uri: str
     config: ServeConfig
+    run_dir: str | None = None  # absolute; set by start_serving
 
     def describe(self) -> str:
         parts = [f"{m.name} v{', v'.join(v.version for v in m.versions)}" for m in self.models]
