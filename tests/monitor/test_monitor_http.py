@@ -257,11 +257,14 @@ def test_sustained_drift_retrains_and_rolls_the_new_version_out(served, registry
 
 @pytest.mark.slow  # trains one more version, then a rollout
 def test_a_rollout_whose_new_version_sees_drift_is_rolled_back_by_the_drift_gate(served, registry):
+    """Noise images routed to the new version (canary at 100%): its own window drifts and is mostly OOD,
+    so the drift and ood_rate gates fail and the controller rolls back, the reason in the audit log."""
     from served_models import CNN, DIGITS, train_and_register
 
     fresh = train_and_register(registry.run_dir, "digits", DIGITS, CNN, epochs=2, seed=2).rsplit("/", 1)[1]
     proc = run_kiln("rollout", "start", "digits", "--to", fresh, "--strategy", "canary", "--weight", "100",
-                    "--bake", "60s", "--interval", "1s", "--gate", "drift<0.3", "--gate", "error_rate<0.01",
+                    "--bake", "60s", "--interval", "1s", "--gate", "drift<0.3", "--gate", "ood_rate<0.5",
+                    "--gate", "error_rate<0.01",
                     "--run-dir", str(registry.run_dir), "--json")
     assert proc.returncode == 0, proc.stderr
     rng = np.random.default_rng(1)
@@ -273,6 +276,7 @@ def test_a_rollout_whose_new_version_sees_drift_is_rolled_back_by_the_drift_gate
     last = audit(registry)[-1]
     assert (last["decision"], last["trigger"]) == ("rollback", "gate")
     assert "drift<0.3 failed" in last["reason"] and last["gates"]["drift<0.3"]["value"] > 0.3
+    assert "ood_rate<0.5 failed" in last["reason"] and last["gates"]["ood_rate<0.5"]["value"] >= 0.8
     assert last["gates"]["error_rate<0.01"]["ok"] is True  # a healthy version, rolled back for its inputs
     history = run_kiln("rollout", "history", "digits", "--run-dir", str(registry.run_dir))
     assert "drift<0.3 failed" in history.stdout
