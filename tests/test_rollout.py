@@ -23,7 +23,7 @@ import pytest
 import requests
 
 from conftest import PLATFORM, last_json, run_kiln
-from served_models import CNN, DIGITS, digits_raw, free_port, registry, train_and_register  # noqa: F401
+from served_models import CNN, DIGITS, digits_raw, free_port, train_and_register
 
 pytestmark = pytest.mark.slow
 TESTS = Path(__file__).resolve().parent
@@ -52,11 +52,29 @@ class Versions:
     slow: str
 
 
+@dataclass
+class RolloutRegistry:
+    run_dir: Path
+    tracking_uri: str
+    stable_uri: str
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory) -> RolloutRegistry:
+    """This module's own MLflow store: its extra versions and alias moves must not change the version
+    numbers other modules expect in the shared one (served_models.registry)."""
+    from kiln import tracking as trk
+
+    run_dir = tmp_path_factory.mktemp("rollout-registry")
+    v1 = train_and_register(run_dir, "digits", DIGITS, CNN, epochs=2, seed=0)
+    return RolloutRegistry(run_dir, trk.default_tracking_uri(run_dir), v1)
+
+
 @pytest.fixture(scope="module")
 def versions(registry) -> Versions:
     from rollout_models import register_variant
 
-    v1 = registry.uris["fp32-cnn"]
+    v1 = registry.stable_uri
     v2 = train_and_register(registry.run_dir, "digits", DIGITS, CNN, epochs=2, seed=1)
     faulty = register_variant(registry.tracking_uri, registry.run_dir, v1, "rollout_models:faulty_cnn")
     slow = register_variant(registry.tracking_uri, registry.run_dir, v1, "rollout_models:slow_cnn")
@@ -70,7 +88,7 @@ def serve_dir(tmp_path_factory) -> Path:
 
 
 def start_args(ray_cluster, registry, serve_dir, port):
-    return ["serve", "start", registry.uris["fp32-cnn"], "serve.deployment.num_cpus=0.5", "--port", str(port),
+    return ["serve", "start", registry.stable_uri, "serve.deployment.num_cpus=0.5", "--port", str(port),
             "--address", ray_cluster, "--run-dir", str(serve_dir), "--json"]
 
 

@@ -168,3 +168,25 @@ def test_only_intervals_with_every_gate_passing_count_towards_the_bake(tmp_path)
     decisions, record = asyncio.run(scenario())
     assert decisions == ["continue", "hold", "hold", "advance"]  # 1 s passing + 2 s without data + 1 s passing
     assert (record.weight, record.baked_s) == (100.0, 0.0)
+
+
+def test_a_replica_loads_the_versions_its_table_names_and_drops_a_finished_candidate():
+    loaded, dropped = [], []
+
+    async def load(version, uri):
+        loaded.append((version, uri))
+
+    async def scenario():
+        from kiln.rollout.replica import RolloutAgent
+
+        agent = RolloutAgent("m", "1", ["1"], load, lambda v: {}, dropped.append)
+        agent.apply(RoutingTable(stable="1", candidate="2", weight=100.0, versions={"1": "u1", "2": "u2"}))
+        assert agent.route({}) == "1"  # v2 not loaded yet: the stable version answers
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        chosen = agent.route({})
+        agent.apply(RoutingTable(stable="1", versions={"1": "u1"}))  # rolled back
+        return chosen, agent.route({}), dict(agent.ready)
+
+    chosen, after, ready = asyncio.run(scenario())
+    assert (loaded, chosen, after, ready, dropped) == ([("2", "u2")], "2", "1", {"1": "ready"}, ["2"])

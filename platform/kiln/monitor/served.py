@@ -99,6 +99,12 @@ class ReplicaMonitors:
             on_alert=lambda alert: self._alerts.submit(notify, alert, cfg.webhook_url, cfg.webhook_timeout_s))
         self._start_watcher()
 
+    def remove(self, version: str) -> None:
+        """Forget a version that is no longer served (its window, its retraining policy)."""
+        self.monitors.pop(version, None)
+        self.loops.pop(version, None)
+        self.unmonitored.pop(version, None)
+
     def observe(self, version: str, x: np.ndarray, logits: np.ndarray) -> OodResult | None:
         """Score a request on the event loop; evaluate on the monitor thread when due."""
         monitor = self.monitors.get(version)

@@ -3,7 +3,8 @@
 Nothing here is on the request path but ``route`` (a weighted choice on a local table) and
 ``record`` (a few counters). A background task reports the counts to the model's controller every
 ``REPORT_S`` and gets the routing table back in the same call; a version the table names that the
-replica lacks is loaded off the event loop and smoke-checked before the replica reports it ready.
+replica lacks is loaded off the event loop and smoke-checked before the replica reports it ready; one
+it loaded that the table no longer names (a rolled-back candidate) is unloaded again.
 Without a controller (no rollout ever started) or while it is unreachable, the last table stands.
 """
 
@@ -29,7 +30,8 @@ class RolloutAgent:
     """Per-replica rollout state. ``load(version, uri)`` is the server's coroutine that adds a version."""
 
     def __init__(self, model: str, default_version: str, ready_versions: list[str],
-                 load: Callable[[str, str], Awaitable[None]], signals: Callable[[str], dict[str, float]]):
+                 load: Callable[[str, str], Awaitable[None]], signals: Callable[[str], dict[str, float]],
+                 unload: Callable[[str], None] = lambda version: None):
         self.model = model
         self.default_version = default_version
         self.table: RoutingTable | None = None
@@ -37,6 +39,8 @@ class RolloutAgent:
         self.windows: dict[str, VersionWindow] = {}
         self.ready: dict[str, str] = {v: "ready" for v in ready_versions}
         self._load = load
+        self._unload = unload
+        self._added: set[str] = set()  # versions loaded for a rollout (the deployment's own stay for good)
         self._signals = signals
         self._loading: dict[str, asyncio.Task] = {}
         self._handle = None
@@ -102,6 +106,10 @@ class RolloutAgent:
 
     def apply(self, table: RoutingTable) -> None:
         self.table = table
+        for version in [v for v in self._added if v not in table.versions]:  # a finished rollout's leftover
+            self._added.discard(version)
+            self.ready.pop(version, None)
+            self._unload(version)
         for version, uri in table.versions.items():
             if version not in self.ready and version not in self._loading:
                 self._loading[version] = asyncio.get_running_loop().create_task(self._add(version, uri))
@@ -110,6 +118,7 @@ class RolloutAgent:
         try:
             await self._load(version, uri)
             self.ready[version] = "ready"
+            self._added.add(version)
         except Exception as exc:
             logger.exception("kiln rollout: loading %s failed", uri)
             self.ready[version] = f"failed: {type(exc).__name__}: {exc}"[:300]

@@ -108,7 +108,7 @@ class ModelServer:
         from kiln.rollout.replica import RolloutAgent
 
         self.rollout = RolloutAgent(spec.model_name, spec.default_version, list(self.runners), self.add_version,
-                                    self.quality_signals)
+                                    self.quality_signals, self.remove_version)
         try:  # Serve runs the constructor on the replica's event loop; built elsewhere (tests) no reports
             self._reporter = asyncio.get_running_loop().create_task(self.rollout.run_forever())
         except RuntimeError:
@@ -128,18 +128,6 @@ class ModelServer:
     def route(self, request) -> str:
         """The version that answers an unversioned request (the default, or the rollout's choice)."""
         return self.rollout.route(request.headers)
-
-    def _retrainable_version(self) -> str | None:
-        """The stable version, or None while a rollout is in progress (retraining waits for its outcome)."""
-        table = getattr(self, "rollout", None) and self.rollout.table
-        if table is None:
-            return self.default_version
-        return None if table.candidate is not None else table.stable
-
-    def quality_signals(self, version: str) -> dict[str, float]:
-        """Quality signals of ``version`` over the last report period (e.g. drift, ood_rate), reported to
-        the rollout controller for gates. None yet: a gate on a signal without data holds its step."""
-        return {}
 
     async def add_version(self, version: str, uri: str) -> None:
         """Load a version into this running replica (a rollout's candidate), smoke-check it, then serve it."""
@@ -175,6 +163,12 @@ class ModelServer:
     def monitor_status(self, version: str | None = None, window: bool = False) -> dict:
         """The monitor report of one version (or all) as JSON; ``window`` adds the rows and reference."""
         return self.monitors.report([version] if version else self.versions, window)
+
+    def remove_version(self, version: str) -> None:
+        """Stop serving a version a rollout loaded. Requests already holding its runner finish on it (its
+        thread is not shut down under them; it goes with the runner)."""
+        self.runners.pop(version, None)
+        self.monitors.remove(version)
 
     def runner(self, version: str) -> VersionRunner:
         found = self.runners.get(version)
