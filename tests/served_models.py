@@ -47,6 +47,7 @@ def train_and_register(run_dir: Path, name: str, data: dict[str, Any], model: di
     from kiln import tracking as trk
     from kiln.config import validate_config
     from kiln.data.dataset import prepare_data
+    from kiln.monitor.reference import write_reference
     from kiln.train.loop import train_epochs
     from kiln.train.session import LocalSession
 
@@ -61,6 +62,7 @@ def train_and_register(run_dir: Path, name: str, data: dict[str, Any], model: di
         model_dir.mkdir()
         for f in ("spec.json", "model.safetensors", "MLmodel"):
             shutil.copy2(session.latest_checkpoint() / f, model_dir / f)
+        write_reference(model_dir, prepared)  # as kiln train does: the monitoring reference
         return register_artifact(run_dir, name, model_dir, "fp32")
 
 
@@ -77,10 +79,14 @@ def register_artifact(run_dir: Path, name: str, model_dir: Path, variant: str) -
     return f"models:/{name}/{version}"
 
 
-def compress_and_register(reg: "Registry", source_uri: str, name: str, kind: str) -> str:
+def compress_and_register(reg: "Registry", source_uri: str, name: str, kind: str, data: dict | None = None) -> str:
     """A compressed variant of ``source_uri`` made by the compression steps' own functions, registered as
-    ``name``: "int8" (static QDQ int8 ONNX) or "pruned" (structured channel pruning, no fine-tuning)."""
+    ``name``: "int8" (static QDQ int8 ONNX) or "pruned" (structured channel pruning, no fine-tuning).
+    ``data``: the source's data section (default: DIGITS), for the variant's own monitoring reference."""
     from kiln import tracking as trk
+    from kiln.config import DataConfig
+    from kiln.data.dataset import prepare_data
+    from kiln.monitor.reference import write_reference
     from kiln.compress.config import PruneStep, QuantizeStep
     from kiln.models.artifact import build_model, load_torch_model, save_artifact
 
@@ -103,6 +109,7 @@ def compress_and_register(reg: "Registry", source_uri: str, name: str, kind: str
             spec.variant = {"name": name, "kind": "prune"}
             spec.variant["structure"] = record_structure(pruned, build_model(spec))
             save_artifact(pruned, spec, out)
+        write_reference(out, prepare_data(DataConfig.model_validate(data or DIGITS)))  # as kiln compress does
         return register_artifact(reg.run_dir, name, out, kind)
 
 

@@ -126,6 +126,12 @@ def test_every_step_makes_a_variant_that_loads_and_predicts(compressed, referenc
         assert accuracy == pytest.approx(entry["metrics"]["test_accuracy"], abs=1e-9), name
         proba = predictor.predict_proba(raw[:5])
         assert proba.shape == (5, 10) and np.allclose(proba.sum(axis=1), 1.0, atol=1e-5)
+        # Each variant is registered with its own monitoring reference (its outputs, its OOD threshold).
+        from kiln.monitor.reference import load_reference
+        from kiln.tracking import resolve_model_dir
+
+        monitor_ref = load_reference(resolve_model_dir(entry["model_uri"], reference["tracking_uri"]))
+        assert monitor_ref is not None and monitor_ref.rows["output"] == len(data.y_val), name
 
 
 def test_size_reductions_hold(compressed):

@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "serve": "kiln.commands.serve",
     "rollout": "kiln.commands.rollout",
     "predict": "kiln.commands.predict",
+    "monitor": "kiln.commands.monitor",
 }
 
 

@@ -50,6 +50,8 @@ def test_digits_cnn_two_workers_tracked_registered_and_predicting(ray_cluster, r
     artifacts = {a.path for a in trk.client(out["tracking_uri"]).list_artifacts(out["run_id"])}
     assert {"model", "confusion_matrix.png", "classification_report.json", "config.yaml",
             "reference_profile.json"} <= artifacts
+    model_files = {a.path for a in trk.client(out["tracking_uri"]).list_artifacts(out["run_id"], "model")}
+    assert "model/monitor_reference.json" in model_files  # what serving monitors this version against
 
     # the registered version loads and predicts, from encoded images as a user has them
     from kiln.data.builtin import load_builtin

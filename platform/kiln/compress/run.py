@@ -116,7 +116,10 @@ def register_variant(tracking_uri: str, source: SourceModel, made: Made, report:
     import kiln
     from kiln.models.artifact import load_spec
 
+    from kiln.monitor.reference import write_reference
+
     spec = load_spec(made.directory)
+    write_reference(made.directory, data)  # its own outputs and OOD threshold: a variant is another model
     trk.log_metrics(tracking_uri, made.run_id, {**report.metrics.to_dict(), "step_seconds": made.seconds,
                                                 **{k: v for k, v in report.ratios.items()}, **made.extra})
     trk.log_artifacts(tracking_uri, made.run_id, made.directory, trk.MODEL_ARTIFACT_PATH)

@@ -64,7 +64,7 @@ def build_applications(plan: ServePlan, api_key_sha256: str | None) -> list:
     for model in plan.models:
         spec = ModelAppSpec(model_name=model.name, versions=model.versions, default_version=model.default_version,
                             tracking_uri=plan.tracking_uri, max_request_bytes=cfg.max_request_bytes,
-                            api_key_sha256=api_key_sha256)
+                            api_key_sha256=api_key_sha256, monitor=cfg.monitor.model_dump(), run_dir=plan.run_dir)
         deployment = serve.deployment(ModelServer).options(**deployment_options(model))
         targets.append(RunTarget(deployment.bind(spec), name=model_app_name(model.name),
                                  route_prefix=model_route(model.name)))

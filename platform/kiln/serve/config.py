@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from kiln.config import Section
+from kiln.monitor.config import MonitorConfig
 
 SERVED_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
@@ -109,6 +110,7 @@ class ServeConfig(Section):
     deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     models: list[ServedModelConfig] = Field(default_factory=list, description="What to serve.")
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig, description="Live monitoring of served versions.")
 
     @field_validator("models", mode="before")
     @classmethod

@@ -154,6 +154,7 @@ def start_serving(cfg: ServeConfig, tracking_uri: str, run_dir: str | Path, addr
         raise KilnError(f"Kiln is already serving at {state.url} (local Ray instance, pid {state.local().pid}); "
                         "run 'kiln serve stop' first")
     plan = plan_serving(cfg, tracking_uri)
+    plan.run_dir = str(Path(run_dir).expanduser().resolve())
     progress(f"serving {plan.describe()}")
     if address is None:
         progress("starting a local Ray instance (it keeps running after this command; stop it with kiln serve stop)")

@@ -8,7 +8,8 @@ no extra hop). New versions a rollout names are loaded into the running replica,
 no redeploy.
 
 Paths, under ``/v2/models/{name}``: ``GET ""`` (metadata), ``GET /ready``, ``POST /infer``,
-``POST /predict`` (convenience JSON), and the same under ``/versions/{version}``.
+``POST /predict`` (convenience JSON), ``GET /monitor`` (live monitoring: drift, OOD, alerts; this
+replica's window), and the same under ``/versions/{version}``.
 """
 
 from __future__ import annotations
@@ -79,17 +80,28 @@ class ModelServer:
 
     def __init__(self, spec: ModelAppSpec):
         from kiln.models.predictor import load_predictor
+        from kiln.monitor.config import MonitorConfig
+        from kiln.monitor.metrics import MonitorMetrics
+        from kiln.monitor.served import ReplicaMonitors
         from kiln.serve.metrics import ServeMetrics
+        from kiln.tracking import resolve_model_dir
 
         self.spec = spec
         self.prefix = f"/v2/models/{spec.model_name}"
         self.metrics = ServeMetrics()
         self.runners: dict[str, VersionRunner] = {}
+        monitor_cfg = MonitorConfig.model_validate(spec.monitor or {})
+        self.monitors = ReplicaMonitors(spec.model_name, monitor_cfg,
+                                        MonitorMetrics() if monitor_cfg.enabled else None, spec.tracking_uri,
+                                        spec.run_dir, self._retrainable_version)
         for source in spec.versions:
-            predictor = load_predictor(source.uri, spec.tracking_uri)
+            directory = resolve_model_dir(source.uri, spec.tracking_uri)
+            predictor = load_predictor(directory)
             runner = VersionRunner(ServedVersion(spec.model_name, source.version, predictor), self.metrics)
             runner.configure(BatchingConfig())
             self.runners[source.version] = runner
+            self.monitors.add(source.version, directory)
+            self.monitors.add_retraining(source.version, source.uri[len("models:/"):].split("/")[0])
         self.default_version = spec.default_version
         self.batching = BatchingConfig()
         self._background: set[asyncio.Task] = set()  # shadow calls (a reference keeps them alive)
@@ -117,17 +129,14 @@ class ModelServer:
         """The version that answers an unversioned request (the default, or the rollout's choice)."""
         return self.rollout.route(request.headers)
 
-    def quality_signals(self, version: str) -> dict[str, float]:
-        """Quality signals of ``version`` over the last report period (e.g. drift, ood_rate), reported to
-        the rollout controller for gates. None yet: a gate on a signal without data holds its step."""
-        return {}
-
     async def add_version(self, version: str, uri: str) -> None:
         """Load a version into this running replica (a rollout's candidate), smoke-check it, then serve it."""
         from kiln.models.predictor import load_predictor
+        from kiln.tracking import resolve_model_dir
 
         loop = asyncio.get_running_loop()
-        predictor = await loop.run_in_executor(None, load_predictor, uri, self.spec.tracking_uri)
+        directory = await loop.run_in_executor(None, resolve_model_dir, uri, self.spec.tracking_uri)
+        predictor = await loop.run_in_executor(None, load_predictor, directory)
         runner = VersionRunner(ServedVersion(self.spec.model_name, version, predictor), self.metrics)
         shape = [2, *predictor.spec.input_shape]
         logits = await loop.run_in_executor(runner._executor, runner._call, np.zeros(shape, dtype=np.float32))
@@ -135,12 +144,31 @@ class ModelServer:
             raise ValueError(f"smoke request answered logits of shape {logits.shape} "
                              f"(finite: {bool(np.isfinite(logits).all())})")
         runner.configure(self.batching)
+        self.monitors.add(version, directory)  # its own reference: gates read its live window
+        self.monitors.add_retraining(version, uri[len("models:/"):].split("/")[0])  # should it become stable
         self.runners[version] = runner
+
+    def _retrainable_version(self) -> str | None:
+        """The stable version, or None while a rollout is in progress (retraining waits for its outcome)."""
+        table = getattr(self, "rollout", None) and self.rollout.table
+        if table is None:
+            return self.default_version
+        return None if table.candidate is not None else table.stable
+
+    def quality_signals(self, version: str) -> dict[str, float]:
+        """This replica's live-window signals of ``version``: {"drift": score, "ood_rate": rate}; {} when it is
+        not monitored or its window holds fewer than ``serve.monitor.min_rows`` rows (no data yet)."""
+        return self.monitors.signals(version)
+
+    def monitor_status(self, version: str | None = None, window: bool = False) -> dict:
+        """The monitor report of one version (or all) as JSON; ``window`` adds the rows and reference."""
+        return self.monitors.report([version] if version else self.versions, window)
 
     def remove_version(self, version: str) -> None:
         """Stop serving a version a rollout loaded. Requests already holding its runner finish on it (its
         thread is not shut down under them; it goes with the runner)."""
         self.runners.pop(version, None)
+        self.monitors.remove(version)
 
     def runner(self, version: str) -> VersionRunner:
         found = self.runners.get(version)
@@ -161,6 +189,17 @@ class ModelServer:
             if request.method != "POST":
                 return method_not_allowed(request.method, path, "POST")
             return await self.infer(request, version, action)
+        if action == "monitor":
+            if request.method != "GET":
+                return method_not_allowed(request.method, path, "GET")
+            try:
+                if version is not None:
+                    self.runner(version)
+                check_api_key(request.headers, self.spec.api_key_sha256)
+            except ProtocolError as exc:
+                return error_response(str(exc), exc.status)
+            window = request.query_params.get("window", "").lower() in ("1", "true", "yes")
+            return json_response(self.monitor_status(version, window))
         if action in ("", "ready"):
             if request.method != "GET":
                 return method_not_allowed(request.method, path, "GET")
@@ -172,7 +211,7 @@ class ModelServer:
                 return json_response({"name": self.spec.model_name, "version": chosen.served.version, "ready": True})
             return json_response(chosen.served.metadata(self.versions))
         return error_response(f"no endpoint {path} (model endpoints: {self.prefix}[/versions/V][/ready|/infer|"
-                              "/predict])", 404)
+                              "/predict|/monitor])", 404)
 
     async def infer(self, request, version: str | None, endpoint: str):
         """Answer an infer (OIP) or predict (convenience JSON) request; 4xx for every bad input."""
@@ -214,6 +253,7 @@ class ModelServer:
         try:
             x = prepare(runner.served)
             logits = await runner.logits(x)
+            self.monitors.observe(runner.served.version, x, logits)  # mirrored traffic is the candidate's too
             agreed = int((np.argmax(logits, axis=1) == np.argmax(stable_logits, axis=1)).sum())
             self.rollout.compare(runner.served.version, agreed, len(x))
         except Exception:
@@ -229,9 +269,11 @@ class ModelServer:
         x = served.prepare_tensors(req.inputs)
         check_outputs(req, [o["name"] for o in served.output_metadata()])  # before spending compute on it
         logits = await runner.logits(x)
+        ood = self.monitors.observe(served.version, x, logits)
         self._shadow(mirror, lambda other: other.prepare_tensors(req.inputs), logits)
         content, headers = encode_infer_response(self.spec.model_name, served.version, req.id,
-                                                 select_outputs(req, served.output_tensors(logits)))
+                                                 select_outputs(req, served.output_tensors(logits)),
+                                                 ood.parameters() if ood is not None else None)
         return Response(content, status_code=200, headers=headers)
 
     async def _predict(self, runner: VersionRunner, body: bytes, mirror: str | None = None):
@@ -239,9 +281,13 @@ class ModelServer:
 
         payload = load_json(body)
         served = runner.served
-        logits = await runner.logits(served.prepare_json(payload))
+        x = served.prepare_json(payload)
+        logits = await runner.logits(x)
+        ood = self.monitors.observe(served.version, x, logits)
         self._shadow(mirror, lambda other: other.prepare_json(payload), logits)
         out = {"model_name": self.spec.model_name, "model_version": served.version,
                "predictions": served.predictions(logits)}
+        if ood is not None:
+            out["parameters"] = ood.parameters()
         return Response(json.dumps(out, separators=(",", ":")).encode(), status_code=200,
                         media_type="application/json")

@@ -35,6 +35,8 @@ class ModelAppSpec:
     tracking_uri: str
     max_request_bytes: int
     api_key_sha256: str | None = None
+    monitor: dict[str, Any] | None = None  # serve.monitor (a MonitorConfig's fields)
+    run_dir: str | None = None  # the serving run dir (rollout state, audit log)
 
 
 @dataclass
@@ -58,6 +60,7 @@ class ServePlan:
     models: list[ModelPlan]
     tracking_uri: str
     config: ServeConfig
+    run_dir: str | None = None  # absolute; set by start_serving
 
     def describe(self) -> str:
         parts = [f"{m.name} v{', v'.join(v.version for v in m.versions)}" for m in self.models]
@@ -79,6 +82,9 @@ def plan_serving(cfg: ServeConfig, tracking_uri: str) -> ServePlan:
     if not cfg.models:
         raise ConfigError("nothing to serve: give models:/NAME/VERSION URIs or a config with serve.models")
     tracking_uri = absolute_tracking_uri(tracking_uri)
+    from kiln.monitor.config import resolve_retrain
+
+    resolve_retrain(cfg.monitor)
     groups: dict[str, list[tuple[int, ServedModelConfig, VersionSource, str]]] = {}
     for i, entry in enumerate(cfg.models):
         mv = _registry_version(tracking_uri, entry.uri)

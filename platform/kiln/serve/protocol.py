@@ -231,8 +231,10 @@ def select_outputs(request: InferRequest, available: list[Tensor]) -> list[tuple
 
 
 def encode_infer_response(model_name: str, model_version: str, request_id: str | None,
-                          outputs: list[tuple[Tensor, bool]]) -> tuple[bytes, dict[str, str]]:
-    """Response body and extra headers: plain JSON, or a JSON header plus binary outputs."""
+                          outputs: list[tuple[Tensor, bool]],
+                          parameters: dict[str, Any] | None = None) -> tuple[bytes, dict[str, str]]:
+    """Response body and extra headers: plain JSON, or a JSON header plus binary outputs.
+    ``parameters`` becomes the response's ``parameters`` object."""
     entries, chunks = [], []
     for tensor, binary in outputs:
         entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
@@ -246,6 +248,8 @@ def encode_infer_response(model_name: str, model_version: str, request_id: str |
     payload: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": entries}
     if request_id is not None:
         payload["id"] = request_id
+    if parameters:
+        payload["parameters"] = parameters
     header = json.dumps(payload, separators=(",", ":")).encode()
     if not chunks:
         return header, {"content-type": "application/json"}

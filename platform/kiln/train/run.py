@@ -20,6 +20,7 @@ from kiln import tracking as trk
 from kiln.config import KilnConfig, validate_config
 from kiln.data.dataset import PreparedData, prepare_data
 from kiln.errors import ConfigError, KilnError
+from kiln.monitor.reference import write_reference
 from kiln.train.checkpoint import find_latest_checkpoint
 from kiln.train.metrics import accuracy, classification_report, confusion_matrix, f1_macro
 from kiln.train.report import confusion_matrix_png
@@ -272,6 +273,7 @@ def finalize_run(cfg: KilnConfig, data: PreparedData, tracking_uri: str, run_id:
             for name in ("spec.json", "model.safetensors", "MLmodel"):
                 shutil.copy2(Path(ckpt_path) / name, model_dir / name)
             test_metrics, cm = evaluate_test(model_dir, data)
+            write_reference(model_dir, data)  # what serving monitors this version against
             per_class = classification_report(cm, data.labels)
             confusion_matrix_png(cm, data.labels, Path(tmp) / "confusion_matrix.png")
             (Path(tmp) / "classification_report.json").write_text(json.dumps(per_class, indent=2))

@@ -36,6 +36,7 @@ def register_trial_model(cfg, tracking_uri: str, trial: TrialSummary, data, tags
 
     Returns (models:/NAME/VERSION, test metrics).
     """
+    from kiln.monitor.reference import write_reference
     from kiln.train.run import evaluate_test
 
     if not trial.checkpoint or not Path(trial.checkpoint).is_dir():
@@ -46,6 +47,7 @@ def register_trial_model(cfg, tracking_uri: str, trial: TrialSummary, data, tags
         for name in MODEL_FILES:
             shutil.copy2(Path(trial.checkpoint) / name, model_dir / name)
         test_metrics, _ = evaluate_test(model_dir, data)
+        write_reference(model_dir, data)  # what serving monitors this version against
         trk.log_artifacts(tracking_uri, trial.run_id, model_dir, trk.MODEL_ARTIFACT_PATH)
     trk.log_metrics(tracking_uri, trial.run_id, test_metrics)
     version = trk.register_model(tracking_uri, cfg.experiment.name, trial.run_id, tags={

@@ -1,0 +1,171 @@
+"""Monitoring inside a ModelServer replica: one VersionMonitor per served version, evaluations on a
+thread of their own, metrics, and the JSON the monitor endpoints answer with.
+
+Windows are per replica: with several replicas each keeps the window of the requests it answered
+(``kiln monitor status`` shows the replica that answered and says so).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from kiln.monitor.alerts import notify, post_webhook
+from kiln.monitor.config import MonitorConfig
+from kiln.monitor.monitor import OodResult, VersionMonitor
+from kiln.monitor.reference import REFERENCE_FILE, load_reference
+from kiln.monitor.retrain import RetrainLoop
+
+logger = logging.getLogger("ray.serve")
+
+
+class ReplicaMonitors:
+    """The monitors of one replica's versions (absent versions: registered without a reference)."""
+
+    def __init__(self, model: str, cfg: MonitorConfig, metrics=None, tracking_uri: str | None = None,
+                 run_dir: str | None = None, stable_version: Callable[[], str | None] | None = None):
+        self.model, self.cfg, self.metrics, self.tracking_uri = model, cfg, metrics, tracking_uri
+        self.run_dir = run_dir
+        # The one version whose drift may start a retraining (the stable one; None while a rollout runs, its
+        # gates decide then). Without it (no rollouts), every version's drift may.
+        self.stable_version = stable_version
+        self.monitors: dict[str, VersionMonitor] = {}
+        self.loops: dict[str, RetrainLoop] = {}
+        self.unmonitored: dict[str, str] = {}  # version -> why
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"kiln-monitor-{model}")
+        # Alerts go out on their own thread: a slow webhook must delay neither requests nor evaluations.
+        self._alerts = ThreadPoolExecutor(1, thread_name_prefix=f"kiln-alerts-{model}")
+        self.replica = _replica_id()
+        self._watcher: threading.Thread | None = None
+
+    def add_retraining(self, version: str, registry_name: str) -> None:
+        """Attach the retraining policy to a monitored version; a watcher thread checks it every second
+        (time, not traffic, decides when drift has lasted ``after_s``)."""
+        if self.cfg.retrain is None or version not in self.monitors:
+            return
+        cfg = self.cfg
+        self.loops[version] = RetrainLoop(
+            cfg.retrain, self.model, version, registry_name, self.tracking_uri or "", self.run_dir,
+            on_event=lambda event: cfg.webhook_url and self._alerts.submit(
+                post_webhook, cfg.webhook_url, {"kind": "kiln.monitor.retrain", **event.to_dict()},
+                cfg.webhook_timeout_s))
+
+    def _start_watcher(self) -> None:
+        if self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, daemon=True, name=f"kiln-monitor-watch-{self.model}")
+            self._watcher.start()
+
+    def _watch(self) -> None:
+        """Every second: publish the latest gauges again (Ray drops a gauge series that is not refreshed within
+        two export intervals, and an idle version is evaluated no more) and check the retraining policies."""
+        while True:
+            time.sleep(1.0)
+            for version, monitor in list(self.monitors.items()):
+                try:
+                    if self.metrics is not None and monitor.last is not None:
+                        self.metrics.publish(self.model, version, monitor.last, monitor)
+                    loop = self.loops.get(version)
+                    if loop is not None and (self.stable_version is None or self.stable_version() == version):
+                        loop.check(monitor.drift_alert.since if monitor.drift_alert.firing else None,
+                                   monitor.last.drift_score if monitor.last else None)
+                except Exception:
+                    logger.exception("kiln monitor: periodic check failed for %s v%s", self.model, version)
+
+    def add(self, version: str, model_dir: Path) -> None:
+        if not self.cfg.enabled:
+            self.unmonitored[version] = "monitoring is off (serve.monitor.enabled: false)"
+            return
+        try:
+            reference = load_reference(model_dir)
+        except (ValueError, KeyError, TypeError) as exc:
+            reference, why = None, f"its {REFERENCE_FILE} is unreadable ({exc})"
+        else:
+            why = f"registered without {REFERENCE_FILE} (re-register it with this Kiln to monitor it)"
+        if reference is None:
+            self.unmonitored[version] = why
+            logger.warning("kiln monitor: model %s version %s is not monitored: %s", self.model, version, why)
+            return
+        cfg = self.cfg
+        self.monitors[version] = VersionMonitor(
+            self.model, version, reference, cfg,
+            on_alert=lambda alert: self._alerts.submit(notify, alert, cfg.webhook_url, cfg.webhook_timeout_s))
+        self._start_watcher()
+
+    def remove(self, version: str) -> None:
+        """Forget a version that is no longer served (its window, its retraining policy)."""
+        self.monitors.pop(version, None)
+        self.loops.pop(version, None)
+        self.unmonitored.pop(version, None)
+
+    def observe(self, version: str, x: np.ndarray, logits: np.ndarray) -> OodResult | None:
+        """Score a request on the event loop; evaluate on the monitor thread when due."""
+        monitor = self.monitors.get(version)
+        if monitor is None:
+            return None
+        result = monitor.observe(x, logits)
+        if self.metrics is not None:
+            self.metrics.observed(self.model, version, len(result.flags), int(result.flags.sum()))
+        if monitor.due():
+            snapshot = monitor.take_snapshot()
+            asyncio.get_running_loop().run_in_executor(self._pool, self._evaluate, monitor, snapshot)
+        return result
+
+    def _evaluate(self, monitor: VersionMonitor, snapshot=None):
+        try:
+            evaluation = monitor.evaluate(snapshot)
+            if self.metrics is not None:
+                self.metrics.evaluated(self.model, monitor.version, evaluation, monitor)
+            return evaluation
+        except Exception:  # monitoring must never take serving down
+            logger.exception("kiln monitor: evaluation failed for model %s version %s", self.model, monitor.version)
+            return None
+
+    def refresh(self, version: str) -> None:
+        """Evaluate now if rows arrived since the last evaluation (for a reader that wants the latest)."""
+        monitor = self.monitors.get(version)
+        if monitor is not None and monitor.has_new_rows:
+            self._evaluate(monitor, monitor.take_snapshot())
+
+    def signals(self, version: str) -> dict[str, float]:
+        monitor = self.monitors.get(version)
+        if monitor is None:
+            return {}
+        self.refresh(version)
+        return monitor.signals()
+
+    def status(self, version: str, window: bool = False) -> dict[str, Any]:
+        monitor = self.monitors.get(version)
+        if monitor is None:
+            return {"model": self.model, "version": version, "monitored": False,
+                    "reason": self.unmonitored.get(version, "not served")}
+        self.refresh(version)
+        out = monitor.status()
+        loop = self.loops.get(version)
+        if loop is not None:
+            out["retrain"] = {"policy": loop.policy.model_dump(), "in_flight": loop.in_flight,
+                              "events": [e.to_dict() for e in loop.events]}
+        if window:
+            out["window_rows"] = monitor.window_rows()
+            out["reference"] = monitor.reference.to_dict()
+        return out
+
+    def report(self, versions: list[str], window: bool = False) -> dict[str, Any]:
+        return {"model": self.model, "replica": self.replica, "scope": "replica",
+                "config": self.cfg.model_dump(), "versions": {v: self.status(v, window) for v in versions}}
+
+
+def _replica_id() -> str:
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside a replica (in-process tests)
+        return f"pid-{os.getpid()}"
