@@ -36,7 +36,9 @@ demo: install
 	       --gate error_rate\<0.01 --gate p99_ms\<500 \
 	       --to $$($(PY) bench/json_field.py runs/demo/compress.json selected --version) \
 	  && $(PY) bench/demo_rollout.py runs/demo/serve.json --run-dir runs \
-	  && $(KILN) rollout history digits-cnn; status=$$?; $(KILN) serve stop; exit $$status
+	  && $(KILN) rollout history digits-cnn \
+	  && $(KILN) monitor status digits-cnn \
+	  && $(KILN) monitor report digits-cnn --out runs/demo/monitor; status=$$?; $(KILN) serve stop; exit $$status
 
 test: install
 	$(PY) -m pytest tests $(PYTEST_ARGS)
