@@ -25,7 +25,7 @@ import pytest
 import requests
 
 from conftest import last_json, run_kiln
-from served_models import digits_raw, free_port, png_b64, registry  # noqa: F401
+from served_models import VARIANTS, Registry, digits_raw, free_port, iris_parquet, png_b64
 
 WINDOW = 120
 RETRAIN = ["serve.monitor.retrain.config=configs/train/digits_cnn.yaml", "serve.monitor.retrain.data_source=digits",
@@ -59,6 +59,20 @@ def fast_metrics_export():
         os.environ.pop("RAY_metrics_report_interval_ms", None)
     else:
         os.environ["RAY_metrics_report_interval_ms"] = old
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory) -> Registry:
+    """This module's own MLflow store and run dir: its retraining registers new digits versions and its
+    rollout promotes one, which must change neither the version numbers other modules expect in the
+    shared store nor what they serve from its run dir (a start serves the last promoted version)."""
+    from kiln import tracking as trk
+
+    run_dir = tmp_path_factory.mktemp("monitor-registry")
+    reg = Registry(run_dir=run_dir, tracking_uri=trk.default_tracking_uri(run_dir),
+                   iris=iris_parquet(run_dir / "iris.parquet"))
+    reg.uris["fp32-cnn"] = VARIANTS["fp32-cnn"].register(reg)
+    return reg
 
 
 @pytest.fixture(scope="module")
