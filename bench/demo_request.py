@@ -23,5 +23,6 @@ request = urllib.request.Request(url, data=body, headers={"Content-Type": "appli
 with urllib.request.urlopen(request, timeout=30) as response:
     answer = json.loads(response.read())
 print(f"POST {url} -> {json.dumps(answer)}")
-print(f"true label: {table.column('label')[0].as_py()}, served version {answer.get('model_version')} "
-      f"({model.get('format', '?')})")
+formats = {m["version"]: m.get("format", "?") for m in served["models"] if m["name"] == model["name"]}
+version = answer.get("model_version")
+print(f"true label: {table.column('label')[0].as_py()}, served version {version} ({formats.get(version, '?')})")

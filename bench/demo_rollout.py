@@ -7,6 +7,7 @@ share each version answered and the rollout's outcome. Bounded: at most ``--seco
 import argparse
 import base64
 import json
+import random
 import sys
 import time
 import urllib.request
@@ -26,7 +27,10 @@ args = parser.parse_args()
 served = json.loads(Path(args.serve_json).read_text().splitlines()[-1])
 model = served["models"][0]["name"]
 table = load_builtin("digits")
-images = [base64.b64encode(table.column("image")[i].as_py()["bytes"]).decode() for i in range(32)]
+# Every image of the set in a seeded random order: traffic like the training data, so monitoring sees no drift
+# (a few images sent over and over would be a real shift: their brightness and outputs are not the data's).
+order = random.Random(0).sample(range(table.num_rows), table.num_rows)
+images = [base64.b64encode(table.column("image")[i].as_py()["bytes"]).decode() for i in order]
 url = f"{served['url'].rstrip('/')}/v2/models/{model}/predict"
 answered, failed = Counter(), 0
 store = RolloutStore(args.run_dir, model)

@@ -190,3 +190,26 @@ def test_a_replica_loads_the_versions_its_table_names_and_drops_a_finished_candi
 
     chosen, after, ready = asyncio.run(scenario())
     assert (loaded, chosen, after, ready, dropped) == ([("2", "u2")], "2", "1", {"1": "ready"}, ["2"])
+
+
+def test_serve_start_naming_a_newer_version_supersedes_the_promoted_one(tmp_path):
+    """A restart on the same config comes back on the promoted version (tests/test_rollout.py); a start
+    that names a newer registry version is the user's explicit choice: it serves that one, and the record
+    and audit log say the promoted one was superseded."""
+    from kiln.serve.config import BatchingConfig, DeploymentConfig, ServeConfig
+    from kiln.serve.lifecycle import apply_rollout_records
+    from kiln.serve.plan import ModelPlan, ServePlan, VersionSource
+
+    store = RolloutStore(tmp_path, "digits")
+    store.save(RolloutRecord(model="digits", registered_name="digits", tracking_uri="sqlite:///x.db", stable="2",
+                             stable_uri="models:/digits/2", phase="promoted", previous="1",
+                             previous_uri="models:/digits/1"))
+    model = ModelPlan(name="digits", versions=[VersionSource("3", "models:/digits/3")], default_version="3",
+                      deployment=DeploymentConfig(), batching=BatchingConfig())
+    plan = apply_rollout_records(ServePlan([model], "sqlite:///x.db", ServeConfig()), tmp_path)
+    assert ([v.version for v in plan.models[0].versions], plan.models[0].default_version) == (["3"], "3")
+    record = store.load()
+    assert (record.stable, record.stable_uri, record.phase, record.previous) == ("3", "models:/digits/3", "idle", None)
+    last = store.history()[-1]
+    assert (last["decision"], last["trigger"], last["weights"]) == ("supersede", "serve-start", {"3": 100.0})
+    assert "newer than the last promoted v2" in last["reason"]

@@ -201,6 +201,21 @@ def served_version_overrides(run_dir: str | Path, model: str) -> RolloutRecord |
     return record
 
 
+def supersede(run_dir: str | Path, record: RolloutRecord, version: str, uri: str) -> RolloutRecord:
+    """``kiln serve start`` named ``version``, newer than the record's stable one: the user's explicit
+    choice wins. The record restarts from it (idle, nothing to roll back to), and the audit log says so."""
+    old = record.stable
+    record.stable, record.stable_uri, record.phase = version, uri, "idle"
+    record.candidate = record.candidate_uri = record.previous = record.previous_uri = None
+    record.weight, record.step, record.revision = 0.0, -1, record.revision + 1
+    record.reason = f"serving started on v{version}, newer than the last promoted v{old}"
+    store = RolloutStore(run_dir, record.model)
+    store.save(record)
+    store.audit({"step": -1, "phase": record.phase, "weights": {version: 100.0}, "shadow": 0.0, "gates": {},
+                 "decision": "supersede", "trigger": "serve-start", "reason": record.reason})
+    return record
+
+
 def existing_controller_safe(model: str):
     try:
         return existing_controller(model)

@@ -214,15 +214,20 @@ def start_serving(cfg: ServeConfig, tracking_uri: str, run_dir: str | Path, addr
 
 def apply_rollout_records(plan: ServePlan, run_dir: str | Path) -> ServePlan:
     """Serve each model on the stable version its rollout record names (the last promoted one, or the one
-    a rollback returned to), loading it even when the config does not list it. Needs a Ray connection
+    a rollback returned to), loading it even when the config does not list it; unless the config names a
+    newer registry version as the default, which then supersedes the record. Needs a Ray connection
     (to tell a rollout in progress from one whose controller is gone)."""
     from kiln import tracking as trk
-    from kiln.rollout.api import served_version_overrides
+    from kiln.rollout.api import served_version_overrides, supersede
     from kiln.serve.plan import VersionSource, _load_spec
 
     for model in plan.models:
         record = served_version_overrides(run_dir, model.name)
         if record is None or not record.stable_uri:
+            continue
+        named = model.default_version
+        if named.isdigit() and record.stable.isdigit() and int(named) > int(record.stable) and not record.active:
+            supersede(run_dir, record, named, next(v.uri for v in model.versions if v.version == named))
             continue
         if record.stable not in {v.version for v in model.versions}:
             model.versions.append(VersionSource(record.stable, record.stable_uri))
