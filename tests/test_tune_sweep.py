@@ -189,7 +189,8 @@ def test_resume_after_killing_the_driver_skips_finished_trials(resumed_sweep):
     out, ended_before = resumed_sweep
     assert out["resumed"] and out["trials"] == 6
     assert out["kept_from_before"] >= len(ended_before)
-    assert {t["status"] for t in out["trial_results"]} == {COMPLETED}
+    assert {t["status"] for t in out["trial_results"]} == {COMPLETED}, [t for t in out["trial_results"]
+                                                                         if t["status"] != COMPLETED]
     uri = out["tracking_uri"]
     children = child_runs(uri, out["sweep_run_id"])
     assert sorted(children) == list(range(1, 7))
