@@ -237,21 +237,3 @@ def test_model_measures_count_parameters_and_time_batch_one():
     assert measures["latency_ms"] > 0
     assert set(model_measures(cfg, data, ())) == {"params"}  # latency only when an objective needs it
 
-
-def test_a_resumed_trial_restores_from_the_newest_surviving_checkpoint(tmp_path):
-    """Tune's saved state may name a checkpoint deleted after it was saved (a newer one replaced it):
-    the trial then restores from the newest checkpoint beside it, or starts over when there is none."""
-    import ray.tune
-
-    from kiln.tune.trial import surviving_checkpoint
-
-    for name in ("checkpoint_000001", "checkpoint_000003"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "state.json").write_text(name)
-    present = ray.tune.Checkpoint.from_directory(str(tmp_path / "checkpoint_000001"))
-    assert surviving_checkpoint(present).path == present.path
-    gone = ray.tune.Checkpoint.from_directory(str(tmp_path / "checkpoint_000002"))
-    assert surviving_checkpoint(gone).path == str(tmp_path / "checkpoint_000003")
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    assert surviving_checkpoint(ray.tune.Checkpoint.from_directory(str(empty / "checkpoint_000002"))) is None

@@ -75,11 +75,8 @@ class TuneSession:
         if self._restored is None:
             return None
         if self._tmp is None:
-            source = surviving_checkpoint(self._restored)
-            if source is None:
-                return None
             self._tmp = tempfile.TemporaryDirectory(prefix="kiln-restore-")
-            source.to_directory(self._tmp.name)
+            self._restored.to_directory(self._tmp.name)
         return Path(self._tmp.name)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
@@ -141,28 +138,6 @@ def model_measures(cfg, data, measures: tuple[str, ...]) -> dict[str, float]:
         times.sort()
         out["latency_ms"] = 1000.0 * times[len(times) // 2]
     return out
-
-
-def surviving_checkpoint(checkpoint):
-    """The checkpoint a resumed trial restores from: ``checkpoint`` itself, or, when it is gone, the newest
-    ``checkpoint_*`` folder beside it (None if there is none: the trial starts over).
-
-    Tune saves its experiment state every few seconds but deletes a trial's older checkpoints as soon as a
-    newer one is registered; a driver killed in between leaves state naming a checkpoint already deleted.
-    """
-    import pyarrow.fs as pafs
-    import ray.tune
-
-    fs = checkpoint.filesystem
-    if fs.get_file_info(checkpoint.path).type != pafs.FileType.NotFound:
-        return checkpoint
-    parent = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(parent))
-    except (FileNotFoundError, OSError):
-        return None
-    found = sorted(i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
-    return ray.tune.Checkpoint(found[-1], filesystem=fs) if found else None
 
 
 def run_trial(params: dict[str, Any], ctx: TrialContext, data=None) -> None:
