@@ -236,4 +236,3 @@ def test_model_measures_count_parameters_and_time_batch_one():
     assert measures["params"] == count_parameters(build_model(model_spec(cfg, data)))
     assert measures["latency_ms"] > 0
     assert set(model_measures(cfg, data, ())) == {"params"}  # latency only when an objective needs it
-
