@@ -169,10 +169,7 @@ def _build_tuner(cfg: KilnConfig, dims: list[Dimension], trainable, folder: Swee
         run_config=tune.RunConfig(name=folder.tune_dir.name, storage_path=str(folder.path), verbose=0,
                                   # result.json per trial: each trial's epochs for the summary and plots
                                   callbacks=[runs_callback, progress, JsonLoggerCallback()], log_to_file=True,
-                                  # 2, not 1: Tune deletes older checkpoints at once but saves its state
-                                  # every 2 s, so a driver killed right after a new checkpoint would leave
-                                  # state naming a deleted one; with 2 kept it is still there
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
 
