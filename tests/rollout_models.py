@@ -44,6 +44,8 @@ def slow_cnn(input_shape, num_classes, width: int = 32, dropout: float = 0.1, de
 def register_variant(tracking_uri: str, run_dir: Path, base_uri: str, architecture: str,
                      extra_kwargs: dict | None = None) -> str:
     """Register ``base_uri``'s weights under ``architecture`` as a new version of the same model."""
+    from served_models import register_artifact  # here: replicas import this module for its factories
+
     from kiln import tracking as trk
 
     name = base_uri[len("models:/"):].split("/")[0]
@@ -56,9 +58,4 @@ def register_variant(tracking_uri: str, run_dir: Path, base_uri: str, architectu
         spec["architecture"] = architecture
         spec["kwargs"] = {**spec.get("kwargs", {}), **(extra_kwargs or {})}
         spec_path.write_text(json.dumps(spec))
-        exp = trk.ensure_experiment(tracking_uri, name, run_dir)
-        run_id = trk.start_run(tracking_uri, exp, f"test-{architecture}", {trk.TAG_JOB: "test"})
-        trk.log_artifacts(tracking_uri, run_id, model_dir, trk.MODEL_ARTIFACT_PATH)
-        trk.end_run(tracking_uri, run_id)
-    version = trk.register_model(tracking_uri, name, run_id, tags={"kiln.variant": architecture})
-    return f"models:/{name}/{version}"
+        return register_artifact(run_dir, name, model_dir, architecture, tracking_uri)

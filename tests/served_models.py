@@ -66,11 +66,12 @@ def train_and_register(run_dir: Path, name: str, data: dict[str, Any], model: di
         return register_artifact(run_dir, name, model_dir, "fp32")
 
 
-def register_artifact(run_dir: Path, name: str, model_dir: Path, variant: str) -> str:
-    """Log an artifact folder on a new run and register it as a version of ``name``; returns its URI."""
+def register_artifact(run_dir: Path, name: str, model_dir: Path, variant: str, tracking_uri: str | None = None) -> str:
+    """Log an artifact folder on a new run and register it as a version of ``name`` (in ``tracking_uri``,
+    default: the run dir's store); returns its URI."""
     from kiln import tracking as trk
 
-    uri = trk.default_tracking_uri(run_dir)
+    uri = tracking_uri or trk.default_tracking_uri(run_dir)
     exp = trk.ensure_experiment(uri, name, run_dir)
     run_id = trk.start_run(uri, exp, f"test-{name}", {trk.TAG_JOB: "test"})
     trk.log_artifacts(uri, run_id, model_dir, trk.MODEL_ARTIFACT_PATH)
@@ -185,6 +186,21 @@ VARIANTS: dict[str, Variant] = {
     "int8-onnx-cnn": Variant("digits-int8", "image", _int8_cnn),
     "pruned-cnn": Variant("digits-pruned", "image", _pruned_cnn),
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_metrics_export():
+    """Ray exports metrics every 10 s by default; every 2 s keeps the metrics tests short. Autouse in the
+    modules that import it by name (a fixture outside conftest.py applies only where it is imported)."""
+    import os
+
+    old = os.environ.get("RAY_metrics_report_interval_ms")
+    os.environ["RAY_metrics_report_interval_ms"] = "2000"
+    yield
+    if old is None:
+        os.environ.pop("RAY_metrics_report_interval_ms", None)
+    else:
+        os.environ["RAY_metrics_report_interval_ms"] = old
 
 
 _REGISTRY: list[Registry] = []  # built once per test process, shared by the modules that import the fixture

@@ -14,26 +14,13 @@ import pytest
 import requests
 
 from conftest import last_json, run_kiln
-from served_models import CNN, DIGITS, VARIANTS, digits_raw, free_port, iris_rows, png_b64, registry, train_and_register  # noqa: F401
+from served_models import (CNN, DIGITS, VARIANTS, digits_raw, fast_metrics_export, free_port, iris_rows,  # noqa: F401
+                           png_b64, registry, train_and_register)
 
 API_KEY = "test-key-7f3a"
 KEY_ENV = "KILN_TEST_API_KEY"
 MAX_BODY = 65536
 HEADERS = {"X-API-Key": API_KEY}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fast_metrics_export():
-    """Ray exports metrics every 10 s by default; every 2 s keeps the metrics test short."""
-    import os
-
-    old = os.environ.get("RAY_metrics_report_interval_ms")
-    os.environ["RAY_metrics_report_interval_ms"] = "2000"
-    yield
-    if old is None:
-        os.environ.pop("RAY_metrics_report_interval_ms", None)
-    else:
-        os.environ["RAY_metrics_report_interval_ms"] = old
 
 
 @pytest.fixture(scope="module")

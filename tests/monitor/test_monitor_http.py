@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
 import shutil
 import threading
 import time
@@ -25,7 +24,8 @@ import pytest
 import requests
 
 from conftest import last_json, run_kiln
-from served_models import VARIANTS, Registry, digits_raw, free_port, iris_parquet, png_b64
+from served_models import (VARIANTS, Registry, digits_raw, fast_metrics_export, free_port,  # noqa: F401
+                           iris_parquet, png_b64)
 
 WINDOW = 120
 RETRAIN = ["serve.monitor.retrain.config=configs/train/digits_cnn.yaml", "serve.monitor.retrain.data_source=digits",
@@ -47,18 +47,6 @@ class Receiver(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fast_metrics_export():
-    """Ray exports metrics every 10 s by default; every 2 s keeps the metrics test short."""
-    old = os.environ.get("RAY_metrics_report_interval_ms")
-    os.environ["RAY_metrics_report_interval_ms"] = "2000"
-    yield
-    if old is None:
-        os.environ.pop("RAY_metrics_report_interval_ms", None)
-    else:
-        os.environ["RAY_metrics_report_interval_ms"] = old
 
 
 @pytest.fixture(scope="module")
