@@ -1,6 +1,6 @@
 """Send one digits image to a served model's convenience endpoint (used by `make demo`).
 
-    python bench/demo_request.py runs/demo/serve.json
+python bench/demo_request.py runs/demo/serve.json
 """
 
 import base64
@@ -23,6 +23,11 @@ request = urllib.request.Request(url, data=body, headers={"Content-Type": "appli
 with urllib.request.urlopen(request, timeout=30) as response:
     answer = json.loads(response.read())
 print(f"POST {url} -> {json.dumps(answer)}")
-formats = {m["version"]: m.get("format", "?") for m in served["models"] if m["name"] == model["name"]}
+formats = {
+    m["version"]: m.get("format", "?") for m in served["models"] if m["name"] == model["name"]
+}
 version = answer.get("model_version")
-print(f"true label: {table.column('label')[0].as_py()}, served version {version} ({formats.get(version, '?')})")
+print(
+    f"true label: {table.column('label')[0].as_py()}, served version {version} "
+    f"({formats.get(version, '?')})"
+)

@@ -27,8 +27,9 @@ args = parser.parse_args()
 served = json.loads(Path(args.serve_json).read_text().splitlines()[-1])
 model = served["models"][0]["name"]
 table = load_builtin("digits")
-# Every image of the set in a seeded random order: traffic like the training data, so monitoring sees no drift
-# (a few images sent over and over would be a real shift: their brightness and outputs are not the data's).
+# Every image of the set in a seeded random order: traffic like the training data, so monitoring
+# sees no drift (a few images sent over and over would be a real shift: their brightness and outputs
+# are not the data's).
 order = random.Random(0).sample(range(table.num_rows), table.num_rows)
 images = [base64.b64encode(table.column("image")[i].as_py()["bytes"]).decode() for i in order]
 url = f"{served['url'].rstrip('/')}/v2/models/{model}/predict"
@@ -49,6 +50,10 @@ while time.monotonic() < deadline and record is not None and record.phase in ACT
     if i % 20 == 0:
         record = store.load()
 record = store.load()
-print(f"{sum(answered.values())} answered ({', '.join(f'v{v}: {n}' for v, n in sorted(answered.items()))}), "
-      f"{failed} failed; rollout {record.phase if record else 'missing'}: {record.reason if record else ''}")
+print(
+    f"{sum(answered.values())} answered "
+    f"({', '.join(f'v{v}: {n}' for v, n in sorted(answered.items()))}), "
+    f"{failed} failed; rollout {record.phase if record else 'missing'}: "
+    f"{record.reason if record else ''}"
+)
 sys.exit(0 if record is not None and record.phase == "promoted" and failed == 0 else 1)

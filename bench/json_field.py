@@ -1,7 +1,7 @@
 """Print one field of the last JSON line a `kiln ... --json` command wrote (used by `make demo`).
 
-    python bench/json_field.py runs/demo/train.json model_uri
-    python bench/json_field.py runs/demo/compress.json selected --version   # models:/NAME/9 -> 9
+python bench/json_field.py runs/demo/train.json model_uri
+python bench/json_field.py runs/demo/compress.json selected --version   # models:/NAME/9 -> 9
 """
 
 import json

@@ -1,4 +1,5 @@
-"""A small closed-loop HTTP load generator for loopback benchmarks (asyncio, raw HTTP/1.1, keep-alive).
+"""A small closed-loop HTTP load generator for loopback benchmarks (asyncio, raw HTTP/1.1,
+keep-alive).
 
 Each of ``concurrency`` virtual clients holds one connection and sends its next request when the
 previous answer has arrived. A run stops after ``max_requests`` requests or ``max_seconds``,
@@ -56,8 +57,15 @@ async def _read_response(reader: asyncio.StreamReader) -> int:
     return status
 
 
-async def _client(host: str, port: int, request: bytes, budget: list[int], deadline: float,
-                  latencies: list[float], errors: list[int]) -> None:
+async def _client(
+    host: str,
+    port: int,
+    request: bytes,
+    budget: list[int],
+    deadline: float,
+    latencies: list[float],
+    errors: list[int],
+) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     try:
         while budget[0] > 0 and time.perf_counter() < deadline:
@@ -74,30 +82,51 @@ async def _client(host: str, port: int, request: bytes, budget: list[int], deadl
         writer.close()
 
 
-async def _run(host: str, port: int, request: bytes, concurrency: int, max_requests: int,
-               max_seconds: float) -> LoadResult:
+async def _run(
+    host: str, port: int, request: bytes, concurrency: int, max_requests: int, max_seconds: float
+) -> LoadResult:
     latencies: list[float] = []
     errors = [0]
     budget = [max_requests]
     started = time.perf_counter()
-    await asyncio.gather(*(_client(host, port, request, budget, started + max_seconds, latencies, errors)
-                           for _ in range(concurrency)))
+    await asyncio.gather(
+        *(
+            _client(host, port, request, budget, started + max_seconds, latencies, errors)
+            for _ in range(concurrency)
+        )
+    )
     elapsed = time.perf_counter() - started
     latencies.sort()
-    return LoadResult(concurrency=concurrency, requests=len(latencies), errors=errors[0], seconds=round(elapsed, 3),
-                      throughput=len(latencies) / elapsed, p50_ms=percentile(latencies, 0.5) * 1000,
-                      p99_ms=percentile(latencies, 0.99) * 1000)
+    return LoadResult(
+        concurrency=concurrency,
+        requests=len(latencies),
+        errors=errors[0],
+        seconds=round(elapsed, 3),
+        throughput=len(latencies) / elapsed,
+        p50_ms=percentile(latencies, 0.5) * 1000,
+        p99_ms=percentile(latencies, 0.99) * 1000,
+    )
 
 
 def http_request(host: str, path: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
     extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-    return (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n{extra}\r\n"
+    ).encode() + body
 
 
-def run_load(url: str, path: str, body: bytes, concurrency: int, max_requests: int, max_seconds: float,
-             headers: dict[str, str] | None = None) -> LoadResult:
-    """Closed-loop load against ``url`` (http://127.0.0.1:PORT). Loopback only, by construction of the URL."""
+def run_load(
+    url: str,
+    path: str,
+    body: bytes,
+    concurrency: int,
+    max_requests: int,
+    max_seconds: float,
+    headers: dict[str, str] | None = None,
+) -> LoadResult:
+    """Closed-loop load against ``url`` (http://127.0.0.1:PORT). Loopback only, by construction of
+    the URL."""
     host, port = url.removeprefix("http://").split(":")
     if host not in ("127.0.0.1", "localhost"):
         raise ValueError(f"this load generator only targets loopback, not {host}")

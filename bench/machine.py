@@ -1,4 +1,5 @@
-"""The machine a benchmark ran on: CPU model, core count and the SIMD flags that matter for ML kernels."""
+"""The machine a benchmark ran on: CPU model, core count and the SIMD flags that matter for ML
+kernels."""
 
 from __future__ import annotations
 
@@ -17,7 +18,16 @@ def machine_info() -> dict[str, str]:
                     flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    wanted = ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16"]
+    wanted = [
+        "avx2",
+        "fma",
+        "avx512f",
+        "avx512_vnni",
+        "avx512_bf16",
+        "amx_tile",
+        "amx_int8",
+        "amx_bf16",
+    ]
     try:
         load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     except OSError:

@@ -40,16 +40,27 @@ SPLIT = {"val": 0.3, "test": 0.3, "seed": 0}
 
 
 def train(data: dict, model: dict, epochs: int, work: Path):
-    from kiln.config import validate_config
     from kiln.data.dataset import prepare_data
     from kiln.models.predictor import load_predictor
     from kiln.monitor.reference import load_reference, write_reference
+    from kiln.schema import validate_config
     from kiln.train.loop import train_epochs
     from kiln.train.session import LocalSession
 
-    cfg = validate_config({"experiment": {"name": "bench", "run_dir": str(work)}, "data": data, "model": model,
-                           "train": {"epochs": epochs, "batch_size": 64, "lr": 0.003, "seed": 0,
-                                     "cpus_per_worker": 1}})
+    cfg = validate_config(
+        {
+            "experiment": {"name": "bench", "run_dir": str(work)},
+            "data": data,
+            "model": model,
+            "train": {
+                "epochs": epochs,
+                "batch_size": 64,
+                "lr": 0.003,
+                "seed": 0,
+                "cpus_per_worker": 1,
+            },
+        }
+    )
     prepared = prepare_data(cfg.data)
     session = LocalSession(str(work / f"ckpt-{model['name']}"))
     train_epochs(cfg, prepared, session)
@@ -71,9 +82,13 @@ async def request_path(served, body: bytes, monitors) -> bytes:
     x = served.prepare_tensors(req.inputs)
     logits = served.predictor.logits(x, batch_size=len(x))
     ood = monitors.observe(served.version, x, logits) if monitors is not None else None
-    content, _ = encode_infer_response("digits", served.version, req.id,
-                                       select_outputs(req, served.output_tensors(logits)),
-                                       ood.parameters() if ood is not None else None)
+    content, _ = encode_infer_response(
+        "digits",
+        served.version,
+        req.id,
+        select_outputs(req, served.output_tensors(logits)),
+        ood.parameters() if ood is not None else None,
+    )
     return content
 
 
@@ -86,8 +101,21 @@ async def overhead(predictor, model_dir: Path, raw: np.ndarray, rounds: int, req
     served = ServedVersion("digits", "1", predictor)
     monitors = ReplicaMonitors("digits", MonitorConfig(), MonitorMetrics())
     monitors.add("1", model_dir)
-    bodies = [json.dumps({"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, *img.shape],
-                                      "data": img.ravel().tolist()}]}).encode() for img in raw]
+    bodies = [
+        json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "input",
+                        "datatype": "UINT8",
+                        "shape": [1, *img.shape],
+                        "data": img.ravel().tolist(),
+                    }
+                ]
+            }
+        ).encode()
+        for img in raw
+    ]
     for body in bodies[:100]:  # warm-up both paths
         await request_path(served, body, None)
         await request_path(served, body, monitors)
@@ -96,17 +124,25 @@ async def overhead(predictor, model_dir: Path, raw: np.ndarray, rounds: int, req
         off, on = [], []
         for i in range(requests):
             body = bodies[(r * requests + i) % len(bodies)]
-            first, second = (None, monitors) if i % 2 == 0 else (monitors, None)  # alternate the order
+            first, second = (
+                (None, monitors) if i % 2 == 0 else (monitors, None)
+            )  # alternate the order
             for m in (first, second):
                 t = time.perf_counter()
                 await request_path(served, body, m)
                 (on if m is not None else off).append((time.perf_counter() - t) * 1000)
-            await asyncio.sleep(0)  # let the monitor thread's evaluation callbacks run, as in a replica
+            await asyncio.sleep(
+                0
+            )  # let the monitor thread's evaluation callbacks run, as in a replica
         off_all += off
         on_all += on
         diff_p50.append(pct(on, 50) - pct(off, 50))
-        print(f"  round {r + 1}: off p50 {pct(off, 50):.3f} ms p99 {pct(off, 99):.3f} | on p50 {pct(on, 50):.3f} ms "
-              f"p99 {pct(on, 99):.3f} | added p50 {diff_p50[-1] * 1000:.0f} us", flush=True)
+        print(
+            f"  round {r + 1}: off p50 {pct(off, 50):.3f} ms p99 {pct(off, 99):.3f} | on p50 "
+            f"{pct(on, 50):.3f} ms "
+            f"p99 {pct(on, 99):.3f} | added p50 {diff_p50[-1] * 1000:.0f} us",
+            flush=True,
+        )
     monitor = monitors.monitors["1"]
     evaluations = monitor.last
     snapshot = monitor.window.snapshot()
@@ -115,13 +151,24 @@ async def overhead(predictor, model_dir: Path, raw: np.ndarray, rounds: int, req
         t = time.perf_counter()
         monitor.evaluate(snapshot)
         times.append((time.perf_counter() - t) * 1000)
-    return {"evaluation_ms": statistics.median(times), "eval_every": monitor.cfg.eval_every,"off_p50": pct(off_all, 50), "off_p99": pct(off_all, 99), "on_p50": pct(on_all, 50),
-            "on_p99": pct(on_all, 99), "added_p50_median_of_rounds": statistics.median(diff_p50),
-            "added_p99": pct(on_all, 99) - pct(off_all, 99), "evaluated_rows": evaluations.rows if evaluations else 0}
+    return {
+        "evaluation_ms": statistics.median(times),
+        "eval_every": monitor.cfg.eval_every,
+        "off_p50": pct(off_all, 50),
+        "off_p99": pct(off_all, 99),
+        "on_p50": pct(on_all, 50),
+        "on_p99": pct(on_all, 99),
+        "added_p50_median_of_rounds": statistics.median(diff_p50),
+        "added_p99": pct(on_all, 99) - pct(off_all, 99),
+        "evaluated_rows": evaluations.rows if evaluations else 0,
+    }
 
 
-def detection_delay(predictor, reference, baseline: np.ndarray, shifted: np.ndarray, signal: str, **cfg) -> int | None:
-    """Batch-1 requests after the shift starts until ``signal`` fires (None: not within the shifted rows)."""
+def detection_delay(
+    predictor, reference, baseline: np.ndarray, shifted: np.ndarray, signal: str, **cfg
+) -> int | None:
+    """Batch-1 requests after the shift starts until ``signal`` fires (None: not within the shifted
+    rows)."""
     from kiln.monitor.config import MonitorConfig
     from kiln.monitor.monitor import VersionMonitor
 
@@ -137,7 +184,9 @@ def detection_delay(predictor, reference, baseline: np.ndarray, shifted: np.ndar
     for n, row in enumerate(shifted, start=1):
         row = row[None]
         monitor.observe(row, predictor.logits(row))
-        if monitor.due() and any(a.signal == signal and a.state == "firing" for a in monitor.evaluate().alerts):
+        if monitor.due() and any(
+            a.signal == signal and a.state == "firing" for a in monitor.evaluate().alerts
+        ):
             return n
     return None
 
@@ -145,7 +194,9 @@ def detection_delay(predictor, reference, baseline: np.ndarray, shifted: np.ndar
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--requests", type=int, default=1000, help="requests per configuration per round")
+    parser.add_argument(
+        "--requests", type=int, default=1000, help="requests per configuration per round"
+    )
     args = parser.parse_args()
     import logging
 
@@ -154,24 +205,52 @@ def main() -> int:
     from synthetic import tabular_parquet
 
     print_machine()
-    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=1,
+        include_dashboard=False,
+        logging_level=logging.ERROR,
+        log_to_driver=False,
+    )
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-monitor-"))
     try:
-        predictor, data, reference, model_dir = train({"source": "digits", "image": "image", "split": SPLIT},
-                                                      {"name": "cnn", "width": 8, "dropout": 0.0}, 3, work)
+        predictor, data, reference, model_dir = train(
+            {"source": "digits", "image": "image", "split": SPLIT},
+            {"name": "cnn", "width": 8, "dropout": 0.0},
+            3,
+            work,
+        )
         prep = predictor.spec.preprocessing
-        raw = np.round((data.x_test * np.asarray(prep.std)[None, :, None, None]
-                        + np.asarray(prep.mean)[None, :, None, None]) * 255).clip(0, 255).astype(np.uint8)
-        print(f"\n## added latency per batch-1 request (replica request path, {args.rounds} rounds x "
-              f"{args.requests} requests per configuration, interleaved)")
+        raw = (
+            np.round(
+                (
+                    data.x_test * np.asarray(prep.std)[None, :, None, None]
+                    + np.asarray(prep.mean)[None, :, None, None]
+                )
+                * 255
+            )
+            .clip(0, 255)
+            .astype(np.uint8)
+        )
+        print(
+            f"\n## added latency per batch-1 request (replica request path, {args.rounds} rounds x "
+            f"{args.requests} requests per configuration, interleaved)"
+        )
         result = asyncio.run(overhead(predictor, model_dir, raw, args.rounds, args.requests))
         print(f"monitoring off: p50 {result['off_p50']:.3f} ms, p99 {result['off_p99']:.3f} ms")
         print(f"monitoring on:  p50 {result['on_p50']:.3f} ms, p99 {result['on_p99']:.3f} ms")
-        print(f"added: p50 {result['added_p50_median_of_rounds'] * 1000:.0f} us (median over rounds), "
-              f"p99 {result['added_p99'] * 1000:.0f} us")
-        print(f"one drift evaluation of a full window ({result['evaluated_rows']} rows): {result['evaluation_ms']:.2f} ms "
-              f"on the monitor thread, every {result['eval_every']} rows = "
-              f"{result['evaluation_ms'] * 1000 / result['eval_every']:.0f} us of CPU per row, amortized")
+        print(
+            f"added: p50 {result['added_p50_median_of_rounds'] * 1000:.0f} us (median over "
+            "rounds), "
+            f"p99 {result['added_p99'] * 1000:.0f} us"
+        )
+        print(
+            f"one drift evaluation of a full window ({result['evaluated_rows']} rows): "
+            f"{result['evaluation_ms']:.2f} ms "
+            f"on the monitor thread, every {result['eval_every']} rows = "
+            f"{result['evaluation_ms'] * 1000 / result['eval_every']:.0f} us of CPU per row, "
+            "amortized"
+        )
 
         rng = np.random.default_rng(0)
         order = rng.permutation(len(data.x_test))
@@ -179,8 +258,12 @@ def main() -> int:
         inverted = prep.apply(255 - raw[order])
         noise = prep.apply(rng.integers(0, 256, (2000, 1, 8, 8)).astype(np.uint8))
         source = tabular_parquet(work / "animals.parquet", rows=3000, seed=0, nulls=False)
-        tab_pred, tab_data, tab_ref, _ = train({"source": str(source), "label": "species", "split": SPLIT},
-                                               {"name": "mlp", "hidden": [16], "dropout": 0.0}, 5, work)
+        tab_pred, tab_data, tab_ref, _ = train(
+            {"source": str(source), "label": "species", "split": SPLIT},
+            {"name": "mlp", "hidden": [16], "dropout": 0.0},
+            5,
+            work,
+        )
         tprep = tab_pred.spec.preprocessing
         names = list(tprep.feature_names)
         traw = tab_data.x_test * np.asarray(tprep.std) + np.asarray(tprep.mean)
@@ -189,17 +272,32 @@ def main() -> int:
         traw[:, names.index("big")] *= 1.5  # one feature scaled
         tab_shift = np.tile(tprep.apply(traw.astype(np.float32)), (3, 1))
         tab_base = tab_data.x_test[rng.permutation(len(tab_data.x_test))]
-        print("\n## detection delay: batch-1 requests from the start of the shift to the alert "
-              "(after a full window of in-distribution traffic)")
-        print("| shift | signal | window 500, eval every 50 (defaults) | window 200, eval every 20 |")
+        print(
+            "\n## detection delay: batch-1 requests from the start of the shift to the alert "
+            "(after a full window of in-distribution traffic)"
+        )
+        print(
+            "| shift | signal | window 500, eval every 50 (defaults) | window 200, eval every 20 |"
+        )
         print("|---|---|---|---|")
-        cases = [("digits inverted", predictor, reference, baseline, np.tile(inverted, (3, 1, 1, 1)), "drift"),
-                 ("digits uniform noise", predictor, reference, baseline, noise, "drift"),
-                 ("digits uniform noise", predictor, reference, baseline, noise, "ood_rate"),
-                 ("tabular: big x1.5, noise +1 sd", tab_pred, tab_ref, tab_base, tab_shift, "drift")]
+        cases = [
+            (
+                "digits inverted",
+                predictor,
+                reference,
+                baseline,
+                np.tile(inverted, (3, 1, 1, 1)),
+                "drift",
+            ),
+            ("digits uniform noise", predictor, reference, baseline, noise, "drift"),
+            ("digits uniform noise", predictor, reference, baseline, noise, "ood_rate"),
+            ("tabular: big x1.5, noise +1 sd", tab_pred, tab_ref, tab_base, tab_shift, "drift"),
+        ]
         for name, pred, ref, base, shifted, signal in cases:
             default = detection_delay(pred, ref, base, shifted, signal)
-            small = detection_delay(pred, ref, base, shifted, signal, window=200, eval_every=20, min_rows=100)
+            small = detection_delay(
+                pred, ref, base, shifted, signal, window=200, eval_every=20, min_rows=100
+            )
             print(f"| {name} | {signal} | {default} | {small} |")
     finally:
         ray.shutdown()

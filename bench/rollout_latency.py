@@ -1,23 +1,25 @@
-"""Latency the rollout routing adds, side by side in one run: routed vs. one version served directly.
+"""Latency the rollout routing adds, side by side in one run: routed vs. one version served
+directly.
 
 One digits CNN (random weights, registered twice: v1 and v2) served by `kiln serve start` (a local
 Ray instance, the chosen ingress). Configurations, each measured at concurrency 1 (latency) and 8:
 
-  (a) direct: POST /v2/models/M/versions/1/infer (the version named in the path, no routing decision)
-  (b) routed, no rollout: POST /v2/models/M/infer (the default version)
+  (a) direct: POST /v2/models/M/versions/1/infer (the version named in the path, no routing
+  decision) (b) routed, no rollout: POST /v2/models/M/infer (the default version)
   (c) routed, canary at 50% (v1 -> v2), no sticky header: a weighted choice per request
   (d) routed, canary at 50% with a sticky header (a hash of the header value per request)
   (e) routed, shadow mirroring 100% of requests to v2 (the mirrored call runs after the answer)
 
-Also, in-process: the cost of the routing decision itself (``RolloutAgent.route`` + ``record``, what a
-request pays in the replica), per call, without and with a canary table and a sticky header.
+Also, in-process: the cost of the routing decision itself (``RolloutAgent.route`` + ``record``, what
+a request pays in the replica), per call, without and with a canary table and a sticky header.
 
 Phases: no rollout [(a), (b)], canary [(a), (c), (d)], shadow [(a), (e)]; (a) is measured again in
 every phase and the added latency is each configuration's p50/p99 minus (a)'s in the same phase,
 over interleaved rounds (medians), because the machine is shared. The load generator
 (bench/loadgen.py) runs in this process, on loopback only, bounded in requests and time.
 
-    PYTHONPATH=platform python bench/rollout_latency.py [--rounds 5] [--ingress proxy|haproxy] [--quick]
+    PYTHONPATH=platform python bench/rollout_latency.py [--rounds 5] [--ingress proxy|haproxy]
+    [--quick]
 """
 
 from __future__ import annotations
@@ -60,7 +62,9 @@ def register(run_dir: Path) -> tuple[str, list[str]]:
     prep = Preprocessing(kind="image", mean=[0.5], std=[0.25], channels=1, image_size=SHAPE[1:])
     uris = []
     for seed in (0, 1):
-        spec = ModelSpec("cnn", {"width": 32, "dropout": 0.1}, SHAPE, labels=list(range(10)), preprocessing=prep)
+        spec = ModelSpec(
+            "cnn", {"width": 32, "dropout": 0.1}, SHAPE, labels=list(range(10)), preprocessing=prep
+        )
         torch.manual_seed(seed)
         directory = save_artifact(build_model(spec).eval(), spec, run_dir / "src" / f"v{seed}")
         run_id = trk.start_run(uri, exp, f"bench-v{seed}", {trk.TAG_JOB: "bench"})
@@ -73,8 +77,13 @@ def register(run_dir: Path) -> tuple[str, list[str]]:
 def kiln(*args: str, env: dict | None = None) -> dict:
     full_env = dict(os.environ, PYTHONPATH=str(REPO / "platform"), **(env or {}))
     full_env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-m", "kiln.cli", *args, "--json"], env=full_env, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kiln.cli", *args, "--json"],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if proc.returncode != 0:
         raise SystemExit(f"kiln {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -87,15 +96,27 @@ def measure(url: str, configs: dict, rounds: int, scale: float, phase: str, resu
     for r in range(rounds):
         for label, (path, headers) in configs.items():
             for concurrency, max_requests, max_seconds in BOUNDS:
-                res = run_load(url, path, body, concurrency, max(concurrency, int(max_requests * scale)),
-                               max_seconds * scale + 1, headers)
+                res = run_load(
+                    url,
+                    path,
+                    body,
+                    concurrency,
+                    max(concurrency, int(max_requests * scale)),
+                    max_seconds * scale + 1,
+                    headers,
+                )
                 results.setdefault(f"{phase}|{label}|{concurrency}", []).append(res.to_dict())
-                print(f"  {phase:<10} round {r + 1} {label:<34} c={concurrency}  {res.throughput:7.1f} req/s  "
-                      f"p50 {res.p50_ms:6.2f} ms  p99 {res.p99_ms:7.2f} ms  errors {res.errors}", flush=True)
+                print(
+                    f"  {phase:<10} round {r + 1} {label:<34} c={concurrency}  "
+                    f"{res.throughput:7.1f} req/s  "
+                    f"p50 {res.p50_ms:6.2f} ms  p99 {res.p99_ms:7.2f} ms  errors {res.errors}",
+                    flush=True,
+                )
 
 
 def decision_cost(calls: int = 200_000) -> dict[str, float]:
-    """Microseconds per request of the replica's routing decision plus its bookkeeping, in-process."""
+    """Microseconds per request of the replica's routing decision plus its bookkeeping,
+    in-process."""
     from kiln.rollout.replica import RolloutAgent
     from kiln.rollout.routing import RoutingTable
 
@@ -103,9 +124,14 @@ def decision_cost(calls: int = 200_000) -> dict[str, float]:
         return None
 
     out = {}
-    tables = {"no rollout": None, "canary 50%": RoutingTable(stable="1", candidate="2", weight=50.0),
-              "canary 50%, sticky": RoutingTable(stable="1", candidate="2", weight=50.0, sticky_header="x-user"),
-              "shadow 100%": RoutingTable(stable="1", candidate="2", shadow=100.0)}
+    tables = {
+        "no rollout": None,
+        "canary 50%": RoutingTable(stable="1", candidate="2", weight=50.0),
+        "canary 50%, sticky": RoutingTable(
+            stable="1", candidate="2", weight=50.0, sticky_header="x-user"
+        ),
+        "shadow 100%": RoutingTable(stable="1", candidate="2", shadow=100.0),
+    }
     headers = {"x-user": "user-42", "content-type": "application/json"}
     for label, table in tables.items():
         agent = RolloutAgent(MODEL, "1", ["1", "2"], noop, lambda v: {})
@@ -138,10 +164,14 @@ def wait_rollout_running(run_dir: Path, timeout: float = 120.0) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--ingress", choices=["proxy", "haproxy"], default="proxy")
-    parser.add_argument("--quick", action="store_true", help="two rounds, a quarter of the requests")
+    parser.add_argument(
+        "--quick", action="store_true", help="two rounds, a quarter of the requests"
+    )
     parser.add_argument("--out", default=str(HERE / "out" / "rollout_latency.json"))
     args = parser.parse_args()
     rounds, scale = (2, 0.25) if args.quick else (args.rounds, 1.0)
@@ -153,43 +183,135 @@ def main() -> int:
     env = {"MLFLOW_TRACKING_URI": tracking_uri}
     results: dict[str, list] = {}
     direct, routed = f"/v2/models/{MODEL}/versions/1/infer", f"/v2/models/{MODEL}/infer"
-    server = kiln("serve", "start", v1, "serve.deployment.num_cpus=0.5", "serve.deployment.threads=1", "--port", "0",
-                  "--num-cpus", "2", "--ingress", args.ingress, "--run-dir", str(run_dir), env=env)
+    server = kiln(
+        "serve",
+        "start",
+        v1,
+        "serve.deployment.num_cpus=0.5",
+        "serve.deployment.threads=1",
+        "--port",
+        "0",
+        "--num-cpus",
+        "2",
+        "--ingress",
+        args.ingress,
+        "--run-dir",
+        str(run_dir),
+        env=env,
+    )
     url = server["url"]
     try:
-        measure(url, {"(a) direct /versions/1": (direct, None), "(b) routed, no rollout": (routed, None)},
-                rounds, scale, "none", results)
-        kiln("rollout", "start", MODEL, "--to", "2", "--strategy", "canary", "--weight", "50", "--bake", "1h",
-             "--interval", "1s", "--run-dir", str(run_dir))
+        measure(
+            url,
+            {"(a) direct /versions/1": (direct, None), "(b) routed, no rollout": (routed, None)},
+            rounds,
+            scale,
+            "none",
+            results,
+        )
+        kiln(
+            "rollout",
+            "start",
+            MODEL,
+            "--to",
+            "2",
+            "--strategy",
+            "canary",
+            "--weight",
+            "50",
+            "--bake",
+            "1h",
+            "--interval",
+            "1s",
+            "--run-dir",
+            str(run_dir),
+        )
         wait_rollout_running(run_dir)
-        measure(url, {"(a) direct /versions/1": (direct, None), "(c) routed, canary 50%": (routed, None),
-                      "(d) routed, canary 50%, sticky": (routed, {"X-User": "user-42"})},
-                rounds, scale, "canary", results)
+        measure(
+            url,
+            {
+                "(a) direct /versions/1": (direct, None),
+                "(c) routed, canary 50%": (routed, None),
+                "(d) routed, canary 50%, sticky": (routed, {"X-User": "user-42"}),
+            },
+            rounds,
+            scale,
+            "canary",
+            results,
+        )
         kiln("rollout", "rollback", MODEL, "--run-dir", str(run_dir))
-        kiln("rollout", "start", MODEL, "--to", "2", "--strategy", "shadow", "--weight", "100", "--bake", "1h",
-             "--interval", "1s", "--run-dir", str(run_dir))
+        kiln(
+            "rollout",
+            "start",
+            MODEL,
+            "--to",
+            "2",
+            "--strategy",
+            "shadow",
+            "--weight",
+            "100",
+            "--bake",
+            "1h",
+            "--interval",
+            "1s",
+            "--run-dir",
+            str(run_dir),
+        )
         wait_rollout_running(run_dir)
-        measure(url, {"(a) direct /versions/1": (direct, None), "(e) routed, shadow 100%": (routed, None)},
-                rounds, scale, "shadow", results)
+        measure(
+            url,
+            {"(a) direct /versions/1": (direct, None), "(e) routed, shadow 100%": (routed, None)},
+            rounds,
+            scale,
+            "shadow",
+            results,
+        )
     finally:
-        subprocess.run([sys.executable, "-m", "kiln.cli", "serve", "stop", "--run-dir", str(run_dir)],
-                       env=dict(os.environ, PYTHONPATH=str(REPO / "platform")), capture_output=True, timeout=300)
+        subprocess.run(
+            [sys.executable, "-m", "kiln.cli", "serve", "stop", "--run-dir", str(run_dir)],
+            env=dict(os.environ, PYTHONPATH=str(REPO / "platform")),
+            capture_output=True,
+            timeout=300,
+        )
         shutil.rmtree(work, ignore_errors=True)
-    summary = {key: {k: statistics.median(r[k] for r in runs) for k in ("throughput", "p50_ms", "p99_ms")}
-               | {"errors": sum(r["errors"] for r in runs)} for key, runs in results.items()}
-    print(f"\nmedians over {rounds} rounds, ingress {args.ingress}; added = configuration - (a) in the same phase")
-    print("| phase | configuration | c | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | errors |")
+    summary = {
+        key: {k: statistics.median(r[k] for r in runs) for k in ("throughput", "p50_ms", "p99_ms")}
+        | {"errors": sum(r["errors"] for r in runs)}
+        for key, runs in results.items()
+    }
+    print(
+        f"\nmedians over {rounds} rounds, ingress {args.ingress}; added = configuration - (a) in "
+        "the same phase"
+    )
+    print(
+        "| phase | configuration | c | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | "
+        "errors |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for key, s in summary.items():
         phase, label, c = key.split("|")
         base = summary[f"{phase}|(a) direct /versions/1|{c}"]
-        print(f"| {phase} | {label} | {c} | {s['throughput']:.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | "
-              f"{s['p50_ms'] - base['p50_ms']:+.2f} | {s['p99_ms'] - base['p99_ms']:+.2f} | {s['errors']} |")
+        print(
+            f"| {phase} | {label} | {c} | {s['throughput']:.0f} | {s['p50_ms']:.2f} | "
+            f"{s['p99_ms']:.2f} | "
+            f"{s['p50_ms'] - base['p50_ms']:+.2f} | {s['p99_ms'] - base['p99_ms']:+.2f} | "
+            f"{s['errors']} |"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": info, "ingress": args.ingress, "rounds": rounds, "decision_us": decision_us,
-                               "summary": summary,
-                               "runs": results}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "machine": info,
+                "ingress": args.ingress,
+                "rounds": rounds,
+                "decision_us": decision_us,
+                "summary": summary,
+                "runs": results,
+            },
+            indent=2,
+        )
+    )
     print(f"\nwrote {out}")
     return 0
 

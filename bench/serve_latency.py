@@ -1,16 +1,17 @@
-"""Serving overhead, side by side in one run: throughput and p50/p99 latency at concurrency 1 and 32.
+"""Serving overhead, side by side in one run: throughput and p50/p99 latency at concurrency 1 and
+32.
 
   (a) the model called in-process (the limit; at "concurrency 32" one call on a batch of 32 rows),
   (b) kiln serve with dynamic batching, (c) kiln serve without batching, in both ingress modes:
-      'haproxy' (the opt-in fast path) and 'proxy' (Ray Serve's proxy, the safe default), one phase each
-      (one Kiln instance at a time, with (a) and (d) measured again in each phase),
+      'haproxy' (the opt-in fast path) and 'proxy' (Ray Serve's proxy, the safe default), one phase
+      each (one Kiln instance at a time, with (a) and (d) measured again in each phase),
   (d) a plain FastAPI + uvicorn app serving the same model (bench/fastapi_baseline.py).
 
-Models: the small digits CNN (8x8 inputs) and ResNet-18 on 64x64 RGB inputs (batch-1 compute dominates).
-Weights are random: latency does not depend on them. Every request is the same OIP JSON body. The
-configurations are measured in interleaved rounds (medians reported) because the machine is shared.
-The load generator (bench/loadgen.py) runs in this process, on loopback only, bounded in requests
-and time.
+Models: the small digits CNN (8x8 inputs) and ResNet-18 on 64x64 RGB inputs (batch-1 compute
+dominates). Weights are random: latency does not depend on them. Every request is the same OIP JSON
+body. The configurations are measured in interleaved rounds (medians reported) because the machine
+is shared. The load generator (bench/loadgen.py) runs in this process, on loopback only, bounded in
+requests and time.
 
     PYTHONPATH=platform python bench/serve_latency.py [--rounds 3] [--quick]
 """
@@ -39,10 +40,11 @@ sys.path.insert(0, str(REPO / "platform"))
 
 from loadgen import LoadResult, percentile, run_load  # noqa: E402
 
-# name -> (architecture, input shape [C, H, W], builder kwargs, intra-op threads). ResNet-18 keeps torchvision's
-# ImageNet stem (stride-2 conv + max pool) at 64x64: batch-1 compute (~40 ms) dominates the HTTP path.
-# One thread everywhere: on this shared 2-core machine, two OpenMP threads ran ResNet-18 ~10x slower than
-# one (each barrier waits for both threads to get a core), which would measure the neighbours, not serving.
+# name -> (architecture, input shape [C, H, W], builder kwargs, intra-op threads). ResNet-18 keeps
+# torchvision's ImageNet stem (stride-2 conv + max pool) at 64x64: batch-1 compute (~40 ms)
+# dominates the HTTP path. One thread everywhere: on this shared 2-core machine, two OpenMP threads
+# ran ResNet-18 ~10x slower than one (each barrier waits for both threads to get a core), which
+# would measure the neighbours, not serving.
 MODELS = {
     "digits-cnn": ("cnn", [1, 8, 8], {"width": 32, "dropout": 0.1}, 1),
     "resnet18-64": ("resnet18", [3, 64, 64], {"small_input": False}, 1),
@@ -54,10 +56,17 @@ BOUNDS = {  # (concurrency, max requests, max seconds)
 
 
 def machine() -> dict:
-    info = {"cpu": "unknown", "flags": [], "cores": os.cpu_count(), "python": platform.python_version()}
+    info = {
+        "cpu": "unknown",
+        "flags": [],
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+    }
     try:
         text = Path("/proc/cpuinfo").read_text()
-        info["cpu"] = next(l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("model name"))
+        info["cpu"] = next(
+            l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("model name")
+        )
         flags = next(l.split(":", 1)[1].split() for l in text.splitlines() if l.startswith("flags"))
         info["flags"] = [f for f in flags if f.startswith(("avx", "amx", "sse4", "fma"))]
     except (OSError, StopIteration):
@@ -73,7 +82,8 @@ def free_port() -> int:
 
 
 def register_models(run_dir: Path) -> tuple[str, dict[str, str], dict[str, Path]]:
-    """Random-weight artifacts registered as version 1 of each model. Returns (tracking uri, uris, dirs)."""
+    """Random-weight artifacts registered as version 1 of each model. Returns (tracking uri, uris,
+    dirs)."""
     import torch
 
     from kiln import tracking as trk
@@ -86,8 +96,13 @@ def register_models(run_dir: Path) -> tuple[str, dict[str, str], dict[str, Path]
     uris, dirs = {}, {}
     for name, (arch, shape, kwargs, _) in MODELS.items():
         channels = shape[0]
-        prep = Preprocessing(kind="image", mean=[0.5] * channels, std=[0.25] * channels, channels=channels,
-                             image_size=shape[1:])
+        prep = Preprocessing(
+            kind="image",
+            mean=[0.5] * channels,
+            std=[0.25] * channels,
+            channels=channels,
+            image_size=shape[1:],
+        )
         spec = ModelSpec(arch, kwargs, shape, labels=list(range(10)), preprocessing=prep)
         torch.manual_seed(0)
         directory = save_artifact(build_model(spec).eval(), spec, run_dir / "artifacts-src" / name)
@@ -101,32 +116,76 @@ def register_models(run_dir: Path) -> tuple[str, dict[str, str], dict[str, Path]
 
 def body_for(shape: list[int], seed: int = 0) -> bytes:
     x = np.random.default_rng(seed).integers(0, 256, size=[1, *shape], dtype=np.uint8)
-    return json.dumps({"inputs": [{"name": "input", "datatype": "UINT8", "shape": list(x.shape),
-                                   "data": x.ravel().tolist()}]}).encode()
+    return json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "UINT8",
+                    "shape": list(x.shape),
+                    "data": x.ravel().tolist(),
+                }
+            ]
+        }
+    ).encode()
 
 
 def serve_config(path: Path, uris: dict[str, str]) -> Path:
-    """Each model twice: with batching and without (per-model overrides), so both run in one app set."""
+    """Each model twice: with batching and without (per-model overrides), so both run in one app
+    set."""
     import yaml
 
     models = []
     for name, uri in uris.items():
         threads = MODELS[name][3]
         for batching, suffix in ((True, "batch"), (False, "nobatch")):
-            models.append({"uri": uri, "name": f"{name}-{suffix}",
-                           "deployment": {"threads": threads},
-                           "batching": {"enabled": batching, "max_batch_size": 32, "wait_ms": 0.0}})
-    path.write_text(yaml.safe_dump({"serve": {"deployment": {"num_cpus": 0.25, "max_ongoing_requests": 64},
-                                              "models": models}}))
+            models.append(
+                {
+                    "uri": uri,
+                    "name": f"{name}-{suffix}",
+                    "deployment": {"threads": threads},
+                    "batching": {"enabled": batching, "max_batch_size": 32, "wait_ms": 0.0},
+                }
+            )
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "serve": {
+                    "deployment": {"num_cpus": 0.25, "max_ongoing_requests": 64},
+                    "models": models,
+                }
+            }
+        )
+    )
     return path
 
 
 def start_kiln(config: Path, run_dir: Path, tracking_uri: str, ingress: str) -> dict:
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, PYTHONPATH=str(REPO / "platform"))
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-m", "kiln.cli", "serve", "start", str(config), "--port", "0",
-                           "--ingress", ingress, "--num-cpus", "2", "--run-dir", str(run_dir), "--json"],
-                          env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kiln.cli",
+            "serve",
+            "start",
+            str(config),
+            "--port",
+            "0",
+            "--ingress",
+            ingress,
+            "--num-cpus",
+            "2",
+            "--run-dir",
+            str(run_dir),
+            "--json",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if proc.returncode != 0:
         raise SystemExit(f"kiln serve start ({ingress}) failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -134,18 +193,42 @@ def start_kiln(config: Path, run_dir: Path, tracking_uri: str, ingress: str) -> 
 
 def stop_kiln(run_dir: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO / "platform"))
-    subprocess.run([sys.executable, "-m", "kiln.cli", "serve", "stop", "--run-dir", str(run_dir)], env=env,
-                   capture_output=True, text=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "kiln.cli", "serve", "stop", "--run-dir", str(run_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def start_fastapi(dirs: dict[str, Path]) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(REPO / "platform")]),
-               KILN_BENCH_MODELS=",".join(f"{n}={d}" for n, d in dirs.items()),
-               KILN_BENCH_THREADS=",".join(f"{n}={MODELS[n][3]}" for n in dirs))
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "fastapi_baseline:app", "--host", "127.0.0.1",
-                             "--port", str(port), "--log-level", "warning", "--no-access-log"],
-                            env=env, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(HERE), str(REPO / "platform")]),
+        KILN_BENCH_MODELS=",".join(f"{n}={d}" for n, d in dirs.items()),
+        KILN_BENCH_THREADS=",".join(f"{n}={MODELS[n][3]}" for n in dirs),
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "fastapi_baseline:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        env=env,
+        cwd=HERE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -154,15 +237,24 @@ def start_fastapi(dirs: dict[str, Path]) -> tuple[subprocess.Popen, str]:
                 return proc, url
         except OSError:
             if proc.poll() is not None:
-                raise SystemExit(f"the FastAPI baseline did not start:\n{proc.stderr.read().decode()[-2000:]}")
+                raise SystemExit(
+                    f"the FastAPI baseline did not start:\n{proc.stderr.read().decode()[-2000:]}"
+                )
             time.sleep(0.5)
     proc.kill()
     raise SystemExit("the FastAPI baseline did not start within 180 s")
 
 
-def in_process(directory: Path, shape: list[int], threads: int, concurrency: int, max_requests: int,
-               max_seconds: float) -> LoadResult:
-    """The model called directly: one row per call at concurrency 1, one 32-row batch per call at 32."""
+def in_process(
+    directory: Path,
+    shape: list[int],
+    threads: int,
+    concurrency: int,
+    max_requests: int,
+    max_seconds: float,
+) -> LoadResult:
+    """The model called directly: one row per call at concurrency 1, one 32-row batch per call at
+    32."""
     import torch
 
     from kiln.models.predictor import load_predictor
@@ -181,13 +273,21 @@ def in_process(directory: Path, shape: list[int], threads: int, concurrency: int
         latencies.append(time.perf_counter() - t)
     elapsed = time.perf_counter() - started
     latencies.sort()
-    return LoadResult(concurrency=concurrency, requests=len(latencies) * rows, errors=0, seconds=round(elapsed, 3),
-                      throughput=len(latencies) * rows / elapsed, p50_ms=percentile(latencies, 0.5) * 1000,
-                      p99_ms=percentile(latencies, 0.99) * 1000)
+    return LoadResult(
+        concurrency=concurrency,
+        requests=len(latencies) * rows,
+        errors=0,
+        seconds=round(elapsed, 3),
+        throughput=len(latencies) * rows / elapsed,
+        p50_ms=percentile(latencies, 0.5) * 1000,
+        p99_ms=percentile(latencies, 0.99) * 1000,
+    )
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="one round, a quarter of the requests")
     parser.add_argument("--out", default=str(HERE / "out" / "serve_latency.json"))
@@ -196,7 +296,10 @@ def main() -> int:
     scale = 0.25 if args.quick else 1.0
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores, flags {' '.join(info['flags'])}")
-    print(f"load average at start: {' '.join(f'{v:.1f}' for v in info['load_average'])} (a shared machine)")
+    print(
+        f"load average at start: {' '.join(f'{v:.1f}' for v in info['load_average'])} (a shared "
+        "machine)"
+    )
 
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-serve-"))
     tracking_uri, uris, dirs = register_models(work / "runs")
@@ -204,8 +307,8 @@ def main() -> int:
     fastapi, fastapi_url = start_fastapi(dirs)
     results: dict[str, list] = {}
     try:
-        # One Kiln instance at a time: an idle Ray instance still takes CPU on a 2-core machine, so each phase
-        # measures one ingress mode beside (a) and (d), in interleaved rounds.
+        # One Kiln instance at a time: an idle Ray instance still takes CPU on a 2-core machine, so
+        # each phase measures one ingress mode beside (a) and (d), in interleaved rounds.
         for ingress in ("haproxy", "proxy"):
             run_dir = work / f"run-{ingress}"
             server = start_kiln(config, run_dir, tracking_uri, ingress)
@@ -214,8 +317,14 @@ def main() -> int:
                 configs = {  # label -> (url, path) or None for in-process
                     "(a) in-process": None,
                     "(d) FastAPI + uvicorn": (fastapi_url, "/{model}/infer"),
-                    f"(b) kiln serve, batching, {ingress}": (server["url"], "/v2/models/{model}-batch/infer"),
-                    f"(c) kiln serve, no batching, {ingress}": (server["url"], "/v2/models/{model}-nobatch/infer"),
+                    f"(b) kiln serve, batching, {ingress}": (
+                        server["url"],
+                        "/v2/models/{model}-batch/infer",
+                    ),
+                    f"(c) kiln serve, no batching, {ingress}": (
+                        server["url"],
+                        "/v2/models/{model}-nobatch/infer",
+                    ),
                 }
                 measure(configs, dirs, rounds, scale, ingress, results)
             finally:
@@ -229,14 +338,25 @@ def main() -> int:
     report(summary, info)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": info, "rounds": rounds, "summary": summary, "runs": results}, indent=2))
+    out.write_text(
+        json.dumps(
+            {"machine": info, "rounds": rounds, "summary": summary, "runs": results}, indent=2
+        )
+    )
     print(f"\nwrote {out}")
     return 0
 
 
-def measure(configs: dict, dirs: dict[str, Path], rounds: int, scale: float, phase: str,
-            results: dict[str, list]) -> None:
-    """Every configuration, every concurrency, ``rounds`` times interleaved; results keyed model|label|phase|c."""
+def measure(
+    configs: dict,
+    dirs: dict[str, Path],
+    rounds: int,
+    scale: float,
+    phase: str,
+    results: dict[str, list],
+) -> None:
+    """Every configuration, every concurrency, ``rounds`` times interleaved; results keyed
+    model|label|phase|c."""
     for model, (_, shape, _, threads) in MODELS.items():
         body = body_for(shape)
         for target in configs.values():  # warm up every path (first requests load and compile)
@@ -247,45 +367,81 @@ def measure(configs: dict, dirs: dict[str, Path], rounds: int, scale: float, pha
                 for concurrency, max_requests, max_seconds in BOUNDS[model]:
                     n = max(concurrency, int(max_requests * scale))
                     if target is None:
-                        res = in_process(dirs[model], shape, threads, concurrency, n, max_seconds * scale + 1)
+                        res = in_process(
+                            dirs[model], shape, threads, concurrency, n, max_seconds * scale + 1
+                        )
                     else:
-                        res = run_load(target[0], target[1].format(model=model), body, concurrency, n,
-                                       max_seconds * scale + 1)
-                    results.setdefault(f"{model}|{label}|{phase}|{concurrency}", []).append(res.to_dict())
-                    print(f"  {phase:<8} round {r + 1} {model:<12} {label:<38} c={concurrency:<3} "
-                          f"{res.throughput:8.1f} req/s  p50 {res.p50_ms:7.2f} ms  p99 {res.p99_ms:8.2f} ms  "
-                          f"errors {res.errors}", flush=True)
+                        res = run_load(
+                            target[0],
+                            target[1].format(model=model),
+                            body,
+                            concurrency,
+                            n,
+                            max_seconds * scale + 1,
+                        )
+                    results.setdefault(f"{model}|{label}|{phase}|{concurrency}", []).append(
+                        res.to_dict()
+                    )
+                    print(
+                        f"  {phase:<8} round {r + 1} {model:<12} {label:<38} c={concurrency:<3} "
+                        f"{res.throughput:8.1f} req/s  p50 {res.p50_ms:7.2f} ms  p99 "
+                        f"{res.p99_ms:8.2f} ms  "
+                        f"errors {res.errors}",
+                        flush=True,
+                    )
 
 
 def summarize(results: dict[str, list]) -> dict[str, dict]:
     summary = {}
     for key, runs in results.items():
-        summary[key] = {k: statistics.median(r[k] for r in runs) for k in ("throughput", "p50_ms", "p99_ms")}
+        summary[key] = {
+            k: statistics.median(r[k] for r in runs) for k in ("throughput", "p50_ms", "p99_ms")
+        }
         summary[key]["errors"] = sum(r["errors"] for r in runs)
     return summary
 
 
 def report(summary: dict[str, dict], info: dict) -> None:
-    print(f"\nmedians; load average at end: {' '.join(f'{v:.1f}' for v in info['load_average_end'])}")
-    print("| model | phase | configuration | c | req/s | p50 ms | p99 ms |\n|---|---|---|---|---|---|---|")
+    print(
+        f"\nmedians; load average at end: {' '.join(f'{v:.1f}' for v in info['load_average_end'])}"
+    )
+    print(
+        "| model | phase | configuration | c | req/s | p50 ms | p99 ms "
+        "|\n|---|---|---|---|---|---|---|"
+    )
     for key, s in summary.items():
         model, label, phase, c = key.split("|")
-        print(f"| {model} | {phase} | {label} | {c} | {s['throughput']:.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.1f} |")
-    print("\ntargets (fastest configuration Kiln offers: the haproxy ingress; the safe default: proxy):")
+        print(
+            f"| {model} | {phase} | {label} | {c} | {s['throughput']:.0f} | {s['p50_ms']:.2f} | "
+            f"{s['p99_ms']:.1f} |"
+        )
+    print(
+        "\ntargets (fastest configuration Kiln offers: the haproxy ingress; the safe default: "
+        "proxy):"
+    )
     for phase in ("haproxy", "proxy"):
+
         def get(model, label, c, field):
             return summary.get(f"{model}|{label}|{phase}|{c}", {}).get(field, float("nan"))
 
-        b, cc, d = (f"(b) kiln serve, batching, {phase}", f"(c) kiln serve, no batching, {phase}",
-                    "(d) FastAPI + uvicorn")
+        b, cc, d = (
+            f"(b) kiln serve, batching, {phase}",
+            f"(c) kiln serve, no batching, {phase}",
+            "(d) FastAPI + uvicorn",
+        )
         m = "digits-cnn"
-        print(f"  [{phase}] digits: (b)/(d) throughput at c=32 = "
-              f"{get(m, b, 32, 'throughput') / get(m, d, 32, 'throughput'):.2f} (target >= 0.8); "
-              f"p50 at c=1: (b) - (d) = {get(m, b, 1, 'p50_ms') - get(m, d, 1, 'p50_ms'):+.2f} ms (target <= 2)")
+        print(
+            f"  [{phase}] digits: (b)/(d) throughput at c=32 = "
+            f"{get(m, b, 32, 'throughput') / get(m, d, 32, 'throughput'):.2f} (target >= 0.8); "
+            f"p50 at c=1: (b) - (d) = {get(m, b, 1, 'p50_ms') - get(m, d, 1, 'p50_ms'):+.2f} ms "
+            "(target <= 2)"
+        )
         m = "resnet18-64"
-        print(f"  [{phase}] resnet18: (b)/(c) throughput at c=32 = "
-              f"{get(m, b, 32, 'throughput') / get(m, cc, 32, 'throughput'):.2f} (target >= 2); "
-              f"(b)/(d) = {get(m, b, 32, 'throughput') / get(m, d, 32, 'throughput'):.2f}")
+        print(
+            f"  [{phase}] resnet18: (b)/(c) throughput at c=32 = "
+            f"{get(m, b, 32, 'throughput') / get(m, cc, 32, 'throughput'):.2f} (target >= 2); "
+            f"(b)/(d) = {get(m, b, 32, 'throughput') / get(m, d, 32, 'throughput'):.2f}"
+        )
 
 
 if __name__ == "__main__":

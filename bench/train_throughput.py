@@ -62,8 +62,14 @@ def kiln_run(cfg) -> dict:
     start = time.perf_counter()
     result = run_training(cfg)
     total = time.perf_counter() - start
-    epoch_ts = sorted((m.step, m.timestamp) for m in trk.metric_history(result.tracking_uri, result.run_id, "epoch"))
-    in_loop = sorted((m.step, m.value) for m in trk.metric_history(result.tracking_uri, result.run_id, "samples_per_s"))
+    epoch_ts = sorted(
+        (m.step, m.timestamp)
+        for m in trk.metric_history(result.tracking_uri, result.run_id, "epoch")
+    )
+    in_loop = sorted(
+        (m.step, m.value)
+        for m in trk.metric_history(result.tracking_uri, result.run_id, "samples_per_s")
+    )
     wall = [(b[1] - a[1]) / 1000 for a, b in zip(epoch_ts, epoch_ts[1:])]
     n_train = result.split_sizes["train"]
     steady_epoch = statistics.median(wall)
@@ -85,18 +91,29 @@ def main() -> None:
 
     import os
 
-    from kiln.config import load_config
     from kiln.data.dataset import prepare_data
-    from kiln.runtime import ensure_ray
+    from kiln.ray_connection import ensure_ray
+    from kiln.schema import load_config
 
     tmp = tempfile.mkdtemp(prefix="kiln-bench-")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/train/digits_cnn.yaml", [
-        "experiment.name=bench-throughput", f"experiment.run_dir={tmp}", "data.source=mnist",
-        "model.width=16", f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}",
-        "train.workers=1", "train.cpus_per_worker=2", "train.checkpoint.keep=1"])
+    cfg = load_config(
+        Path(__file__).resolve().parents[1] / "configs/train/digits_cnn.yaml",
+        [
+            "experiment.name=bench-throughput",
+            f"experiment.run_dir={tmp}",
+            "data.source=mnist",
+            "model.width=16",
+            f"train.epochs={args.epochs}",
+            f"train.batch_size={args.batch_size}",
+            "train.workers=1",
+            "train.cpus_per_worker=2",
+            "train.checkpoint.keep=1",
+        ],
+    )
     data = prepare_data(cfg.data)
-    # Start Ray outside the timed region once, so each Kiln round measures a job on a running instance.
+    # Start Ray outside the timed region once, so each Kiln round measures a job on a running
+    # instance.
     t0 = time.perf_counter()
     ensure_ray(None)
     ray_start = time.perf_counter() - t0
@@ -109,12 +126,19 @@ def main() -> None:
     k_wall = statistics.median(r["epoch_wall_samples_per_s"] for r in kiln)
     fixed = statistics.median(r["fixed_cost_s"] for r in kiln)
     results = {
-        "machine": info, "model": "cnn width 16", "data": f"mnist subset, {len(data.y_train)} train images",
-        "batch_size": args.batch_size, "epochs": args.epochs, "rounds": args.rounds,
-        "plain_samples_per_s": round(p, 1), "kiln_in_loop_samples_per_s": round(k_loop, 1),
+        "machine": info,
+        "model": "cnn width 16",
+        "data": f"mnist subset, {len(data.y_train)} train images",
+        "batch_size": args.batch_size,
+        "epochs": args.epochs,
+        "rounds": args.rounds,
+        "plain_samples_per_s": round(p, 1),
+        "kiln_in_loop_samples_per_s": round(k_loop, 1),
         "kiln_epoch_wall_samples_per_s": round(k_wall, 1),
-        "ratio_in_loop": round(k_loop / p, 3), "ratio_epoch_wall": round(k_wall / p, 3),
-        "kiln_fixed_cost_per_job_s": round(fixed, 1), "ray_local_start_s": round(ray_start, 1),
+        "ratio_in_loop": round(k_loop / p, 3),
+        "ratio_epoch_wall": round(k_wall / p, 3),
+        "kiln_fixed_cost_per_job_s": round(fixed, 1),
+        "ray_local_start_s": round(ray_start, 1),
     }
     print(json.dumps(results, indent=2))
 

@@ -1,6 +1,7 @@
 """Compress job entrypoint: python jobs/compress.py CONFIG [key=value ...]
 
-Runs as a plain script or as a Ray job (``ray job submit --working-dir . -- python jobs/compress.py ...``).
+Runs as a plain script or as a Ray job (``ray job submit --working-dir . -- python jobs/compress.py
+...``).
 """
 
 import sys

@@ -1,6 +1,7 @@
 """Tune job entrypoint: python jobs/tune.py CONFIG [key=value ...] [--resume]
 
-Runs as a plain script or as a Ray job (``ray job submit --working-dir . -- python jobs/tune.py ...``).
+Runs as a plain script or as a Ray job (``ray job submit --working-dir . -- python jobs/tune.py
+...``).
 """
 
 import sys

@@ -25,19 +25,34 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 def kiln_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for a kiln subprocess: this checkout's package first on the path."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(PLATFORM), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join([str(PLATFORM), env.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep
+    )
     env.pop("RAY_ADDRESS", None)
     env.update(extra or {})
     return env
 
 
-def run_kiln(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600,
-             check: bool = False) -> subprocess.CompletedProcess:
+def run_kiln(
+    *args: str,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+    check: bool = False,
+) -> subprocess.CompletedProcess:
     """Run ``kiln ARGS`` in a subprocess; returns the completed process (text output)."""
-    proc = subprocess.run([sys.executable, "-m", "kiln.cli", *args], cwd=cwd or REPO, env=kiln_env(env),
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kiln.cli", *args],
+        cwd=cwd or REPO,
+        env=kiln_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"kiln {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"kiln {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -57,8 +72,14 @@ def ray_cluster():
 
     os.environ["RAY_TRAIN_V2_ENABLED"] = "1"
     # address="local": a new instance even when /tmp/ray/ray_current_cluster names someone else's.
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.ERROR,
-             log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        logging_level=logging.ERROR,
+        log_to_driver=False,
+    )
     try:
         yield ray.get_runtime_context().gcs_address
     finally:

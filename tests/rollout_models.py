@@ -30,7 +30,9 @@ def faulty_cnn(input_shape, num_classes, width: int = 32, dropout: float = 0.1):
     return model
 
 
-def slow_cnn(input_shape, num_classes, width: int = 32, dropout: float = 0.1, delay_s: float = 0.25):
+def slow_cnn(
+    input_shape, num_classes, width: int = 32, dropout: float = 0.1, delay_s: float = 0.25
+):
     model = build_cnn(input_shape, num_classes, width=width, dropout=dropout)
 
     def wait(module, args):
@@ -41,14 +43,20 @@ def slow_cnn(input_shape, num_classes, width: int = 32, dropout: float = 0.1, de
     return model
 
 
-def register_variant(tracking_uri: str, run_dir: Path, base_uri: str, architecture: str,
-                     extra_kwargs: dict | None = None) -> str:
+def register_variant(
+    tracking_uri: str,
+    run_dir: Path,
+    base_uri: str,
+    architecture: str,
+    extra_kwargs: dict | None = None,
+) -> str:
     """Register ``base_uri``'s weights under ``architecture`` as a new version of the same model."""
-    from served_models import register_artifact  # here: replicas import this module for its factories
-
     from kiln import tracking as trk
+    from served_models import (
+        register_artifact,
+    )  # here: replicas import this module for its factories
 
-    name = base_uri[len("models:/"):].split("/")[0]
+    name = base_uri[len("models:/") :].split("/")[0]
     source = trk.resolve_model_dir(base_uri, tracking_uri)
     with tempfile.TemporaryDirectory(prefix="kiln-test-variant-") as tmp:
         model_dir = Path(tmp) / "model"

@@ -13,9 +13,10 @@ import io
 import shutil
 import socket
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -35,25 +36,46 @@ def iris_parquet(path: Path) -> Path:
 
     bunch = load_iris()
     names = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
-    table = pa.table({**{n: bunch.data[:, i].astype(np.float64) for i, n in enumerate(names)},
-                      "species": [str(bunch.target_names[t]) for t in bunch.target]})
+    table = pa.table(
+        {
+            **{n: bunch.data[:, i].astype(np.float64) for i, n in enumerate(names)},
+            "species": [str(bunch.target_names[t]) for t in bunch.target],
+        }
+    )
     pq.write_table(table, path)
     return path
 
 
-def train_and_register(run_dir: Path, name: str, data: dict[str, Any], model: dict[str, Any], epochs: int = 2,
-                       seed: int = 0) -> str:
-    """Train ``model`` on ``data`` in-process, register it as a new version of ``name``; returns its URI."""
-    from kiln import tracking as trk
-    from kiln.config import validate_config
+def train_and_register(
+    run_dir: Path,
+    name: str,
+    data: dict[str, Any],
+    model: dict[str, Any],
+    epochs: int = 2,
+    seed: int = 0,
+) -> str:
+    """Train ``model`` on ``data`` in-process, register it as a new version of ``name``; returns its
+    URI."""
     from kiln.data.dataset import prepare_data
     from kiln.monitor.reference import write_reference
+    from kiln.schema import validate_config
     from kiln.train.loop import train_epochs
     from kiln.train.session import LocalSession
 
-    cfg = validate_config({"experiment": {"name": name, "run_dir": str(run_dir)}, "data": data, "model": model,
-                           "train": {"epochs": epochs, "batch_size": 64, "lr": 0.003, "seed": seed,
-                                     "cpus_per_worker": 1}})
+    cfg = validate_config(
+        {
+            "experiment": {"name": name, "run_dir": str(run_dir)},
+            "data": data,
+            "model": model,
+            "train": {
+                "epochs": epochs,
+                "batch_size": 64,
+                "lr": 0.003,
+                "seed": seed,
+                "cpus_per_worker": 1,
+            },
+        }
+    )
     prepared = prepare_data(cfg.data)
     with tempfile.TemporaryDirectory(prefix="kiln-test-ckpt-") as tmp:
         session = LocalSession(tmp)
@@ -66,9 +88,11 @@ def train_and_register(run_dir: Path, name: str, data: dict[str, Any], model: di
         return register_artifact(run_dir, name, model_dir, "fp32")
 
 
-def register_artifact(run_dir: Path, name: str, model_dir: Path, variant: str, tracking_uri: str | None = None) -> str:
-    """Log an artifact folder on a new run and register it as a version of ``name`` (in ``tracking_uri``,
-    default: the run dir's store); returns its URI."""
+def register_artifact(
+    run_dir: Path, name: str, model_dir: Path, variant: str, tracking_uri: str | None = None
+) -> str:
+    """Log an artifact folder on a new run and register it as a version of ``name`` (in
+    ``tracking_uri``, default: the run dir's store); returns its URI."""
     from kiln import tracking as trk
 
     uri = tracking_uri or trk.default_tracking_uri(run_dir)
@@ -80,16 +104,19 @@ def register_artifact(run_dir: Path, name: str, model_dir: Path, variant: str, t
     return f"models:/{name}/{version}"
 
 
-def compress_and_register(reg: "Registry", source_uri: str, name: str, kind: str, data: dict | None = None) -> str:
-    """A compressed variant of ``source_uri`` made by the compression steps' own functions, registered as
-    ``name``: "int8" (static QDQ int8 ONNX) or "pruned" (structured channel pruning, no fine-tuning).
-    ``data``: the source's data section (default: DIGITS), for the variant's own monitoring reference."""
+def compress_and_register(
+    reg: Registry, source_uri: str, name: str, kind: str, data: dict | None = None
+) -> str:
+    """A compressed variant of ``source_uri`` made by the compression steps' own functions,
+    registered as ``name``: "int8" (static QDQ int8 ONNX) or "pruned" (structured channel pruning,
+    no fine-tuning). ``data``: the source's data section (default: DIGITS), for the variant's own
+    monitoring reference."""
     from kiln import tracking as trk
-    from kiln.config import DataConfig
-    from kiln.data.dataset import prepare_data
-    from kiln.monitor.reference import write_reference
     from kiln.compress.config import PruneStep, QuantizeStep
+    from kiln.data.config import DataConfig
+    from kiln.data.dataset import prepare_data
     from kiln.models.artifact import build_model, load_torch_model, save_artifact
+    from kiln.monitor.reference import write_reference
 
     model, spec = load_torch_model(trk.resolve_model_dir(source_uri, reg.tracking_uri))
     with tempfile.TemporaryDirectory(prefix="kiln-test-variant-") as tmp:
@@ -98,25 +125,35 @@ def compress_and_register(reg: "Registry", source_uri: str, name: str, kind: str
             from kiln.compress.quantize import quantize_onnx
             from kiln.models.onnx_artifact import export_onnx_model, save_onnx_artifact
 
-            calibration = (np.random.default_rng(0).random((64, *spec.input_shape)) * 2 - 1).astype(np.float32)
+            calibration = (np.random.default_rng(0).random((64, *spec.input_shape)) * 2 - 1).astype(
+                np.float32
+            )
             step = QuantizeStep(kind="quantize", calibration_samples=64)
             spec.variant = {"name": name, "kind": "quantize"}
-            save_onnx_artifact(quantize_onnx(export_onnx_model(model, spec.input_shape), step, calibration), spec, out)
+            save_onnx_artifact(
+                quantize_onnx(export_onnx_model(model, spec.input_shape), step, calibration),
+                spec,
+                out,
+            )
         else:
             from kiln.compress.prune import structured_prune
             from kiln.models.structure import record_structure
 
-            pruned = structured_prune(model, spec.input_shape, PruneStep(kind="prune", ratio=0.5, epochs=0))
+            pruned = structured_prune(
+                model, spec.input_shape, PruneStep(kind="prune", ratio=0.5, epochs=0)
+            )
             spec.variant = {"name": name, "kind": "prune"}
             spec.variant["structure"] = record_structure(pruned, build_model(spec))
             save_artifact(pruned, spec, out)
-        write_reference(out, prepare_data(DataConfig.model_validate(data or DIGITS)))  # as kiln compress does
+        write_reference(
+            out, prepare_data(DataConfig.model_validate(data or DIGITS))
+        )  # as kiln compress does
         return register_artifact(reg.run_dir, name, out, kind)
 
 
 def digits_raw(n: int = 24) -> np.ndarray:
     """Raw uint8 digit images [n, 1, 8, 8], as a client would send them."""
-    from kiln.config import DataConfig
+    from kiln.data.config import DataConfig
     from kiln.data.dataset import load_raw
 
     raw = load_raw(DataConfig(source="digits", image="image"))
@@ -145,7 +182,7 @@ class Variant:
 
     served_name: str  # the registry name; served under it
     kind: str  # "image" | "tabular"
-    register: Callable[["Registry"], str]
+    register: Callable[[Registry], str]
 
 
 @dataclass
@@ -165,8 +202,14 @@ def _fp32_cnn(reg: Registry) -> str:
 
 
 def _fp32_mlp(reg: Registry) -> str:
-    return train_and_register(reg.run_dir, "iris", {"source": str(reg.iris), "label": "species"},
-                              {"name": "mlp", "hidden": [16], "dropout": 0.0}, epochs=3, seed=0)
+    return train_and_register(
+        reg.run_dir,
+        "iris",
+        {"source": str(reg.iris), "label": "species"},
+        {"name": "mlp", "hidden": [16], "dropout": 0.0},
+        epochs=3,
+        seed=0,
+    )
 
 
 def _int8_cnn(reg: Registry) -> str:
@@ -177,9 +220,9 @@ def _pruned_cnn(reg: Registry) -> str:
     return compress_and_register(reg, reg.uris["fp32-cnn"], "digits-pruned", "pruned")
 
 
-# Variant kinds served in the HTTP tests, each a register function producing a registry version of that
-# kind, served under its own name (in this order: the compressed kinds start from the fp32 CNN). A
-# distilled student is an fp32 CNN of another width: the fp32 kind covers its serving path.
+# Variant kinds served in the HTTP tests, each a register function producing a registry version of
+# that kind, served under its own name (in this order: the compressed kinds start from the fp32
+# CNN). A distilled student is an fp32 CNN of another width: the fp32 kind covers its serving path.
 VARIANTS: dict[str, Variant] = {
     "fp32-cnn": Variant("digits", "image", _fp32_cnn),
     "fp32-mlp": Variant("iris", "tabular", _fp32_mlp),
@@ -190,8 +233,9 @@ VARIANTS: dict[str, Variant] = {
 
 @pytest.fixture(scope="module", autouse=True)
 def fast_metrics_export():
-    """Ray exports metrics every 10 s by default; every 2 s keeps the metrics tests short. Autouse in the
-    modules that import it by name (a fixture outside conftest.py applies only where it is imported)."""
+    """Ray exports metrics every 10 s by default; every 2 s keeps the metrics tests short. Autouse
+    in the modules that import it by name (a fixture outside conftest.py applies only where it is
+    imported)."""
     import os
 
     old = os.environ.get("RAY_metrics_report_interval_ms")
@@ -203,18 +247,24 @@ def fast_metrics_export():
         os.environ["RAY_metrics_report_interval_ms"] = old
 
 
-_REGISTRY: list[Registry] = []  # built once per test process, shared by the modules that import the fixture
+_REGISTRY: list[
+    Registry
+] = []  # built once per test process, shared by the modules that import the fixture
 
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory) -> Registry:
-    """Every variant of VARIANTS registered in a sqlite MLflow store (trained once per test process)."""
+    """Every variant of VARIANTS registered in a sqlite MLflow store (trained once per test
+    process)."""
     from kiln import tracking as trk
 
     if not _REGISTRY:
         run_dir = tmp_path_factory.mktemp("serve-runs")
-        reg = Registry(run_dir=run_dir, tracking_uri=trk.default_tracking_uri(run_dir),
-                       iris=iris_parquet(run_dir / "iris.parquet"))
+        reg = Registry(
+            run_dir=run_dir,
+            tracking_uri=trk.default_tracking_uri(run_dir),
+            iris=iris_parquet(run_dir / "iris.parquet"),
+        )
         for variant_id, variant in VARIANTS.items():
             reg.uris[variant_id] = variant.register(reg)
         _REGISTRY.append(reg)

@@ -11,16 +11,19 @@ import pyarrow.parquet as pq
 
 
 def tabular_parquet(path: Path, rows: int = 600, seed: int = 0, nulls: bool = True) -> Path:
-    """Three string classes, features on wildly different scales, one useless column, a few nulls."""
+    """Three string classes, features on wildly different scales, one useless column, a few
+    nulls."""
     rng = np.random.default_rng(seed)
     names = np.array(["cat", "dog", "emu"])
     cls = rng.integers(0, 3, rows)
-    big = cls * 1000.0 + rng.normal(0, 250, rows)          # scale ~1e3
-    tiny = (2 - cls) * 1e-3 + rng.normal(0, 3e-4, rows)     # scale ~1e-3
-    count = rng.poisson(3 + 2 * cls).astype(np.int64)        # integer feature
+    big = cls * 1000.0 + rng.normal(0, 250, rows)  # scale ~1e3
+    tiny = (2 - cls) * 1e-3 + rng.normal(0, 3e-4, rows)  # scale ~1e-3
+    count = rng.poisson(3 + 2 * cls).astype(np.int64)  # integer feature
     noise = rng.normal(0, 1, rows)
     big_col = pa.array(big, mask=(rng.random(rows) < 0.02) if nulls else None)
-    table = pa.table({"big": big_col, "tiny": tiny, "count": count, "noise": noise, "species": names[cls]})
+    table = pa.table(
+        {"big": big_col, "tiny": tiny, "count": count, "noise": noise, "species": names[cls]}
+    )
     pq.write_table(table, path)
     return path
 
@@ -33,8 +36,11 @@ def _encode(img: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def shape_images(rows: int = 300, seed: int = 0, size: int = 16) -> tuple[list[np.ndarray], np.ndarray]:
-    """RGB images of three classes: a horizontal bar, a vertical bar, a filled square, in random colours."""
+def shape_images(
+    rows: int = 300, seed: int = 0, size: int = 16
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """RGB images of three classes: a horizontal bar, a vertical bar, a filled square, in random
+    colours."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 3, rows)
     images = []
@@ -53,10 +59,14 @@ def shape_images(rows: int = 300, seed: int = 0, size: int = 16) -> tuple[list[n
 
 
 def hf_image_parquet(path: Path, rows: int = 300, seed: int = 0) -> Path:
-    """Hugging Face datasets' Parquet layout: image = {bytes, path} struct, PNG and JPEG mixed; string labels."""
+    """Hugging Face datasets' Parquet layout: image = {bytes, path} struct, PNG and JPEG mixed;
+    string labels."""
     images, labels = shape_images(rows, seed)
     names = np.array(["hbar", "vbar", "square"])
-    cells = [{"bytes": _encode(img, "PNG" if i % 2 else "JPEG"), "path": f"img_{i}.png"} for i, img in enumerate(images)]
+    cells = [
+        {"bytes": _encode(img, "PNG" if i % 2 else "JPEG"), "path": f"img_{i}.png"}
+        for i, img in enumerate(images)
+    ]
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     table = pa.table({"image": pa.array(cells, type=image_type), "label": names[labels]})
     pq.write_table(table, path)

@@ -1,4 +1,5 @@
-"""kiln compress end to end: a real reference trained on Ray, real MLflow registry, the CLI as a user runs it.
+"""kiln compress end to end: a real reference trained on Ray, real MLflow registry, the CLI as a
+user runs it.
 
 The reference (a CNN on the built-in digits) is trained once for the module. One compress run
 makes every kind of variant (static and dynamic int8, structured pruning with fine-tuning on Ray
@@ -21,16 +22,41 @@ from conftest import REPO, last_json, run_kiln
 pytestmark = pytest.mark.slow
 
 MODEL = "compress-test"
-METRIC_KEYS = {"test_accuracy", "test_f1_macro", "params", "size_bytes", "latency_p50_ms", "latency_p99_ms", "throughput"}
+METRIC_KEYS = {
+    "test_accuracy",
+    "test_f1_macro",
+    "params",
+    "size_bytes",
+    "latency_p50_ms",
+    "latency_p99_ms",
+    "throughput",
+}
 
 
-def write_config(path: Path, run_dir: Path, model_uri: str, steps: list[dict], selection: dict | None = None) -> Path:
+def write_config(
+    path: Path, run_dir: Path, model_uri: str, steps: list[dict], selection: dict | None = None
+) -> Path:
     cfg = {
         "experiment": {"name": MODEL, "run_dir": str(run_dir)},
-        "data": {"source": "digits", "image": "image", "split": {"val": 0.15, "test": 0.15, "seed": 0}},
-        "train": {"epochs": 20, "batch_size": 64, "lr": 0.003, "workers": 1, "cpus_per_worker": 1, "seed": 0},
-        "compress": {"model": model_uri, "steps": steps, "selection": selection or {},
-                     "benchmark": {"rounds": 2, "latency_runs": 20, "throughput_runs": 2}},
+        "data": {
+            "source": "digits",
+            "image": "image",
+            "split": {"val": 0.15, "test": 0.15, "seed": 0},
+        },
+        "train": {
+            "epochs": 20,
+            "batch_size": 64,
+            "lr": 0.003,
+            "workers": 1,
+            "cpus_per_worker": 1,
+            "seed": 0,
+        },
+        "compress": {
+            "model": model_uri,
+            "steps": steps,
+            "selection": selection or {},
+            "benchmark": {"rounds": 2, "latency_runs": 20, "throughput_runs": 2},
+        },
     }
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -38,21 +64,41 @@ def write_config(path: Path, run_dir: Path, model_uri: str, steps: list[dict], s
 
 @pytest.fixture(scope="module")
 def reference(ray_cluster, tmp_path_factory):
-    """A CNN trained to convergence on digits through ``run_training`` (Ray Train), registered as version 1."""
-    from kiln.config import validate_config
+    """A CNN trained to convergence on digits through ``run_training`` (Ray Train), registered as
+    version 1."""
+    from kiln.schema import validate_config
     from kiln.train.run import run_training
 
     run_dir = tmp_path_factory.mktemp("compress") / "runs"
-    cfg = validate_config({
-        "experiment": {"name": MODEL, "run_dir": str(run_dir)},
-        "data": {"source": "digits", "image": "image", "split": {"val": 0.15, "test": 0.15, "seed": 0}},
-        "model": {"name": "cnn", "width": 48},
-        "train": {"epochs": 12, "batch_size": 64, "lr": 0.003, "workers": 1, "cpus_per_worker": 1, "seed": 0},
-    })
+    cfg = validate_config(
+        {
+            "experiment": {"name": MODEL, "run_dir": str(run_dir)},
+            "data": {
+                "source": "digits",
+                "image": "image",
+                "split": {"val": 0.15, "test": 0.15, "seed": 0},
+            },
+            "model": {"name": "cnn", "width": 48},
+            "train": {
+                "epochs": 12,
+                "batch_size": 64,
+                "lr": 0.003,
+                "workers": 1,
+                "cpus_per_worker": 1,
+                "seed": 0,
+            },
+        }
+    )
     result = run_training(cfg, address=ray_cluster)
     assert result.metrics["test_accuracy"] >= 0.97
-    return {"run_dir": run_dir, "uri": result.model_uri, "run_id": result.run_id, "tracking_uri": result.tracking_uri,
-            "address": ray_cluster, "accuracy": result.metrics["test_accuracy"]}
+    return {
+        "run_dir": run_dir,
+        "uri": result.model_uri,
+        "run_id": result.run_id,
+        "tracking_uri": result.tracking_uri,
+        "address": ray_cluster,
+        "accuracy": result.metrics["test_accuracy"],
+    }
 
 
 def client(reference):
@@ -80,33 +126,62 @@ ALL_STEPS = [
     {"kind": "distill", "student": {"name": "cnn", "width": 12}, "temperature": 4.0, "alpha": 0.5},
     {"kind": "quantize", "name": "pruned_int8", "input": "pruned"},
     # distill, then prune, then quantize
-    {"kind": "prune", "name": "distilled_pruned", "input": "distilled", "ratio": 0.25, "scope": "global", "epochs": 0},
+    {
+        "kind": "prune",
+        "name": "distilled_pruned",
+        "input": "distilled",
+        "ratio": 0.25,
+        "scope": "global",
+        "epochs": 0,
+    },
     {"kind": "quantize", "name": "distilled_pruned_int8", "input": "distilled_pruned"},
 ]
 
 
 @pytest.fixture(scope="module")
 def compressed(reference, tmp_path_factory):
-    """One ``kiln compress --json`` run making every kind of variant; returns its JSON and the registry before it."""
-    config = write_config(tmp_path_factory.mktemp("cfg") / "compress.yaml", reference["run_dir"], reference["uri"],
-                          ALL_STEPS, {"max_accuracy_drop": 0.01, "objective": "size"})
+    """One ``kiln compress --json`` run making every kind of variant; returns its JSON and the
+    registry before it."""
+    config = write_config(
+        tmp_path_factory.mktemp("cfg") / "compress.yaml",
+        reference["run_dir"],
+        reference["uri"],
+        ALL_STEPS,
+        {"max_accuracy_drop": 0.01, "objective": "size"},
+    )
     before = set(versions(reference))
-    proc = run_kiln("compress", str(config), "--address", reference["address"], "--json", timeout=900)
+    proc = run_kiln(
+        "compress", str(config), "--address", reference["address"], "--json", timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = last_json(proc.stdout)
-    return {"out": out, "before": before, "stderr": proc.stderr, "by_name": {v["name"]: v for v in out["variants"]}}
+    return {
+        "out": out,
+        "before": before,
+        "stderr": proc.stderr,
+        "by_name": {v["name"]: v for v in out["variants"]},
+    }
 
 
 def test_every_step_makes_a_variant_that_loads_and_predicts(compressed, reference):
     from sklearn.datasets import load_digits
 
-    from kiln.config import validate_config
     from kiln.data.dataset import prepare_data
     from kiln.models.predictor import load_predictor
+    from kiln.schema import validate_config
 
     out, by_name = compressed["out"], compressed["by_name"]
-    assert set(by_name) == {"int8_static", "int8_dynamic", "pruned", "sparse", "distilled", "distilled_ce",
-                            "pruned_int8", "distilled_pruned", "distilled_pruned_int8"}
+    assert set(by_name) == {
+        "int8_static",
+        "int8_dynamic",
+        "pruned",
+        "sparse",
+        "distilled",
+        "distilled_ce",
+        "pruned_int8",
+        "distilled_pruned",
+        "distilled_pruned_int8",
+    }
     for entry in [out["reference"], *out["variants"]]:
         assert {"name", "kind", "model_uri", "metrics"} <= set(entry)
         assert set(entry["metrics"]) >= METRIC_KEYS
@@ -126,11 +201,14 @@ def test_every_step_makes_a_variant_that_loads_and_predicts(compressed, referenc
         assert accuracy == pytest.approx(entry["metrics"]["test_accuracy"], abs=1e-9), name
         proba = predictor.predict_proba(raw[:5])
         assert proba.shape == (5, 10) and np.allclose(proba.sum(axis=1), 1.0, atol=1e-5)
-        # Each variant is registered with its own monitoring reference (its outputs, its OOD threshold).
+        # Each variant is registered with its own monitoring reference (its outputs, its OOD
+        # threshold).
         from kiln.monitor.reference import load_reference
         from kiln.tracking import resolve_model_dir
 
-        monitor_ref = load_reference(resolve_model_dir(entry["model_uri"], reference["tracking_uri"]))
+        monitor_ref = load_reference(
+            resolve_model_dir(entry["model_uri"], reference["tracking_uri"])
+        )
         assert monitor_ref is not None and monitor_ref.rows["output"] == len(data.y_val), name
 
 
@@ -138,11 +216,14 @@ def test_size_reductions_hold(compressed):
     out, v = compressed["out"], compressed["by_name"]
     ref = out["reference"]["metrics"]
     onnx_ref = {b["name"]: b for b in out["baselines"]}["reference_onnx"]["metrics"]
-    # int8 static: at least 3.5x smaller than fp32, in the same runtime and against the registered reference.
+    # int8 static: at least 3.5x smaller than fp32, in the same runtime and against the registered
+    # reference.
     assert v["int8_static"]["metrics"]["size_bytes"] * 3.5 <= onnx_ref["size_bytes"]
     assert v["int8_static"]["metrics"]["size_bytes"] * 3.5 <= ref["size_bytes"]
     assert v["int8_static"]["compared_to"] == "reference_onnx"
-    assert v["int8_static"]["metrics"]["params"] == ref["params"]  # quantization keeps every parameter
+    assert (
+        v["int8_static"]["metrics"]["params"] == ref["params"]
+    )  # quantization keeps every parameter
     # dynamic int8 only touches the Linear head: smaller, but not by much.
     assert v["int8_dynamic"]["metrics"]["size_bytes"] < onnx_ref["size_bytes"]
     # 50% structured pruning: at least 3x fewer parameters, and the file shrinks with them.
@@ -154,8 +235,12 @@ def test_size_reductions_hold(compressed):
     # composed chains shrink further.
     assert v["pruned_int8"]["metrics"]["size_bytes"] < v["pruned"]["metrics"]["size_bytes"] / 3
     assert v["distilled_pruned"]["metrics"]["params"] < v["distilled"]["metrics"]["params"]
-    assert v["distilled_pruned_int8"]["metrics"]["size_bytes"] < v["distilled_pruned"]["metrics"]["size_bytes"]
-    # magnitude pruning is reported honestly: half the weights are zero, the dense file is just as big.
+    assert (
+        v["distilled_pruned_int8"]["metrics"]["size_bytes"]
+        < v["distilled_pruned"]["metrics"]["size_bytes"]
+    )
+    # magnitude pruning is reported honestly: half the weights are zero, the dense file is just as
+    # big.
     assert v["sparse"]["extra"]["sparsity"] == pytest.approx(0.5, abs=0.01)
     assert v["sparse"]["metrics"]["size_bytes"] == pytest.approx(ref["size_bytes"], rel=0.01)
     assert any("no size or speed gain" in n for n in v["sparse"]["notes"])
@@ -179,13 +264,17 @@ def test_registry_versions_tags_and_candidate_alias(compressed, reference):
     out, by_name = compressed["out"], compressed["by_name"]
     after = versions(reference)
     new = set(after) - compressed["before"]
-    assert new == {v["version"] for v in out["variants"]}  # one new version per variant, nothing else
+    assert new == {
+        v["version"] for v in out["variants"]
+    }  # one new version per variant, nothing else
     ref_version = reference["uri"].rsplit("/", 1)[1]
     for name, entry in by_name.items():
         tags = after[entry["version"]].tags
         assert tags["kiln.variant"] == entry["kind"]
         assert tags["kiln.variant_name"] == name
-        parent = ref_version if entry["input"] == "reference" else by_name[entry["input"]]["version"]
+        parent = (
+            ref_version if entry["input"] == "reference" else by_name[entry["input"]]["version"]
+        )
         assert tags["kiln.parent_version"] == parent, name
         assert json.loads(tags["kiln.params"]) == entry["params"]
         assert tags["kiln.format"] == entry["format"]
@@ -194,9 +283,13 @@ def test_registry_versions_tags_and_candidate_alias(compressed, reference):
     assert after[by_name["int8_static"]["version"]].tags["kiln.param.calibration_samples"] == "256"
     # the candidate: the smallest variant within 1 point of the reference
     ref_acc = out["reference"]["metrics"]["test_accuracy"]
-    qualifying = [v for v in out["variants"] if ref_acc - v["metrics"]["test_accuracy"] <= 0.01 + 1e-12]
+    qualifying = [
+        v for v in out["variants"] if ref_acc - v["metrics"]["test_accuracy"] <= 0.01 + 1e-12
+    ]
     assert qualifying
-    expected = min(qualifying, key=lambda v: (v["metrics"]["size_bytes"], -v["metrics"]["test_accuracy"]))
+    expected = min(
+        qualifying, key=lambda v: (v["metrics"]["size_bytes"], -v["metrics"]["test_accuracy"])
+    )
     assert out["selected"] == expected["model_uri"]
     assert alias_version(reference) == expected["version"]
     # the report: Markdown, JSON and the Pareto plot, also logged to MLflow
@@ -212,20 +305,31 @@ def test_none_qualifies_sets_no_alias(reference, compressed, tmp_path):
     """Through the library (the CLI path is covered above), naming the model by its train run id:
     a 97%-sparse net is far from the reference, so no variant qualifies."""
     from kiln.compress.run import run_compression
-    from kiln.config import load_config
+    from kiln.schema import load_config
 
     before_alias = alias_version(reference)
-    config = write_config(tmp_path / "c.yaml", reference["run_dir"], reference["run_id"],
-                          [{"kind": "unstructured_prune", "name": "very_sparse", "amount": 0.97}],
-                          {"max_accuracy_drop": 0.0, "objective": "latency"})
+    config = write_config(
+        tmp_path / "c.yaml",
+        reference["run_dir"],
+        reference["run_id"],
+        [{"kind": "unstructured_prune", "name": "very_sparse", "amount": 0.97}],
+        {"max_accuracy_drop": 0.0, "objective": "latency"},
+    )
     result = run_compression(load_config(config))
     out = result.to_dict()
-    assert out["reference"]["model_uri"] == reference["uri"]  # the run id resolved to its registered version
+    assert (
+        out["reference"]["model_uri"] == reference["uri"]
+    )  # the run id resolved to its registered version
     assert out["selected"] is None
     assert "no variant is within" in out["selection"] and "not set" in out["selection"]
-    assert out["variants"][0]["metrics"]["test_accuracy"] < out["reference"]["metrics"]["test_accuracy"]
+    assert (
+        out["variants"][0]["metrics"]["test_accuracy"]
+        < out["reference"]["metrics"]["test_accuracy"]
+    )
     assert alias_version(reference) == before_alias  # the earlier candidate stays; nothing was set
-    assert out["variants"][0]["model_uri"] in {f"models:/{MODEL}/{v}" for v in versions(reference)}  # still registered
+    assert out["variants"][0]["model_uri"] in {
+        f"models:/{MODEL}/{v}" for v in versions(reference)
+    }  # still registered
 
 
 @pytest.mark.parametrize("case", ["unknown_model", "step_does_not_apply", "calibration_too_large"])
@@ -241,15 +345,22 @@ def test_bad_inputs_fail_clearly_and_register_nothing(reference, tmp_path, case)
     elif case == "calibration_too_large":
         steps = [{"kind": "quantize", "mode": "static", "calibration_samples": 100000}]
         expect = "100000 calibration samples requested, but the train split has only"
-    config = write_config(tmp_path / "c.yaml", reference["run_dir"], model_uri, steps, {"max_accuracy_drop": 0.5})
+    config = write_config(
+        tmp_path / "c.yaml", reference["run_dir"], model_uri, steps, {"max_accuracy_drop": 0.5}
+    )
     before, alias_before = set(versions(reference)), alias_version(reference)
     if case == "calibration_too_large":  # the job entrypoint behaves as the CLI
         import subprocess
 
         from conftest import kiln_env
 
-        proc = subprocess.run([sys.executable, str(REPO / "jobs" / "compress.py"), str(config)], env=kiln_env(),
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "jobs" / "compress.py"), str(config)],
+            env=kiln_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     else:
         proc = run_kiln("compress", str(config), timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -1,12 +1,14 @@
-"""Config schema: typed sections, unknown keys rejected with the dotted key, overrides, validate CLI."""
+"""Config schema: typed sections, unknown keys rejected with the dotted key, overrides, validate
+CLI."""
 
 from __future__ import annotations
 
 import pytest
 
 from conftest import REPO, run_kiln
-from kiln.config import KilnConfig, apply_overrides, load_config
+from kiln.config import apply_overrides
 from kiln.errors import ConfigError
+from kiln.schema import KilnConfig, load_config
 
 DEFAULT = REPO / "configs/train/digits_cnn.yaml"
 
@@ -21,8 +23,16 @@ def test_default_config_loads_with_expected_keys():
 
 
 def test_overrides_parse_yaml_values_and_create_sections():
-    cfg = load_config(DEFAULT, ["train.epochs=3", "train.lr=0.01", "model.width=16",
-                                "train.use_gpu=false", "data.split.seed=7"])
+    cfg = load_config(
+        DEFAULT,
+        [
+            "train.epochs=3",
+            "train.lr=0.01",
+            "model.width=16",
+            "train.use_gpu=false",
+            "data.split.seed=7",
+        ],
+    )
     assert cfg.train.epochs == 3 and cfg.train.lr == pytest.approx(0.01)
     assert cfg.model.kwargs["width"] == 16
     assert cfg.data.split.seed == 7 and cfg.train.use_gpu is False
@@ -30,21 +40,29 @@ def test_overrides_parse_yaml_values_and_create_sections():
     assert mlp.model.name == "mlp" and mlp.model.kwargs == {"hidden": [32, 16]}
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.epoch=3", "unknown config key 'train.epoch' (did you mean 'train.epochs'?)"),
-    ("trian.epochs=3", "unknown config key 'trian'"),
-    ("train.lr=fast", "config key 'train.lr'"),
-    ("train.epochs=0", "config key 'train.epochs'"),
-    ("train.class_weights=balanced", "config key 'train.class_weights'"),
-    ("data.split.val=0.6", "config key 'data.split': val + test must be below 1.0"),
-    ("model.widht=8", "unknown config key 'model.widht' for model 'cnn'"),
-    ("model.name=nosuch", "config key 'model.name': unknown model 'nosuch'"),
-    ("model.name=nosuchpkg.mod:factory", "config key 'model.name': cannot import 'nosuchpkg.mod'"),
-    ("train.epochs.x=1", "config key 'train.epochs' is a value, not a section"),
-    ("noequals", "not of the form dotted.key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epoch=3", "unknown config key 'train.epoch' (did you mean 'train.epochs'?)"),
+        ("trian.epochs=3", "unknown config key 'trian'"),
+        ("train.lr=fast", "config key 'train.lr'"),
+        ("train.epochs=0", "config key 'train.epochs'"),
+        ("train.class_weights=balanced", "config key 'train.class_weights'"),
+        ("data.split.val=0.6", "config key 'data.split': val + test must be below 1.0"),
+        ("model.widht=8", "unknown config key 'model.widht' for model 'cnn'"),
+        ("model.name=nosuch", "config key 'model.name': unknown model 'nosuch'"),
+        (
+            "model.name=nosuchpkg.mod:factory",
+            "config key 'model.name': cannot import 'nosuchpkg.mod'",
+        ),
+        ("train.epochs.x=1", "config key 'train.epochs' is a value, not a section"),
+        ("noequals", "not of the form dotted.key=value"),
+    ],
+)
 def test_bad_keys_and_values_name_the_dotted_key(override, message):
-    overrides = [override] if override != "data.split.val=0.6" else [override, "data.split.test=0.5"]
+    overrides = (
+        [override] if override != "data.split.val=0.6" else [override, "data.split.test=0.5"]
+    )
     with pytest.raises(ConfigError) as err:
         load_config(DEFAULT, overrides)
     assert message in str(err.value)
@@ -76,7 +94,10 @@ def test_validate_cli_ok_and_error_exit_codes(tmp_path):
     assert ok.returncode == 0, ok.stderr
     bad = run_kiln("validate", str(DEFAULT), "train.epoch=2")
     assert bad.returncode == 2
-    assert bad.stderr.strip() == "error: unknown config key 'train.epoch' (did you mean 'train.epochs'?)"
+    assert (
+        bad.stderr.strip()
+        == "error: unknown config key 'train.epoch' (did you mean 'train.epochs'?)"
+    )
     assert "Traceback" not in bad.stderr
     debug = run_kiln("--debug", "validate", str(DEFAULT), "train.epoch=2")
     assert debug.returncode == 2 and "Traceback" in debug.stderr
@@ -89,5 +110,7 @@ def test_help_imports_neither_torch_nor_ray():
     from conftest import kiln_env
 
     code = "import sys; from kiln.cli import build_parser; build_parser(); print('torch' in sys.modules, 'ray' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], env=kiln_env(), capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=kiln_env(), capture_output=True, text=True, check=True
+    )
     assert out.stdout.split() == ["False", "False"]

@@ -12,7 +12,8 @@ from served_models import VARIANTS, registry  # noqa: F401  (fixture)
 
 
 def input_table(reg, kind: str) -> pa.Table:
-    """A user's input file: the model's input columns, a label and an id column that must pass through."""
+    """A user's input file: the model's input columns, a label and an id column that must pass
+    through."""
     if kind == "image":
         from kiln.data.builtin import load_builtin
 
@@ -29,7 +30,9 @@ def check_predictions(table: pa.Table, output, uri: str, kind: str, tracking_uri
 
     out = pq.read_table(output)
     assert out.num_rows == table.num_rows
-    assert out.column("row_id").to_pylist() == table.column("row_id").to_pylist()  # same rows, same order
+    assert (
+        out.column("row_id").to_pylist() == table.column("row_id").to_pylist()
+    )  # same rows, same order
     predictor = load_predictor(uri, tracking_uri)
     if kind == "image":
         assert "image" not in out.column_names
@@ -48,18 +51,36 @@ def test_kiln_predict_writes_one_prediction_per_input_row(ray_cluster, registry,
     table = input_table(registry, "image")
     source, output = tmp_path / "in.parquet", tmp_path / "out" / "predictions.parquet"
     pq.write_table(table, source, row_group_size=100)
-    proc = run_kiln("predict", uri, str(source), str(output), "--address", ray_cluster, "--batch-size", "64",
-                    "--actors", "2", "--json", env={"MLFLOW_TRACKING_URI": registry.tracking_uri}, timeout=600)
+    proc = run_kiln(
+        "predict",
+        uri,
+        str(source),
+        str(output),
+        "--address",
+        ray_cluster,
+        "--batch-size",
+        "64",
+        "--actors",
+        "2",
+        "--json",
+        env={"MLFLOW_TRACKING_URI": registry.tracking_uri},
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     assert last_json(proc.stdout)["rows"] == table.num_rows
-    assert f"predicted {table.num_rows}/{table.num_rows} rows" in proc.stderr  # progress (stderr under --json)
+    assert (
+        f"predicted {table.num_rows}/{table.num_rows} rows" in proc.stderr
+    )  # progress (stderr under --json)
     check_predictions(table, output, uri, "image", registry.tracking_uri)
     assert list(tmp_path.joinpath("out").iterdir()) == [output]  # no partial file left beside it
 
 
 @pytest.mark.parametrize("variant_id", list(VARIANTS))
-def test_batch_inference_matches_in_process_for_each_variant(ray_cluster, registry, tmp_path, variant_id):
-    """The library call behind `kiln predict`, for every served variant kind (its artifact format)."""
+def test_batch_inference_matches_in_process_for_each_variant(
+    ray_cluster, registry, tmp_path, variant_id
+):
+    """The library call behind `kiln predict`, for every served variant kind (its artifact
+    format)."""
     from kiln.batch_inference import predict_parquet
 
     variant, uri = VARIANTS[variant_id], registry.uris[variant_id]
@@ -67,8 +88,15 @@ def test_batch_inference_matches_in_process_for_each_variant(ray_cluster, regist
     source, output = tmp_path / "in.parquet", tmp_path / "predictions.parquet"
     pq.write_table(table, source, row_group_size=50)
     seen = []
-    result = predict_parquet(uri, source, output, tracking_uri=registry.tracking_uri, batch_size=32, actors=1,
-                             progress=lambda rows, total: seen.append((rows, total)))
+    result = predict_parquet(
+        uri,
+        source,
+        output,
+        tracking_uri=registry.tracking_uri,
+        batch_size=32,
+        actors=1,
+        progress=lambda rows, total: seen.append((rows, total)),
+    )
     assert result.rows == table.num_rows
     assert seen[-1] == (table.num_rows, table.num_rows) and len(seen) > 1  # progress while it ran
     check_predictions(table, output, uri, variant.kind, registry.tracking_uri)
@@ -78,16 +106,31 @@ def test_predict_user_mistakes(ray_cluster, registry, tmp_path):
     from kiln.batch_inference import predict_parquet
     from kiln.errors import DataError
 
-    missing = run_kiln("predict", registry.uris["fp32-cnn"], str(tmp_path / "nope.parquet"),
-                       str(tmp_path / "out.parquet"), "--address", ray_cluster,
-                       env={"MLFLOW_TRACKING_URI": registry.tracking_uri})
+    missing = run_kiln(
+        "predict",
+        registry.uris["fp32-cnn"],
+        str(tmp_path / "nope.parquet"),
+        str(tmp_path / "out.parquet"),
+        "--address",
+        ray_cluster,
+        env={"MLFLOW_TRACKING_URI": registry.tracking_uri},
+    )
     assert missing.returncode == 2
-    assert missing.stderr.strip().splitlines() == [f"error: input file not found: {tmp_path / 'nope.parquet'}"]
+    assert missing.stderr.strip().splitlines() == [
+        f"error: input file not found: {tmp_path / 'nope.parquet'}"
+    ]
 
     digits = tmp_path / "digits.parquet"
     pq.write_table(input_table(registry, "image"), digits)
-    with pytest.raises(DataError, match="lacks the model's feature columns: sepal_length, sepal_width, "
-                                        "petal_length, petal_width"):
-        predict_parquet(registry.uris["fp32-mlp"], digits, tmp_path / "out.parquet",
-                        tracking_uri=registry.tracking_uri)
+    with pytest.raises(
+        DataError,
+        match="lacks the model's feature columns: sepal_length, sepal_width, "
+        "petal_length, petal_width",
+    ):
+        predict_parquet(
+            registry.uris["fp32-mlp"],
+            digits,
+            tmp_path / "out.parquet",
+            tracking_uri=registry.tracking_uri,
+        )
     assert not (tmp_path / "out.parquet").exists()

@@ -1,11 +1,13 @@
-"""Versioned rollouts against a real served app (`kiln serve start`), under bounded load on 127.0.0.1.
+"""Versioned rollouts against a real served app (`kiln serve start`), under bounded load on
+127.0.0.1.
 
 One app serves the digits model, v1 stable. The registry holds a good v2 (other weights), a faulty
-version (raises on a share of inputs) and a slow one. The tests run in order, each from the state the
-previous one left: canary share + sticky header + manual rollback, linear ramp-up to a promotion,
-a restart coming back on the promoted version, blue-green + rollback of the promotion, the bad
-versions rolled back by gates, shadow, and a rollout surviving the death of the replica and the
-controller. Every test asserts zero failed client requests wherever the versions involved are good.
+version (raises on a share of inputs) and a slow one. The tests run in order, each from the state
+the previous one left: canary share + sticky header + manual rollback, linear ramp-up to a
+promotion, a restart coming back on the promoted version, blue-green + rollback of the promotion,
+the bad versions rolled back by gates, shadow, and a rollout surviving the death of the replica and
+the controller. Every test asserts zero failed client requests wherever the versions involved are
+good.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ CLIENTS = 4
 
 @pytest.fixture(scope="module", autouse=True)
 def model_factories_importable():
-    """Replicas import the bad versions' factories (tests/rollout_models.py): put tests/ on the path of
-    the Ray workers this module's Ray instance starts (they inherit the environment)."""
+    """Replicas import the bad versions' factories (tests/rollout_models.py): put tests/ on the path
+    of the Ray workers this module's Ray instance starts (they inherit the environment)."""
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), str(PLATFORM), old) if p)
     yield
@@ -61,8 +63,8 @@ class RolloutRegistry:
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory) -> RolloutRegistry:
-    """This module's own MLflow store: its extra versions and alias moves must not change the version
-    numbers other modules expect in the shared one (served_models.registry)."""
+    """This module's own MLflow store: its extra versions and alias moves must not change the
+    version numbers other modules expect in the shared one (served_models.registry)."""
     from kiln import tracking as trk
 
     run_dir = tmp_path_factory.mktemp("rollout-registry")
@@ -76,7 +78,9 @@ def versions(registry) -> Versions:
 
     v1 = registry.stable_uri
     v2 = train_and_register(registry.run_dir, "digits", DIGITS, CNN, epochs=2, seed=1)
-    faulty = register_variant(registry.tracking_uri, registry.run_dir, v1, "rollout_models:faulty_cnn")
+    faulty = register_variant(
+        registry.tracking_uri, registry.run_dir, v1, "rollout_models:faulty_cnn"
+    )
     slow = register_variant(registry.tracking_uri, registry.run_dir, v1, "rollout_models:slow_cnn")
     number = lambda uri: uri.rsplit("/", 1)[1]  # noqa: E731
     return Versions(number(v1), number(v2), number(faulty), number(slow))
@@ -88,8 +92,19 @@ def serve_dir(tmp_path_factory) -> Path:
 
 
 def start_args(ray_cluster, registry, serve_dir, port):
-    return ["serve", "start", registry.stable_uri, "serve.deployment.num_cpus=0.5", "--port", str(port),
-            "--address", ray_cluster, "--run-dir", str(serve_dir), "--json"]
+    return [
+        "serve",
+        "start",
+        registry.stable_uri,
+        "serve.deployment.num_cpus=0.5",
+        "--port",
+        str(port),
+        "--address",
+        ray_cluster,
+        "--run-dir",
+        str(serve_dir),
+        "--json",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +127,18 @@ IMAGES = digits_raw(16)
 
 def body(i: int) -> str:
     img = IMAGES[i % len(IMAGES)]
-    return json.dumps({"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, *img.shape],
-                                   "data": img.ravel().tolist()}]})
+    return json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "UINT8",
+                    "shape": [1, *img.shape],
+                    "data": img.ravel().tolist(),
+                }
+            ]
+        }
+    )
 
 
 @dataclass
@@ -139,9 +164,11 @@ class Load:
 
     def __post_init__(self):
         self._count = 0
-        self._threads = [threading.Thread(target=self._client, args=(c,), daemon=True) for c in range(CLIENTS)]
+        self._threads = [
+            threading.Thread(target=self._client, args=(c,), daemon=True) for c in range(CLIENTS)
+        ]
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         for t in self._threads:
             t.start()
         return self
@@ -172,16 +199,31 @@ class Load:
         session = requests.Session()
         while (i := self._next()) is not None:
             user = f"user-{i % self.users}" if self.sticky_header else None
-            headers = {"Content-Type": "application/json", **({self.sticky_header: user} if user else {})}
+            headers = {
+                "Content-Type": "application/json",
+                **({self.sticky_header: user} if user else {}),
+            }
             try:
-                resp = session.post(f"{self.url}/v2/models/{MODEL}/infer", data=body(i), headers=headers, timeout=60)
+                resp = session.post(
+                    f"{self.url}/v2/models/{MODEL}/infer", data=body(i), headers=headers, timeout=60
+                )
                 payload = resp.json() if resp.status_code == 200 else {}
             except requests.RequestException:
                 resp, payload = None, {}
-            probs = next((o["data"] for o in payload.get("outputs", []) if o["name"] == "probabilities"), None)
+            probs = next(
+                (o["data"] for o in payload.get("outputs", []) if o["name"] == "probabilities"),
+                None,
+            )
             with self._lock:
-                self.answers.append(Answer(i % len(IMAGES), resp.status_code if resp is not None else 0,
-                                           payload.get("model_version"), probs, user))
+                self.answers.append(
+                    Answer(
+                        i % len(IMAGES),
+                        resp.status_code if resp is not None else 0,
+                        payload.get("model_version"),
+                        probs,
+                        user,
+                    )
+                )
 
 
 def failures(answers: list[Answer]) -> list[Answer]:
@@ -190,11 +232,14 @@ def failures(answers: list[Answer]) -> list[Answer]:
 
 # --- helpers -------------------------------------------------------------------------------------
 
+
 def start(serve_dir, to: str, strategy: str, trigger: str = "user", **options):
     from kiln.rollout.api import start_rollout
     from kiln.rollout.spec import RolloutOptions
 
-    return start_rollout(serve_dir, None, MODEL, to, strategy, RolloutOptions(**options), trigger=trigger)
+    return start_rollout(
+        serve_dir, None, MODEL, to, strategy, RolloutOptions(**options), trigger=trigger
+    )
 
 
 def wait_phase(serve_dir, *phases: str, timeout: float = 90.0):
@@ -236,25 +281,81 @@ def champion(registry) -> str:
 
 # --- tests ---------------------------------------------------------------------------------------
 
+
 def test_bad_options_fail_with_one_line(served, ray_cluster, serve_dir, versions):
-    cases = [(["--strategy", "canary", "--gate", "error_rate<<1"], "error: gate 'error_rate<<1' is not NAME<VALUE"),
-             (["--strategy", "linear", "--steps", "50,10"], "error: --steps must be increasing percentages"),
-             (["--strategy", "canary", "--gate", "agreement>0.9"], "error: an 'agreement' gate needs mirrored"),
-             (["--strategy", "canary", "--bake", "soon"], "error: --bake 'soon' is not a duration")]
+    cases = [
+        (
+            ["--strategy", "canary", "--gate", "error_rate<<1"],
+            "error: gate 'error_rate<<1' is not NAME<VALUE",
+        ),
+        (
+            ["--strategy", "linear", "--steps", "50,10"],
+            "error: --steps must be increasing percentages",
+        ),
+        (
+            ["--strategy", "canary", "--gate", "agreement>0.9"],
+            "error: an 'agreement' gate needs mirrored",
+        ),
+        (["--strategy", "canary", "--bake", "soon"], "error: --bake 'soon' is not a duration"),
+    ]
     for extra, message in cases:
-        proc = run_kiln("rollout", "start", MODEL, "--to", versions.good, *extra, "--run-dir", str(serve_dir),
-                        "--address", ray_cluster)
-        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr
+        proc = run_kiln(
+            "rollout",
+            "start",
+            MODEL,
+            "--to",
+            versions.good,
+            *extra,
+            "--run-dir",
+            str(serve_dir),
+            "--address",
+            ray_cluster,
+        )
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(message), (
+            proc.stderr
+        )
         assert "Traceback" not in proc.stderr
-    proc = run_kiln("rollout", "start", MODEL, "--to", "999", "--strategy", "canary", "--run-dir", str(serve_dir),
-                    "--address", ray_cluster)
-    assert proc.returncode == 2 and "error: unknown model 'models:/digits/999'" in proc.stderr, proc.stderr
+    proc = run_kiln(
+        "rollout",
+        "start",
+        MODEL,
+        "--to",
+        "999",
+        "--strategy",
+        "canary",
+        "--run-dir",
+        str(serve_dir),
+        "--address",
+        ray_cluster,
+    )
+    assert proc.returncode == 2 and "error: unknown model 'models:/digits/999'" in proc.stderr, (
+        proc.stderr
+    )
 
 
 def test_canary_share_sticky_header_and_manual_rollback(served, ray_cluster, serve_dir, versions):
-    proc = run_kiln("rollout", "start", MODEL, "--to", versions.good, "--strategy", "canary", "--weight", "10",
-                    "--bake", "10m", "--interval", "1s", "--sticky-header", "X-User", "--run-dir", str(serve_dir),
-                    "--address", ray_cluster, "--json")
+    proc = run_kiln(
+        "rollout",
+        "start",
+        MODEL,
+        "--to",
+        versions.good,
+        "--strategy",
+        "canary",
+        "--weight",
+        "10",
+        "--bake",
+        "10m",
+        "--interval",
+        "1s",
+        "--sticky-header",
+        "X-User",
+        "--run-dir",
+        str(serve_dir),
+        "--address",
+        ray_cluster,
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     assert last_json(proc.stdout)["steps"] == [10.0]
     wait_weight(serve_dir, 10.0)
@@ -269,31 +370,58 @@ def test_canary_share_sticky_header_and_manual_rollback(served, ray_cluster, ser
     per_user: dict[str, set] = {}
     for a in sticky:
         per_user.setdefault(a.user, set()).add(a.version)
-    assert all(len(v) == 1 for v in per_user.values()), {u: v for u, v in per_user.items() if len(v) > 1}
+    assert all(len(v) == 1 for v in per_user.values()), {
+        u: v for u, v in per_user.items() if len(v) > 1
+    }
     users_on_new = sum(1 for v in per_user.values() if v == {versions.good})
     assert 0 < users_on_new < 60  # about 10% of 200 users: a bucket per user, not per request
 
-    status = run_kiln("rollout", "status", MODEL, "--run-dir", str(serve_dir), "--address", ray_cluster, "--json")
+    status = run_kiln(
+        "rollout", "status", MODEL, "--run-dir", str(serve_dir), "--address", ray_cluster, "--json"
+    )
     assert status.returncode == 0, status.stderr
     live = last_json(status.stdout)
-    assert live["live"] and live["record"]["weight"] == 10.0 and live["gates"]["error_rate<0.01"]["ok"] is not False
+    assert (
+        live["live"]
+        and live["record"]["weight"] == 10.0
+        and live["gates"]["error_rate<0.01"]["ok"] is not False
+    )
 
     with Load(served["url"]) as load:  # manual rollback under continuous load
         time.sleep(1.0)
-        proc = run_kiln("rollout", "rollback", MODEL, "--run-dir", str(serve_dir), "--address", ray_cluster, "--json")
+        proc = run_kiln(
+            "rollout",
+            "rollback",
+            MODEL,
+            "--run-dir",
+            str(serve_dir),
+            "--address",
+            ray_cluster,
+            "--json",
+        )
         assert proc.returncode == 0, proc.stderr
         assert last_json(proc.stdout)["phase"] == "rolled_back"
         time.sleep(2.0)
     answers = load.answers
     assert len(answers) > 50 and not failures(answers)
     assert {a.version for a in answers[-20:]} == {versions.stable}
-    assert since_start(serve_dir)[-1]["decision"] == "rollback" and since_start(serve_dir)[-1]["trigger"] == "user"
+    assert (
+        since_start(serve_dir)[-1]["decision"] == "rollback"
+        and since_start(serve_dir)[-1]["trigger"] == "user"
+    )
 
 
 def test_linear_ramp_up_promotes_with_zero_failures(served, registry, serve_dir, versions):
     with Load(served["url"]) as load:
-        start(serve_dir, versions.good, "linear", steps=[25.0, 50.0, 100.0], bake_s=1.5, interval_s=0.5,
-              gates=["error_rate<0.01", "p99_ms<5000"])
+        start(
+            serve_dir,
+            versions.good,
+            "linear",
+            steps=[25.0, 50.0, 100.0],
+            bake_s=1.5,
+            interval_s=0.5,
+            gates=["error_rate<0.01", "p99_ms<5000"],
+        )
         record = wait_phase(serve_dir, "promoted", "rolled_back")
         time.sleep(1.5)
     assert record.phase == "promoted", record.reason
@@ -301,24 +429,38 @@ def test_linear_ramp_up_promotes_with_zero_failures(served, registry, serve_dir,
     assert len(answers) > 100 and not failures(answers)
     assert {a.version for a in answers[-20:]} == {versions.good}
     assert champion(registry) == versions.good
-    decisions = [(e["decision"], e["weights"].get(versions.good)) for e in since_start(serve_dir)
-                 if e["decision"] in ("step", "advance", "promote")]
+    decisions = [
+        (e["decision"], e["weights"].get(versions.good))
+        for e in since_start(serve_dir)
+        if e["decision"] in ("step", "advance", "promote")
+    ]
     assert decisions[:3] == [("step", 25.0), ("advance", 50.0), ("advance", 100.0)]
     assert decisions[-1][0] == "promote" and since_start(serve_dir)[-1]["trigger"] == "auto"
 
 
-def test_restarted_app_comes_back_on_the_promoted_version(served, ray_cluster, registry, serve_dir, versions):
-    proc = run_kiln("serve", "stop", "--address", ray_cluster, "--run-dir", str(serve_dir), timeout=300)
+def test_restarted_app_comes_back_on_the_promoted_version(
+    served, ray_cluster, registry, serve_dir, versions
+):
+    proc = run_kiln(
+        "serve", "stop", "--address", ray_cluster, "--run-dir", str(serve_dir), timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
-    proc = run_kiln(*served["start_args"], env={"MLFLOW_TRACKING_URI": registry.tracking_uri}, timeout=300)
+    proc = run_kiln(
+        *served["start_args"], env={"MLFLOW_TRACKING_URI": registry.tracking_uri}, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr  # the same config: it lists v1 only
     info = last_json(proc.stdout)
-    assert [(m["version"], m["default"]) for m in info["models"]] == [(versions.stable, False), (versions.good, True)]
+    assert [(m["version"], m["default"]) for m in info["models"]] == [
+        (versions.stable, False),
+        (versions.good, True),
+    ]
     answers = Load(served["url"], limit=40).__enter__().wait()
     assert not failures(answers) and {a.version for a in answers} == {versions.good}
 
 
-def test_blue_green_switch_and_rollback_of_the_promotion(served, ray_cluster, registry, serve_dir, versions):
+def test_blue_green_switch_and_rollback_of_the_promotion(
+    served, ray_cluster, registry, serve_dir, versions
+):
     with Load(served["url"]) as load:
         start(serve_dir, versions.stable, "blue-green", bake_s=2.0, interval_s=0.5)
         wait_weight(serve_dir, 100.0)
@@ -327,24 +469,49 @@ def test_blue_green_switch_and_rollback_of_the_promotion(served, ray_cluster, re
         assert record.phase == "promoted", record.reason
         assert champion(registry) == versions.stable
         time.sleep(1.0)
-        proc = run_kiln("rollout", "rollback", MODEL, "--run-dir", str(serve_dir), "--address", ray_cluster, "--json")
+        proc = run_kiln(
+            "rollout",
+            "rollback",
+            MODEL,
+            "--run-dir",
+            str(serve_dir),
+            "--address",
+            ray_cluster,
+            "--json",
+        )
         assert proc.returncode == 0, proc.stderr
         time.sleep(2.0)
     answers = load.answers
     assert not failures(answers)
-    assert {a.version for a in answers[switched_at:switched_at + 20]} == {versions.stable}  # all at once
+    assert {a.version for a in answers[switched_at : switched_at + 20]} == {
+        versions.stable
+    }  # all at once
     assert {a.version for a in answers[-20:]} == {versions.good}
     assert champion(registry) == versions.good
     last = since_start(serve_dir)[-1]
-    assert (last["decision"], last["trigger"], last["weights"]) == ("rollback", "user", {versions.good: 100.0})
+    assert (last["decision"], last["trigger"], last["weights"]) == (
+        "rollback",
+        "user",
+        {versions.good: 100.0},
+    )
 
 
-@pytest.mark.parametrize("bad, gate, signal", [("faulty", "error_rate<0.05", "error_rate"),
-                                                ("slow", "p99_ms<150", "p99_ms")])
+@pytest.mark.parametrize(
+    "bad, gate, signal",
+    [("faulty", "error_rate<0.05", "error_rate"), ("slow", "p99_ms<150", "p99_ms")],
+)
 def test_bad_version_is_rolled_back_by_its_gate(served, serve_dir, versions, bad, gate, signal):
     with Load(served["url"]) as load:
-        start(serve_dir, getattr(versions, bad), "canary", weight=30.0, bake_s=60.0, interval_s=1.0,
-              gates=[gate], trigger="monitor")
+        start(
+            serve_dir,
+            getattr(versions, bad),
+            "canary",
+            weight=30.0,
+            bake_s=60.0,
+            interval_s=1.0,
+            gates=[gate],
+            trigger="monitor",
+        )
         record = wait_phase(serve_dir, "rolled_back", "promoted", timeout=120)
         time.sleep(1.5)
     assert record.phase == "rolled_back"
@@ -352,7 +519,9 @@ def test_bad_version_is_rolled_back_by_its_gate(served, serve_dir, versions, bad
     assert entries[0]["trigger"] == "monitor"
     step = next(i for i, e in enumerate(entries) if e["decision"] == "step")
     rollback = next(i for i, e in enumerate(entries) if e["decision"] == "rollback")
-    evaluations = entries[step + 1:rollback + 1]  # gate evaluations from the step's start to the rollback
+    evaluations = entries[
+        step + 1 : rollback + 1
+    ]  # gate evaluations from the step's start to the rollback
     assert 1 <= len(evaluations) <= 2, [e["decision"] for e in evaluations]
     why = entries[rollback]
     assert why["trigger"] == "gate" and why["reason"].startswith(f"{gate} failed")
@@ -367,11 +536,22 @@ def test_shadow_traffic_never_changes_a_response(served, serve_dir, versions):
 
     direct = {}
     for i in range(len(IMAGES)):
-        resp = requests.post(f"{served['url']}/v2/models/{MODEL}/versions/{versions.good}/infer", data=body(i),
-                             timeout=60)
+        resp = requests.post(
+            f"{served['url']}/v2/models/{MODEL}/versions/{versions.good}/infer",
+            data=body(i),
+            timeout=60,
+        )
         direct[i] = next(o["data"] for o in resp.json()["outputs"] if o["name"] == "probabilities")
     # Mirror everything to the version that fails on a share of inputs: clients must not notice.
-    start(serve_dir, versions.faulty, "shadow", weight=100.0, bake_s=600.0, interval_s=1.0, gates=["error_rate<2"])
+    start(
+        serve_dir,
+        versions.faulty,
+        "shadow",
+        weight=100.0,
+        bake_s=600.0,
+        interval_s=1.0,
+        gates=["error_rate<2"],
+    )
     wait_weight(serve_dir, 0.0)
     answers = Load(served["url"], limit=300).__enter__().wait()
     time.sleep(2.5)  # the controller sums a full interval
@@ -380,7 +560,11 @@ def test_shadow_traffic_never_changes_a_response(served, serve_dir, versions):
     assert not failures(answers) and {a.version for a in answers} == {versions.good}
     # Same answers as the stable version alone (dynamic batching may change the last float bits).
     assert all(np.allclose(a.probabilities, direct[a.image], rtol=0, atol=1e-5) for a in answers)
-    mirrored = [e["metrics"].get(versions.faulty) for e in since_start(serve_dir) if e["decision"] == "continue"]
+    mirrored = [
+        e["metrics"].get(versions.faulty)
+        for e in since_start(serve_dir)
+        if e["decision"] == "continue"
+    ]
     mirrored = [m for m in mirrored if m]
     assert sum(m["requests"] for m in mirrored) > 0 and sum(m["errors"] for m in mirrored) > 0
     assert sum(m["compared"] for m in mirrored) > 0
@@ -393,11 +577,21 @@ def test_rollout_goes_on_after_the_router_replica_and_controller_die(served, ser
     from kiln.rollout.controller import NAMESPACE, controller_name
 
     def replicas() -> list[str]:  # the model's Serve replica actors (named in Serve's namespace)
-        return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                if a["namespace"] == "serve" and a["name"].startswith("SERVE_REPLICA::kiln-digits#")]
+        return [
+            a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == "serve" and a["name"].startswith("SERVE_REPLICA::kiln-digits#")
+        ]
 
     with Load(served["url"]):  # gates need traffic; requests in flight in the killed replica fail
-        start(serve_dir, versions.stable, "linear", steps=[20.0, 60.0, 100.0], bake_s=3.0, interval_s=0.5)
+        start(
+            serve_dir,
+            versions.stable,
+            "linear",
+            steps=[20.0, 60.0, 100.0],
+            bake_s=3.0,
+            interval_s=0.5,
+        )
         wait_weight(serve_dir, 20.0)
         victim = replicas()[0]
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
@@ -405,7 +599,15 @@ def test_rollout_goes_on_after_the_router_replica_and_controller_die(served, ser
         record = wait_phase(serve_dir, "promoted", "rolled_back", timeout=150)
     assert record.phase == "promoted", record.reason
     assert replicas() and victim not in replicas()
-    decisions = [e["decision"] for e in since_start(serve_dir) if e["decision"] not in ("continue", "hold")]
-    assert decisions == ["start", "step", "advance", "advance", "promote"]  # one rollout, each step once
+    decisions = [
+        e["decision"] for e in since_start(serve_dir) if e["decision"] not in ("continue", "hold")
+    ]
+    assert decisions == [
+        "start",
+        "step",
+        "advance",
+        "advance",
+        "promote",
+    ]  # one rollout, each step once
     answers = Load(served["url"], limit=40).__enter__().wait()
     assert not failures(answers) and {a.version for a in answers} == {versions.stable}

@@ -18,7 +18,13 @@ from kiln.rollout.store import RolloutRecord, RolloutStore
 
 
 def test_durations_and_gates_parse_or_fail_with_a_clear_message():
-    assert [parse_duration(t) for t in ("500ms", "5s", "2m", "1.5h", "3")] == [0.5, 5.0, 120.0, 5400.0, 3.0]
+    assert [parse_duration(t) for t in ("500ms", "5s", "2m", "1.5h", "3")] == [
+        0.5,
+        5.0,
+        120.0,
+        5400.0,
+        3.0,
+    ]
     with pytest.raises(KilnError, match="'5 minutes' is not a duration"):
         parse_duration("5 minutes")
     with pytest.raises(KilnError, match="must be positive"):
@@ -81,9 +87,20 @@ def test_windows_add_up_across_replicas():
 
 
 def _record(**kw) -> dict:
-    return RolloutRecord(model="m", registered_name="m", tracking_uri="sqlite:////nonexistent/x.db", stable="1",
-                         stable_uri="models:/m/1", candidate="2", candidate_uri="models:/m/2", strategy="linear",
-                         steps=[50.0, 100.0], bake_s=0.0, interval_s=1.0, **kw).to_dict()
+    return RolloutRecord(
+        model="m",
+        registered_name="m",
+        tracking_uri="sqlite:////nonexistent/x.db",
+        stable="1",
+        stable_uri="models:/m/1",
+        candidate="2",
+        candidate_uri="models:/m/2",
+        strategy="linear",
+        steps=[50.0, 100.0],
+        bake_s=0.0,
+        interval_s=1.0,
+        **kw,
+    ).to_dict()
 
 
 def _report(ctl, ready, requests=0, errors=0):
@@ -98,8 +115,11 @@ def test_controller_waits_for_replicas_advances_holds_and_rolls_back(tmp_path):
         ctl = RolloutController(str(tmp_path), "m")
         await ctl.start(_record(gates=["error_rate<0.1"]), "monitor")
         table = await _report(ctl, {"1": "ready"})
-        assert (table["candidate"], table["weight"], table["versions"]) == ("2", 0.0, {"1": "models:/m/1",
-                                                                                      "2": "models:/m/2"})
+        assert (table["candidate"], table["weight"], table["versions"]) == (
+            "2",
+            0.0,
+            {"1": "models:/m/1", "2": "models:/m/2"},
+        )
         await ctl._tick()
         assert ctl.record.phase == "preparing"  # the replica has not loaded v2 yet
         await _report(ctl, {"1": "ready", "2": "ready"})
@@ -120,7 +140,9 @@ def test_controller_waits_for_replicas_advances_holds_and_rolls_back(tmp_path):
     assert [e["decision"] for e in entries] == ["start", "step", "hold", "advance", "rollback"]
     assert entries[0]["trigger"] == "monitor" and entries[-1]["trigger"] == "gate"
     assert entries[-1]["reason"] == "error_rate<0.1 failed (0.25)"
-    assert RolloutStore(tmp_path, "m").load().phase == "rolled_back"  # persisted: a new controller sees it
+    assert (
+        RolloutStore(tmp_path, "m").load().phase == "rolled_back"
+    )  # persisted: a new controller sees it
 
 
 def test_controller_promotes_remembers_the_previous_version_and_reloads(tmp_path):
@@ -142,12 +164,21 @@ def test_controller_promotes_remembers_the_previous_version_and_reloads(tmp_path
         return table, undo, await again.command("promote")
 
     table, undo, refused = asyncio.run(scenario())
-    assert table == {"stable": "2", "candidate": None, "weight": 0.0, "shadow": 0.0, "sticky_header": None,
-                     "versions": {"2": "models:/m/2", "1": "models:/m/1"}, "revision": table["revision"]}
+    assert table == {
+        "stable": "2",
+        "candidate": None,
+        "weight": 0.0,
+        "shadow": 0.0,
+        "sticky_header": None,
+        "versions": {"2": "models:/m/2", "1": "models:/m/1"},
+        "revision": table["revision"],
+    }
     assert (undo["phase"], undo["stable"], undo["previous"]) == ("rolled_back", "1", "2")
     assert refused == {"error": "no rollout of 'm' in progress to promote (last: rolled_back)"}
     promote = [e for e in RolloutStore(tmp_path, "m").history() if e["decision"] == "promote"][0]
-    assert "alias 'champion' NOT moved" in promote["reason"]  # no registry at that URI: said, not hidden
+    assert (
+        "alias 'champion' NOT moved" in promote["reason"]
+    )  # no registry at that URI: said, not hidden
 
 
 def test_only_intervals_with_every_gate_passing_count_towards_the_bake(tmp_path):
@@ -166,7 +197,12 @@ def test_only_intervals_with_every_gate_passing_count_towards_the_bake(tmp_path)
         return [await tick_after(ctl, 1.0, n) for n in (10, 0, 0, 10)], ctl.record
 
     decisions, record = asyncio.run(scenario())
-    assert decisions == ["continue", "hold", "hold", "advance"]  # 1 s passing + 2 s without data + 1 s passing
+    assert decisions == [
+        "continue",
+        "hold",
+        "hold",
+        "advance",
+    ]  # 1 s passing + 2 s without data + 1 s passing
     assert (record.weight, record.baked_s) == (100.0, 0.0)
 
 
@@ -180,7 +216,9 @@ def test_a_replica_loads_the_versions_its_table_names_and_drops_a_finished_candi
         from kiln.rollout.replica import RolloutAgent
 
         agent = RolloutAgent("m", "1", ["1"], load, lambda v: {}, dropped.append)
-        agent.apply(RoutingTable(stable="1", candidate="2", weight=100.0, versions={"1": "u1", "2": "u2"}))
+        agent.apply(
+            RoutingTable(stable="1", candidate="2", weight=100.0, versions={"1": "u1", "2": "u2"})
+        )
         assert agent.route({}) == "1"  # v2 not loaded yet: the stable version answers
         await asyncio.sleep(0)
         await asyncio.sleep(0)
@@ -189,27 +227,59 @@ def test_a_replica_loads_the_versions_its_table_names_and_drops_a_finished_candi
         return chosen, agent.route({}), dict(agent.ready)
 
     chosen, after, ready = asyncio.run(scenario())
-    assert (loaded, chosen, after, ready, dropped) == ([("2", "u2")], "2", "1", {"1": "ready"}, ["2"])
+    assert (loaded, chosen, after, ready, dropped) == (
+        [("2", "u2")],
+        "2",
+        "1",
+        {"1": "ready"},
+        ["2"],
+    )
 
 
 def test_serve_start_naming_a_newer_version_supersedes_the_promoted_one(tmp_path):
-    """A restart on the same config comes back on the promoted version (tests/test_rollout.py); a start
-    that names a newer registry version is the user's explicit choice: it serves that one, and the record
-    and audit log say the promoted one was superseded."""
+    """A restart on the same config comes back on the promoted version (tests/test_rollout.py); a
+    start that names a newer registry version is the user's explicit choice: it serves that one, and
+    the record and audit log say the promoted one was superseded."""
     from kiln.serve.config import BatchingConfig, DeploymentConfig, ServeConfig
     from kiln.serve.lifecycle import apply_rollout_records
     from kiln.serve.plan import ModelPlan, ServePlan, VersionSource
 
     store = RolloutStore(tmp_path, "digits")
-    store.save(RolloutRecord(model="digits", registered_name="digits", tracking_uri="sqlite:///x.db", stable="2",
-                             stable_uri="models:/digits/2", phase="promoted", previous="1",
-                             previous_uri="models:/digits/1"))
-    model = ModelPlan(name="digits", versions=[VersionSource("3", "models:/digits/3")], default_version="3",
-                      deployment=DeploymentConfig(), batching=BatchingConfig())
+    store.save(
+        RolloutRecord(
+            model="digits",
+            registered_name="digits",
+            tracking_uri="sqlite:///x.db",
+            stable="2",
+            stable_uri="models:/digits/2",
+            phase="promoted",
+            previous="1",
+            previous_uri="models:/digits/1",
+        )
+    )
+    model = ModelPlan(
+        name="digits",
+        versions=[VersionSource("3", "models:/digits/3")],
+        default_version="3",
+        deployment=DeploymentConfig(),
+        batching=BatchingConfig(),
+    )
     plan = apply_rollout_records(ServePlan([model], "sqlite:///x.db", ServeConfig()), tmp_path)
-    assert ([v.version for v in plan.models[0].versions], plan.models[0].default_version) == (["3"], "3")
+    assert ([v.version for v in plan.models[0].versions], plan.models[0].default_version) == (
+        ["3"],
+        "3",
+    )
     record = store.load()
-    assert (record.stable, record.stable_uri, record.phase, record.previous) == ("3", "models:/digits/3", "idle", None)
+    assert (record.stable, record.stable_uri, record.phase, record.previous) == (
+        "3",
+        "models:/digits/3",
+        "idle",
+        None,
+    )
     last = store.history()[-1]
-    assert (last["decision"], last["trigger"], last["weights"]) == ("supersede", "serve-start", {"3": 100.0})
+    assert (last["decision"], last["trigger"], last["weights"]) == (
+        "supersede",
+        "serve-start",
+        {"3": 100.0},
+    )
     assert "newer than the last promoted v2" in last["reason"]

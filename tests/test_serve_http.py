@@ -14,8 +14,16 @@ import pytest
 import requests
 
 from conftest import last_json, run_kiln
-from served_models import (CNN, DIGITS, VARIANTS, digits_raw, fast_metrics_export, free_port, iris_rows,  # noqa: F401
-                           png_b64, registry, train_and_register)
+from served_models import (
+    CNN,
+    DIGITS,
+    VARIANTS,
+    digits_raw,
+    free_port,
+    iris_rows,  # noqa: F401
+    png_b64,
+    train_and_register,
+)
 
 API_KEY = "test-key-7f3a"
 KEY_ENV = "KILN_TEST_API_KEY"
@@ -30,7 +38,16 @@ def second_digits(registry) -> str:
 
 
 def serve_args(ray_cluster, registry, *extra: str) -> list[str]:
-    return ["serve", "start", *extra, "--address", ray_cluster, "--run-dir", str(registry.run_dir), "--json"]
+    return [
+        "serve",
+        "start",
+        *extra,
+        "--address",
+        ray_cluster,
+        "--run-dir",
+        str(registry.run_dir),
+        "--json",
+    ]
 
 
 def kiln_env(registry) -> dict[str, str]:
@@ -41,14 +58,33 @@ def kiln_env(registry) -> dict[str, str]:
 def served(ray_cluster, registry, second_digits):
     """The app, started with `kiln serve start` as a user would; stopped after the module."""
     uris = [*registry.uris.values(), second_digits]
-    proc = run_kiln(*serve_args(ray_cluster, registry, *uris, f"serve.max_request_bytes={MAX_BODY}",
-                                "--port", str(free_port()), "--api-key-env", KEY_ENV),
-                    env=kiln_env(registry), timeout=600)
+    proc = run_kiln(
+        *serve_args(
+            ray_cluster,
+            registry,
+            *uris,
+            f"serve.max_request_bytes={MAX_BODY}",
+            "--port",
+            str(free_port()),
+            "--api-key-env",
+            KEY_ENV,
+        ),
+        env=kiln_env(registry),
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     info = last_json(proc.stdout)
     yield info
     if not info.get("stopped"):  # test_stop_removes_the_app did not get to stop it
-        run_kiln("serve", "stop", "--address", ray_cluster, "--run-dir", str(registry.run_dir), timeout=300)
+        run_kiln(
+            "serve",
+            "stop",
+            "--address",
+            ray_cluster,
+            "--run-dir",
+            str(registry.run_dir),
+            timeout=300,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +96,11 @@ def predictors(registry, second_digits):
 
 
 def served_versions(registry) -> set[tuple[str, str]]:
-    """(served name, version) of everything the module serves: each variant, plus digits version 2."""
-    return {(v.served_name, registry.uris[i].rsplit("/", 1)[1]) for i, v in VARIANTS.items()} | {("digits", "2")}
+    """(served name, version) of everything the module serves: each variant, plus digits version
+    2."""
+    return {(v.served_name, registry.uris[i].rsplit("/", 1)[1]) for i, v in VARIANTS.items()} | {
+        ("digits", "2")
+    }
 
 
 def raw_inputs(registry, kind: str):
@@ -75,8 +114,17 @@ def raw_inputs(registry, kind: str):
 
 def oip_body(kind: str, x: np.ndarray) -> dict:
     datatype = "UINT8" if kind == "image" else "FP32"
-    return {"id": "r1", "inputs": [{"name": "input", "datatype": datatype, "shape": list(x.shape),
-                                    "data": x.ravel().tolist()}]}
+    return {
+        "id": "r1",
+        "inputs": [
+            {
+                "name": "input",
+                "datatype": datatype,
+                "shape": list(x.shape),
+                "data": x.ravel().tolist(),
+            }
+        ],
+    }
 
 
 def infer(url: str, body, path: str, headers=HEADERS, **kw) -> requests.Response:
@@ -86,6 +134,7 @@ def infer(url: str, body, path: str, headers=HEADERS, **kw) -> requests.Response
 
 # --- refusing to start -------------------------------------------------------------------------
 
+
 def test_plan_resolves_aliases_latest_and_the_default_version(registry, second_digits):
     from kiln import tracking as trk
     from kiln.errors import ConfigError
@@ -93,41 +142,64 @@ def test_plan_resolves_aliases_latest_and_the_default_version(registry, second_d
     from kiln.serve.plan import plan_serving
 
     trk.set_alias(registry.tracking_uri, "digits", "champion", "1")
-    plan = plan_serving(ServeConfig(models=["models:/digits@champion", "models:/digits/latest", "models:/iris/1"]),
-                        registry.tracking_uri)
+    plan = plan_serving(
+        ServeConfig(models=["models:/digits@champion", "models:/digits/latest", "models:/iris/1"]),
+        registry.tracking_uri,
+    )
     digits, iris = plan.models
     assert [v.version for v in digits.versions] == ["1", "2"] and digits.default_version == "2"
     assert digits.versions[0].uri == "models:/digits/1"  # the alias is pinned at start
-    assert (iris.name, iris.default_version, digits.formats) == ("iris", "1", {"1": "safetensors",
-                                                                               "2": "safetensors"})
-    chosen = plan_serving(ServeConfig(models=[{"uri": "models:/digits/1", "default": True}, "models:/digits/2"]),
-                          registry.tracking_uri)
+    assert (iris.name, iris.default_version, digits.formats) == (
+        "iris",
+        "1",
+        {"1": "safetensors", "2": "safetensors"},
+    )
+    chosen = plan_serving(
+        ServeConfig(models=[{"uri": "models:/digits/1", "default": True}, "models:/digits/2"]),
+        registry.tracking_uri,
+    )
     assert chosen.models[0].default_version == "1"
-    with pytest.raises(ConfigError, match="is version 1 of 'digits', already served by serve.models.0"):
-        plan_serving(ServeConfig(models=["models:/digits/1", "models:/digits@champion"]), registry.tracking_uri)
+    with pytest.raises(
+        ConfigError, match="is version 1 of 'digits', already served by serve.models.0"
+    ):
+        plan_serving(
+            ServeConfig(models=["models:/digits/1", "models:/digits@champion"]),
+            registry.tracking_uri,
+        )
 
 
 def test_start_rejects_unknown_model(ray_cluster, registry):
-    proc = run_kiln(*serve_args(ray_cluster, registry, "models:/no-such-model/1"), env=kiln_env(registry))
+    proc = run_kiln(
+        *serve_args(ray_cluster, registry, "models:/no-such-model/1"), env=kiln_env(registry)
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == (f"error: unknown model 'models:/no-such-model/1' in registry "
-                                                    f"{registry.tracking_uri}")
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: unknown model 'models:/no-such-model/1' in registry {registry.tracking_uri}"
+    )
 
 
 def test_start_fails_at_once_when_replicas_cannot_fit(ray_cluster, registry):
     from ray import serve
 
-    proc = run_kiln(*serve_args(ray_cluster, registry, registry.uris["fp32-cnn"], "serve.deployment.num_cpus=3"),
-                    env=kiln_env(registry))
+    proc = run_kiln(
+        *serve_args(
+            ray_cluster, registry, registry.uris["fp32-cnn"], "serve.deployment.num_cpus=3"
+        ),
+        env=kiln_env(registry),
+    )
     assert proc.returncode == 2
-    assert "error: model 'digits' needs 1 replica(s) of 3 CPU but the cluster's nodes can hold only 0" in proc.stderr
+    assert (
+        "error: model 'digits' needs 1 replica(s) of 3 CPU but the cluster's nodes can hold only 0"
+        in proc.stderr
+    )
     assert "Traceback" not in proc.stderr
     assert not [a for a in serve.status().applications if a.startswith("kiln")]
 
 
 @pytest.mark.slow  # waits out a start timeout
 def test_start_times_out_with_a_clear_message_when_the_cluster_is_busy(ray_cluster, registry):
-    """Replicas that fit the cluster but find no free CPU: start fails after its timeout, deploys nothing."""
+    """Replicas that fit the cluster but find no free CPU: start fails after its timeout, deploys
+    nothing."""
     import ray
     from ray import serve
 
@@ -140,23 +212,38 @@ def test_start_times_out_with_a_clear_message_when_the_cluster_is_busy(ray_clust
     ray.get(hog.ping.remote())
     try:
         started = time.monotonic()
-        proc = run_kiln(*serve_args(ray_cluster, registry, registry.uris["fp32-cnn"], "--timeout", "5",
-                                    "--port", str(free_port())), env=kiln_env(registry))
+        proc = run_kiln(
+            *serve_args(
+                ray_cluster,
+                registry,
+                registry.uris["fp32-cnn"],
+                "--timeout",
+                "5",
+                "--port",
+                str(free_port()),
+            ),
+            env=kiln_env(registry),
+        )
         elapsed = time.monotonic() - started
     finally:
         ray.kill(hog)
     assert proc.returncode == 2, proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: the models were not running after 5s: 'kiln-digits' (1 replica(s) x 0.5 CPU)")
+    assert line.startswith(
+        "error: the models were not running after 5s: 'kiln-digits' (1 replica(s) x 0.5 CPU)"
+    )
     assert "CPU free" in line
     assert elapsed < 120
     deadline = time.monotonic() + 60
-    while [a for a in serve.status().applications if a.startswith("kiln")] and time.monotonic() < deadline:
+    while [
+        a for a in serve.status().applications if a.startswith("kiln")
+    ] and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not [a for a in serve.status().applications if a.startswith("kiln")]
 
 
 # --- the running app --------------------------------------------------------------------------
+
 
 def test_start_reports_url_and_every_version(served, registry):
     url = served["url"]
@@ -198,7 +285,9 @@ def test_http_matches_in_process_predictions(served, registry, predictors, varia
     assert resp.status_code == 200, resp.text
     out = {o["name"]: o for o in resp.json()["outputs"]}
     assert resp.json()["id"] == "r1" and resp.json()["model_version"] == version
-    probs = np.asarray(out["probabilities"]["data"], np.float32).reshape(out["probabilities"]["shape"])
+    probs = np.asarray(out["probabilities"]["data"], np.float32).reshape(
+        out["probabilities"]["shape"]
+    )
     np.testing.assert_allclose(probs, expected_p, atol=1e-5)
     assert out["label"]["data"] == [str(label) for label in expected_labels]
 
@@ -224,15 +313,21 @@ def test_tritonclient_round_trip(served, registry, predictors):
     for binary in (True, False):
         tensor = httpclient.InferInput("input", list(x.shape), "UINT8")
         tensor.set_data_from_numpy(x, binary_data=binary)
-        outputs = [httpclient.InferRequestedOutput("probabilities", binary_data=binary),
-                   httpclient.InferRequestedOutput("label", binary_data=binary)]
-        result = client.infer("digits", [tensor], model_version="1", outputs=outputs, headers=dict(HEADERS))
+        outputs = [
+            httpclient.InferRequestedOutput("probabilities", binary_data=binary),
+            httpclient.InferRequestedOutput("label", binary_data=binary),
+        ]
+        result = client.infer(
+            "digits", [tensor], model_version="1", outputs=outputs, headers=dict(HEADERS)
+        )
         np.testing.assert_allclose(result.as_numpy("probabilities"), expected, atol=1e-5)
         labels = [v.decode() if isinstance(v, bytes) else str(v) for v in result.as_numpy("label")]
         assert labels == [str(v) for v in predictors["fp32-cnn"].predict(x)]
     tensor = httpclient.InferInput("input", list(x.shape), "UINT8")
     tensor.set_data_from_numpy(x)
-    result = client.infer("digits", [tensor], headers=dict(HEADERS))  # no outputs named: all, as binary
+    result = client.infer(
+        "digits", [tensor], headers=dict(HEADERS)
+    )  # no outputs named: all, as binary
     assert result.get_response()["model_version"] == "2"
     assert result.as_numpy("probabilities").shape == (8, 10)
 
@@ -240,37 +335,116 @@ def test_tritonclient_round_trip(served, registry, predictors):
 def bad_requests(url: str) -> list[tuple[str, str, object, dict, int, str]]:
     """(what, path, body, headers, expected status, expected words in the error)."""
     good = oip_body("image", digits_raw(2))
-    wrong_shape = {"inputs": [{"name": "input", "datatype": "UINT8", "shape": [2, 64], "data": [0] * 128}]}
-    wrong_type = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [0.0] * 64}]}
-    short_data = {"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 1, 8, 8], "data": [0] * 10}]}
+    wrong_shape = {
+        "inputs": [{"name": "input", "datatype": "UINT8", "shape": [2, 64], "data": [0] * 128}]
+    }
+    wrong_type = {
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [0.0] * 64}]
+    }
+    short_data = {
+        "inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 1, 8, 8], "data": [0] * 10}]
+    }
     no_data = {"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 1, 8, 8]}]}
-    bad_bytes = {"inputs": [{"name": "input", "datatype": "BYTES", "shape": [1], "data": ["not an image"]}]}
+    bad_bytes = {
+        "inputs": [{"name": "input", "datatype": "BYTES", "shape": [1], "data": ["not an image"]}]
+    }
     digits = "/v2/models/digits/versions/1"
     return [
         ("not JSON", f"{digits}/infer", b"{not json", HEADERS, 400, "not valid JSON"),
         ("not an object", f"{digits}/infer", b"[1, 2]", HEADERS, 400, "must be a JSON object"),
         ("missing inputs", f"{digits}/infer", {"id": "x"}, HEADERS, 400, "missing field 'inputs'"),
         ("missing data", f"{digits}/infer", no_data, HEADERS, 400, "missing field 'data'"),
-        ("wrong shape", f"{digits}/infer", wrong_shape, HEADERS, 400, "shape [2, 64] does not match [-1, 1, 8, 8]"),
-        ("wrong datatype", f"{digits}/infer", wrong_type, HEADERS, 400, "datatype FP32 is not accepted"),
-        ("data vs shape", f"{digits}/infer", short_data, HEADERS, 400, "10 values, but shape [1, 1, 8, 8] needs 64"),
-        ("undecodable image", f"{digits}/infer", bad_bytes, HEADERS, 400, "does not decode as an image"),
-        ("undecodable base64 image", f"{digits}/predict", {"images": ["aGVsbG8="]}, HEADERS, 400,
-         "does not decode as an image"),
+        (
+            "wrong shape",
+            f"{digits}/infer",
+            wrong_shape,
+            HEADERS,
+            400,
+            "shape [2, 64] does not match [-1, 1, 8, 8]",
+        ),
+        (
+            "wrong datatype",
+            f"{digits}/infer",
+            wrong_type,
+            HEADERS,
+            400,
+            "datatype FP32 is not accepted",
+        ),
+        (
+            "data vs shape",
+            f"{digits}/infer",
+            short_data,
+            HEADERS,
+            400,
+            "10 values, but shape [1, 1, 8, 8] needs 64",
+        ),
+        (
+            "undecodable image",
+            f"{digits}/infer",
+            bad_bytes,
+            HEADERS,
+            400,
+            "does not decode as an image",
+        ),
+        (
+            "undecodable base64 image",
+            f"{digits}/predict",
+            {"images": ["aGVsbG8="]},
+            HEADERS,
+            400,
+            "does not decode as an image",
+        ),
         ("not base64", f"{digits}/predict", {"images": ["%%%"]}, HEADERS, 400, "not valid base64"),
-        ("missing record field", "/v2/models/iris/predict", {"records": [{"sepal_length": 1.0}]}, HEADERS, 400,
-         "missing feature columns: sepal_width, petal_length, petal_width"),
-        ("unknown output", f"{digits}/infer", {**good, "outputs": [{"name": "logits"}]}, HEADERS, 400,
-         "unknown output 'logits'"),
-        ("body over the limit", f"{digits}/infer", b"x" * (MAX_BODY + 1), HEADERS, 413,
-         f"over the limit of {MAX_BODY} bytes"),
-        ("unknown model", "/v2/models/nope/infer", good, HEADERS, 404, "unknown model 'nope' (served: digits, digits-int8, digits-pruned, iris)"),
-        ("unknown version", "/v2/models/digits/versions/7/infer", good, HEADERS, 404,
-         "has no served version '7' (served: 1, 2)"),
+        (
+            "missing record field",
+            "/v2/models/iris/predict",
+            {"records": [{"sepal_length": 1.0}]},
+            HEADERS,
+            400,
+            "missing feature columns: sepal_width, petal_length, petal_width",
+        ),
+        (
+            "unknown output",
+            f"{digits}/infer",
+            {**good, "outputs": [{"name": "logits"}]},
+            HEADERS,
+            400,
+            "unknown output 'logits'",
+        ),
+        (
+            "body over the limit",
+            f"{digits}/infer",
+            b"x" * (MAX_BODY + 1),
+            HEADERS,
+            413,
+            f"over the limit of {MAX_BODY} bytes",
+        ),
+        (
+            "unknown model",
+            "/v2/models/nope/infer",
+            good,
+            HEADERS,
+            404,
+            "unknown model 'nope' (served: digits, digits-int8, digits-pruned, iris)",
+        ),
+        (
+            "unknown version",
+            "/v2/models/digits/versions/7/infer",
+            good,
+            HEADERS,
+            404,
+            "has no served version '7' (served: 1, 2)",
+        ),
         ("missing API key", f"{digits}/infer", good, {}, 401, "missing API key"),
         ("wrong API key", f"{digits}/infer", good, {"X-API-Key": "wrong"}, 403, "wrong API key"),
-        ("wrong bearer token", f"{digits}/predict", {"images": []}, {"Authorization": "Bearer nope"}, 403,
-         "wrong API key"),
+        (
+            "wrong bearer token",
+            f"{digits}/predict",
+            {"images": []},
+            {"Authorization": "Bearer nope"},
+            403,
+            "wrong API key",
+        ),
     ]
 
 
@@ -304,7 +478,8 @@ def test_two_versions_served_at_once_each_reachable(served, predictors):
 
 
 def test_concurrent_requests_are_batched_and_answered_correctly(served, predictors):
-    """Many clients at once: every response matches its own input (batches are split back correctly)."""
+    """Many clients at once: every response matches its own input (batches are split back
+    correctly)."""
     from concurrent.futures import ThreadPoolExecutor
 
     url = served["url"]
@@ -312,7 +487,7 @@ def test_concurrent_requests_are_batched_and_answered_correctly(served, predicto
     expected = predictors["fp32-cnn"].predict_proba(x)
 
     def one(i: int) -> np.ndarray:
-        resp = infer(url, oip_body("image", x[i: i + 1]), "/v2/models/digits/versions/1/infer")
+        resp = infer(url, oip_body("image", x[i : i + 1]), "/v2/models/digits/versions/1/infer")
         assert resp.status_code == 200, resp.text
         return np.asarray(resp.json()["outputs"][0]["data"], np.float32)
 
@@ -325,8 +500,12 @@ def scrape(metrics_url: str) -> list:
     from prometheus_client.parser import text_string_to_metric_families
 
     text = requests.get(metrics_url, timeout=10).text
-    return [s for family in text_string_to_metric_families(text) for s in family.samples
-            if s.name.startswith("ray_kiln_")]
+    return [
+        s
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name.startswith("ray_kiln_")
+    ]
 
 
 def test_metrics_per_version(served):
@@ -338,48 +517,92 @@ def test_metrics_per_version(served):
     assert infer(url, good, "/v2/models/digits/versions/1/infer", headers={}).status_code == 401
 
     def value(samples, name, **labels):
-        return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+        return sum(
+            s.value
+            for s in samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        )
 
     deadline = time.monotonic() + 90
     while True:
         samples = scrape(served["metrics_url"])
-        seen = {(s.labels.get("model"), s.labels.get("model_version")) for s in samples
-                if s.name == "ray_kiln_requests_total"}
-        if {("digits", "1"), ("digits", "2")} <= seen and value(samples, "ray_kiln_request_errors_total",
-                                                                 model="digits", code="401") >= 1:
+        seen = {
+            (s.labels.get("model"), s.labels.get("model_version"))
+            for s in samples
+            if s.name == "ray_kiln_requests_total"
+        }
+        if {("digits", "1"), ("digits", "2")} <= seen and value(
+            samples, "ray_kiln_request_errors_total", model="digits", code="401"
+        ) >= 1:
             break
         assert time.monotonic() < deadline, f"metrics never showed both versions: {sorted(seen)}"
         time.sleep(2)
     for version in ("1", "2"):
-        assert value(samples, "ray_kiln_requests_total", model="digits", model_version=version, endpoint="infer") >= 1
-        assert value(samples, "ray_kiln_request_latency_ms_count", model="digits", model_version=version) >= 1
-        assert value(samples, "ray_kiln_batch_size_count", model="digits", model_version=version) >= 1
+        assert (
+            value(
+                samples,
+                "ray_kiln_requests_total",
+                model="digits",
+                model_version=version,
+                endpoint="infer",
+            )
+            >= 1
+        )
+        assert (
+            value(
+                samples, "ray_kiln_request_latency_ms_count", model="digits", model_version=version
+            )
+            >= 1
+        )
+        assert (
+            value(samples, "ray_kiln_batch_size_count", model="digits", model_version=version) >= 1
+        )
         assert value(samples, "ray_kiln_batch_size_sum", model="digits", model_version=version) >= 3
-    assert value(samples, "ray_kiln_request_errors_total", model="digits", model_version="1", code="401") >= 1
+    assert (
+        value(
+            samples, "ray_kiln_request_errors_total", model="digits", model_version="1", code="401"
+        )
+        >= 1
+    )
 
 
 def test_status_shows_models_and_counts(served, ray_cluster, registry):
-    proc = run_kiln("serve", "status", "--address", ray_cluster, "--run-dir", str(registry.run_dir), "--json")
+    proc = run_kiln(
+        "serve", "status", "--address", ray_cluster, "--run-dir", str(registry.run_dir), "--json"
+    )
     assert proc.returncode == 0, proc.stderr
     status = last_json(proc.stdout)
     assert status["url"] == served["url"]
     assert {name: app["status"] for name, app in status["applications"].items()} == {
-        "kiln": "RUNNING", **{f"kiln-{v.served_name}": "RUNNING" for v in VARIANTS.values()}}
+        "kiln": "RUNNING",
+        **{f"kiln-{v.served_name}": "RUNNING" for v in VARIANTS.values()},
+    }
     assert {(m["name"], m["version"]) for m in status["models"]} == served_versions(registry)
 
 
 def test_second_start_is_refused_while_serving(served, ray_cluster, registry):
-    proc = run_kiln(*serve_args(ray_cluster, registry, registry.uris["fp32-cnn"]), env=kiln_env(registry))
+    proc = run_kiln(
+        *serve_args(ray_cluster, registry, registry.uris["fp32-cnn"]), env=kiln_env(registry)
+    )
     assert proc.returncode == 2
-    assert "Kiln is already serving on the Ray cluster" in proc.stderr and "kiln serve stop" in proc.stderr
+    assert (
+        "Kiln is already serving on the Ray cluster" in proc.stderr
+        and "kiln serve stop" in proc.stderr
+    )
 
 
 def test_stop_removes_the_app(served, ray_cluster, registry):
-    proc = run_kiln("serve", "stop", "--address", ray_cluster, "--run-dir", str(registry.run_dir), "--json")
+    proc = run_kiln(
+        "serve", "stop", "--address", ray_cluster, "--run-dir", str(registry.run_dir), "--json"
+    )
     assert proc.returncode == 0, proc.stderr
-    assert last_json(proc.stdout)["stopped"] == sorted({"kiln", *(f"kiln-{v.served_name}" for v in VARIANTS.values())})
+    assert last_json(proc.stdout)["stopped"] == sorted(
+        {"kiln", *(f"kiln-{v.served_name}" for v in VARIANTS.values())}
+    )
     served["stopped"] = True
-    with pytest.raises(requests.exceptions.ConnectionError):  # no app left: Serve itself was shut down
+    with pytest.raises(
+        requests.exceptions.ConnectionError
+    ):  # no app left: Serve itself was shut down
         infer(served["url"], oip_body("image", digits_raw(1)), "/v2/models/digits/versions/1/infer")
     again = run_kiln("serve", "stop", "--address", ray_cluster, "--run-dir", str(registry.run_dir))
     assert again.returncode == 2 and "Kiln serves nothing" in again.stderr

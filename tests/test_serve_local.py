@@ -1,8 +1,8 @@
-"""kiln serve without --address: Kiln starts its own local Ray instance, which outlives the CLI call and
-which `kiln serve status` and `kiln serve stop` find again through RUN_DIR/serve/state.json.
+"""kiln serve without --address: Kiln starts its own local Ray instance, which outlives the CLI call
+and which `kiln serve status` and `kiln serve stop` find again through RUN_DIR/serve/state.json.
 
-Uses the opt-in HAProxy ingress, so that its wiring (own ports and files per instance) is tested too;
-the module test_serve_http.py covers the default proxy.
+Uses the opt-in HAProxy ingress, so that its wiring (own ports and files per instance) is tested
+too; the module test_serve_http.py covers the default proxy.
 """
 
 from __future__ import annotations
@@ -48,18 +48,43 @@ def test_local_instance_outlives_the_cli_and_stops_cleanly(registry, tmp_path):
     run_dir = tmp_path / "runs"
     env = {"MLFLOW_TRACKING_URI": registry.tracking_uri}
     port = free_port()
-    proc = run_kiln("serve", "start", registry.uris["fp32-cnn"], "--ingress", "haproxy", "--num-cpus", "1",
-                    "--port", str(port), "--run-dir", str(run_dir), "--json", env=env, timeout=600)
+    proc = run_kiln(
+        "serve",
+        "start",
+        registry.uris["fp32-cnn"],
+        "--ingress",
+        "haproxy",
+        "--num-cpus",
+        "1",
+        "--port",
+        str(port),
+        "--run-dir",
+        str(run_dir),
+        "--json",
+        env=env,
+        timeout=600,
+    )
     try:
         assert proc.returncode == 0, proc.stderr
         info = last_json(proc.stdout)
         pid = info["local_ray_pid"]
         assert info["url"] == f"http://127.0.0.1:{port}" and info["ingress"] == "haproxy"
         state = json.loads((run_dir / "serve" / "state.json").read_text())
-        assert state["local_ray"]["pid"] == pid and pid_alive(pid)  # the CLI has exited; the instance has not
+        assert state["local_ray"]["pid"] == pid and pid_alive(
+            pid
+        )  # the CLI has exited; the instance has not
 
         x = digits_raw(4)
-        body = {"inputs": [{"name": "input", "datatype": "UINT8", "shape": list(x.shape), "data": x.ravel().tolist()}]}
+        body = {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "UINT8",
+                    "shape": list(x.shape),
+                    "data": x.ravel().tolist(),
+                }
+            ]
+        }
         resp = requests.post(f"{info['url']}/v2/models/digits/infer", json=body, timeout=30)
         assert resp.status_code == 200, resp.text
         probs = np.asarray(resp.json()["outputs"][0]["data"], np.float32).reshape(4, 10)
@@ -71,13 +96,17 @@ def test_local_instance_outlives_the_cli_and_stops_cleanly(registry, tmp_path):
             with pytest.raises(requests.exceptions.ConnectionError):
                 requests.get(f"http://{ip}:{port}/v2/health/live", timeout=5)
 
-        again = run_kiln("serve", "start", registry.uris["fp32-cnn"], "--run-dir", str(run_dir), env=env)
+        again = run_kiln(
+            "serve", "start", registry.uris["fp32-cnn"], "--run-dir", str(run_dir), env=env
+        )
         assert again.returncode == 2 and "Kiln is already serving at" in again.stderr
 
         status = run_kiln("serve", "status", "--run-dir", str(run_dir), "--json")
         assert status.returncode == 0, status.stderr
         st = last_json(status.stdout)
-        assert st["local_ray_pid"] == pid and st["url"] == info["url"] and st["ingress"] == "haproxy"
+        assert (
+            st["local_ray_pid"] == pid and st["url"] == info["url"] and st["ingress"] == "haproxy"
+        )
         assert [(m["name"], m["version"]) for m in st["models"]] == [("digits", "1")]
     finally:
         stop = run_kiln("serve", "stop", "--run-dir", str(run_dir), "--json", timeout=300)

@@ -1,4 +1,5 @@
-"""kiln tune end to end, against the module's real Ray instance (2 CPUs) and a real MLflow sqlite store.
+"""kiln tune end to end, against the module's real Ray instance (2 CPUs) and a real MLflow sqlite
+store.
 
 Sweeps are tiny (digits, a small CNN, 2-3 epochs, trials at 0.5 CPU), but real: Optuna's TPE
 through Ray Tune's OptunaSearch, ASHA, per-trial MLflow child runs, the registry.
@@ -19,8 +20,8 @@ import yaml
 
 from conftest import REPO, kiln_env, last_json, run_kiln
 from kiln import tracking as trk
-from kiln.config import load_config, validate_config
 from kiln.errors import ResourceError
+from kiln.schema import load_config, validate_config
 from kiln.train.run import run_training
 from kiln.tune.results import COMPLETED, STOPPED_EARLY, dominates
 
@@ -33,8 +34,14 @@ def write_config(path: Path, run_dir: Path, name: str, **tune) -> Path:
         "data": {"source": "digits", "image": "image"},
         "model": {"name": "cnn", "width": 8, "dropout": 0.0},
         "train": {"epochs": 3, "batch_size": 64, "lr": 0.003, "seed": 0},
-        "tune": {"space": SPACE, "num_samples": 8, "startup_trials": 4, "cpus_per_worker": 0.5,
-                 "asha": {"grace_period": 1, "reduction_factor": 2}, **tune},
+        "tune": {
+            "space": SPACE,
+            "num_samples": 8,
+            "startup_trials": 4,
+            "cpus_per_worker": 0.5,
+            "asha": {"grace_period": 1, "reduction_factor": 2},
+            **tune,
+        },
     }
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -43,7 +50,9 @@ def write_config(path: Path, run_dir: Path, name: str, **tune) -> Path:
 def child_runs(tracking_uri: str, parent_run_id: str) -> dict[int, object]:
     """The sweep's MLflow child runs by trial number."""
     parent = trk.get_run(tracking_uri, parent_run_id)
-    runs = trk.search_runs(tracking_uri, parent.info.experiment_id, f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    runs = trk.search_runs(
+        tracking_uri, parent.info.experiment_id, f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    )
     return {int(r.data.tags["kiln.tune.trial"]): r for r in runs}
 
 
@@ -53,7 +62,8 @@ def epochs_logged(tracking_uri: str, run_id: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def sweep(ray_cluster, tmp_path_factory):
-    """One real single-objective sweep through the CLI: (completed process, --json result, run_dir)."""
+    """One real single-objective sweep through the CLI: (completed process, --json result,
+    run_dir)."""
     tmp = tmp_path_factory.mktemp("sweep")
     config = write_config(tmp / "sweep.yaml", tmp / "runs", "tune-e2e")
     proc = run_kiln("tune", str(config), "--address", ray_cluster, "--json", timeout=900)
@@ -69,7 +79,9 @@ def test_sweep_best_trial_beats_worst_and_asha_stops_some_early(sweep):
     accuracies = [t["metrics"]["val_accuracy"] for t in trials]
     best = out["best_metrics"]["val_accuracy"]
     assert best == max(t["metrics"]["val_accuracy"] for t in trials if t["status"] == COMPLETED)
-    assert best > min(accuracies) + 0.05  # the space holds clearly worse settings (lr 1e-4, width 4)
+    assert (
+        best > min(accuracies) + 0.05
+    )  # the space holds clearly worse settings (lr 1e-4, width 4)
     stopped = [t for t in trials if t["status"] == STOPPED_EARLY]
     assert out["stopped_early"] == len(stopped) >= 1
     assert all(t["epochs"] < 3 for t in stopped)
@@ -84,17 +96,24 @@ def test_sweep_tracks_a_parent_run_with_a_child_run_per_trial(sweep):
     parent = trk.get_run(uri, out["sweep_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags[trk.TAG_JOB] == "tune"
     assert parent.data.metrics["trials_stopped_early"] == out["stopped_early"]
-    assert {"plots/optimization_history.png", "plots/parallel_coordinate.png", "plots/param_importances.png"} <= {
-        a.path for a in trk.client(uri).list_artifacts(out["sweep_run_id"], "plots")}
+    assert {
+        "plots/optimization_history.png",
+        "plots/parallel_coordinate.png",
+        "plots/param_importances.png",
+    } <= {a.path for a in trk.client(uri).list_artifacts(out["sweep_run_id"], "plots")}
     children = child_runs(uri, out["sweep_run_id"])
     assert sorted(children) == [t["trial"] for t in out["trial_results"]]
     for t in out["trial_results"]:
         run = children[t["trial"]]
         assert run.info.status == "FINISHED"
-        assert run.data.tags["kiln.tune.status"] == t["status"]  # early stops are recorded on the run
+        assert (
+            run.data.tags["kiln.tune.status"] == t["status"]
+        )  # early stops are recorded on the run
         assert float(run.data.params["train.lr"]) == pytest.approx(t["params"]["train.lr"])
         assert int(run.data.params["model.width"]) == t["params"]["model.width"]
-        assert epochs_logged(uri, run.info.run_id) == list(range(t["epochs"]))  # one value per epoch trained
+        assert epochs_logged(uri, run.info.run_id) == list(
+            range(t["epochs"])
+        )  # one value per epoch trained
         if t["status"] == STOPPED_EARLY:
             assert run.data.tags["kiln.tune.stopped_at_epoch"] == str(t["epochs"])
     best_run = children[out["best_trial"]]
@@ -115,10 +134,15 @@ def test_sweep_prints_progress_and_a_table_not_tunes_own_output(sweep):
     assert f"{out['best_trial']} *" in err
     for tune_output in ("Trial status", "Current time:", "Number of trials", "╭"):
         assert tune_output not in err + proc.stdout
-    assert len([l for l in proc.stdout.splitlines() if l.strip()]) == 1  # --json: stdout is the JSON line only
+    assert (
+        len([l for l in proc.stdout.splitlines() if l.strip()]) == 1
+    )  # --json: stdout is the JSON line only
     sweep_dir = Path(out["sweep_dir"])
     assert {p.name for p in (sweep_dir / "plots").glob("*.png")} == {
-        "optimization_history.png", "parallel_coordinate.png", "param_importances.png"}
+        "optimization_history.png",
+        "parallel_coordinate.png",
+        "param_importances.png",
+    }
     assert (sweep_dir / "best.yaml").is_file() and (sweep_dir / "results.json").is_file()
 
 
@@ -138,7 +162,8 @@ def test_best_yaml_trains_to_the_best_trials_metric(sweep, ray_cluster):
 
 
 def _saved_as_ended(runs_dir: Path) -> set[int]:
-    """Trial numbers that Ray Tune's saved sweep state lists as ended (what a resume will not run again)."""
+    """Trial numbers that Ray Tune's saved sweep state lists as ended (what a resume will not run
+    again)."""
     from ray.tune import ExperimentAnalysis
 
     from kiln.tune.trial import trial_number
@@ -154,17 +179,29 @@ def _saved_as_ended(runs_dir: Path) -> set[int]:
 
 @pytest.fixture(scope="module")
 def resumed_sweep(ray_cluster, tmp_path_factory):
-    """A two-objective sweep whose driver is killed mid-sweep, then resumed: (--json result, trials ended
-    before the kill)."""
+    """A two-objective sweep whose driver is killed mid-sweep, then resumed: (--json result, trials
+    ended before the kill)."""
     tmp = tmp_path_factory.mktemp("resume")
     # One trial at a time, so that most of the sweep is still ahead when the driver is killed.
-    config = write_config(tmp / "resume.yaml", tmp / "runs", "tune-resume", num_samples=6, max_concurrent_trials=1,
-                          asha=None, space={"train.lr": {"loguniform": [1.0e-3, 3.0e-2]}, "model.width": {"int": [8, 32]}},
-                          objectives=[{"metric": "val_accuracy", "mode": "max"}, {"metric": "params", "mode": "min"}])
+    config = write_config(
+        tmp / "resume.yaml",
+        tmp / "runs",
+        "tune-resume",
+        num_samples=6,
+        max_concurrent_trials=1,
+        asha=None,
+        space={"train.lr": {"loguniform": [1.0e-3, 3.0e-2]}, "model.width": {"int": [8, 32]}},
+        objectives=[{"metric": "val_accuracy", "mode": "max"}, {"metric": "params", "mode": "min"}],
+    )
     log = tmp / "first.log"
     with open(log, "w") as fh:
-        driver = subprocess.Popen([sys.executable, "-m", "kiln.cli", "tune", str(config), "--address", ray_cluster],
-                                  cwd=REPO, env=kiln_env(), stdout=fh, stderr=subprocess.STDOUT)
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "kiln.cli", "tune", str(config), "--address", ray_cluster],
+            cwd=REPO,
+            env=kiln_env(),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 400
         ended_before: set[int] = set()
@@ -178,7 +215,9 @@ def resumed_sweep(ray_cluster, tmp_path_factory):
     finally:
         if driver.poll() is None:
             driver.kill()
-    proc = run_kiln("tune", str(config), "--address", ray_cluster, "--resume", "--json", timeout=900)
+    proc = run_kiln(
+        "tune", str(config), "--address", ray_cluster, "--resume", "--json", timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming" in proc.stderr
     return last_json(proc.stdout), ended_before
@@ -189,16 +228,24 @@ def test_resume_after_killing_the_driver_skips_finished_trials(resumed_sweep):
     out, ended_before = resumed_sweep
     assert out["resumed"] and out["trials"] == 6
     assert out["kept_from_before"] >= len(ended_before)
-    assert {t["status"] for t in out["trial_results"]} == {COMPLETED}, [t for t in out["trial_results"]
-                                                                         if t["status"] != COMPLETED]
+    assert {t["status"] for t in out["trial_results"]} == {COMPLETED}, [
+        t for t in out["trial_results"] if t["status"] != COMPLETED
+    ]
     uri = out["tracking_uri"]
     children = child_runs(uri, out["sweep_run_id"])
     assert sorted(children) == list(range(1, 7))
-    attempts = {n: [m.value for m in trk.metric_history(uri, r.info.run_id, "trial_attempt")] for n, r in children.items()}
+    attempts = {
+        n: [m.value for m in trk.metric_history(uri, r.info.run_id, "trial_attempt")]
+        for n, r in children.items()
+    }
     for number in ended_before:
-        assert attempts[number] == [1.0], f"trial {number} ended before the kill but ran again: {attempts}"
+        assert attempts[number] == [1.0], (
+            f"trial {number} ended before the kill but ran again: {attempts}"
+        )
     for number, run in children.items():
-        assert epochs_logged(uri, run.info.run_id) == [0, 1, 2], f"trial {number}: each epoch logged once"
+        assert epochs_logged(uri, run.info.run_id) == [0, 1, 2], (
+            f"trial {number}: each epoch logged once"
+        )
     sweep_state = json.loads((Path(out["sweep_dir"]) / "sweep.json").read_text())
     assert sweep_state["status"] == "finished"  # so a later --resume refuses it (test_tune_space)
 
@@ -207,7 +254,10 @@ def test_resume_after_killing_the_driver_skips_finished_trials(resumed_sweep):
 def test_multi_objective_sweep_returns_a_pareto_front(resumed_sweep):
     out, _ = resumed_sweep
     modes = [o["mode"] for o in out["objectives"]]
-    values = {t["trial"]: [t["metrics"]["val_accuracy"], t["metrics"]["params"]] for t in out["trial_results"]}
+    values = {
+        t["trial"]: [t["metrics"]["val_accuracy"], t["metrics"]["params"]]
+        for t in out["trial_results"]
+    }
     front = [m["trial"] for m in out["front"]]
     assert front and out["best_trial"] == front[0]
     for a in front:
@@ -215,14 +265,18 @@ def test_multi_objective_sweep_returns_a_pareto_front(resumed_sweep):
             assert not dominates(values[a], values[b], modes)
     for number, vals in values.items():
         if number not in front:  # everything left out is beaten (or tied) by a front member
-            assert any(dominates(values[m], vals, modes) or values[m] == vals for m in front), number
+            assert any(dominates(values[m], vals, modes) or values[m] == vals for m in front), (
+                number
+            )
     assert [list(m["values"].values()) for m in out["front"]] == [values[m] for m in front]
     uri = out["tracking_uri"]
     for number, run in child_runs(uri, out["sweep_run_id"]).items():
         assert run.data.tags["kiln.tune.pareto"] == str(number in front).lower()
     for member in out["front"]:
         version = trk.model_version_for(uri, member["model_uri"])
-        assert version.tags["kiln.tune.pareto"] == "true" and version.tags["kiln.tune.trial"] == str(member["trial"])
+        assert version.tags["kiln.tune.pareto"] == "true" and version.tags[
+            "kiln.tune.trial"
+        ] == str(member["trial"])
         assert (Path(out["sweep_dir"]) / "front" / f"trial_{member['trial']:04d}.yaml").is_file()
     assert (Path(out["sweep_dir"]) / "plots" / "pareto_front.png").is_file()
 
@@ -230,18 +284,25 @@ def test_multi_objective_sweep_returns_a_pareto_front(resumed_sweep):
 def test_unplaceable_trials_fail_at_once(ray_cluster, tmp_path):
     config = write_config(tmp_path / "big.yaml", tmp_path / "runs", "tune-big")
     # run_kiln's timeout fails the test if the sweep waits for resources instead of failing
-    proc = run_kiln("tune", str(config), "tune.cpus_per_worker=3", "--address", ray_cluster, timeout=300)
+    proc = run_kiln(
+        "tune", str(config), "tune.cpus_per_worker=3", "--address", ray_cluster, timeout=300
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: tune.trial_workers=1 needs 1 x (3 CPU) but the cluster can place only 0 (it has 2 CPU in all); "
-        "lower tune.trial_workers or the per-worker resources"]
+        "error: tune.trial_workers=1 needs 1 x (3 CPU) but the cluster can place only 0 (it has 2 "
+        "CPU in all); "
+        "lower tune.trial_workers or the per-worker resources"
+    ]
     assert not (tmp_path / "runs" / "sweeps").exists()  # nothing half-written
 
     from kiln.tune.sweep import run_sweep
 
     cfg = validate_config(yaml.safe_load(config.read_text()))
     cfg.tune.trial_workers = 5
-    with pytest.raises(ResourceError, match=r"tune.trial_workers=5 needs 5 x \(0.5 CPU\) but the cluster can place only 4"):
+    with pytest.raises(
+        ResourceError,
+        match=r"tune.trial_workers=5 needs 5 x \(0.5 CPU\) but the cluster can place only 4",
+    ):
         run_sweep(cfg, address=ray_cluster)
 
 
@@ -249,15 +310,27 @@ def test_unplaceable_trials_fail_at_once(ray_cluster, tmp_path):
 def test_trial_workers_run_each_trial_as_a_multi_worker_ray_train_run(ray_cluster, tmp_path):
     from kiln.tune.sweep import run_sweep
 
-    config = write_config(tmp_path / "ddp.yaml", tmp_path / "runs", "tune-ddp", num_samples=1, asha=None,
-                          max_epochs=2, trial_workers=2, cpus_per_worker=0.5,
-                          space={"train.lr": {"loguniform": [1.0e-3, 1.0e-2]}})
+    config = write_config(
+        tmp_path / "ddp.yaml",
+        tmp_path / "runs",
+        "tune-ddp",
+        num_samples=1,
+        asha=None,
+        max_epochs=2,
+        trial_workers=2,
+        cpus_per_worker=0.5,
+        space={"train.lr": {"loguniform": [1.0e-3, 1.0e-2]}},
+    )
     cfg = validate_config(yaml.safe_load(config.read_text()))
     result = run_sweep(cfg, address=ray_cluster)
     assert [t.status for t in result.trials] == [COMPLETED]
     for t in result.trials:
         # Each trial ran a 2-worker TorchTrainer whose checkpoints live under the run folder.
-        train_runs = list((tmp_path / "runs" / "checkpoints").glob(f"kiln-{Path(result.sweep_dir).name}-{t.trial_id}"))
+        train_runs = list(
+            (tmp_path / "runs" / "checkpoints").glob(
+                f"kiln-{Path(result.sweep_dir).name}-{t.trial_id}"
+            )
+        )
         assert len(train_runs) == 1
         assert t.checkpoint and Path(t.checkpoint).is_relative_to(train_runs[0])
         assert epochs_logged(result.tracking_uri, t.run_id) == [0, 1]

@@ -1,6 +1,8 @@
 """Kiln: train, tune, compress and serve PyTorch models on Ray."""
 
-__version__ = "0.1.0"
+from kiln.version import __version__
+
+__all__ = ["__version__", "load_model"]
 
 
 def __getattr__(name):

@@ -1,4 +1,5 @@
-"""Batch inference: a registered model over a Parquet file with Ray Data, one output row per input row.
+"""Batch inference: a registered model over a Parquet file with Ray Data, one output row per input
+row.
 
 Ray Data reads the file in blocks and runs ``map_batches`` over a pool of actors (each loads the
 model once, through the same runtime as serving, so every variant format works). Blocks come back
@@ -16,9 +17,10 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -41,23 +43,40 @@ class BatchPredictResult:
 
 
 def image_column_of(schema: pa.Schema, given: str | None) -> str:
-    """The column holding encoded images: ``given``, else the only binary (or {bytes, path}) column."""
+    """The column holding encoded images: ``given``, else the only binary (or {bytes, path})
+    column."""
     if given:
         if given not in schema.names:
-            raise DataError(f"--image-column: column '{given}' not found (columns: {', '.join(schema.names)})")
+            raise DataError(
+                f"--image-column: column '{given}' not found (columns: {', '.join(schema.names)})"
+            )
         return given
-    candidates = [f.name for f in schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)
-                  or (pa.types.is_struct(f.type) and any(f.type.field(i).name == "bytes"
-                                                         for i in range(f.type.num_fields)))]
+    candidates = [
+        f.name
+        for f in schema
+        if pa.types.is_binary(f.type)
+        or pa.types.is_large_binary(f.type)
+        or (
+            pa.types.is_struct(f.type)
+            and any(f.type.field(i).name == "bytes" for i in range(f.type.num_fields))
+        )
+    ]
     if len(candidates) != 1:
         found = ", ".join(candidates) or "none"
-        raise DataError(f"cannot tell which column holds the images (candidates: {found}); pass --image-column")
+        raise DataError(
+            f"cannot tell which column holds the images (candidates: {found}); pass --image-column"
+        )
     return candidates[0]
 
 
 def read_artifact(directory: Path) -> dict[str, bytes]:
-    """Every file of an artifact folder, by relative path (what the actors rebuild the folder from)."""
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    """Every file of an artifact folder, by relative path (what the actors rebuild the folder
+    from)."""
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 class PredictBatches:
@@ -88,7 +107,9 @@ class PredictBatches:
             inputs = image_column(batch, self.image_column)
             missing = [i for i, b in enumerate(inputs) if b is None]
             if missing:
-                raise DataError(f"{len(missing)} rows have no image bytes in column '{self.image_column}'")
+                raise DataError(
+                    f"{len(missing)} rows have no image bytes in column '{self.image_column}'"
+                )
             keep = [c for c in batch.column_names if c != self.image_column]
         else:
             inputs = tabular_matrix(batch, spec.preprocessing.feature_names)
@@ -101,14 +122,24 @@ class PredictBatches:
         return out.append_column(PROBABILITIES, pa.array(list(probs), pa.list_(pa.float32())))
 
 
-def predict_parquet(model_uri: str, input_path: str | Path, output_path: str | Path, tracking_uri: str | None = None,
-                    batch_size: int = 256, actors: int = 2, cpus_per_actor: float = 0.5,
-                    image_column: str | None = None, progress: Callable[[int, int], None] | None = None,
-                    address: str | None = None, debug: bool = False) -> BatchPredictResult:
-    """Predict every row of ``input_path`` into ``output_path``. Raises DataError, ModelError, ResourceError."""
+def predict_parquet(
+    model_uri: str,
+    input_path: str | Path,
+    output_path: str | Path,
+    tracking_uri: str | None = None,
+    batch_size: int = 256,
+    actors: int = 2,
+    cpus_per_actor: float = 0.5,
+    image_column: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    address: str | None = None,
+    debug: bool = False,
+) -> BatchPredictResult:
+    """Predict every row of ``input_path`` into ``output_path``. Raises DataError, ModelError,
+    ResourceError."""
     from kiln import tracking as trk
     from kiln.models.artifact import load_spec
-    from kiln.runtime import check_placement, ensure_ray
+    from kiln.ray_connection import check_placement, ensure_ray
 
     started = time.perf_counter()
     source, output = Path(input_path).expanduser(), Path(output_path).expanduser()
@@ -118,7 +149,9 @@ def predict_parquet(model_uri: str, input_path: str | Path, output_path: str | P
         schema = pq.read_schema(source) if source.is_file() else pq.ParquetDataset(source).schema
         total = pq.ParquetFile(source).metadata.num_rows if source.is_file() else None
     except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"{source} is not readable as Parquet ({str(exc).splitlines()[0]})") from None
+        raise DataError(
+            f"{source} is not readable as Parquet ({str(exc).splitlines()[0]})"
+        ) from None
     tracking_uri = tracking_uri or trk.resolve_tracking_uri(None, "runs")
     model_dir = trk.resolve_model_dir(model_uri, tracking_uri)  # fails fast on a wrong URI
     spec = load_spec(model_dir)
@@ -140,18 +173,27 @@ def predict_parquet(model_uri: str, input_path: str | Path, output_path: str | P
     ctx.execution_options.preserve_order = True  # output row i is input row i
     if not debug:  # Ray Data logs its execution plan at INFO; the CLI shows its own progress
         logging.getLogger("ray.data").setLevel(logging.ERROR)
-    # Blocks of batch_size rows (streaming): the actors share the work and results arrive as they finish.
+    # Blocks of batch_size rows (streaming): the actors share the work and results arrive as they
+    # finish.
     ds = ray.data.read_parquet(str(source)).repartition(target_num_rows_per_block=batch_size)
-    predicted = ds.map_batches(PredictBatches, batch_format="pyarrow", batch_size=batch_size, num_cpus=cpus_per_actor,
-                               fn_constructor_args=(read_artifact(model_dir), column),
-                               compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors))
+    predicted = ds.map_batches(
+        PredictBatches,
+        batch_format="pyarrow",
+        batch_size=batch_size,
+        num_cpus=cpus_per_actor,
+        fn_constructor_args=(read_artifact(model_dir), column),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
+    )
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
     rows, writer = 0, None
     try:
         for batch in predicted.iter_batches(batch_format="pyarrow", batch_size=None):
             if writer is None:
-                metadata = {b"kiln.model": model_uri.encode(), b"kiln.labels": json.dumps(spec.labels).encode()}
+                metadata = {
+                    b"kiln.model": model_uri.encode(),
+                    b"kiln.labels": json.dumps(spec.labels).encode(),
+                }
                 writer = pq.ParquetWriter(partial, batch.schema.with_metadata(metadata))
             writer.write_table(batch.replace_schema_metadata(writer.schema.metadata))
             rows += batch.num_rows
@@ -170,8 +212,13 @@ def predict_parquet(model_uri: str, input_path: str | Path, output_path: str | P
             raise DataError(f"batch inference failed: {_cause(exc)}") from None
         raise
     partial.replace(output)
-    return BatchPredictResult(model=model_uri, rows=rows, output=str(output),
-                              seconds=round(time.perf_counter() - started, 2), actors=actors)
+    return BatchPredictResult(
+        model=model_uri,
+        rows=rows,
+        output=str(output),
+        seconds=round(time.perf_counter() - started, 2),
+        actors=actors,
+    )
 
 
 def _cause(exc: BaseException) -> str:

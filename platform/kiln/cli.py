@@ -31,16 +31,23 @@ COMMANDS: dict[str, str] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kiln import __version__
+    from kiln.version import __version__
 
-    parser = argparse.ArgumentParser(prog="kiln", description="Train, tune, compress and serve PyTorch models on Ray.")
+    parser = argparse.ArgumentParser(
+        prog="kiln", description="Train, tune, compress and serve PyTorch models on Ray."
+    )
     parser.add_argument("--version", action="version", version=f"kiln {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and Ray's own logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
         cmd = sub.add_parser(name, help=module.HELP, description=module.HELP)
-        cmd.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and Ray's logs")
+        cmd.add_argument(
+            "--debug",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show tracebacks and Ray's logs",
+        )
         module.add_arguments(cmd)
         cmd.set_defaults(_run=module.run)
     return parser
@@ -54,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     # leaves those as extras, which are overrides when the command takes them.
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if isinstance(getattr(args, "overrides", None), list) and all("=" in e and not e.startswith("-") for e in extra):
+        if isinstance(getattr(args, "overrides", None), list) and all(
+            "=" in e and not e.startswith("-") for e in extra
+        ):
             args.overrides += extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -77,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"error: {type(exc).__name__}: {first} (run with --debug for the traceback)", file=sys.stderr)
+        print(
+            f"error: {type(exc).__name__}: {first} (run with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -6,8 +6,9 @@ import logging
 import os
 import subprocess
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from kiln.errors import KilnError, ModelError
 
@@ -25,7 +26,8 @@ MODEL_ARTIFACT_PATH = "model"
 
 
 def quiet_mlflow() -> None:
-    """MLflow and alembic log schema migrations and hints at INFO; keep the user's terminal clean."""
+    """MLflow and alembic log schema migrations and hints at INFO; keep the user's terminal
+    clean."""
     for name in ("mlflow", "alembic", "alembic.runtime.migration"):
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -93,11 +95,18 @@ def code_version() -> str:
     """git sha of the working tree (``-dirty`` when modified), or 'unknown' outside git."""
     here = Path(__file__).resolve().parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
         if sha.returncode != 0:
             return os.environ.get("KILN_CODE_VERSION", "unknown")
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return sha.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return os.environ.get("KILN_CODE_VERSION", "unknown")
@@ -115,8 +124,13 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def start_run(tracking_uri: str, experiment_id: str, run_name: str, tags: dict[str, str],
-              parent_run_id: str | None = None) -> str:
+def start_run(
+    tracking_uri: str,
+    experiment_id: str,
+    run_name: str,
+    tags: dict[str, str],
+    parent_run_id: str | None = None,
+) -> str:
     """Create an MLflow run and return its id."""
     tags = dict(tags)
     if parent_run_id:
@@ -135,7 +149,9 @@ def log_params(tracking_uri: str, run_id: str, params: dict[str, Any]) -> None:
         c.log_batch(run_id, params=items[i : i + 100])
 
 
-def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+def log_metrics(
+    tracking_uri: str, run_id: str, metrics: dict[str, float], step: int | None = None
+) -> None:
     import time
 
     from mlflow.entities import Metric
@@ -151,11 +167,15 @@ def set_tags(tracking_uri: str, run_id: str, tags: dict[str, Any]) -> None:
         c.set_tag(run_id, k, str(v))
 
 
-def log_artifacts(tracking_uri: str, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
+def log_artifacts(
+    tracking_uri: str, run_id: str, local_dir: str | Path, artifact_path: str | None = None
+) -> None:
     client(tracking_uri).log_artifacts(run_id, str(local_dir), artifact_path)
 
 
-def log_artifact(tracking_uri: str, run_id: str, local_file: str | Path, artifact_path: str | None = None) -> None:
+def log_artifact(
+    tracking_uri: str, run_id: str, local_file: str | Path, artifact_path: str | None = None
+) -> None:
     client(tracking_uri).log_artifact(run_id, str(local_file), artifact_path)
 
 
@@ -173,15 +193,23 @@ def get_run(tracking_uri: str, run_id: str):
 
 def search_runs(tracking_uri: str, experiment_id: str, filter_string: str = "") -> list:
     """Runs of one experiment matching an MLflow filter (e.g. on tags), newest first."""
-    return client(tracking_uri).search_runs([experiment_id], filter_string=filter_string, max_results=5000)
+    return client(tracking_uri).search_runs(
+        [experiment_id], filter_string=filter_string, max_results=5000
+    )
 
 
 def metric_history(tracking_uri: str, run_id: str, key: str) -> list:
     return client(tracking_uri).get_metric_history(run_id, key)
 
 
-def register_model(tracking_uri: str, name: str, run_id: str, artifact_path: str = MODEL_ARTIFACT_PATH,
-                   tags: dict[str, Any] | None = None, description: str | None = None) -> str:
+def register_model(
+    tracking_uri: str,
+    name: str,
+    run_id: str,
+    artifact_path: str = MODEL_ARTIFACT_PATH,
+    tags: dict[str, Any] | None = None,
+    description: str | None = None,
+) -> str:
     """Register the run's artifact folder as a new version of ``name``; returns the version."""
     from mlflow.exceptions import MlflowException
 
@@ -189,11 +217,18 @@ def register_model(tracking_uri: str, name: str, run_id: str, artifact_path: str
     try:
         c.create_registered_model(name)
     except MlflowException as exc:
-        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code) and "already exists" not in str(exc):
+        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code) and "already exists" not in str(
+            exc
+        ):
             raise
     source = f"{c.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
-    mv = c.create_model_version(name, source=source, run_id=run_id,
-                                tags={k: str(v) for k, v in (tags or {}).items()}, description=description)
+    mv = c.create_model_version(
+        name,
+        source=source,
+        run_id=run_id,
+        tags={k: str(v) for k, v in (tags or {}).items()},
+        description=description,
+    )
     return str(mv.version)
 
 
@@ -204,14 +239,17 @@ def set_alias(tracking_uri: str, name: str, alias: str, version: str) -> None:
 def model_version_for(tracking_uri: str, uri: str):
     """The registry ModelVersion behind ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``."""
     c = client(tracking_uri)
-    body = uri[len("models:/"):]
+    body = uri[len("models:/") :]
     try:
         if "@" in body:
             name, alias = body.split("@", 1)
             return c.get_model_version_by_alias(name, alias)
         name, _, version = body.partition("/")
         if not version:
-            raise ModelError(f"model URI '{uri}' names no version (use models:/NAME/VERSION or models:/NAME@ALIAS)")
+            raise ModelError(
+                f"model URI '{uri}' names no version (use models:/NAME/VERSION or "
+                "models:/NAME@ALIAS)"
+            )
         return c.get_model_version(name, version)
     except ModelError:
         raise
@@ -223,14 +261,17 @@ _DOWNLOADS: dict[tuple[str, str], Path] = {}
 
 
 def resolve_model_dir(model: str, tracking_uri: str | None = None) -> Path:
-    """Local folder of a model artifact from a path, ``models:/`` or ``runs:/`` URI, or a bare run id.
+    """Local folder of a model artifact from a path, ``models:/`` or ``runs:/`` URI, or a bare run
+    id.
 
     Registry and run artifacts are downloaded once per process. Raises ModelError.
     """
     local = Path(model).expanduser()
     if "://" not in model and ":/" not in model and local.is_dir():
         return local
-    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri("runs")
+    tracking_uri = (
+        tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri("runs")
+    )
     key = (tracking_uri, model)
     if key in _DOWNLOADS and _DOWNLOADS[key].is_dir():
         return _DOWNLOADS[key]
@@ -239,7 +280,7 @@ def resolve_model_dir(model: str, tracking_uri: str | None = None) -> Path:
         mv = model_version_for(tracking_uri, model)
         source = mv.source
     elif model.startswith("runs:/"):
-        run_id, _, path = model[len("runs:/"):].partition("/")
+        run_id, _, path = model[len("runs:/") :].partition("/")
         source = f"{get_run_or_model_error(c, run_id, model).info.artifact_uri.rstrip('/')}/{path or MODEL_ARTIFACT_PATH}"
     else:
         run = get_run_or_model_error(c, model, model)
@@ -248,8 +289,11 @@ def resolve_model_dir(model: str, tracking_uri: str | None = None) -> Path:
 
     dest = Path(tempfile.mkdtemp(prefix="kiln-model-"))
     try:
-        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dest),
-                                                        tracking_uri=tracking_uri))
+        path = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=source, dst_path=str(dest), tracking_uri=tracking_uri
+            )
+        )
     except Exception as exc:
         raise ModelError(f"cannot download model '{model}' ({str(exc).splitlines()[0]})") from None
     _DOWNLOADS[key] = path

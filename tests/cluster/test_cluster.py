@@ -1,5 +1,6 @@
-"""The parts of running on a cluster that need no cluster: job specs, runtime envs, auth tokens, cluster-launcher
-configs, the tracking server's command, process sessions, and clear failures for unreachable addresses."""
+"""The parts of running on a cluster that need no cluster: job specs, runtime envs, auth tokens,
+cluster-launcher configs, the tracking server's command, process sessions, and clear failures for
+unreachable addresses."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import kiln
 from conftest import REPO, last_json, run_kiln
 from kiln.cluster import auth
 from kiln.cluster.jobs import JobState, error_line, summary_line
@@ -25,21 +27,39 @@ from kiln.errors import KilnError
 CONFIG = "configs/train/digits_cnn.yaml"
 
 
-# ---- job specs and runtime envs -------------------------------------------------------------------
+# ---- job specs and runtime envs
+# -------------------------------------------------------------------
 
 
 def test_job_spec_runs_the_jobs_script_with_the_config_inside_the_project(monkeypatch):
     monkeypatch.chdir(REPO / "configs")  # a config given relative to where the user stands
-    spec = job_spec("train", "train/digits_cnn.yaml", ["train.lr=0.01", "experiment.name=my run"], REPO)
+    spec = job_spec(
+        "train", "train/digits_cnn.yaml", ["train.lr=0.01", "experiment.name=my run"], REPO
+    )
     assert spec.config == CONFIG
-    assert shlex.split(spec.entrypoint()) == ["python", "jobs/train.py", CONFIG, "train.lr=0.01",
-                                              "experiment.name=my run", "--json"]
-    assert shlex.split(job_spec("train", str(REPO / CONFIG), [], REPO, python="/opt/py/bin/python3")
-                       .entrypoint())[0] == "/opt/py/bin/python3"
+    assert shlex.split(spec.entrypoint()) == [
+        "python",
+        "jobs/train.py",
+        CONFIG,
+        "train.lr=0.01",
+        "experiment.name=my run",
+        "--json",
+    ]
+    assert (
+        shlex.split(
+            job_spec(
+                "train", str(REPO / CONFIG), [], REPO, python="/opt/py/bin/python3"
+            ).entrypoint()
+        )[0]
+        == "/opt/py/bin/python3"
+    )
 
 
 def test_job_spec_names_what_is_wrong(tmp_path):
-    with pytest.raises(KilnError, match=r"no job 'serve': .*jobs/serve.py does not exist \(jobs there: compress, train, tune;"):
+    with pytest.raises(
+        KilnError,
+        match=r"no job 'serve': .*jobs/serve.py does not exist \(jobs there: compress, train, tune;",
+    ):
         job_spec("serve", CONFIG, [], REPO)
     with pytest.raises(KilnError, match="not a plain name"):
         job_spec("../train", CONFIG, [], REPO)
@@ -54,13 +74,13 @@ def test_job_spec_names_what_is_wrong(tmp_path):
 def test_runtime_env_ships_the_project_and_the_kiln_package_and_passes_rays_own_check():
     from ray.runtime_env import RuntimeEnv
 
-    import kiln
-
     env = build_runtime_env(job_spec("train", str(REPO / CONFIG), [], REPO), "http://10.0.0.5:5000")
     assert env["working_dir"] == str(REPO)
     assert env["py_modules"] == [str(Path(kiln.__file__).resolve().parent)]
     assert env["env_vars"]["MLFLOW_TRACKING_URI"] == "http://10.0.0.5:5000"
-    assert env["env_vars"]["KILN_CODE_VERSION"]  # .git is not shipped: the version travels as a variable
+    assert env["env_vars"][
+        "KILN_CODE_VERSION"
+    ]  # .git is not shipped: the version travels as a variable
     assert "pip" not in env
     RuntimeEnv(**env)  # raises on a field Ray does not accept
 
@@ -78,9 +98,19 @@ def test_the_shipped_working_dir_leaves_out_vcs_virtualenvs_and_run_outputs(tmp_
     from ray._private.runtime_env.packaging import create_package
 
     project = tmp_path / "proj"
-    for rel in ["configs/train/a.yaml", "jobs/train.py", "models/mine.py", ".git/HEAD", ".venv/bin/python",
-                "runs/mlflow.db", "mlruns/0/meta.yaml", "runs/checkpoints/x/state.json", "bench/out/r.json",
-                "platform/kiln/__init__.py", "jobs/__pycache__/train.cpython-311.pyc"]:
+    for rel in [
+        "configs/train/a.yaml",
+        "jobs/train.py",
+        "models/mine.py",
+        ".git/HEAD",
+        ".venv/bin/python",
+        "runs/mlflow.db",
+        "mlruns/0/meta.yaml",
+        "runs/checkpoints/x/state.json",
+        "bench/out/r.json",
+        "platform/kiln/__init__.py",
+        "jobs/__pycache__/train.cpython-311.pyc",
+    ]:
         (project / rel).parent.mkdir(parents=True, exist_ok=True)
         (project / rel).write_text("x")
     target = tmp_path / "pkg.zip"
@@ -90,39 +120,65 @@ def test_the_shipped_working_dir_leaves_out_vcs_virtualenvs_and_run_outputs(tmp_
 
 
 def test_a_driver_joining_a_cluster_ships_its_kiln_unless_the_job_already_does(monkeypatch):
-    import kiln
-    from kiln.runtime import with_kiln_package
+    from kiln.ray_connection import with_kiln_package
 
     package = os.path.dirname(os.path.abspath(kiln.__file__))
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
-    assert with_kiln_package(None) == {"py_modules": [package], "excludes": ["__pycache__", "*.pyc"]}
+    assert with_kiln_package(None) == {
+        "py_modules": [package],
+        "excludes": ["__pycache__", "*.pyc"],
+    }
     assert with_kiln_package({"env_vars": {"A": "1"}})["env_vars"] == {"A": "1"}
-    # Inside a job submitted with `ray job submit --runtime-env-json '{"excludes": [...]}'`: Ray refuses a
-    # second excludes field, so only py_modules is added.
-    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"excludes": [".git"]}}))
+    # Inside a job submitted with `ray job submit --runtime-env-json '{"excludes": [...]}'`: Ray
+    # refuses a second excludes field, so only py_modules is added.
+    monkeypatch.setenv(
+        "RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"excludes": [".git"]}})
+    )
     assert with_kiln_package(None) == {"py_modules": [package]}
     # Inside a job from `kiln submit`: kiln is shipped already.
-    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"py_modules": ["gcs://x.zip"]}}))
+    monkeypatch.setenv(
+        "RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"py_modules": ["gcs://x.zip"]}})
+    )
     assert with_kiln_package(None) is None
 
 
-# ---- a job's outcome, from its logs ---------------------------------------------------------------
+# ---- a job's outcome, from its logs
+# ---------------------------------------------------------------
 
 
 def test_summary_is_the_last_json_object_line_and_the_error_is_the_jobs_own_line():
-    logs = "\n".join(["kiln train: cnn", '{"not": "last"}', "epoch 1", '{"run_id": "abc", "metrics": {"a": 1}}',
-                      "(RayTrainWorker) some warning", ""])
+    logs = "\n".join(
+        [
+            "kiln train: cnn",
+            '{"not": "last"}',
+            "epoch 1",
+            '{"run_id": "abc", "metrics": {"a": 1}}',
+            "(RayTrainWorker) some warning",
+            "",
+        ]
+    )
     assert summary_line(logs) == {"run_id": "abc", "metrics": {"a": 1}}
     assert summary_line("no json here\n[1, 2]\n") is None
-    state = JobState("j", "FAILED", "train", "python jobs/train.py", "Job entrypoint command failed with exit "
-                     "code 2\nmore", None, None, 2)
-    assert error_line("a\nValueError: inner\nerror: data.source: file not found: x\nbye\n", state) == \
-        "data.source: file not found: x"
+    state = JobState(
+        "j",
+        "FAILED",
+        "train",
+        "python jobs/train.py",
+        "Job entrypoint command failed with exit code 2\nmore",
+        None,
+        None,
+        2,
+    )
+    assert (
+        error_line("a\nValueError: inner\nerror: data.source: file not found: x\nbye\n", state)
+        == "data.source: file not found: x"
+    )
     assert error_line("a\nTraceback\nValueError: boom\n", state) == "ValueError: boom"
     assert error_line("", state) == "Job entrypoint command failed with exit code 2"
 
 
-# ---- auth tokens ----------------------------------------------------------------------------------
+# ---- auth tokens
+# ----------------------------------------------------------------------------------
 
 
 def test_the_token_is_found_where_ray_looks_for_it_in_rays_order(monkeypatch, tmp_path):
@@ -142,10 +198,13 @@ def test_the_token_is_found_where_ray_looks_for_it_in_rays_order(monkeypatch, tm
     assert auth.find_token() is None
 
 
-# ---- addresses ------------------------------------------------------------------------------------
+# ---- addresses
+# ------------------------------------------------------------------------------------
 
 
-def test_the_address_comes_from_the_flag_then_rays_variables_then_the_local_head(monkeypatch, tmp_path):
+def test_the_address_comes_from_the_flag_then_rays_variables_then_the_local_head(
+    monkeypatch, tmp_path
+):
     from kiln.cluster.client import DEFAULT_ADDRESS, resolve_address
     from kiln.cluster.local import LocalCluster, state_path
     from kiln.cluster.processes import start_ticks
@@ -157,12 +216,24 @@ def test_the_address_comes_from_the_flag_then_rays_variables_then_the_local_head
     assert resolve_address("headnode") == "http://headnode:8265"
     assert resolve_address("10.0.0.5:9000") == "http://10.0.0.5:9000"
     assert resolve_address("https://ray.example.com/") == "https://ray.example.com"
-    # A head recorded by `kiln cluster start` (here: this very process stands in for it, so it "runs").
-    state_path().write_text(json.dumps(LocalCluster(pid=os.getpid(), started=start_ticks(os.getpid()),
-                                                    dashboard_url="http://127.0.0.1:45678", gcs_address="x:1",
-                                                    temp_dir="/nonexistent", log_file="-").to_dict()))
+    # A head recorded by `kiln cluster start` (here: this very process stands in for it, so it
+    # "runs").
+    state_path().write_text(
+        json.dumps(
+            LocalCluster(
+                pid=os.getpid(),
+                started=start_ticks(os.getpid()),
+                dashboard_url="http://127.0.0.1:45678",
+                gcs_address="x:1",
+                temp_dir="/nonexistent",
+                log_file="-",
+            ).to_dict()
+        )
+    )
     assert resolve_address(None) == "http://127.0.0.1:45678"
-    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")  # a GCS address is for ray.init, not the Jobs API
+    monkeypatch.setenv(
+        "RAY_ADDRESS", "10.0.0.5:6379"
+    )  # a GCS address is for ray.init, not the Jobs API
     assert resolve_address(None) == "http://127.0.0.1:45678"
     monkeypatch.setenv("RAY_ADDRESS", "http://10.0.0.5:8265")
     assert resolve_address(None) == "http://10.0.0.5:8265"
@@ -171,25 +242,33 @@ def test_the_address_comes_from_the_flag_then_rays_variables_then_the_local_head
     assert resolve_address("http://10.0.0.7:8265") == "http://10.0.0.7:8265"
 
 
-# ---- unreachable addresses ------------------------------------------------------------------------
+# ---- unreachable addresses
+# ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args", [["submit", "train", CONFIG], ["jobs", "list"], ["jobs", "status", "x"]])
+@pytest.mark.parametrize(
+    "args", [["submit", "train", CONFIG], ["jobs", "list"], ["jobs", "status", "x"]]
+)
 def test_an_unreachable_address_is_one_clear_line(args):
     address = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     proc = run_kiln(*args, "--address", address, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"error: cannot reach the Ray Jobs API at {address} (Connection refused); is the cluster running? "
-        "(start one with 'kiln cluster start', or pass --address http://HOST:8265)"]
+        f"error: cannot reach the Ray Jobs API at {address} (Connection refused); is the cluster "
+        "running? "
+        "(start one with 'kiln cluster start', or pass --address http://HOST:8265)"
+    ]
 
 
 def test_a_config_mistake_is_caught_before_anything_is_submitted():
     # Nothing listens at the address: the config error coming first shows nothing was contacted.
-    proc = run_kiln("submit", "train", CONFIG, "train.epoch=3", "--address", f"http://127.0.0.1:{free_port()}")
+    proc = run_kiln(
+        "submit", "train", CONFIG, "train.epoch=3", "--address", f"http://127.0.0.1:{free_port()}"
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: unknown config key 'train.epoch' (did you mean 'train.epochs'?)"]
+        "error: unknown config key 'train.epoch' (did you mean 'train.epochs'?)"
+    ]
 
 
 def test_an_address_that_is_not_a_jobs_api_is_one_clear_line():
@@ -204,11 +283,13 @@ def test_an_address_that_is_not_a_jobs_api_is_one_clear_line():
         server.shutdown()
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: http://127.0.0.1:{server.server_port} does not answer "
-                                                   "as a Ray Jobs API")
+    assert len(lines) == 1 and lines[0].startswith(
+        f"error: http://127.0.0.1:{server.server_port} does not answer as a Ray Jobs API"
+    )
 
 
-# ---- cluster-launcher configs -----------------------------------------------------------------------
+# ---- cluster-launcher configs
+# -----------------------------------------------------------------------
 
 
 def test_cluster_yaml_passes_rays_own_validation():
@@ -231,14 +312,24 @@ def _broken_copy(tmp_path, change) -> Path:
     return path
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda c: c["available_node_types"]["gpu_worker"].pop("node_config"),
-     "available_node_types.gpu_worker: 'node_config' is a required property"),
-    (lambda c: c.pop("provider"), "missing required field 'provider'"),
-    (lambda c: c["available_node_types"]["gpu_worker"].update(max_workers="four"),
-     "available_node_types.gpu_worker.max_workers: 'four' is not of type 'integer'"),
-    (lambda c: c.update(head_node_type="cpu_head"), "`head_node_type` must be one of `available_node_types`."),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda c: c["available_node_types"]["gpu_worker"].pop("node_config"),
+            "available_node_types.gpu_worker: 'node_config' is a required property",
+        ),
+        (lambda c: c.pop("provider"), "missing required field 'provider'"),
+        (
+            lambda c: c["available_node_types"]["gpu_worker"].update(max_workers="four"),
+            "available_node_types.gpu_worker.max_workers: 'four' is not of type 'integer'",
+        ),
+        (
+            lambda c: c.update(head_node_type="cpu_head"),
+            "`head_node_type` must be one of `available_node_types`.",
+        ),
+    ],
+)
 def test_a_broken_cluster_yaml_fails_validation_with_one_line(tmp_path, change, message):
     path = _broken_copy(tmp_path, change)
     proc = run_kiln("cluster", "validate", str(path))
@@ -247,7 +338,8 @@ def test_a_broken_cluster_yaml_fails_validation_with_one_line(tmp_path, change, 
     assert "Traceback" not in proc.stderr
 
 
-# ---- the local head, without starting one ---------------------------------------------------------
+# ---- the local head, without starting one
+# ---------------------------------------------------------
 
 
 def test_cluster_status_and_stop_without_a_started_head(tmp_path):
@@ -264,13 +356,18 @@ def test_cluster_start_refuses_a_taken_dashboard_port(tmp_path):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        proc = run_kiln("cluster", "start", "--dashboard-port", str(port), env={"KILN_HOME": str(tmp_path)})
+        proc = run_kiln(
+            "cluster", "start", "--dashboard-port", str(port), env={"KILN_HOME": str(tmp_path)}
+        )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: port {port} is in use (another Ray dashboard?); pass --dashboard-port N, or 0 for a free port")
+        f"error: port {port} is in use (another Ray dashboard?); pass --dashboard-port N, or 0 for "
+        "a free port"
+    )
 
 
-# ---- the tracking server ----------------------------------------------------------------------------
+# ---- the tracking server
+# ----------------------------------------------------------------------------
 
 
 def test_tracking_server_runs_mlflow_with_sqlite_and_served_artifacts_on_loopback(tmp_path):
@@ -281,7 +378,10 @@ def test_tracking_server_runs_mlflow_with_sqlite_and_served_artifacts_on_loopbac
     assert cmd[:4] == [sys.executable, "-m", "mlflow", "server"]
     opts = dict(zip(cmd, cmd[1:]))  # each flag -> the word after it
     assert opts["--backend-store-uri"] == f"sqlite:///{tmp_path / 't' / 'mlflow.db'}"
-    assert opts["--artifacts-destination"] == str(tmp_path / "t" / "artifacts") and "--serve-artifacts" in cmd
+    assert (
+        opts["--artifacts-destination"] == str(tmp_path / "t" / "artifacts")
+        and "--serve-artifacts" in cmd
+    )
     assert opts["--host"] == "127.0.0.1"
     assert server.uri.startswith("http://127.0.0.1:")
 
@@ -295,19 +395,32 @@ def test_tracking_serve_refuses_a_taken_port(tmp_path):
         port = s.getsockname()[1]
         proc = run_kiln("tracking", "serve", "--port", str(port), "--dir", str(tmp_path))
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: port {port} on 127.0.0.1 is in use; pass another --port"]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: port {port} on 127.0.0.1 is in use; pass another --port"
+    ]
 
 
-# ---- process sessions -------------------------------------------------------------------------------
+# ---- process sessions
+# -------------------------------------------------------------------------------
 
 
 def test_stop_session_stops_every_process_of_the_session_and_nothing_else():
-    # A leader that ignores SIGTERM, with a child: both must go; a process outside the session must stay.
-    leader = subprocess.Popen([sys.executable, "-c", "import signal, subprocess, sys, time; "
-                               "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-                               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); "
-                               "time.sleep(300)"], start_new_session=True)
-    outsider = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True)
+    # A leader that ignores SIGTERM, with a child: both must go; a process outside the session must
+    # stay.
+    leader = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal, subprocess, sys, time; "
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); "
+            "time.sleep(300)",
+        ],
+        start_new_session=True,
+    )
+    outsider = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 30
         while len(session_members(leader.pid)) < 2 and time.monotonic() < deadline:

@@ -1,4 +1,5 @@
-"""Data pipeline: Parquet layouts, decoding, preprocessing fitted on train only, stratified splits, hashing."""
+"""Data pipeline: Parquet layouts, decoding, preprocessing fitted on train only, stratified splits,
+hashing."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kiln.config import DataConfig, SplitConfig
+from kiln.data.config import DataConfig, SplitConfig
 from kiln.data.dataset import prepare_data
 from kiln.data.split import stratified_split
 from kiln.errors import DataError
@@ -64,11 +65,16 @@ def test_images_of_other_sizes_are_resized_and_binary_column_works(tmp_path):
     images, labels = shape_images(40, size=16)
     small, _ = shape_images(10, size=12)
     cells = [_encode(i, "PNG") for i in images + small]
-    pq.write_table(pa.table({"img": pa.array(cells, pa.binary()), "y": list(labels) + [0] * 10}), tmp_path / "b.parquet")
+    pq.write_table(
+        pa.table({"img": pa.array(cells, pa.binary()), "y": list(labels) + [0] * 10}),
+        tmp_path / "b.parquet",
+    )
     data = prepare_data(DataConfig(source=str(tmp_path / "b.parquet"), label="y", image="img"))
     assert data.input_shape == [3, 16, 16]
     assert data.labels == [0, 1, 2]
-    fixed = prepare_data(DataConfig(source=str(tmp_path / "b.parquet"), label="y", image="img", image_size=(8, 8)))
+    fixed = prepare_data(
+        DataConfig(source=str(tmp_path / "b.parquet"), label="y", image="img", image_size=(8, 8))
+    )
     assert fixed.input_shape == [3, 8, 8]
 
 
@@ -96,18 +102,34 @@ def test_class_weights_are_inverse_frequency():
     from kiln.data.dataset import PreparedData
 
     y = np.array([0] * 90 + [1] * 10)
-    d = PreparedData(x_train=np.zeros((100, 1), np.float32), y_train=y, x_val=None, y_val=None, x_test=None,
-                     y_test=None, labels=[0, 1], preprocessing=None, dataset_hash="", split=None)
+    d = PreparedData(
+        x_train=np.zeros((100, 1), np.float32),
+        y_train=y,
+        x_val=None,
+        y_val=None,
+        x_test=None,
+        y_test=None,
+        labels=[0, 1],
+        preprocessing=None,
+        dataset_hash="",
+        split=None,
+    )
     w = d.class_weights()
     assert w[1] / w[0] == pytest.approx(9.0)
 
 
-@pytest.mark.parametrize("cfg, message", [
-    (dict(source="/nonexistent/data.parquet"), "data.source: file not found: /nonexistent/data.parquet"),
-    (dict(label="nope"), "data.label: column 'nope' not found"),
-    (dict(image="pixels"), "data.image: column 'pixels' not found"),
-    (dict(source="imagenet"), "file not found: imagenet"),
-])
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        (
+            dict(source="/nonexistent/data.parquet"),
+            "data.source: file not found: /nonexistent/data.parquet",
+        ),
+        (dict(label="nope"), "data.label: column 'nope' not found"),
+        (dict(image="pixels"), "data.image: column 'pixels' not found"),
+        (dict(source="imagenet"), "file not found: imagenet"),
+    ],
+)
 def test_bad_data_config_is_a_clear_error(tmp_path, cfg, message):
     base = dict(source="digits", image="image", label="label")
     base.update(cfg)
@@ -122,15 +144,23 @@ def test_undecodable_image_names_the_row(tmp_path):
     images, labels = shape_images(5)
     cells = [_encode(i, "PNG") for i in images]
     cells[3] = b"definitely not an image"
-    pq.write_table(pa.table({"image": pa.array(cells, pa.binary()), "label": labels}), tmp_path / "x.parquet")
+    pq.write_table(
+        pa.table({"image": pa.array(cells, pa.binary()), "label": labels}), tmp_path / "x.parquet"
+    )
     with pytest.raises(DataError, match=r"data.image: row 3 does not decode as an image"):
         prepare_data(DataConfig(source=str(tmp_path / "x.parquet"), image="image"))
 
 
 def test_string_feature_columns_are_rejected_clearly(tmp_path):
-    pq.write_table(pa.table({"a": [1.0, 2.0, 3.0, 4.0], "city": ["x", "y", "x", "y"], "label": [0, 1, 0, 1]}),
-                   tmp_path / "s.parquet")
+    pq.write_table(
+        pa.table({"a": [1.0, 2.0, 3.0, 4.0], "city": ["x", "y", "x", "y"], "label": [0, 1, 0, 1]}),
+        tmp_path / "s.parquet",
+    )
     with pytest.raises(DataError, match="non-numeric columns city"):
         prepare_data(DataConfig(source=str(tmp_path / "s.parquet")))
-    data = prepare_data(DataConfig(source=str(tmp_path / "s.parquet"), features=["a"], split=SplitConfig(val=0.0, test=0.0)))
+    data = prepare_data(
+        DataConfig(
+            source=str(tmp_path / "s.parquet"), features=["a"], split=SplitConfig(val=0.0, test=0.0)
+        )
+    )
     assert data.input_shape == [1]

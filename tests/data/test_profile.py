@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from conftest import REPO, last_json, run_kiln
-from kiln.config import DataConfig
+from kiln.data.config import DataConfig
 from kiln.data.dataset import prepare_data
 from synthetic import tabular_parquet
 
@@ -17,11 +17,18 @@ def test_profile_of_tabular_data_describes_raw_train_features(tmp_path):
     path = tabular_parquet(tmp_path / "t.parquet", rows=600)
     data = prepare_data(DataConfig(source=str(path), label="species"))
     prof = data.profile
-    assert prof.rows == {"total": 600, "train": data.sizes()["train"], "val": data.sizes()["val"],
-                         "test": data.sizes()["test"]}
+    assert prof.rows == {
+        "total": 600,
+        "train": data.sizes()["train"],
+        "val": data.sizes()["val"],
+        "test": data.sizes()["test"],
+    }
     big = next(f for f in prof.features if f["name"] == "big")
     assert big["missing"] > 0 and 500 < big["mean"] < 1500  # raw scale, before standardization
-    assert len(big["quantiles"]) == 101 and sum(big["histogram"]["counts"]) == big["count"] - big["missing"]
+    assert (
+        len(big["quantiles"]) == 101
+        and sum(big["histogram"]["counts"]) == big["count"] - big["missing"]
+    )
     assert sum(prof.class_counts["train"]) == prof.rows["train"]
     assert not prof.has_leak
 
@@ -42,17 +49,32 @@ def test_profile_cli_reports_leak_between_splits(tmp_path):
     table = pq.read_table(tabular_parquet(tmp_path / "t.parquet", rows=300))
     pq.write_table(pa.concat_tables([table, table.slice(0, 150)]), tmp_path / "leaky.parquet")
     out = tmp_path / "profile"
-    proc = run_kiln("data", "profile", str(tmp_path / "leaky.parquet"), "--label", "species", "--out", str(out), "--json")
+    proc = run_kiln(
+        "data",
+        "profile",
+        str(tmp_path / "leaky.parquet"),
+        "--label",
+        "species",
+        "--out",
+        str(out),
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     result = last_json(proc.stdout)
     leak = result["leakage"]
     assert leak["train_val"] + leak["train_test"] + leak["val_test"] > 0
     assert "LEAK" in proc.stderr
-    assert {"profile.html", "profile.json", "class_balance.png", "histograms.png"} <= {p.name for p in out.iterdir()}
+    assert {"profile.html", "profile.json", "class_balance.png", "histograms.png"} <= {
+        p.name for p in out.iterdir()
+    }
     assert json.loads((out / "profile.json").read_text())["leakage"] == leak
     assert "Leakage: identical inputs" in (out / "profile.html").read_text()
 
-    clean = run_kiln("data", "profile", str(REPO / "configs/train/digits_cnn.yaml"), "--out", str(tmp_path / "d"))
+    clean = run_kiln(
+        "data", "profile", str(REPO / "configs/train/digits_cnn.yaml"), "--out", str(tmp_path / "d")
+    )
     assert clean.returncode == 0 and "no identical inputs shared" in clean.stdout
     missing = run_kiln("data", "profile", str(tmp_path / "nope.parquet"))
-    assert missing.returncode == 2 and missing.stderr.startswith("error: data.source: file not found")
+    assert missing.returncode == 2 and missing.stderr.startswith(
+        "error: data.source: file not found"
+    )

@@ -1,4 +1,5 @@
-"""Builders, the artifact format (safetensors + spec JSON, no pickles) and the predict API on every input form."""
+"""Builders, the artifact format (safetensors + spec JSON, no pickles) and the predict API on every
+input form."""
 
 from __future__ import annotations
 
@@ -9,18 +10,26 @@ import numpy as np
 import pytest
 import torch
 
-from kiln.config import DataConfig
+from kiln.data.config import DataConfig
 from kiln.data.dataset import prepare_data
 from kiln.models.artifact import artifact_size, build_model, load_torch_model, save_artifact
 from kiln.models.builders import count_parameters
 from kiln.models.predictor import load_predictor
-from kiln.models.spec import ModelSpec
+from kiln.schema import KilnConfig
 from kiln.train.loop import model_spec
-from kiln.config import KilnConfig
 
 
-@pytest.mark.parametrize("name, shape", [("mlp", [20]), ("mlp", [1, 8, 8]), ("cnn", [1, 8, 8]), ("cnn", [3, 28, 28]),
-                                         ("resnet18", [1, 28, 28]), ("resnet18", [3, 96, 96])])
+@pytest.mark.parametrize(
+    "name, shape",
+    [
+        ("mlp", [20]),
+        ("mlp", [1, 8, 8]),
+        ("cnn", [1, 8, 8]),
+        ("cnn", [3, 28, 28]),
+        ("resnet18", [1, 28, 28]),
+        ("resnet18", [3, 96, 96]),
+    ],
+)
 def test_builders_take_their_input_and_output_logits(name, shape):
     from kiln.models.registry import resolve_builder
 

@@ -6,9 +6,9 @@ without one ("legacy"), started with `kiln serve start` and a small window, and 
 two seconds of drift submit a one-epoch training job to the serving cluster (Jobs API).
 
 The module serves on the local Ray instance `kiln serve start` starts (2 CPUs) rather than on the
-conftest's `ray_cluster`: that one's dashboard agent takes Ray's fixed default port, which another Ray
-instance on a shared machine may hold, and then its Jobs API cannot run jobs. Kiln's own instance
-takes free ports for everything.
+conftest's `ray_cluster`: that one's dashboard agent takes Ray's fixed default port, which another
+Ray instance on a shared machine may hold, and then its Jobs API cannot run jobs. Kiln's own
+instance takes free ports for everything.
 """
 
 from __future__ import annotations
@@ -24,16 +24,27 @@ import pytest
 import requests
 
 from conftest import last_json, run_kiln
-from served_models import (VARIANTS, Registry, digits_raw, fast_metrics_export, free_port,  # noqa: F401
-                           iris_parquet, png_b64)
+from served_models import (
+    VARIANTS,
+    Registry,
+    digits_raw,
+    free_port,  # noqa: F401
+    iris_parquet,
+    png_b64,
+)
 
 WINDOW = 120
-RETRAIN = ["serve.monitor.retrain.config=configs/train/digits_cnn.yaml", "serve.monitor.retrain.data_source=digits",
-           "serve.monitor.retrain.after_s=2",
-           "serve.monitor.retrain.overrides=[train.epochs=1, train.workers=1, train.cpus_per_worker=0.5, "
-           "model.width=8, train.checkpoint.keep=1]",
-           "serve.monitor.retrain.rollout.weight=50", "serve.monitor.retrain.rollout.bake_s=3",
-           "serve.monitor.retrain.rollout.interval_s=1", "serve.monitor.retrain.rollout.gates=[error_rate<0.01]"]
+RETRAIN = [
+    "serve.monitor.retrain.config=configs/train/digits_cnn.yaml",
+    "serve.monitor.retrain.data_source=digits",
+    "serve.monitor.retrain.after_s=2",
+    "serve.monitor.retrain.overrides=[train.epochs=1, train.workers=1, train.cpus_per_worker=0.5, "
+    "model.width=8, train.checkpoint.keep=1]",
+    "serve.monitor.retrain.rollout.weight=50",
+    "serve.monitor.retrain.rollout.bake_s=3",
+    "serve.monitor.retrain.rollout.interval_s=1",
+    "serve.monitor.retrain.rollout.gates=[error_rate<0.01]",
+]
 
 
 class Receiver(http.server.BaseHTTPRequestHandler):
@@ -51,14 +62,18 @@ class Receiver(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory) -> Registry:
-    """This module's own MLflow store and run dir: its retraining registers new digits versions and its
-    rollout promotes one, which must change neither the version numbers other modules expect in the
-    shared store nor what they serve from its run dir (a start serves the last promoted version)."""
+    """This module's own MLflow store and run dir: its retraining registers new digits versions and
+    its rollout promotes one, which must change neither the version numbers other modules expect in
+    the shared store nor what they serve from its run dir (a start serves the last promoted
+    version)."""
     from kiln import tracking as trk
 
     run_dir = tmp_path_factory.mktemp("monitor-registry")
-    reg = Registry(run_dir=run_dir, tracking_uri=trk.default_tracking_uri(run_dir),
-                   iris=iris_parquet(run_dir / "iris.parquet"))
+    reg = Registry(
+        run_dir=run_dir,
+        tracking_uri=trk.default_tracking_uri(run_dir),
+        iris=iris_parquet(run_dir / "iris.parquet"),
+    )
     reg.uris["fp32-cnn"] = VARIANTS["fp32-cnn"].register(reg)
     return reg
 
@@ -73,7 +88,8 @@ def webhook():
 
 @pytest.fixture(scope="module")
 def legacy_uri(registry) -> str:
-    """The digits artifact registered again without monitor_reference.json (as older Kiln versions did)."""
+    """The digits artifact registered again without monitor_reference.json (as older Kiln versions
+    did)."""
     from kiln import tracking as trk
 
     src = trk.resolve_model_dir(registry.uris["fp32-cnn"], registry.tracking_uri)
@@ -88,11 +104,26 @@ def legacy_uri(registry) -> str:
 
 @pytest.fixture(scope="module")
 def served(registry, legacy_uri, webhook):
-    proc = run_kiln("serve", "start", registry.uris["fp32-cnn"], legacy_uri,
-                    f"serve.monitor.window={WINDOW}", "serve.monitor.min_rows=60", "serve.monitor.eval_every=20",
-                    f"serve.monitor.webhook_url={webhook}", *RETRAIN, "--port", str(free_port()), "--num-cpus", "2",
-                    "--run-dir", str(registry.run_dir), "--json",
-                    env={"MLFLOW_TRACKING_URI": registry.tracking_uri}, timeout=600)
+    proc = run_kiln(
+        "serve",
+        "start",
+        registry.uris["fp32-cnn"],
+        legacy_uri,
+        f"serve.monitor.window={WINDOW}",
+        "serve.monitor.min_rows=60",
+        "serve.monitor.eval_every=20",
+        f"serve.monitor.webhook_url={webhook}",
+        *RETRAIN,
+        "--port",
+        str(free_port()),
+        "--num-cpus",
+        "2",
+        "--run-dir",
+        str(registry.run_dir),
+        "--json",
+        env={"MLFLOW_TRACKING_URI": registry.tracking_uri},
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     info = last_json(proc.stdout)
     yield info
@@ -100,8 +131,16 @@ def served(registry, legacy_uri, webhook):
 
 
 def infer(url: str, images: np.ndarray, path: str = "/v2/models/digits/infer") -> dict:
-    body = {"inputs": [{"name": "input", "datatype": "UINT8", "shape": list(images.shape),
-                        "data": images.ravel().tolist()}]}
+    body = {
+        "inputs": [
+            {
+                "name": "input",
+                "datatype": "UINT8",
+                "shape": list(images.shape),
+                "data": images.ravel().tolist(),
+            }
+        ]
+    }
     resp = requests.post(url + path, data=json.dumps(body), timeout=60)
     assert resp.status_code == 200, resp.text
     return resp.json()
@@ -118,8 +157,11 @@ def test_each_response_carries_per_row_ood_flags(served):
     assert len(params["ood"]) == 5 and all(isinstance(f, bool) for f in params["ood"])
     assert len(params["ood_score"]) == 5 and 0 < params["ood_threshold"] < 1
     assert [s < params["ood_threshold"] for s in params["ood_score"]] == params["ood"]
-    predicted = requests.post(served["url"] + "/v2/models/digits/predict",
-                              json={"images": [png_b64(img) for img in images[:2]]}, timeout=60).json()
+    predicted = requests.post(
+        served["url"] + "/v2/models/digits/predict",
+        json={"images": [png_b64(img) for img in images[:2]]},
+        timeout=60,
+    ).json()
     assert len(predicted["parameters"]["ood"]) == 2 and len(predicted["predictions"]) == 2
     legacy = infer(served["url"], images[:1], "/v2/models/legacy/infer")
     assert "parameters" not in legacy and legacy["outputs"]  # unmonitored: answers as before
@@ -136,16 +178,25 @@ def test_noise_is_flagged_drift_alerts_and_the_webhook_gets_the_json(served, reg
     rng = np.random.default_rng(0)
     flags = []
     for _ in range(WINDOW // 20):
-        flags += infer(served["url"], rng.integers(0, 256, (20, 1, 8, 8)).astype(np.uint8))["parameters"]["ood"]
+        flags += infer(served["url"], rng.integers(0, 256, (20, 1, 8, 8)).astype(np.uint8))[
+            "parameters"
+        ]["ood"]
     assert np.mean(flags) >= 0.8
     deadline = time.monotonic() + 30
     while not any(p.get("signal") == "drift" for p in Receiver.posts):
         assert time.monotonic() < deadline, f"no drift alert reached the webhook: {Receiver.posts}"
         time.sleep(0.5)
     alert = next(p for p in Receiver.posts if p.get("signal") == "drift")
-    assert (alert["kind"], alert["model"], alert["version"], alert["state"]) == ("kiln.monitor.alert", "digits", "1",
-                                                                                 "firing")
-    assert alert["value"] > alert["threshold"] == 0.3 and "input.brightness" in alert["details"]["drifted"]
+    assert (alert["kind"], alert["model"], alert["version"], alert["state"]) == (
+        "kiln.monitor.alert",
+        "digits",
+        "1",
+        "firing",
+    )
+    assert (
+        alert["value"] > alert["threshold"] == 0.3
+        and "input.brightness" in alert["details"]["drifted"]
+    )
 
     proc = monitor_cli(registry, "status", "digits", "--json")
     assert proc.returncode == 0, proc.stderr
@@ -160,7 +211,11 @@ def test_unmonitored_version_gets_a_one_line_warning(served, registry):
     proc = monitor_cli(registry, "status", "legacy")
     assert proc.returncode == 0, proc.stderr
     warning = [line for line in proc.stdout.splitlines() if "warning" in line]
-    assert len(warning) == 1 and "not monitored" in warning[0] and "monitor_reference.json" in warning[0]
+    assert (
+        len(warning) == 1
+        and "not monitored" in warning[0]
+        and "monitor_reference.json" in warning[0]
+    )
 
 
 def test_monitoring_metrics_per_version(served):
@@ -169,17 +224,27 @@ def test_monitoring_metrics_per_version(served):
     deadline = time.monotonic() + 90
     while True:
         text = requests.get(served["metrics_url"], timeout=10).text
-        samples = [s for f in text_string_to_metric_families(text) for s in f.samples
-                   if s.labels.get("model") == "digits"]
+        samples = [
+            s
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.labels.get("model") == "digits"
+        ]
         names = {s.name for s in samples}
-        if {"ray_kiln_monitor_drift_score", "ray_kiln_monitor_ood_rate", "ray_kiln_monitor_ood_rows_total"} <= names:
+        if {
+            "ray_kiln_monitor_drift_score",
+            "ray_kiln_monitor_ood_rate",
+            "ray_kiln_monitor_ood_rows_total",
+        } <= names:
             break
         assert time.monotonic() < deadline, f"monitor metrics never appeared: {sorted(names)}"
         time.sleep(2)
     drift = [s.value for s in samples if s.name == "ray_kiln_monitor_drift_score"]
     assert max(drift) > 0.3
-    assert any(s.name == "ray_kiln_monitor_feature_psi" and s.labels.get("feature") == "input.brightness"
-               for s in samples)
+    assert any(
+        s.name == "ray_kiln_monitor_feature_psi" and s.labels.get("feature") == "input.brightness"
+        for s in samples
+    )
 
 
 def test_report_writes_html_with_plots(served, registry, tmp_path):
@@ -194,11 +259,16 @@ def test_report_writes_html_with_plots(served, registry, tmp_path):
 
 def test_status_of_an_unknown_model_is_one_error_line(served, registry):
     proc = monitor_cli(registry, "status", "nosuch")
-    assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and "nosuch" in proc.stderr
+    assert (
+        proc.returncode == 2
+        and proc.stderr.strip().startswith("error:")
+        and "nosuch" in proc.stderr
+    )
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
 # --- closing the loop, and the gates (they change what is served: last) --------------------------
+
 
 def audit(registry) -> list[dict]:
     from kiln.rollout.store import RolloutStore
@@ -215,43 +285,61 @@ def rollout_phase(registry) -> str | None:
 
 @pytest.mark.slow  # a real training job on the serving cluster, then a rollout (about a minute)
 def test_sustained_drift_retrains_and_rolls_the_new_version_out(served, registry):
-    """The loop end to end: after the noise above the drift alert keeps firing; after_s later the replica
-    submits `train` through the Jobs API (kiln submit's path) with the configured data source; the job
-    registers a new version; a gated canary rollout of it starts (trigger: monitor) and, under
-    in-distribution traffic, is promoted. Every step is in the rollout audit log."""
+    """The loop end to end: after the noise above the drift alert keeps firing; after_s later the
+    replica submits `train` through the Jobs API (kiln submit's path) with the configured data
+    source; the job registers a new version; a gated canary rollout of it starts (trigger: monitor)
+    and, under in-distribution traffic, is promoted. Every step is in the rollout audit log."""
     from kiln import tracking as trk
 
     deadline = time.monotonic() + 300
     while True:
-        status = requests.get(served["url"] + "/v2/models/digits/versions/1/monitor", timeout=30).json()
+        status = requests.get(
+            served["url"] + "/v2/models/digits/versions/1/monitor", timeout=30
+        ).json()
         retrain = status["versions"]["1"]["retrain"]
         steps = [e["step"] for e in retrain["events"]]
         if "rollout" in steps or "failed" in steps:
             break
         assert time.monotonic() < deadline, f"no retraining outcome in time: {retrain}"
         time.sleep(2)
-    assert steps[:4] == ["triggered", "submitted", "registered", "rollout"], json.dumps(retrain["events"])
+    assert steps[:4] == ["triggered", "submitted", "registered", "rollout"], json.dumps(
+        retrain["events"]
+    )
     triggered, submitted, registered, rollout = retrain["events"][:4]
     assert triggered["detail"]["drift"] > 0.3 and triggered["detail"]["firing_s"] >= 2
     assert submitted["submission_id"].startswith("kiln-retrain-digits-v1-")
-    assert "jobs/train.py" in submitted["detail"]["entrypoint"] and "data.source=digits" in submitted["detail"]["entrypoint"]
+    assert (
+        "jobs/train.py" in submitted["detail"]["entrypoint"]
+        and "data.source=digits" in submitted["detail"]["entrypoint"]
+    )
     model_uri = registered["detail"]["model_uri"]
-    name, version = model_uri[len("models:/"):].split("/")
+    name, version = model_uri[len("models:/") :].split("/")
     assert name == "digits" and int(version) > 1 and rollout["detail"]["to_version"] == version
-    assert (trk.resolve_model_dir(model_uri, registry.tracking_uri) / "monitor_reference.json").is_file()
+    assert (
+        trk.resolve_model_dir(model_uri, registry.tracking_uri) / "monitor_reference.json"
+    ).is_file()
 
     images = digits_raw(200)
     deadline = time.monotonic() + 120
     while rollout_phase(registry) not in ("promoted", "rolled_back"):
         assert time.monotonic() < deadline, f"rollout never finished: {audit(registry)[-3:]}"
         for i in range(0, 200, 10):
-            infer(served["url"], images[i:i + 10])
+            infer(served["url"], images[i : i + 10])
     assert rollout_phase(registry) == "promoted", audit(registry)[-3:]
     decisions = [(e["decision"], e.get("trigger")) for e in audit(registry)]
-    assert decisions[:5] == [("retrain-triggered", "monitor"), ("retrain-submitted", "monitor"),
-                             ("retrain-registered", "monitor"), ("start", "monitor"), ("retrain-rollout", "monitor")] \
-        or decisions[:5] == [("retrain-triggered", "monitor"), ("retrain-submitted", "monitor"),
-                             ("retrain-registered", "monitor"), ("retrain-rollout", "monitor"), ("start", "monitor")]
+    assert decisions[:5] == [
+        ("retrain-triggered", "monitor"),
+        ("retrain-submitted", "monitor"),
+        ("retrain-registered", "monitor"),
+        ("start", "monitor"),
+        ("retrain-rollout", "monitor"),
+    ] or decisions[:5] == [
+        ("retrain-triggered", "monitor"),
+        ("retrain-submitted", "monitor"),
+        ("retrain-registered", "monitor"),
+        ("retrain-rollout", "monitor"),
+        ("start", "monitor"),
+    ]
     assert decisions[-1] == ("promote", "auto")
     webhook_steps = [p["step"] for p in Receiver.posts if p.get("kind") == "kiln.monitor.retrain"]
     assert webhook_steps[:4] == ["triggered", "submitted", "registered", "rollout"]
@@ -259,27 +347,54 @@ def test_sustained_drift_retrains_and_rolls_the_new_version_out(served, registry
 
 @pytest.mark.slow  # trains one more version, then a rollout
 def test_a_rollout_whose_new_version_sees_drift_is_rolled_back_by_the_drift_gate(served, registry):
-    """Noise images routed to the new version (canary at 100%): its own window drifts and is mostly OOD,
-    so the drift and ood_rate gates fail and the controller rolls back, the reason in the audit log."""
+    """Noise images routed to the new version (canary at 100%): its own window drifts and is mostly
+    OOD, so the drift and ood_rate gates fail and the controller rolls back, the reason in the audit
+    log."""
     from served_models import CNN, DIGITS, train_and_register
 
-    fresh = train_and_register(registry.run_dir, "digits", DIGITS, CNN, epochs=2, seed=2).rsplit("/", 1)[1]
-    proc = run_kiln("rollout", "start", "digits", "--to", fresh, "--strategy", "canary", "--weight", "100",
-                    "--bake", "60s", "--interval", "1s", "--gate", "drift<0.3", "--gate", "ood_rate<0.5",
-                    "--gate", "error_rate<0.01",
-                    "--run-dir", str(registry.run_dir), "--json")
+    fresh = train_and_register(registry.run_dir, "digits", DIGITS, CNN, epochs=2, seed=2).rsplit(
+        "/", 1
+    )[1]
+    proc = run_kiln(
+        "rollout",
+        "start",
+        "digits",
+        "--to",
+        fresh,
+        "--strategy",
+        "canary",
+        "--weight",
+        "100",
+        "--bake",
+        "60s",
+        "--interval",
+        "1s",
+        "--gate",
+        "drift<0.3",
+        "--gate",
+        "ood_rate<0.5",
+        "--gate",
+        "error_rate<0.01",
+        "--run-dir",
+        str(registry.run_dir),
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     rng = np.random.default_rng(1)
     deadline = time.monotonic() + 120
     while rollout_phase(registry) != "rolled_back":
         assert time.monotonic() < deadline, f"not rolled back: {audit(registry)[-3:]}"
-        out = infer(served["url"], rng.integers(0, 256, (10, 1, 8, 8)).astype(np.uint8))  # drifted traffic
+        out = infer(
+            served["url"], rng.integers(0, 256, (10, 1, 8, 8)).astype(np.uint8)
+        )  # drifted traffic
         assert out["model_version"] in (fresh, rollout_stable(registry))
     last = audit(registry)[-1]
     assert (last["decision"], last["trigger"]) == ("rollback", "gate")
     assert "drift<0.3 failed" in last["reason"] and last["gates"]["drift<0.3"]["value"] > 0.3
     assert "ood_rate<0.5 failed" in last["reason"] and last["gates"]["ood_rate<0.5"]["value"] >= 0.8
-    assert last["gates"]["error_rate<0.01"]["ok"] is True  # a healthy version, rolled back for its inputs
+    assert (
+        last["gates"]["error_rate<0.01"]["ok"] is True
+    )  # a healthy version, rolled back for its inputs
     history = run_kiln("rollout", "history", "digits", "--run-dir", str(registry.run_dir))
     assert "drift<0.3 failed" in history.stdout
 

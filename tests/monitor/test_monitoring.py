@@ -1,8 +1,10 @@
-"""Live monitoring in-process: the statistics, the OOD calibration, and drift/OOD/alerts on real models.
+"""Live monitoring in-process: the statistics, the OOD calibration, and drift/OOD/alerts on real
+models.
 
 Models are trained in-process by the real training loop (seconds) on data with larger validation and
-test splits (30% each), so that a 5% OOD rate is measured on hundreds of rows. Traffic is fed through
-the same VersionMonitor a serving replica uses, in request-sized chunks, in a seeded random order.
+test splits (30% each), so that a 5% OOD rate is measured on hundreds of rows. Traffic is fed
+through the same VersionMonitor a serving replica uses, in request-sized chunks, in a seeded random
+order.
 """
 
 from __future__ import annotations
@@ -24,16 +26,27 @@ SPLIT = {"val": 0.3, "test": 0.3, "seed": 0}
 
 def train_in_process(data: dict, model: dict, epochs: int, run_dir: Path):
     """(Predictor, PreparedData, MonitorReference) of a model trained by the real loop."""
-    from kiln.config import validate_config
     from kiln.data.dataset import prepare_data
     from kiln.models.predictor import load_predictor
     from kiln.monitor.reference import load_reference, write_reference
+    from kiln.schema import validate_config
     from kiln.train.loop import train_epochs
     from kiln.train.session import LocalSession
 
-    cfg = validate_config({"experiment": {"name": "monitor-test", "run_dir": str(run_dir)}, "data": data,
-                           "model": model, "train": {"epochs": epochs, "batch_size": 64, "lr": 0.003, "seed": 0,
-                                                     "cpus_per_worker": 1}})
+    cfg = validate_config(
+        {
+            "experiment": {"name": "monitor-test", "run_dir": str(run_dir)},
+            "data": data,
+            "model": model,
+            "train": {
+                "epochs": epochs,
+                "batch_size": 64,
+                "lr": 0.003,
+                "seed": 0,
+                "cpus_per_worker": 1,
+            },
+        }
+    )
     prepared = prepare_data(cfg.data)
     ckpt = Path(tempfile.mkdtemp(prefix="kiln-monitor-test-", dir=run_dir))
     session = LocalSession(str(ckpt))
@@ -46,16 +59,24 @@ def train_in_process(data: dict, model: dict, epochs: int, run_dir: Path):
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    return train_in_process({"source": "digits", "image": "image", "split": SPLIT},
-                            {"name": "cnn", "width": 8, "dropout": 0.0}, 3, tmp_path_factory.mktemp("digits"))
+    return train_in_process(
+        {"source": "digits", "image": "image", "split": SPLIT},
+        {"name": "cnn", "width": 8, "dropout": 0.0},
+        3,
+        tmp_path_factory.mktemp("digits"),
+    )
 
 
 @pytest.fixture(scope="module")
 def tabular(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("tabular")
     source = tabular_parquet(run_dir / "animals.parquet", rows=3000, seed=0, nulls=False)
-    return train_in_process({"source": str(source), "label": "species", "split": SPLIT},
-                            {"name": "mlp", "hidden": [16], "dropout": 0.0}, 5, run_dir)
+    return train_in_process(
+        {"source": str(source), "label": "species", "split": SPLIT},
+        {"name": "mlp", "hidden": [16], "dropout": 0.0},
+        5,
+        run_dir,
+    )
 
 
 def monitor_for(reference, alerts: list | None = None, **cfg):
@@ -67,12 +88,13 @@ def monitor_for(reference, alerts: list | None = None, **cfg):
 
 
 def feed(monitor, predictor, x: np.ndarray, chunk: int = 4, seed: int = 0) -> dict:
-    """Send ``x`` (normalized) as requests of ``chunk`` rows in a seeded order, evaluating when due, as a
-    replica does; returns per-row flags, the evaluations, and the request count at the first alert."""
+    """Send ``x`` (normalized) as requests of ``chunk`` rows in a seeded order, evaluating when due,
+    as a replica does; returns per-row flags, the evaluations, and the request count at the first
+    alert."""
     order = np.random.default_rng(seed).permutation(len(x))
     flags, evaluations, first_alert = [], [], None
     for n, i in enumerate(range(0, len(x), chunk), start=1):
-        rows = x[order[i:i + chunk]]
+        rows = x[order[i : i + chunk]]
         flags.append(monitor.observe(rows, predictor.logits(rows)).flags)
         if monitor.due():
             evaluation = monitor.evaluate()
@@ -84,6 +106,7 @@ def feed(monitor, predictor, x: np.ndarray, chunk: int = 4, seed: int = 0) -> di
 
 
 # --- statistics -----------------------------------------------------------------------------------
+
 
 def test_psi_is_zero_for_equal_shares_and_grows_with_the_shift():
     from kiln.monitor.stats import psi
@@ -111,8 +134,12 @@ def test_categorical_drift_uses_category_shares():
 
     ref = FeatureReference("c", "categorical", "output", proportions=[0.5, 0.3, 0.2])
     rng = np.random.default_rng(1)
-    assert not categorical_drift(ref, rng.choice(3, 400, p=[0.5, 0.3, 0.2]).astype(float), 0.2, 0.01).drifted
-    assert categorical_drift(ref, rng.choice(3, 400, p=[0.1, 0.1, 0.8]).astype(float), 0.2, 0.01).drifted
+    assert not categorical_drift(
+        ref, rng.choice(3, 400, p=[0.5, 0.3, 0.2]).astype(float), 0.2, 0.01
+    ).drifted
+    assert categorical_drift(
+        ref, rng.choice(3, 400, p=[0.1, 0.1, 0.8]).astype(float), 0.2, 0.01
+    ).drifted
 
 
 def test_window_keeps_the_last_rows_in_order():
@@ -120,11 +147,22 @@ def test_window_keeps_the_last_rows_in_order():
 
     w = RowWindow(5, 1)
     for start in range(0, 12, 3):
-        w.append(np.arange(start, start + 3, dtype=np.float32)[:, None], np.arange(start, start + 3) % 2 == 0)
+        w.append(
+            np.arange(start, start + 3, dtype=np.float32)[:, None],
+            np.arange(start, start + 3) % 2 == 0,
+        )
     rows, flags = w.snapshot()
-    assert rows[:, 0].tolist() == [7, 8, 9, 10, 11] and flags.tolist() == [False, True, False, True, False]
+    assert rows[:, 0].tolist() == [7, 8, 9, 10, 11] and flags.tolist() == [
+        False,
+        True,
+        False,
+        True,
+        False,
+    ]
     assert (len(w), w.seen) == (5, 12)
-    w.append(np.arange(100, 108, dtype=np.float32)[:, None], np.zeros(8, bool))  # larger than the window
+    w.append(
+        np.arange(100, 108, dtype=np.float32)[:, None], np.zeros(8, bool)
+    )  # larger than the window
     assert w.snapshot()[0][:, 0].tolist() == [103, 104, 105, 106, 107]
 
 
@@ -153,6 +191,7 @@ def test_reference_round_trips_and_calibrates_on_validation(digits):
 
 # --- images ------------------------------------------------------------------------------------
 
+
 def test_image_test_split_raises_no_alert_and_ood_rate_near_calibration(digits):
     predictor, data, reference = digits
     alerts: list = []
@@ -166,9 +205,13 @@ def test_image_test_split_raises_no_alert_and_ood_rate_near_calibration(digits):
 def test_inverted_images_drift_and_name_the_features(digits):
     predictor, data, reference = digits
     alerts: list = []
-    raw = (data.x_test * np.asarray(predictor.spec.preprocessing.std)[None, :, None, None]
-           + np.asarray(predictor.spec.preprocessing.mean)[None, :, None, None])  # back to [0, 1]
-    inverted = predictor.spec.preprocessing.apply(np.round((1.0 - raw) * 255).clip(0, 255).astype(np.uint8))
+    raw = (
+        data.x_test * np.asarray(predictor.spec.preprocessing.std)[None, :, None, None]
+        + np.asarray(predictor.spec.preprocessing.mean)[None, :, None, None]
+    )  # back to [0, 1]
+    inverted = predictor.spec.preprocessing.apply(
+        np.round((1.0 - raw) * 255).clip(0, 255).astype(np.uint8)
+    )
     run = feed(monitor_for(reference, alerts, window=200, min_rows=100), predictor, inverted[:200])
     final = run["evaluations"][-1]
     assert final.drift_score > 0.3
@@ -181,7 +224,9 @@ def test_noise_images_are_flagged_ood_and_drift(digits):
     predictor, data, reference = digits
     alerts: list = []
     rng = np.random.default_rng(0)
-    noise = predictor.spec.preprocessing.apply(rng.integers(0, 256, (200, 1, 8, 8)).astype(np.uint8))
+    noise = predictor.spec.preprocessing.apply(
+        rng.integers(0, 256, (200, 1, 8, 8)).astype(np.uint8)
+    )
     run = feed(monitor_for(reference, alerts, window=200), predictor, noise)
     assert run["flags"].mean() >= 0.8
     final = run["evaluations"][-1]
@@ -193,7 +238,9 @@ def test_energy_alone_misses_noise_that_the_input_check_catches(digits):
     """Why ood_inputs defaults to on: measured, not assumed (the README quotes this comparison)."""
     predictor, data, reference = digits
     rng = np.random.default_rng(0)
-    noise = predictor.spec.preprocessing.apply(rng.integers(0, 256, (200, 1, 8, 8)).astype(np.uint8))
+    noise = predictor.spec.preprocessing.apply(
+        rng.integers(0, 256, (200, 1, 8, 8)).astype(np.uint8)
+    )
     logits = predictor.logits(noise)
     alone = monitor_for(reference, ood_inputs=False).observe(noise, logits).flags.mean()
     combined = monitor_for(reference, ood_inputs=True).observe(noise, logits).flags.mean()
@@ -201,6 +248,7 @@ def test_energy_alone_misses_noise_that_the_input_check_catches(digits):
 
 
 # --- tabular ------------------------------------------------------------------------------------
+
 
 def test_tabular_test_split_raises_no_alert_and_ood_rate_near_calibration(tabular):
     predictor, data, reference = tabular
@@ -216,19 +264,30 @@ def test_scaled_and_offset_features_drift_and_are_named(tabular):
     prep = predictor.spec.preprocessing
     names = list(prep.feature_names)
     raw = data.x_test * np.asarray(prep.std) + np.asarray(prep.mean)  # the raw test rows
-    raw[:, names.index("count")] = np.round(raw[:, names.index("count")])  # integers again, not 2.9999998
+    raw[:, names.index("count")] = np.round(
+        raw[:, names.index("count")]
+    )  # integers again, not 2.9999998
     raw[:, names.index("big")] *= 1.5  # scaled
     raw[:, names.index("noise")] += 1.0  # offset by one standard deviation
     alerts: list = []
-    run = feed(monitor_for(reference, alerts, window=200), predictor, prep.apply(raw.astype(np.float32))[:300])
+    run = feed(
+        monitor_for(reference, alerts, window=200),
+        predictor,
+        prep.apply(raw.astype(np.float32))[:300],
+    )
     final = run["evaluations"][-1]
     assert final.drift_score > 0.3
     assert {"big", "noise"} <= set(final.drift.drifted) and "count" not in final.drift.drifted
-    assert alerts and alerts[0].signal == "drift" and {"big", "noise"} <= set(alerts[0].details["drifted"])
+    assert (
+        alerts
+        and alerts[0].signal == "drift"
+        and {"big", "noise"} <= set(alerts[0].details["drifted"])
+    )
     assert run["first_alert"] is not None and run["first_alert"] * 4 <= 200
 
 
 # --- alerts leave the process -------------------------------------------------------------------
+
 
 class _Receiver(http.server.BaseHTTPRequestHandler):
     received: list = []
@@ -252,8 +311,12 @@ def test_webhook_receives_one_json_alert_per_crossing(tabular):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         predictor, data, reference = tabular
-        cfg = MonitorConfig(window=100, min_rows=50, eval_every=25,
-                            webhook_url=f"http://127.0.0.1:{server.server_port}/hook")
+        cfg = MonitorConfig(
+            window=100,
+            min_rows=50,
+            eval_every=25,
+            webhook_url=f"http://127.0.0.1:{server.server_port}/hook",
+        )
         monitor = VersionMonitor("animals", "3", reference, cfg)
         shifted = data.x_test[:300] + 3.0  # every feature moved by three standard deviations
         feed(monitor, predictor, shifted)
@@ -272,11 +335,17 @@ def test_webhook_receives_one_json_alert_per_crossing(tabular):
 
 # --- the retraining policy ----------------------------------------------------------------------
 
+
 def test_retraining_is_due_after_sustained_drift_once_per_cooldown():
     from kiln.monitor.retrain import RetrainLoop, RetrainPolicy
 
-    loop = RetrainLoop(RetrainPolicy(config="configs/train/digits_cnn.yaml", after_s=60, cooldown_s=600),
-                       "digits", "3", "digits-cnn", "sqlite:////tmp/x.db")
+    loop = RetrainLoop(
+        RetrainPolicy(config="configs/train/digits_cnn.yaml", after_s=60, cooldown_s=600),
+        "digits",
+        "3",
+        "digits-cnn",
+        "sqlite:////tmp/x.db",
+    )
     assert not loop.due(None, now=1000)  # no alert firing
     assert not loop.due(1000, now=1059)  # firing, but not for 60 s yet
     assert loop.due(1000, now=1060)
@@ -289,25 +358,40 @@ def test_retraining_is_due_after_sustained_drift_once_per_cooldown():
 def test_retraining_job_joins_the_registered_model_and_uses_the_configured_data():
     from kiln.monitor.retrain import RetrainLoop, RetrainPolicy
 
-    policy = RetrainPolicy(config="configs/train/digits_cnn.yaml", data_source="/data/fresh.parquet",
-                           overrides=["train.epochs=2"])
+    policy = RetrainPolicy(
+        config="configs/train/digits_cnn.yaml",
+        data_source="/data/fresh.parquet",
+        overrides=["train.epochs=2"],
+    )
     loop = RetrainLoop(policy, "digits", "3", "digits-cnn", "sqlite:////tmp/x.db")
-    assert loop.job_overrides() == ["experiment.name=digits-cnn", "data.source=/data/fresh.parquet", "train.epochs=2"]
+    assert loop.job_overrides() == [
+        "experiment.name=digits-cnn",
+        "data.source=/data/fresh.parquet",
+        "train.epochs=2",
+    ]
     assert loop.submission_id().startswith("kiln-retrain-digits-v3-")
 
 
 def test_retraining_config_mistakes_name_the_key(tmp_path):
-    from kiln.config import validate_config
+    from conftest import REPO
     from kiln.errors import ConfigError
     from kiln.monitor.config import resolve_retrain
-    from conftest import REPO
+    from kiln.schema import validate_config
 
-    cfg = validate_config({"serve": {"monitor": {"retrain": {"config": "configs/train/nope.yaml"}}}}).serve.monitor
-    with pytest.raises(ConfigError, match=r"serve.monitor.retrain.config': .*nope.yaml does not exist"):
+    cfg = validate_config(
+        {"serve": {"monitor": {"retrain": {"config": "configs/train/nope.yaml"}}}}
+    ).serve.monitor
+    with pytest.raises(
+        ConfigError, match=r"serve.monitor.retrain.config': .*nope.yaml does not exist"
+    ):
         resolve_retrain(cfg, str(REPO))
-    with pytest.raises(ConfigError, match=r"serve.monitor.retrain.project': .* has no jobs/train.py"):
+    with pytest.raises(
+        ConfigError, match=r"serve.monitor.retrain.project': .* has no jobs/train.py"
+    ):
         resolve_retrain(cfg, str(tmp_path))
-    ok = validate_config({"serve": {"monitor": {"retrain": {"config": "configs/train/digits_cnn.yaml"}}}}).serve.monitor
+    ok = validate_config(
+        {"serve": {"monitor": {"retrain": {"config": "configs/train/digits_cnn.yaml"}}}}
+    ).serve.monitor
     resolve_retrain(ok, str(REPO))
     assert (ok.retrain.project, ok.retrain.config) == (str(REPO), "configs/train/digits_cnn.yaml")
     with pytest.raises(ConfigError, match=r"serve.monitor.window"):
@@ -317,8 +401,8 @@ def test_retraining_config_mistakes_name_the_key(tmp_path):
 
 
 def test_quality_signals_for_rollout_gates_wait_for_min_rows(digits, tmp_path):
-    """What ModelServer.quality_signals returns: nothing before min_rows (a gate then holds), then the
-    live window's drift score and OOD rate, refreshed on reading."""
+    """What ModelServer.quality_signals returns: nothing before min_rows (a gate then holds), then
+    the live window's drift score and OOD rate, refreshed on reading."""
     import asyncio
 
     from kiln.monitor.config import MonitorConfig
@@ -334,16 +418,24 @@ def test_quality_signals_for_rollout_gates_wait_for_min_rows(digits, tmp_path):
 
     async def send(x):
         for i in range(0, len(x), 5):
-            replica.observe("1", x[i:i + 5], predictor.logits(x[i:i + 5]))
+            replica.observe("1", x[i : i + 5], predictor.logits(x[i : i + 5]))
 
     asyncio.run(send(data.x_test[:40]))
     assert replica.signals("1") == {} and replica.signals("2") == {}
     asyncio.run(send(data.x_test[40:100]))
     signals = replica.signals("1")
-    assert set(signals) == {"drift", "ood_rate"} and signals["drift"] < 0.3 and signals["ood_rate"] < 0.2
-    noise = predictor.spec.preprocessing.apply(np.random.default_rng(0).integers(0, 256, (100, 1, 8, 8))
-                                               .astype(np.uint8))
+    assert (
+        set(signals) == {"drift", "ood_rate"}
+        and signals["drift"] < 0.3
+        and signals["ood_rate"] < 0.2
+    )
+    noise = predictor.spec.preprocessing.apply(
+        np.random.default_rng(0).integers(0, 256, (100, 1, 8, 8)).astype(np.uint8)
+    )
     asyncio.run(send(noise))
     signals = replica.signals("1")
     assert signals["drift"] > 0.3 and signals["ood_rate"] >= 0.8
-    assert replica.status("2")["monitored"] is False and "monitor_reference.json" in replica.status("2")["reason"]
+    assert (
+        replica.status("2")["monitored"] is False
+        and "monitor_reference.json" in replica.status("2")["reason"]
+    )

@@ -1,4 +1,5 @@
-"""Fault tolerance: a killed worker is replaced from the last checkpoint; a killed driver resumes with --resume."""
+"""Fault tolerance: a killed worker is replaced from the last checkpoint; a killed driver resumes
+with --resume."""
 
 from __future__ import annotations
 
@@ -18,9 +19,25 @@ pytestmark = pytest.mark.slow
 
 
 def start_training(address, run_dir, *overrides) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "kiln.cli", "train", DEFAULT, "--address", address, "--json",
-                             f"experiment.run_dir={run_dir}", *overrides],
-                            cwd=REPO, env=kiln_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kiln.cli",
+            "train",
+            DEFAULT,
+            "--address",
+            address,
+            "--json",
+            f"experiment.run_dir={run_dir}",
+            *overrides,
+        ],
+        cwd=REPO,
+        env=kiln_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_run(tracking_uri: str, experiment: str, proc: subprocess.Popen, timeout: float = 180):
@@ -29,7 +46,8 @@ def wait_for_run(tracking_uri: str, experiment: str, proc: subprocess.Popen, tim
         assert proc.poll() is None, f"training exited early: {proc.communicate()[1][-2000:]}"
         try:
             runs = trk.client(tracking_uri).search_runs(
-                [trk.client(tracking_uri).get_experiment_by_name(experiment).experiment_id])
+                [trk.client(tracking_uri).get_experiment_by_name(experiment).experiment_id]
+            )
             if runs:
                 return runs[0].info.run_id
         except Exception:
@@ -38,7 +56,9 @@ def wait_for_run(tracking_uri: str, experiment: str, proc: subprocess.Popen, tim
     raise AssertionError("no MLflow run appeared")
 
 
-def wait_for_epochs(tracking_uri: str, run_id: str, n: int, proc: subprocess.Popen, timeout: float = 300) -> list[int]:
+def wait_for_epochs(
+    tracking_uri: str, run_id: str, n: int, proc: subprocess.Popen, timeout: float = 300
+) -> list[int]:
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, f"training exited early: {proc.communicate()[1][-2000:]}"
@@ -52,14 +72,19 @@ def wait_for_epochs(tracking_uri: str, run_id: str, n: int, proc: subprocess.Pop
 def alive_train_workers(address: str) -> list[int]:
     from ray.util.state import list_actors
 
-    actors = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
-                         timeout=30)
+    actors = list_actors(
+        address=address,
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+        timeout=30,
+    )
     return [a.pid for a in actors]
 
 
 def test_killed_worker_is_replaced_and_training_finishes(ray_cluster, run_dir):
     uri = trk.default_tracking_uri(run_dir)
-    proc = start_training(ray_cluster, run_dir, "experiment.name=ft-worker", "train.epochs=8", "model.width=16")
+    proc = start_training(
+        ray_cluster, run_dir, "experiment.name=ft-worker", "train.epochs=8", "model.width=16"
+    )
     try:
         run_id = wait_for_run(uri, "ft-worker", proc)
         wait_for_epochs(uri, run_id, 2, proc)
@@ -75,8 +100,9 @@ def test_killed_worker_is_replaced_and_training_finishes(ray_cluster, run_dir):
     steps = sorted({m.step for m in trk.metric_history(uri, run_id, "epoch")})
     assert steps == list(range(8))  # every epoch finished
     resumed = [m.value for m in trk.metric_history(uri, run_id, "resumed_at_epoch")]
-    # the new worker group started from a registered checkpoint, not from scratch (Ray Train registers
-    # checkpoints asynchronously, so the last epoch before the kill may be trained again: at-least-once)
+    # the new worker group started from a registered checkpoint, not from scratch (Ray Train
+    # registers checkpoints asynchronously, so the last epoch before the kill may be trained again:
+    # at-least-once)
     assert resumed and resumed[0] >= 1
     assert out["metrics"]["test_accuracy"] >= 0.9
 
@@ -98,8 +124,17 @@ def test_killed_driver_resumes_without_repeating_finished_epochs(ray_cluster, ru
     while alive_train_workers(ray_cluster) and time.time() < deadline:
         time.sleep(0.5)
 
-    resumed = run_kiln("train", DEFAULT, "--address", ray_cluster, "--json", f"experiment.run_dir={run_dir}",
-                       *args, "--resume", run_id)
+    resumed = run_kiln(
+        "train",
+        DEFAULT,
+        "--address",
+        ray_cluster,
+        "--json",
+        f"experiment.run_dir={run_dir}",
+        *args,
+        "--resume",
+        run_id,
+    )
     assert resumed.returncode == 0, resumed.stderr
     out = last_json(resumed.stdout)
     assert out["run_id"] == run_id
@@ -109,9 +144,26 @@ def test_killed_driver_resumes_without_repeating_finished_epochs(ray_cluster, ru
     assert out["resumed_from_epoch"] > max(done_before)
     assert trk.get_run(uri, run_id).info.status == "FINISHED"
 
-    again = run_kiln("train", DEFAULT, "--address", ray_cluster, f"experiment.run_dir={run_dir}", *args,
-                     "--resume", run_id)
+    again = run_kiln(
+        "train",
+        DEFAULT,
+        "--address",
+        ray_cluster,
+        f"experiment.run_dir={run_dir}",
+        *args,
+        "--resume",
+        run_id,
+    )
     assert again.returncode == 2 and "already finished" in again.stderr
-    unknown = run_kiln("train", DEFAULT, "--address", ray_cluster, f"experiment.run_dir={run_dir}", *args,
-                       "train.lr=0.1", "--resume", "0" * 32)
+    unknown = run_kiln(
+        "train",
+        DEFAULT,
+        "--address",
+        ray_cluster,
+        f"experiment.run_dir={run_dir}",
+        *args,
+        "train.lr=0.1",
+        "--resume",
+        "0" * 32,
+    )
     assert unknown.returncode == 2 and "no MLflow run" in unknown.stderr

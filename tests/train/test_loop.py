@@ -1,4 +1,5 @@
-"""The training loop in-process (LocalSession): learning, checkpoints, resume, determinism, metrics."""
+"""The training loop in-process (LocalSession): learning, checkpoints, resume, determinism,
+metrics."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from kiln.config import load_config
 from kiln.data.dataset import prepare_data
+from kiln.schema import load_config
 from kiln.train.checkpoint import find_latest_checkpoint, read_state
 from kiln.train.loop import LoopHooks, train_epochs
 from kiln.train.metrics import accuracy, classification_report, confusion_matrix, f1_macro
@@ -27,12 +28,15 @@ def test_loop_learns_and_checkpoints_every_epoch(setup, tmp_path):
     session = LocalSession(tmp_path)
     reports = train_epochs(cfg, data, session)
     assert [r["epoch"] for r in reports] == [0, 1, 2]
-    assert reports[-1]["val_accuracy"] > 0.8 and reports[-1]["train_loss"] < reports[0]["train_loss"]
+    assert (
+        reports[-1]["val_accuracy"] > 0.8 and reports[-1]["train_loss"] < reports[0]["train_loss"]
+    )
     assert {"train_loss", "val_loss", "val_accuracy", "val_f1_macro", "lr"} <= set(reports[-1])
     latest = find_latest_checkpoint(tmp_path)
     assert read_state(latest)["epoch"] == 2
     assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "spec.json", "state.json"} <= {
-        p.name for p in latest.iterdir()}
+        p.name for p in latest.iterdir()
+    }
 
 
 class CrashAfter(LocalSession):
@@ -53,8 +57,12 @@ def test_resume_continues_after_the_checkpoint_and_matches_an_uninterrupted_run(
     full = train_epochs(cfg, data, LocalSession(tmp_path / "full"))
     with pytest.raises(SystemExit):
         train_epochs(cfg, data, CrashAfter(tmp_path / "crashed", 1))
-    resumed = train_epochs(cfg, data, LocalSession(tmp_path / "after"),
-                           resume_from=find_latest_checkpoint(tmp_path / "crashed"))
+    resumed = train_epochs(
+        cfg,
+        data,
+        LocalSession(tmp_path / "after"),
+        resume_from=find_latest_checkpoint(tmp_path / "crashed"),
+    )
     assert [r["epoch"] for r in resumed] == [2]
     # weights, optimizer, LR schedule and per-epoch seeds are restored: the same result as no crash
     for key in ("train_loss", "val_loss", "val_accuracy", "lr"):

@@ -1,4 +1,5 @@
-"""End-to-end training through the CLI, against a real local Ray instance and a real MLflow sqlite store."""
+"""End-to-end training through the CLI, against a real local Ray instance and a real MLflow sqlite
+store."""
 
 from __future__ import annotations
 
@@ -16,8 +17,12 @@ pytestmark = pytest.mark.slow
 
 
 def train(address, run_dir, *overrides, config=DEFAULT, expect=0):
-    proc = run_kiln("train", config, "--address", address, "--json", f"experiment.run_dir={run_dir}", *overrides)
-    assert proc.returncode == expect, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    proc = run_kiln(
+        "train", config, "--address", address, "--json", f"experiment.run_dir={run_dir}", *overrides
+    )
+    assert proc.returncode == expect, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    )
     return last_json(proc.stdout) if expect == 0 else proc
 
 
@@ -39,7 +44,11 @@ def test_digits_cnn_two_workers_tracked_registered_and_predicting(ray_cluster, r
     run = trk.get_run(out["tracking_uri"], out["run_id"])
     assert run.info.status == "FINISHED"
     params = run.data.params
-    assert params["train.workers"] == "2" and params["model.name"] == "cnn" and params["data.source"] == "digits"
+    assert (
+        params["train.workers"] == "2"
+        and params["model.name"] == "cnn"
+        and params["data.source"] == "digits"
+    )
     tags = run.data.tags
     assert tags[trk.TAG_DATASET_HASH] == out["dataset_hash"]
     assert tags[trk.TAG_CODE_VERSION] and tags[trk.TAG_KILN_VERSION] == "0.1.0"
@@ -48,10 +57,19 @@ def test_digits_cnn_two_workers_tracked_registered_and_predicting(ray_cluster, r
     for key in ("train_loss", "val_loss", "val_accuracy"):
         assert len(trk.metric_history(out["tracking_uri"], out["run_id"], key)) == 8
     artifacts = {a.path for a in trk.client(out["tracking_uri"]).list_artifacts(out["run_id"])}
-    assert {"model", "confusion_matrix.png", "classification_report.json", "config.yaml",
-            "reference_profile.json"} <= artifacts
-    model_files = {a.path for a in trk.client(out["tracking_uri"]).list_artifacts(out["run_id"], "model")}
-    assert "model/monitor_reference.json" in model_files  # what serving monitors this version against
+    assert {
+        "model",
+        "confusion_matrix.png",
+        "classification_report.json",
+        "config.yaml",
+        "reference_profile.json",
+    } <= artifacts
+    model_files = {
+        a.path for a in trk.client(out["tracking_uri"]).list_artifacts(out["run_id"], "model")
+    }
+    assert (
+        "model/monitor_reference.json" in model_files
+    )  # what serving monitors this version against
 
     # the registered version loads and predicts, from encoded images as a user has them
     from kiln.data.builtin import load_builtin
@@ -90,8 +108,16 @@ train: {{epochs: 15, lr: 0.01, workers: 1, class_weights: auto}}
 
 def test_hf_image_parquet_trains_and_predicts(ray_cluster, run_dir, tmp_path):
     path = hf_image_parquet(tmp_path / "shapes.parquet", rows=450)
-    out = train(ray_cluster, run_dir, "experiment.name=shapes", f"data.source={path}", "model.width=16",
-                "train.workers=1", "train.cpus_per_worker=1", "train.epochs=10")
+    out = train(
+        ray_cluster,
+        run_dir,
+        "experiment.name=shapes",
+        f"data.source={path}",
+        "model.width=16",
+        "train.workers=1",
+        "train.cpus_per_worker=1",
+        "train.epochs=10",
+    )
     assert out["metrics"]["test_accuracy"] >= 0.9
     predictor = load_predictor(out["model_uri"], tracking_uri=out["tracking_uri"])
     images, labels = shape_images(60, seed=99)
@@ -118,26 +144,53 @@ def _bad(ray_cluster, run_dir, *overrides):
 
 
 def test_bad_inputs_fail_with_one_line_and_register_nothing(ray_cluster, run_dir, tmp_path):
-    assert _bad(ray_cluster, run_dir, "train.epoch=2") == \
-        "error: unknown config key 'train.epoch' (did you mean 'train.epochs'?)"
-    assert _bad(ray_cluster, run_dir, "data.source=/no/such/file.parquet") == \
-        "error: data.source: file not found: /no/such/file.parquet"
-    assert _bad(ray_cluster, run_dir, "data.label=digit").startswith("error: data.label: column 'digit' not found")
+    assert (
+        _bad(ray_cluster, run_dir, "train.epoch=2")
+        == "error: unknown config key 'train.epoch' (did you mean 'train.epochs'?)"
+    )
+    assert (
+        _bad(ray_cluster, run_dir, "data.source=/no/such/file.parquet")
+        == "error: data.source: file not found: /no/such/file.parquet"
+    )
+    assert _bad(ray_cluster, run_dir, "data.label=digit").startswith(
+        "error: data.label: column 'digit' not found"
+    )
 
     import pyarrow as pa
 
     cells = [{"bytes": b"\x89PNG broken", "path": None}] * 4
     broken = tmp_path / "broken.parquet"
-    pq.write_table(pa.table({"image": pa.array(cells, pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
-                             "label": [0, 1, 0, 1]}), broken)
+    pq.write_table(
+        pa.table(
+            {
+                "image": pa.array(
+                    cells, pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+                ),
+                "label": [0, 1, 0, 1],
+            }
+        ),
+        broken,
+    )
     assert _bad(ray_cluster, run_dir, f"data.source={broken}").startswith(
-        "error: data.image: row 0 does not decode as an image")
+        "error: data.image: row 0 does not decode as an image"
+    )
 
     line = _bad(ray_cluster, run_dir, "train.workers=5", "train.cpus_per_worker=1")
-    assert line.startswith("error: train.workers=5 needs 5 x (1 CPU) but the cluster can place only 2")
+    assert line.startswith(
+        "error: train.workers=5 needs 5 x (1 CPU) but the cluster can place only 2"
+    )
 
-    assert _bad(ray_cluster, run_dir, "model.name=cnn", "data.image=null", "data.source=" + str(
-        tabular_parquet(tmp_path / "t.parquet")), "data.label=species").startswith(
-        "error: config key 'model': model 'cnn' cannot take this data")
+    assert _bad(
+        ray_cluster,
+        run_dir,
+        "model.name=cnn",
+        "data.image=null",
+        "data.source=" + str(tabular_parquet(tmp_path / "t.parquet")),
+        "data.label=species",
+    ).startswith("error: config key 'model': model 'cnn' cannot take this data")
     # no run was even started for these input errors
-    assert not list(trk.client(trk.default_tracking_uri(run_dir)).search_experiments(filter_string="name = 'bad'"))
+    assert not list(
+        trk.client(trk.default_tracking_uri(run_dir)).search_experiments(
+            filter_string="name = 'bad'"
+        )
+    )

@@ -1,1 +1,2 @@
-"""Kiln on a Ray cluster: job submission (Ray Jobs API), a local head, cluster-launcher configs, a tracking server."""
+"""Kiln on a Ray cluster: job submission (Ray Jobs API), a local head, cluster-launcher configs, a
+tracking server."""

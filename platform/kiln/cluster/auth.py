@@ -1,8 +1,10 @@
-"""Ray token authentication, client side: find the cluster's token where Ray looks for it, and send it.
+"""Ray token authentication, client side: find the cluster's token where Ray looks for it, and send
+it.
 
-Ray (2.60) protects a cluster's dashboard and Jobs API with a bearer token when the cluster runs with
-``RAY_AUTH_MODE=token``. Ray's own SDK sends the token only when the *client* also sets that mode;
-Kiln sends it whenever one is found, so submitting to a protected cluster needs no extra setting.
+Ray (2.60) protects a cluster's dashboard and Jobs API with a bearer token when the cluster runs
+with ``RAY_AUTH_MODE=token``. Ray's own SDK sends the token only when the *client* also sets that
+mode; Kiln sends it whenever one is found, so submitting to a protected cluster needs no extra
+setting.
 """
 
 from __future__ import annotations
@@ -30,14 +32,19 @@ def token_source() -> str:
 
 
 def find_token() -> str | None:
-    """The Ray auth token, in Ray's own order: ``$RAY_AUTH_TOKEN``, the file at ``$RAY_AUTH_TOKEN_PATH``,
-    ``~/.ray/auth_token``. Returns None when there is none, or when ``RAY_AUTH_MODE=disabled``."""
+    """The Ray auth token, in Ray's own order: ``$RAY_AUTH_TOKEN``, the file at
+    ``$RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``. Returns None when there is none, or when
+    ``RAY_AUTH_MODE=disabled``."""
     if os.environ.get(AUTH_MODE_ENV, "").lower() == "disabled":
         return None
     token = os.environ.get(TOKEN_ENV, "").strip()
     if token:
         return token
-    path = Path(os.environ[TOKEN_PATH_ENV]).expanduser() if os.environ.get(TOKEN_PATH_ENV) else default_token_path()
+    path = (
+        Path(os.environ[TOKEN_PATH_ENV]).expanduser()
+        if os.environ.get(TOKEN_PATH_ENV)
+        else default_token_path()
+    )
     try:
         return path.read_text().strip() or None
     except OSError:

@@ -1,4 +1,5 @@
-"""Following, inspecting and stopping submitted jobs; a finished job's outcome (status, summary, error line)."""
+"""Following, inspecting and stopping submitted jobs; a finished job's outcome (status, summary,
+error line)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import contextlib
 import json
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from kiln.errors import KilnError
 
@@ -37,12 +39,18 @@ class JobState:
     driver_exit_code: int | None
 
     @classmethod
-    def from_details(cls, d) -> "JobState":
+    def from_details(cls, d) -> JobState:
         ms = lambda v: v / 1000.0 if v else None  # noqa: E731
-        return cls(submission_id=d.submission_id or d.job_id, status=str(getattr(d.status, "value", d.status)),
-                   job=(d.metadata or {}).get("kiln.job"), entrypoint=d.entrypoint, message=d.message,
-                   start_time=ms(d.start_time), end_time=ms(d.end_time),
-                   driver_exit_code=getattr(d, "driver_exit_code", None))
+        return cls(
+            submission_id=d.submission_id or d.job_id,
+            status=str(getattr(d.status, "value", d.status)),
+            job=(d.metadata or {}).get("kiln.job"),
+            entrypoint=d.entrypoint,
+            message=d.message,
+            start_time=ms(d.start_time),
+            end_time=ms(d.end_time),
+            driver_exit_code=getattr(d, "driver_exit_code", None),
+        )
 
     @property
     def finished(self) -> bool:
@@ -54,7 +62,8 @@ class JobState:
 
 @dataclass
 class JobOutcome:
-    """How a job ended: its status, exit code, the JSON summary line it printed and its error line."""
+    """How a job ended: its status, exit code, the JSON summary line it printed and its error
+    line."""
 
     submission_id: str
     status: str
@@ -71,7 +80,7 @@ def api_errors(client, submission_id: str | None = None) -> Iterator[None]:
     """Turn the Jobs SDK's exceptions into one-line KilnErrors."""
     from ray.exceptions import AuthenticationError
 
-    from kiln.cluster.client import auth_error, first_line
+    from kiln.cluster.client import auth_error
 
     address = client.get_address()
     try:
@@ -83,12 +92,15 @@ def api_errors(client, submission_id: str | None = None) -> Iterator[None]:
     except RuntimeError as exc:
         text = str(exc)
         if submission_id and ("does not exist" in text or "404" in text):
-            raise KilnError(f"no job '{submission_id}' on {address} ('kiln jobs list' shows the jobs)") from None
+            raise KilnError(
+                f"no job '{submission_id}' on {address} ('kiln jobs list' shows the jobs)"
+            ) from None
         raise KilnError(f"the Ray Jobs API at {address} refused: {api_reason(text)}") from None
 
 
 def api_reason(text: str) -> str:
-    """The useful line of a Jobs API failure: the server's own last line (its exception) when it sent one."""
+    """The useful line of a Jobs API failure: the server's own last line (its exception) when it
+    sent one."""
     lines = [l.strip() for l in text.strip().rstrip(".").splitlines() if l.strip()]
     if not lines:
         return "no reason given"
@@ -141,8 +153,11 @@ def follow_logs(client, submission_id: str, write: Callable[[str], None]) -> Non
             time.sleep(1.0)
 
 
-def wait_until_finished(client, submission_id: str, timeout: float | None = None, poll: float = 1.0) -> JobState:
-    """Poll until the job reaches SUCCEEDED, FAILED or STOPPED. Raises KilnError after ``timeout`` seconds."""
+def wait_until_finished(
+    client, submission_id: str, timeout: float | None = None, poll: float = 1.0
+) -> JobState:
+    """Poll until the job reaches SUCCEEDED, FAILED or STOPPED. Raises KilnError after ``timeout``
+    seconds."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         state = job_state(client, submission_id)
@@ -154,7 +169,8 @@ def wait_until_finished(client, submission_id: str, timeout: float | None = None
 
 
 def summary_line(logs: str) -> dict[str, Any] | None:
-    """The job's own result: the last log line that is a JSON object (kiln commands print it under --json)."""
+    """The job's own result: the last log line that is a JSON object (kiln commands print it under
+    --json)."""
     for line in reversed(logs.splitlines()):
         line = line.strip()
         if line.startswith("{") and line.endswith("}"):
@@ -168,12 +184,12 @@ def summary_line(logs: str) -> dict[str, Any] | None:
 
 
 def error_line(logs: str, state: JobState) -> str | None:
-    """Why the job did not succeed, in one line: the job's own ``error: ...`` line (kiln's CLI prints one),
-    else the last line that names an error, else the Jobs API's message."""
+    """Why the job did not succeed, in one line: the job's own ``error: ...`` line (kiln's CLI
+    prints one), else the last line that names an error, else the Jobs API's message."""
     lines = [l.strip() for l in logs.splitlines() if l.strip()]
     for line in reversed(lines):
         if line.startswith("error: "):
-            return line[len("error: "):]
+            return line[len("error: ") :]
     for line in reversed(lines):
         if "Error" in line or "Exception" in line:
             return line[:500]
@@ -189,20 +205,32 @@ def job_outcome(client, submission_id: str) -> JobOutcome:
     error = None if state.status == "SUCCEEDED" else error_line(logs, state)
     if state.status == "STOPPED":
         error = "stopped"
-    return JobOutcome(submission_id=submission_id, status=state.status, driver_exit_code=state.driver_exit_code,
-                      summary=summary_line(logs) if state.status == "SUCCEEDED" else None, error=error)
+    return JobOutcome(
+        submission_id=submission_id,
+        status=state.status,
+        driver_exit_code=state.driver_exit_code,
+        summary=summary_line(logs) if state.status == "SUCCEEDED" else None,
+        error=error,
+    )
 
 
 def raise_unless_succeeded(outcome: JobOutcome) -> None:
     """JobFailedError (exit code: the job's own, else 1) unless the job SUCCEEDED."""
     if outcome.status == "SUCCEEDED":
         return
-    code = outcome.driver_exit_code if outcome.driver_exit_code and 0 < outcome.driver_exit_code < 126 else 1
-    raise JobFailedError(f"job {outcome.submission_id} {outcome.status}: {outcome.error or 'no error line'}", code)
+    code = (
+        outcome.driver_exit_code
+        if outcome.driver_exit_code and 0 < outcome.driver_exit_code < 126
+        else 1
+    )
+    raise JobFailedError(
+        f"job {outcome.submission_id} {outcome.status}: {outcome.error or 'no error line'}", code
+    )
 
 
 def stop_job(client, submission_id: str, timeout: float = 60.0) -> JobState:
-    """Ask Ray to stop the job (SIGTERM, then SIGKILL) and wait until it has ended. Returns its final state."""
+    """Ask Ray to stop the job (SIGTERM, then SIGKILL) and wait until it has ended. Returns its
+    final state."""
     state = job_state(client, submission_id)
     if state.finished:
         return state

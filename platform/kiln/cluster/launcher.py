@@ -1,6 +1,6 @@
-"""Checking a Ray cluster-launcher config (``cluster.yaml``, what ``ray up`` takes) offline, with Ray's own
-validator: defaults of the provider filled in (``prepare_config``), then Ray's JSON schema and checks
-(``validate_config``). Nothing is contacted: no cloud credentials are needed."""
+"""Checking a Ray cluster-launcher config (``cluster.yaml``, what ``ray up`` takes) offline, with
+Ray's own validator: defaults of the provider filled in (``prepare_config``), then Ray's JSON schema
+and checks (``validate_config``). Nothing is contacted: no cloud credentials are needed."""
 
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ class ClusterConfigSummary:
 def validate_cluster_config(path: str | Path, verbose: bool = False) -> ClusterConfigSummary:
     """Validate a cluster-launcher YAML as ``ray up`` would before launching anything.
 
-    Returns a summary; raises ConfigError naming the file and the first problem. Ray's log lines about
-    the defaults it fills in are shown only when ``verbose`` (its warnings always are).
+    Returns a summary; raises ConfigError naming the file and the first problem. Ray's log lines
+    about the defaults it fills in are shown only when ``verbose`` (its warnings always are).
     """
     import logging
 
@@ -64,9 +64,19 @@ def validate_cluster_config(path: str | Path, verbose: bool = False) -> ClusterC
         raise ConfigError(f"{path}: {str(exc).strip().splitlines()[0]}") from None
     types = prepared.get("available_node_types", {})
     return ClusterConfigSummary(
-        path=str(path), cluster_name=prepared["cluster_name"], provider=prepared["provider"]["type"],
-        head_node_type=prepared["head_node_type"], max_workers=int(prepared["max_workers"]),
-        node_types=[NodeType(name=name, min_workers=int(t.get("min_workers", 0)),
-                             max_workers=int(t.get("max_workers", 0)), resources=dict(t.get("resources", {})),
-                             node_config=dict(t.get("node_config", {}))) for name, t in types.items()],
+        path=str(path),
+        cluster_name=prepared["cluster_name"],
+        provider=prepared["provider"]["type"],
+        head_node_type=prepared["head_node_type"],
+        max_workers=int(prepared["max_workers"]),
+        node_types=[
+            NodeType(
+                name=name,
+                min_workers=int(t.get("min_workers", 0)),
+                max_workers=int(t.get("max_workers", 0)),
+                resources=dict(t.get("resources", {})),
+                node_config=dict(t.get("node_config", {})),
+            )
+            for name, t in types.items()
+        ],
     )

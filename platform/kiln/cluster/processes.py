@@ -1,8 +1,9 @@
-"""Processes Kiln starts and stops itself: free ports, and stopping one process session by its recorded id.
+"""Processes Kiln starts and stops itself: free ports, and stopping one process session by its
+recorded id.
 
-Several people may run Ray on one machine, so Kiln never stops Ray by name (no ``ray stop``): it starts a
-server in a new session (``start_new_session=True``), records the leader's pid, and later stops exactly
-the processes of that session.
+Several people may run Ray on one machine, so Kiln never stops Ray by name (no ``ray stop``): it
+starts a server in a new session (``start_new_session=True``), records the leader's pid, and later
+stops exactly the processes of that session.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def _stat(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name (state, ppid, pgrp, session, ...), or None."""
+    """Fields of /proc/PID/stat after the command name (state, ppid, pgrp, session, ...), or
+    None."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -41,7 +43,8 @@ def _stat(pid: int) -> list[str] | None:
 
 
 def start_ticks(pid: int) -> int | None:
-    """When ``pid`` started (clock ticks since boot): tells a process from a later one that reused its pid."""
+    """When ``pid`` started (clock ticks since boot): tells a process from a later one that reused
+    its pid."""
     fields = _stat(pid)
     return int(fields[19]) if fields else None
 
@@ -66,8 +69,9 @@ def session_members(sid: int) -> list[int]:
 
 
 def stop_session(leader: int, started: int | None, timeout: float = 45.0) -> list[int]:
-    """SIGTERM the session leader ``leader`` (started by Kiln with a new session), wait up to ``timeout``
-    seconds for its session to exit, then SIGKILL what is left of that session. Returns the killed pids.
+    """SIGTERM the session leader ``leader`` (started by Kiln with a new session), wait up to
+    ``timeout`` seconds for its session to exit, then SIGKILL what is left of that session. Returns
+    the killed pids.
 
     Nothing happens when ``leader`` now names another process (``started`` differs).
     """

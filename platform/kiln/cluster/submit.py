@@ -1,10 +1,10 @@
 """Submitting a Kiln job to a Ray cluster through the Ray Jobs API.
 
-A job is ``jobs/JOB.py`` in the project folder. The project folder is shipped as the job's working dir
-(configs/, jobs/ and any local code, without .git, virtualenvs and run outputs) and the kiln package
-the submitter runs is shipped as a py_module, so the cluster runs the submitter's code and needs no
-kiln installed (``with_deps`` also installs kiln's other requirements, for nodes that have only ray
-and torch).
+A job is ``jobs/JOB.py`` in the project folder. The project folder is shipped as the job's working
+dir (configs/, jobs/ and any local code, without .git, virtualenvs and run outputs) and the kiln
+package the submitter runs is shipped as a py_module, so the cluster runs the submitter's code and
+needs no kiln installed (``with_deps`` also installs kiln's other requirements, for nodes that have
+only ray and torch).
 """
 
 from __future__ import annotations
@@ -18,19 +18,36 @@ from typing import Any
 
 from kiln.errors import KilnError
 
-# Never shipped: version control, virtualenvs, caches and run outputs (gitignore syntax, as Ray reads it).
+# Never shipped: version control, virtualenvs, caches and run outputs (gitignore syntax, as Ray
+# reads it).
 WORKING_DIR_EXCLUDES = [
-    ".git", ".venv", "venv", "__pycache__", "*.pyc", "*.egg-info", ".pytest_cache", "build", "dist",
-    "runs", "mlruns", "mlartifacts", "mlflow.db", "checkpoints", "ray_results", "bench/out",
+    ".git",
+    ".venv",
+    "venv",
+    "__pycache__",
+    "*.pyc",
+    "*.egg-info",
+    ".pytest_cache",
+    "build",
+    "dist",
+    "runs",
+    "mlruns",
+    "mlartifacts",
+    "mlflow.db",
+    "checkpoints",
+    "ray_results",
+    "bench/out",
     "/platform/kiln",  # a Kiln checkout's own package: shipped as a py_module instead
 ]
-# Already on every Ray node (or too large to install per job): never installed through the runtime env.
+# Already on every Ray node (or too large to install per job): never installed through the runtime
+# env.
 PROVIDED_BY_CLUSTER = {"ray", "torch", "torchvision"}
 
 
 @dataclass
 class JobSpec:
-    """What to run on the cluster: ``python jobs/JOB.py CONFIG [overrides] --json`` in ``project``."""
+    """What to run on the cluster: ``python jobs/JOB.py CONFIG [overrides] --json`` in
+    ``project``."""
 
     job: str
     config: str  # relative to project
@@ -39,7 +56,8 @@ class JobSpec:
     python: str = "python"
 
     def entrypoint(self) -> str:
-        """The shell command Ray runs on the head. ``--json`` makes the job's summary its last JSON line."""
+        """The shell command Ray runs on the head. ``--json`` makes the job's summary its last JSON
+        line."""
         args = [self.python, f"jobs/{self.job}.py", self.config, *self.overrides, "--json"]
         return " ".join(shlex.quote(a) for a in args)
 
@@ -48,9 +66,15 @@ def available_jobs(project: Path) -> list[str]:
     return sorted(p.stem for p in (project / "jobs").glob("*.py") if not p.name.startswith("_"))
 
 
-def job_spec(job: str, config: str, overrides: list[str], project: str | Path | None = None,
-             python: str = "python") -> JobSpec:
-    """Check that ``jobs/JOB.py`` exists in ``project`` and that CONFIG lies inside it (so it is shipped).
+def job_spec(
+    job: str,
+    config: str,
+    overrides: list[str],
+    project: str | Path | None = None,
+    python: str = "python",
+) -> JobSpec:
+    """Check that ``jobs/JOB.py`` exists in ``project`` and that CONFIG lies inside it (so it is
+    shipped).
 
     Raises KilnError naming the problem.
     """
@@ -59,8 +83,10 @@ def job_spec(job: str, config: str, overrides: list[str], project: str | Path | 
         raise KilnError(f"job name '{job}' is not a plain name (jobs are jobs/NAME.py)")
     if not (root / "jobs" / f"{job}.py").is_file():
         have = ", ".join(available_jobs(root)) or "none"
-        raise KilnError(f"no job '{job}': {root}/jobs/{job}.py does not exist (jobs there: {have}; run from "
-                        "the project folder or pass --working-dir)")
+        raise KilnError(
+            f"no job '{job}': {root}/jobs/{job}.py does not exist (jobs there: {have}; run from "
+            "the project folder or pass --working-dir)"
+        )
     path = Path(config).expanduser()
     path = (path if path.is_absolute() else Path.cwd() / path).resolve()
     if not path.is_file():
@@ -68,19 +94,26 @@ def job_spec(job: str, config: str, overrides: list[str], project: str | Path | 
     try:
         relative = path.relative_to(root)
     except ValueError:
-        raise KilnError(f"config {config} is outside the working dir {root}, so the cluster would not get it; "
-                        "move it under the project folder") from None
-    return JobSpec(job=job, config=relative.as_posix(), overrides=list(overrides), project=root, python=python)
+        raise KilnError(
+            f"config {config} is outside the working dir {root}, so the cluster would not get it; "
+            "move it under the project folder"
+        ) from None
+    return JobSpec(
+        job=job, config=relative.as_posix(), overrides=list(overrides), project=root, python=python
+    )
 
 
 def kiln_requirements() -> list[str]:
-    """kiln's own runtime requirements minus those a Ray node already has (ray, torch, torchvision)."""
+    """kiln's own runtime requirements minus those a Ray node already has (ray, torch,
+    torchvision)."""
     from importlib import metadata
 
     try:
         requires = metadata.requires("kiln") or []
     except metadata.PackageNotFoundError:
-        raise KilnError("--with-deps needs kiln installed (pip install -e .) to read its requirements") from None
+        raise KilnError(
+            "--with-deps needs kiln installed (pip install -e .) to read its requirements"
+        ) from None
     keep = []
     for req in requires:
         if "extra ==" in req:
@@ -91,10 +124,15 @@ def kiln_requirements() -> list[str]:
     return keep
 
 
-def build_runtime_env(spec: JobSpec, tracking_uri: str | None = None, with_deps: bool = False,
-                      env_vars: dict[str, str] | None = None) -> dict[str, Any]:
-    """The job's runtime env: working dir, the kiln package, env vars (tracking URI, code version)."""
-    import kiln
+def build_runtime_env(
+    spec: JobSpec,
+    tracking_uri: str | None = None,
+    with_deps: bool = False,
+    env_vars: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The job's runtime env: working dir, the kiln package, env vars (tracking URI, code
+    version)."""
+    from kiln.ray_connection import KILN_PACKAGE_DIR
     from kiln.tracking import code_version
 
     variables = {"KILN_CODE_VERSION": code_version(), **(env_vars or {})}
@@ -102,7 +140,7 @@ def build_runtime_env(spec: JobSpec, tracking_uri: str | None = None, with_deps:
         variables["MLFLOW_TRACKING_URI"] = tracking_uri
     env: dict[str, Any] = {
         "working_dir": str(spec.project),
-        "py_modules": [str(Path(kiln.__file__).resolve().parent)],
+        "py_modules": [str(Path(KILN_PACKAGE_DIR).resolve())],
         "excludes": list(WORKING_DIR_EXCLUDES),
         "env_vars": variables,
     }
@@ -115,7 +153,9 @@ def new_submission_id(job: str) -> str:
     return f"kiln-{job}-{uuid.uuid4().hex[:8]}"
 
 
-def submit(client, spec: JobSpec, runtime_env: dict[str, Any], submission_id: str | None = None) -> str:
+def submit(
+    client, spec: JobSpec, runtime_env: dict[str, Any], submission_id: str | None = None
+) -> str:
     """Submit ``spec`` through ``client`` (a JobSubmissionClient). Returns the submission id."""
     from kiln.cluster.jobs import api_errors
 
@@ -126,9 +166,15 @@ def submit(client, spec: JobSpec, runtime_env: dict[str, Any], submission_id: st
         except RuntimeError:  # the SDK's "job does not exist"
             taken = False
         if taken:
-            raise KilnError(f"--submission-id {submission_id}: the cluster has a job with that id already")
+            raise KilnError(
+                f"--submission-id {submission_id}: the cluster has a job with that id already"
+            )
     submission_id = submission_id or new_submission_id(spec.job)
     metadata = {"kiln.job": spec.job, "kiln.config": spec.config}
     with api_errors(client):
-        return client.submit_job(entrypoint=spec.entrypoint(), runtime_env=runtime_env,
-                                 submission_id=submission_id, metadata=metadata)
+        return client.submit_job(
+            entrypoint=spec.entrypoint(),
+            runtime_env=runtime_env,
+            submission_id=submission_id,
+            metadata=metadata,
+        )

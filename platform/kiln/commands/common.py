@@ -10,11 +10,15 @@ from typing import Any
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", metavar="CONFIG", help="YAML config file")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=3")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=3"
+    )
 
 
 def add_json_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object as the last stdout line"
+    )
 
 
 def emit_json(obj: Any) -> None:

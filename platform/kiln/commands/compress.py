@@ -9,18 +9,23 @@ HELP = "make pruned, quantized and distilled variants of a registered model, eva
 
 def add_arguments(parser) -> None:
     add_config_arguments(parser)
-    parser.add_argument("--address", help="Ray cluster address for the training steps (default: RAY_ADDRESS, else local)")
+    parser.add_argument(
+        "--address",
+        help="Ray cluster address for the training steps (default: RAY_ADDRESS, else local)",
+    )
     add_json_argument(parser)
 
 
 def run(args) -> int:
     from kiln.compress.run import run_compression
-    from kiln.config import load_config
+    from kiln.schema import load_config
 
     cfg = load_config(args.config, args.overrides)
     steps = ", ".join(s.name for s in cfg.compress.steps) if cfg.compress else ""
     say(args, f"kiln compress: {cfg.compress.model if cfg.compress else '?'} -> {steps}")
-    result = run_compression(cfg, address=args.address, say=lambda text: say(args, text), debug=args.debug)
+    result = run_compression(
+        cfg, address=args.address, say=lambda text: say(args, text), debug=args.debug
+    )
     say(args, "")
     say(args, result.table)
     for row in [*result.baselines, *result.variants]:

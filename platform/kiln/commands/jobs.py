@@ -1,4 +1,5 @@
-"""kiln jobs list | status ID | logs ID [--follow] | stop ID   (jobs on a Ray cluster, by the Jobs API)"""
+"""kiln jobs list | status ID | logs ID [--follow] | stop ID   (jobs on a Ray cluster, by the Jobs
+API)"""
 
 from __future__ import annotations
 
@@ -10,13 +11,21 @@ HELP = "list, inspect, follow and stop jobs on a Ray cluster"
 
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="jobs_command", metavar="ACTION", required=True)
-    for name, help_text in (("list", "every job the cluster knows"), ("status", "one job's status"),
-                            ("logs", "one job's logs"), ("stop", "stop a running job and wait until it ended")):
+    for name, help_text in (
+        ("list", "every job the cluster knows"),
+        ("status", "one job's status"),
+        ("logs", "one job's logs"),
+        ("stop", "stop a running job and wait until it ended"),
+    ):
         cmd = sub.add_parser(name, help=help_text, description=help_text)
         if name != "list":
-            cmd.add_argument("submission_id", metavar="ID", help="the submission id (kiln submit prints it)")
+            cmd.add_argument(
+                "submission_id", metavar="ID", help="the submission id (kiln submit prints it)"
+            )
         if name == "logs":
-            cmd.add_argument("--follow", action="store_true", help="keep streaming until the job ends")
+            cmd.add_argument(
+                "--follow", action="store_true", help="keep streaming until the job ends"
+            )
         add_address_argument(cmd)
         if name != "logs":
             add_json_argument(cmd)
@@ -40,8 +49,16 @@ def _list(args, client) -> int:
     if not jobs:
         print(f"no jobs on {client.get_address()}")
         return 0
-    rows = [{"id": j.submission_id, "status": j.status, "job": j.job or "-", "started": _when(j.start_time),
-             "seconds": f"{j.end_time - j.start_time:.0f}" if j.end_time and j.start_time else "-"} for j in jobs]
+    rows = [
+        {
+            "id": j.submission_id,
+            "status": j.status,
+            "job": j.job or "-",
+            "started": _when(j.start_time),
+            "seconds": f"{j.end_time - j.start_time:.0f}" if j.end_time and j.start_time else "-",
+        }
+        for j in jobs
+    ]
     print(format_table(rows, ["id", "status", "job", "started", "seconds"]))
     return 0
 
@@ -50,7 +67,9 @@ def _status(args, client) -> int:
     from kiln.cluster.jobs import job_logs, job_state, summary_line
 
     state = job_state(client, args.submission_id)
-    summary = summary_line(job_logs(client, args.submission_id)) if state.status == "SUCCEEDED" else None
+    summary = (
+        summary_line(job_logs(client, args.submission_id)) if state.status == "SUCCEEDED" else None
+    )
     if args.json:
         emit_json({**state.to_dict(), "summary": summary})
         return 0

@@ -12,19 +12,34 @@ HELP = "live monitoring of served models: drift, out-of-distribution rate, alert
 
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="monitor_command", metavar="ACTION", required=True)
-    status = sub.add_parser("status", help="drift score, drifted features, OOD rate and alerts per served version")
+    status = sub.add_parser(
+        "status", help="drift score, drifted features, OOD rate and alerts per served version"
+    )
     status.set_defaults(_monitor_run=_status)
-    report = sub.add_parser("report", help="HTML report with PNG plots: live window against the reference")
+    report = sub.add_parser(
+        "report", help="HTML report with PNG plots: live window against the reference"
+    )
     report.add_argument("--out", help="output folder (default RUN_DIR/monitor/MODEL)")
     report.set_defaults(_monitor_run=_report)
     for cmd in (status, report):
         cmd.add_argument("model", metavar="MODEL", help="served model name")
         cmd.add_argument("--version", help="one served version (default: all)")
-        cmd.add_argument("--url", help="serving URL (default: the one `kiln serve start` recorded in RUN_DIR)")
-        cmd.add_argument("--address", help="Ray cluster that serves (default: RAY_ADDRESS, else RUN_DIR's record)")
-        cmd.add_argument("--run-dir", default="runs", help="where the serving state is kept (default 'runs')")
-        cmd.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the server's API key")
-        cmd.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+        cmd.add_argument(
+            "--url", help="serving URL (default: the one `kiln serve start` recorded in RUN_DIR)"
+        )
+        cmd.add_argument(
+            "--address",
+            help="Ray cluster that serves (default: RAY_ADDRESS, else RUN_DIR's record)",
+        )
+        cmd.add_argument(
+            "--run-dir", default="runs", help="where the serving state is kept (default 'runs')"
+        )
+        cmd.add_argument(
+            "--api-key-env", metavar="VAR", help="environment variable holding the server's API key"
+        )
+        cmd.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
+        )
         add_json_argument(cmd)
 
 
@@ -40,7 +55,9 @@ def _fetch(args, window: bool) -> dict:
     if args.api_key_env:
         key = os.environ.get(args.api_key_env)
         if not key:
-            raise ConfigError(f"--api-key-env names {args.api_key_env}, but that environment variable is not set")
+            raise ConfigError(
+                f"--api-key-env names {args.api_key_env}, but that environment variable is not set"
+            )
     url = serving_url(args.run_dir, args.address, args.url, args.debug)
     return fetch_monitor(url, args.model, args.version, window, key)
 
@@ -55,10 +72,15 @@ def _status(args) -> int:
         drift, ood, window = st["drift"], st["ood"], st["window"]
         score = "n/a" if drift["score"] is None else f"{drift['score']:.3f}"
         rate = "n/a" if ood["window_rate"] is None else f"{ood['window_rate']:.3f}"
-        flags = [name for name, on in (("DRIFT", drift["alerting"]), ("OOD", ood["alerting"])) if on]
-        say(args, f"  v{version}: window {window['rows']}/{window['capacity']} rows; drift {score} "
-                  f"(alert > {drift['threshold']:g}); OOD rate {rate} (alert > {ood['alert_threshold']:g})"
-                  + (f"  ALERT: {', '.join(flags)}" if flags else ""))
+        flags = [
+            name for name, on in (("DRIFT", drift["alerting"]), ("OOD", ood["alerting"])) if on
+        ]
+        say(
+            args,
+            f"  v{version}: window {window['rows']}/{window['capacity']} rows; drift {score} "
+            f"(alert > {drift['threshold']:g}); OOD rate {rate} (alert > "
+            f"{ood['alert_threshold']:g})" + (f"  ALERT: {', '.join(flags)}" if flags else ""),
+        )
         if drift.get("drifted"):
             say(args, f"      drifted: {', '.join(drift['drifted'])}")
         for event in (st.get("retrain") or {}).get("events", [])[-5:]:

@@ -14,30 +14,62 @@ def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="rollout_command", metavar="ACTION", required=True)
     start = sub.add_parser("start", help="start rolling MODEL out to a registry version")
     start.add_argument("model", metavar="MODEL", help="served model name")
-    start.add_argument("--to", required=True, metavar="VERSION", help="registry version to roll out")
-    start.add_argument("--strategy", required=True, choices=["canary", "linear", "blue-green", "shadow"])
-    start.add_argument("--weight", type=float, metavar="PCT",
-                       help="canary: share to the new version (default 5); shadow: share mirrored (default 10)")
-    start.add_argument("--steps", metavar="10,25,50,100", help="linear: shares per step (default 10,25,50,100)")
-    start.add_argument("--bake", default="60s", metavar="DURATION", help="time at each step, e.g. 30s, 5m "
-                                                                         "(default 60s)")
-    start.add_argument("--interval", default="5s", metavar="DURATION", help="gate evaluation interval (default 5s)")
-    start.add_argument("--gate", action="append", metavar="EXPR",
-                       help="repeatable: error_rate<0.01, p99_ms<200, agreement>0.9 (shadow), ... "
-                            "(default: error_rate<0.01)")
-    start.add_argument("--sticky-header", metavar="NAME",
-                       help="requests with the same value of this header get the same version")
+    start.add_argument(
+        "--to", required=True, metavar="VERSION", help="registry version to roll out"
+    )
+    start.add_argument(
+        "--strategy", required=True, choices=["canary", "linear", "blue-green", "shadow"]
+    )
+    start.add_argument(
+        "--weight",
+        type=float,
+        metavar="PCT",
+        help="canary: share to the new version (default 5); shadow: share mirrored (default 10)",
+    )
+    start.add_argument(
+        "--steps", metavar="10,25,50,100", help="linear: shares per step (default 10,25,50,100)"
+    )
+    start.add_argument(
+        "--bake",
+        default="60s",
+        metavar="DURATION",
+        help="time at each step, e.g. 30s, 5m (default 60s)",
+    )
+    start.add_argument(
+        "--interval", default="5s", metavar="DURATION", help="gate evaluation interval (default 5s)"
+    )
+    start.add_argument(
+        "--gate",
+        action="append",
+        metavar="EXPR",
+        help="repeatable: error_rate<0.01, p99_ms<200, agreement>0.9 (shadow), ... "
+        "(default: error_rate<0.01)",
+    )
+    start.add_argument(
+        "--sticky-header",
+        metavar="NAME",
+        help="requests with the same value of this header get the same version",
+    )
     start.set_defaults(_rollout_run=_start)
     status = sub.add_parser("status", help="weights, per-version metrics and gate values")
     status.add_argument("model", metavar="MODEL")
-    status.add_argument("--watch", action="store_true", help="refresh until the rollout ends (Ctrl-C stops watching)")
+    status.add_argument(
+        "--watch",
+        action="store_true",
+        help="refresh until the rollout ends (Ctrl-C stops watching)",
+    )
     status.set_defaults(_rollout_run=_status)
     actions = {}
-    for action, text in (("promote", "send all traffic to the new version now and move the 'champion' alias"),
-                         ("rollback", "send all traffic back to the stable version (after a promotion: to the "
-                                      "previous champion)"),
-                         ("pause", "hold the current step (gates keep being evaluated)"),
-                         ("resume", "continue a paused rollout (the step bakes again)")):
+    for action, text in (
+        ("promote", "send all traffic to the new version now and move the 'champion' alias"),
+        (
+            "rollback",
+            "send all traffic back to the stable version (after a promotion: to the "
+            "previous champion)",
+        ),
+        ("pause", "hold the current step (gates keep being evaluated)"),
+        ("resume", "continue a paused rollout (the step bakes again)"),
+    ):
         actions[action] = sub.add_parser(action, help=text)
         actions[action].add_argument("model", metavar="MODEL")
         actions[action].set_defaults(_rollout_run=_action, _action=action)
@@ -45,10 +77,19 @@ def add_arguments(parser) -> None:
     history.add_argument("model", metavar="MODEL")
     history.set_defaults(_rollout_run=_history)
     for cmd in (start, status, history, *actions.values()):
-        cmd.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-        cmd.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else the one in "
-                                           "RUN_DIR/serve/state.json)")
-        cmd.add_argument("--run-dir", default="runs", help="where serving and rollout state is kept (default: runs)")
+        cmd.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
+        )
+        cmd.add_argument(
+            "--address",
+            help="Ray cluster address (default: RAY_ADDRESS, else the one in "
+            "RUN_DIR/serve/state.json)",
+        )
+        cmd.add_argument(
+            "--run-dir",
+            default="runs",
+            help="where serving and rollout state is kept (default: runs)",
+        )
         add_json_argument(cmd)
 
 
@@ -56,16 +97,32 @@ def _start(args) -> int:
     from kiln.rollout.api import start_rollout
     from kiln.rollout.spec import DEFAULT_GATES, RolloutOptions, parse_duration, parse_steps
 
-    options = RolloutOptions(weight=args.weight, steps=parse_steps(args.steps) if args.steps else None,
-                             bake_s=parse_duration(args.bake, "--bake"),
-                             interval_s=parse_duration(args.interval, "--interval"),
-                             gates=args.gate or list(DEFAULT_GATES), sticky_header=args.sticky_header)
-    record = start_rollout(args.run_dir, args.address, args.model, args.to, args.strategy, options,
-                           trigger="user", debug=args.debug)
+    options = RolloutOptions(
+        weight=args.weight,
+        steps=parse_steps(args.steps) if args.steps else None,
+        bake_s=parse_duration(args.bake, "--bake"),
+        interval_s=parse_duration(args.interval, "--interval"),
+        gates=args.gate or list(DEFAULT_GATES),
+        sticky_header=args.sticky_header,
+    )
+    record = start_rollout(
+        args.run_dir,
+        args.address,
+        args.model,
+        args.to,
+        args.strategy,
+        options,
+        trigger="user",
+        debug=args.debug,
+    )
     steps = ", ".join(f"{s:g}%" for s in record.steps)
-    say(args, f"rollout of {record.model}: v{record.stable} -> v{record.candidate} ({record.strategy}; steps "
-              f"{steps}; bake {record.bake_s:g}s; gates {', '.join(record.gates) or 'none'} every "
-              f"{record.interval_s:g}s)")
+    say(
+        args,
+        f"rollout of {record.model}: v{record.stable} -> v{record.candidate} ({record.strategy}; "
+        "steps "
+        f"{steps}; bake {record.bake_s:g}s; gates {', '.join(record.gates) or 'none'} every "
+        f"{record.interval_s:g}s)",
+    )
     say(args, f"watch it with: kiln rollout status {record.model} --watch --run-dir {args.run_dir}")
     if args.json:
         emit_json(record.to_dict())
@@ -95,21 +152,34 @@ def _status(args) -> int:
 def render_status(st) -> str:
     r = st.record or {}
     active = r.get("phase") in ("preparing", "running", "paused")
-    lines = [f"{r.get('model')}: {r.get('phase')}  stable v{r.get('stable')}"
-             + (f"  candidate v{r.get('candidate')} ({r.get('strategy')})" if active else
-                f"  (last rollout: {r.get('strategy')} to v{r.get('candidate')})" if r.get("candidate") else "")
-             + ("" if st.live else "  [controller not answering: persisted state]")]
+    lines = [
+        f"{r.get('model')}: {r.get('phase')}  stable v{r.get('stable')}"
+        + (
+            f"  candidate v{r.get('candidate')} ({r.get('strategy')})"
+            if active
+            else f"  (last rollout: {r.get('strategy')} to v{r.get('candidate')})"
+            if r.get("candidate")
+            else ""
+        )
+        + ("" if st.live else "  [controller not answering: persisted state]")
+    ]
     if active:
         steps = r.get("steps") or []
-        lines.append(f"  weights: v{r['stable']} {100 - r['weight']:g}%  v{r['candidate']} {r['weight']:g}%"
-                     + (f"  (mirrored {r['shadow']:g}%)" if r.get("shadow") else "")
-                     + f"  step {r['step'] + 1}/{len(steps)}  baked {r.get('baked_s', 0):.1f}/{r['bake_s']:g}s")
+        lines.append(
+            f"  weights: v{r['stable']} {100 - r['weight']:g}%  v{r['candidate']} {r['weight']:g}%"
+            + (f"  (mirrored {r['shadow']:g}%)" if r.get("shadow") else "")
+            + f"  step {r['step'] + 1}/{len(steps)}  baked {r.get('baked_s', 0):.1f}/{r['bake_s']:g}s"
+        )
     elif r.get("reason"):
         lines.append(f"  {r['reason']}")
     for version, m in sorted(st.metrics.items()):
-        lines.append(f"  v{version}: {m['requests']} req, errors {_pct(m['error_rate'])}, p50 {_ms(m['p50_ms'])}, "
-                     f"p99 {_ms(m['p99_ms'])}" + (f", agreement {_pct(m['agreement'])}" if m.get("compared") else "")
-                     + "".join(f", {k} {v:.3g}" for k, v in m.get("signals", {}).items()))
+        lines.append(
+            f"  v{version}: {m['requests']} req, errors {_pct(m['error_rate'])}, p50 "
+            f"{_ms(m['p50_ms'])}, "
+            f"p99 {_ms(m['p99_ms'])}"
+            + (f", agreement {_pct(m['agreement'])}" if m.get("compared") else "")
+            + "".join(f", {k} {v:.3g}" for k, v in m.get("signals", {}).items())
+        )
     for name, g in st.gates.items():
         state = {True: "pass", False: "FAIL", None: "no data"}[g["ok"]]
         value = "-" if g["value"] is None else f"{g['value']:.4g}"
@@ -128,9 +198,14 @@ def _ms(value) -> str:
 def _action(args) -> int:
     from kiln.rollout.api import rollout_command
 
-    record = rollout_command(args.run_dir, args.address, args.model, args._action, trigger="user", debug=args.debug)
-    say(args, f"{record.model}: {record.phase}; stable v{record.stable}"
-              + (f" ({record.reason})" if record.reason else ""))
+    record = rollout_command(
+        args.run_dir, args.address, args.model, args._action, trigger="user", debug=args.debug
+    )
+    say(
+        args,
+        f"{record.model}: {record.phase}; stable v{record.stable}"
+        + (f" ({record.reason})" if record.reason else ""),
+    )
     if args.json:
         emit_json(record.to_dict())
     return 0
@@ -143,10 +218,16 @@ def _history(args) -> int:
     for e in entries:
         when = time.strftime("%H:%M:%S", time.localtime(e["time"]))
         weights = " ".join(f"v{v}={w:g}%" for v, w in e.get("weights", {}).items())
-        gates = " ".join(f"{n}={'-' if g['value'] is None else format(g['value'], '.4g')}"
-                         for n, g in (e.get("gates") or {}).items())
-        say(args, f"{when} step {e.get('step')} {e['decision']:<9} [{e.get('trigger')}] {weights}"
-                  + (f"  {gates}" if gates else "") + (f"  {e['reason']}" if e.get("reason") else ""))
+        gates = " ".join(
+            f"{n}={'-' if g['value'] is None else format(g['value'], '.4g')}"
+            for n, g in (e.get("gates") or {}).items()
+        )
+        say(
+            args,
+            f"{when} step {e.get('step')} {e['decision']:<9} [{e.get('trigger')}] {weights}"
+            + (f"  {gates}" if gates else "")
+            + (f"  {e['reason']}" if e.get("reason") else ""),
+        )
     if args.json:
         emit_json({"model": args.model, "entries": entries})
     return 0

@@ -1,4 +1,5 @@
-"""kiln submit JOB CONFIG [key=value ...] [--address URL] [--follow] [--json] [--tracking-uri URI]"""
+"""kiln submit JOB CONFIG [key=value ...] [--address URL] [--follow] [--json] [--tracking-uri
+URI]"""
 
 from __future__ import annotations
 
@@ -8,29 +9,51 @@ HELP = "submit a job (jobs/JOB.py: train, ...) to a Ray cluster through the Ray 
 
 
 def add_address_argument(parser) -> None:
-    parser.add_argument("--address", metavar="URL",
-                        help="the cluster's Jobs API, http://HOST:8265 (default: RAY_API_SERVER_ADDRESS, "
-                             "RAY_ADDRESS, else the head from 'kiln cluster start', else http://127.0.0.1:8265)")
+    parser.add_argument(
+        "--address",
+        metavar="URL",
+        help="the cluster's Jobs API, http://HOST:8265 (default: RAY_API_SERVER_ADDRESS, "
+        "RAY_ADDRESS, else the head from 'kiln cluster start', else http://127.0.0.1:8265)",
+    )
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("job", metavar="JOB", help="a job in the project's jobs/ folder, e.g. train")
+    parser.add_argument(
+        "job", metavar="JOB", help="a job in the project's jobs/ folder, e.g. train"
+    )
     add_config_arguments(parser)
     add_address_argument(parser)
-    parser.add_argument("--follow", action="store_true",
-                        help="stream the job's logs; exit 0 only when it SUCCEEDED")
-    parser.add_argument("--tracking-uri", metavar="URI",
-                        help="MLflow tracking server the job logs to, e.g. from 'kiln tracking serve' "
-                             "(default: MLFLOW_TRACKING_URI when it is an http(s) URI)")
-    parser.add_argument("--working-dir", metavar="DIR",
-                        help="the project folder shipped to the cluster, holding jobs/ and configs/ (default: .)")
-    parser.add_argument("--python", default="python",
-                        help="the Python the job runs with on the head (default: 'python' on the head's PATH)")
-    parser.add_argument("--with-deps", action="store_true",
-                        help="also install kiln's requirements (all but ray and torch) into the job's environment")
-    parser.add_argument("--submission-id", metavar="ID", help="the job's id (default: kiln-JOB-<random>)")
+    parser.add_argument(
+        "--follow", action="store_true", help="stream the job's logs; exit 0 only when it SUCCEEDED"
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        help="MLflow tracking server the job logs to, e.g. from 'kiln tracking serve' "
+        "(default: MLFLOW_TRACKING_URI when it is an http(s) URI)",
+    )
+    parser.add_argument(
+        "--working-dir",
+        metavar="DIR",
+        help="the project folder shipped to the cluster, holding jobs/ and configs/ (default: .)",
+    )
+    parser.add_argument(
+        "--python",
+        default="python",
+        help="the Python the job runs with on the head (default: 'python' on the head's PATH)",
+    )
+    parser.add_argument(
+        "--with-deps",
+        action="store_true",
+        help="also install kiln's requirements (all but ray and torch) into the job's environment",
+    )
+    parser.add_argument(
+        "--submission-id", metavar="ID", help="the job's id (default: kiln-JOB-<random>)"
+    )
     add_json_argument(parser)
-    parser.epilog = "--json waits for the job to end and prints its id, final status and its own JSON summary."
+    parser.epilog = (
+        "--json waits for the job to end and prints its id, final status and its own JSON summary."
+    )
 
 
 def default_tracking_uri() -> str | None:
@@ -45,37 +68,61 @@ def run(args) -> int:
 
     from kiln.cli import COMMANDS
     from kiln.cluster.client import connect
-    from kiln.cluster.jobs import follow_logs, job_outcome, raise_unless_succeeded, stdout_writer, wait_until_finished
+    from kiln.cluster.jobs import (
+        follow_logs,
+        job_outcome,
+        raise_unless_succeeded,
+        stdout_writer,
+        wait_until_finished,
+    )
     from kiln.cluster.submit import build_runtime_env, job_spec, submit
-    from kiln.config import load_config
+    from kiln.schema import load_config
 
     spec = job_spec(args.job, args.config, args.overrides, args.working_dir, args.python)
     cfg = None
-    if args.job in COMMANDS:  # a kiln job kind: catch config mistakes here, before anything is uploaded
+    if (
+        args.job in COMMANDS
+    ):  # a kiln job kind: catch config mistakes here, before anything is uploaded
         cfg = load_config(spec.project / spec.config, spec.overrides)
     client = connect(args.address, args.debug)
     address = client.get_address()
     tracking_uri = args.tracking_uri or default_tracking_uri()
     # --debug also reaches the job: its tracebacks and Ray's logs land in the job's logs.
-    runtime_env = build_runtime_env(spec, tracking_uri, with_deps=args.with_deps,
-                                    env_vars={"KILN_DEBUG": "1"} if args.debug else None)
+    runtime_env = build_runtime_env(
+        spec,
+        tracking_uri,
+        with_deps=args.with_deps,
+        env_vars={"KILN_DEBUG": "1"} if args.debug else None,
+    )
     submission_id = submit(client, spec, runtime_env, args.submission_id)
     say(args, f"submitted {submission_id} to {address}: {spec.entrypoint()}")
     experiment = getattr(cfg, "experiment", None)
     if experiment is not None:
         if experiment.tracking_uri:
-            say(args, f"tracking: {experiment.tracking_uri} (experiment.tracking_uri in the config)")
+            say(
+                args, f"tracking: {experiment.tracking_uri} (experiment.tracking_uri in the config)"
+            )
         elif tracking_uri:
             say(args, f"tracking: {tracking_uri}")
         else:
-            say(args, "tracking: no --tracking-uri: the cluster's MLFLOW_TRACKING_URI if its nodes set one, "
-                      "else a sqlite file in the job's working dir on the head, gone with the cluster "
-                      "(see 'kiln tracking serve')")
+            say(
+                args,
+                "tracking: no --tracking-uri: the cluster's MLFLOW_TRACKING_URI if its nodes set "
+                "one, "
+                "else a sqlite file in the job's working dir on the head, gone with the cluster "
+                "(see 'kiln tracking serve')",
+            )
         if not experiment.storage_path:
-            where = (f"{experiment.run_dir}/checkpoints" if Path(experiment.run_dir).is_absolute()
-                     else f"{experiment.run_dir}/checkpoints in the job's working dir")
-            say(args, f"checkpoints: {where} on the head (on a cluster of several machines set "
-                      "experiment.storage_path to storage every node reaches)")
+            where = (
+                f"{experiment.run_dir}/checkpoints"
+                if Path(experiment.run_dir).is_absolute()
+                else f"{experiment.run_dir}/checkpoints in the job's working dir"
+            )
+            say(
+                args,
+                f"checkpoints: {where} on the head (on a cluster of several machines set "
+                "experiment.storage_path to storage every node reaches)",
+            )
     if not (args.follow or args.json):
         say(args, f"follow it with: kiln jobs logs {submission_id} --follow --address {address}")
         return 0

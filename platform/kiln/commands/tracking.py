@@ -8,10 +8,15 @@ HELP = "run an MLflow tracking server (sqlite store, artifacts served through it
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="tracking_command", metavar="ACTION", required=True)
     serve = sub.add_parser("serve", help="run 'mlflow server' in the foreground (Ctrl-C stops it)")
-    serve.add_argument("--host", default="127.0.0.1",
-                       help="interface to bind (default 127.0.0.1; a cluster's workers need one they reach)")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface to bind (default 127.0.0.1; a cluster's workers need one they reach)",
+    )
     serve.add_argument("--port", type=int, default=5000)
-    serve.add_argument("--dir", default="runs/tracking", help="where the sqlite store and the artifacts live")
+    serve.add_argument(
+        "--dir", default="runs/tracking", help="where the sqlite store and the artifacts live"
+    )
     serve.add_argument("--workers", type=int, default=1, help="server worker processes")
     serve.set_defaults(_tracking_run=_serve)
 
@@ -20,10 +25,16 @@ def _serve(args) -> int:
     from kiln.cluster.tracking_server import exec_server, is_loopback, tracking_server
 
     server = tracking_server(args.host, args.port, args.dir, args.workers)
-    print(f"tracking server {server.uri}  (store {server.backend_store_uri}, artifacts {server.artifacts_dir})")
+    print(
+        f"tracking server {server.uri}  (store {server.backend_store_uri}, artifacts "
+        f"{server.artifacts_dir})"
+    )
     print(f"submit jobs with: kiln submit JOB CONFIG --tracking-uri {server.uri}")
     if not is_loopback(args.host):
-        print("note: the server has no authentication; anyone who reaches this address can read and write runs")
+        print(
+            "note: the server has no authentication; anyone who reaches this address can read and "
+            "write runs"
+        )
     exec_server(server)
     return 0  # not reached: exec replaced this process
 

@@ -13,7 +13,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from kiln.config import load_config
+    from kiln.schema import load_config
 
     cfg = load_config(args.config, args.overrides)
     if cfg.tune is not None:  # searched keys and values need the whole config to check

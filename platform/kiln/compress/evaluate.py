@@ -59,14 +59,22 @@ def quality(predictor: Predictor, data: PreparedData) -> tuple[float, float]:
 def _batch(x: np.ndarray, size: int) -> np.ndarray:
     """``size`` rows of ``x`` (repeated when the split is smaller)."""
     reps = -(-size // max(len(x), 1))
-    return np.ascontiguousarray(np.concatenate([x] * reps)[:size]) if reps > 1 else np.ascontiguousarray(x[:size])
+    return (
+        np.ascontiguousarray(np.concatenate([x] * reps)[:size])
+        if reps > 1
+        else np.ascontiguousarray(x[:size])
+    )
 
 
-def measure_speed(predictors: dict[str, Predictor], x: np.ndarray, bench: BenchmarkConfig) -> dict[str, dict[str, float]]:
-    """Latency p50/p99 (ms, batch 1) and throughput (samples/s, batch ``bench.throughput_batch``) per model,
-    interleaved: each round measures every model in turn."""
+def measure_speed(
+    predictors: dict[str, Predictor], x: np.ndarray, bench: BenchmarkConfig
+) -> dict[str, dict[str, float]]:
+    """Latency p50/p99 (ms, batch 1) and throughput (samples/s, batch ``bench.throughput_batch``)
+    per model, interleaved: each round measures every model in turn."""
     batch = _batch(x, bench.throughput_batch)
-    singles = [np.ascontiguousarray(x[i : i + 1]) for i in range(min(len(x), bench.latency_runs))] or [batch[:1]]
+    singles = [
+        np.ascontiguousarray(x[i : i + 1]) for i in range(min(len(x), bench.latency_runs))
+    ] or [batch[:1]]
     latencies: dict[str, list[float]] = {n: [] for n in predictors}
     rates: dict[str, list[float]] = {n: [] for n in predictors}
     for p in predictors.values():
@@ -91,18 +99,30 @@ def measure_speed(predictors: dict[str, Predictor], x: np.ndarray, bench: Benchm
                 run(batch)
                 times.append(time.perf_counter() - t0)
             rates[name].append(len(batch) / float(np.median(times)))
-    return {n: {"latency_p50_ms": float(np.percentile(latencies[n], 50)),
-                "latency_p99_ms": float(np.percentile(latencies[n], 99)),
-                "throughput": float(np.median(rates[n]))} for n in predictors}
+    return {
+        n: {
+            "latency_p50_ms": float(np.percentile(latencies[n], 50)),
+            "latency_p99_ms": float(np.percentile(latencies[n], 99)),
+            "throughput": float(np.median(rates[n])),
+        }
+        for n in predictors
+    }
 
 
-def evaluate_artifacts(artifacts: dict[str, Path], data: PreparedData, bench: BenchmarkConfig) -> dict[str, Metrics]:
+def evaluate_artifacts(
+    artifacts: dict[str, Path], data: PreparedData, bench: BenchmarkConfig
+) -> dict[str, Metrics]:
     """Metrics for every artifact folder by name, speed measured side by side."""
     predictors = {name: load_predictor(path) for name, path in artifacts.items()}
     speed = measure_speed(predictors, data.x_test, bench)
     out = {}
     for name, path in artifacts.items():
         acc, f1 = quality(predictors[name], data)
-        out[name] = Metrics(test_accuracy=acc, test_f1_macro=f1, params=parameter_count(path),
-                            size_bytes=artifact_size(path), **speed[name])
+        out[name] = Metrics(
+            test_accuracy=acc,
+            test_f1_macro=f1,
+            params=parameter_count(path),
+            size_bytes=artifact_size(path),
+            **speed[name],
+        )
     return out

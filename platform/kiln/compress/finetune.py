@@ -1,4 +1,5 @@
-"""Training a variant as a Ray Train job through the one training loop (``fit_on_ray`` + ``LoopHooks``).
+"""Training a variant as a Ray Train job through the one training loop (``fit_on_ray`` +
+``LoopHooks``).
 
 Structured pruning fine-tunes the pruned network (``build_model`` starts from its weights);
 distillation trains a fresh student with a distillation loss (``loss``).
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from kiln.config import KilnConfig
+from kiln.compress.config import CompressJobConfig
 from kiln.data.dataset import PreparedData
 from kiln.errors import KilnError
 from kiln.models.artifact import WEIGHTS_FILE, build_model, write_mlmodel
@@ -19,7 +20,8 @@ from kiln.models.spec import SPEC_FILE, ModelSpec
 
 
 class StartFrom:
-    """``LoopHooks.build_model``: the spec's architecture (resized per its structure) with given weights.
+    """``LoopHooks.build_model``: the spec's architecture (resized per its structure) with given
+    weights.
 
     Picklable (the weights travel as safetensors bytes), so Ray ships it to the workers.
     """
@@ -40,7 +42,7 @@ class StartFrom:
         return model
 
 
-def step_config(cfg: KilnConfig, epochs: int, lr: float | None) -> KilnConfig:
+def step_config(cfg: CompressJobConfig, epochs: int, lr: float | None) -> CompressJobConfig:
     """The run's config with the step's training budget."""
     step_cfg = cfg.model_copy(deep=True)
     step_cfg.train.epochs = epochs
@@ -49,9 +51,19 @@ def step_config(cfg: KilnConfig, epochs: int, lr: float | None) -> KilnConfig:
     return step_cfg
 
 
-def train_variant(cfg: KilnConfig, data: PreparedData, spec: ModelSpec, out_dir: Path, tracking_uri: str, run_id: str,
-                  start: StartFrom | None = None, loss=None, debug: bool = False) -> Path:
-    """Train on Ray (``cfg.train`` sets workers and budget); write the best checkpoint's model to ``out_dir``.
+def train_variant(
+    cfg: CompressJobConfig,
+    data: PreparedData,
+    spec: ModelSpec,
+    out_dir: Path,
+    tracking_uri: str,
+    run_id: str,
+    start: StartFrom | None = None,
+    loss=None,
+    debug: bool = False,
+) -> Path:
+    """Train on Ray (``cfg.train`` sets workers and budget); write the best checkpoint's model to
+    ``out_dir``.
 
     Raises KilnError when the job fails. The job's own checkpoints are removed afterwards: the
     variant lives on in ``out_dir`` (and then in MLflow).

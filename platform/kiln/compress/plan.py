@@ -13,7 +13,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kiln.compress.config import REFERENCE, CompressConfig, DistillStep, PruneStep, QuantizeStep, UnstructuredPruneStep
+from kiln.compress.config import (
+    REFERENCE,
+    CompressConfig,
+    DistillStep,
+    PruneStep,
+    QuantizeStep,
+    UnstructuredPruneStep,
+)
 from kiln.compress.prune import structured_prune, unstructured_prune
 from kiln.compress.quantize import calibration_rows
 from kiln.data.dataset import PreparedData
@@ -25,7 +32,8 @@ CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 @dataclass
 class StandIn:
-    """What a step's input will be: its format and, for torch formats, a model of the same structure."""
+    """What a step's input will be: its format and, for torch formats, a model of the same
+    structure."""
 
     format: str
     model: nn.Module | None
@@ -36,15 +44,23 @@ def step_key(i: int, step) -> str:
 
 
 def student_spec(step: DistillStep, reference: ModelSpec, where: str) -> ModelSpec:
-    """The student's spec (architecture + arguments from the step). ConfigError for a bad student."""
+    """The student's spec (architecture + arguments from the step). ConfigError for a bad
+    student."""
     from kiln.models.registry import check_builder_kwargs
 
     try:
         check_builder_kwargs(step.student.name, step.student.kwargs)
     except ConfigError as exc:
-        raise ConfigError(f"config key '{where}.student': {str(exc).replace('config key ', '')}") from None
-    return ModelSpec(architecture=step.student.name, kwargs=step.student.kwargs, input_shape=list(reference.input_shape),
-                     labels=list(reference.labels), preprocessing=reference.preprocessing)
+        raise ConfigError(
+            f"config key '{where}.student': {str(exc).replace('config key ', '')}"
+        ) from None
+    return ModelSpec(
+        architecture=step.student.name,
+        kwargs=step.student.kwargs,
+        input_shape=list(reference.input_shape),
+        labels=list(reference.labels),
+        preprocessing=reference.preprocessing,
+    )
 
 
 def build_student(spec: ModelSpec, data: PreparedData, where: str) -> nn.Module:
@@ -56,21 +72,31 @@ def build_student(spec: ModelSpec, data: PreparedData, where: str) -> nn.Module:
         with torch.no_grad():
             out = model(torch.from_numpy(data.x_train[:2]))
     except (ValueError, RuntimeError, TypeError) as exc:
-        raise ConfigError(f"config key '{where}.student': model '{spec.architecture}' cannot take this data "
-                          f"(input {spec.input_shape}): {str(exc).splitlines()[0]}") from None
+        raise ConfigError(
+            f"config key '{where}.student': model '{spec.architecture}' cannot take this data "
+            f"(input {spec.input_shape}): {str(exc).splitlines()[0]}"
+        ) from None
     if tuple(out.shape[1:]) != (spec.num_classes,):
-        raise ConfigError(f"config key '{where}.student': outputs {list(out.shape)}, expected [batch, {spec.num_classes}]")
+        raise ConfigError(
+            f"config key '{where}.student': outputs {list(out.shape)}, expected [batch, "
+            f"{spec.num_classes}]"
+        )
     return model
 
 
 def needs_torch(stand_in: StandIn, step, where: str) -> nn.Module:
     if stand_in.model is None:
-        raise ConfigError(f"config key '{where}': {step.kind} does not apply to '{step.input}', a {stand_in.format} "
-                          "model; it needs a torch model (apply it before quantizing)")
+        raise ConfigError(
+            f"config key '{where}': {step.kind} does not apply to '{step.input}', a "
+            f"{stand_in.format} "
+            "model; it needs a torch model (apply it before quantizing)"
+        )
     return stand_in.model
 
 
-def check_steps(cc: CompressConfig, reference: StandIn, spec: ModelSpec, data: PreparedData) -> None:
+def check_steps(
+    cc: CompressConfig, reference: StandIn, spec: ModelSpec, data: PreparedData
+) -> None:
     """Raise ConfigError for the first step that cannot run on what its input will be."""
     stand_ins = {REFERENCE: reference}
     for i, step in enumerate(cc.steps):
@@ -78,7 +104,9 @@ def check_steps(cc: CompressConfig, reference: StandIn, spec: ModelSpec, data: P
         source = stand_ins[step.input]
         if isinstance(step, PruneStep):
             model = needs_torch(source, step, where)
-            stand_ins[step.name] = StandIn("safetensors", structured_prune(model, spec.input_shape, step, where))
+            stand_ins[step.name] = StandIn(
+                "safetensors", structured_prune(model, spec.input_shape, step, where)
+            )
         elif isinstance(step, UnstructuredPruneStep):
             model = needs_torch(source, step, where)
             stand_ins[step.name] = StandIn("safetensors", unstructured_prune(model, step, where)[0])
@@ -87,12 +115,18 @@ def check_steps(cc: CompressConfig, reference: StandIn, spec: ModelSpec, data: P
             has_linear = any(isinstance(m, nn.Linear) for m in model.modules())
             has_conv = any(isinstance(m, CONV) for m in model.modules())
             if step.mode == "dynamic" and not has_linear:
-                raise ConfigError(f"config key '{where}': dynamic int8 quantization does not apply to this model: "
-                                  "it quantizes Linear layers and the model has none (use mode: static)")
+                raise ConfigError(
+                    f"config key '{where}': dynamic int8 quantization does not apply to this "
+                    "model: "
+                    "it quantizes Linear layers and the model has none (use mode: static)"
+                )
             if step.mode == "static":
                 if not (has_conv or has_linear):
-                    raise ConfigError(f"config key '{where}': static int8 quantization does not apply to this model "
-                                      "(no Conv or Linear layers)")
+                    raise ConfigError(
+                        f"config key '{where}': static int8 quantization does not apply to this "
+                        "model "
+                        "(no Conv or Linear layers)"
+                    )
                 calibration_rows(data.x_train, step.calibration_samples, 0, where)
             stand_ins[step.name] = StandIn("onnx", None)
         elif isinstance(step, DistillStep):

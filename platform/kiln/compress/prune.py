@@ -1,4 +1,5 @@
-"""Pruning: structured channel pruning (Torch-Pruning's DepGraph) and unstructured magnitude pruning.
+"""Pruning: structured channel pruning (Torch-Pruning's DepGraph) and unstructured magnitude
+pruning.
 
 Structured pruning removes whole channels and every tensor slice that depends on them, so the
 network is physically smaller and faster; the new layer shapes go into the spec
@@ -22,10 +23,14 @@ PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
-    """The last Conv/Linear layer to run in a forward pass: the classifier, whose outputs are the classes."""
+    """The last Conv/Linear layer to run in a forward pass: the classifier, whose outputs are the
+    classes."""
     order: list[nn.Module] = []
-    hooks = [m.register_forward_hook(lambda mod, i, o: order.append(mod))
-             for m in model.modules() if isinstance(m, PRUNABLE)]
+    hooks = [
+        m.register_forward_hook(lambda mod, i, o: order.append(mod))
+        for m in model.modules()
+        if isinstance(m, PRUNABLE)
+    ]
     try:
         with torch.no_grad():
             model.eval()(example)
@@ -43,14 +48,19 @@ def check_layer_names(model: nn.Module, names: list[str], where: str) -> dict[st
         module = modules.get(name)
         if not isinstance(module, PRUNABLE):
             layers = [n for n, m in modules.items() if isinstance(m, PRUNABLE)]
-            raise ConfigError(f"config key '{where}': no Conv/Linear layer '{name}' (layers: {', '.join(layers)})")
+            raise ConfigError(
+                f"config key '{where}': no Conv/Linear layer '{name}' (layers: {', '.join(layers)})"
+            )
         found[name] = module
     return found
 
 
-def structured_prune(model: nn.Module, input_shape: list[int], step: PruneStep, where: str = "compress.steps") -> nn.Module:
+def structured_prune(
+    model: nn.Module, input_shape: list[int], step: PruneStep, where: str = "compress.steps"
+) -> nn.Module:
     """A pruned copy of ``model``: ``step.ratio`` of the channels removed (per layer or globally),
-    the classifier's outputs kept. Raises ConfigError when nothing in the architecture can be pruned."""
+    the classifier's outputs kept. Raises ConfigError when nothing in the architecture can be
+    pruned."""
     import torch_pruning as tp
 
     pruned = copy.deepcopy(model).eval()
@@ -61,16 +71,27 @@ def structured_prune(model: nn.Module, input_shape: list[int], step: PruneStep, 
     before = count_parameters(pruned)
     try:
         pruner = tp.pruner.BasePruner(
-            pruned, example, importance=importance, global_pruning=step.scope == "global",
-            pruning_ratio=step.ratio, pruning_ratio_dict={m: step.layer_ratios[n] for n, m in per_layer.items()} or None,
-            ignored_layers=ignored, round_to=step.round_to, max_pruning_ratio=0.95)
+            pruned,
+            example,
+            importance=importance,
+            global_pruning=step.scope == "global",
+            pruning_ratio=step.ratio,
+            pruning_ratio_dict={m: step.layer_ratios[n] for n, m in per_layer.items()} or None,
+            ignored_layers=ignored,
+            round_to=step.round_to,
+            max_pruning_ratio=0.95,
+        )
         pruner.step()
     except Exception as exc:  # DepGraph cannot trace or group this architecture
-        raise ConfigError(f"config key '{where}': structured pruning does not apply to this model "
-                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise ConfigError(
+            f"config key '{where}': structured pruning does not apply to this model "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
     if count_parameters(pruned) >= before:
-        raise ConfigError(f"config key '{where}': structured pruning does not apply to this model "
-                          "(no prunable channel group besides the classifier)")
+        raise ConfigError(
+            f"config key '{where}': structured pruning does not apply to this model "
+            "(no prunable channel group besides the classifier)"
+        )
     return pruned
 
 
@@ -87,18 +108,27 @@ class Sparsity:
 def weight_sparsity(model: nn.Module) -> Sparsity:
     """Zero weights among all Conv/Linear weights."""
     weights = [m.weight for m in model.modules() if isinstance(m, PRUNABLE)]
-    return Sparsity(zeros=int(sum(int((w == 0).sum()) for w in weights)), total=int(sum(w.numel() for w in weights)))
+    return Sparsity(
+        zeros=int(sum(int((w == 0).sum()) for w in weights)),
+        total=int(sum(w.numel() for w in weights)),
+    )
 
 
-def unstructured_prune(model: nn.Module, step: UnstructuredPruneStep, where: str = "compress.steps") -> tuple[nn.Module, Sparsity]:
-    """A copy of ``model`` with ``step.amount`` of its Conv/Linear weights (smallest |w|) set to zero,
-    the pruning made permanent (plain dense tensors). Raises ConfigError when it has no such layers."""
+def unstructured_prune(
+    model: nn.Module, step: UnstructuredPruneStep, where: str = "compress.steps"
+) -> tuple[nn.Module, Sparsity]:
+    """A copy of ``model`` with ``step.amount`` of its Conv/Linear weights (smallest |w|) set to
+    zero, the pruning made permanent (plain dense tensors). Raises ConfigError when it has no such
+    layers."""
     from torch.nn.utils import prune
 
     pruned = copy.deepcopy(model).eval()
     targets = [(m, "weight") for m in pruned.modules() if isinstance(m, PRUNABLE)]
     if not targets:
-        raise ConfigError(f"config key '{where}': magnitude pruning does not apply to this model (no Conv/Linear layers)")
+        raise ConfigError(
+            f"config key '{where}': magnitude pruning does not apply to this model (no Conv/Linear "
+            "layers)"
+        )
     if step.scope == "global":
         prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=step.amount)
     else:

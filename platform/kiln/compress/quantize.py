@@ -3,7 +3,8 @@
 Chosen by measurement on x86 (see BENCHMARKS.md): the model is exported to ONNX, BatchNorm folded
 (ONNX Runtime's pre-processing), then
 - static: weights and activations int8 in QDQ form, activation ranges calibrated on N rows of the
-  train split; ONNX Runtime fuses the QDQ pairs into int8 kernels (VNNI / AMX where the CPU has them);
+  train split; ONNX Runtime fuses the QDQ pairs into int8 kernels (VNNI / AMX where the CPU has
+  them);
 - dynamic: only MatMul/Gemm (Linear) weights int8, activations quantized on the fly per batch.
 torch.ao.quantization's eager/FX flows are deprecated in this torch and not used.
 """
@@ -23,10 +24,13 @@ CALIBRATION_BATCH = 32
 
 
 def calibration_rows(x_train: np.ndarray, samples: int, seed: int, where: str) -> np.ndarray:
-    """``samples`` rows of the train split, drawn without replacement (seeded). ConfigError if too many."""
+    """``samples`` rows of the train split, drawn without replacement (seeded). ConfigError if too
+    many."""
     if samples > len(x_train):
-        raise ConfigError(f"config key '{where}.calibration_samples': {samples} calibration samples requested, "
-                          f"but the train split has only {len(x_train)} rows")
+        raise ConfigError(
+            f"config key '{where}.calibration_samples': {samples} calibration samples requested, "
+            f"but the train split has only {len(x_train)} rows"
+        )
     idx = np.random.default_rng(seed).choice(len(x_train), size=samples, replace=False)
     return np.ascontiguousarray(x_train[np.sort(idx)])
 
@@ -34,33 +38,61 @@ def calibration_rows(x_train: np.ndarray, samples: int, seed: int, where: str) -
 def quantize_onnx(fp32_model, step: QuantizeStep, calibration: np.ndarray | None):
     """int8 onnx.ModelProto from an fp32 onnx.ModelProto (the export of a torch model)."""
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_dynamic, quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    logging.getLogger("root").setLevel(logging.ERROR)  # ORT's quantizer logs hints at INFO/WARNING on the root logger
+    logging.getLogger("root").setLevel(
+        logging.ERROR
+    )  # ORT's quantizer logs hints at INFO/WARNING on the root logger
     with tempfile.TemporaryDirectory(prefix="kiln-quant-") as tmp:
         src, pre, out = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
         onnx.save(fp32_model, str(src))
         # Folds BatchNorm into Conv and cleans the graph so that whole Conv+ReLU blocks quantize.
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         if step.mode == "dynamic":
-            quantize_dynamic(str(pre), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+            quantize_dynamic(
+                str(pre),
+                str(out),
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=["MatMul", "Gemm"],
+            )
         else:
             input_name = fp32_model.graph.input[0].name
 
             class Reader(CalibrationDataReader):
                 def __init__(self):
-                    self.batches = iter([{input_name: calibration[i : i + CALIBRATION_BATCH]}
-                                         for i in range(0, len(calibration), CALIBRATION_BATCH)])
+                    self.batches = iter(
+                        [
+                            {input_name: calibration[i : i + CALIBRATION_BATCH]}
+                            for i in range(0, len(calibration), CALIBRATION_BATCH)
+                        ]
+                    )
 
                 def get_next(self):
                     return next(self.batches, None)
 
-            method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                      "percentile": CalibrationMethod.Percentile}[step.calibration_method]
-            quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=step.per_channel,
-                            weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, calibrate_method=method)
+            method = {
+                "minmax": CalibrationMethod.MinMax,
+                "entropy": CalibrationMethod.Entropy,
+                "percentile": CalibrationMethod.Percentile,
+            }[step.calibration_method]
+            quantize_static(
+                str(pre),
+                str(out),
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=step.per_channel,
+                weight_type=QuantType.QInt8,
+                activation_type=QuantType.QUInt8,
+                calibrate_method=method,
+            )
         return onnx.load(str(out))
 
 
@@ -68,4 +100,8 @@ def quantized_op_count(model) -> int:
     """Number of int8 weight initializers in an ONNX model (0: nothing was quantized)."""
     import onnx
 
-    return sum(1 for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2)
+    return sum(
+        1
+        for t in model.graph.initializer
+        if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2
+    )

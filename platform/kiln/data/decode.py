@@ -1,15 +1,16 @@
 """Turning Arrow columns (or request payloads) into raw arrays.
 
-Images become uint8 arrays ``[N, C, H, W]``; tabular rows become float32 ``[N, F]`` (NaN for missing).
-The same functions serve training and prediction, so both see identical inputs.
+Images become uint8 arrays ``[N, C, H, W]``; tabular rows become float32 ``[N, F]`` (NaN for
+missing). The same functions serve training and prediction, so both see identical inputs.
 """
 
 from __future__ import annotations
 
 import io
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +20,8 @@ from kiln.errors import DataError
 
 
 def image_cell_bytes(cell: Any, base_dir: Path | None = None) -> bytes | None:
-    """Encoded bytes of one image cell: raw bytes, or an HF ``{bytes, path}`` struct (path read if no bytes)."""
+    """Encoded bytes of one image cell: raw bytes, or an HF ``{bytes, path}`` struct (path read if
+    no bytes)."""
     if cell is None:
         return None
     if isinstance(cell, (bytes, bytearray, memoryview)):
@@ -92,47 +94,65 @@ def decode_images(
 
 
 def image_column(table: pa.Table, column: str, base_dir: Path | None = None) -> list[bytes | None]:
-    """Encoded bytes of every row of an image column. Raises DataError for a missing/unsupported column."""
+    """Encoded bytes of every row of an image column. Raises DataError for a missing/unsupported
+    column."""
     if column not in table.column_names:
-        raise DataError(f"data.image: column '{column}' not found (columns: {', '.join(table.column_names)})")
+        raise DataError(
+            f"data.image: column '{column}' not found (columns: {', '.join(table.column_names)})"
+        )
     col = table.column(column)
     typ = col.type
     if pa.types.is_struct(typ):
         names = [typ.field(i).name for i in range(typ.num_fields)]
         if "bytes" not in names:
-            raise DataError(f"data.image: struct column '{column}' has no 'bytes' field (fields: {', '.join(names)})")
+            raise DataError(
+                f"data.image: struct column '{column}' has no 'bytes' field (fields: "
+                f"{', '.join(names)})"
+            )
     elif not (pa.types.is_binary(typ) or pa.types.is_large_binary(typ) or pa.types.is_string(typ)):
         raise DataError(f"data.image: column '{column}' holds {typ}, not encoded image bytes")
     return [image_cell_bytes(cell, base_dir) for cell in col.to_pylist()]
 
 
 def numeric_feature_columns(table: pa.Table, exclude: Iterable[str]) -> list[str]:
-    """Every numeric (or boolean) column not in ``exclude``. Raises DataError for other column types."""
+    """Every numeric (or boolean) column not in ``exclude``. Raises DataError for other column
+    types."""
     excluded = set(exclude)
     features, rejected = [], []
     for field in table.schema:
         if field.name in excluded:
             continue
-        if pa.types.is_integer(field.type) or pa.types.is_floating(field.type) or pa.types.is_boolean(field.type):
+        if (
+            pa.types.is_integer(field.type)
+            or pa.types.is_floating(field.type)
+            or pa.types.is_boolean(field.type)
+        ):
             features.append(field.name)
         else:
             rejected.append(f"{field.name} ({field.type})")
     if rejected:
         raise DataError(
-            "data.features: non-numeric columns " + ", ".join(rejected)
+            "data.features: non-numeric columns "
+            + ", ".join(rejected)
             + "; list the numeric feature columns in data.features or drop these columns"
         )
     if not features:
-        raise DataError("data.features: no numeric feature columns found (for images set data.image)")
+        raise DataError(
+            "data.features: no numeric feature columns found (for images set data.image)"
+        )
     return features
 
 
 def tabular_matrix(table: pa.Table, features: Sequence[str]) -> np.ndarray:
-    """float32 ``[N, F]`` from the named columns; nulls become NaN. Raises DataError for a missing/non-numeric column."""
+    """float32 ``[N, F]`` from the named columns; nulls become NaN. Raises DataError for a
+    missing/non-numeric column."""
     cols = []
     for name in features:
         if name not in table.column_names:
-            raise DataError(f"data.features: column '{name}' not found (columns: {', '.join(table.column_names)})")
+            raise DataError(
+                f"data.features: column '{name}' not found (columns: "
+                f"{', '.join(table.column_names)})"
+            )
         col = table.column(name)
         if pa.types.is_boolean(col.type):
             col = pc.cast(col, pa.int8())

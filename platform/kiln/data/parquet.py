@@ -21,7 +21,9 @@ def read_source(source: str) -> pa.Table:
     try:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"data.source: {source} is not readable as Parquet ({str(exc).splitlines()[0]})") from None
+        raise DataError(
+            f"data.source: {source} is not readable as Parquet ({str(exc).splitlines()[0]})"
+        ) from None
     if table.num_rows == 0:
         raise DataError(f"data.source: {source} holds no rows")
     return table

@@ -1,4 +1,5 @@
-"""Preprocessing fitted on the train split only, saved with the model, applied identically at predict time."""
+"""Preprocessing fitted on the train split only, saved with the model, applied identically at
+predict time."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ class Preprocessing:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Preprocessing":
+    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
         return cls(**data)
 
     def apply(self, raw: np.ndarray) -> np.ndarray:
@@ -70,4 +71,6 @@ def fit_tabular_preprocessing(train_raw: np.ndarray, feature_names: list[str]) -
         std = np.nanstd(train_raw.astype(np.float64), axis=0)
     mean = np.where(np.isnan(mean), 0.0, mean)
     std = np.where(np.isnan(std) | (std < 1e-12), 1.0, std)
-    return Preprocessing(kind="tabular", mean=mean.tolist(), std=std.tolist(), feature_names=list(feature_names))
+    return Preprocessing(
+        kind="tabular", mean=mean.tolist(), std=std.tolist(), feature_names=list(feature_names)
+    )

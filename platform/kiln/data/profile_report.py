@@ -41,10 +41,14 @@ def plot_class_balance(profile: DataProfile, path: Path) -> Path:
 def plot_histograms(profile: DataProfile, path: Path, max_panels: int = 24) -> Path | None:
     plt = _plt()
     if profile.kind == "tabular":
-        panels = [(f["name"], f["histogram"]) for f in profile.features if "histogram" in f][:max_panels]
+        panels = [(f["name"], f["histogram"]) for f in profile.features if "histogram" in f][
+            :max_panels
+        ]
     else:
-        panels = [("pixel intensity", profile.images["pixel_histogram"]),
-                  ("image brightness", profile.images["image_brightness"]["histogram"])]
+        panels = [
+            ("pixel intensity", profile.images["pixel_histogram"]),
+            ("image brightness", profile.images["image_brightness"]["histogram"]),
+        ]
     if not panels:
         return None
     cols = min(4, len(panels))
@@ -54,7 +58,7 @@ def plot_histograms(profile: DataProfile, path: Path, max_panels: int = 24) -> P
         edges, counts = hist["edges"], hist["counts"]
         ax.bar(edges[:-1], counts, width=[b - a for a, b in zip(edges, edges[1:])], align="edge")
         ax.set_title(name, fontsize=9)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -74,7 +78,9 @@ def _table(rows: list[dict], columns: list[str]) -> str:
         return f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
 
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c, ''))}</td>" for c in columns) + "</tr>" for r in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{cell(r.get(c, ''))}</td>" for c in columns) + "</tr>" for r in rows
+    )
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -90,20 +96,38 @@ def write_report(profile: DataProfile, out_dir: str | Path) -> dict[str, Path]:
         paths["histograms"] = hist
     leak = profile.leakage
     leak_rows = [{"check": k.replace("_", " "), "rows": v} for k, v in leak.items()]
-    classes = [{"label": l, **{s: profile.class_counts[s][i] for s in ("train", "val", "test")}}
-               for i, l in enumerate(profile.labels)]
+    classes = [
+        {"label": l, **{s: profile.class_counts[s][i] for s in ("train", "val", "test")}}
+        for i, l in enumerate(profile.labels)
+    ]
     if profile.kind == "tabular":
-        details = _table([{k: f.get(k, "") for k in ("name", "missing", "mean", "std", "min", "max")} |
-                          {"p50": f["quantiles"][50] if "quantiles" in f else ""} for f in profile.features],
-                         ["name", "missing", "mean", "std", "min", "max", "p50"])
+        details = _table(
+            [
+                {k: f.get(k, "") for k in ("name", "missing", "mean", "std", "min", "max")}
+                | {"p50": f["quantiles"][50] if "quantiles" in f else ""}
+                for f in profile.features
+            ],
+            ["name", "missing", "mean", "std", "min", "max", "p50"],
+        )
     else:
         im = profile.images
-        details = _table([{"channels": im["channels"], "height": im["height"], "width": im["width"],
-                           "channel mean": ", ".join(f"{v:.3f}" for v in im["channel_mean"]),
-                           "channel std": ", ".join(f"{v:.3f}" for v in im["channel_std"])}],
-                         ["channels", "height", "width", "channel mean", "channel std"])
-    warning = ('<p class="warn">Leakage: identical inputs appear in more than one split.</p>'
-               if profile.has_leak else "<p>No identical inputs shared between splits.</p>")
+        details = _table(
+            [
+                {
+                    "channels": im["channels"],
+                    "height": im["height"],
+                    "width": im["width"],
+                    "channel mean": ", ".join(f"{v:.3f}" for v in im["channel_mean"]),
+                    "channel std": ", ".join(f"{v:.3f}" for v in im["channel_std"]),
+                }
+            ],
+            ["channels", "height", "width", "channel mean", "channel std"],
+        )
+    warning = (
+        '<p class="warn">Leakage: identical inputs appear in more than one split.</p>'
+        if profile.has_leak
+        else "<p>No identical inputs shared between splits.</p>"
+    )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Data profile {html.escape(profile.source)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}.warn{{color:#b00;font-weight:bold}}</style></head><body>

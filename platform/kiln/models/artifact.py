@@ -22,8 +22,9 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def build_model(spec: ModelSpec) -> torch.nn.Module:
-    """Instantiate the spec's architecture with fresh weights, resized to ``spec.variant["structure"]``
-    when the spec records changed layer shapes (a structurally pruned network). Raises ModelError."""
+    """Instantiate the spec's architecture with fresh weights, resized to
+    ``spec.variant["structure"]`` when the spec records changed layer shapes (a structurally pruned
+    network). Raises ModelError."""
     from kiln.models.structure import apply_structure
 
     builder = resolve_builder(spec.architecture)
@@ -33,13 +34,15 @@ def build_model(spec: ModelSpec) -> torch.nn.Module:
         try:
             apply_structure(model, structure)
         except ValueError as exc:
-            raise ModelError(f"model spec does not fit architecture '{spec.architecture}': {exc}") from None
+            raise ModelError(
+                f"model spec does not fit architecture '{spec.architecture}': {exc}"
+            ) from None
     return model
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain module inside DDP / torch.compile wrappers."""
-    while hasattr(model, "module") and isinstance(getattr(model, "module"), torch.nn.Module):
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
         model = model.module
     return getattr(model, "_orig_mod", model)
 
@@ -72,8 +75,9 @@ def save_artifact(model: torch.nn.Module, spec: ModelSpec, directory: str | Path
 
 
 def write_mlmodel(directory: str | Path) -> None:
-    """An MLmodel file so that ``mlflow.pyfunc.load_model`` loads the artifact through Kiln's loader."""
-    import kiln
+    """An MLmodel file so that ``mlflow.pyfunc.load_model`` loads the artifact through Kiln's
+    loader."""
+    from kiln.version import __version__ as kiln_version
 
     (Path(directory) / "MLmodel").write_text(
         "flavors:\n"
@@ -81,7 +85,7 @@ def write_mlmodel(directory: str | Path) -> None:
         "    loader_module: kiln.models.pyfunc\n"
         "    data: .\n"
         "    env: {}\n"
-        f"    kiln_version: {kiln.__version__}\n"
+        f"    kiln_version: {kiln_version}\n"
     )
 
 
@@ -111,12 +115,18 @@ def load_torch_model(directory: str | Path) -> tuple[torch.nn.Module, ModelSpec]
     """Rebuild the architecture and load safetensors weights. Raises ModelError."""
     spec = load_spec(directory)
     if spec.format != "safetensors":
-        raise ModelError(f"artifact {directory} is in format '{spec.format}', not a torch state dict")
+        raise ModelError(
+            f"artifact {directory} is in format '{spec.format}', not a torch state dict"
+        )
     model = build_model(spec)
     load_weights(model, directory)
     return model.eval(), spec
 
 
 def describe(spec: ModelSpec) -> dict[str, Any]:
-    return {"architecture": spec.architecture, "format": spec.format, "input_shape": spec.input_shape,
-            "classes": len(spec.labels)}
+    return {
+        "architecture": spec.architecture,
+        "format": spec.format,
+        "input_shape": spec.input_shape,
+        "classes": len(spec.labels),
+    }

@@ -6,13 +6,18 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 
-def build_mlp(input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (128, 64), dropout: float = 0.1) -> nn.Module:
+def build_mlp(
+    input_shape: Sequence[int],
+    num_classes: int,
+    hidden: Sequence[int] = (128, 64),
+    dropout: float = 0.1,
+) -> nn.Module:
     """A multilayer perceptron over the flattened input."""
     layers: list[nn.Module] = [nn.Flatten()]
     width = int(math.prod(input_shape))
@@ -23,7 +28,9 @@ def build_mlp(input_shape: Sequence[int], num_classes: int, hidden: Sequence[int
     return nn.Sequential(*layers)
 
 
-def build_cnn(input_shape: Sequence[int], num_classes: int, width: int = 32, dropout: float = 0.1) -> nn.Module:
+def build_cnn(
+    input_shape: Sequence[int], num_classes: int, width: int = 32, dropout: float = 0.1
+) -> nn.Module:
     """A small VGG-style CNN: three conv blocks, global average pooling, a linear head.
 
     Plain Conv-BN-ReLU blocks so that structured pruning and int8 quantization apply cleanly.
@@ -34,7 +41,11 @@ def build_cnn(input_shape: Sequence[int], num_classes: int, width: int = 32, dro
     w = int(width)
 
     def block(cin: int, cout: int) -> list[nn.Module]:
-        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+        return [
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        ]
 
     layers = [*block(channels, w), *block(w, w)]
     if min(height, width_px) >= 4:
@@ -42,11 +53,19 @@ def build_cnn(input_shape: Sequence[int], num_classes: int, width: int = 32, dro
     layers += block(w, 2 * w)
     if min(height, width_px) >= 8:
         layers.append(nn.MaxPool2d(2))
-    layers += [*block(2 * w, 2 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(2 * w, num_classes)]
+    layers += [
+        *block(2 * w, 2 * w),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(dropout),
+        nn.Linear(2 * w, num_classes),
+    ]
     return nn.Sequential(*layers)
 
 
-def build_resnet18(input_shape: Sequence[int], num_classes: int, small_input: bool | None = None) -> nn.Module:
+def build_resnet18(
+    input_shape: Sequence[int], num_classes: int, small_input: bool | None = None
+) -> nn.Module:
     """torchvision's ResNet-18, no pretrained weights, first conv adapted to the input channels.
 
     For small images (<= 64 px by default) the stem is a 3x3 stride-1 conv without max pooling,

@@ -21,7 +21,8 @@ EXTERNAL_DATA_BYTES = 1 << 30
 
 
 def strip_metadata(model) -> None:
-    """Drop exporter debug metadata (source locations, per-node annotations): it is not part of the model."""
+    """Drop exporter debug metadata (source locations, per-node annotations): it is not part of the
+    model."""
     del model.metadata_props[:]
     model.doc_string = ""
     for node in model.graph.node:
@@ -31,33 +32,47 @@ def strip_metadata(model) -> None:
 
 
 def save_onnx(model, directory: str | Path) -> list[str]:
-    """Write ``model`` (an onnx.ModelProto) as model.onnx (+ external data if large). Returns the file names."""
+    """Write ``model`` (an onnx.ModelProto) as model.onnx (+ external data if large). Returns the
+    file names."""
     import onnx
 
     directory = Path(directory)
     strip_metadata(model)
     external = model.ByteSize() > EXTERNAL_DATA_BYTES
-    onnx.save(model, str(directory / ONNX_FILE), save_as_external_data=external,
-              location=f"{ONNX_FILE}.data" if external else None)
+    onnx.save(
+        model,
+        str(directory / ONNX_FILE),
+        save_as_external_data=external,
+        location=f"{ONNX_FILE}.data" if external else None,
+    )
     return [ONNX_FILE, *([f"{ONNX_FILE}.data"] if external else [])]
 
 
 def export_onnx_model(model, input_shape: list[int]):
-    """The torch module as an onnx.ModelProto with a dynamic batch axis (input 'input', output 'logits')."""
+    """The torch module as an onnx.ModelProto with a dynamic batch axis (input 'input', output
+    'logits')."""
     import torch
 
     model = model.eval()
     example = (torch.zeros(2, *input_shape),)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(model, example, dynamo=True, verbose=False, input_names=["input"],
-                                    output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
-                                    optimize=True)
+        program = torch.onnx.export(
+            model,
+            example,
+            dynamo=True,
+            verbose=False,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            optimize=True,
+        )
     return program.model_proto
 
 
 def save_onnx_artifact(onnx_model, spec: ModelSpec, directory: str | Path) -> Path:
-    """Write an ONNX artifact: model.onnx (+ data), spec.json (format 'onnx') and an MLmodel file."""
+    """Write an ONNX artifact: model.onnx (+ data), spec.json (format 'onnx') and an MLmodel
+    file."""
     from kiln.models.artifact import write_mlmodel
 
     directory = Path(directory)
@@ -96,6 +111,8 @@ def onnx_runtime(directory: Path, spec: ModelSpec):
     input_name = session.get_inputs()[0].name
 
     def run(x: np.ndarray) -> np.ndarray:
-        return session.run(None, {input_name: np.ascontiguousarray(x, dtype=np.float32)})[0].astype(np.float32)
+        return session.run(None, {input_name: np.ascontiguousarray(x, dtype=np.float32)})[0].astype(
+            np.float32
+        )
 
     return run

@@ -1,7 +1,7 @@
 """The Python predict API: load a saved or registered model and predict labels and probabilities.
 
-A runtime (``kiln.models.runtimes``) turns normalized float32 inputs into logits; every artifact
-format has one, so the same Predictor serves every model variant.
+A runtime (``kiln.models.inference_runtime``) turns normalized float32 inputs into logits; every
+artifact format has one, so the same Predictor serves every model variant.
 """
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ from typing import Any
 import numpy as np
 
 from kiln.models.artifact import load_spec
+from kiln.models.inference_runtime import Runtime, make_runtime
 from kiln.models.inputs import to_raw
-from kiln.models.runtimes import Runtime, make_runtime
 from kiln.models.spec import ModelSpec
 
 
 class Predictor:
-    """A loaded model: ``predict`` returns original label values, ``predict_proba`` class probabilities."""
+    """A loaded model: ``predict`` returns original label values, ``predict_proba`` class
+    probabilities."""
 
     def __init__(self, spec: ModelSpec, runtime: Runtime, source: str):
         self.spec = spec

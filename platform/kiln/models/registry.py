@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from kiln.errors import ConfigError
 
@@ -25,11 +26,16 @@ def resolve_builder(name: str) -> Callable[..., Any]:
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
         known = ", ".join(sorted(BUILTIN))
-        raise ConfigError(f"config key 'model.name': unknown model '{name}' (built in: {known}; or package.module:factory)")
+        raise ConfigError(
+            f"config key 'model.name': unknown model '{name}' (built in: {known}; or "
+            "package.module:factory)"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"config key 'model.name': cannot import '{module_name}' ({exc})") from None
+        raise ConfigError(
+            f"config key 'model.name': cannot import '{module_name}' ({exc})"
+        ) from None
     builder = getattr(module, attr, None)
     if not callable(builder):
         raise ConfigError(f"config key 'model.name': '{module_name}' has no callable '{attr}'")

@@ -40,7 +40,7 @@ class ModelSpec:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
         data = dict(data)
         data["preprocessing"] = Preprocessing.from_dict(data["preprocessing"])
         return cls(**data)
@@ -51,5 +51,5 @@ class ModelSpec:
         return path
 
     @classmethod
-    def load(cls, directory: str | Path) -> "ModelSpec":
+    def load(cls, directory: str | Path) -> ModelSpec:
         return cls.from_dict(json.loads((Path(directory) / SPEC_FILE).read_text()))

@@ -12,9 +12,19 @@ from typing import Any
 import torch
 from torch import nn
 
-# Size attributes of the standard layers, kept in step with their tensors (repr, export, further pruning).
-SIZE_ATTRIBUTES = ("in_channels", "out_channels", "in_features", "out_features", "num_features",
-                   "normalized_shape", "num_channels", "embedding_dim", "groups")
+# Size attributes of the standard layers, kept in step with their tensors (repr, export, further
+# pruning).
+SIZE_ATTRIBUTES = (
+    "in_channels",
+    "out_channels",
+    "in_features",
+    "out_features",
+    "num_features",
+    "normalized_shape",
+    "num_channels",
+    "embedding_dim",
+    "groups",
+)
 
 Structure = dict[str, dict[str, Any]]
 
@@ -26,8 +36,9 @@ def _own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def record_structure(model: nn.Module, original: nn.Module) -> Structure:
-    """``{module name: {"attributes": {...}, "tensors": {name: shape}}}`` for every module of ``model``
-    whose own tensors differ in shape from the same module in ``original`` (the builder's output)."""
+    """``{module name: {"attributes": {...}, "tensors": {name: shape}}}`` for every module of
+    ``model`` whose own tensors differ in shape from the same module in ``original`` (the builder's
+    output)."""
     before = dict(original.named_modules())
     structure: Structure = {}
     for name, module in model.named_modules():
@@ -35,14 +46,21 @@ def record_structure(model: nn.Module, original: nn.Module) -> Structure:
         ref = _own_tensors(before[name]) if name in before else {}
         if all(n in ref and tuple(ref[n].shape) == tuple(t.shape) for n, t in tensors.items()):
             continue
-        attrs = {a: getattr(module, a) for a in SIZE_ATTRIBUTES if isinstance(getattr(module, a, None), (int, tuple))}
-        structure[name] = {"attributes": {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.items()},
-                           "tensors": {n: list(t.shape) for n, t in tensors.items()}}
+        attrs = {
+            a: getattr(module, a)
+            for a in SIZE_ATTRIBUTES
+            if isinstance(getattr(module, a, None), (int, tuple))
+        }
+        structure[name] = {
+            "attributes": {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.items()},
+            "tensors": {n: list(t.shape) for n, t in tensors.items()},
+        }
     return structure
 
 
 def apply_structure(model: nn.Module, structure: Structure) -> nn.Module:
-    """Resize the named modules of ``model`` in place (fresh, uninitialized tensors: load weights next).
+    """Resize the named modules of ``model`` in place (fresh, uninitialized tensors: load weights
+    next).
 
     Raises ValueError when a named module or tensor does not exist in ``model``.
     """

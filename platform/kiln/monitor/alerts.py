@@ -14,7 +14,8 @@ logger = logging.getLogger("kiln.monitor")
 
 @dataclass
 class Alert:
-    """One alert event: ``state`` is 'firing' when ``value`` crossed ``threshold``, 'resolved' when it fell back."""
+    """One alert event: ``state`` is 'firing' when ``value`` crossed ``threshold``, 'resolved' when
+    it fell back."""
 
     model: str
     version: str
@@ -29,14 +30,22 @@ class Alert:
         return asdict(self)
 
     def line(self) -> str:
-        extra = f" (drifted: {', '.join(self.details['drifted'])})" if self.details.get("drifted") else ""
+        extra = (
+            f" (drifted: {', '.join(self.details['drifted'])})"
+            if self.details.get("drifted")
+            else ""
+        )
         verb = "above" if self.state == "firing" else "back below"
-        return (f"kiln monitor alert [{self.state}]: model {self.model} version {self.version}: {self.signal} "
-                f"{self.value:.3f} {verb} {self.threshold:g}{extra}")
+        return (
+            f"kiln monitor alert [{self.state}]: model {self.model} version {self.version}: "
+            f"{self.signal} "
+            f"{self.value:.3f} {verb} {self.threshold:g}{extra}"
+        )
 
 
 class Threshold:
-    """Fires once when the value exceeds ``threshold``; re-arms only below ``hysteresis * threshold``."""
+    """Fires once when the value exceeds ``threshold``; re-arms only below ``hysteresis *
+    threshold``."""
 
     def __init__(self, signal: str, threshold: float, hysteresis: float):
         self.signal, self.threshold, self.clear_below = signal, threshold, threshold * hysteresis
@@ -57,7 +66,9 @@ class Threshold:
 def post_webhook(url: str, payload: dict[str, Any], timeout: float) -> bool:
     """POST ``payload`` as JSON; False (and a log line) when the receiver fails. Never raises."""
     body = json.dumps(payload).encode()
-    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
             return 200 <= resp.status < 300

@@ -1,4 +1,5 @@
-"""Reading a served model's live monitoring over HTTP (``GET /v2/models/NAME[/versions/V]/monitor``)."""
+"""Reading a served model's live monitoring over HTTP (``GET
+/v2/models/NAME[/versions/V]/monitor``)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from typing import Any
 from kiln.errors import KilnError
 
 
-def serving_url(run_dir: str | Path, address: str | None = None, url: str | None = None, debug: bool = False) -> str:
-    """The serving base URL: ``url`` if given, else the one ``kiln serve start`` recorded in RUN_DIR/serve,
-    else asked from the Ray cluster at ``address``. Raises KilnError."""
+def serving_url(
+    run_dir: str | Path, address: str | None = None, url: str | None = None, debug: bool = False
+) -> str:
+    """The serving base URL: ``url`` if given, else the one ``kiln serve start`` recorded in
+    RUN_DIR/serve, else asked from the Ray cluster at ``address``. Raises KilnError."""
     if url:
         return url.rstrip("/")
     from kiln.serve.instance import load_state
@@ -23,8 +26,11 @@ def serving_url(run_dir: str | Path, address: str | None = None, url: str | None
     if state is not None and (address is None or state.address == address):
         return state.url
     if not (address or os.environ.get("RAY_ADDRESS")):
-        raise KilnError(f"nothing is being served from {Path(run_dir).expanduser().resolve() / 'serve'}; give --url "
-                        "of the server or --address of the cluster that serves")
+        raise KilnError(
+            f"nothing is being served from {Path(run_dir).expanduser().resolve() / 'serve'}; give "
+            "--url "
+            "of the server or --address of the cluster that serves"
+        )
     from ray.serve.context import _get_global_client
 
     from kiln.serve.cluster import connect, http_url
@@ -34,12 +40,20 @@ def serving_url(run_dir: str | Path, address: str | None = None, url: str | None
     return http_url(http.host, int(http.port))
 
 
-def fetch_monitor(base_url: str, model: str, version: str | None = None, window: bool = False,
-                  api_key: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
+def fetch_monitor(
+    base_url: str,
+    model: str,
+    version: str | None = None,
+    window: bool = False,
+    api_key: str | None = None,
+    timeout: float = 30.0,
+) -> dict[str, Any]:
     """The monitor JSON of ``model`` (all served versions, or ``version``). Raises KilnError."""
     path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/monitor"
-    request = urllib.request.Request(base_url + path + ("?window=1" if window else ""),
-                                     headers={"X-API-Key": api_key} if api_key else {})
+    request = urllib.request.Request(
+        base_url + path + ("?window=1" if window else ""),
+        headers={"X-API-Key": api_key} if api_key else {},
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
             return json.loads(resp.read())
@@ -50,4 +64,6 @@ def fetch_monitor(base_url: str, model: str, version: str | None = None, window:
             message = exc.reason
         raise KilnError(f"{base_url}{path}: {exc.code} {message}") from None
     except (urllib.error.URLError, OSError) as exc:
-        raise KilnError(f"cannot reach the server at {base_url} ({getattr(exc, 'reason', exc)})") from None
+        raise KilnError(
+            f"cannot reach the server at {base_url} ({getattr(exc, 'reason', exc)})"
+        ) from None

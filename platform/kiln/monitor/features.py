@@ -1,5 +1,5 @@
-"""What is monitored per row: the features whose distribution is compared with the reference, and the
-per-row OOD scores. Pure numpy: this runs on the request path.
+"""What is monitored per row: the features whose distribution is compared with the reference, and
+the per-row OOD scores. Pure numpy: this runs on the request path.
 
 Tabular models: every input feature (normalized model input; PSI and KS do not change under the
 per-feature affine normalization) and the predicted class.
@@ -32,8 +32,12 @@ def feature_layout(kind: str, feature_names: list[str], labels: list) -> list[Fe
     if kind == "tabular":
         inputs = [FeatureSpec(str(n), "numeric", "input") for n in feature_names]
         return [*inputs, FeatureSpec("output.class", "categorical", "output")]
-    out = [FeatureSpec("input.brightness", "numeric", "input"), FeatureSpec("input.contrast", "numeric", "input"),
-           FeatureSpec("output.class", "categorical", "output"), FeatureSpec("output.confidence", "numeric", "output")]
+    out = [
+        FeatureSpec("input.brightness", "numeric", "input"),
+        FeatureSpec("input.contrast", "numeric", "input"),
+        FeatureSpec("output.class", "categorical", "output"),
+        FeatureSpec("output.confidence", "numeric", "output"),
+    ]
     if len(labels) <= MAX_CLASS_FEATURES:
         out += [FeatureSpec(f"output.prob[{label}]", "numeric", "output") for label in labels]
     return out
@@ -47,8 +51,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def ood_scores(logits: np.ndarray, probs: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Per-row in-distribution scores (higher = more like the training data): 'energy' is the negative
-    free energy logsumexp(logits) (Liu et al. 2020), 'msp' the maximum softmax probability."""
+    """Per-row in-distribution scores (higher = more like the training data): 'energy' is the
+    negative free energy logsumexp(logits) (Liu et al. 2020), 'msp' the maximum softmax
+    probability."""
     z = logits.astype(np.float64)
     top = z.max(axis=1)
     energy = top + np.log(np.exp(z - top[:, None]).sum(axis=1))
@@ -62,7 +67,9 @@ def input_features(kind: str, x: np.ndarray) -> np.ndarray:
         return np.asarray(x, np.float32).reshape(len(x), -1)
     flat = np.asarray(x, np.float32).reshape(len(x), -1)
     mean = flat.mean(axis=1)
-    std = np.sqrt(np.maximum((flat * flat).mean(axis=1) - mean * mean, 0.0))  # np.std costs 3x on one row
+    std = np.sqrt(
+        np.maximum((flat * flat).mean(axis=1) - mean * mean, 0.0)
+    )  # np.std costs 3x on one row
     return np.stack([mean, std], axis=1)
 
 
@@ -81,11 +88,13 @@ def plotting_positions(n: int) -> np.ndarray:
     return (np.arange(n) + 0.5) / n
 
 
-def tail_probability(sample: np.ndarray, values: np.ndarray, two_sided: bool,
-                     ranks: np.ndarray | None = None) -> np.ndarray:
-    """How typical each value is under a sorted reference sample: the share of reference values beyond
-    it (lower tail; both tails doubled when ``two_sided``), floored at half a reference row, so values
-    outside the reference's range get the smallest probability. ``ranks``: plotting_positions(len(sample))."""
+def tail_probability(
+    sample: np.ndarray, values: np.ndarray, two_sided: bool, ranks: np.ndarray | None = None
+) -> np.ndarray:
+    """How typical each value is under a sorted reference sample: the share of reference values
+    beyond it (lower tail; both tails doubled when ``two_sided``), floored at half a reference row,
+    so values outside the reference's range get the smallest probability. ``ranks``:
+    plotting_positions(len(sample))."""
     ranks = plotting_positions(len(sample)) if ranks is None else ranks
     cdf = np.interp(values, sample, ranks)  # clamps to [0.5/n, 1 - 0.5/n] outside the range
     if not two_sided:

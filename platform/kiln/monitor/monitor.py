@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -22,7 +23,8 @@ from kiln.monitor.window import RowWindow
 
 @dataclass
 class OodResult:
-    """Per-row OOD scores and flags of one request (flag: the score is below the calibrated threshold)."""
+    """Per-row OOD scores and flags of one request (flag: the score is below the calibrated
+    threshold)."""
 
     scores: np.ndarray
     flags: np.ndarray
@@ -30,8 +32,11 @@ class OodResult:
 
     def parameters(self) -> dict[str, Any]:
         """The response's ``parameters`` entries: one list item per input row."""
-        return {"ood": self.flags.tolist(), "ood_score": np.round(self.scores, 5).tolist(),
-                "ood_threshold": round(self.threshold, 6)}
+        return {
+            "ood": self.flags.tolist(),
+            "ood_score": np.round(self.scores, 5).tolist(),
+            "ood_threshold": round(self.threshold, 6),
+        }
 
 
 @dataclass
@@ -52,8 +57,14 @@ class Evaluation:
 class VersionMonitor:
     """Live monitoring of one served version against its reference."""
 
-    def __init__(self, model: str, version: str, reference: MonitorReference, cfg: MonitorConfig,
-                 on_alert: Callable[[Alert], None] | None = None):
+    def __init__(
+        self,
+        model: str,
+        version: str,
+        reference: MonitorReference,
+        cfg: MonitorConfig,
+        on_alert: Callable[[Alert], None] | None = None,
+    ):
         self.model, self.version, self.reference, self.cfg = model, version, reference, cfg
         self.kind = reference.kind
         self.threshold = reference.threshold(cfg.ood_score, cfg.ood_inputs, cfg.ood_pass_rate)
@@ -64,7 +75,9 @@ class VersionMonitor:
         self.statistics = prepare(reference)
         self.drift_alert = Threshold("drift", cfg.drift_threshold, cfg.hysteresis)
         self.ood_alert = Threshold("ood_rate", cfg.ood_rate_threshold, cfg.hysteresis)
-        self.on_alert = on_alert or (lambda alert: notify(alert, cfg.webhook_url, cfg.webhook_timeout_s))
+        self.on_alert = on_alert or (
+            lambda alert: notify(alert, cfg.webhook_url, cfg.webhook_timeout_s)
+        )
         self.flagged = 0  # rows flagged OOD since start
         self.last: Evaluation | None = None
         self.alerts: list[Alert] = []  # the most recent alert events
@@ -95,37 +108,55 @@ class VersionMonitor:
         """Whether enough new rows (or time with new rows) passed to evaluate again."""
         if self._new_rows == 0 or self._evaluating.locked():
             return False
-        return self._new_rows >= self.cfg.eval_every or time.monotonic() - self._last_eval >= self.cfg.eval_interval_s
+        return (
+            self._new_rows >= self.cfg.eval_every
+            or time.monotonic() - self._last_eval >= self.cfg.eval_interval_s
+        )
 
     def take_snapshot(self) -> tuple[np.ndarray, np.ndarray]:
-        """The window to evaluate (taken on the request path's thread, so the buffer is never read mid-append)."""
+        """The window to evaluate (taken on the request path's thread, so the buffer is never read
+        mid-append)."""
         self._new_rows, self._last_eval = 0, time.monotonic()
         return self.window.snapshot()
 
     # --- off the event loop -----------------------------------------------------------------
 
     def evaluate(self, snapshot: tuple[np.ndarray, np.ndarray] | None = None) -> Evaluation:
-        """Drift and OOD rate of the window, with alert transitions (notified through ``on_alert``)."""
+        """Drift and OOD rate of the window, with alert transitions (notified through
+        ``on_alert``)."""
         rows, flags = snapshot if snapshot is not None else self.take_snapshot()
         with self._evaluating:
             result = None
             if len(rows) >= self.cfg.min_rows:
                 result = drift(self.statistics, rows, self.cfg.psi_threshold, self.cfg.ks_alpha)
             rate = float(flags.mean()) if len(flags) else 0.0
-            evaluation = Evaluation(at=time.time(), rows=int(len(rows)), ood_rate=rate, drift=result)
+            evaluation = Evaluation(
+                at=time.time(), rows=int(len(rows)), ood_rate=rate, drift=result
+            )
             if result is not None:
-                self._transition(evaluation, self.drift_alert, result.score, {"drifted": result.drifted})
+                self._transition(
+                    evaluation, self.drift_alert, result.score, {"drifted": result.drifted}
+                )
             if len(rows) >= self.cfg.min_rows:
                 self._transition(evaluation, self.ood_alert, rate, {})
             self.last = evaluation
         return evaluation
 
-    def _transition(self, evaluation: Evaluation, tracker: Threshold, value: float, details: dict) -> None:
+    def _transition(
+        self, evaluation: Evaluation, tracker: Threshold, value: float, details: dict
+    ) -> None:
         state = tracker.update(value)
         if state is None:
             return
-        alert = Alert(self.model, self.version, tracker.signal, state, float(value), tracker.threshold,
-                      details=details)
+        alert = Alert(
+            self.model,
+            self.version,
+            tracker.signal,
+            state,
+            float(value),
+            tracker.threshold,
+            details=details,
+        )
         evaluation.alerts.append(alert)
         self.alerts = [*self.alerts[-19:], alert]
         self.on_alert(alert)
@@ -133,8 +164,9 @@ class VersionMonitor:
     # --- what others read -------------------------------------------------------------------
 
     def signals(self) -> dict[str, float]:
-        """{"drift": score, "ood_rate": rate} of the latest evaluation, what rollout gates read; {} until the
-        window holds ``min_rows`` (no data: a gate holds rather than judging a handful of rows)."""
+        """{"drift": score, "ood_rate": rate} of the latest evaluation, what rollout gates read; {}
+        until the window holds ``min_rows`` (no data: a gate holds rather than judging a handful of
+        rows)."""
         last = self.last
         if last is None or last.drift is None:
             return {}
@@ -144,16 +176,37 @@ class VersionMonitor:
         """The monitor's state as JSON: thresholds, window, latest drift (per feature), alerts."""
         last = self.last
         return {
-            "model": self.model, "version": self.version, "monitored": True, "kind": self.kind,
-            "window": {"capacity": self.cfg.window, "rows": len(self.window), "seen": self.window.seen},
-            "ood": {"score": self.cfg.ood_score, "inputs": self.cfg.ood_inputs, "threshold": self.threshold, "pass_rate": self.cfg.ood_pass_rate,
-                    "window_rate": None if last is None else last.ood_rate, "flagged_total": self.flagged,
-                    "alert_threshold": self.cfg.ood_rate_threshold, "alerting": self.ood_alert.firing},
-            "drift": {"threshold": self.cfg.drift_threshold, "psi_threshold": self.cfg.psi_threshold,
-                      "ks_alpha": self.cfg.ks_alpha, "alerting": self.drift_alert.firing,
-                      "alerting_since": self.drift_alert.since,
-                      **(last.drift.to_dict() if last is not None and last.drift is not None
-                         else {"score": None, "drifted": [], "features": []})},
+            "model": self.model,
+            "version": self.version,
+            "monitored": True,
+            "kind": self.kind,
+            "window": {
+                "capacity": self.cfg.window,
+                "rows": len(self.window),
+                "seen": self.window.seen,
+            },
+            "ood": {
+                "score": self.cfg.ood_score,
+                "inputs": self.cfg.ood_inputs,
+                "threshold": self.threshold,
+                "pass_rate": self.cfg.ood_pass_rate,
+                "window_rate": None if last is None else last.ood_rate,
+                "flagged_total": self.flagged,
+                "alert_threshold": self.cfg.ood_rate_threshold,
+                "alerting": self.ood_alert.firing,
+            },
+            "drift": {
+                "threshold": self.cfg.drift_threshold,
+                "psi_threshold": self.cfg.psi_threshold,
+                "ks_alpha": self.cfg.ks_alpha,
+                "alerting": self.drift_alert.firing,
+                "alerting_since": self.drift_alert.since,
+                **(
+                    last.drift.to_dict()
+                    if last is not None and last.drift is not None
+                    else {"score": None, "drifted": [], "features": []}
+                ),
+            },
             "evaluated_at": None if last is None else last.at,
             "alerts": [a.to_dict() for a in self.alerts],
         }
@@ -161,5 +214,8 @@ class VersionMonitor:
     def window_rows(self) -> dict[str, Any]:
         """The window's rows per feature (for reports)."""
         rows, flags = self.window.snapshot()
-        return {"features": [f.name for f in self.layout], "rows": rows.tolist(), "ood": flags.tolist()}
-
+        return {
+            "features": [f.name for f in self.layout],
+            "rows": rows.tolist(),
+            "ood": flags.tolist(),
+        }

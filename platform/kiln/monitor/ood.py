@@ -19,12 +19,15 @@ from kiln.monitor.features import plotting_positions, tail_probability
 
 
 class OodScorer:
-    """Scores rows against a reference: output-score quantiles (validation) and input sketches (train)."""
+    """Scores rows against a reference: output-score quantiles (validation) and input sketches
+    (train)."""
 
     def __init__(self, output_quantiles: list[float], input_samples: list[list[float]] | None):
         self.output = np.asarray(output_quantiles, np.float64)
         self.inputs = [np.asarray(s, np.float64) for s in (input_samples or []) if len(s)]
-        self._ranks = {len(a): plotting_positions(len(a)) for a in [self.output, *self.inputs]}  # not per request
+        self._ranks = {
+            len(a): plotting_positions(len(a)) for a in [self.output, *self.inputs]
+        }  # not per request
 
     def score(self, output_score: np.ndarray, input_columns: np.ndarray | None) -> np.ndarray:
         """Per-row typicality (0..1) from each row's output score and its input-feature columns."""

@@ -3,10 +3,11 @@ retraining job through the same path as ``kiln submit train`` (Ray Jobs API) on 
 source, follow it to its end, and start a gated rollout of the version it registered
 (``kiln.rollout.api.start_rollout``, trigger ``monitor``).
 
-Each step is an event (``RetrainEvent``): logged, written to the model's rollout audit log, kept in the
-monitor status, and POSTed to the webhook. One job at a time per version, at most one per ``cooldown_s``. With several replicas, the
-submission id is derived from the model, the version and the cooldown period, so the replicas that
-cross the threshold in the same period submit one job (the Jobs API refuses a second job with that id).
+Each step is an event (``RetrainEvent``): logged, written to the model's rollout audit log, kept in
+the monitor status, and POSTed to the webhook. One job at a time per version, at most one per
+``cooldown_s``. With several replicas, the submission id is derived from the model, the version and
+the cooldown period, so the replicas that cross the threshold in the same period submit one job (the
+Jobs API refuses a second job with that id).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -30,41 +32,79 @@ logger = logging.getLogger("kiln.monitor")
 class RolloutPolicy(Section):
     """How the retrained version is rolled out (``kiln rollout start`` options)."""
 
-    strategy: Literal["canary", "linear", "blue-green", "shadow"] = Field("canary", description="Rollout strategy.")
-    weight: float | None = Field(10.0, gt=0, le=100, description="canary: percent of requests to the new version; "
-                                                                 "shadow: percent mirrored.")
+    strategy: Literal["canary", "linear", "blue-green", "shadow"] = Field(
+        "canary", description="Rollout strategy."
+    )
+    weight: float | None = Field(
+        10.0,
+        gt=0,
+        le=100,
+        description="canary: percent of requests to the new version; shadow: percent mirrored.",
+    )
     steps: list[float] | None = Field(None, description="linear: percent per step.")
     bake_s: float = Field(300.0, gt=0, description="Time at each step with every gate passing.")
     interval_s: float = Field(10.0, gt=0, description="Gate evaluation interval.")
-    gates: list[str] = Field(default_factory=lambda: ["error_rate<0.01", "drift<0.3"],
-                             description="Gates on the new version's live metrics and monitoring signals.")
+    gates: list[str] = Field(
+        default_factory=lambda: ["error_rate<0.01", "drift<0.3"],
+        description="Gates on the new version's live metrics and monitoring signals.",
+    )
 
     def options(self):
         """The rollout's RolloutOptions."""
         from kiln.rollout.spec import RolloutOptions
 
-        return RolloutOptions(weight=self.weight if self.strategy in ("canary", "shadow") else None,
-                              steps=self.steps, bake_s=self.bake_s, interval_s=self.interval_s, gates=list(self.gates))
+        return RolloutOptions(
+            weight=self.weight if self.strategy in ("canary", "shadow") else None,
+            steps=self.steps,
+            bake_s=self.bake_s,
+            interval_s=self.interval_s,
+            gates=list(self.gates),
+        )
 
 
 class RetrainPolicy(Section):
-    """``serve.monitor.retrain``: retrain a served model when its drift stays above the threshold."""
+    """``serve.monitor.retrain``: retrain a served model when its drift stays above the
+    threshold."""
 
-    config: str = Field(description="Training config of the retraining job (a path inside `project`).")
-    data_source: str | None = Field(None, description="The data to retrain on (`data.source` of the job); "
-                                                      "default: the config's.")
-    overrides: list[str] = Field(default_factory=list, description="More key=value overrides for the job.")
-    after_s: float = Field(300.0, gt=0, description="Drift must stay above serve.monitor.drift_threshold this "
-                                                    "long (its alert firing) before a job is submitted.")
-    cooldown_s: float = Field(3600.0, gt=0, description="At most one retraining job per version this often.")
-    jobs_address: str | None = Field(None, description="Ray Jobs API (http://HOST:8265) the job goes to; "
-                                                       "default: the cluster that serves.")
-    project: str | None = Field(None, description="Project folder shipped with the job (holds jobs/ and the "
-                                                  "config); default: the folder `kiln serve start` ran in.")
-    python: str | None = Field(None, description="Python of the job on the head; default: the replica's.")
-    job_timeout_s: float = Field(3600.0, gt=0, description="Give up following the job after this long.")
-    rollout: RolloutPolicy | None = Field(default_factory=RolloutPolicy, description="Roll the new version out "
-                                          "with these gates (null: only register it).")
+    config: str = Field(
+        description="Training config of the retraining job (a path inside `project`)."
+    )
+    data_source: str | None = Field(
+        None,
+        description="The data to retrain on (`data.source` of the job); default: the config's.",
+    )
+    overrides: list[str] = Field(
+        default_factory=list, description="More key=value overrides for the job."
+    )
+    after_s: float = Field(
+        300.0,
+        gt=0,
+        description="Drift must stay above serve.monitor.drift_threshold this "
+        "long (its alert firing) before a job is submitted.",
+    )
+    cooldown_s: float = Field(
+        3600.0, gt=0, description="At most one retraining job per version this often."
+    )
+    jobs_address: str | None = Field(
+        None,
+        description="Ray Jobs API (http://HOST:8265) the job goes to; "
+        "default: the cluster that serves.",
+    )
+    project: str | None = Field(
+        None,
+        description="Project folder shipped with the job (holds jobs/ and the "
+        "config); default: the folder `kiln serve start` ran in.",
+    )
+    python: str | None = Field(
+        None, description="Python of the job on the head; default: the replica's."
+    )
+    job_timeout_s: float = Field(
+        3600.0, gt=0, description="Give up following the job after this long."
+    )
+    rollout: RolloutPolicy | None = Field(
+        default_factory=RolloutPolicy,
+        description="Roll the new version out with these gates (null: only register it).",
+    )
 
     @field_validator("overrides")
     @classmethod
@@ -96,10 +136,19 @@ class RetrainEvent:
 
 
 class RetrainLoop:
-    """The retraining policy of one served version (``check`` is called periodically off the event loop)."""
+    """The retraining policy of one served version (``check`` is called periodically off the event
+    loop)."""
 
-    def __init__(self, policy: RetrainPolicy, model: str, version: str, registry_name: str, tracking_uri: str,
-                 run_dir: str | None = None, on_event: Callable[[RetrainEvent], None] | None = None):
+    def __init__(
+        self,
+        policy: RetrainPolicy,
+        model: str,
+        version: str,
+        registry_name: str,
+        tracking_uri: str,
+        run_dir: str | None = None,
+        on_event: Callable[[RetrainEvent], None] | None = None,
+    ):
         self.policy, self.model, self.version = policy, model, version
         self.registry_name, self.tracking_uri = registry_name, tracking_uri
         self.run_dir = run_dir  # the serving run dir: rollout state and audit log
@@ -111,7 +160,11 @@ class RetrainLoop:
     def due(self, alert_since: float | None, now: float | None = None) -> bool:
         """Whether the drift alert that fires since ``alert_since`` calls for a job now."""
         now = time.time() if now is None else now
-        if alert_since is None or self.in_flight is not None or now - alert_since < self.policy.after_s:
+        if (
+            alert_since is None
+            or self.in_flight is not None
+            or now - alert_since < self.policy.after_s
+        ):
             return False
         return self.last_submitted is None or now - self.last_submitted >= self.policy.cooldown_s
 
@@ -121,8 +174,14 @@ class RetrainLoop:
             return
         self.in_flight = "starting"
         self.last_submitted = time.time()
-        self._emit("triggered", None, {"drift": round(drift_score or 0.0, 4),
-                                       "firing_s": round(time.time() - alert_since, 1)})
+        self._emit(
+            "triggered",
+            None,
+            {
+                "drift": round(drift_score or 0.0, 4),
+                "firing_s": round(time.time() - alert_since, 1),
+            },
+        )
         threading.Thread(target=self._run, daemon=True, name=f"kiln-retrain-{self.model}").start()
 
     def submission_id(self) -> str:
@@ -131,7 +190,8 @@ class RetrainLoop:
         return f"kiln-retrain-{safe}-v{self.version}-{period}"
 
     def job_overrides(self) -> list[str]:
-        """The job's overrides: the registered model's name (the new version joins it), the data source."""
+        """The job's overrides: the registered model's name (the new version joins it), the data
+        source."""
         out = [f"experiment.name={self.registry_name}"]
         if self.policy.data_source:
             out.append(f"data.source={self.policy.data_source}")
@@ -141,8 +201,11 @@ class RetrainLoop:
         try:
             outcome = self.run_job()
         except Exception as exc:  # the loop reports; serving goes on
-            self._emit("failed", self.in_flight if self.in_flight != "starting" else None,
-                       {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"})
+            self._emit(
+                "failed",
+                self.in_flight if self.in_flight != "starting" else None,
+                {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"},
+            )
         else:
             if outcome is not None and self.policy.rollout is not None:
                 try:
@@ -153,16 +216,22 @@ class RetrainLoop:
             self.in_flight = None
 
     def run_job(self):
-        """Submit the job, wait for it, record the version it registered. Returns its JobOutcome (None
-        when it did not succeed or a sibling replica submitted it). Raises KilnError on submission errors."""
+        """Submit the job, wait for it, record the version it registered. Returns its JobOutcome
+        (None when it did not succeed or a sibling replica submitted it). Raises KilnError on
+        submission errors."""
         from kiln.cluster.client import connect
         from kiln.cluster.jobs import job_outcome, wait_until_finished
         from kiln.cluster.submit import build_runtime_env, job_spec, submit
         from kiln.errors import KilnError
 
         policy = self.policy
-        spec = job_spec("train", str(Path(policy.project or os.getcwd()) / policy.config), self.job_overrides(),
-                        policy.project, policy.python or sys.executable)
+        spec = job_spec(
+            "train",
+            str(Path(policy.project or os.getcwd()) / policy.config),
+            self.job_overrides(),
+            policy.project,
+            policy.python or sys.executable,
+        )
         client = connect(policy.jobs_address or _serving_cluster_jobs_address())
         submission_id = self.submission_id()
         try:
@@ -173,20 +242,35 @@ class RetrainLoop:
                 return None
             raise
         self.in_flight = submission_id
-        self._emit("submitted", submission_id, {"entrypoint": spec.entrypoint(),
-                                                "data_source": policy.data_source or "(config's)"})
+        self._emit(
+            "submitted",
+            submission_id,
+            {"entrypoint": spec.entrypoint(), "data_source": policy.data_source or "(config's)"},
+        )
         wait_until_finished(client, submission_id, timeout=policy.job_timeout_s, poll=2.0)
         outcome = job_outcome(client, submission_id)
-        if outcome.status != "SUCCEEDED" or not outcome.summary or "model_uri" not in outcome.summary:
-            self._emit("failed", submission_id, {"status": outcome.status, "error": outcome.error or ""})
+        if (
+            outcome.status != "SUCCEEDED"
+            or not outcome.summary
+            or "model_uri" not in outcome.summary
+        ):
+            self._emit(
+                "failed", submission_id, {"status": outcome.status, "error": outcome.error or ""}
+            )
             return None
-        self._emit("registered", submission_id, {"model_uri": outcome.summary["model_uri"],
-                                                 "test_accuracy": outcome.summary.get("metrics", {})
-                                                 .get("test_accuracy")})
+        self._emit(
+            "registered",
+            submission_id,
+            {
+                "model_uri": outcome.summary["model_uri"],
+                "test_accuracy": outcome.summary.get("metrics", {}).get("test_accuracy"),
+            },
+        )
         return outcome
 
     def roll_out(self, model_uri: str, submission_id: str) -> None:
-        """Start the gated rollout of the registered version (the rollout controller takes it from there)."""
+        """Start the gated rollout of the registered version (the rollout controller takes it from
+        there)."""
         from kiln.errors import KilnError
         from kiln.rollout.api import start_rollout
 
@@ -194,22 +278,45 @@ class RetrainLoop:
             raise KilnError("no serving run dir to keep the rollout's state in")
         version = model_uri.rsplit("/", 1)[1]
         policy = self.policy.rollout
-        record = start_rollout(self.run_dir, None, self.model, version, policy.strategy, policy.options(),
-                               trigger="monitor")
-        self._emit("rollout", submission_id, {"to_version": record.candidate, "strategy": record.strategy,
-                                              "gates": ",".join(record.gates)})
+        record = start_rollout(
+            self.run_dir,
+            None,
+            self.model,
+            version,
+            policy.strategy,
+            policy.options(),
+            trigger="monitor",
+        )
+        self._emit(
+            "rollout",
+            submission_id,
+            {
+                "to_version": record.candidate,
+                "strategy": record.strategy,
+                "gates": ",".join(record.gates),
+            },
+        )
 
     def _emit(self, step: str, submission_id: str | None, detail: dict[str, Any]) -> None:
-        event = RetrainEvent(self.model, self.version, step, submission_id=submission_id, detail=detail)
+        event = RetrainEvent(
+            self.model, self.version, step, submission_id=submission_id, detail=detail
+        )
         self.events = [*self.events[-49:], event]
         (logger.warning if step == "failed" else logger.info)(event.line())
         if self.run_dir:  # every step of the loop in the model's rollout audit log
             try:
                 from kiln.rollout.store import RolloutStore
 
-                RolloutStore(self.run_dir, self.model).audit({
-                    "decision": f"retrain-{step}", "trigger": "monitor", "version": self.version,
-                    "submission_id": submission_id, "reason": event.line(), "detail": detail})
+                RolloutStore(self.run_dir, self.model).audit(
+                    {
+                        "decision": f"retrain-{step}",
+                        "trigger": "monitor",
+                        "version": self.version,
+                        "submission_id": submission_id,
+                        "reason": event.line(),
+                        "detail": detail,
+                    }
+                )
             except Exception:
                 logger.exception("kiln monitor: could not write the rollout audit log")
         try:
@@ -226,5 +333,8 @@ def _serving_cluster_jobs_address() -> str:
     if not url:
         from kiln.errors import KilnError
 
-        raise KilnError("the serving cluster has no dashboard (Jobs API); set serve.monitor.retrain.jobs_address")
+        raise KilnError(
+            "the serving cluster has no dashboard (Jobs API); set "
+            "serve.monitor.retrain.jobs_address"
+        )
     return url if "://" in url else f"http://{url}"

@@ -12,9 +12,10 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -30,42 +31,65 @@ logger = logging.getLogger("ray.serve")
 class ReplicaMonitors:
     """The monitors of one replica's versions (absent versions: registered without a reference)."""
 
-    def __init__(self, model: str, cfg: MonitorConfig, metrics=None, tracking_uri: str | None = None,
-                 run_dir: str | None = None, stable_version: Callable[[], str | None] | None = None):
+    def __init__(
+        self,
+        model: str,
+        cfg: MonitorConfig,
+        metrics=None,
+        tracking_uri: str | None = None,
+        run_dir: str | None = None,
+        stable_version: Callable[[], str | None] | None = None,
+    ):
         self.model, self.cfg, self.metrics, self.tracking_uri = model, cfg, metrics, tracking_uri
         self.run_dir = run_dir
-        # The one version whose drift may start a retraining (the stable one; None while a rollout runs, its
-        # gates decide then). Without it (no rollouts), every version's drift may.
+        # The one version whose drift may start a retraining (the stable one; None while a rollout
+        # runs, its gates decide then). Without it (no rollouts), every version's drift may.
         self.stable_version = stable_version
         self.monitors: dict[str, VersionMonitor] = {}
         self.loops: dict[str, RetrainLoop] = {}
         self.unmonitored: dict[str, str] = {}  # version -> why
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"kiln-monitor-{model}")
-        # Alerts go out on their own thread: a slow webhook must delay neither requests nor evaluations.
+        # Alerts go out on their own thread: a slow webhook must delay neither requests nor
+        # evaluations.
         self._alerts = ThreadPoolExecutor(1, thread_name_prefix=f"kiln-alerts-{model}")
         self.replica = _replica_id()
         self._watcher: threading.Thread | None = None
 
     def add_retraining(self, version: str, registry_name: str) -> None:
-        """Attach the retraining policy to a monitored version; a watcher thread checks it every second
-        (time, not traffic, decides when drift has lasted ``after_s``)."""
+        """Attach the retraining policy to a monitored version; a watcher thread checks it every
+        second (time, not traffic, decides when drift has lasted ``after_s``)."""
         if self.cfg.retrain is None or version not in self.monitors:
             return
         cfg = self.cfg
         self.loops[version] = RetrainLoop(
-            cfg.retrain, self.model, version, registry_name, self.tracking_uri or "", self.run_dir,
-            on_event=lambda event: cfg.webhook_url and self._alerts.submit(
-                post_webhook, cfg.webhook_url, {"kind": "kiln.monitor.retrain", **event.to_dict()},
-                cfg.webhook_timeout_s))
+            cfg.retrain,
+            self.model,
+            version,
+            registry_name,
+            self.tracking_uri or "",
+            self.run_dir,
+            on_event=lambda event: (
+                cfg.webhook_url
+                and self._alerts.submit(
+                    post_webhook,
+                    cfg.webhook_url,
+                    {"kind": "kiln.monitor.retrain", **event.to_dict()},
+                    cfg.webhook_timeout_s,
+                )
+            ),
+        )
 
     def _start_watcher(self) -> None:
         if self._watcher is None:
-            self._watcher = threading.Thread(target=self._watch, daemon=True, name=f"kiln-monitor-watch-{self.model}")
+            self._watcher = threading.Thread(
+                target=self._watch, daemon=True, name=f"kiln-monitor-watch-{self.model}"
+            )
             self._watcher.start()
 
     def _watch(self) -> None:
-        """Every second: publish the latest gauges again (Ray drops a gauge series that is not refreshed within
-        two export intervals, and an idle version is evaluated no more) and check the retraining policies."""
+        """Every second: publish the latest gauges again (Ray drops a gauge series that is not
+        refreshed within two export intervals, and an idle version is evaluated no more) and check
+        the retraining policies."""
         while True:
             time.sleep(1.0)
             for version, monitor in list(self.monitors.items()):
@@ -73,11 +97,17 @@ class ReplicaMonitors:
                     if self.metrics is not None and monitor.last is not None:
                         self.metrics.publish(self.model, version, monitor.last, monitor)
                     loop = self.loops.get(version)
-                    if loop is not None and (self.stable_version is None or self.stable_version() == version):
-                        loop.check(monitor.drift_alert.since if monitor.drift_alert.firing else None,
-                                   monitor.last.drift_score if monitor.last else None)
+                    if loop is not None and (
+                        self.stable_version is None or self.stable_version() == version
+                    ):
+                        loop.check(
+                            monitor.drift_alert.since if monitor.drift_alert.firing else None,
+                            monitor.last.drift_score if monitor.last else None,
+                        )
                 except Exception:
-                    logger.exception("kiln monitor: periodic check failed for %s v%s", self.model, version)
+                    logger.exception(
+                        "kiln monitor: periodic check failed for %s v%s", self.model, version
+                    )
 
     def add(self, version: str, model_dir: Path) -> None:
         if not self.cfg.enabled:
@@ -88,15 +118,25 @@ class ReplicaMonitors:
         except (ValueError, KeyError, TypeError) as exc:
             reference, why = None, f"its {REFERENCE_FILE} is unreadable ({exc})"
         else:
-            why = f"registered without {REFERENCE_FILE} (re-register it with this Kiln to monitor it)"
+            why = (
+                f"registered without {REFERENCE_FILE} (re-register it with this Kiln to monitor it)"
+            )
         if reference is None:
             self.unmonitored[version] = why
-            logger.warning("kiln monitor: model %s version %s is not monitored: %s", self.model, version, why)
+            logger.warning(
+                "kiln monitor: model %s version %s is not monitored: %s", self.model, version, why
+            )
             return
         cfg = self.cfg
         self.monitors[version] = VersionMonitor(
-            self.model, version, reference, cfg,
-            on_alert=lambda alert: self._alerts.submit(notify, alert, cfg.webhook_url, cfg.webhook_timeout_s))
+            self.model,
+            version,
+            reference,
+            cfg,
+            on_alert=lambda alert: self._alerts.submit(
+                notify, alert, cfg.webhook_url, cfg.webhook_timeout_s
+            ),
+        )
         self._start_watcher()
 
     def remove(self, version: str) -> None:
@@ -115,7 +155,9 @@ class ReplicaMonitors:
             self.metrics.observed(self.model, version, len(result.flags), int(result.flags.sum()))
         if monitor.due():
             snapshot = monitor.take_snapshot()
-            asyncio.get_running_loop().run_in_executor(self._pool, self._evaluate, monitor, snapshot)
+            asyncio.get_running_loop().run_in_executor(
+                self._pool, self._evaluate, monitor, snapshot
+            )
         return result
 
     def _evaluate(self, monitor: VersionMonitor, snapshot=None):
@@ -125,11 +167,16 @@ class ReplicaMonitors:
                 self.metrics.evaluated(self.model, monitor.version, evaluation, monitor)
             return evaluation
         except Exception:  # monitoring must never take serving down
-            logger.exception("kiln monitor: evaluation failed for model %s version %s", self.model, monitor.version)
+            logger.exception(
+                "kiln monitor: evaluation failed for model %s version %s",
+                self.model,
+                monitor.version,
+            )
             return None
 
     def refresh(self, version: str) -> None:
-        """Evaluate now if rows arrived since the last evaluation (for a reader that wants the latest)."""
+        """Evaluate now if rows arrived since the last evaluation (for a reader that wants the
+        latest)."""
         monitor = self.monitors.get(version)
         if monitor is not None and monitor.has_new_rows:
             self._evaluate(monitor, monitor.take_snapshot())
@@ -144,22 +191,34 @@ class ReplicaMonitors:
     def status(self, version: str, window: bool = False) -> dict[str, Any]:
         monitor = self.monitors.get(version)
         if monitor is None:
-            return {"model": self.model, "version": version, "monitored": False,
-                    "reason": self.unmonitored.get(version, "not served")}
+            return {
+                "model": self.model,
+                "version": version,
+                "monitored": False,
+                "reason": self.unmonitored.get(version, "not served"),
+            }
         self.refresh(version)
         out = monitor.status()
         loop = self.loops.get(version)
         if loop is not None:
-            out["retrain"] = {"policy": loop.policy.model_dump(), "in_flight": loop.in_flight,
-                              "events": [e.to_dict() for e in loop.events]}
+            out["retrain"] = {
+                "policy": loop.policy.model_dump(),
+                "in_flight": loop.in_flight,
+                "events": [e.to_dict() for e in loop.events],
+            }
         if window:
             out["window_rows"] = monitor.window_rows()
             out["reference"] = monitor.reference.to_dict()
         return out
 
     def report(self, versions: list[str], window: bool = False) -> dict[str, Any]:
-        return {"model": self.model, "replica": self.replica, "scope": "replica",
-                "config": self.cfg.model_dump(), "versions": {v: self.status(v, window) for v in versions}}
+        return {
+            "model": self.model,
+            "replica": self.replica,
+            "scope": "replica",
+            "config": self.cfg.model_dump(),
+            "versions": {v: self.status(v, window) for v in versions},
+        }
 
 
 def _replica_id() -> str:

@@ -1,4 +1,5 @@
-"""A fixed-size ring buffer of the most recent monitored rows: appending is a slice copy, no allocation."""
+"""A fixed-size ring buffer of the most recent monitored rows: appending is a slice copy, no
+allocation."""
 
 from __future__ import annotations
 
@@ -22,14 +23,14 @@ class RowWindow:
         n = len(rows)
         self.seen += n
         if n >= self.capacity:  # a request larger than the window: keep its last rows
-            rows, flags, n = rows[-self.capacity:], flags[-self.capacity:], self.capacity
+            rows, flags, n = rows[-self.capacity :], flags[-self.capacity :], self.capacity
         start = self.total % self.capacity
         first = min(n, self.capacity - start)
-        self.rows[start:start + first] = rows[:first]
-        self.flags[start:start + first] = flags[:first]
+        self.rows[start : start + first] = rows[:first]
+        self.flags[start : start + first] = flags[:first]
         if first < n:
-            self.rows[:n - first] = rows[first:]
-            self.flags[:n - first] = flags[first:]
+            self.rows[: n - first] = rows[first:]
+            self.flags[: n - first] = flags[first:]
         self.total += n
 
     def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
@@ -38,7 +39,7 @@ class RowWindow:
         if self.total <= self.capacity:
             return self.rows[:n].copy(), self.flags[:n].copy()
         start = self.total % self.capacity
-        order = np.r_[start:self.capacity, 0:start]
+        order = np.r_[start : self.capacity, 0:start]
         return self.rows[order], self.flags[order]
 
     def ood_rate(self) -> float:

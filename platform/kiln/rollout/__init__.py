@@ -11,8 +11,8 @@ Python entry points (``kiln.rollout.api``; the CLI is ``kiln rollout``)::
 
     start_rollout(run_dir, address, model, to_version, strategy, options: RolloutOptions,
                   trigger="user") -> RolloutRecord     # trigger is recorded in the audit log
-    rollout_command(run_dir, address, model, "promote" | "rollback" | "pause" | "resume", trigger="user")
-    rollout_status(run_dir, address, model) -> RolloutStatus
+    rollout_command(run_dir, address, model, "promote" | "rollback" | "pause" | "resume",
+    trigger="user") rollout_status(run_dir, address, model) -> RolloutStatus
     rollout_history(run_dir, model) -> list[dict]
 
 Gates (``spec.parse_gate``): ``NAME<X``, ``NAME>X`` (also <=, >=) on error_rate, p50_ms, p99_ms,

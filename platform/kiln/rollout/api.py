@@ -21,7 +21,8 @@ from kiln.rollout.store import RolloutRecord, RolloutStore
 @dataclass
 class RolloutStatus:
     """The record, the last interval's metrics per version, the last gate values and decision, and
-    the live replicas with the versions they have ready. ``live``: whether the controller answered."""
+    the live replicas with the versions they have ready. ``live``: whether the controller
+    answered."""
 
     record: dict[str, Any] | None
     metrics: dict[str, Any]
@@ -35,7 +36,8 @@ class RolloutStatus:
 
 
 def connect_to_serving(run_dir: str | Path, address: str | None, debug: bool = False):
-    """Connect (unless this process is already connected); returns the serve state file (or None)."""
+    """Connect (unless this process is already connected); returns the serve state file (or
+    None)."""
     import ray
 
     from kiln.serve.cluster import connect, find_target
@@ -48,12 +50,20 @@ def connect_to_serving(run_dir: str | Path, address: str | None, debug: bool = F
 
 
 def controller_for(run_dir: str | Path, model: str):
-    """The model's controller actor: the running one, else a new detached one (it reloads the record)."""
+    """The model's controller actor: the running one, else a new detached one (it reloads the
+    record)."""
     import ray
 
     actor = ray.remote(RolloutController).options(
-        name=controller_name(model), namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
-        max_restarts=-1, max_task_retries=-1, max_concurrency=64)
+        name=controller_name(model),
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        num_cpus=0,
+        max_restarts=-1,
+        max_task_retries=-1,
+        max_concurrency=64,
+    )
     return actor.remote(str(Path(run_dir).expanduser().resolve()), model)
 
 
@@ -66,8 +76,16 @@ def existing_controller(model: str):
         return None
 
 
-def start_rollout(run_dir: str | Path, address: str | None, model: str, to_version: str, strategy: str,
-                  options: RolloutOptions, trigger: str = "user", debug: bool = False) -> RolloutRecord:
+def start_rollout(
+    run_dir: str | Path,
+    address: str | None,
+    model: str,
+    to_version: str,
+    strategy: str,
+    options: RolloutOptions,
+    trigger: str = "user",
+    debug: bool = False,
+) -> RolloutRecord:
     """Roll ``model`` (a served name) out to registry version ``to_version`` with ``strategy``.
 
     ``trigger`` (user | monitor | ...) is recorded in the audit log. Returns the new record; raises
@@ -81,7 +99,10 @@ def start_rollout(run_dir: str | Path, address: str | None, model: str, to_versi
     served = [m for m in (state.models if state else []) if m["name"] == model]
     if not served:
         names = sorted({m["name"] for m in state.models}) if state else []
-        raise KilnError(f"model '{model}' is not served from {run_dir} (served: {', '.join(names) or 'nothing'})")
+        raise KilnError(
+            f"model '{model}' is not served from {run_dir} (served: "
+            f"{', '.join(names) or 'nothing'})"
+        )
     previous = RolloutStore(run_dir, model).load()
     if previous is not None:
         stable, stable_uri = previous.stable, previous.stable_uri
@@ -89,19 +110,33 @@ def start_rollout(run_dir: str | Path, address: str | None, model: str, to_versi
         default = next((m for m in served if m.get("default")), served[0])
         stable, stable_uri = default["version"], default.get("uri") or ""
     if not stable_uri.startswith("models:/"):
-        raise KilnError(f"the serve state of '{model}' lacks registry URIs (started by an older Kiln); restart "
-                        "serving with 'kiln serve stop' and 'kiln serve start'")
-    registered = stable_uri[len("models:/"):].split("/")[0]
+        raise KilnError(
+            f"the serve state of '{model}' lacks registry URIs (started by an older Kiln); restart "
+            "serving with 'kiln serve stop' and 'kiln serve start'"
+        )
+    registered = stable_uri[len("models:/") :].split("/")[0]
     tracking_uri = state.tracking_uri
     to_version = str(to_version).lstrip("v")
     if to_version == stable:
         raise KilnError(f"v{to_version} is already the stable version of '{model}'")
     candidate_uri = f"models:/{registered}/{to_version}"
     _check_servable(candidate_uri, tracking_uri)
-    record = RolloutRecord(model=model, registered_name=registered, tracking_uri=tracking_uri, stable=stable,
-                           stable_uri=stable_uri, candidate=to_version, candidate_uri=candidate_uri, strategy=strategy,
-                           steps=steps, shadow=shadow, bake_s=options.bake_s, interval_s=options.interval_s,
-                           gates=[g.expr for g in gates], sticky_header=options.sticky_header)
+    record = RolloutRecord(
+        model=model,
+        registered_name=registered,
+        tracking_uri=tracking_uri,
+        stable=stable,
+        stable_uri=stable_uri,
+        candidate=to_version,
+        candidate_uri=candidate_uri,
+        strategy=strategy,
+        steps=steps,
+        shadow=shadow,
+        bake_s=options.bake_s,
+        interval_s=options.interval_s,
+        gates=[g.expr for g in gates],
+        sticky_header=options.sticky_header,
+    )
     result = ray.get(controller_for(run_dir, model).start.remote(record.to_dict(), trigger))
     if "error" in result:
         raise KilnError(result["error"])
@@ -112,7 +147,7 @@ def _check_servable(uri: str, tracking_uri: str) -> None:
     """ModelError unless ``uri`` is a registered Kiln artifact with a runtime for its format."""
     from kiln import tracking as trk
     from kiln.errors import ModelError
-    from kiln.models.runtimes import RUNTIMES
+    from kiln.models.inference_runtime import RUNTIMES
     from kiln.serve.plan import _load_spec
 
     trk.model_version_for(tracking_uri, uri)
@@ -121,8 +156,14 @@ def _check_servable(uri: str, tracking_uri: str) -> None:
         raise ModelError(f"{uri}: no runtime for artifact format '{spec.format}'")
 
 
-def rollout_command(run_dir: str | Path, address: str | None, model: str, action: str, trigger: str = "user",
-                    debug: bool = False) -> RolloutRecord:
+def rollout_command(
+    run_dir: str | Path,
+    address: str | None,
+    model: str,
+    action: str,
+    trigger: str = "user",
+    debug: bool = False,
+) -> RolloutRecord:
     """promote | rollback | pause | resume the rollout of ``model``. Raises KilnError."""
     import ray
 
@@ -135,7 +176,9 @@ def rollout_command(run_dir: str | Path, address: str | None, model: str, action
     return RolloutRecord.from_dict(result)
 
 
-def rollout_status(run_dir: str | Path, address: str | None, model: str, debug: bool = False) -> RolloutStatus:
+def rollout_status(
+    run_dir: str | Path, address: str | None, model: str, debug: bool = False
+) -> RolloutStatus:
     """Live status from the controller; the persisted record alone when it does not answer."""
     import ray
 
@@ -147,9 +190,17 @@ def rollout_status(run_dir: str | Path, address: str | None, model: str, debug: 
         connect_to_serving(run_dir, address, debug)
         live = ray.get(controller_for(run_dir, model).status.remote(), timeout=10)
     except Exception:  # nothing serving, or the controller does not answer: what was persisted
-        return RolloutStatus(record=record.to_dict(), metrics={}, gates={}, decision={}, replicas={}, live=False)
-    return RolloutStatus(record=live["record"], metrics=live["metrics"], gates=live["gates"],
-                         decision=live["decision"], replicas=live["replicas"], live=True)
+        return RolloutStatus(
+            record=record.to_dict(), metrics={}, gates={}, decision={}, replicas={}, live=False
+        )
+    return RolloutStatus(
+        record=live["record"],
+        metrics=live["metrics"],
+        gates=live["gates"],
+        decision=live["decision"],
+        replicas=live["replicas"],
+        live=True,
+    )
 
 
 def rollout_history(run_dir: str | Path, model: str) -> list[dict[str, Any]]:
@@ -170,8 +221,11 @@ def stop_controllers(models: list[str]) -> None:
             ray.kill(actor, no_restart=True)
 
 
-def wait_for(run_dir: str | Path, model: str, phases: tuple[str, ...], timeout: float) -> RolloutRecord:
-    """Poll the persisted record until its phase is one of ``phases``; raises KilnError after ``timeout``."""
+def wait_for(
+    run_dir: str | Path, model: str, phases: tuple[str, ...], timeout: float
+) -> RolloutRecord:
+    """Poll the persisted record until its phase is one of ``phases``; raises KilnError after
+    ``timeout``."""
     store = RolloutStore(run_dir, model)
     deadline = time.monotonic() + timeout
     while True:
@@ -179,8 +233,10 @@ def wait_for(run_dir: str | Path, model: str, phases: tuple[str, ...], timeout: 
         if record is not None and record.phase in phases:
             return record
         if time.monotonic() > deadline:
-            raise KilnError(f"rollout of '{model}' not {'/'.join(phases)} after {timeout:g}s "
-                            f"(phase: {record.phase if record else 'none'})")
+            raise KilnError(
+                f"rollout of '{model}' not {'/'.join(phases)} after {timeout:g}s "
+                f"(phase: {record.phase if record else 'none'})"
+            )
         time.sleep(0.2)
 
 
@@ -196,14 +252,25 @@ def served_version_overrides(run_dir: str | Path, model: str) -> RolloutRecord |
         record.reason = "serving restarted while the rollout was in progress"
         record.revision += 1
         store.save(record)
-        store.audit({"step": record.step, "phase": record.phase, "weights": {record.stable: 100.0}, "shadow": 0.0,
-                     "gates": {}, "decision": "abort", "trigger": "serve-start", "reason": record.reason})
+        store.audit(
+            {
+                "step": record.step,
+                "phase": record.phase,
+                "weights": {record.stable: 100.0},
+                "shadow": 0.0,
+                "gates": {},
+                "decision": "abort",
+                "trigger": "serve-start",
+                "reason": record.reason,
+            }
+        )
     return record
 
 
 def supersede(run_dir: str | Path, record: RolloutRecord, version: str, uri: str) -> RolloutRecord:
-    """``kiln serve start`` named ``version``, newer than the record's stable one: the user's explicit
-    choice wins. The record restarts from it (idle, nothing to roll back to), and the audit log says so."""
+    """``kiln serve start`` named ``version``, newer than the record's stable one: the user's
+    explicit choice wins. The record restarts from it (idle, nothing to roll back to), and the audit
+    log says so."""
     old = record.stable
     record.stable, record.stable_uri, record.phase = version, uri, "idle"
     record.candidate = record.candidate_uri = record.previous = record.previous_uri = None
@@ -211,8 +278,18 @@ def supersede(run_dir: str | Path, record: RolloutRecord, version: str, uri: str
     record.reason = f"serving started on v{version}, newer than the last promoted v{old}"
     store = RolloutStore(run_dir, record.model)
     store.save(record)
-    store.audit({"step": -1, "phase": record.phase, "weights": {version: 100.0}, "shadow": 0.0, "gates": {},
-                 "decision": "supersede", "trigger": "serve-start", "reason": record.reason})
+    store.audit(
+        {
+            "step": -1,
+            "phase": record.phase,
+            "weights": {version: 100.0},
+            "shadow": 0.0,
+            "gates": {},
+            "decision": "supersede",
+            "trigger": "serve-start",
+            "reason": record.reason,
+        }
+    )
     return record
 
 

@@ -38,7 +38,9 @@ class RolloutController:
     def __init__(self, run_dir: str, model: str):
         self.store = RolloutStore(run_dir, model)
         self.record: RolloutRecord | None = self.store.load()
-        self.replicas: dict[str, dict[str, Any]] = {}  # replica id -> {"seen": t, "ready": {version: state}}
+        self.replicas: dict[
+            str, dict[str, Any]
+        ] = {}  # replica id -> {"seen": t, "ready": {version: state}}
         self.window: dict[str, VersionWindow] = {}
         self.last_metrics: dict[str, Any] = {}
         self.last_gates: dict[str, Any] = {}
@@ -49,9 +51,13 @@ class RolloutController:
     # --- called by replicas ---------------------------------------------------------------------
 
     async def report(self, payload: dict[str, Any]) -> dict[str, Any] | None:
-        """A replica's statistics since its last report; returns the routing table (None: no rollout yet)."""
+        """A replica's statistics since its last report; returns the routing table (None: no rollout
+        yet)."""
         self._ensure_loop()
-        self.replicas[payload["replica"]] = {"seen": time.monotonic(), "ready": payload.get("ready", {})}
+        self.replicas[payload["replica"]] = {
+            "seen": time.monotonic(),
+            "ready": payload.get("ready", {}),
+        }
         for version, data in payload.get("stats", {}).items():
             self.window.setdefault(version, VersionWindow()).add(VersionWindow.from_dict(data))
         return self.table()
@@ -61,13 +67,21 @@ class RolloutController:
         if r is None:
             return None
         versions = {r.stable: r.stable_uri}
-        if r.previous and r.previous_uri and r.phase in FINISHED:  # kept loaded: an instant rollback
+        if (
+            r.previous and r.previous_uri and r.phase in FINISHED
+        ):  # kept loaded: an instant rollback
             versions[r.previous] = r.previous_uri
         if r.active and r.candidate:
             versions[r.candidate] = r.candidate_uri
-            return RoutingTable(stable=r.stable, candidate=r.candidate, weight=r.weight,
-                                shadow=r.shadow if r.phase != "preparing" else 0.0, sticky_header=r.sticky_header,
-                                versions=versions, revision=r.revision).to_dict()
+            return RoutingTable(
+                stable=r.stable,
+                candidate=r.candidate,
+                weight=r.weight,
+                shadow=r.shadow if r.phase != "preparing" else 0.0,
+                sticky_header=r.sticky_header,
+                versions=versions,
+                revision=r.revision,
+            ).to_dict()
         return RoutingTable(stable=r.stable, versions=versions, revision=r.revision).to_dict()
 
     # --- called by the CLI / API ----------------------------------------------------------------
@@ -77,11 +91,15 @@ class RolloutController:
         return True
 
     async def start(self, record: dict[str, Any], trigger: str) -> dict[str, Any]:
-        """Begin a rollout (the record comes checked from ``api.start_rollout``). Returns the record."""
+        """Begin a rollout (the record comes checked from ``api.start_rollout``). Returns the
+        record."""
         self._ensure_loop()
         if self.record is not None and self.record.active:
-            return {"error": f"a rollout of '{self.record.model}' to v{self.record.candidate} is in progress "
-                             f"({self.record.phase}); promote or roll it back first"}
+            return {
+                "error": f"a rollout of '{self.record.model}' to v{self.record.candidate} is in "
+                "progress "
+                f"({self.record.phase}); promote or roll it back first"
+            }
         new = RolloutRecord.from_dict(record)
         if self.record is not None:  # what was promoted before stays known
             new.previous, new.previous_uri = self.record.previous, self.record.previous_uri
@@ -91,8 +109,12 @@ class RolloutController:
         self.record = new
         self.window.clear()
         self._save()
-        self._audit("start", trigger, f"{new.strategy} rollout v{new.stable} -> v{new.candidate}; waiting for every "
-                                      "replica to load and smoke-check the candidate")
+        self._audit(
+            "start",
+            trigger,
+            f"{new.strategy} rollout v{new.stable} -> v{new.candidate}; waiting for every "
+            "replica to load and smoke-check the candidate",
+        )
         return self.record.to_dict()
 
     async def command(self, action: str, trigger: str = "user") -> dict[str, Any]:
@@ -103,7 +125,9 @@ class RolloutController:
             return {"error": f"no rollout of '{self.store.model}' is recorded"}
         if action == "promote":
             if not r.active:
-                return {"error": f"no rollout of '{r.model}' in progress to promote (last: {r.phase})"}
+                return {
+                    "error": f"no rollout of '{r.model}' in progress to promote (last: {r.phase})"
+                }
             await self._promote(trigger, "promoted by hand")
         elif action == "rollback":
             if r.active:
@@ -114,7 +138,9 @@ class RolloutController:
                 return {"error": f"nothing to roll back for '{r.model}' (last: {r.phase})"}
         elif action == "pause":
             if r.phase not in ("preparing", "running"):
-                return {"error": f"no rollout of '{r.model}' in progress to pause (last: {r.phase})"}
+                return {
+                    "error": f"no rollout of '{r.model}' in progress to pause (last: {r.phase})"
+                }
             r.reason = f"paused from {r.phase}"
             r.phase = "paused"
             self._changed("pause", trigger, "the ramp holds; gates are still evaluated")
@@ -132,10 +158,19 @@ class RolloutController:
     async def status(self) -> dict[str, Any]:
         self._ensure_loop()
         now = time.monotonic()
-        live = {rid: info["ready"] for rid, info in self.replicas.items() if now - info["seen"] < REPLICA_STALE_S}
-        return {"record": self.record.to_dict() if self.record else None, "metrics": self.last_metrics,
-                "gates": self.last_gates, "decision": self.last_decision, "replicas": live,
-                "table": self.table()}
+        live = {
+            rid: info["ready"]
+            for rid, info in self.replicas.items()
+            if now - info["seen"] < REPLICA_STALE_S
+        }
+        return {
+            "record": self.record.to_dict() if self.record else None,
+            "metrics": self.last_metrics,
+            "gates": self.last_gates,
+            "decision": self.last_decision,
+            "replicas": live,
+            "table": self.table(),
+        }
 
     # --- the gate loop --------------------------------------------------------------------------
 
@@ -155,8 +190,13 @@ class RolloutController:
     async def _tick(self) -> None:
         r = self.record
         now = time.monotonic()
-        # the evaluated interval's length (capped: a stalled loop must not count as a long passing bake)
-        elapsed = min(now - self._last_tick, 2 * r.interval_s) if r is not None and self._last_tick else 0.0
+        # the evaluated interval's length (capped: a stalled loop must not count as a long passing
+        # bake)
+        elapsed = (
+            min(now - self._last_tick, 2 * r.interval_s)
+            if r is not None and self._last_tick
+            else 0.0
+        )
         self._last_tick = now
         window, self.window = self.window, {}
         metrics = {v: metrics_of(w) for v, w in window.items()}
@@ -173,7 +213,9 @@ class RolloutController:
             value = candidate.value(gate.signal) if candidate else None
             gates[gate.expr] = {"value": value, "ok": gate.check(value)}
         self.last_gates = gates
-        failed = [f"{name} failed ({_fmt(g['value'])})" for name, g in gates.items() if g["ok"] is False]
+        failed = [
+            f"{name} failed ({_fmt(g['value'])})" for name, g in gates.items() if g["ok"] is False
+        ]
         if failed:
             self._roll_back("gate", "; ".join(failed), gates)
             return
@@ -183,7 +225,9 @@ class RolloutController:
         elif missing:
             self._audit("hold", "gate", f"no data for {', '.join(missing)}", gates)
         elif r.baked_s + elapsed < r.bake_s:
-            r.baked_s += elapsed  # only intervals with every gate passing count towards the bake time
+            r.baked_s += (
+                elapsed  # only intervals with every gate passing count towards the bake time
+            )
             self._save()
             self._audit("continue", "gate", "", gates)
         elif r.step + 1 < len(r.steps):
@@ -195,19 +239,31 @@ class RolloutController:
             await self._promote("auto", "every step baked with every gate passing", gates)
 
     def _check_ready(self) -> None:
-        """Preparing: start step 0 once every live replica has loaded and smoke-checked the candidate."""
+        """Preparing: start step 0 once every live replica has loaded and smoke-checked the
+        candidate."""
         r = self.record
         now = time.monotonic()
-        live = {rid: info["ready"] for rid, info in self.replicas.items() if now - info["seen"] < REPLICA_STALE_S}
-        failed = {rid: ready[r.candidate] for rid, ready in live.items()
-                  if str(ready.get(r.candidate, "")).startswith("failed")}
+        live = {
+            rid: info["ready"]
+            for rid, info in self.replicas.items()
+            if now - info["seen"] < REPLICA_STALE_S
+        }
+        failed = {
+            rid: ready[r.candidate]
+            for rid, ready in live.items()
+            if str(ready.get(r.candidate, "")).startswith("failed")
+        }
         if failed:
-            self._roll_back("gate", f"v{r.candidate} failed to load on a replica: {next(iter(failed.values()))}")
+            self._roll_back(
+                "gate", f"v{r.candidate} failed to load on a replica: {next(iter(failed.values()))}"
+            )
             return
         if live and all(ready.get(r.candidate) == "ready" for ready in live.values()):
             r.phase, r.step, r.weight = "running", 0, r.steps[0]
             r.step_started_at, r.baked_s = time.time(), 0.0
-            self._changed("step", "auto", f"v{r.candidate} loaded and smoke-checked on {len(live)} replica(s)")
+            self._changed(
+                "step", "auto", f"v{r.candidate} loaded and smoke-checked on {len(live)} replica(s)"
+            )
 
     # --- decisions ------------------------------------------------------------------------------
 
@@ -222,8 +278,17 @@ class RolloutController:
     async def _undo_promotion(self, trigger: str) -> None:
         r = self.record
         demoted = r.stable
-        r.stable, r.stable_uri, r.previous, r.previous_uri = r.previous, r.previous_uri, r.stable, r.stable_uri
-        r.phase, r.reason, r.finished_at = "rolled_back", f"promotion of v{demoted} undone by hand", time.time()
+        r.stable, r.stable_uri, r.previous, r.previous_uri = (
+            r.previous,
+            r.previous_uri,
+            r.stable,
+            r.stable_uri,
+        )
+        r.phase, r.reason, r.finished_at = (
+            "rolled_back",
+            f"promotion of v{demoted} undone by hand",
+            time.time(),
+        )
         alias = await self._move_champion(r.stable)
         self._changed("rollback", trigger, r.reason + alias)
 
@@ -233,12 +298,15 @@ class RolloutController:
         self._changed("rollback", trigger, reason, gates)
 
     async def _move_champion(self, version: str) -> str:
-        """Point the registry alias ``champion`` at ``version``; returns a note for the audit log."""
+        """Point the registry alias ``champion`` at ``version``; returns a note for the audit
+        log."""
         from kiln import tracking as trk
 
         r = self.record
         try:
-            await asyncio.to_thread(trk.set_alias, r.tracking_uri, r.registered_name, "champion", version)
+            await asyncio.to_thread(
+                trk.set_alias, r.tracking_uri, r.registered_name, "champion", version
+            )
         except Exception as exc:  # the routing decision stands; the log says the alias did not move
             return f"; alias 'champion' NOT moved: {type(exc).__name__}: {exc}"
         return f"; alias 'champion' -> {r.registered_name} v{version}"
@@ -256,9 +324,17 @@ class RolloutController:
         weights = {r.stable: round(100.0 - r.weight, 3)}
         if r.candidate and r.active:
             weights[r.candidate] = r.weight
-        entry = {"step": r.step, "phase": r.phase, "weights": weights, "shadow": r.shadow if r.active else 0.0,
-                 "gates": gates or {}, "decision": decision, "trigger": trigger, "reason": reason,
-                 "metrics": self.last_metrics}
+        entry = {
+            "step": r.step,
+            "phase": r.phase,
+            "weights": weights,
+            "shadow": r.shadow if r.active else 0.0,
+            "gates": gates or {},
+            "decision": decision,
+            "trigger": trigger,
+            "reason": reason,
+            "metrics": self.last_metrics,
+        }
         self.last_decision = self.store.audit(entry)
 
 

@@ -3,8 +3,8 @@
 Nothing here is on the request path but ``route`` (a weighted choice on a local table) and
 ``record`` (a few counters). A background task reports the counts to the model's controller every
 ``REPORT_S`` and gets the routing table back in the same call; a version the table names that the
-replica lacks is loaded off the event loop and smoke-checked before the replica reports it ready; one
-it loaded that the table no longer names (a rolled-back candidate) is unloaded again.
+replica lacks is loaded off the event loop and smoke-checked before the replica reports it ready;
+one it loaded that the table no longer names (a rolled-back candidate) is unloaded again.
 Without a controller (no rollout ever started) or while it is unreachable, the last table stands.
 """
 
@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from kiln.rollout.controller import NAMESPACE, controller_name
 from kiln.rollout.routing import Router, RoutingTable
@@ -27,11 +28,18 @@ CALL_TIMEOUT_S = 5.0
 
 
 class RolloutAgent:
-    """Per-replica rollout state. ``load(version, uri)`` is the server's coroutine that adds a version."""
+    """Per-replica rollout state. ``load(version, uri)`` is the server's coroutine that adds a
+    version."""
 
-    def __init__(self, model: str, default_version: str, ready_versions: list[str],
-                 load: Callable[[str, str], Awaitable[None]], signals: Callable[[str], dict[str, float]],
-                 unload: Callable[[str], None] = lambda version: None):
+    def __init__(
+        self,
+        model: str,
+        default_version: str,
+        ready_versions: list[str],
+        load: Callable[[str, str], Awaitable[None]],
+        signals: Callable[[str], dict[str, float]],
+        unload: Callable[[str], None] = lambda version: None,
+    ):
         self.model = model
         self.default_version = default_version
         self.table: RoutingTable | None = None
@@ -40,7 +48,9 @@ class RolloutAgent:
         self.ready: dict[str, str] = {v: "ready" for v in ready_versions}
         self._load = load
         self._unload = unload
-        self._added: set[str] = set()  # versions loaded for a rollout (the deployment's own stay for good)
+        self._added: set[str] = (
+            set()
+        )  # versions loaded for a rollout (the deployment's own stay for good)
         self._signals = signals
         self._loading: dict[str, asyncio.Task] = {}
         self._handle = None
@@ -51,8 +61,8 @@ class RolloutAgent:
     # --- the request path -----------------------------------------------------------------------
 
     def route(self, headers) -> str:
-        """The version that answers an unversioned request: the table's choice if this replica has it
-        ready, else the stable (or default) version."""
+        """The version that answers an unversioned request: the table's choice if this replica has
+        it ready, else the stable (or default) version."""
         table = self.table
         if table is None:
             return self.default_version
@@ -64,10 +74,15 @@ class RolloutAgent:
         return chosen if chosen == table.candidate else stable
 
     def mirror_to(self, answered_by: str) -> str | None:
-        """The candidate, when this request (answered by the stable version) is to be mirrored to it."""
+        """The candidate, when this request (answered by the stable version) is to be mirrored to
+        it."""
         table = self.table
-        if (table is None or table.candidate is None or answered_by == table.candidate
-                or self.ready.get(table.candidate) != "ready"):
+        if (
+            table is None
+            or table.candidate is None
+            or answered_by == table.candidate
+            or self.ready.get(table.candidate) != "ready"
+        ):
             return None
         return table.candidate if self.router.mirror(table) else None
 
@@ -91,28 +106,37 @@ class RolloutAgent:
                 now = time.monotonic()
                 if now - self._warned > 30:
                     self._warned = now
-                    logger.warning("kiln rollout: report to the controller of '%s' failed: %s", self.model, exc)
+                    logger.warning(
+                        "kiln rollout: report to the controller of '%s' failed: %s", self.model, exc
+                    )
 
     async def sync(self) -> None:
         handle = await self._controller()
         stats = self._drain()
         if handle is None:
             return
-        payload = {"replica": self._replica_id, "ready": dict(self.ready),
-                   "stats": {v: w.to_dict() for v, w in stats.items()}}
+        payload = {
+            "replica": self._replica_id,
+            "ready": dict(self.ready),
+            "stats": {v: w.to_dict() for v, w in stats.items()},
+        }
         table = await asyncio.wait_for(_await_ref(handle.report.remote(payload)), CALL_TIMEOUT_S)
         if table is not None:
             self.apply(RoutingTable.from_dict(table))
 
     def apply(self, table: RoutingTable) -> None:
         self.table = table
-        for version in [v for v in self._added if v not in table.versions]:  # a finished rollout's leftover
+        for version in [
+            v for v in self._added if v not in table.versions
+        ]:  # a finished rollout's leftover
             self._added.discard(version)
             self.ready.pop(version, None)
             self._unload(version)
         for version, uri in table.versions.items():
             if version not in self.ready and version not in self._loading:
-                self._loading[version] = asyncio.get_running_loop().create_task(self._add(version, uri))
+                self._loading[version] = asyncio.get_running_loop().create_task(
+                    self._add(version, uri)
+                )
 
     async def _add(self, version: str, uri: str) -> None:
         try:

@@ -26,8 +26,8 @@ def sticky_bucket(key: str) -> float:
 @dataclass
 class RoutingTable:
     """Where unversioned requests go: ``weight`` percent to ``candidate``, the rest to ``stable``;
-    ``shadow`` percent of them also mirrored to the candidate. ``versions`` (version -> registry URI)
-    are the versions every replica must have loaded."""
+    ``shadow`` percent of them also mirrored to the candidate. ``versions`` (version -> registry
+    URI) are the versions every replica must have loaded."""
 
     stable: str
     candidate: str | None = None
@@ -41,7 +41,7 @@ class RoutingTable:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "RoutingTable | None":
+    def from_dict(cls, data: dict[str, Any] | None) -> RoutingTable | None:
         return cls(**data) if data else None
 
 

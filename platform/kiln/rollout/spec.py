@@ -14,9 +14,10 @@ from typing import Any
 from kiln.errors import KilnError
 
 STRATEGIES = ("canary", "linear", "blue-green", "shadow")
-# Signals a gate may name. ``agreement`` needs mirrored traffic (the shadow strategy). Quality signals
-# (issue 8: input drift, out-of-distribution rate) come from ``ModelServer.quality_signals``; until a
-# replica reports one, a gate on it has no data and holds the step.
+# Signals a gate may name. ``agreement`` needs mirrored traffic (the shadow strategy). Quality
+# signals (issue 8: input drift, out-of-distribution rate) come from
+# ``ModelServer.quality_signals``; until a replica reports one, a gate on it has no data and holds
+# the step.
 LIVE_SIGNALS = ("error_rate", "p50_ms", "p99_ms", "agreement")
 QUALITY_SIGNALS = ("drift", "ood_rate")
 KNOWN_SIGNALS = LIVE_SIGNALS + QUALITY_SIGNALS
@@ -28,7 +29,8 @@ _GATE = re.compile(r"^\s*([a-z][a-z0-9_]*)\s*(<=|>=|<|>)\s*(-?\d+(?:\.\d+)?(?:[e
 
 
 def parse_duration(text: str | float, what: str = "duration") -> float:
-    """Seconds from ``500ms``, ``5s``, ``2m``, ``1h`` or a bare number of seconds. Raises KilnError."""
+    """Seconds from ``500ms``, ``5s``, ``2m``, ``1h`` or a bare number of seconds. Raises
+    KilnError."""
     if isinstance(text, (int, float)):
         seconds = float(text)
     else:
@@ -57,27 +59,38 @@ class Gate:
         """True (holds), False (fails: roll back) or None (no data: the step holds)."""
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return None
-        return {"<": value < self.threshold, "<=": value <= self.threshold,
-                ">": value > self.threshold, ">=": value >= self.threshold}[self.op]
+        return {
+            "<": value < self.threshold,
+            "<=": value <= self.threshold,
+            ">": value > self.threshold,
+            ">=": value >= self.threshold,
+        }[self.op]
 
 
 def parse_gate(expr: str) -> Gate:
     """``NAME<X`` / ``NAME>X`` (also ``<=``, ``>=``) on a known signal. Raises KilnError."""
     match = _GATE.match(expr)
     if not match:
-        raise KilnError(f"gate '{expr}' is not NAME<VALUE or NAME>VALUE (e.g. error_rate<0.01, p99_ms<200, "
-                        "agreement>0.9)")
+        raise KilnError(
+            f"gate '{expr}' is not NAME<VALUE or NAME>VALUE (e.g. error_rate<0.01, p99_ms<200, "
+            "agreement>0.9)"
+        )
     signal, op, threshold = match.group(1), match.group(2), float(match.group(3))
     if signal not in KNOWN_SIGNALS:
-        raise KilnError(f"gate '{expr}': unknown signal '{signal}' (known: {', '.join(KNOWN_SIGNALS)})")
+        raise KilnError(
+            f"gate '{expr}': unknown signal '{signal}' (known: {', '.join(KNOWN_SIGNALS)})"
+        )
     return Gate(signal, op, threshold)
 
 
 @dataclass
 class RolloutOptions:
-    """How a rollout runs; ``resolved(strategy)`` fills the strategy's defaults and checks the rest."""
+    """How a rollout runs; ``resolved(strategy)`` fills the strategy's defaults and checks the
+    rest."""
 
-    weight: float | None = None  # canary: share to the new version; shadow: share mirrored (percent)
+    weight: float | None = (
+        None  # canary: share to the new version; shadow: share mirrored (percent)
+    )
     steps: list[float] | None = None  # linear: shares per step (percent, increasing)
     bake_s: float = 60.0  # time at each step before it may advance
     interval_s: float = 5.0  # gate evaluation interval
@@ -102,15 +115,24 @@ class RolloutOptions:
                 raise KilnError(f"{what} must be positive")
         gates = [parse_gate(g) for g in self.gates]
         if strategy != "shadow" and any(g.signal == "agreement" for g in gates):
-            raise KilnError("an 'agreement' gate needs mirrored traffic: use --strategy shadow (canary, linear "
-                            "and blue-green answer each request with one version, so there is nothing to compare)")
+            raise KilnError(
+                "an 'agreement' gate needs mirrored traffic: use --strategy shadow (canary, linear "
+                "and blue-green answer each request with one version, so there is nothing to "
+                "compare)"
+            )
         if strategy == "canary":
             return [self.weight if self.weight is not None else 5.0], 0.0, gates
         if strategy == "linear":
             steps = self.steps if self.steps is not None else [10.0, 25.0, 50.0, 100.0]
-            if not steps or any(not 0 < s <= 100 for s in steps) or any(b <= a for a, b in zip(steps, steps[1:])):
-                raise KilnError(f"--steps must be increasing percentages in (0, 100] (got "
-                                f"{','.join(f'{s:g}' for s in steps)})")
+            if (
+                not steps
+                or any(not 0 < s <= 100 for s in steps)
+                or any(b <= a for a, b in zip(steps, steps[1:]))
+            ):
+                raise KilnError(
+                    f"--steps must be increasing percentages in (0, 100] (got "
+                    f"{','.join(f'{s:g}' for s in steps)})"
+                )
             return list(steps), 0.0, gates
         if strategy == "blue-green":
             return [100.0], 0.0, gates
@@ -122,4 +144,6 @@ def parse_steps(text: str) -> list[float]:
     try:
         return [float(part.strip().rstrip("%")) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise KilnError(f"--steps '{text}' is not a comma-separated list of percentages (e.g. 10,25,50,100)") from None
+        raise KilnError(
+            f"--steps '{text}' is not a comma-separated list of percentages (e.g. 10,25,50,100)"
+        ) from None

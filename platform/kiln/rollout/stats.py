@@ -46,7 +46,7 @@ class VersionWindow:
             if slot < MAX_SAMPLES:
                 self.latency_ms[slot] = value
 
-    def add(self, other: "VersionWindow") -> None:
+    def add(self, other: VersionWindow) -> None:
         self.requests += other.requests
         self.errors += other.errors
         self.compared += other.compared
@@ -64,7 +64,7 @@ class VersionWindow:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "VersionWindow":
+    def from_dict(cls, data: dict[str, Any]) -> VersionWindow:
         return cls(**data)
 
 
@@ -100,8 +100,13 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def metrics_of(window: VersionWindow) -> VersionMetrics:
-    return VersionMetrics(requests=window.requests, errors=window.errors,
-                          error_rate=window.errors / window.requests if window.requests else None,
-                          p50_ms=percentile(window.latency_ms, 50), p99_ms=percentile(window.latency_ms, 99),
-                          agreement=window.agreed / window.compared if window.compared else None,
-                          compared=window.compared, signals=dict(window.signals))
+    return VersionMetrics(
+        requests=window.requests,
+        errors=window.errors,
+        error_rate=window.errors / window.requests if window.requests else None,
+        p50_ms=percentile(window.latency_ms, 50),
+        p99_ms=percentile(window.latency_ms, 99),
+        agreement=window.agreed / window.compared if window.compared else None,
+        compared=window.compared,
+        signals=dict(window.signals),
+    )

@@ -1,11 +1,11 @@
 """A model's rollout record and audit log, kept outside any replica or actor.
 
-Files, under ``RUN_DIR/serve/rollouts/``: ``MODEL.json`` (the record: the stable version, the rollout
-in progress or last finished, written atomically) and ``MODEL.audit.jsonl`` (one JSON object per gate
-evaluation and per decision: time, step, weights, gate values, decision, trigger, reason). The
-controller actor is their only writer while it runs; it reloads the record when it (re)starts, and
-``kiln serve start`` reads it to come back on the last promoted version. On a multi-node cluster the
-run dir must be a path the head node shares (the controller runs there).
+Files, under ``RUN_DIR/serve/rollouts/``: ``MODEL.json`` (the record: the stable version, the
+rollout in progress or last finished, written atomically) and ``MODEL.audit.jsonl`` (one JSON object
+per gate evaluation and per decision: time, step, weights, gate values, decision, trigger, reason).
+The controller actor is their only writer while it runs; it reloads the record when it (re)starts,
+and ``kiln serve start`` reads it to come back on the last promoted version. On a multi-node cluster
+the run dir must be a path the head node shares (the controller runs there).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ FINISHED = ("promoted", "rolled_back", "aborted")
 
 @dataclass
 class RolloutRecord:
-    """The state of a model's rollouts. ``stable`` answers by default; ``candidate`` is being rolled out."""
+    """The state of a model's rollouts. ``stable`` answers by default; ``candidate`` is being rolled
+    out."""
 
     model: str
     registered_name: str
@@ -43,7 +44,9 @@ class RolloutRecord:
     step: int = -1  # index into steps; -1 while preparing
     weight: float = 0.0  # the candidate's share now
     step_started_at: float = 0.0
-    baked_s: float = 0.0  # time the current step has run with every gate passing (holds do not count)
+    baked_s: float = (
+        0.0  # time the current step has run with every gate passing (holds do not count)
+    )
     started_at: float = 0.0
     finished_at: float | None = None
     trigger: str = "user"  # who started it: user | gate | auto | monitor | ...
@@ -60,7 +63,7 @@ class RolloutRecord:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RolloutRecord":
+    def from_dict(cls, data: dict[str, Any]) -> RolloutRecord:
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -90,7 +93,9 @@ class RolloutStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.record_path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(record.to_dict(), indent=2))
-        tmp.replace(self.record_path)  # atomic: a reader (or a restarted controller) never sees half a file
+        tmp.replace(
+            self.record_path
+        )  # atomic: a reader (or a restarted controller) never sees half a file
 
     def audit(self, entry: dict[str, Any]) -> dict[str, Any]:
         """Append one entry (``time`` added when missing); returns it."""

@@ -27,19 +27,26 @@ def model_route(model: str) -> str:
 
 
 def deployment_options(model: ModelPlan) -> dict[str, Any]:
-    """``serve.deployment(...).options`` for a model: replicas or autoscaling, CPUs, batching (user_config)."""
+    """``serve.deployment(...).options`` for a model: replicas or autoscaling, CPUs, batching
+    (user_config)."""
     d = model.deployment
     actor: dict[str, Any] = {"num_cpus": d.num_cpus}
     if d.threads:
         actor["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(d.threads)}}
-    options: dict[str, Any] = {"name": "ModelServer", "ray_actor_options": actor,
-                               "graceful_shutdown_timeout_s": d.graceful_shutdown_s,
-                               "max_ongoing_requests": d.max_ongoing_requests,
-                               "user_config": {"batching": model.batching.model_dump()}}
+    options: dict[str, Any] = {
+        "name": "ModelServer",
+        "ray_actor_options": actor,
+        "graceful_shutdown_timeout_s": d.graceful_shutdown_s,
+        "max_ongoing_requests": d.max_ongoing_requests,
+        "user_config": {"batching": model.batching.model_dump()},
+    }
     if d.autoscaling:
         a = d.autoscaling
-        options["autoscaling_config"] = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
-                                         "target_ongoing_requests": a.target_ongoing_requests}
+        options["autoscaling_config"] = {
+            "min_replicas": a.min_replicas,
+            "max_replicas": a.max_replicas,
+            "target_ongoing_requests": a.target_ongoing_requests,
+        }
     else:
         options["num_replicas"] = d.replicas
     return options
@@ -50,22 +57,40 @@ def build_applications(plan: ServePlan, api_key_sha256: str | None) -> list:
     from ray import serve
     from ray.serve.api import RunTarget
 
-    import kiln
     from kiln.serve.model_server import ModelServer
     from kiln.serve.root_server import RootServer
+    from kiln.version import __version__ as kiln_version
 
     cfg = plan.config
-    listing = {m.name: {"versions": [v.version for v in m.versions], "default_version": m.default_version}
-               for m in plan.models}
+    listing = {
+        m.name: {"versions": [v.version for v in m.versions], "default_version": m.default_version}
+        for m in plan.models
+    }
     names = [model_app_name(m.name) for m in plan.models]
-    root = serve.deployment(RootServer).options(name="RootServer", num_replicas=1, ray_actor_options={"num_cpus": 0},
-                                                max_ongoing_requests=256)
-    targets = [RunTarget(root.bind(listing, names, kiln.__version__), name=ROOT_APP, route_prefix="/")]
+    root = serve.deployment(RootServer).options(
+        name="RootServer",
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=256,
+    )
+    targets = [RunTarget(root.bind(listing, names, kiln_version), name=ROOT_APP, route_prefix="/")]
     for model in plan.models:
-        spec = ModelAppSpec(model_name=model.name, versions=model.versions, default_version=model.default_version,
-                            tracking_uri=plan.tracking_uri, max_request_bytes=cfg.max_request_bytes,
-                            api_key_sha256=api_key_sha256, monitor=cfg.monitor.model_dump(), run_dir=plan.run_dir)
+        spec = ModelAppSpec(
+            model_name=model.name,
+            versions=model.versions,
+            default_version=model.default_version,
+            tracking_uri=plan.tracking_uri,
+            max_request_bytes=cfg.max_request_bytes,
+            api_key_sha256=api_key_sha256,
+            monitor=cfg.monitor.model_dump(),
+            run_dir=plan.run_dir,
+        )
         deployment = serve.deployment(ModelServer).options(**deployment_options(model))
-        targets.append(RunTarget(deployment.bind(spec), name=model_app_name(model.name),
-                                 route_prefix=model_route(model.name)))
+        targets.append(
+            RunTarget(
+                deployment.bind(spec),
+                name=model_app_name(model.name),
+                route_prefix=model_route(model.name),
+            )
+        )
     return targets

@@ -1,4 +1,5 @@
-"""Talking to the Ray cluster that serves: connecting, Kiln's Serve applications, where things listen."""
+"""Talking to the Ray cluster that serves: connecting, Kiln's Serve applications, where things
+listen."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def connect(address: str, auth_mode: str | None = None, debug: bool = False) -> 
     instance); returns its GCS address. Raises KilnError when nothing answers there."""
     import logging
 
-    from kiln.runtime import ensure_ray
+    from kiln.ray_connection import ensure_ray
 
     if not debug:  # Serve logs its start-up at INFO; the CLI prints its own summary
         import ray.serve  # noqa: F401  (configures its logger on import: set the level after that)
@@ -42,13 +43,15 @@ def telling_line(message: str) -> str:
 
 
 def http_url(host: str, port: int) -> str:
-    """The base URL a client on this machine uses (an all-interfaces bind is reachable on loopback)."""
+    """The base URL a client on this machine uses (an all-interfaces bind is reachable on
+    loopback)."""
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     return f"http://{shown}:{port}"
 
 
 def metrics_url() -> str | None:
-    """The Prometheus endpoint of Ray's metrics agent on the head node (where Kiln's metrics are exported)."""
+    """The Prometheus endpoint of Ray's metrics agent on the head node (where Kiln's metrics are
+    exported)."""
     import ray
 
     for node in ray.nodes():
@@ -77,8 +80,9 @@ def serve_running() -> bool:
 
 
 def remove_apps(names: list[str], timeout: float = 60.0) -> None:
-    """Delete Serve applications; if no other application is left on the cluster, shut Serve down, so
-    that the next start chooses its HTTP host and port afresh (Serve fixes them when it starts)."""
+    """Delete Serve applications; if no other application is left on the cluster, shut Serve down,
+    so that the next start chooses its HTTP host and port afresh (Serve fixes them when it
+    starts)."""
     from ray import serve
 
     if set(serve.status().applications) <= set(names):
@@ -92,13 +96,15 @@ def remove_apps(names: list[str], timeout: float = 60.0) -> None:
 
 
 def find_target(run_dir: str | Path, address: str | None) -> tuple[str, ServeState | None]:
-    """The cluster to ask (``--address``, RAY_ADDRESS, else the state file's) and the state file, if any.
-    Raises KilnError when there is neither."""
+    """The cluster to ask (``--address``, RAY_ADDRESS, else the state file's) and the state file, if
+    any. Raises KilnError when there is neither."""
     state = load_state(run_dir)
     address = address or os.environ.get("RAY_ADDRESS") or (state.address if state else None)
     if not address:
-        raise KilnError(f"nothing is being served from {state_dir(run_dir)} (no state file); start with "
-                        "'kiln serve start', or pass --address of the cluster that serves")
+        raise KilnError(
+            f"nothing is being served from {state_dir(run_dir)} (no state file); start with "
+            "'kiln serve start', or pass --address of the cluster that serves"
+        )
     return address, state
 
 

@@ -1,4 +1,5 @@
-"""HTTP plumbing shared by the Serve deployments: bounded body reads, the API key, JSON responses."""
+"""HTTP plumbing shared by the Serve deployments: bounded body reads, the API key, JSON
+responses."""
 
 from __future__ import annotations
 
@@ -27,13 +28,16 @@ def check_api_key(headers, expected_digest: str | None) -> None:
         if auth[:7].lower() == "bearer ":
             presented = auth[7:].strip()
     if not presented:
-        raise ProtocolError("missing API key: send the header 'X-API-Key: KEY' or 'Authorization: Bearer KEY'", 401)
+        raise ProtocolError(
+            "missing API key: send the header 'X-API-Key: KEY' or 'Authorization: Bearer KEY'", 401
+        )
     if not hmac.compare_digest(key_digest(presented), expected_digest):
         raise ProtocolError("wrong API key", 403)
 
 
 async def read_body(request, limit: int) -> bytes:
-    """The request body, refusing (413) one larger than ``limit`` bytes before reading it when possible."""
+    """The request body, refusing (413) one larger than ``limit`` bytes before reading it when
+    possible."""
     length = request.headers.get("content-length")
     if length is not None:
         try:
@@ -41,13 +45,18 @@ async def read_body(request, limit: int) -> bytes:
         except ValueError:
             raise ProtocolError(f"Content-Length '{length}' is not an integer") from None
         if declared > limit:
-            raise ProtocolError(f"request body of {declared} bytes is over the limit of {limit} bytes "
-                                "(serve.max_request_bytes)", 413)
+            raise ProtocolError(
+                f"request body of {declared} bytes is over the limit of {limit} bytes "
+                "(serve.max_request_bytes)",
+                413,
+            )
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise ProtocolError(f"request body is over the limit of {limit} bytes (serve.max_request_bytes)", 413)
+            raise ProtocolError(
+                f"request body is over the limit of {limit} bytes (serve.max_request_bytes)", 413
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -55,15 +64,23 @@ async def read_body(request, limit: int) -> bytes:
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None):
     from starlette.responses import Response
 
-    return Response(json.dumps(payload, separators=(",", ":")).encode(), status_code=status,
-                    headers=headers, media_type="application/json")
+    return Response(
+        json.dumps(payload, separators=(",", ":")).encode(),
+        status_code=status,
+        headers=headers,
+        media_type="application/json",
+    )
 
 
 def error_response(message: str, status: int, headers: dict[str, str] | None = None):
     from starlette.responses import Response
 
-    return Response(error_body(message), status_code=status, headers=headers, media_type="application/json")
+    return Response(
+        error_body(message), status_code=status, headers=headers, media_type="application/json"
+    )
 
 
 def method_not_allowed(method: str, path: str, allowed: str):
-    return error_response(f"{method} is not allowed on {path} (use {allowed})", 405, {"Allow": allowed})
+    return error_response(
+        f"{method} is not allowed on {path} (use {allowed})", 405, {"Allow": allowed}
+    )

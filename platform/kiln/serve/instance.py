@@ -34,7 +34,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def free_port_block(size: int, low: int = 20000, high: int = 60000) -> int:
-    """First port of ``size`` consecutive free ports in [low, high) (for Serve's per-replica port ranges)."""
+    """First port of ``size`` consecutive free ports in [low, high) (for Serve's per-replica port
+    ranges)."""
     import random
 
     rng = random.Random()
@@ -83,7 +84,9 @@ class LocalRay:
             while self.alive() and time.monotonic() < deadline:
                 time.sleep(0.2)
             try:
-                os.killpg(self.pid, signal.SIGKILL)  # stragglers of this instance only: its own session
+                os.killpg(
+                    self.pid, signal.SIGKILL
+                )  # stragglers of this instance only: its own session
             except (ProcessLookupError, PermissionError):
                 pass
         shutil.rmtree(self.temp_dir, ignore_errors=True)
@@ -104,41 +107,90 @@ def _is_ray_start(pid: int) -> bool:
 
 
 def ensure_auth_token() -> None:
-    """Token authentication needs ~/.ray/auth_token; create it the way Ray's CLI does if it is missing."""
+    """Token authentication needs ~/.ray/auth_token; create it the way Ray's CLI does if it is
+    missing."""
     if (Path.home() / ".ray" / "auth_token").is_file():
         return
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "get-auth-token", "--generate"],
-                   capture_output=True, timeout=60, check=False)
+    subprocess.run(
+        [sys.executable, "-m", "ray.scripts.scripts", "get-auth-token", "--generate"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
 
 
-def start_local_ray(log_dir: Path, num_cpus: float | None = None, timeout: float = 120.0) -> LocalRay:
-    """Start a detached single-node Ray head bound to this machine. Raises KilnError if it does not come up."""
+def start_local_ray(
+    log_dir: Path, num_cpus: float | None = None, timeout: float = 120.0
+) -> LocalRay:
+    """Start a detached single-node Ray head bound to this machine. Raises KilnError if it does not
+    come up."""
     ensure_auth_token()
     ports = {name: free_port() for name in ("gcs", "dashboard", "agent", "metrics", "client")}
-    temp_dir = tempfile.mkdtemp(prefix="kiln-serve-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    temp_dir = tempfile.mkdtemp(
+        prefix="kiln-serve-", dir="/tmp"
+    )  # short: Ray's socket paths must fit 107 bytes
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / "ray.log"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0",
-               # Serve is shut down before the instance stops; waiting for node draining would only add 30 s.
-               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
-    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
-           "--node-ip-address", "127.0.0.1", "--port", str(ports["gcs"]),
-           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(ports["dashboard"]),
-           "--dashboard-agent-listen-port", str(ports["agent"]), "--metrics-export-port", str(ports["metrics"]),
-           "--ray-client-server-port", str(ports["client"]), "--temp-dir", temp_dir, "--disable-usage-stats"]
+    env.update(
+        RAY_AUTH_MODE="token",
+        RAY_USAGE_STATS_ENABLED="0",
+        # Serve is shut down before the instance stops; waiting for node draining would only add 30
+        # s.
+        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "ray.scripts.scripts",
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(ports["gcs"]),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(ports["dashboard"]),
+        "--dashboard-agent-listen-port",
+        str(ports["agent"]),
+        "--metrics-export-port",
+        str(ports["metrics"]),
+        "--ray-client-server-port",
+        str(ports["client"]),
+        "--temp-dir",
+        temp_dir,
+        "--disable-usage-stats",
+    ]
     if num_cpus is not None:
         cmd += ["--num-cpus", f"{num_cpus:g}"]
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-    local = LocalRay(pid=proc.pid, address=f"127.0.0.1:{ports['gcs']}", temp_dir=temp_dir, log=str(log_path),
-                     metrics_port=ports["metrics"], dashboard_port=ports["dashboard"], auth_mode="token")
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    local = LocalRay(
+        pid=proc.pid,
+        address=f"127.0.0.1:{ports['gcs']}",
+        temp_dir=temp_dir,
+        log=str(log_path),
+        metrics_port=ports["metrics"],
+        dashboard_port=ports["dashboard"],
+        auth_mode="token",
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             shutil.rmtree(temp_dir, ignore_errors=True)
-            raise KilnError(f"the local Ray instance exited at start ({_last_line(log_path)}); log: {log_path}")
+            raise KilnError(
+                f"the local Ray instance exited at start ({_last_line(log_path)}); log: {log_path}"
+            )
         if "Ray runtime started" in log_path.read_text(errors="replace"):
             return local
         time.sleep(0.3)
@@ -164,7 +216,9 @@ class ServeState:
     local_ray: dict[str, Any] | None = None  # a LocalRay's fields when Kiln started the instance
     started_at: float = 0.0
     haproxy_dir: str | None = None  # HAProxy's files (ingress 'haproxy')
-    tracking_uri: str | None = None  # the registry the served versions come from (rollouts load from it)
+    tracking_uri: str | None = (
+        None  # the registry the served versions come from (rollouts load from it)
+    )
 
     def local(self) -> LocalRay | None:
         return LocalRay(**self.local_ray) if self.local_ray else None

@@ -1,4 +1,5 @@
-"""``kiln serve start | stop``: deploy the plan on Ray Serve, wait until it runs, report; tear it down.
+"""``kiln serve start | stop``: deploy the plan on Ray Serve, wait until it runs, report; tear it
+down.
 
 Where it runs: ``--address`` (or RAY_ADDRESS) names a cluster; otherwise Kiln starts a local Ray
 instance that outlives the CLI call (``instance.py``), recorded in ``RUN_DIR/serve/state.json``.
@@ -12,17 +13,42 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from kiln.errors import ConfigError, KilnError, ResourceError
-from kiln.serve.app import MODEL_APP_PREFIX, ROOT_APP, build_applications, model_app_name, model_route
-from kiln.serve.cluster import (connect, find_target, forget, http_url, metrics_url, remove_apps, running_kiln_apps,
-                                serve_running, telling_line)
+from kiln.serve.app import (
+    MODEL_APP_PREFIX,
+    ROOT_APP,
+    build_applications,
+    model_app_name,
+    model_route,
+)
+from kiln.serve.cluster import (
+    connect,
+    find_target,
+    forget,
+    http_url,
+    metrics_url,
+    remove_apps,
+    running_kiln_apps,
+    serve_running,
+    telling_line,
+)
 from kiln.serve.config import ServeConfig
-from kiln.serve.instance import (LocalRay, ServeState, free_port, free_port_block, load_state, local_ray_from,
-                                 save_state, start_local_ray, state_dir)
+from kiln.serve.instance import (
+    LocalRay,
+    ServeState,
+    free_port,
+    free_port_block,
+    load_state,
+    local_ray_from,
+    save_state,
+    start_local_ray,
+    state_dir,
+)
 from kiln.serve.plan import ServePlan, plan_serving
 
 Progress = Callable[[str], None]
@@ -62,7 +88,10 @@ def haproxy_env(base_dir: Path) -> dict[str, str]:
     would collide with any other Serve instance using HAProxy on the same machine.
     """
     base_dir.mkdir(parents=True, exist_ok=True)
-    http_low, grpc_low = free_port_block(DIRECT_INGRESS_PORTS), free_port_block(DIRECT_INGRESS_PORTS)
+    http_low, grpc_low = (
+        free_port_block(DIRECT_INGRESS_PORTS),
+        free_port_block(DIRECT_INGRESS_PORTS),
+    )
     return {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(base_dir / "haproxy.cfg"),
@@ -85,25 +114,33 @@ def check_serving_fits(plan: ServePlan) -> None:
     """ResourceError at once when the models' replicas can never fit on the cluster's nodes."""
     import ray
 
-    from kiln.runtime import placeable_slots
+    from kiln.ray_connection import placeable_slots
 
     total = ray.cluster_resources().get("CPU", 0.0)
     for model in plan.models:
         d = model.deployment
         slots = placeable_slots({"CPU": d.num_cpus})
         if slots < d.min_replicas:
-            raise ResourceError(f"model '{model.name}' needs {d.min_replicas} replica(s) of {d.num_cpus:g} CPU but the "
-                                f"cluster's nodes can hold only {slots} (it has {total:g} CPU); lower "
-                                "serve.deployment.num_cpus or replicas")
+            raise ResourceError(
+                f"model '{model.name}' needs {d.min_replicas} replica(s) of {d.num_cpus:g} CPU but "
+                "the "
+                f"cluster's nodes can hold only {slots} (it has {total:g} CPU); lower "
+                "serve.deployment.num_cpus or replicas"
+            )
     need = sum(m.min_cpus for m in plan.models)
     if need > total + 1e-9:
-        parts = ", ".join(f"{m.name} {m.deployment.min_replicas} x {m.deployment.num_cpus:g}" for m in plan.models)
-        raise ResourceError(f"the served models need {need:g} CPU for their replicas ({parts}) but the cluster has "
-                            f"{total:g}; lower serve.deployment.num_cpus or replicas")
+        parts = ", ".join(
+            f"{m.name} {m.deployment.min_replicas} x {m.deployment.num_cpus:g}" for m in plan.models
+        )
+        raise ResourceError(
+            f"the served models need {need:g} CPU for their replicas ({parts}) but the cluster has "
+            f"{total:g}; lower serve.deployment.num_cpus or replicas"
+        )
 
 
 def wait_until_running(app_names: list[str], timeout: float, plan: ServePlan) -> None:
-    """Return when every app RUNS; raise at once on DEPLOY_FAILED, ResourceError after ``timeout``."""
+    """Return when every app RUNS; raise at once on DEPLOY_FAILED, ResourceError after
+    ``timeout``."""
     from ray import serve
 
     deadline = time.monotonic() + timeout
@@ -116,7 +153,9 @@ def wait_until_running(app_names: list[str], timeout: float, plan: ServePlan) ->
         if all(name in apps and apps[name].status == "RUNNING" for name in app_names):
             return
         if time.monotonic() > deadline:
-            raise ResourceError(f"the models were not running after {timeout:g}s: {_pending(apps, app_names, plan)}")
+            raise ResourceError(
+                f"the models were not running after {timeout:g}s: {_pending(apps, app_names, plan)}"
+            )
         time.sleep(0.5)
 
 
@@ -131,7 +170,11 @@ def _pending(apps: dict, app_names: list[str], plan: ServePlan) -> str:
         if app is not None and app.status == "RUNNING":
             continue
         model = cpus.get(name)
-        need = f" ({model.deployment.min_replicas} replica(s) x {model.deployment.num_cpus:g} CPU)" if model else ""
+        need = (
+            f" ({model.deployment.min_replicas} replica(s) x {model.deployment.num_cpus:g} CPU)"
+            if model
+            else ""
+        )
         message = ""
         if app is not None:
             messages = [d.message for d in app.deployments.values() if d.message]
@@ -141,23 +184,36 @@ def _pending(apps: dict, app_names: list[str], plan: ServePlan) -> str:
     return "; ".join(parts) + f" (the cluster has {free:g} CPU free; other work may hold the rest)"
 
 
-def start_serving(cfg: ServeConfig, tracking_uri: str, run_dir: str | Path, address: str | None = None,
-                  api_key: str | None = None, progress: Progress = lambda _: None,
-                  debug: bool = False) -> ServeInfo:
-    """Deploy every model of ``cfg`` and wait until they run. Raises KilnError (nothing left deployed)."""
+def start_serving(
+    cfg: ServeConfig,
+    tracking_uri: str,
+    run_dir: str | Path,
+    address: str | None = None,
+    api_key: str | None = None,
+    progress: Progress = lambda _: None,
+    debug: bool = False,
+) -> ServeInfo:
+    """Deploy every model of ``cfg`` and wait until they run. Raises KilnError (nothing left
+    deployed)."""
     from kiln.serve.http import key_digest
 
     address = address or os.environ.get("RAY_ADDRESS") or None
     local: LocalRay | None = None
     state = load_state(run_dir)
     if address is None and state and state.local() and state.local().alive():
-        raise KilnError(f"Kiln is already serving at {state.url} (local Ray instance, pid {state.local().pid}); "
-                        "run 'kiln serve stop' first")
+        raise KilnError(
+            f"Kiln is already serving at {state.url} (local Ray instance, pid "
+            f"{state.local().pid}); "
+            "run 'kiln serve stop' first"
+        )
     plan = plan_serving(cfg, tracking_uri)
     plan.run_dir = str(Path(run_dir).expanduser().resolve())
     progress(f"serving {plan.describe()}")
     if address is None:
-        progress("starting a local Ray instance (it keeps running after this command; stop it with kiln serve stop)")
+        progress(
+            "starting a local Ray instance (it keeps running after this command; stop it with kiln "
+            "serve stop)"
+        )
         local = start_local_ray(state_dir(run_dir), cfg.num_cpus)
         address = local.address
     deployed: list[str] = []
@@ -169,8 +225,10 @@ def start_serving(cfg: ServeConfig, tracking_uri: str, run_dir: str | Path, addr
 
         running = running_kiln_apps()
         if running:
-            raise KilnError(f"Kiln is already serving on the Ray cluster at {gcs} (applications: "
-                            f"{', '.join(sorted(running))}); run 'kiln serve stop --address {address}' first")
+            raise KilnError(
+                f"Kiln is already serving on the Ray cluster at {gcs} (applications: "
+                f"{', '.join(sorted(running))}); run 'kiln serve stop --address {address}' first"
+            )
         plan = apply_rollout_records(plan, run_dir)
         check_serving_fits(plan)
         port = cfg.port or free_port()
@@ -182,41 +240,67 @@ def start_serving(cfg: ServeConfig, tracking_uri: str, run_dir: str | Path, addr
             controller_options = {"runtime_env": {"env_vars": haproxy_env(Path(haproxy_dir))}}
         started_serve = not serve_running()
         try:
-            serve.start(http_options={"host": cfg.host, "port": port}, controller_options=controller_options)
+            serve.start(
+                http_options={"host": cfg.host, "port": port}, controller_options=controller_options
+            )
         except Exception as exc:
             raise KilnError(f"Ray Serve did not start: {telling_line(str(exc))}") from exc
         host, port = _check_http(cfg.host, port)
         targets = build_applications(plan, key_digest(api_key) if api_key else None)
         deployed = [t.name for t in targets]
         progress(f"deploying {len(plan.models)} model(s) on Ray Serve at {gcs}")
-        serve.run_many(targets, wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+        serve.run_many(
+            targets, wait_for_ingress_deployment_creation=False, wait_for_applications_running=False
+        )
         wait_until_running(deployed, cfg.start_timeout_s, plan)
         url = http_url(host, port)
-        info = ServeInfo(url=url, ingress=cfg.ingress, ray_address=gcs, metrics_url=metrics_url(),
-                         local_ray_pid=local.pid if local else None, api_key_required=api_key is not None,
-                         models=[ServedModelInfo(name=m.name, version=v.version,
-                                                 infer_url=f"{url}{model_route(m.name)}/versions/{v.version}/infer",
-                                                 default=v.version == m.default_version, format=m.formats[v.version],
-                                                 uri=v.uri)
-                                 for m in plan.models for v in m.versions])
+        info = ServeInfo(
+            url=url,
+            ingress=cfg.ingress,
+            ray_address=gcs,
+            metrics_url=metrics_url(),
+            local_ray_pid=local.pid if local else None,
+            api_key_required=api_key is not None,
+            models=[
+                ServedModelInfo(
+                    name=m.name,
+                    version=v.version,
+                    infer_url=f"{url}{model_route(m.name)}/versions/{v.version}/infer",
+                    default=v.version == m.default_version,
+                    format=m.formats[v.version],
+                    uri=v.uri,
+                )
+                for m in plan.models
+                for v in m.versions
+            ],
+        )
     except BaseException:
         _undo(deployed, local, started_serve)
         if haproxy_dir:
             shutil.rmtree(haproxy_dir, ignore_errors=True)
         raise
-    save_state(run_dir, ServeState(address=address if local is None else local.address, url=info.url,
-                                   ingress=cfg.ingress, models=[asdict(m) for m in info.models],
-                                   metrics_url=info.metrics_url, started_at=time.time(), haproxy_dir=haproxy_dir,
-                                   local_ray=local_ray_from(local) if local else None,
-                                   tracking_uri=plan.tracking_uri))
+    save_state(
+        run_dir,
+        ServeState(
+            address=address if local is None else local.address,
+            url=info.url,
+            ingress=cfg.ingress,
+            models=[asdict(m) for m in info.models],
+            metrics_url=info.metrics_url,
+            started_at=time.time(),
+            haproxy_dir=haproxy_dir,
+            local_ray=local_ray_from(local) if local else None,
+            tracking_uri=plan.tracking_uri,
+        ),
+    )
     return info
 
 
 def apply_rollout_records(plan: ServePlan, run_dir: str | Path) -> ServePlan:
-    """Serve each model on the stable version its rollout record names (the last promoted one, or the one
-    a rollback returned to), loading it even when the config does not list it; unless the config names a
-    newer registry version as the default, which then supersedes the record. Needs a Ray connection
-    (to tell a rollout in progress from one whose controller is gone)."""
+    """Serve each model on the stable version its rollout record names (the last promoted one, or
+    the one a rollback returned to), loading it even when the config does not list it; unless the
+    config names a newer registry version as the default, which then supersedes the record. Needs a
+    Ray connection (to tell a rollout in progress from one whose controller is gone)."""
     from kiln import tracking as trk
     from kiln.rollout.api import served_version_overrides, supersede
     from kiln.serve.plan import VersionSource, _load_spec
@@ -226,31 +310,43 @@ def apply_rollout_records(plan: ServePlan, run_dir: str | Path) -> ServePlan:
         if record is None or not record.stable_uri:
             continue
         named = model.default_version
-        if named.isdigit() and record.stable.isdigit() and int(named) > int(record.stable) and not record.active:
-            supersede(run_dir, record, named, next(v.uri for v in model.versions if v.version == named))
+        if (
+            named.isdigit()
+            and record.stable.isdigit()
+            and int(named) > int(record.stable)
+            and not record.active
+        ):
+            supersede(
+                run_dir, record, named, next(v.uri for v in model.versions if v.version == named)
+            )
             continue
         if record.stable not in {v.version for v in model.versions}:
             model.versions.append(VersionSource(record.stable, record.stable_uri))
-            spec = _load_spec(trk.resolve_model_dir(record.stable_uri, plan.tracking_uri), record.stable_uri)
+            spec = _load_spec(
+                trk.resolve_model_dir(record.stable_uri, plan.tracking_uri), record.stable_uri
+            )
             model.formats[record.stable] = spec.format
         model.default_version = record.stable
     return plan
 
 
 def _check_http(host: str, port: int) -> tuple[str, int]:
-    """Serve's HTTP options are fixed when it first starts on a cluster: fail if it listens elsewhere."""
+    """Serve's HTTP options are fixed when it first starts on a cluster: fail if it listens
+    elsewhere."""
     from ray.serve.context import _get_global_client
 
     actual = _get_global_client().http_config
     if (actual.host, int(actual.port)) != (host, int(port)):
-        raise ConfigError(f"Ray Serve already runs on this cluster with HTTP at {actual.host}:{actual.port}; "
-                          f"serve.host/serve.port must match it (asked for {host}:{port})")
+        raise ConfigError(
+            f"Ray Serve already runs on this cluster with HTTP at {actual.host}:{actual.port}; "
+            f"serve.host/serve.port must match it (asked for {host}:{port})"
+        )
     return actual.host, int(actual.port)
 
 
 def _undo(deployed: list[str], local: LocalRay | None, started_serve: bool) -> None:
-    """After a failed start: the local instance it started goes; else what it deployed (and Serve, if it
-    started Serve and nothing else runs there)."""
+    """After a failed start: the local instance it started goes; else what it deployed (and Serve,
+    if it started Serve and nothing else runs there)."""
     if local is not None:
         import ray
 
@@ -277,8 +373,11 @@ class StopResult:
         return asdict(self)
 
 
-def stop_serving(run_dir: str | Path, address: str | None = None, debug: bool = False) -> StopResult:
-    """Delete Kiln's applications; stop the local Ray instance if Kiln started it. Raises KilnError."""
+def stop_serving(
+    run_dir: str | Path, address: str | None = None, debug: bool = False
+) -> StopResult:
+    """Delete Kiln's applications; stop the local Ray instance if Kiln started it. Raises
+    KilnError."""
     address, state = find_target(run_dir, address)
     local = state.local() if state and state.address == address else None
     if local is not None:
@@ -287,8 +386,10 @@ def stop_serving(run_dir: str | Path, address: str | None = None, debug: bool = 
         forget(run_dir, state)
         if not alive:
             raise KilnError(f"the local Ray instance that served (pid {pid}) was already gone")
-        return StopResult(stopped=sorted({ROOT_APP, *(model_app_name(m["name"]) for m in state.models)}),
-                          local_ray_pid=pid)
+        return StopResult(
+            stopped=sorted({ROOT_APP, *(model_app_name(m["name"]) for m in state.models)}),
+            local_ray_pid=pid,
+        )
     connect(address, None, debug)
     apps = sorted(running_kiln_apps())
     if not apps:
@@ -297,7 +398,9 @@ def stop_serving(run_dir: str | Path, address: str | None = None, debug: bool = 
         raise KilnError(f"Kiln serves nothing on the Ray cluster at {address}")
     from kiln.rollout.api import stop_controllers
 
-    stop_controllers([app[len(MODEL_APP_PREFIX):] for app in apps if app.startswith(MODEL_APP_PREFIX)])
+    stop_controllers(
+        [app[len(MODEL_APP_PREFIX) :] for app in apps if app.startswith(MODEL_APP_PREFIX)]
+    )
     remove_apps(apps)
     if state and state.address == address:
         forget(run_dir, state)

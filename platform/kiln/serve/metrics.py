@@ -1,13 +1,32 @@
 """Per-version request metrics, exported in Prometheus format through Ray's metrics agent.
 
-Ray prefixes custom metrics with ``ray_`` and adds the Serve tags (application, deployment, replica);
-see the README's "Serving" section for the exported names. Labels: ``model``, ``model_version``,
-``endpoint`` (infer | predict), and ``code`` (HTTP status) on errors.
+Ray prefixes custom metrics with ``ray_`` and adds the Serve tags (application, deployment,
+replica); see the README's "Serving" section for the exported names. Labels: ``model``,
+``model_version``, ``endpoint`` (infer | predict), and ``code`` (HTTP status) on errors.
 """
 
 from __future__ import annotations
 
-LATENCY_BOUNDARIES_MS = [0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 200, 500, 1000, 2500, 5000]
+LATENCY_BOUNDARIES_MS = [
+    0.5,
+    1,
+    2,
+    3,
+    5,
+    7.5,
+    10,
+    15,
+    20,
+    30,
+    50,
+    75,
+    100,
+    200,
+    500,
+    1000,
+    2500,
+    5000,
+]
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 
 
@@ -18,17 +37,33 @@ class ServeMetrics:
         from ray.serve.metrics import Counter, Histogram
 
         version_tags = ("model", "model_version", "endpoint")
-        self.requests = Counter("kiln_requests", description="Inference requests answered, per model version.",
-                                tag_keys=version_tags)
-        self.errors = Counter("kiln_request_errors", description="Inference requests answered with an error "
-                              "status, per model version and HTTP status.", tag_keys=(*version_tags, "code"))
-        self.latency = Histogram("kiln_request_latency_ms", description="Time from request to response inside "
-                                 "the replica, in milliseconds.", boundaries=LATENCY_BOUNDARIES_MS,
-                                 tag_keys=version_tags)
-        self.batch_size = Histogram("kiln_batch_size", description="Rows per model call (after dynamic batching).",
-                                    boundaries=BATCH_BOUNDARIES, tag_keys=("model", "model_version"))
+        self.requests = Counter(
+            "kiln_requests",
+            description="Inference requests answered, per model version.",
+            tag_keys=version_tags,
+        )
+        self.errors = Counter(
+            "kiln_request_errors",
+            description="Inference requests answered with an error "
+            "status, per model version and HTTP status.",
+            tag_keys=(*version_tags, "code"),
+        )
+        self.latency = Histogram(
+            "kiln_request_latency_ms",
+            description="Time from request to response inside the replica, in milliseconds.",
+            boundaries=LATENCY_BOUNDARIES_MS,
+            tag_keys=version_tags,
+        )
+        self.batch_size = Histogram(
+            "kiln_batch_size",
+            description="Rows per model call (after dynamic batching).",
+            boundaries=BATCH_BOUNDARIES,
+            tag_keys=("model", "model_version"),
+        )
 
-    def request(self, model: str, version: str, endpoint: str, status: int, latency_ms: float) -> None:
+    def request(
+        self, model: str, version: str, endpoint: str, status: int, latency_ms: float
+    ) -> None:
         tags = {"model": model, "model_version": version, "endpoint": endpoint}
         self.requests.inc(1, tags=tags)
         self.latency.observe(latency_ms, tags=tags)

@@ -3,9 +3,9 @@
 Keeping the versions in the ingress replica means the request that reaches the replica is answered
 there: no second hop through a deployment handle (measured at 3-3.5 ms on this kind of machine).
 ``route`` picks the version of an unversioned request: the default version, or during a rollout
-the routing table's choice (``kiln.rollout.replica.RolloutAgent``: a weighted choice in this replica,
-no extra hop). New versions a rollout names are loaded into the running replica, so a rollout needs
-no redeploy.
+the routing table's choice (``kiln.rollout.replica.RolloutAgent``: a weighted choice in this
+replica, no extra hop). New versions a rollout names are loaded into the running replica, so a
+rollout needs no redeploy.
 
 Paths, under ``/v2/models/{name}``: ``GET ""`` (metadata), ``GET /ready``, ``POST /infer``,
 ``POST /predict`` (convenience JSON), ``GET /monitor`` (live monitoring: drift, OOD, alerts; this
@@ -24,24 +24,40 @@ from typing import Any
 import numpy as np
 
 from kiln.serve.config import BatchingConfig
+from kiln.serve.http import (
+    check_api_key,
+    error_response,
+    json_response,
+    method_not_allowed,
+    read_body,
+)
 from kiln.serve.plan import ModelAppSpec
-from kiln.serve.http import check_api_key, error_response, json_response, method_not_allowed, read_body
-from kiln.serve.protocol import (HEADER_LENGTH, ProtocolError, check_outputs, encode_infer_response, load_json,
-                                 parse_infer_request, select_outputs)
+from kiln.serve.protocol import (
+    HEADER_LENGTH,
+    ProtocolError,
+    check_outputs,
+    encode_infer_response,
+    load_json,
+    parse_infer_request,
+    select_outputs,
+)
 from kiln.serve.versions import ServedVersion
 
 logger = logging.getLogger("ray.serve")
 
 
 class VersionRunner:
-    """Runs one version's model: dynamic batching (serve.batch) or one call per request, off the event loop."""
+    """Runs one version's model: dynamic batching (serve.batch) or one call per request, off the
+    event loop."""
 
     def __init__(self, served: ServedVersion, metrics):
         self.served = served
         self.metrics = metrics
-        # One thread per version: model calls of a version run one at a time, and the event loop stays free
-        # to take the next requests (which then form the next batch).
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"kiln-{served.model_name}-v{served.version}")
+        # One thread per version: model calls of a version run one at a time, and the event loop
+        # stays free to take the next requests (which then form the next batch).
+        self._executor = ThreadPoolExecutor(
+            1, thread_name_prefix=f"kiln-{served.model_name}-v{served.version}"
+        )
         self._batched = None
         self.batching = BatchingConfig(enabled=False)
 
@@ -52,8 +68,10 @@ class VersionRunner:
         if not batching.enabled:
             return
         if self._batched is None:
-            self._batched = serve.batch(max_batch_size=batching.max_batch_size,
-                                        batch_wait_timeout_s=batching.wait_ms / 1000.0)(self._run_batch)
+            self._batched = serve.batch(
+                max_batch_size=batching.max_batch_size,
+                batch_wait_timeout_s=batching.wait_ms / 1000.0,
+            )(self._run_batch)
         else:
             self._batched.set_max_batch_size(batching.max_batch_size)
             self._batched.set_batch_wait_timeout_s(batching.wait_ms / 1000.0)
@@ -91,31 +109,47 @@ class ModelServer:
         self.metrics = ServeMetrics()
         self.runners: dict[str, VersionRunner] = {}
         monitor_cfg = MonitorConfig.model_validate(spec.monitor or {})
-        self.monitors = ReplicaMonitors(spec.model_name, monitor_cfg,
-                                        MonitorMetrics() if monitor_cfg.enabled else None, spec.tracking_uri,
-                                        spec.run_dir, self._retrainable_version)
+        self.monitors = ReplicaMonitors(
+            spec.model_name,
+            monitor_cfg,
+            MonitorMetrics() if monitor_cfg.enabled else None,
+            spec.tracking_uri,
+            spec.run_dir,
+            self._retrainable_version,
+        )
         for source in spec.versions:
             directory = resolve_model_dir(source.uri, spec.tracking_uri)
             predictor = load_predictor(directory)
-            runner = VersionRunner(ServedVersion(spec.model_name, source.version, predictor), self.metrics)
+            runner = VersionRunner(
+                ServedVersion(spec.model_name, source.version, predictor), self.metrics
+            )
             runner.configure(BatchingConfig())
             self.runners[source.version] = runner
             self.monitors.add(source.version, directory)
-            self.monitors.add_retraining(source.version, source.uri[len("models:/"):].split("/")[0])
+            self.monitors.add_retraining(
+                source.version, source.uri[len("models:/") :].split("/")[0]
+            )
         self.default_version = spec.default_version
         self.batching = BatchingConfig()
         self._background: set[asyncio.Task] = set()  # shadow calls (a reference keeps them alive)
         from kiln.rollout.replica import RolloutAgent
 
-        self.rollout = RolloutAgent(spec.model_name, spec.default_version, list(self.runners), self.add_version,
-                                    self.quality_signals, self.remove_version)
+        self.rollout = RolloutAgent(
+            spec.model_name,
+            spec.default_version,
+            list(self.runners),
+            self.add_version,
+            self.quality_signals,
+            self.remove_version,
+        )
         try:  # Serve runs the constructor on the replica's event loop; built elsewhere (tests) no reports
             self._reporter = asyncio.get_running_loop().create_task(self.rollout.run_forever())
         except RuntimeError:
             self._reporter = None
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Serve calls this with the deployment's user_config: the batching settings, changeable in place."""
+        """Serve calls this with the deployment's user_config: the batching settings, changeable in
+        place."""
         batching = BatchingConfig.model_validate((user_config or {}).get("batching", {}))
         self.batching = batching
         for runner in self.runners.values():
@@ -126,60 +160,76 @@ class ModelServer:
         return list(self.runners)
 
     def route(self, request) -> str:
-        """The version that answers an unversioned request (the default, or the rollout's choice)."""
+        """The version that answers an unversioned request (the default, or the rollout's
+        choice)."""
         return self.rollout.route(request.headers)
 
     async def add_version(self, version: str, uri: str) -> None:
-        """Load a version into this running replica (a rollout's candidate), smoke-check it, then serve it."""
+        """Load a version into this running replica (a rollout's candidate), smoke-check it, then
+        serve it."""
         from kiln.models.predictor import load_predictor
         from kiln.tracking import resolve_model_dir
 
         loop = asyncio.get_running_loop()
         directory = await loop.run_in_executor(None, resolve_model_dir, uri, self.spec.tracking_uri)
         predictor = await loop.run_in_executor(None, load_predictor, directory)
-        runner = VersionRunner(ServedVersion(self.spec.model_name, version, predictor), self.metrics)
+        runner = VersionRunner(
+            ServedVersion(self.spec.model_name, version, predictor), self.metrics
+        )
         shape = [2, *predictor.spec.input_shape]
-        logits = await loop.run_in_executor(runner._executor, runner._call, np.zeros(shape, dtype=np.float32))
+        logits = await loop.run_in_executor(
+            runner._executor, runner._call, np.zeros(shape, dtype=np.float32)
+        )
         if logits.shape != (2, predictor.spec.num_classes) or not np.isfinite(logits).all():
-            raise ValueError(f"smoke request answered logits of shape {logits.shape} "
-                             f"(finite: {bool(np.isfinite(logits).all())})")
+            raise ValueError(
+                f"smoke request answered logits of shape {logits.shape} "
+                f"(finite: {bool(np.isfinite(logits).all())})"
+            )
         runner.configure(self.batching)
         self.monitors.add(version, directory)  # its own reference: gates read its live window
-        self.monitors.add_retraining(version, uri[len("models:/"):].split("/")[0])  # should it become stable
+        self.monitors.add_retraining(
+            version, uri[len("models:/") :].split("/")[0]
+        )  # should it become stable
         self.runners[version] = runner
 
     def _retrainable_version(self) -> str | None:
-        """The stable version, or None while a rollout is in progress (retraining waits for its outcome)."""
+        """The stable version, or None while a rollout is in progress (retraining waits for its
+        outcome)."""
         table = getattr(self, "rollout", None) and self.rollout.table
         if table is None:
             return self.default_version
         return None if table.candidate is not None else table.stable
 
     def quality_signals(self, version: str) -> dict[str, float]:
-        """This replica's live-window signals of ``version``: {"drift": score, "ood_rate": rate}; {} when it is
-        not monitored or its window holds fewer than ``serve.monitor.min_rows`` rows (no data yet)."""
+        """This replica's live-window signals of ``version``: {"drift": score, "ood_rate": rate}; {}
+        when it is not monitored or its window holds fewer than ``serve.monitor.min_rows`` rows (no
+        data yet)."""
         return self.monitors.signals(version)
 
     def monitor_status(self, version: str | None = None, window: bool = False) -> dict:
-        """The monitor report of one version (or all) as JSON; ``window`` adds the rows and reference."""
+        """The monitor report of one version (or all) as JSON; ``window`` adds the rows and
+        reference."""
         return self.monitors.report([version] if version else self.versions, window)
 
     def remove_version(self, version: str) -> None:
-        """Stop serving a version a rollout loaded. Requests already holding its runner finish on it (its
-        thread is not shut down under them; it goes with the runner)."""
+        """Stop serving a version a rollout loaded. Requests already holding its runner finish on it
+        (its thread is not shut down under them; it goes with the runner)."""
         self.runners.pop(version, None)
         self.monitors.remove(version)
 
     def runner(self, version: str) -> VersionRunner:
         found = self.runners.get(version)
         if found is None:
-            raise ProtocolError(f"model '{self.spec.model_name}' has no served version '{version}' "
-                                f"(served: {', '.join(self.versions)})", 404)
+            raise ProtocolError(
+                f"model '{self.spec.model_name}' has no served version '{version}' "
+                f"(served: {', '.join(self.versions)})",
+                404,
+            )
         return found
 
     async def __call__(self, request):
         path = request.url.path
-        rest = path[len(self.prefix):] if path.startswith(self.prefix) else path
+        rest = path[len(self.prefix) :] if path.startswith(self.prefix) else path
         parts = [p for p in rest.split("/") if p]
         version = None
         if len(parts) >= 2 and parts[0] == "versions":
@@ -208,10 +258,15 @@ class ModelServer:
             except ProtocolError as exc:
                 return error_response(str(exc), exc.status)
             if action == "ready":
-                return json_response({"name": self.spec.model_name, "version": chosen.served.version, "ready": True})
+                return json_response(
+                    {"name": self.spec.model_name, "version": chosen.served.version, "ready": True}
+                )
             return json_response(chosen.served.metadata(self.versions))
-        return error_response(f"no endpoint {path} (model endpoints: {self.prefix}[/versions/V][/ready|/infer|"
-                              "/predict|/monitor])", 404)
+        return error_response(
+            f"no endpoint {path} (model endpoints: {self.prefix}[/versions/V][/ready|/infer|"
+            "/predict|/monitor])",
+            404,
+        )
 
     async def infer(self, request, version: str | None, endpoint: str):
         """Answer an infer (OIP) or predict (convenience JSON) request; 4xx for every bad input."""
@@ -231,7 +286,9 @@ class ModelServer:
             return error_response(str(exc), exc.status)
         except Exception as exc:  # a server fault, not the client's: logged with its traceback
             status = 500
-            logger.exception("kiln: %s failed for model %s version %s", endpoint, self.spec.model_name, label)
+            logger.exception(
+                "kiln: %s failed for model %s version %s", endpoint, self.spec.model_name, label
+            )
             return error_response(f"internal error: {type(exc).__name__}: {exc}", 500)
         finally:
             latency_ms = (time.perf_counter() - started) * 1000.0
@@ -240,11 +297,14 @@ class ModelServer:
                 self.rollout.record(label, status, latency_ms)
 
     def _shadow(self, version: str | None, prepare, logits: np.ndarray) -> None:
-        """Mirror the request to ``version`` in the background: its answer is only compared, never returned.
-        ``prepare(served_version)`` turns the request into that version's input (its own preprocessing)."""
+        """Mirror the request to ``version`` in the background: its answer is only compared, never
+        returned. ``prepare(served_version)`` turns the request into that version's input (its own
+        preprocessing)."""
         if version is None or version not in self.runners:
             return
-        task = asyncio.get_running_loop().create_task(self._compare(self.runners[version], prepare, logits))
+        task = asyncio.get_running_loop().create_task(
+            self._compare(self.runners[version], prepare, logits)
+        )
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -253,27 +313,43 @@ class ModelServer:
         try:
             x = prepare(runner.served)
             logits = await runner.logits(x)
-            self.monitors.observe(runner.served.version, x, logits)  # mirrored traffic is the candidate's too
+            self.monitors.observe(
+                runner.served.version, x, logits
+            )  # mirrored traffic is the candidate's too
             agreed = int((np.argmax(logits, axis=1) == np.argmax(stable_logits, axis=1)).sum())
             self.rollout.compare(runner.served.version, agreed, len(x))
         except Exception:
             status = 500
         finally:
-            self.rollout.record(runner.served.version, status, (time.perf_counter() - started) * 1000.0)
+            self.rollout.record(
+                runner.served.version, status, (time.perf_counter() - started) * 1000.0
+            )
 
-    async def _infer(self, runner: VersionRunner, body: bytes, header_length: str | None, mirror: str | None = None):
+    async def _infer(
+        self,
+        runner: VersionRunner,
+        body: bytes,
+        header_length: str | None,
+        mirror: str | None = None,
+    ):
         from starlette.responses import Response
 
         req = parse_infer_request(body, header_length)
         served = runner.served
         x = served.prepare_tensors(req.inputs)
-        check_outputs(req, [o["name"] for o in served.output_metadata()])  # before spending compute on it
+        check_outputs(
+            req, [o["name"] for o in served.output_metadata()]
+        )  # before spending compute on it
         logits = await runner.logits(x)
         ood = self.monitors.observe(served.version, x, logits)
         self._shadow(mirror, lambda other: other.prepare_tensors(req.inputs), logits)
-        content, headers = encode_infer_response(self.spec.model_name, served.version, req.id,
-                                                 select_outputs(req, served.output_tensors(logits)),
-                                                 ood.parameters() if ood is not None else None)
+        content, headers = encode_infer_response(
+            self.spec.model_name,
+            served.version,
+            req.id,
+            select_outputs(req, served.output_tensors(logits)),
+            ood.parameters() if ood is not None else None,
+        )
         return Response(content, status_code=200, headers=headers)
 
     async def _predict(self, runner: VersionRunner, body: bytes, mirror: str | None = None):
@@ -285,9 +361,15 @@ class ModelServer:
         logits = await runner.logits(x)
         ood = self.monitors.observe(served.version, x, logits)
         self._shadow(mirror, lambda other: other.prepare_json(payload), logits)
-        out = {"model_name": self.spec.model_name, "model_version": served.version,
-               "predictions": served.predictions(logits)}
+        out = {
+            "model_name": self.spec.model_name,
+            "model_version": served.version,
+            "predictions": served.predictions(logits),
+        }
         if ood is not None:
             out["parameters"] = ood.parameters()
-        return Response(json.dumps(out, separators=(",", ":")).encode(), status_code=200,
-                        media_type="application/json")
+        return Response(
+            json.dumps(out, separators=(",", ":")).encode(),
+            status_code=200,
+            media_type="application/json",
+        )

@@ -1,4 +1,5 @@
-"""From the ``serve`` config to a plan: each served model, its registry versions and deployment settings.
+"""From the ``serve`` config to a plan: each served model, its registry versions and deployment
+settings.
 
 Aliases are resolved here, once (``models:/digits@champion`` is served as the version it named at
 start), and every version is checked against the registry and the runtimes before anything is
@@ -14,7 +15,13 @@ from typing import Any
 from kiln import tracking as trk
 from kiln.errors import ConfigError, ModelError
 from kiln.models.spec import SPEC_FILE, ModelSpec
-from kiln.serve.config import SERVED_NAME, BatchingConfig, DeploymentConfig, ServeConfig, ServedModelConfig
+from kiln.serve.config import (
+    SERVED_NAME,
+    BatchingConfig,
+    DeploymentConfig,
+    ServeConfig,
+    ServedModelConfig,
+)
 
 
 @dataclass
@@ -41,7 +48,8 @@ class ModelAppSpec:
 
 @dataclass
 class ModelPlan:
-    """One served model: its versions (served under their registry version numbers) and how it runs."""
+    """One served model: its versions (served under their registry version numbers) and how it
+    runs."""
 
     name: str
     versions: list[VersionSource]
@@ -71,16 +79,18 @@ def absolute_tracking_uri(uri: str) -> str:
     """Replicas run in other working directories: make a relative sqlite path absolute."""
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri[len(prefix):]).expanduser().resolve())
+        return prefix + str(Path(uri[len(prefix) :]).expanduser().resolve())
     return uri
 
 
 def plan_serving(cfg: ServeConfig, tracking_uri: str) -> ServePlan:
     """Resolve every ``serve.models`` entry in the registry. Raises ConfigError or ModelError."""
-    from kiln.models.runtimes import RUNTIMES
+    from kiln.models.inference_runtime import RUNTIMES
 
     if not cfg.models:
-        raise ConfigError("nothing to serve: give models:/NAME/VERSION URIs or a config with serve.models")
+        raise ConfigError(
+            "nothing to serve: give models:/NAME/VERSION URIs or a config with serve.models"
+        )
     tracking_uri = absolute_tracking_uri(tracking_uri)
     from kiln.monitor.config import resolve_retrain
 
@@ -90,32 +100,52 @@ def plan_serving(cfg: ServeConfig, tracking_uri: str) -> ServePlan:
         mv = _registry_version(tracking_uri, entry.uri)
         name = entry.name or mv.name
         if not SERVED_NAME.match(name):
-            raise ConfigError(f"config key 'serve.models.{i}': registered name '{mv.name}' cannot be part of a URL; "
-                              f"set serve.models.{i}.name")
+            raise ConfigError(
+                f"config key 'serve.models.{i}': registered name '{mv.name}' cannot be part of a "
+                "URL; "
+                f"set serve.models.{i}.name"
+            )
         version = str(mv.version)
         uri = f"models:/{mv.name}/{version}"
         for j, _, other, _ in groups.get(name, []):
             if other.version == version:
-                raise ConfigError(f"config key 'serve.models.{i}': {entry.uri} is version {version} of '{name}', "
-                                  f"already served by serve.models.{j} ({cfg.models[j].uri}); serve one of them "
-                                  "under another name")
+                raise ConfigError(
+                    f"config key 'serve.models.{i}': {entry.uri} is version {version} of '{name}', "
+                    f"already served by serve.models.{j} ({cfg.models[j].uri}); serve one of them "
+                    "under another name"
+                )
         spec = _load_spec(trk.resolve_model_dir(uri, tracking_uri), entry.uri)
         if spec.format not in RUNTIMES:
-            raise ModelError(f"{entry.uri}: no runtime for artifact format '{spec.format}' "
-                             f"(known: {', '.join(sorted(RUNTIMES))})")
+            raise ModelError(
+                f"{entry.uri}: no runtime for artifact format '{spec.format}' "
+                f"(known: {', '.join(sorted(RUNTIMES))})"
+            )
         groups.setdefault(name, []).append((i, entry, VersionSource(version, uri), spec.format))
     models = []
     for name, members in groups.items():
         defaults = [source.version for _, entry, source, _ in members if entry.default]
         if len(defaults) > 1:
-            raise ConfigError(f"serve.models: model '{name}' marks versions {', '.join(defaults)} as default; "
-                              "mark one")
+            raise ConfigError(
+                f"serve.models: model '{name}' marks versions {', '.join(defaults)} as default; "
+                "mark one"
+            )
         versions = [source for _, _, source, _ in members]
-        default = defaults[0] if defaults else max(versions, key=lambda s: _version_key(s.version)).version
+        default = (
+            defaults[0]
+            if defaults
+            else max(versions, key=lambda s: _version_key(s.version)).version
+        )
         entries = [entry for _, entry, _, _ in members]
-        models.append(ModelPlan(name=name, versions=versions, default_version=default,
-                                deployment=cfg.deployment_for(entries), batching=cfg.batching_for(entries),
-                                formats={source.version: fmt for _, _, source, fmt in members}))
+        models.append(
+            ModelPlan(
+                name=name,
+                versions=versions,
+                default_version=default,
+                deployment=cfg.deployment_for(entries),
+                batching=cfg.batching_for(entries),
+                formats={source.version: fmt for _, _, source, fmt in members},
+            )
+        )
     return ServePlan(models=models, tracking_uri=tracking_uri, config=cfg)
 
 
@@ -131,12 +161,14 @@ def _load_spec(directory: Path, uri: str) -> ModelSpec:
 
 def _registry_version(tracking_uri: str, uri: str):
     """The ModelVersion behind a URI; ``models:/NAME/latest`` is the highest registered version."""
-    name, _, version = uri[len("models:/"):].partition("/")
+    name, _, version = uri[len("models:/") :].partition("/")
     if version != "latest":
         return trk.model_version_for(tracking_uri, uri)
     versions = list(trk.iter_model_versions(tracking_uri, name))
     if not versions:
-        raise ModelError(f"unknown model '{uri}' in registry {tracking_uri} (no versions of '{name}')")
+        raise ModelError(
+            f"unknown model '{uri}' in registry {tracking_uri} (no versions of '{name}')"
+        )
     return max(versions, key=lambda mv: _version_key(str(mv.version)))
 
 

@@ -1,4 +1,5 @@
-"""The Open Inference Protocol (KServe v2 REST) request and response bodies, with Triton's binary extension.
+"""The Open Inference Protocol (KServe v2 REST) request and response bodies, with Triton's binary
+extension.
 
 A request body is JSON, or (binary tensor data extension, what tritonclient sends by default) a JSON
 header of ``Inference-Header-Content-Length`` bytes followed by the raw tensors in input order. A
@@ -21,10 +22,18 @@ from kiln.errors import KilnError
 HEADER_LENGTH = "inference-header-content-length"
 
 DATATYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_), "UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32), "UINT64": np.dtype(np.uint64), "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16), "INT32": np.dtype(np.int32), "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16), "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64),
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
     "BYTES": np.dtype(object),
 }
 
@@ -39,7 +48,8 @@ class ProtocolError(KilnError):
 
 @dataclass
 class Tensor:
-    """A named tensor: ``data`` is an ndarray of ``shape`` (dtype object holding bytes for BYTES)."""
+    """A named tensor: ``data`` is an ndarray of ``shape`` (dtype object holding bytes for
+    BYTES)."""
 
     name: str
     datatype: str
@@ -71,19 +81,26 @@ def load_json(body: bytes, what: str = "request body") -> Any:
     except UnicodeDecodeError:
         raise ProtocolError(f"{what} is not valid JSON (not UTF-8 text)") from None
     except json.JSONDecodeError as exc:
-        raise ProtocolError(f"{what} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+        raise ProtocolError(
+            f"{what} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+        ) from None
 
 
 def parse_infer_request(body: bytes, header_length: str | None = None) -> InferRequest:
-    """An ``InferRequest`` from a body (and the ``Inference-Header-Content-Length`` header, if any)."""
+    """An ``InferRequest`` from a body (and the ``Inference-Header-Content-Length`` header, if
+    any)."""
     binary = b""
     if header_length is not None:
         try:
             size = int(header_length)
         except ValueError:
-            raise ProtocolError(f"Inference-Header-Content-Length '{header_length}' is not an integer") from None
+            raise ProtocolError(
+                f"Inference-Header-Content-Length '{header_length}' is not an integer"
+            ) from None
         if not 0 < size <= len(body):
-            raise ProtocolError(f"Inference-Header-Content-Length {size} does not fit a body of {len(body)} bytes")
+            raise ProtocolError(
+                f"Inference-Header-Content-Length {size} does not fit a body of {len(body)} bytes"
+            )
         body, binary = body[:size], body[size:]
     payload = load_json(body)
     if not isinstance(payload, dict):
@@ -102,11 +119,18 @@ def parse_infer_request(body: bytes, header_length: str | None = None) -> InferR
         inputs.append(tensor)
         offset += used
     if offset != len(binary):
-        raise ProtocolError(f"binary data holds {len(binary)} bytes but the inputs' binary_data_size add up to {offset}")
+        raise ProtocolError(
+            f"binary data holds {len(binary)} bytes but the inputs' binary_data_size add up to "
+            f"{offset}"
+        )
     request_id = payload.get("id")
-    return InferRequest(inputs=inputs, id=None if request_id is None else str(request_id),
-                        outputs=_parse_outputs(payload.get("outputs")), binary_output=bool(params.get("binary_data_output")),
-                        parameters=params)
+    return InferRequest(
+        inputs=inputs,
+        id=None if request_id is None else str(request_id),
+        outputs=_parse_outputs(payload.get("outputs")),
+        binary_output=bool(params.get("binary_data_output")),
+        parameters=params,
+    )
 
 
 def _parse_input(raw: Any, index: int, binary: bytes, offset: int) -> tuple[Tensor, int]:
@@ -120,41 +144,62 @@ def _parse_input(raw: Any, index: int, binary: bytes, offset: int) -> tuple[Tens
     if not isinstance(name, str):
         raise ProtocolError(f"{where}: 'name' must be a string")
     where = f"input '{name}'"
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise ProtocolError(f"{where}: 'shape' must be a list of non-negative integers, got {shape!r}")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise ProtocolError(
+            f"{where}: 'shape' must be a list of non-negative integers, got {shape!r}"
+        )
     if datatype not in DATATYPES:
-        raise ProtocolError(f"{where}: unknown datatype {datatype!r} (one of {', '.join(DATATYPES)})")
+        raise ProtocolError(
+            f"{where}: unknown datatype {datatype!r} (one of {', '.join(DATATYPES)})"
+        )
     count = math.prod(shape)
     params = raw.get("parameters") or {}
     size = params.get("binary_data_size") if isinstance(params, dict) else None
     if size is not None:
         if not isinstance(size, int) or size < 0 or offset + size > len(binary):
-            raise ProtocolError(f"{where}: binary_data_size {size!r} does not fit the {len(binary) - offset} "
-                                "bytes of binary data left")
-        chunk = binary[offset: offset + size]
-        return Tensor(name, datatype, shape, _from_binary(chunk, datatype, shape, count, where)), size
+            raise ProtocolError(
+                f"{where}: binary_data_size {size!r} does not fit the {len(binary) - offset} "
+                "bytes of binary data left"
+            )
+        chunk = binary[offset : offset + size]
+        return Tensor(
+            name, datatype, shape, _from_binary(chunk, datatype, shape, count, where)
+        ), size
     if "data" not in raw:
-        raise ProtocolError(f"{where}: missing field 'data' (or parameters.binary_data_size with binary data)")
+        raise ProtocolError(
+            f"{where}: missing field 'data' (or parameters.binary_data_size with binary data)"
+        )
     return Tensor(name, datatype, shape, _from_json(raw["data"], datatype, shape, count, where)), 0
 
 
-def _from_binary(chunk: bytes, datatype: str, shape: list[int], count: int, where: str) -> np.ndarray:
+def _from_binary(
+    chunk: bytes, datatype: str, shape: list[int], count: int, where: str
+) -> np.ndarray:
     if datatype == "BYTES":
         items, pos = [], 0
         while pos < len(chunk):
             if pos + 4 > len(chunk):
                 raise ProtocolError(f"{where}: BYTES binary data is truncated")
             (length,) = struct.unpack_from("<I", chunk, pos)
-            items.append(chunk[pos + 4: pos + 4 + length])
+            items.append(chunk[pos + 4 : pos + 4 + length])
             pos += 4 + length
         if pos != len(chunk) or len(items) != count:
-            raise ProtocolError(f"{where}: BYTES binary data holds {len(items)} elements, shape {shape} needs {count}")
+            raise ProtocolError(
+                f"{where}: BYTES binary data holds {len(items)} elements, shape {shape} needs "
+                f"{count}"
+            )
         return _object_array(items, shape)
     dtype = DATATYPES[datatype]
     if len(chunk) != count * dtype.itemsize:
-        raise ProtocolError(f"{where}: {len(chunk)} bytes of binary data, but shape {shape} of {datatype} "
-                            f"needs {count * dtype.itemsize}")
-    return np.frombuffer(chunk, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(shape)
+        raise ProtocolError(
+            f"{where}: {len(chunk)} bytes of binary data, but shape {shape} of {datatype} "
+            f"needs {count * dtype.itemsize}"
+        )
+    return (
+        np.frombuffer(chunk, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(shape)
+    )
 
 
 def _from_json(data: Any, datatype: str, shape: list[int], count: int, where: str) -> np.ndarray:
@@ -170,7 +215,9 @@ def _from_json(data: Any, datatype: str, shape: list[int], count: int, where: st
     try:
         arr = np.asarray(data)
     except ValueError:
-        raise ProtocolError(f"{where}: 'data' is a ragged nested list; send it flat, in row-major order") from None
+        raise ProtocolError(
+            f"{where}: 'data' is a ragged nested list; send it flat, in row-major order"
+        ) from None
     if arr.dtype == object or arr.dtype.kind not in "biuf":
         raise ProtocolError(f"{where}: 'data' must hold numbers for datatype {datatype}")
     if arr.size != count:
@@ -181,7 +228,9 @@ def _from_json(data: Any, datatype: str, shape: list[int], count: int, where: st
     if dtype.kind in "iu" and arr.size:
         info = np.iinfo(dtype)
         if arr.min() < info.min or arr.max() > info.max:
-            raise ProtocolError(f"{where}: values outside the range of {datatype} ({info.min}..{info.max})")
+            raise ProtocolError(
+                f"{where}: values outside the range of {datatype} ({info.min}..{info.max})"
+            )
     return arr.astype(dtype).reshape(shape)
 
 
@@ -204,7 +253,9 @@ def _object_array(items: list[bytes], shape: list[int]) -> np.ndarray:
 def _parse_outputs(raw: Any) -> list[RequestedOutput] | None:
     if raw is None:
         return None
-    if not isinstance(raw, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in raw):
+    if not isinstance(raw, list) or not all(
+        isinstance(o, dict) and isinstance(o.get("name"), str) for o in raw
+    ):
         raise ProtocolError("field 'outputs' must be a list of objects with a 'name'")
     out = []
     for o in raw:
@@ -222,22 +273,34 @@ def check_outputs(request: InferRequest, names: list[str]) -> None:
 
 
 def select_outputs(request: InferRequest, available: list[Tensor]) -> list[tuple[Tensor, bool]]:
-    """The outputs the request asked for (all by default), each with whether to send it as binary."""
+    """The outputs the request asked for (all by default), each with whether to send it as
+    binary."""
     check_outputs(request, [t.name for t in available])
     if request.outputs is None:
         return [(t, request.binary_output) for t in available]
     by_name = {t.name: t for t in available}
-    return [(by_name[w.name], request.binary_output if w.binary is None else w.binary) for w in request.outputs]
+    return [
+        (by_name[w.name], request.binary_output if w.binary is None else w.binary)
+        for w in request.outputs
+    ]
 
 
-def encode_infer_response(model_name: str, model_version: str, request_id: str | None,
-                          outputs: list[tuple[Tensor, bool]],
-                          parameters: dict[str, Any] | None = None) -> tuple[bytes, dict[str, str]]:
+def encode_infer_response(
+    model_name: str,
+    model_version: str,
+    request_id: str | None,
+    outputs: list[tuple[Tensor, bool]],
+    parameters: dict[str, Any] | None = None,
+) -> tuple[bytes, dict[str, str]]:
     """Response body and extra headers: plain JSON, or a JSON header plus binary outputs.
     ``parameters`` becomes the response's ``parameters`` object."""
     entries, chunks = [], []
     for tensor, binary in outputs:
-        entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
+        entry: dict[str, Any] = {
+            "name": tensor.name,
+            "datatype": tensor.datatype,
+            "shape": list(tensor.shape),
+        }
         if binary:
             raw = _to_binary(tensor)
             entry["parameters"] = {"binary_data_size": len(raw)}
@@ -245,7 +308,11 @@ def encode_infer_response(model_name: str, model_version: str, request_id: str |
         else:
             entry["data"] = _to_json(tensor)
         entries.append(entry)
-    payload: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": entries}
+    payload: dict[str, Any] = {
+        "model_name": model_name,
+        "model_version": model_version,
+        "outputs": entries,
+    }
     if request_id is not None:
         payload["id"] = request_id
     if parameters:
@@ -253,13 +320,17 @@ def encode_infer_response(model_name: str, model_version: str, request_id: str |
     header = json.dumps(payload, separators=(",", ":")).encode()
     if not chunks:
         return header, {"content-type": "application/json"}
-    return header + b"".join(chunks), {"content-type": "application/octet-stream",
-                                       "Inference-Header-Content-Length": str(len(header))}
+    return header + b"".join(chunks), {
+        "content-type": "application/octet-stream",
+        "Inference-Header-Content-Length": str(len(header)),
+    }
 
 
 def _to_binary(tensor: Tensor) -> bytes:
     if tensor.datatype == "BYTES":
-        return b"".join(struct.pack("<I", len(v)) + v for v in (_as_bytes(x) for x in tensor.data.ravel()))
+        return b"".join(
+            struct.pack("<I", len(v)) + v for v in (_as_bytes(x) for x in tensor.data.ravel())
+        )
     dtype = DATATYPES[tensor.datatype].newbyteorder("<")
     return np.ascontiguousarray(tensor.data, dtype=dtype).tobytes()
 

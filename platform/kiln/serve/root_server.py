@@ -18,7 +18,9 @@ READY_CACHE_S = 1.0
 class RootServer:
     """Serve deployment class for ``/v2/health/*``, ``/v2`` and ``/v2/models`` (a Kiln listing)."""
 
-    def __init__(self, models: dict[str, dict[str, Any]], app_names: list[str], server_version: str):
+    def __init__(
+        self, models: dict[str, dict[str, Any]], app_names: list[str], server_version: str
+    ):
         self.models = models  # name -> {"versions": [...], "default_version": "..."}
         self.app_names = app_names
         self.server_version = server_version
@@ -31,7 +33,11 @@ class RootServer:
             from ray import serve
 
             apps = serve.status().applications
-            pending = [name for name in self.app_names if name not in apps or apps[name].status != "RUNNING"]
+            pending = [
+                name
+                for name in self.app_names
+                if name not in apps or apps[name].status != "RUNNING"
+            ]
             self._ready = (now, pending)
         return self._ready[1]
 
@@ -41,11 +47,17 @@ class RootServer:
         if parts[:2] == ["v2", "models"] and len(parts) >= 3:
             served = ", ".join(sorted(self.models)) or "none"
             return error_response(f"unknown model '{parts[2]}' (served: {served})", 404)
-        routes = {"/v2/health/live": self.live, "/v2/health/ready": self.ready, "/v2": self.server_metadata,
-                  "/v2/models": self.list_models}
+        routes = {
+            "/v2/health/live": self.live,
+            "/v2/health/ready": self.ready,
+            "/v2": self.server_metadata,
+            "/v2/models": self.list_models,
+        }
         handler = routes.get(path)
         if handler is None:
-            return error_response(f"no endpoint {path} (the Open Inference Protocol lives under /v2)", 404)
+            return error_response(
+                f"no endpoint {path} (the Open Inference Protocol lives under /v2)", 404
+            )
         if request.method != "GET":
             return method_not_allowed(request.method, path, "GET")
         return handler()
@@ -60,7 +72,11 @@ class RootServer:
         return json_response({"ready": True})
 
     def server_metadata(self):
-        return json_response({"name": "kiln", "version": self.server_version, "extensions": ["binary_tensor_data"]})
+        return json_response(
+            {"name": "kiln", "version": self.server_version, "extensions": ["binary_tensor_data"]}
+        )
 
     def list_models(self):
-        return json_response({"models": [{"name": name, **info} for name, info in sorted(self.models.items())]})
+        return json_response(
+            {"models": [{"name": name, **info} for name, info in sorted(self.models.items())]}
+        )

@@ -1,4 +1,5 @@
-"""``kiln serve status``: what Kiln serves on a cluster, and each version's request and error counts."""
+"""``kiln serve status``: what Kiln serves on a cluster, and each version's request and error
+counts."""
 
 from __future__ import annotations
 
@@ -7,7 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from kiln.errors import KilnError
-from kiln.serve.cluster import connect, find_target, forget, http_url, metrics_url, running_kiln_apps, telling_line
+from kiln.serve.cluster import (
+    connect,
+    find_target,
+    forget,
+    http_url,
+    metrics_url,
+    running_kiln_apps,
+    telling_line,
+)
 
 
 @dataclass
@@ -26,7 +35,9 @@ class ServingStatus:
         return asdict(self)
 
 
-def serving_status(run_dir: str | Path, address: str | None = None, debug: bool = False) -> ServingStatus:
+def serving_status(
+    run_dir: str | Path, address: str | None = None, debug: bool = False
+) -> ServingStatus:
     """Ask the cluster what Kiln serves there. Raises KilnError when nothing is found."""
     from ray.serve.context import _get_global_client
 
@@ -34,26 +45,39 @@ def serving_status(run_dir: str | Path, address: str | None = None, debug: bool 
     local = state.local() if state and state.address == address else None
     if local is not None and not local.alive():
         forget(run_dir, state)
-        raise KilnError(f"the local Ray instance that served (pid {local.pid}) is gone; start again with "
-                        "'kiln serve start'")
+        raise KilnError(
+            f"the local Ray instance that served (pid {local.pid}) is gone; start again with "
+            "'kiln serve start'"
+        )
     gcs = connect(address, local.auth_mode if local else None, debug)
     apps = running_kiln_apps()
     if not apps:
         raise KilnError(f"Kiln serves nothing on the Ray cluster at {gcs}")
     http = _get_global_client().http_config
     url = http_url(http.host, int(http.port))
-    status = ServingStatus(url=url, ray_address=gcs, ingress=state.ingress if state else None,
-                           local_ray_pid=local.pid if local else None, metrics_url=metrics_url())
+    status = ServingStatus(
+        url=url,
+        ray_address=gcs,
+        ingress=state.ingress if state else None,
+        local_ray_pid=local.pid if local else None,
+        metrics_url=metrics_url(),
+    )
     for name, app in sorted(apps.items()):
-        replicas = {str(k): v for d in app.deployments.values() for k, v in d.replica_states.items()}
-        status.applications[name] = {"status": str(app.status.value if hasattr(app.status, "value") else app.status),
-                                     "replicas": replicas, "message": telling_line(app.message) if app.message else ""}
+        replicas = {
+            str(k): v for d in app.deployments.values() for k, v in d.replica_states.items()
+        }
+        status.applications[name] = {
+            "status": str(app.status.value if hasattr(app.status, "value") else app.status),
+            "replicas": replicas,
+            "message": telling_line(app.message) if app.message else "",
+        }
     status.models = _served_models(url, status.metrics_url)
     return status
 
 
 def _served_models(url: str, metrics: str | None) -> list[dict[str, Any]]:
-    """The root app's model listing, with per-version request and error counts from the metrics endpoint."""
+    """The root app's model listing, with per-version request and error counts from the metrics
+    endpoint."""
     import json
     import urllib.request
 
@@ -67,14 +91,21 @@ def _served_models(url: str, metrics: str | None) -> list[dict[str, Any]]:
     for model in listing:
         for version in model["versions"]:
             c = counts.get((model["name"], version), {})
-            rows.append({"name": model["name"], "version": version,
-                         "default": version == model.get("default_version"),
-                         "requests": int(c.get("requests", 0)), "errors": int(c.get("errors", 0))})
+            rows.append(
+                {
+                    "name": model["name"],
+                    "version": version,
+                    "default": version == model.get("default_version"),
+                    "requests": int(c.get("requests", 0)),
+                    "errors": int(c.get("errors", 0)),
+                }
+            )
     return rows
 
 
 def scrape_counts(metrics: str) -> dict[tuple[str, str], dict[str, float]]:
-    """(model, version) -> {requests, errors} summed over replicas, from Ray's Prometheus endpoint."""
+    """(model, version) -> {requests, errors} summed over replicas, from Ray's Prometheus
+    endpoint."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families

@@ -27,7 +27,8 @@ TABULAR_TYPES = INTEGER_TYPES | {"FP16", "FP32", "FP64", "BOOL"}
 
 @dataclass
 class ServedVersion:
-    """A loaded version of a served model (``predictor`` runs any artifact format through its runtime)."""
+    """A loaded version of a served model (``predictor`` runs any artifact format through its
+    runtime)."""
 
     model_name: str
     version: str
@@ -48,20 +49,37 @@ class ServedVersion:
         return {"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, len(prep.feature_names)]}
 
     def output_metadata(self) -> list[dict[str, Any]]:
-        return [{"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, self.predictor.spec.num_classes]},
-                {"name": LABEL, "datatype": "BYTES", "shape": [-1]}]
+        return [
+            {
+                "name": PROBABILITIES,
+                "datatype": "FP32",
+                "shape": [-1, self.predictor.spec.num_classes],
+            },
+            {"name": LABEL, "datatype": "BYTES", "shape": [-1]},
+        ]
 
     def metadata(self, versions: list[str]) -> dict[str, Any]:
-        """Model metadata (OIP), with the labels, features and artifact format under ``parameters``."""
+        """Model metadata (OIP), with the labels, features and artifact format under
+        ``parameters``."""
         spec = self.predictor.spec
-        params: dict[str, Any] = {"labels": [str(label) for label in spec.labels], "format": spec.format,
-                                  "architecture": spec.architecture, "kind": self.kind}
+        params: dict[str, Any] = {
+            "labels": [str(label) for label in spec.labels],
+            "format": spec.format,
+            "architecture": spec.architecture,
+            "kind": self.kind,
+        }
         if self.kind == "tabular":
             params["feature_names"] = list(spec.preprocessing.feature_names)
         if spec.variant:
             params["variant"] = spec.variant
-        return {"name": self.model_name, "versions": versions, "platform": self.platform,
-                "inputs": [self.input_metadata()], "outputs": self.output_metadata(), "parameters": params}
+        return {
+            "name": self.model_name,
+            "versions": versions,
+            "platform": self.platform,
+            "inputs": [self.input_metadata()],
+            "outputs": self.output_metadata(),
+            "parameters": params,
+        }
 
     # --- request -> normalized model input -------------------------------------------------
 
@@ -69,7 +87,9 @@ class ServedVersion:
         """Normalized float32 model input from OIP input tensors. Raises ProtocolError (400)."""
         if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
             names = ", ".join(repr(t.name) for t in inputs)
-            raise ProtocolError(f"model '{self.model_name}' takes one input named '{INPUT_NAME}', got {names}")
+            raise ProtocolError(
+                f"model '{self.model_name}' takes one input named '{INPUT_NAME}', got {names}"
+            )
         tensor = inputs[0]
         shape = list(tensor.shape)
         if not shape or shape[0] == 0:
@@ -77,11 +97,16 @@ class ServedVersion:
         if self.kind == "image":
             return self._image_tensor(tensor)
         if tensor.datatype not in TABULAR_TYPES:
-            raise ProtocolError(f"input '{INPUT_NAME}': datatype {tensor.datatype} is not accepted by tabular model "
-                                f"'{self.model_name}' (send FP32)")
+            raise ProtocolError(
+                f"input '{INPUT_NAME}': datatype {tensor.datatype} is not accepted by tabular "
+                "model "
+                f"'{self.model_name}' (send FP32)"
+            )
         features = len(self.predictor.spec.preprocessing.feature_names)
         if len(shape) != 2 or shape[1] != features:
-            raise ProtocolError(f"input '{INPUT_NAME}': shape {shape} does not match [-1, {features}]")
+            raise ProtocolError(
+                f"input '{INPUT_NAME}': shape {shape} does not match [-1, {features}]"
+            )
         return self._prepare(tensor.data.astype(np.float32))
 
     def _image_tensor(self, tensor: Tensor) -> np.ndarray:
@@ -89,36 +114,58 @@ class ServedVersion:
         expected = [-1, *prep.input_shape]
         if tensor.datatype == "BYTES":
             if len(tensor.shape) != 1:
-                raise ProtocolError(f"input '{INPUT_NAME}': BYTES images need shape [N], got {list(tensor.shape)}")
+                raise ProtocolError(
+                    f"input '{INPUT_NAME}': BYTES images need shape [N], got {list(tensor.shape)}"
+                )
             # Encoded files: raw bytes (binary tensor data), or base64 text (JSON has no bytes).
             return self._prepare([_maybe_b64(item) for item in tensor.data])
         if tensor.datatype != "UINT8":
-            raise ProtocolError(f"input '{INPUT_NAME}': datatype {tensor.datatype} is not accepted by image model "
-                                f"'{self.model_name}' (send UINT8 pixels of shape {expected}, or BYTES PNG/JPEG)")
+            raise ProtocolError(
+                f"input '{INPUT_NAME}': datatype {tensor.datatype} is not accepted by image model "
+                f"'{self.model_name}' (send UINT8 pixels of shape {expected}, or BYTES PNG/JPEG)"
+            )
         channels, height, width = prep.input_shape
-        layouts = [[channels, height, width], [height, width, channels]] + ([[height, width]] if channels == 1 else [])
+        layouts = [[channels, height, width], [height, width, channels]] + (
+            [[height, width]] if channels == 1 else []
+        )
         if list(tensor.shape[1:]) not in layouts:
-            raise ProtocolError(f"input '{INPUT_NAME}': shape {list(tensor.shape)} does not match {expected} "
-                                f"(or [-1, {height}, {width}, {channels}])")
+            raise ProtocolError(
+                f"input '{INPUT_NAME}': shape {list(tensor.shape)} does not match {expected} "
+                f"(or [-1, {height}, {width}, {channels}])"
+            )
         return self._prepare(tensor.data)
 
     def prepare_json(self, payload: Any) -> np.ndarray:
-        """Normalized model input from the convenience body: {"images": [base64, ...]} or {"records": [...]}."""
+        """Normalized model input from the convenience body: {"images": [base64, ...]} or
+        {"records": [...]}."""
         if not isinstance(payload, dict):
             raise ProtocolError(f"request body must be a JSON object, not {type(payload).__name__}")
         if self.kind == "image":
             images = payload.get("images")
             if images is None:
-                raise ProtocolError(f"missing field 'images' (image model '{self.model_name}' takes a list of "
-                                    "base64 PNG/JPEG strings)")
-            if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images):
+                raise ProtocolError(
+                    f"missing field 'images' (image model '{self.model_name}' takes a list of "
+                    "base64 PNG/JPEG strings)"
+                )
+            if (
+                not isinstance(images, list)
+                or not images
+                or not all(isinstance(i, str) for i in images)
+            ):
                 raise ProtocolError("field 'images' must be a non-empty list of base64 strings")
             return self._prepare([_b64decode(item, i) for i, item in enumerate(images)])
         records = payload.get("records")
         if records is None:
-            raise ProtocolError(f"missing field 'records' (tabular model '{self.model_name}' takes a list of objects "
-                                f"with the features {', '.join(self.predictor.spec.preprocessing.feature_names)})")
-        if not isinstance(records, list) or not records or not all(isinstance(r, dict) for r in records):
+            raise ProtocolError(
+                f"missing field 'records' (tabular model '{self.model_name}' takes a list of "
+                "objects "
+                f"with the features {', '.join(self.predictor.spec.preprocessing.feature_names)})"
+            )
+        if (
+            not isinstance(records, list)
+            or not records
+            or not all(isinstance(r, dict) for r in records)
+        ):
             raise ProtocolError("field 'records' must be a non-empty list of objects")
         return self._prepare(records)
 
@@ -141,15 +188,20 @@ class ServedVersion:
         labels = self.predictor.spec.labels
         names = np.empty(len(probs), dtype=object)
         names[:] = [str(labels[i]).encode() for i in probs.argmax(axis=1)]
-        return [Tensor(PROBABILITIES, "FP32", list(probs.shape), probs), Tensor(LABEL, "BYTES", [len(probs)], names)]
+        return [
+            Tensor(PROBABILITIES, "FP32", list(probs.shape), probs),
+            Tensor(LABEL, "BYTES", [len(probs)], names),
+        ]
 
     def predictions(self, logits: np.ndarray) -> list[dict[str, Any]]:
         """Convenience output: the original label and a {label: probability} map per row."""
         probs = self.probabilities(logits)
         labels = self.predictor.spec.labels
         keys = [str(label) for label in labels]
-        return [{"label": labels[int(row.argmax())], "probabilities": dict(zip(keys, map(float, row)))}
-                for row in probs]
+        return [
+            {"label": labels[int(row.argmax())], "probabilities": dict(zip(keys, map(float, row)))}
+            for row in probs
+        ]
 
 
 def _maybe_b64(item: bytes) -> bytes:

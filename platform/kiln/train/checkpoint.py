@@ -1,4 +1,5 @@
-"""Training checkpoints: a folder with weights (safetensors), optimizer and scheduler state, epoch and spec.
+"""Training checkpoints: a folder with weights (safetensors), optimizer and scheduler state, epoch
+and spec.
 
 A checkpoint is also a loadable model artifact (it holds ``spec.json`` and ``model.safetensors``).
 ``state.json`` is written last, so a folder without it is an incomplete checkpoint.
@@ -24,8 +25,15 @@ def checkpoint_name(epoch: int) -> str:
     return f"epoch_{epoch:04d}_{uuid.uuid4().hex[:6]}"
 
 
-def save_checkpoint(directory: Path, model, optimizer, scheduler, epoch: int, metrics: dict[str, Any],
-                    spec: ModelSpec) -> Path:
+def save_checkpoint(
+    directory: Path,
+    model,
+    optimizer,
+    scheduler,
+    epoch: int,
+    metrics: dict[str, Any],
+    spec: ModelSpec,
+) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     save_weights(model, directory)
     torch.save(optimizer.state_dict(), directory / "optimizer.pt")
@@ -46,7 +54,8 @@ def read_state(directory: Path) -> dict[str, Any] | None:
 
 
 def load_checkpoint(directory: Path, model, optimizer, scheduler) -> int:
-    """Restore states in place; returns the epoch the checkpoint finished. weights_only: no pickled code."""
+    """Restore states in place; returns the epoch the checkpoint finished. weights_only: no pickled
+    code."""
     load_weights(model, directory)
     optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
     if scheduler is not None and (directory / "scheduler.pt").exists():
@@ -56,7 +65,8 @@ def load_checkpoint(directory: Path, model, optimizer, scheduler) -> int:
 
 
 def find_latest_checkpoint(root: str | Path) -> Path | None:
-    """The complete checkpoint with the highest epoch anywhere under ``root`` (a local or mounted path)."""
+    """The complete checkpoint with the highest epoch anywhere under ``root`` (a local or mounted
+    path)."""
     best: tuple[int, Path] | None = None
     for state_file in Path(root).glob(f"**/{STATE_FILE}"):
         state = read_state(state_file.parent)

@@ -11,19 +11,20 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from kiln.config import KilnConfig
 from kiln.data.dataset import PreparedData
 from kiln.models.artifact import build_model, unwrap
 from kiln.models.spec import ModelSpec
 from kiln.train.checkpoint import checkpoint_name, load_checkpoint, read_state, save_checkpoint
+from kiln.train.config import TrainingJobConfig
 from kiln.train.metrics import accuracy, confusion_matrix, f1_macro
 from kiln.train.session import Session
 
@@ -32,9 +33,10 @@ from kiln.train.session import Session
 class LoopHooks:
     """Ways a job kind changes the loop without copying it (compression uses them).
 
-    ``build_model``: the starting model (e.g. a pruned network) instead of a fresh one from ``spec``.
-    ``spec``: the spec saved with checkpoints (defaults to the config's architecture).
-    ``loss``: ``loss(logits, xb, yb, ce_loss) -> loss`` instead of cross-entropy (e.g. distillation).
+    ``build_model``: the starting model (e.g. a pruned network) instead of a fresh one from
+    ``spec``. ``spec``: the spec saved with checkpoints (defaults to the config's architecture).
+    ``loss``: ``loss(logits, xb, yb, ce_loss) -> loss`` instead of cross-entropy (e.g.
+    distillation).
     """
 
     build_model: Callable[[], nn.Module] | None = None
@@ -42,9 +44,14 @@ class LoopHooks:
     loss: Callable[..., torch.Tensor] | None = None
 
 
-def model_spec(cfg: KilnConfig, data: PreparedData) -> ModelSpec:
-    return ModelSpec(architecture=cfg.model.name, kwargs=cfg.model.kwargs, input_shape=data.input_shape,
-                     labels=data.labels, preprocessing=data.preprocessing)
+def model_spec(cfg: TrainingJobConfig, data: PreparedData) -> ModelSpec:
+    return ModelSpec(
+        architecture=cfg.model.name,
+        kwargs=cfg.model.kwargs,
+        input_shape=data.input_shape,
+        labels=data.labels,
+        preprocessing=data.preprocessing,
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -55,33 +62,47 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_optimizer(cfg: KilnConfig, model: nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(cfg: TrainingJobConfig, model: nn.Module) -> torch.optim.Optimizer:
     t = cfg.train
     if t.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=0.9, weight_decay=t.weight_decay, nesterov=True)
+        return torch.optim.SGD(
+            model.parameters(), lr=t.lr, momentum=0.9, weight_decay=t.weight_decay, nesterov=True
+        )
     cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
     return cls(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
 
 
-def make_scheduler(cfg: KilnConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+def make_scheduler(cfg: TrainingJobConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
     if cfg.train.scheduler == "none":
         return None
-    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.train.epochs * steps_per_epoch))
+    return torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=max(1, cfg.train.epochs * steps_per_epoch)
+    )
 
 
 @torch.inference_mode()
 def evaluate_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
     model.eval()
-    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]) if len(x) else x.new_zeros((0,))
+    return (
+        torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+        if len(x)
+        else x.new_zeros((0,))
+    )
 
 
-def split_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, loss_fn, prefix: str) -> dict[str, float]:
+def split_metrics(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, loss_fn, prefix: str
+) -> dict[str, float]:
     """Loss, accuracy and macro-F1 of ``model`` on one split."""
     if len(x) == 0:
         return {}
     logits = evaluate_logits(model, x)
     cm = confusion_matrix(y.numpy(), logits.argmax(1).numpy(), num_classes)
-    return {f"{prefix}_loss": float(loss_fn(logits, y)), f"{prefix}_accuracy": accuracy(cm), f"{prefix}_f1_macro": f1_macro(cm)}
+    return {
+        f"{prefix}_loss": float(loss_fn(logits, y)),
+        f"{prefix}_accuracy": accuracy(cm),
+        f"{prefix}_f1_macro": f1_macro(cm),
+    }
 
 
 def record_resume(tracking: dict[str, str], state: dict[str, Any], start_epoch: int) -> None:
@@ -93,24 +114,33 @@ def record_resume(tracking: dict[str, str], state: dict[str, Any], start_epoch: 
     logged = {m.step for m in trk.metric_history(uri, run_id, "epoch")}
     done = start_epoch - 1
     if done not in logged and state.get("metrics"):
-        trk.log_metrics(uri, run_id, {k: v for k, v in state["metrics"].items() if k != "epoch"}, step=done)
+        trk.log_metrics(
+            uri, run_id, {k: v for k, v in state["metrics"].items() if k != "epoch"}, step=done
+        )
         trk.log_metrics(uri, run_id, {"epoch": done}, step=done)
     trk.log_metrics(uri, run_id, {"resumed_at_epoch": start_epoch}, step=start_epoch)
 
 
-def epoch_order(labels: torch.Tensor, seed: int, epoch: int, rank: int, world_size: int,
-                sampler: str = "none") -> torch.Tensor:
-    """This rank's shuffled row indices for ``epoch``: equal counts on every rank (DDP needs equal steps).
+def epoch_order(
+    labels: torch.Tensor, seed: int, epoch: int, rank: int, world_size: int, sampler: str = "none"
+) -> torch.Tensor:
+    """This rank's shuffled row indices for ``epoch``: equal counts on every rank (DDP needs equal
+    steps).
 
     ``oversample`` draws every class up to the largest class's count (with replacement),
-    ``undersample`` down to the smallest's (without); both redraw each epoch, on the train split only.
+    ``undersample`` down to the smallest's (without); both redraw each epoch, on the train split
+    only.
     """
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     if sampler == "none":
         rows = torch.randperm(len(labels), generator=g)
     else:
         classes = [torch.nonzero(labels == c).flatten() for c in torch.unique(labels)]
-        target = max(len(c) for c in classes) if sampler == "oversample" else min(len(c) for c in classes)
+        target = (
+            max(len(c) for c in classes)
+            if sampler == "oversample"
+            else min(len(c) for c in classes)
+        )
         picked = []
         for idx in classes:
             if target <= len(idx):
@@ -124,11 +154,14 @@ def epoch_order(labels: torch.Tensor, seed: int, epoch: int, rank: int, world_si
 
 
 def record_worker_nodes(session: Session, tracking: dict[str, str] | None) -> None:
-    """Tag the run with the node each rank runs on (``kiln.worker_nodes``), so placement on a cluster is visible.
+    """Tag the run with the node each rank runs on (``kiln.worker_nodes``), so placement on a
+    cluster is visible.
 
     Every rank takes part (the node list is gathered collectively); rank 0 writes the tag.
     """
-    worker_nodes = getattr(session, "worker_nodes", None)  # sessions written before this hook have none
+    worker_nodes = getattr(
+        session, "worker_nodes", None
+    )  # sessions written before this hook have none
     nodes = worker_nodes() if worker_nodes else []
     if nodes and session.rank == 0 and tracking:
         import json
@@ -138,9 +171,16 @@ def record_worker_nodes(session: Session, tracking: dict[str, str] | None) -> No
         trk.set_tags(tracking["uri"], tracking["run_id"], {trk.TAG_WORKER_NODES: json.dumps(nodes)})
 
 
-def train_epochs(cfg: KilnConfig, data: PreparedData, session: Session, tracking: dict[str, str] | None = None,
-                 resume_from: Path | None = None, hooks: LoopHooks | None = None) -> list[dict[str, Any]]:
-    """Train ``cfg.train.epochs`` epochs (continuing after the latest checkpoint). Returns reported metrics."""
+def train_epochs(
+    cfg: TrainingJobConfig,
+    data: PreparedData,
+    session: Session,
+    tracking: dict[str, str] | None = None,
+    resume_from: Path | None = None,
+    hooks: LoopHooks | None = None,
+) -> list[dict[str, Any]]:
+    """Train ``cfg.train.epochs`` epochs (continuing after the latest checkpoint). Returns reported
+    metrics."""
     t = cfg.train
     hooks = hooks or LoopHooks()
     torch.set_num_threads(max(1, int(t.cpus_per_worker)))
@@ -154,12 +194,16 @@ def train_epochs(cfg: KilnConfig, data: PreparedData, session: Session, tracking
     x_train = torch.from_numpy(data.x_train)
     y_train = torch.from_numpy(data.y_train)
     x_val, y_val = torch.from_numpy(data.x_val), torch.from_numpy(data.y_val)
-    weights = torch.from_numpy(data.class_weights()).to(device) if t.class_weights == "auto" else None
+    weights = (
+        torch.from_numpy(data.class_weights()).to(device) if t.class_weights == "auto" else None
+    )
     loss_fn = nn.CrossEntropyLoss(weight=weights)
     eval_loss = nn.CrossEntropyLoss(weight=weights.cpu() if weights is not None else None)
 
     local_batch = max(1, t.batch_size // session.world_size)
-    rows_per_rank = len(epoch_order(y_train, t.seed, 0, session.rank, session.world_size, t.sampler))
+    rows_per_rank = len(
+        epoch_order(y_train, t.seed, 0, session.rank, session.world_size, t.sampler)
+    )
     steps_per_epoch = max(1, math.ceil(rows_per_rank / local_batch))
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
@@ -178,7 +222,9 @@ def train_epochs(cfg: KilnConfig, data: PreparedData, session: Session, tracking
         started = time.perf_counter()
         model.train()
         order = epoch_order(y_train, t.seed, epoch, session.rank, session.world_size, t.sampler)
-        torch.manual_seed(t.seed * 1_000_003 + epoch * 1009 + session.rank)  # dropout, same on resume
+        torch.manual_seed(
+            t.seed * 1_000_003 + epoch * 1009 + session.rank
+        )  # dropout, same on resume
         total, count = 0.0, 0
         for i in range(0, len(order), local_batch):
             idx = order[i : i + local_batch]
@@ -193,41 +239,72 @@ def train_epochs(cfg: KilnConfig, data: PreparedData, session: Session, tracking
             total += float(loss.detach()) * len(idx)
             count += len(idx)
         train_seconds = time.perf_counter() - started
-        metrics: dict[str, Any] = {"epoch": epoch, "train_loss": session.all_reduce_mean(total / max(count, 1)),
-                                   "lr": optimizer.param_groups[0]["lr"],
-                                   "samples_per_s": session.all_reduce_mean(count / train_seconds) * session.world_size}
+        metrics: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": session.all_reduce_mean(total / max(count, 1)),
+            "lr": optimizer.param_groups[0]["lr"],
+            "samples_per_s": session.all_reduce_mean(count / train_seconds) * session.world_size,
+        }
         checkpoint_dir = None
         tmp = None
         if session.rank == 0:
-            # Evaluate the plain module on rank 0 only: no collectives, so the other ranks don't wait on it.
-            metrics.update(split_metrics(unwrap(model).cpu() if device.type == "cpu" else unwrap(model),
-                                         x_val.to(device), y_val.to(device), data.num_classes, eval_loss, "val"))
+            # Evaluate the plain module on rank 0 only: no collectives, so the other ranks don't
+            # wait on it.
+            metrics.update(
+                split_metrics(
+                    unwrap(model).cpu() if device.type == "cpu" else unwrap(model),
+                    x_val.to(device),
+                    y_val.to(device),
+                    data.num_classes,
+                    eval_loss,
+                    "val",
+                )
+            )
             if (epoch + 1) % every == 0 or epoch + 1 == t.epochs:
                 tmp = tempfile.TemporaryDirectory(prefix="kiln-ckpt-")
-                checkpoint_dir = save_checkpoint(Path(tmp.name) / checkpoint_name(epoch), model, optimizer,
-                                                 scheduler, epoch, metrics, spec)
+                checkpoint_dir = save_checkpoint(
+                    Path(tmp.name) / checkpoint_name(epoch),
+                    model,
+                    optimizer,
+                    scheduler,
+                    epoch,
+                    metrics,
+                    spec,
+                )
         session.report(metrics, checkpoint_dir)
         if tmp is not None:
             tmp.cleanup()
         if session.rank == 0 and tracking:
             from kiln import tracking as trk
 
-            trk.log_metrics(tracking["uri"], tracking["run_id"], {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+            trk.log_metrics(
+                tracking["uri"],
+                tracking["run_id"],
+                {k: v for k, v in metrics.items() if k != "epoch"},
+                step=epoch,
+            )
             trk.log_metrics(tracking["uri"], tracking["run_id"], {"epoch": epoch}, step=epoch)
         reports.append(metrics)
     return reports
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point: ``loop_config`` holds the config dict, a data ObjectRef and tracking info."""
+    """Ray Train entry point: ``loop_config`` holds the config dict, a data ObjectRef and tracking
+    info."""
     import ray
 
     from kiln.train.session import RayTrainSession
 
-    cfg = KilnConfig.model_validate(loop_config["config"])
+    cfg = TrainingJobConfig.model_validate(loop_config["config"])
     data = loop_config["data"]
     if isinstance(data, ray.ObjectRef):
         data = ray.get(data)
     resume_from = loop_config.get("resume_from")
-    train_epochs(cfg, data, RayTrainSession(), loop_config.get("tracking"),
-                 Path(resume_from) if resume_from else None, loop_config.get("hooks"))
+    train_epochs(
+        cfg,
+        data,
+        RayTrainSession(),
+        loop_config.get("tracking"),
+        Path(resume_from) if resume_from else None,
+        loop_config.get("hooks"),
+    )

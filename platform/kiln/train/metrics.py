@@ -26,7 +26,8 @@ def per_class(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
 
 
 def f1_macro(cm: np.ndarray) -> float:
-    """Unweighted mean F1 over classes that occur in the labels or the predictions (as scikit-learn)."""
+    """Unweighted mean F1 over classes that occur in the labels or the predictions (as
+    scikit-learn)."""
     _, _, f1, support = per_class(cm)
     present = (support > 0) | (cm.sum(axis=0) > 0)
     return float(f1[present].mean()) if present.any() else 0.0
@@ -41,7 +42,12 @@ def classification_report(cm: np.ndarray, labels: list[Any]) -> list[dict[str, A
     """One row per class: label, precision, recall, f1, support."""
     precision, recall, f1, support = per_class(cm)
     return [
-        {"label": labels[i], "precision": round(float(precision[i]), 4), "recall": round(float(recall[i]), 4),
-         "f1": round(float(f1[i]), 4), "support": int(support[i])}
+        {
+            "label": labels[i],
+            "precision": round(float(precision[i]), 4),
+            "recall": round(float(recall[i]), 4),
+            "f1": round(float(f1[i]), 4),
+            "support": int(support[i]),
+        }
         for i in range(len(labels))
     ]

@@ -8,7 +8,9 @@ from typing import Any
 import numpy as np
 
 
-def confusion_matrix_png(cm: np.ndarray, labels: list[Any], path: str | Path, title: str = "Test confusion matrix") -> Path:
+def confusion_matrix_png(
+    cm: np.ndarray, labels: list[Any], path: str | Path, title: str = "Test confusion matrix"
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,8 +29,15 @@ def confusion_matrix_png(cm: np.ndarray, labels: list[Any], path: str | Path, ti
         hi = cm.max() or 1
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if cm[i, j] > hi / 2 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(cm[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if cm[i, j] > hi / 2 else "black",
+                )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -37,11 +46,15 @@ def confusion_matrix_png(cm: np.ndarray, labels: list[Any], path: str | Path, ti
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     """A plain aligned text table."""
+
     def fmt(v: Any) -> str:
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 
     cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    widths = [
+        max(len(c), *(len(row[i]) for row in cells)) if cells else len(c)
+        for i, c in enumerate(columns)
+    ]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)

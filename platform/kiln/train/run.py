@@ -10,18 +10,19 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from kiln import tracking as trk
-from kiln.config import KilnConfig, validate_config
 from kiln.data.dataset import PreparedData, prepare_data
 from kiln.errors import ConfigError, KilnError
 from kiln.monitor.reference import write_reference
 from kiln.train.checkpoint import find_latest_checkpoint
+from kiln.train.config import TrainingJobConfig, training_sections
 from kiln.train.metrics import accuracy, classification_report, confusion_matrix, f1_macro
 from kiln.train.report import confusion_matrix_png
 
@@ -52,8 +53,9 @@ class TrainResult:
 ProgressFn = Callable[[dict[str, Any]], None]
 
 
-def check_model_fits_data(cfg: KilnConfig, data: PreparedData) -> None:
-    """Build the model and run one batch, so an architecture that cannot take this input fails early."""
+def check_model_fits_data(cfg: TrainingJobConfig, data: PreparedData) -> None:
+    """Build the model and run one batch, so an architecture that cannot take this input fails
+    early."""
     import torch
 
     from kiln.models.artifact import build_model
@@ -64,41 +66,55 @@ def check_model_fits_data(cfg: KilnConfig, data: PreparedData) -> None:
         with torch.no_grad():
             out = model(torch.from_numpy(data.x_train[:2]))
     except (ValueError, RuntimeError, TypeError) as exc:
-        raise ConfigError(f"config key 'model': model '{cfg.model.name}' cannot take this data "
-                          f"(input {data.input_shape}): {str(exc).splitlines()[0]}") from None
+        raise ConfigError(
+            f"config key 'model': model '{cfg.model.name}' cannot take this data "
+            f"(input {data.input_shape}): {str(exc).splitlines()[0]}"
+        ) from None
     if tuple(out.shape) != (min(2, len(data.x_train)), data.num_classes):
-        raise ConfigError(f"config key 'model': model '{cfg.model.name}' outputs {list(out.shape)}, "
-                          f"expected [batch, {data.num_classes}]")
+        raise ConfigError(
+            f"config key 'model': model '{cfg.model.name}' outputs {list(out.shape)}, "
+            f"expected [batch, {data.num_classes}]"
+        )
 
 
-def storage_root(cfg: KilnConfig) -> str:
+def storage_root(cfg: TrainingJobConfig) -> str:
     if cfg.experiment.storage_path:
         return cfg.experiment.storage_path
-    return str((Path(cfg.experiment.run_dir).expanduser().resolve() / "checkpoints"))
+    return str(Path(cfg.experiment.run_dir).expanduser().resolve() / "checkpoints")
 
 
-def _start_or_resume_run(cfg: KilnConfig, data: PreparedData, tracking_uri: str, resume: str | None) -> str:
+def _start_or_resume_run(
+    cfg: TrainingJobConfig, data: PreparedData, tracking_uri: str, resume: str | None
+) -> str:
     if resume:
         run = trk.get_run(tracking_uri, resume)
         if run.info.status == "FINISHED":
-            raise KilnError(f"--resume {resume}: that run already finished; start a new run instead")
+            raise KilnError(
+                f"--resume {resume}: that run already finished; start a new run instead"
+            )
         logged = run.data.tags.get(trk.TAG_DATASET_HASH)
         if logged and logged != data.dataset_hash:
-            raise KilnError(f"--resume {resume}: the data changed since the run started "
-                            f"(dataset hash {data.dataset_hash}, run has {logged})")
+            raise KilnError(
+                f"--resume {resume}: the data changed since the run started "
+                f"(dataset hash {data.dataset_hash}, run has {logged})"
+            )
         stored = json.loads(run.data.tags.get("kiln.config_json", "{}") or "{}")
         if stored and stored != cfg.to_dict():
             flat_old, flat_new = trk.flatten(stored), trk.flatten(cfg.to_dict())
-            diff = sorted(k for k in set(flat_old) | set(flat_new) if flat_old.get(k) != flat_new.get(k))
-            raise ConfigError(f"--resume {resume}: config differs from the run's at {', '.join(diff)}")
+            diff = sorted(
+                k for k in set(flat_old) | set(flat_new) if flat_old.get(k) != flat_new.get(k)
+            )
+            raise ConfigError(
+                f"--resume {resume}: config differs from the run's at {', '.join(diff)}"
+            )
         return resume
-    import kiln
+    from kiln.version import __version__ as kiln_version
 
     exp_id = trk.ensure_experiment(tracking_uri, cfg.experiment.name, cfg.experiment.run_dir)
     tags = {
         trk.TAG_DATASET_HASH: data.dataset_hash,
         trk.TAG_CODE_VERSION: trk.code_version(),
-        trk.TAG_KILN_VERSION: kiln.__version__,
+        trk.TAG_KILN_VERSION: kiln_version,
         trk.TAG_DATA_SOURCE: cfg.data.source,
         trk.TAG_JOB: "train",
         "kiln.config_json": json.dumps(cfg.to_dict(), sort_keys=True),
@@ -113,11 +129,17 @@ def _start_or_resume_run(cfg: KilnConfig, data: PreparedData, tracking_uri: str,
 
 
 class _ProgressPoller(threading.Thread):
-    """Reads per-epoch metrics back from MLflow while the job runs and hands each new epoch to ``progress``."""
+    """Reads per-epoch metrics back from MLflow while the job runs and hands each new epoch to
+    ``progress``."""
 
     def __init__(self, tracking_uri: str, run_id: str, progress: ProgressFn, interval: float = 1.0):
         super().__init__(daemon=True)
-        self.tracking_uri, self.run_id, self.progress, self.interval = tracking_uri, run_id, progress, interval
+        self.tracking_uri, self.run_id, self.progress, self.interval = (
+            tracking_uri,
+            run_id,
+            progress,
+            interval,
+        )
         self.stop_event = threading.Event()
         self.seen: set[int] = set()
 
@@ -127,8 +149,10 @@ class _ProgressPoller(threading.Thread):
             new = sorted(epochs - self.seen)
             if not new:
                 return
-            history = {k: {m.step: m.value for m in trk.metric_history(self.tracking_uri, self.run_id, k)}
-                       for k in EPOCH_METRICS}
+            history = {
+                k: {m.step: m.value for m in trk.metric_history(self.tracking_uri, self.run_id, k)}
+                for k in EPOCH_METRICS
+            }
             for step in new:
                 self.seen.add(step)
                 self.progress({"epoch": step, **{k: history[k].get(step) for k in EPOCH_METRICS}})
@@ -146,7 +170,8 @@ class _ProgressPoller(threading.Thread):
 
 
 def _worker_error_line(exc: BaseException) -> str:
-    """The most telling line of a Ray Train failure (the worker's own exception, not Ray's wrapper)."""
+    """The most telling line of a Ray Train failure (the worker's own exception, not Ray's
+    wrapper)."""
     text = str(exc)
     lines = [l.strip() for l in text.splitlines() if l.strip()]
     for line in reversed(lines):
@@ -155,12 +180,20 @@ def _worker_error_line(exc: BaseException) -> str:
     return (lines[-1] if lines else type(exc).__name__)[:500]
 
 
-def per_worker_resources(cfg: KilnConfig) -> dict[str, float]:
+def per_worker_resources(cfg: TrainingJobConfig) -> dict[str, float]:
     return {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1.0} if cfg.train.use_gpu else {})}
 
 
-def fit_on_ray(cfg: KilnConfig, data: PreparedData, tracking_uri: str | None, run_id: str, debug: bool = False,
-               resume_from: str | None = None, hooks=None, callbacks: list | None = None):
+def fit_on_ray(
+    cfg: TrainingJobConfig,
+    data: PreparedData,
+    tracking_uri: str | None,
+    run_id: str,
+    debug: bool = False,
+    resume_from: str | None = None,
+    hooks=None,
+    callbacks: list | None = None,
+):
     """Run the loop under Ray Train's TorchTrainer. Returns the Ray Train Result.
 
     ``hooks`` (a LoopHooks) changes the starting model or the loss; ``callbacks`` go to RunConfig
@@ -171,11 +204,12 @@ def fit_on_ray(cfg: KilnConfig, data: PreparedData, tracking_uri: str | None, ru
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from kiln.runtime import check_placement
+    from kiln.ray_connection import check_placement
     from kiln.train.loop import train_loop_per_worker
 
-    # Ray Train's controller polls its workers every 2 s by default, so a finished job waits up to 2 s
-    # more to return; 0.5 s trims seconds off every job's fixed cost (measured: bench/train_throughput.py).
+    # Ray Train's controller polls its workers every 2 s by default, so a finished job waits up to 2
+    # s more to return; 0.5 s trims seconds off every job's fixed cost (measured:
+    # bench/train_throughput.py).
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     t = cfg.train
     per_worker = per_worker_resources(cfg)
@@ -183,23 +217,32 @@ def fit_on_ray(cfg: KilnConfig, data: PreparedData, tracking_uri: str | None, ru
     ck = t.checkpoint
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "data": ray.put(data), "hooks": hooks,
-                           "tracking": {"uri": tracking_uri, "run_id": run_id} if tracking_uri else None,
-                           "resume_from": resume_from},
-        scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu, resources_per_worker=per_worker),
+        train_loop_config={
+            "config": training_sections(cfg),
+            "data": ray.put(data),
+            "hooks": hooks,
+            "tracking": {"uri": tracking_uri, "run_id": run_id} if tracking_uri else None,
+            "resume_from": resume_from,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=t.workers, use_gpu=t.use_gpu, resources_per_worker=per_worker
+        ),
         run_config=RunConfig(
             name=f"kiln-{run_id}",
             storage_path=storage_root(cfg),
             failure_config=FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=ck.keep, checkpoint_score_attribute=ck.metric,
-                                               checkpoint_score_order=ck.mode),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=ck.keep,
+                checkpoint_score_attribute=ck.metric,
+                checkpoint_score_order=ck.mode,
+            ),
             callbacks=callbacks,
         ),
     )
     return trainer.fit()
 
 
-def best_checkpoint_path(result, cfg: KilnConfig) -> str:
+def best_checkpoint_path(result, cfg: TrainingJobConfig) -> str:
     ck = cfg.train.checkpoint
     candidates = [(c, m) for c, m in (result.best_checkpoints or []) if m and ck.metric in m]
     if candidates:
@@ -220,13 +263,18 @@ def evaluate_test(model_dir: Path, data: PreparedData) -> tuple[dict[str, float]
     return {"test_accuracy": accuracy(cm), "test_f1_macro": f1_macro(cm)}, cm
 
 
-def run_training(cfg: KilnConfig, address: str | None = None, resume: str | None = None,
-                 progress: ProgressFn | None = None, debug: bool = False) -> TrainResult:
+def run_training(
+    cfg: TrainingJobConfig,
+    address: str | None = None,
+    resume: str | None = None,
+    progress: ProgressFn | None = None,
+    debug: bool = False,
+) -> TrainResult:
     """Train ``cfg`` on Ray (local instance unless ``address``), evaluate, log and register.
 
     Raises KilnError for user mistakes and for a failed training job (the run is marked FAILED).
     """
-    from kiln.runtime import check_placement, ensure_ray
+    from kiln.ray_connection import check_placement, ensure_ray
 
     data = prepare_data(cfg.data)
     check_model_fits_data(cfg, data)
@@ -261,9 +309,11 @@ def run_training(cfg: KilnConfig, address: str | None = None, resume: str | None
     return finalize_run(cfg, data, tracking_uri, run_id, result)
 
 
-def finalize_run(cfg: KilnConfig, data: PreparedData, tracking_uri: str, run_id: str, result) -> TrainResult:
+def finalize_run(
+    cfg: TrainingJobConfig, data: PreparedData, tracking_uri: str, run_id: str, result
+) -> TrainResult:
     """Best checkpoint -> model artifact, test metrics, report artifacts, registry version."""
-    import kiln
+    from kiln.version import __version__ as kiln_version
 
     try:
         ckpt_path = best_checkpoint_path(result, cfg)
@@ -278,16 +328,29 @@ def finalize_run(cfg: KilnConfig, data: PreparedData, tracking_uri: str, run_id:
             confusion_matrix_png(cm, data.labels, Path(tmp) / "confusion_matrix.png")
             (Path(tmp) / "classification_report.json").write_text(json.dumps(per_class, indent=2))
             if data.profile is not None:  # the reference that production monitoring compares with
-                (Path(tmp) / "reference_profile.json").write_text(json.dumps(data.profile.to_dict()))
+                (Path(tmp) / "reference_profile.json").write_text(
+                    json.dumps(data.profile.to_dict())
+                )
                 trk.log_artifact(tracking_uri, run_id, Path(tmp) / "reference_profile.json")
             trk.log_metrics(tracking_uri, run_id, test_metrics)
             trk.log_artifacts(tracking_uri, run_id, model_dir, trk.MODEL_ARTIFACT_PATH)
             trk.log_artifact(tracking_uri, run_id, Path(tmp) / "confusion_matrix.png")
             trk.log_artifact(tracking_uri, run_id, Path(tmp) / "classification_report.json")
-        version = trk.register_model(tracking_uri, cfg.experiment.name, run_id, tags={
-            trk.TAG_DATASET_HASH: data.dataset_hash, "kiln.variant": "fp32", "kiln.architecture": cfg.model.name,
-            trk.TAG_KILN_VERSION: kiln.__version__, "test_accuracy": f"{test_metrics['test_accuracy']:.4f}"})
-        trk.set_tags(tracking_uri, run_id, {"kiln.model_version": version, trk.TAG_STORAGE: ckpt_path})
+        version = trk.register_model(
+            tracking_uri,
+            cfg.experiment.name,
+            run_id,
+            tags={
+                trk.TAG_DATASET_HASH: data.dataset_hash,
+                "kiln.variant": "fp32",
+                "kiln.architecture": cfg.model.name,
+                trk.TAG_KILN_VERSION: kiln_version,
+                "test_accuracy": f"{test_metrics['test_accuracy']:.4f}",
+            },
+        )
+        trk.set_tags(
+            tracking_uri, run_id, {"kiln.model_version": version, trk.TAG_STORAGE: ckpt_path}
+        )
         trk.end_run(tracking_uri, run_id, "FINISHED")
     except Exception:
         trk.end_run(tracking_uri, run_id, "FAILED")
@@ -298,10 +361,19 @@ def finalize_run(cfg: KilnConfig, data: PreparedData, tracking_uri: str, run_id:
             epochs.setdefault(m.step, {"epoch": int(m.step)})[key] = m.value
     resumed = [m.value for m in trk.metric_history(tracking_uri, run_id, "resumed_at_epoch")]
     return TrainResult(
-        run_id=run_id, tracking_uri=tracking_uri, model_uri=f"models:/{cfg.experiment.name}/{version}",
-        model_name=cfg.experiment.name, model_version=version, dataset_hash=data.dataset_hash, checkpoint=ckpt_path,
-        metrics={**{k: float(v) for k, v in (result.metrics or {}).items() if k in EPOCH_METRICS}, **test_metrics},
-        epochs=[epochs[k] for k in sorted(epochs)], per_class=per_class, split_sizes=data.sizes(),
+        run_id=run_id,
+        tracking_uri=tracking_uri,
+        model_uri=f"models:/{cfg.experiment.name}/{version}",
+        model_name=cfg.experiment.name,
+        model_version=version,
+        dataset_hash=data.dataset_hash,
+        checkpoint=ckpt_path,
+        metrics={
+            **{k: float(v) for k, v in (result.metrics or {}).items() if k in EPOCH_METRICS},
+            **test_metrics,
+        },
+        epochs=[epochs[k] for k in sorted(epochs)],
+        per_class=per_class,
+        split_sizes=data.sizes(),
         resumed_from_epoch=int(resumed[-1]) if resumed else None,
     )
-

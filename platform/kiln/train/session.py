@@ -99,7 +99,9 @@ class RayTrainSession:
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         import ray.train
 
-        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        checkpoint = (
+            ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        )
         name = Path(checkpoint_dir).name if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
@@ -114,12 +116,16 @@ class RayTrainSession:
         return float(t.item() / self.world_size)
 
     def worker_nodes(self) -> list[dict[str, Any]]:
-        """Where every rank runs, by rank: ``[{"rank", "node_id", "node_ip"}, ...]`` (a collective: all ranks call it)."""
+        """Where every rank runs, by rank: ``[{"rank", "node_id", "node_ip"}, ...]`` (a collective:
+        all ranks call it)."""
         import ray
         import torch.distributed as dist
 
-        here = {"rank": self.rank, "node_id": ray.get_runtime_context().get_node_id(),
-                "node_ip": ray.util.get_node_ip_address()}
+        here = {
+            "rank": self.rank,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(),
+        }
         if self.world_size == 1 or not dist.is_initialized():
             return [here]
         gathered: list[Any] = [None] * self.world_size

@@ -1,5 +1,5 @@
-"""The sweep's folder: ``<run_dir>/sweeps/<name>-<timestamp>/`` with its state, Ray Tune's experiment
-(``tune/``), the early-stop record, ``best.yaml``, plots and ``results.json``.
+"""The sweep's folder: ``<run_dir>/sweeps/<name>-<timestamp>/`` with its state, Ray Tune's
+experiment (``tune/``), the early-stop record, ``best.yaml``, plots and ``results.json``.
 
 ``sweep.json`` holds what a resume needs: the MLflow parent run, the config, the status and the
 driver's pid (so that a second driver does not resume a sweep that is still running).
@@ -87,17 +87,27 @@ def latest_sweep_folder(cfg) -> SweepFolder:
         match = pattern.fullmatch(path.name)
         return match.group(1), int(match.group(2) or 0)
 
-    candidates = sorted((p for p in root.glob(f"{name}-*") if pattern.fullmatch(p.name) and (p / STATE_FILE).is_file()),
-                        key=order)
+    candidates = sorted(
+        (
+            p
+            for p in root.glob(f"{name}-*")
+            if pattern.fullmatch(p.name) and (p / STATE_FILE).is_file()
+        ),
+        key=order,
+    )
     if not candidates:
         raise KilnError(f"--resume: no sweep named '{name}' under {root} to resume")
     path = candidates[-1]
     state = json.loads((path / STATE_FILE).read_text())
     if state.get("status") == FINISHED:
-        raise KilnError(f"--resume: the latest sweep '{name}' ({path}) already finished; "
-                        "run without --resume to start a new one")
+        raise KilnError(
+            f"--resume: the latest sweep '{name}' ({path}) already finished; "
+            "run without --resume to start a new one"
+        )
     if _driver_alive(state):
-        raise KilnError(f"--resume: sweep {path} is still running (driver pid {state['driver_pid']})")
+        raise KilnError(
+            f"--resume: sweep {path} is still running (driver pid {state['driver_pid']})"
+        )
     return SweepFolder(path, state)
 
 
@@ -109,7 +119,9 @@ def check_same_config(folder: SweepFolder, config: dict[str, Any]) -> None:
     old, new = flatten(stored), flatten(config)
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
-        raise ConfigError(f"--resume: the config differs from sweep {folder.path}'s at {', '.join(diff)}")
+        raise ConfigError(
+            f"--resume: the config differs from sweep {folder.path}'s at {', '.join(diff)}"
+        )
 
 
 def mark_driver(folder: SweepFolder, **updates: Any) -> None:

@@ -1,4 +1,5 @@
-"""Files a sweep leaves in its folder: train configs of the best trials, plots, the results table."""
+"""Files a sweep leaves in its folder: train configs of the best trials, plots, the results
+table."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ from kiln.tune.results import COMPLETED, STOPPED_EARLY, TrialSummary
 from kiln.tune.space import Dimension, apply_params
 
 
-def write_train_config(base_config: dict[str, Any], trial: TrialSummary, path: Path, header: str) -> Path:
-    """A complete train config (no ``tune:`` section) that trains ``trial``'s values: ``kiln train PATH``."""
+def write_train_config(
+    base_config: dict[str, Any], trial: TrialSummary, path: Path, header: str
+) -> Path:
+    """A complete train config (no ``tune:`` section) that trains ``trial``'s values: ``kiln train
+    PATH``."""
     data = apply_params(base_config, trial.params)
     data.pop("tune", None)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -25,8 +29,12 @@ def write_train_config(base_config: dict[str, Any], trial: TrialSummary, path: P
     return path
 
 
-def results_table(trials: list[TrialSummary], dims: list[Dimension], objectives: list[Objective],
-                  marks: dict[int, str] | None = None) -> str:
+def results_table(
+    trials: list[TrialSummary],
+    dims: list[Dimension],
+    objectives: list[Objective],
+    marks: dict[int, str] | None = None,
+) -> str:
     """A plain aligned table: one row per trial, best first on the first objective."""
     from kiln.tune.results import sort_by_objective
 
@@ -38,10 +46,14 @@ def results_table(trials: list[TrialSummary], dims: list[Dimension], objectives:
     for t in sort_by_objective(trials, objectives[0]):
         row = [f"{t.number}{marks.get(t.number, '')}"]
         row += [format_value(t.params[d.key]) if d.key in t.params else "-" for d in dims]
-        row += [format_value(t.metrics[m]) if m in t.metrics else "-" for m in (*metric_cols, *extra)]
+        row += [
+            format_value(t.metrics[m]) if m in t.metrics else "-" for m in (*metric_cols, *extra)
+        ]
         row += [str(t.epochs), t.status.replace("_", " ")]
         rows.append(row)
-    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
+    widths = [
+        max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)
+    ]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
     return "\n".join(lines)
@@ -64,8 +76,11 @@ def optuna_study(trials: list[TrialSummary], dims: list[Dimension], objectives: 
     for t in sorted(trials, key=lambda t: t.number):
         if set(t.encoded_params) != set(distributions):
             continue
-        intermediate = {int(h["epochs_done"]): h[primary] for h in t.history
-                        if primary in h and math.isfinite(h[primary])}
+        intermediate = {
+            int(h["epochs_done"]): h[primary]
+            for h in t.history
+            if primary in h and math.isfinite(h[primary])
+        }
         values = t.values(objectives)
         if t.status == COMPLETED and values is not None:
             state, vals = TrialState.COMPLETE, values
@@ -73,13 +88,22 @@ def optuna_study(trials: list[TrialSummary], dims: list[Dimension], objectives: 
             state, vals = TrialState.PRUNED, None
         else:
             continue
-        study.add_trial(create_trial(state=state, values=vals, params=t.encoded_params, distributions=distributions,
-                                     intermediate_values=intermediate, user_attrs={"kiln_trial": t.number}))
+        study.add_trial(
+            create_trial(
+                state=state,
+                values=vals,
+                params=t.encoded_params,
+                distributions=distributions,
+                intermediate_values=intermediate,
+                user_attrs={"kiln_trial": t.number},
+            )
+        )
     return study
 
 
-def write_plots(trials: list[TrialSummary], dims: list[Dimension], objectives: list[Objective],
-                out_dir: Path) -> tuple[list[Path], list[str]]:
+def write_plots(
+    trials: list[TrialSummary], dims: list[Dimension], objectives: list[Objective], out_dir: Path
+) -> tuple[list[Path], list[str]]:
     """Optimization history, parallel coordinates, parameter importances (and the Pareto front for
     several objectives) as PNG. Returns (written files, notes on plots that could not be drawn)."""
     import matplotlib
@@ -94,12 +118,20 @@ def write_plots(trials: list[TrialSummary], dims: list[Dimension], objectives: l
     primary = objectives[0].metric
     target = (lambda t: t.values[0]) if multi else None
     plots = {
-        "optimization_history": lambda: ovm.plot_optimization_history(study, target=target, target_name=primary),
-        "parallel_coordinate": lambda: ovm.plot_parallel_coordinate(study, target=target, target_name=primary),
-        "param_importances": lambda: ovm.plot_param_importances(study, target=target, target_name=primary),
+        "optimization_history": lambda: ovm.plot_optimization_history(
+            study, target=target, target_name=primary
+        ),
+        "parallel_coordinate": lambda: ovm.plot_parallel_coordinate(
+            study, target=target, target_name=primary
+        ),
+        "param_importances": lambda: ovm.plot_param_importances(
+            study, target=target, target_name=primary
+        ),
     }
     if multi and len(objectives) <= 3:
-        plots["pareto_front"] = lambda: ovm.plot_pareto_front(study, target_names=[o.metric for o in objectives])
+        plots["pareto_front"] = lambda: ovm.plot_pareto_front(
+            study, target_names=[o.metric for o in objectives]
+        )
     written, notes = [], []
     for name, draw in plots.items():
         path = out_dir / f"{name}.png"

@@ -7,8 +7,8 @@ the callback holds no output stream: it looks up the current process's sink by t
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 from ray.tune import Callback
 
@@ -42,7 +42,12 @@ class SweepProgress(Callback):
     """Tune callback printing trial events through the sink registered for ``key``."""
 
     def __init__(self, key: str, max_epochs: int, metrics: list[str], num_samples: int):
-        self.key, self.max_epochs, self.metrics, self.num_samples = key, max_epochs, metrics, num_samples
+        self.key, self.max_epochs, self.metrics, self.num_samples = (
+            key,
+            max_epochs,
+            metrics,
+            num_samples,
+        )
         self._started = time.monotonic()
 
     def __setstate__(self, state):
@@ -55,25 +60,35 @@ class SweepProgress(Callback):
             sink(f"[{time.monotonic() - self._started:6.0f}s] {text}")
 
     def _metrics(self, result: dict) -> str:
-        return "  ".join(f"{m} {format_value(result[m])}" for m in self.metrics if m in (result or {}))
+        return "  ".join(
+            f"{m} {format_value(result[m])}" for m in self.metrics if m in (result or {})
+        )
 
     def on_trial_start(self, iteration, trials, trial, **info):
         done = (trial.last_result or {}).get(TIME_ATTR)
         how = f"resume after epoch {done}" if done else "start  "
-        self._say(f"trial {trial_number(trial.experiment_tag):>3} {how} {format_params(trial.config)}")
+        self._say(
+            f"trial {trial_number(trial.experiment_tag):>3} {how} {format_params(trial.config)}"
+        )
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         done = result.get(TIME_ATTR, 0)
-        self._say(f"trial {trial_number(trial.experiment_tag):>3} epoch {done}/{self.max_epochs}  "
-                  f"{self._metrics(result)}")
+        self._say(
+            f"trial {trial_number(trial.experiment_tag):>3} epoch {done}/{self.max_epochs}  "
+            f"{self._metrics(result)}"
+        )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
         done = result.get(TIME_ATTR, 0)
         how = "done   " if done >= self.max_epochs else f"stopped at epoch {done}"
         finished = sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial) + 1
-        self._say(f"trial {trial_number(trial.experiment_tag):>3} {how}  {self._metrics(result)}  "
-                  f"({finished}/{self.num_samples} trials)")
+        self._say(
+            f"trial {trial_number(trial.experiment_tag):>3} {how}  {self._metrics(result)}  "
+            f"({finished}/{self.num_samples} trials)"
+        )
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._say(f"trial {trial_number(trial.experiment_tag):>3} failed (see its error in the results)")
+        self._say(
+            f"trial {trial_number(trial.experiment_tag):>3} failed (see its error in the results)"
+        )

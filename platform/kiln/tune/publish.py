@@ -7,12 +7,22 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from kiln import tracking as trk
 from kiln.errors import KilnError
-from kiln.tune.results import COMPLETED, FAILED, STOPPED_EARLY, TrialSummary, count, pareto_front, pick_best
+from kiln.tune.config import TuneJobConfig
+from kiln.tune.results import (
+    COMPLETED,
+    FAILED,
+    STOPPED_EARLY,
+    TrialSummary,
+    count,
+    pareto_front,
+    pick_best,
+)
 from kiln.tune.space import Dimension, apply_params
 
 TAG_STATUS = "kiln.tune.status"
@@ -21,17 +31,22 @@ TAG_PARETO = "kiln.tune.pareto"
 MODEL_FILES = ("spec.json", "model.safetensors", "MLmodel")
 
 
-def _data_for(cfg_dict: dict[str, Any], data):
+def _data_for(cfg_dict: dict[str, Any], schema: type[TuneJobConfig], data):
     """The prepared data of a trial's config (the sweep's data unless the space changed data.*)."""
     from kiln.config import validate_config
     from kiln.data.dataset import prepare_data
 
-    trial_cfg = validate_config(cfg_dict)
-    return data if trial_cfg.data.model_dump(mode="json") == cfg_dict["data"] and data is not None \
+    trial_cfg = validate_config(cfg_dict, schema)
+    return (
+        data
+        if trial_cfg.data.model_dump(mode="json") == cfg_dict["data"] and data is not None
         else prepare_data(trial_cfg.data)
+    )
 
 
-def register_trial_model(cfg, tracking_uri: str, trial: TrialSummary, data, tags: dict[str, Any]) -> tuple[str, dict]:
+def register_trial_model(
+    cfg, tracking_uri: str, trial: TrialSummary, data, tags: dict[str, Any]
+) -> tuple[str, dict]:
     """Log the trial's final model to its child run, evaluate it on the test split and register it.
 
     Returns (models:/NAME/VERSION, test metrics).
@@ -50,14 +65,23 @@ def register_trial_model(cfg, tracking_uri: str, trial: TrialSummary, data, tags
         write_reference(model_dir, data)  # what serving monitors this version against
         trk.log_artifacts(tracking_uri, trial.run_id, model_dir, trk.MODEL_ARTIFACT_PATH)
     trk.log_metrics(tracking_uri, trial.run_id, test_metrics)
-    version = trk.register_model(tracking_uri, cfg.experiment.name, trial.run_id, tags={
-        **tags, "test_accuracy": f"{test_metrics['test_accuracy']:.4f}", "kiln.architecture": cfg.model.name})
+    version = trk.register_model(
+        tracking_uri,
+        cfg.experiment.name,
+        trial.run_id,
+        tags={
+            **tags,
+            "test_accuracy": f"{test_metrics['test_accuracy']:.4f}",
+            "kiln.architecture": cfg.model.name,
+        },
+    )
     trk.set_tags(tracking_uri, trial.run_id, {"kiln.model_version": version})
     return f"models:/{cfg.experiment.name}/{version}", test_metrics
 
 
 def _backfill_epochs(tracking_uri: str, trial: TrialSummary) -> None:
-    """Log epochs Tune recorded that the run lacks (results that reached Tune's state but not the callback)."""
+    """Log epochs Tune recorded that the run lacks (results that reached Tune's state but not the
+    callback)."""
     from kiln.tune.runs import log_epoch
 
     logged = {int(m.step) for m in trk.metric_history(tracking_uri, trial.run_id, "epoch")}
@@ -67,8 +91,13 @@ def _backfill_epochs(tracking_uri: str, trial: TrialSummary) -> None:
             log_epoch(tracking_uri, trial.run_id, epoch, row)
 
 
-def _close_child_runs(tracking_uri: str, trials: list[TrialSummary], best: TrialSummary | None,
-                      front: list[TrialSummary], multi: bool) -> None:
+def _close_child_runs(
+    tracking_uri: str,
+    trials: list[TrialSummary],
+    best: TrialSummary | None,
+    front: list[TrialSummary],
+    multi: bool,
+) -> None:
     front_numbers = {t.number for t in front}
     for t in trials:
         if not t.run_id:
@@ -87,8 +116,16 @@ def _close_child_runs(tracking_uri: str, trials: list[TrialSummary], best: Trial
         trk.end_run(tracking_uri, t.run_id, "FAILED" if t.status == FAILED else "FINISHED")
 
 
-def publish(cfg, dims: list[Dimension], folder, trials: list[TrialSummary], data, tracking_uri: str, parent: str,
-            progress: Callable[[str], None]):
+def publish(
+    cfg,
+    dims: list[Dimension],
+    folder,
+    trials: list[TrialSummary],
+    data,
+    tracking_uri: str,
+    parent: str,
+    progress: Callable[[str], None],
+):
     """Write the sweep's outputs and close its runs. Returns the SweepResult.
 
     Raises KilnError when every trial failed (the runs are closed as FAILED).
@@ -102,86 +139,162 @@ def publish(cfg, dims: list[Dimension], folder, trials: list[TrialSummary], data
         if trials and len(failed) == len(trials):
             _close_child_runs(tracking_uri, trials, None, [], multi)
             first = failed[0]
-            raise KilnError(f"all {len(trials)} trials failed; trial {first.number}: {first.error} "
-                            f"(its log: {folder.tune_dir}/trial_{first.number:04d}_{first.trial_id})")
+            raise KilnError(
+                f"all {len(trials)} trials failed; trial {first.number}: {first.error} "
+                f"(its log: {folder.tune_dir}/trial_{first.number:04d}_{first.trial_id})"
+            )
         best = pick_best(trials, objectives)
         front = pareto_front(trials, objectives) if multi else []
         _close_child_runs(tracking_uri, trials, best, front, multi)
         best_path, best_config = _write_train_configs(cfg, folder, parent, best, front)
         progress("registering the best model" + (" and the Pareto front's models" if multi else ""))
-        model_uris, test_metrics = _register_models(cfg, tracking_uri, data, parent, front if multi else
-                                                    [best] if best else [], best)
+        model_uris, test_metrics = _register_models(
+            cfg, tracking_uri, data, parent, front if multi else [best] if best else [], best
+        )
         plots, notes = write_plots(trials, dims, objectives, folder.path / "plots")
         results_path = folder.path / "results.json"
-        results_path.write_text(json.dumps(
-            {"objectives": [o.model_dump() for o in objectives], "trials": [t.to_dict() for t in trials],
-             "best_trial": best.number if best else None, "front": [m.number for m in front] if multi else None},
-            indent=1, default=str))
-        _close_parent_run(tracking_uri, parent, trials, objectives, best, front, model_uris.get(best.number)
-                          if best else None, files=[p for p in (best_path, results_path) if p], plots=plots,
-                          front_dir=folder.path / "front" if multi else None)
+        results_path.write_text(
+            json.dumps(
+                {
+                    "objectives": [o.model_dump() for o in objectives],
+                    "trials": [t.to_dict() for t in trials],
+                    "best_trial": best.number if best else None,
+                    "front": [m.number for m in front] if multi else None,
+                },
+                indent=1,
+                default=str,
+            )
+        )
+        _close_parent_run(
+            tracking_uri,
+            parent,
+            trials,
+            objectives,
+            best,
+            front,
+            model_uris.get(best.number) if best else None,
+            files=[p for p in (best_path, results_path) if p],
+            plots=plots,
+            front_dir=folder.path / "front" if multi else None,
+        )
     except Exception:
         trk.end_run(tracking_uri, parent, "FAILED")
         raise
     return SweepResult(
-        run_id=parent, sweep_dir=str(folder.path), tracking_uri=tracking_uri,
-        objectives=[o.model_dump() for o in objectives], trials=trials, best=best, front=front,
-        best_config_path=str(best_path) if best_path else None, best_config=best_config,
-        model_uri=model_uris.get(best.number) if best else None, front_model_uris=model_uris if multi else {},
-        test_metrics=test_metrics, plots=[str(p) for p in plots], notes=notes)
+        run_id=parent,
+        sweep_dir=str(folder.path),
+        tracking_uri=tracking_uri,
+        objectives=[o.model_dump() for o in objectives],
+        trials=trials,
+        best=best,
+        front=front,
+        best_config_path=str(best_path) if best_path else None,
+        best_config=best_config,
+        model_uri=model_uris.get(best.number) if best else None,
+        front_model_uris=model_uris if multi else {},
+        test_metrics=test_metrics,
+        plots=[str(p) for p in plots],
+        notes=notes,
+    )
 
 
-def _write_train_configs(cfg, folder, parent: str, best: TrialSummary | None,
-                         front: list[TrialSummary]) -> tuple[Path | None, dict[str, Any] | None]:
-    """best.yaml (and front/trial_N.yaml for each Pareto-front member). Returns (path, config) of best.yaml."""
+def _write_train_configs(
+    cfg, folder, parent: str, best: TrialSummary | None, front: list[TrialSummary]
+) -> tuple[Path | None, dict[str, Any] | None]:
+    """best.yaml (and front/trial_N.yaml for each Pareto-front member). Returns (path, config) of
+    best.yaml."""
     from kiln.tune.outputs import write_train_config
     from kiln.tune.sweep import trial_train_config
 
     if best is None:
         return None, None
-    base = trial_train_config(cfg, absolute_paths=False)  # the user's paths, as the config gave them
+    base = trial_train_config(
+        cfg, absolute_paths=False
+    )  # the user's paths, as the config gave them
     values = ", ".join(f"{o.metric} {best.metrics.get(o.metric):.6g}" for o in cfg.tune.objectives)
-    path = write_train_config(base, best, folder.path / "best.yaml",
-                              f"Best trial ({best.number}) of sweep {folder.name} (MLflow run {parent}): {values}.\n"
-                              f"Reproduce it: kiln train best.yaml")
+    path = write_train_config(
+        base,
+        best,
+        folder.path / "best.yaml",
+        f"Best trial ({best.number}) of sweep {folder.name} (MLflow run {parent}): {values}.\n"
+        f"Reproduce it: kiln train best.yaml",
+    )
     objective_txt = ", ".join(f"{o.metric} ({o.mode})" for o in cfg.tune.objectives)
     for member in front:
         name = f"trial_{member.number:04d}.yaml"
-        write_train_config(base, member, folder.path / "front" / name,
-                           f"Pareto-front member (trial {member.number}) of sweep {folder.name}: {objective_txt}.\n"
-                           f"Reproduce it: kiln train front/{name}")
+        write_train_config(
+            base,
+            member,
+            folder.path / "front" / name,
+            f"Pareto-front member (trial {member.number}) of sweep {folder.name}: "
+            f"{objective_txt}.\n"
+            f"Reproduce it: kiln train front/{name}",
+        )
     return path, apply_params(base, best.params)
 
 
-def _register_models(cfg, tracking_uri: str, data, parent: str, members: list[TrialSummary],
-                     best: TrialSummary | None) -> tuple[dict[int, str], dict[str, float]]:
-    """Register each member's model. Returns ({trial number: model URI}, the best trial's test metrics)."""
+def _register_models(
+    cfg,
+    tracking_uri: str,
+    data,
+    parent: str,
+    members: list[TrialSummary],
+    best: TrialSummary | None,
+) -> tuple[dict[int, str], dict[str, float]]:
+    """Register each member's model. Returns ({trial number: model URI}, the best trial's test
+    metrics)."""
     from kiln.tune.sweep import trial_train_config
 
     uris: dict[int, str] = {}
     best_test: dict[str, float] = {}
     for member in members:
         member_cfg = apply_params(trial_train_config(cfg, absolute_paths=True), member.params)
-        tags = {"kiln.tune.sweep_run_id": parent, "kiln.tune.trial": member.number,
-                trk.TAG_DATASET_HASH: data.dataset_hash, "kiln.variant": "fp32",
-                **{f"kiln.tune.{o.metric}": f"{member.metrics.get(o.metric):.6g}" for o in cfg.tune.objectives}}
+        tags = {
+            "kiln.tune.sweep_run_id": parent,
+            "kiln.tune.trial": member.number,
+            trk.TAG_DATASET_HASH: data.dataset_hash,
+            "kiln.variant": "fp32",
+            **{
+                f"kiln.tune.{o.metric}": f"{member.metrics.get(o.metric):.6g}"
+                for o in cfg.tune.objectives
+            },
+        }
         if cfg.tune.multi_objective:
             tags[TAG_PARETO] = "true"
-        uri, test_metrics = register_trial_model(cfg, tracking_uri, member, _data_for(member_cfg, data), tags)
+        uri, test_metrics = register_trial_model(
+            cfg, tracking_uri, member, _data_for(member_cfg, type(cfg), data), tags
+        )
         uris[member.number] = uri
         if best is not None and member.number == best.number:
             best_test = test_metrics
     return uris, best_test
 
 
-def _close_parent_run(tracking_uri: str, parent: str, trials: list[TrialSummary], objectives, best, front,
-                      model_uri: str | None, files: list[Path], plots: list[Path], front_dir: Path | None) -> None:
-    summary = {"trials": len(trials), "trials_completed": count(trials, COMPLETED),
-               "trials_stopped_early": count(trials, STOPPED_EARLY), "trials_failed": count(trials, FAILED)}
+def _close_parent_run(
+    tracking_uri: str,
+    parent: str,
+    trials: list[TrialSummary],
+    objectives,
+    best,
+    front,
+    model_uri: str | None,
+    files: list[Path],
+    plots: list[Path],
+    front_dir: Path | None,
+) -> None:
+    summary = {
+        "trials": len(trials),
+        "trials_completed": count(trials, COMPLETED),
+        "trials_stopped_early": count(trials, STOPPED_EARLY),
+        "trials_failed": count(trials, FAILED),
+    }
     if best is not None:
         summary.update({f"best_{o.metric}": best.metrics[o.metric] for o in objectives})
     trk.log_metrics(tracking_uri, parent, summary)
-    tags = {"kiln.tune.best_trial": best.number if best else "none", "kiln.model_uri": model_uri or "none"}
+    tags = {
+        "kiln.tune.best_trial": best.number if best else "none",
+        "kiln.model_uri": model_uri or "none",
+    }
     if front_dir is not None:
         tags["kiln.tune.front"] = ",".join(str(m.number) for m in front)
     trk.set_tags(tracking_uri, parent, tags)

@@ -34,7 +34,9 @@ class TrialSummary:
     epochs: int
     params: dict[str, Any] = field(default_factory=dict)  # config values, by dotted key
     metrics: dict[str, float] = field(default_factory=dict)  # of the last epoch
-    history: list[dict[str, float]] = field(default_factory=list)  # per epoch: epochs_done, metrics, reported_at
+    history: list[dict[str, float]] = field(
+        default_factory=list
+    )  # per epoch: epochs_done, metrics, reported_at
     encoded_params: dict[str, Any] = field(default_factory=dict)  # as Optuna stores them
     checkpoint: str | None = None
     error: str | None = None
@@ -43,7 +45,11 @@ class TrialSummary:
     def values(self, objectives: list[Objective]) -> list[float] | None:
         """Objective values, or None when one is missing."""
         vals = [self.metrics.get(o.metric) for o in objectives]
-        return None if any(v is None or not math.isfinite(v) for v in vals) else [float(v) for v in vals]
+        return (
+            None
+            if any(v is None or not math.isfinite(v) for v in vals)
+            else [float(v) for v in vals]
+        )
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -52,7 +58,8 @@ class TrialSummary:
 
 
 def _trial_identity(result) -> tuple[int, str]:
-    """(number, trial id) from the trial folder name ``trial_0003_<id>`` (see trial.trial_dirname)."""
+    """(number, trial id) from the trial folder name ``trial_0003_<id>`` (see
+    trial.trial_dirname)."""
     name = Path(str(result.path)).name
     parts = name.split("_")
     if len(parts) >= 3 and parts[0] == "trial" and parts[1].isdigit():
@@ -74,10 +81,18 @@ def _history(result) -> list[dict[str, float]]:
     df = result.metrics_dataframe
     if df is None or TIME_ATTR not in getattr(df, "columns", []):
         return []
-    keep = [c for c in (TIME_ATTR, *EPOCH_METRICS, "epoch_seconds", "samples_per_s", "reported_at") if c in df.columns]
+    keep = [
+        c
+        for c in (TIME_ATTR, *EPOCH_METRICS, "epoch_seconds", "samples_per_s", "reported_at")
+        if c in df.columns
+    ]
     rows = df[keep].dropna(subset=[TIME_ATTR]).to_dict("records")
-    by_epoch = {int(row[TIME_ATTR]): {k: float(v) for k, v in row.items() if v == v} for row in rows}
-    return [by_epoch[e] for e in sorted(by_epoch)]  # a restored trial may report its last epoch again
+    by_epoch = {
+        int(row[TIME_ATTR]): {k: float(v) for k, v in row.items() if v == v} for row in rows
+    }
+    return [
+        by_epoch[e] for e in sorted(by_epoch)
+    ]  # a restored trial may report its last epoch again
 
 
 def _checkpoint_path(result) -> str | None:
@@ -87,8 +102,15 @@ def _checkpoint_path(result) -> str | None:
     return str(path) if path else None
 
 
-def summarize(results, dims: list[Dimension], max_epochs: int, early_stops: dict[str, int],
-              budget_hit: bool, child_runs: dict[str, str], unfinished: set[str]) -> list[TrialSummary]:
+def summarize(
+    results,
+    dims: list[Dimension],
+    max_epochs: int,
+    early_stops: dict[str, int],
+    budget_hit: bool,
+    child_runs: dict[str, str],
+    unfinished: set[str],
+) -> list[TrialSummary]:
     """One TrialSummary per trial of a Ray Tune ResultGrid, ordered by trial number.
 
     ``unfinished``: ids of trials Ray Tune would still run on a resume (pending, running, paused).
@@ -111,12 +133,25 @@ def summarize(results, dims: list[Dimension], max_epochs: int, early_stops: dict
             status = INTERRUPTED
         else:
             status = NOT_STARTED if not epochs else STOPPED
-        trials.append(TrialSummary(
-            number=number, trial_id=trial_id, status=status, epochs=epochs,
-            params=decode_params(dims, encoded) if encoded else {}, encoded_params=encoded,
-            metrics={k: float(metrics[k]) for k in SUMMARY_METRICS if isinstance(metrics.get(k), (int, float))},
-            history=_history(result), checkpoint=_checkpoint_path(result), error=_error_line(result.error),
-            run_id=child_runs.get(trial_id)))
+        trials.append(
+            TrialSummary(
+                number=number,
+                trial_id=trial_id,
+                status=status,
+                epochs=epochs,
+                params=decode_params(dims, encoded) if encoded else {},
+                encoded_params=encoded,
+                metrics={
+                    k: float(metrics[k])
+                    for k in SUMMARY_METRICS
+                    if isinstance(metrics.get(k), (int, float))
+                },
+                history=_history(result),
+                checkpoint=_checkpoint_path(result),
+                error=_error_line(result.error),
+                run_id=child_runs.get(trial_id),
+            )
+        )
     return sorted(trials, key=lambda t: t.number)
 
 
@@ -133,8 +168,11 @@ def dominates(a: list[float], b: list[float], modes: list[str]) -> bool:
     return better
 
 
-def ranked_candidates(trials: list[TrialSummary], objectives: list[Objective]) -> list[TrialSummary]:
-    """Trials that can be best: those with every objective value, preferring trials that ran every epoch."""
+def ranked_candidates(
+    trials: list[TrialSummary], objectives: list[Objective]
+) -> list[TrialSummary]:
+    """Trials that can be best: those with every objective value, preferring trials that ran every
+    epoch."""
     scored = [t for t in trials if t.values(objectives) is not None and t.status != FAILED]
     completed = [t for t in scored if t.status == COMPLETED]
     return completed or scored
@@ -144,8 +182,15 @@ def pareto_front(trials: list[TrialSummary], objectives: list[Objective]) -> lis
     """The candidates no other candidate dominates, ordered by the first objective (best first)."""
     cands = ranked_candidates(trials, objectives)
     modes = [o.mode for o in objectives]
-    front = [t for t in cands
-             if not any(dominates(o.values(objectives), t.values(objectives), modes) for o in cands if o is not t)]
+    front = [
+        t
+        for t in cands
+        if not any(
+            dominates(o.values(objectives), t.values(objectives), modes)
+            for o in cands
+            if o is not t
+        )
+    ]
     # Identical objective values: keep the earliest trial only.
     unique: dict[tuple[float, ...], TrialSummary] = {}
     for t in sorted(front, key=lambda t: t.number):

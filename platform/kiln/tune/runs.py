@@ -15,7 +15,7 @@ from typing import Any
 from ray.tune import Callback
 
 from kiln import tracking as trk
-from kiln.tune.config import EPOCH_METRICS, MODEL_MEASURES
+from kiln.tune.config import EPOCH_METRICS, MODEL_MEASURES, TuneJobConfig
 from kiln.tune.space import Dimension, apply_params, decode_params, train_config_dict
 from kiln.tune.trial import TIME_ATTR, trial_number
 
@@ -25,17 +25,28 @@ TAG_TRIAL_NUMBER = "kiln.tune.trial"
 EPOCH_KEYS = (*EPOCH_METRICS, "lr", "samples_per_s", "epoch_seconds")
 
 
-def start_parent_run(cfg, tracking_uri: str, experiment_id: str, dataset_hash: str, sweep_dir: Path) -> str:
-    """The sweep's run: tags, the config as params (the space as JSON) and config.yaml. Returns its id."""
-    import kiln
+def start_parent_run(
+    cfg, tracking_uri: str, experiment_id: str, dataset_hash: str, sweep_dir: Path
+) -> str:
+    """The sweep's run: tags, the config as params (the space as JSON) and config.yaml. Returns its
+    id."""
+    from kiln.version import __version__ as kiln_version
 
-    tags = {trk.TAG_JOB: "tune", trk.TAG_DATASET_HASH: dataset_hash, trk.TAG_CODE_VERSION: trk.code_version(),
-            trk.TAG_KILN_VERSION: kiln.__version__, trk.TAG_DATA_SOURCE: cfg.data.source,
-            "kiln.tune.sweep_dir": str(sweep_dir), "kiln.config_json": json.dumps(cfg.to_dict(), sort_keys=True)}
+    tags = {
+        trk.TAG_JOB: "tune",
+        trk.TAG_DATASET_HASH: dataset_hash,
+        trk.TAG_CODE_VERSION: trk.code_version(),
+        trk.TAG_KILN_VERSION: kiln_version,
+        trk.TAG_DATA_SOURCE: cfg.data.source,
+        "kiln.tune.sweep_dir": str(sweep_dir),
+        "kiln.config_json": json.dumps(cfg.to_dict(), sort_keys=True),
+    }
     run_id = trk.start_run(tracking_uri, experiment_id, f"sweep-{sweep_dir.name}", tags)
     params = trk.flatten(train_config_dict(cfg))
     tune_params = trk.flatten(cfg.tune.model_dump(mode="json", exclude={"space"}), "tune.")
-    params.update({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in tune_params.items()})
+    params.update(
+        {k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in tune_params.items()}
+    )
     params.update({f"tune.space.{k}": json.dumps(v) for k, v in cfg.tune.space.items()})
     trk.log_params(tracking_uri, run_id, params)
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,10 +72,27 @@ def log_epoch(tracking_uri: str, run_id: str, epoch: int, metrics: dict[str, Any
 class SweepRuns(Callback):
     """Tune callback (driver side): a child run per trial with its params, attempts and epochs."""
 
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, base_config: dict[str, Any],
-                 dims: list[Dimension], dataset_hash: str):
-        self.tracking_uri, self.experiment_id, self.parent_run_id = tracking_uri, experiment_id, parent_run_id
-        self.base_config, self.dims, self.dataset_hash = base_config, dims, dataset_hash
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment_id: str,
+        parent_run_id: str,
+        base_config: dict[str, Any],
+        schema: type[TuneJobConfig],
+        dims: list[Dimension],
+        dataset_hash: str,
+    ):
+        self.tracking_uri, self.experiment_id, self.parent_run_id = (
+            tracking_uri,
+            experiment_id,
+            parent_run_id,
+        )
+        self.base_config, self.schema, self.dims, self.dataset_hash = (
+            base_config,
+            schema,
+            dims,
+            dataset_hash,
+        )
         self._runs: dict[str, str] = {}
         self._logged: dict[str, set[int]] = {}  # epochs already on each run
 
@@ -75,9 +103,12 @@ class SweepRuns(Callback):
         """The trial's child run, created (with its params) on first use."""
         if trial.trial_id in self._runs:
             return self._runs[trial.trial_id]
-        runs = trk.search_runs(self.tracking_uri, self.experiment_id,
-                               f"tags.`{TAG_SWEEP}` = '{self.parent_run_id}' and "
-                               f"tags.`{TAG_TRIAL_ID}` = '{trial.trial_id}'")
+        runs = trk.search_runs(
+            self.tracking_uri,
+            self.experiment_id,
+            f"tags.`{TAG_SWEEP}` = '{self.parent_run_id}' and "
+            f"tags.`{TAG_TRIAL_ID}` = '{trial.trial_id}'",
+        )
         if runs:
             run_id = runs[0].info.run_id
         else:
@@ -85,13 +116,23 @@ class SweepRuns(Callback):
 
             number = trial_number(trial.experiment_tag)
             values = decode_params(self.dims, trial.config)
-            cfg = validate_config(apply_params(self.base_config, values))
-            tags = {TAG_SWEEP: self.parent_run_id, TAG_TRIAL_ID: trial.trial_id, TAG_TRIAL_NUMBER: str(number),
-                    trk.TAG_JOB: "tune-trial", trk.TAG_DATASET_HASH: self.dataset_hash,
-                    trk.TAG_DATA_SOURCE: cfg.data.source,
-                    **{f"kiln.tune.param.{k}": v for k, v in values.items()}}
-            run_id = trk.start_run(self.tracking_uri, self.experiment_id, f"trial-{number:04d}", tags,
-                                   parent_run_id=self.parent_run_id)
+            cfg = validate_config(apply_params(self.base_config, values), self.schema)
+            tags = {
+                TAG_SWEEP: self.parent_run_id,
+                TAG_TRIAL_ID: trial.trial_id,
+                TAG_TRIAL_NUMBER: str(number),
+                trk.TAG_JOB: "tune-trial",
+                trk.TAG_DATASET_HASH: self.dataset_hash,
+                trk.TAG_DATA_SOURCE: cfg.data.source,
+                **{f"kiln.tune.param.{k}": v for k, v in values.items()},
+            }
+            run_id = trk.start_run(
+                self.tracking_uri,
+                self.experiment_id,
+                f"trial-{number:04d}",
+                tags,
+                parent_run_id=self.parent_run_id,
+            )
             trk.log_params(self.tracking_uri, run_id, trk.flatten(cfg.to_dict()))
         self._runs[trial.trial_id] = run_id
         return run_id
@@ -108,11 +149,15 @@ class SweepRuns(Callback):
         run_id = self.run_id(trial)
         epoch = int(result[TIME_ATTR]) - 1
         if run_id not in self._logged:
-            self._logged[run_id] = {int(m.step) for m in trk.metric_history(self.tracking_uri, run_id, "epoch")}
+            self._logged[run_id] = {
+                int(m.step) for m in trk.metric_history(self.tracking_uri, run_id, "epoch")
+            }
         if epoch in self._logged[run_id]:
             return  # reported again by a trial restored after its last report (at-least-once)
         log_epoch(self.tracking_uri, run_id, epoch, result)
         self._logged[run_id].add(epoch)
         if epoch == 0:
-            measures = {k: result[k] for k in MODEL_MEASURES if isinstance(result.get(k), (int, float))}
+            measures = {
+                k: result[k] for k in MODEL_MEASURES if isinstance(result.get(k), (int, float))
+            }
             trk.log_metrics(self.tracking_uri, run_id, measures)

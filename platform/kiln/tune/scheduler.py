@@ -30,7 +30,9 @@ def record_early_stop(path: str | Path, trial_id: str, epochs_done: int) -> None
     stops[trial_id] = epochs_done
     tmp = Path(f"{path}.tmp")
     tmp.write_text(json.dumps(stops, indent=1, sort_keys=True))
-    os.replace(tmp, path)  # atomic: a killed driver leaves the old or the new file, never half of one
+    os.replace(
+        tmp, path
+    )  # atomic: a killed driver leaves the old or the new file, never half of one
 
 
 class RecordingASHA(AsyncHyperBandScheduler):
@@ -54,6 +56,13 @@ def make_scheduler(tune_cfg, max_epochs: int, sweep_dir: Path):
         return None
     metric, mode = tune_cfg.asha_metric()
     a = tune_cfg.asha
-    return RecordingASHA(record_path=str(sweep_dir / EARLY_STOPS_FILE), time_attr=TIME_ATTR, metric=metric,
-                         mode=mode, max_t=max_epochs, grace_period=a.grace_period,
-                         reduction_factor=a.reduction_factor, brackets=a.brackets)
+    return RecordingASHA(
+        record_path=str(sweep_dir / EARLY_STOPS_FILE),
+        time_attr=TIME_ATTR,
+        metric=metric,
+        mode=mode,
+        max_t=max_epochs,
+        grace_period=a.grace_period,
+        reduction_factor=a.reduction_factor,
+        brackets=a.brackets,
+    )

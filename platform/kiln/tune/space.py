@@ -1,4 +1,5 @@
-"""The search space: ``{dotted.key: {kind: [...]}}`` in YAML -> checked dimensions -> Optuna distributions.
+"""The search space: ``{dotted.key: {kind: [...]}}`` in YAML -> checked dimensions -> Optuna
+distributions.
 
 Four kinds: ``loguniform: [low, high]``, ``uniform: [low, high]``, ``int: [low, high]`` (both
 inclusive) and ``choice: [v1, v2, ...]``. A choice may hold any YAML value (e.g. a list of
@@ -17,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from kiln.errors import ConfigError
+from kiln.models.config import ModelConfig
 
 KINDS = ("loguniform", "uniform", "int", "choice")
 # Set by the sweep itself, so they cannot be searched.
@@ -63,15 +65,19 @@ class Dimension:
         return float(value)
 
     def extremes(self) -> list[Any]:
-        """Values that together show whether the config accepts the whole range: every choice, or both
-        bounds (and, for float kinds, a value between them, which is never a whole number)."""
+        """Values that together show whether the config accepts the whole range: every choice, or
+        both bounds (and, for float kinds, a value between them, which is never a whole number)."""
         if self.kind == "choice":
             return list(self.choices)
         if self.kind == "int":
             return [self.low, self.high]
         low, high = float(self.low), float(self.high)
         inside = math.sqrt(low * high) if self.kind == "loguniform" else low + 0.377 * (high - low)
-        return [low, high, inside if not float(inside).is_integer() else inside + 1e-3 * (high - low)]
+        return [
+            low,
+            high,
+            inside if not float(inside).is_integer() else inside + 1e-3 * (high - low),
+        ]
 
     def describe(self) -> str:
         if self.kind == "choice":
@@ -84,16 +90,22 @@ def _is_number(v: Any) -> bool:
 
 
 def parse_dimension(key: str, spec: Any) -> Dimension:
-    """One ``{kind: values}`` mapping -> Dimension. Raises ConfigError naming ``tune.space.<key>``."""
+    """One ``{kind: values}`` mapping -> Dimension. Raises ConfigError naming
+    ``tune.space.<key>``."""
     where = f"config key 'tune.space.{key}'"
-    forms = "{loguniform: [low, high]}, {uniform: [low, high]}, {int: [low, high]} or {choice: [...]}"
+    forms = (
+        "{loguniform: [low, high]}, {uniform: [low, high]}, {int: [low, high]} or {choice: [...]}"
+    )
     if not isinstance(spec, dict) or len(spec) != 1:
         raise ConfigError(f"{where}: expected one of {forms}, got {spec!r}")
     kind, values = next(iter(spec.items()))
     if kind not in KINDS:
         hint = difflib.get_close_matches(str(kind), KINDS, n=1)
-        raise ConfigError(f"{where}: unknown distribution '{kind}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
-                          + f"; use {forms}")
+        raise ConfigError(
+            f"{where}: unknown distribution '{kind}'"
+            + (f" (did you mean '{hint[0]}'?)" if hint else "")
+            + f"; use {forms}"
+        )
     if kind == "choice":
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{where}: choice needs a non-empty list of values, got {values!r}")
@@ -115,14 +127,19 @@ def parse_dimension(key: str, spec: Any) -> Dimension:
 
 
 def parse_space(space: dict[str, Any]) -> list[Dimension]:
-    """Every dimension of ``tune.space`` (form only). Raises ConfigError for an empty or malformed space."""
+    """Every dimension of ``tune.space`` (form only). Raises ConfigError for an empty or malformed
+    space."""
     if not space:
-        raise ConfigError("config key 'tune.space': the search space is empty; add e.g. "
-                          "train.lr: {loguniform: [1.0e-4, 1.0e-1]}")
+        raise ConfigError(
+            "config key 'tune.space': the search space is empty; add e.g. "
+            "train.lr: {loguniform: [1.0e-4, 1.0e-1]}"
+        )
     dims = []
     for key, spec in space.items():
         if not isinstance(key, str) or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"config key 'tune.space': '{key}' is not a dotted config key such as train.lr")
+            raise ConfigError(
+                f"config key 'tune.space': '{key}' is not a dotted config key such as train.lr"
+            )
         dims.append(parse_dimension(key, spec))
     return dims
 
@@ -136,9 +153,8 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _check_key_exists(key: str) -> None:
+def _check_key_exists(key: str, schema: type[BaseModel]) -> None:
     """Raise ConfigError unless ``key`` names a value (not a section) of the train config."""
-    from kiln.config import KilnConfig, ModelConfig
 
     where = f"config key 'tune.space.{key}'"
     parts = key.split(".")
@@ -146,7 +162,7 @@ def _check_key_exists(key: str) -> None:
         raise ConfigError(f"{where}: '{key}' is not a train-config key that a sweep can search")
     if key in SWEEP_OWNED:
         raise ConfigError(f"{where}: cannot be searched: {SWEEP_OWNED[key]}")
-    model: Any = KilnConfig
+    model: Any = schema
     for i, part in enumerate(parts):
         if model is ModelConfig and i == len(parts) - 1:
             return  # builder keyword arguments: checked against the builder when values are validated
@@ -155,20 +171,29 @@ def _check_key_exists(key: str) -> None:
             known = [f for f in fields if f not in ("tune", "experiment")]
             hint = difflib.get_close_matches(part, known, n=1)
             prefix = ".".join(parts[:i])
-            suggestion = f" (did you mean '{prefix + '.' if prefix else ''}{hint[0]}'?)" if hint else ""
+            suggestion = (
+                f" (did you mean '{prefix + '.' if prefix else ''}{hint[0]}'?)" if hint else ""
+            )
             raise ConfigError(f"{where}: '{key}' is not a train-config key{suggestion}")
         annotation = fields[part].annotation
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        model = (
+            annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel)
+            else None
+        )
         if model is None and i < len(parts) - 1:
             raise ConfigError(f"{where}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
     if model is not None and model is not ModelConfig:
         raise ConfigError(f"{where}: '{key}' is a section; search one of its keys instead")
     if model is ModelConfig:
-        raise ConfigError(f"{where}: 'model' is a section; search one of its keys (e.g. model.width)")
+        raise ConfigError(
+            f"{where}: 'model' is a section; search one of its keys (e.g. model.width)"
+        )
 
 
 def check_space(cfg) -> list[Dimension]:
-    """Check every dimension against the whole config: the key exists and takes every searched value.
+    """Check every dimension against the whole config: the key exists and takes every searched
+    value.
 
     Returns the dimensions. Raises ConfigError naming ``tune.space.<key>``.
     """
@@ -177,17 +202,22 @@ def check_space(cfg) -> list[Dimension]:
     dims = parse_space(cfg.tune.space)
     base = train_config_dict(cfg)
     for dim in dims:
-        _check_key_exists(dim.key)
+        _check_key_exists(dim.key, type(cfg))
         for value in dim.extremes():
             data = copy.deepcopy(base)
             set_dotted(data, dim.key, value)
             try:
-                validate_config(data)
+                validate_config(data, type(cfg))
             except ConfigError as exc:
-                hint = ("; use {int: [low, high]} for a whole-number key"
-                        if dim.kind != "choice" and "valid integer" in str(exc) else "")
-                raise ConfigError(f"config key 'tune.space.{dim.key}': value {value!r} is not accepted ({exc}){hint}") \
-                    from None
+                hint = (
+                    "; use {int: [low, high]} for a whole-number key"
+                    if dim.kind != "choice" and "valid integer" in str(exc)
+                    else ""
+                )
+                raise ConfigError(
+                    f"config key 'tune.space.{dim.key}': value {value!r} is not accepted "
+                    f"({exc}){hint}"
+                ) from None
     return dims
 
 

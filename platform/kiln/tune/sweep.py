@@ -10,15 +10,26 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from kiln import tracking as trk
-from kiln.config import KilnConfig, validate_config
+from kiln.config import validate_config
 from kiln.errors import ConfigError, KilnError
-from kiln.tune.folder import (FAILED, FINISHED, INTERRUPTED, RUNNING, SweepFolder, check_same_config,
-                              create_sweep_folder, latest_sweep_folder, mark_driver)
+from kiln.tune.config import TuneJobConfig
+from kiln.tune.folder import (
+    FAILED,
+    FINISHED,
+    INTERRUPTED,
+    RUNNING,
+    SweepFolder,
+    check_same_config,
+    create_sweep_folder,
+    latest_sweep_folder,
+    mark_driver,
+)
 from kiln.tune.results import INTERRUPTED as TRIAL_INTERRUPTED
 from kiln.tune.results import STOPPED_EARLY, TrialSummary
 from kiln.tune.space import Dimension, check_space, train_config_dict
@@ -28,7 +39,8 @@ DRIVER_CPUS = 0.01  # a trial that only drives a Ray Train run; its workers rese
 
 
 class SweepInterrupted(KeyboardInterrupt):
-    """The sweep stopped before every trial ended (Ctrl+C); ``kiln tune CONFIG --resume`` continues it."""
+    """The sweep stopped before every trial ended (Ctrl+C); ``kiln tune CONFIG --resume`` continues
+    it."""
 
 
 @dataclass
@@ -60,45 +72,80 @@ class SweepResult:
         multi = len(self.objectives) > 1
         best = self.best
         out: dict[str, Any] = {
-            "sweep_run_id": self.run_id, "sweep_dir": self.sweep_dir, "tracking_uri": self.tracking_uri,
-            "objectives": self.objectives, "trials": len(self.trials), "stopped_early": self.stopped_early,
-            "statuses": {s: sum(t.status == s for t in self.trials) for s in sorted({t.status for t in self.trials})},
+            "sweep_run_id": self.run_id,
+            "sweep_dir": self.sweep_dir,
+            "tracking_uri": self.tracking_uri,
+            "objectives": self.objectives,
+            "trials": len(self.trials),
+            "stopped_early": self.stopped_early,
+            "statuses": {
+                s: sum(t.status == s for t in self.trials)
+                for s in sorted({t.status for t in self.trials})
+            },
             "best_trial": best.number if best else None,
             "best_params": best.params if best else None,
             "best_metrics": best.metrics if best else None,
-            "best_config": self.best_config, "best_config_path": self.best_config_path,
-            "model_uri": self.model_uri, "test_metrics": self.test_metrics,
-            "resumed": self.resumed, "kept_from_before": self.kept_from_before,
+            "best_config": self.best_config,
+            "best_config_path": self.best_config_path,
+            "model_uri": self.model_uri,
+            "test_metrics": self.test_metrics,
+            "resumed": self.resumed,
+            "kept_from_before": self.kept_from_before,
             "plots": self.plots,
-            "trial_results": [{"trial": t.number, "status": t.status, "epochs": t.epochs, "params": t.params,
-                               "metrics": t.metrics, "run_id": t.run_id} for t in self.trials],
+            "trial_results": [
+                {
+                    "trial": t.number,
+                    "status": t.status,
+                    "epochs": t.epochs,
+                    "params": t.params,
+                    "metrics": t.metrics,
+                    "run_id": t.run_id,
+                }
+                for t in self.trials
+            ],
         }
         if multi:
-            out["front"] = [{"trial": t.number, "params": t.params,
-                             "values": dict(zip([o["metric"] for o in self.objectives],
-                                                [t.metrics.get(o["metric"]) for o in self.objectives])),
-                             "model_uri": self.front_model_uris.get(t.number)} for t in self.front]
+            out["front"] = [
+                {
+                    "trial": t.number,
+                    "params": t.params,
+                    "values": dict(
+                        zip(
+                            [o["metric"] for o in self.objectives],
+                            [t.metrics.get(o["metric"]) for o in self.objectives],
+                        )
+                    ),
+                    "model_uri": self.front_model_uris.get(t.number),
+                }
+                for t in self.front
+            ]
         return out
 
 
-def trial_epochs(cfg: KilnConfig) -> int:
+def trial_epochs(cfg: TuneJobConfig) -> int:
     return cfg.tune.max_epochs or cfg.train.epochs
 
 
-def trial_train_config(cfg: KilnConfig, absolute_paths: bool) -> dict[str, Any]:
+def trial_train_config(cfg: TuneJobConfig, absolute_paths: bool) -> dict[str, Any]:
     """The train config every trial starts from: the sweep sets epochs, workers and resources.
 
-    With ``absolute_paths`` the run folder, tracking store and a local data source are made absolute,
-    because Ray Tune runs trials in their own working directories.
+    With ``absolute_paths`` the run folder, tracking store and a local data source are made
+    absolute, because Ray Tune runs trials in their own working directories.
     """
     t = cfg.tune
     data = train_config_dict(cfg)
-    data["train"].update(epochs=trial_epochs(cfg), workers=t.trial_workers, cpus_per_worker=t.cpus_per_worker,
-                         use_gpu=t.gpus_per_worker > 0)
+    data["train"].update(
+        epochs=trial_epochs(cfg),
+        workers=t.trial_workers,
+        cpus_per_worker=t.cpus_per_worker,
+        use_gpu=t.gpus_per_worker > 0,
+    )
     if absolute_paths:
         exp = data["experiment"]
         exp["run_dir"] = str(Path(exp["run_dir"]).expanduser().resolve())
-        exp["tracking_uri"] = trk.resolve_tracking_uri(cfg.experiment.tracking_uri, cfg.experiment.run_dir)
+        exp["tracking_uri"] = trk.resolve_tracking_uri(
+            cfg.experiment.tracking_uri, cfg.experiment.run_dir
+        )
         if exp.get("storage_path") and "://" not in exp["storage_path"]:
             exp["storage_path"] = str(Path(exp["storage_path"]).expanduser().resolve())
         source = Path(data["data"]["source"]).expanduser()
@@ -107,36 +154,50 @@ def trial_train_config(cfg: KilnConfig, absolute_paths: bool) -> dict[str, Any]:
     return data
 
 
-def check_sweep(cfg: KilnConfig) -> list[Dimension]:
-    """Everything about the sweep that can be checked without data or Ray. Returns the dimensions."""
+def check_sweep(cfg: TuneJobConfig) -> list[Dimension]:
+    """Everything about the sweep that can be checked without data or Ray. Returns the
+    dimensions."""
     if cfg.tune is None:
-        raise ConfigError("the config has no 'tune:' section; kiln tune needs one "
-                          "(see configs/tune/digits_cnn.yaml)")
+        raise ConfigError(
+            "the config has no 'tune:' section; kiln tune needs one "
+            "(see configs/tune/digits_cnn.yaml)"
+        )
     dims = check_space(cfg)
     epochs = trial_epochs(cfg)
     if cfg.tune.asha is not None and cfg.tune.asha.grace_period > epochs:
-        raise ConfigError(f"config key 'tune.asha.grace_period': {cfg.tune.asha.grace_period} is more than the "
-                          f"{epochs} epochs a trial trains (tune.max_epochs or train.epochs)")
-    validate_config(trial_train_config(cfg, absolute_paths=False))
+        raise ConfigError(
+            f"config key 'tune.asha.grace_period': {cfg.tune.asha.grace_period} is more than the "
+            f"{epochs} epochs a trial trains (tune.max_epochs or train.epochs)"
+        )
+    validate_config(trial_train_config(cfg, absolute_paths=False), type(cfg))
     return dims
 
 
-def trial_resources(cfg: KilnConfig) -> tuple[dict[str, float], dict[str, float]]:
+def trial_resources(cfg: TuneJobConfig) -> tuple[dict[str, float], dict[str, float]]:
     """(resources of one trial as Tune reserves them, resources of one trial worker)."""
     t = cfg.tune
-    per_worker = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.gpus_per_worker else {})}
+    per_worker = {
+        "CPU": t.cpus_per_worker,
+        **({"GPU": t.gpus_per_worker} if t.gpus_per_worker else {}),
+    }
     if in_process(cfg):
         return per_worker, per_worker
     return {"CPU": DRIVER_CPUS}, per_worker
 
 
-def in_process(cfg: KilnConfig) -> bool:
+def in_process(cfg: TuneJobConfig) -> bool:
     """One CPU worker: the trial trains in its own process; otherwise it runs a Ray Train job."""
     return cfg.tune.trial_workers == 1 and not cfg.tune.gpus_per_worker
 
 
-def _build_tuner(cfg: KilnConfig, dims: list[Dimension], trainable, folder: SweepFolder, max_concurrent: int | None,
-                 runs_callback):
+def _build_tuner(
+    cfg: TuneJobConfig,
+    dims: list[Dimension],
+    trainable,
+    folder: SweepFolder,
+    max_concurrent: int | None,
+    runs_callback,
+):
     import optuna
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
@@ -150,33 +211,54 @@ def _build_tuner(cfg: KilnConfig, dims: list[Dimension], trainable, folder: Swee
     t = cfg.tune
     if t.searcher == "tpe":
         # constant_liar: trials running in parallel are not all sent to the same promising region.
-        sampler = optuna.samplers.TPESampler(seed=t.seed, n_startup_trials=t.startup_trials,
-                                             constant_liar=(max_concurrent or 2) > 1)
+        sampler = optuna.samplers.TPESampler(
+            seed=t.seed, n_startup_trials=t.startup_trials, constant_liar=(max_concurrent or 2) > 1
+        )
     else:
         sampler = optuna.samplers.RandomSampler(seed=t.seed)
     metrics, modes = [o.metric for o in t.objectives], [o.mode for o in t.objectives]
-    searcher = OptunaSearch(space=optuna_space(dims), metric=metrics if t.multi_objective else metrics[0],
-                            mode=modes if t.multi_objective else modes[0], sampler=sampler)
+    searcher = OptunaSearch(
+        space=optuna_space(dims),
+        metric=metrics if t.multi_objective else metrics[0],
+        mode=modes if t.multi_objective else modes[0],
+        sampler=sampler,
+    )
     epochs = trial_epochs(cfg)
-    progress = SweepProgress(str(folder.path), epochs, metrics + [m for m in ("val_accuracy",) if m not in metrics],
-                             t.num_samples)
+    progress = SweepProgress(
+        str(folder.path),
+        epochs,
+        metrics + [m for m in ("val_accuracy",) if m not in metrics],
+        t.num_samples,
+    )
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=make_scheduler(t, epochs, folder.path),
-                                    num_samples=t.num_samples, max_concurrent_trials=max_concurrent,
-                                    time_budget_s=t.time_budget_s, reuse_actors=True,
-                                    trial_name_creator=trial_name, trial_dirname_creator=trial_dirname),
-        run_config=tune.RunConfig(name=folder.tune_dir.name, storage_path=str(folder.path), verbose=0,
-                                  # result.json per trial: each trial's epochs for the summary and plots
-                                  callbacks=[runs_callback, progress, JsonLoggerCallback()], log_to_file=True,
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                  failure_config=tune.FailureConfig(max_failures=0)),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=make_scheduler(t, epochs, folder.path),
+            num_samples=t.num_samples,
+            max_concurrent_trials=max_concurrent,
+            time_budget_s=t.time_budget_s,
+            reuse_actors=True,
+            trial_name_creator=trial_name,
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=folder.tune_dir.name,
+            storage_path=str(folder.path),
+            verbose=0,
+            # result.json per trial: each trial's epochs for the summary and plots
+            callbacks=[runs_callback, progress, JsonLoggerCallback()],
+            log_to_file=True,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
     )
 
 
-def _default_concurrency(cfg: KilnConfig, per_worker: dict[str, float]) -> int | None:
-    """Trials running Ray Train jobs reserve almost nothing in Tune: cap them by what their workers need."""
-    from kiln.runtime import placeable_slots
+def _default_concurrency(cfg: TuneJobConfig, per_worker: dict[str, float]) -> int | None:
+    """Trials running Ray Train jobs reserve almost nothing in Tune: cap them by what their workers
+    need."""
+    from kiln.ray_connection import placeable_slots
 
     t = cfg.tune
     if t.max_concurrent_trials:
@@ -186,8 +268,13 @@ def _default_concurrency(cfg: KilnConfig, per_worker: dict[str, float]) -> int |
     return max(1, placeable_slots(per_worker) // t.trial_workers)
 
 
-def run_sweep(cfg: KilnConfig, address: str | None = None, resume: bool = False,
-              progress: ProgressFn | None = None, debug: bool = False) -> SweepResult:
+def run_sweep(
+    cfg: TuneJobConfig,
+    address: str | None = None,
+    resume: bool = False,
+    progress: ProgressFn | None = None,
+    debug: bool = False,
+) -> SweepResult:
     """Run (or, with ``resume``, continue) the sweep of ``cfg.tune``. Returns the SweepResult.
 
     Raises ConfigError for a bad space, ResourceError when a trial can never be placed,
@@ -196,7 +283,7 @@ def run_sweep(cfg: KilnConfig, address: str | None = None, resume: bool = False,
     import optuna
 
     from kiln.data.dataset import prepare_data
-    from kiln.runtime import check_placement, ensure_ray
+    from kiln.ray_connection import check_placement, ensure_ray
     from kiln.train.run import check_model_fits_data
     from kiln.tune.progress import progress_sink
     from kiln.tune.publish import publish
@@ -212,7 +299,7 @@ def run_sweep(cfg: KilnConfig, address: str | None = None, resume: bool = False,
     folder = latest_sweep_folder(cfg) if resume else None
     if folder is not None:
         check_same_config(folder, cfg.to_dict())
-    base = validate_config(trial_train_config(cfg, absolute_paths=True))
+    base = validate_config(trial_train_config(cfg, absolute_paths=True), type(cfg))
     data = prepare_data(base.data)
     check_model_fits_data(base, data)
     ensure_ray(address, debug=debug)
@@ -221,27 +308,55 @@ def run_sweep(cfg: KilnConfig, address: str | None = None, resume: bool = False,
 
     # 2. The sweep's folder and MLflow parent run (new, or those of the sweep being resumed).
     tracking_uri = base.experiment.tracking_uri
-    experiment_id = trk.ensure_experiment(tracking_uri, cfg.experiment.name, base.experiment.run_dir)
+    experiment_id = trk.ensure_experiment(
+        tracking_uri, cfg.experiment.name, base.experiment.run_dir
+    )
     folder, parent = _open_sweep(cfg, folder, tracking_uri, experiment_id, data.dataset_hash)
 
     # 3. Run the trials with Ray Tune (or continue them).
-    tuner, kept = _tuner(cfg, dims, folder, base, data, trial_res, _default_concurrency(cfg, per_worker),
-                         (tracking_uri, experiment_id, parent), resume)
+    tuner, kept = _tuner(
+        cfg,
+        dims,
+        folder,
+        base,
+        data,
+        trial_res,
+        _default_concurrency(cfg, per_worker),
+        (tracking_uri, experiment_id, parent),
+        resume,
+    )
     if kept is not None:
         say(f"resuming {folder.path}: {kept} trial(s) had ended and are kept, the rest continue")
     started = time.monotonic()
     with warnings.catch_warnings(), progress_sink(str(folder.path), say):
         warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning, Ray's deprecation notes
         grid = tuner.fit()
-    budget_hit = t.time_budget_s is not None and time.monotonic() - started >= 0.95 * t.time_budget_s
+    budget_hit = (
+        t.time_budget_s is not None and time.monotonic() - started >= 0.95 * t.time_budget_s
+    )
 
     # 4. Summarize every trial; publish unless the sweep was interrupted.
-    unfinished = {tid for tid, status in _trial_statuses(folder).items() if status not in ("TERMINATED", "ERROR")}
-    trials = summarize(grid, dims, trial_epochs(cfg), read_early_stops(folder.path / EARLY_STOPS_FILE),
-                       budget_hit, child_runs(tracking_uri, experiment_id, parent), unfinished)
-    if any(tr.status == TRIAL_INTERRUPTED for tr in trials) or (not budget_hit and len(trials) < t.num_samples):
+    unfinished = {
+        tid
+        for tid, status in _trial_statuses(folder).items()
+        if status not in ("TERMINATED", "ERROR")
+    }
+    trials = summarize(
+        grid,
+        dims,
+        trial_epochs(cfg),
+        read_early_stops(folder.path / EARLY_STOPS_FILE),
+        budget_hit,
+        child_runs(tracking_uri, experiment_id, parent),
+        unfinished,
+    )
+    if any(tr.status == TRIAL_INTERRUPTED for tr in trials) or (
+        not budget_hit and len(trials) < t.num_samples
+    ):
         folder.save(status=INTERRUPTED, driver_pid=None)
-        raise SweepInterrupted(f"sweep {folder.path} interrupted; continue it with: kiln tune CONFIG --resume")
+        raise SweepInterrupted(
+            f"sweep {folder.path} interrupted; continue it with: kiln tune CONFIG --resume"
+        )
     try:
         result = publish(cfg, dims, folder, trials, data, tracking_uri, parent, progress=say)
     except KilnError:
@@ -252,8 +367,13 @@ def run_sweep(cfg: KilnConfig, address: str | None = None, resume: bool = False,
     return result
 
 
-def _open_sweep(cfg: KilnConfig, folder: SweepFolder | None, tracking_uri: str, experiment_id: str,
-                dataset_hash: str) -> tuple[SweepFolder, str]:
+def _open_sweep(
+    cfg: TuneJobConfig,
+    folder: SweepFolder | None,
+    tracking_uri: str,
+    experiment_id: str,
+    dataset_hash: str,
+) -> tuple[SweepFolder, str]:
     """(folder, parent run id): a new folder and parent run, or the resumed sweep's."""
     from kiln.tune.runs import start_parent_run
 
@@ -262,38 +382,62 @@ def _open_sweep(cfg: KilnConfig, folder: SweepFolder | None, tracking_uri: str, 
         return folder, folder.state["parent_run_id"]
     folder = create_sweep_folder(cfg)
     parent = start_parent_run(cfg, tracking_uri, experiment_id, dataset_hash, folder.path)
-    mark_driver(folder, name=folder.name, config=cfg.to_dict(), parent_run_id=parent, experiment_id=experiment_id,
-                status=RUNNING, created=time.time())
+    mark_driver(
+        folder,
+        name=folder.name,
+        config=cfg.to_dict(),
+        parent_run_id=parent,
+        experiment_id=experiment_id,
+        status=RUNNING,
+        created=time.time(),
+    )
     return folder, parent
 
 
-def _tuner(cfg: KilnConfig, dims: list[Dimension], folder: SweepFolder, base: KilnConfig, data,
-           trial_res: dict[str, float], max_concurrent: int | None, tracking: tuple[str, str, str], resume: bool):
-    """(Tuner, trials kept from before or None): restored when resuming a folder that holds Tune's state
-    (a driver may die before Tune saved any), else new."""
+def _tuner(
+    cfg: TuneJobConfig,
+    dims: list[Dimension],
+    folder: SweepFolder,
+    base: TuneJobConfig,
+    data,
+    trial_res: dict[str, float],
+    max_concurrent: int | None,
+    tracking: tuple[str, str, str],
+    resume: bool,
+):
+    """(Tuner, trials kept from before or None): restored when resuming a folder that holds Tune's
+    state (a driver may die before Tune saved any), else new."""
     from ray import tune
 
     from kiln.tune.runs import SweepRuns
     from kiln.tune.trial import TrialContext, run_trial
 
-    ctx = TrialContext(base_config=base.to_dict(), dims=dims, sweep_name=folder.name,
-                       measures=tuple(o.metric for o in cfg.tune.objectives if o.metric == "latency_ms"),
-                       data_config=base.data.model_dump(mode="json"))
+    ctx = TrialContext(
+        base_config=base.to_dict(),
+        schema=type(base),
+        dims=dims,
+        sweep_name=folder.name,
+        measures=tuple(o.metric for o in cfg.tune.objectives if o.metric == "latency_ms"),
+        data_config=base.data.model_dump(mode="json"),
+    )
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx, data=data), trial_res)
-    # Save Tune's state often: a driver killed between two saves re-runs the trials that ended in between.
+    # Save Tune's state often: a driver killed between two saves re-runs the trials that ended in
+    # between.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if not (resume and tune.Tuner.can_restore(str(folder.tune_dir))):
-            runs = SweepRuns(*tracking, base.to_dict(), dims, data.dataset_hash)
+            runs = SweepRuns(*tracking, base.to_dict(), type(base), dims, data.dataset_hash)
             return _build_tuner(cfg, dims, trainable, folder, max_concurrent, runs), None
         kept = sum(st in ("TERMINATED", "ERROR") for st in _trial_statuses(folder).values())
-        return tune.Tuner.restore(str(folder.tune_dir), trainable=trainable, resume_unfinished=True,
-                                  resume_errored=False), kept
+        return tune.Tuner.restore(
+            str(folder.tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=False
+        ), kept
 
 
 def _trial_statuses(folder: SweepFolder) -> dict[str, str]:
-    """``{trial_id: status}`` from Ray Tune's saved state (TERMINATED and ERROR trials are not run again)."""
+    """``{trial_id: status}`` from Ray Tune's saved state (TERMINATED and ERROR trials are not run
+    again)."""
     from ray.tune import ExperimentAnalysis
 
     try:

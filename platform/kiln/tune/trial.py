@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kiln.tune.config import TuneJobConfig
 from kiln.tune.space import Dimension, apply_params, decode_params
 
 TIME_ATTR = "epochs_done"  # what ASHA counts: finished epochs, the same after a restore
@@ -24,10 +25,13 @@ class TrialContext:
     """What every trial needs besides its sampled values (shipped once through the object store)."""
 
     base_config: dict[str, Any]  # the train config of a trial before its sampled values are applied
+    schema: type[TuneJobConfig]  # the whole config's class, that validates a trial's config
     dims: list[Dimension]
     sweep_name: str  # names the Ray Train runs of multi-worker trials (stable across a resume)
     measures: tuple[str, ...] = ()  # model measures an objective needs, besides "params"
-    data_config: dict[str, Any] = field(default_factory=dict)  # the data config the shipped data was prepared for
+    data_config: dict[str, Any] = field(
+        default_factory=dict
+    )  # the data config the shipped data was prepared for
 
 
 def trial_number(experiment_tag: str) -> int:
@@ -83,9 +87,16 @@ class TuneSession:
         import ray.tune
 
         epoch = int(metrics["epoch"])
-        row = {**metrics, **self.extras, TIME_ATTR: epoch + 1, "epoch_seconds": time.perf_counter() - self._mark,
-               "reported_at": time.time()}
-        checkpoint = ray.tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        row = {
+            **metrics,
+            **self.extras,
+            TIME_ATTR: epoch + 1,
+            "epoch_seconds": time.perf_counter() - self._mark,
+            "reported_at": time.time(),
+        }
+        checkpoint = (
+            ray.tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        )
         ray.tune.report(row, checkpoint=checkpoint)  # persists the checkpoint before it returns
         self._mark = time.perf_counter()
 
@@ -94,7 +105,8 @@ class TuneSession:
 
 
 def _trial_report_callback(extras: dict[str, float]):
-    """Tune's TuneReportCallback for a Ray Train run inside a trial, adding the trial's model measures."""
+    """Tune's TuneReportCallback for a Ray Train run inside a trial, adding the trial's model
+    measures."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class TrialReportCallback(TuneReportCallback):
@@ -141,7 +153,8 @@ def model_measures(cfg, data, measures: tuple[str, ...]) -> dict[str, float]:
 
 
 def run_trial(params: dict[str, Any], ctx: TrialContext, data=None) -> None:
-    """The Tune trainable: train one sampled config, reporting every epoch (with a checkpoint) to Tune."""
+    """The Tune trainable: train one sampled config, reporting every epoch (with a checkpoint) to
+    Tune."""
     import ray.tune
 
     from kiln.config import validate_config
@@ -150,7 +163,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, data=None) -> None:
     from kiln.train.loop import train_epochs
 
     values = decode_params(ctx.dims, params)
-    cfg = validate_config(apply_params(ctx.base_config, values))
+    cfg = validate_config(apply_params(ctx.base_config, values), ctx.schema)
     if data is None or cfg.data.model_dump(mode="json") != ctx.data_config:
         data = prepare_data(cfg.data)  # the sampled values change the data itself
     extras = model_measures(cfg, data, ctx.measures)
@@ -160,7 +173,8 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, data=None) -> None:
         restored = session.latest_checkpoint()
         state = read_state(restored) if restored else None
         if state and int(state["epoch"]) + 1 >= cfg.train.epochs:
-            # Finished before the driver died but not yet recorded as finished: report, don't retrain.
+            # Finished before the driver died but not yet recorded as finished: report, don't
+            # retrain.
             session.report(state["metrics"], None)
             return
         train_epochs(cfg, data, session)

@@ -7,8 +7,8 @@ Formats that later steps produce (ONNX, ...) add their factory here, so every co
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -54,5 +54,7 @@ def make_runtime(directory: Path, spec: ModelSpec) -> Runtime:
     """The runtime for ``spec.format``. Raises ModelError for an unknown format."""
     factory = RUNTIMES.get(spec.format)
     if factory is None:
-        raise ModelError(f"no runtime for model format '{spec.format}' (known: {', '.join(sorted(RUNTIMES))})")
+        raise ModelError(
+            f"no runtime for model format '{spec.format}' (known: {', '.join(sorted(RUNTIMES))})"
+        )
     return factory(Path(directory), spec)

@@ -1,0 +1,44 @@
+"""The ``data`` config section: where the rows come from, which columns, and the split."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from kiln.config import Section
+
+
+class SplitConfig(Section):
+    val: float = Field(
+        0.15, ge=0.0, lt=1.0, description="Fraction of rows held out for validation."
+    )
+    test: float = Field(
+        0.15, ge=0.0, lt=1.0, description="Fraction of rows held out for the final test."
+    )
+    seed: int = Field(
+        0, description="Seed of the stratified split; same data and seed give the same split."
+    )
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_rows(self) -> SplitConfig:
+        if self.val + self.test >= 1.0:
+            raise ValueError("val + test must be below 1.0 so that rows are left for training")
+        return self
+
+
+class DataConfig(Section):
+    source: str = Field(
+        "digits", description="'digits', 'mnist' (built in) or a path to a Parquet file or folder."
+    )
+    label: str = Field("label", description="Label column (integers or strings).")
+    image: str | None = Field(
+        None,
+        description="Image column (PNG/JPEG bytes, or a {bytes, path} struct); absent: tabular features.",
+    )
+    features: list[str] | None = Field(
+        None, description="Tabular feature columns; default: every numeric column but the label."
+    )
+    image_size: tuple[int, int] | None = Field(
+        None,
+        description="[height, width] to resize images to; default: the most common stored size.",
+    )
+    split: SplitConfig = Field(default_factory=SplitConfig)

@@ -1,0 +1,86 @@
+"""The ``train`` config section, and the sections a training job reads (``TrainingJobConfig``).
+
+``TrainingJobConfig`` is what the training loop needs (experiment, data, model, train); the full
+``kiln.schema.KilnConfig`` extends it with one section per later job kind, so every layer below the
+schema is typed against the part of the config it reads.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, model_validator
+
+from kiln.config import ExperimentConfig, Section
+from kiln.data.config import DataConfig
+from kiln.models.config import ModelConfig
+
+
+class CheckpointConfig(Section):
+    every: int = Field(
+        1, ge=1, description="Save a checkpoint every N epochs (and after the last)."
+    )
+    keep: int = Field(2, ge=1, description="Keep the best K checkpoints by `metric`.")
+    metric: str = Field("val_f1_macro", description="Metric that ranks checkpoints.")
+    mode: Literal["max", "min"] = Field(
+        "max", description="Whether a higher or lower `metric` is better."
+    )
+
+
+class TrainConfig(Section):
+    epochs: int = Field(10, ge=1, description="Training epochs.")
+    batch_size: int = Field(64, ge=1, description="Global batch size, split across workers.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
+    optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw", description="Optimizer.")
+    scheduler: Literal["cosine", "none"] = Field(
+        "cosine", description="Learning-rate schedule over the epochs."
+    )
+    workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel replicas).")
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend.")
+    cpus_per_worker: float = Field(
+        1.0, gt=0, description="CPUs reserved per worker (fractions allowed)."
+    )
+    seed: int = Field(0, description="Seed for weights, shuffling and dropout.")
+    class_weights: Literal["none", "auto"] = Field(
+        "none", description="'auto' weights the loss by inverse class frequency of the train split."
+    )
+    sampler: Literal["none", "oversample", "undersample"] = Field(
+        "none",
+        description="Rebalance the train split each epoch: repeat minority or drop majority rows.",
+    )
+    max_failures: int = Field(
+        2, ge=0, description="Worker-group restarts allowed before the run fails."
+    )
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+
+class TrainingJobConfig(Section):
+    """The sections a training job reads; ``kiln.schema.KilnConfig`` adds the later job kinds."""
+
+    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _model_kwargs_match_builder(self) -> TrainingJobConfig:
+        from kiln.models.registry import (
+            check_builder_kwargs,
+        )  # imports the builder's module on demand
+
+        check_builder_kwargs(self.model.name, self.model.kwargs)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain data (what is logged and what reproduces the run)."""
+        return self.model_dump(mode="json", exclude_none=False)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def training_sections(cfg: TrainingJobConfig) -> dict[str, Any]:
+    """Only the sections a training job reads, as plain data (what Ray Train workers validate)."""
+    return cfg.model_dump(mode="json", include=set(TrainingJobConfig.model_fields))
