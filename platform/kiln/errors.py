@@ -27,3 +27,12 @@ class ResourceError(KilnError):
 
 class ModelError(KilnError):
     """A model URI or model artifact cannot be resolved or loaded."""
+
+
+def first_line(exc: BaseException, limit: int = 500) -> str:
+    """The first non-empty line of an exception's message (its type name when the message is empty),
+    at most ``limit`` characters: what a one-line error shows of an underlying failure."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()[:limit]
+    return type(exc).__name__
