@@ -7,7 +7,7 @@ KILN := $(VENV)/bin/kiln
 STAMP := $(VENV)/.kiln-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-quick bench clean
+.PHONY: install lint format demo test test-quick bench clean
 
 install: $(STAMP)
 
@@ -40,6 +40,19 @@ demo: install
 	  && $(KILN) monitor status digits-cnn \
 	  && $(KILN) monitor report digits-cnn --out runs/demo/monitor; status=$$?; $(KILN) serve stop; exit $$status
 
+# Lint, format check, types and the layering contract (ARCHITECTURE.md): CI runs it before the tests.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+# Tests run in random order (pytest-randomly; the seed is printed, -p randomly -p "randomly_seed=N"
+# replays one order).
 test: install
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 

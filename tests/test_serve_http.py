@@ -19,9 +19,11 @@ from served_models import (
     DIGITS,
     VARIANTS,
     digits_raw,
+    fast_metrics_export,  # noqa: F401  (fixture)
     free_port,
-    iris_rows,  # noqa: F401
+    iris_rows,
     png_b64,
+    registry,  # noqa: F401  (fixture)
     train_and_register,
 )
 

@@ -28,7 +28,8 @@ from served_models import (
     VARIANTS,
     Registry,
     digits_raw,
-    free_port,  # noqa: F401
+    fast_metrics_export,  # noqa: F401  (fixture)
+    free_port,
     iris_parquet,
     png_b64,
 )
