@@ -1,6 +1,7 @@
-"""Shared fixtures: a real local Ray instance per module, a real MLflow sqlite store, CLI runners.
+"""Shared fixtures: one real local Ray instance for the session, a real MLflow sqlite store, CLI runners.
 
-Ray is started once per test module (fixed num_cpus) and shut down after it. CLI tests run
+Ray is started once, by the first test that asks for it (fixed num_cpus), and shut down at the end of
+the session; a module that deploys on it removes what it deployed. CLI tests run
 ``python -m kiln.cli`` as a user would and pass ``--address`` so that they reuse that instance.
 """
 
@@ -63,9 +64,9 @@ def last_json(stdout: str) -> dict:
     return json.loads(lines[-1])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_cluster():
-    """A local Ray instance for the module (2 CPUs); yields its GCS address for --address."""
+    """The session's local Ray instance (2 CPUs); yields its GCS address for --address."""
     import logging
 
     import ray
