@@ -18,11 +18,11 @@ import yaml
 
 import kiln
 from conftest import REPO, last_json, run_kiln
-from kiln.cluster import auth
+from kiln import ray_connection as auth
 from kiln.cluster.jobs import JobState, error_line, summary_line
-from kiln.cluster.processes import free_port, is_running, session_members, stop_session
 from kiln.cluster.submit import WORKING_DIR_EXCLUDES, build_runtime_env, job_spec, kiln_requirements
 from kiln.errors import KilnError
+from kiln.local_ray import free_port, is_running, session_members, stop_session
 
 CONFIG = "configs/train/digits_cnn.yaml"
 
@@ -58,7 +58,8 @@ def test_job_spec_runs_the_jobs_script_with_the_config_inside_the_project(monkey
 def test_job_spec_names_what_is_wrong(tmp_path):
     with pytest.raises(
         KilnError,
-        match=r"no job 'serve': .*jobs/serve.py does not exist \(jobs there: compress, train, tune;",
+        match=r"no job 'serve': .*jobs/serve.py does not exist "
+        r"\(jobs there: compress, train, tune;",
     ):
         job_spec("serve", CONFIG, [], REPO)
     with pytest.raises(KilnError, match="not a plain name"):
@@ -207,7 +208,7 @@ def test_the_address_comes_from_the_flag_then_rays_variables_then_the_local_head
 ):
     from kiln.cluster.client import DEFAULT_ADDRESS, resolve_address
     from kiln.cluster.local import LocalCluster, state_path
-    from kiln.cluster.processes import start_ticks
+    from kiln.local_ray import start_ticks
 
     monkeypatch.setenv("KILN_HOME", str(tmp_path))
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
@@ -376,7 +377,7 @@ def test_tracking_server_runs_mlflow_with_sqlite_and_served_artifacts_on_loopbac
     server = tracking_server(port=free_port(), store_dir=tmp_path / "t")
     cmd = server.command()
     assert cmd[:4] == [sys.executable, "-m", "mlflow", "server"]
-    opts = dict(zip(cmd, cmd[1:]))  # each flag -> the word after it
+    opts = dict(zip(cmd, cmd[1:], strict=False))  # each flag -> the word after it
     assert opts["--backend-store-uri"] == f"sqlite:///{tmp_path / 't' / 'mlflow.db'}"
     assert (
         opts["--artifacts-destination"] == str(tmp_path / "t" / "artifacts")

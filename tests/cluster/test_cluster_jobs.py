@@ -27,7 +27,7 @@ import pytest
 
 from conftest import REPO, kiln_env, last_json, run_kiln
 from kiln.cluster.local import cluster_nodes
-from kiln.cluster.processes import free_port, is_running, session_members, start_ticks, stop_session
+from kiln.local_ray import free_port, is_running, session_members, start_ticks, stop_session
 
 pytestmark = pytest.mark.slow
 
