@@ -9,7 +9,6 @@ import os
 import shlex
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from kiln.cluster.jobs import JobState, error_line, summary_line
 from kiln.cluster.submit import WORKING_DIR_EXCLUDES, build_runtime_env, job_spec, kiln_requirements
 from kiln.errors import KilnError
 from kiln.local_ray import free_port, is_running, session_members, stop_session
+from kiln.waiting import wait_until
 
 CONFIG = "configs/train/digits_cnn.yaml"
 
@@ -423,13 +423,18 @@ def test_stop_session_stops_every_process_of_the_session_and_nothing_else():
         [sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True
     )
     try:
-        deadline = time.monotonic() + 30
-        while len(session_members(leader.pid)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        members = session_members(leader.pid)
-        assert len(members) == 2
+
+        def both() -> list[int] | None:
+            members = session_members(leader.pid)
+            return members if len(members) == 2 else None
+
+        members = wait_until(both, 30, "the leader and its child")
         killed = stop_session(leader.pid, None, timeout=1.0)
         assert sorted(killed) == sorted(members)
+        # stop_session returns once the processes have exited, not once SIGKILL was sent: the child
+        # (re-parented away from the leader, reaped by nobody here) is no longer running even
+        # before this test reaps the leader.
+        assert not [pid for pid in members if is_running(pid)]
         leader.wait(timeout=10)
         assert session_members(leader.pid) == []
         assert is_running(outsider.pid)
