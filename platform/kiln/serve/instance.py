@@ -111,7 +111,9 @@ def start_local_ray(
         raise KilnError(f"the local Ray instance did not start ({exc})") from None
     return LocalRay(
         pid=head.pid,
-        address=head.gcs_address,
+        # Ray records the machine's outside address for a node started on 127.0.0.1; the instance
+        # serves this machine only, so clients reach its GCS on loopback.
+        address=f"127.0.0.1:{head.gcs_address.rsplit(':', 1)[1]}",
         temp_dir=head.temp_dir,
         log=head.log_file,
         metrics_port=head.metrics_port or 0,
