@@ -204,7 +204,7 @@ def error_line(logs: str, state: JobState) -> str | None:
     for line in reversed(lines):
         if "Error" in line or "Exception" in line:
             return line[:500]
-    if state.message:
+    if state.message and state.message.strip():
         return state.message.strip().splitlines()[0][:500]
     return None
 
