@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "platform"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kiln.cluster.processes import free_port, stop_session  # noqa: E402
+from kiln.local_ray import free_port, stop_session  # noqa: E402
 from machine import print_machine  # noqa: E402
 
 CONFIG = "configs/train/digits_cnn.yaml"

@@ -14,6 +14,7 @@ _CHECKOUT = Path(__file__).resolve().parents[1] / "platform"
 if (_CHECKOUT / "kiln" / "__init__.py").is_file():
     sys.path.insert(0, str(_CHECKOUT))
 
+# main() sets up the process first (kiln.cli.configure_process: environment and logging).
 from kiln.cli import main  # noqa: E402
 
 if __name__ == "__main__":

@@ -7,8 +7,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import served_models
 from conftest import last_json, run_kiln
-from served_models import VARIANTS, registry  # noqa: F401  (fixture)
+from served_models import VARIANTS
+
+# The registered variants, a module fixture of served_models (pytest finds it by this name here).
+registry = served_models.registry
 
 
 def input_table(reg, kind: str) -> pa.Table:

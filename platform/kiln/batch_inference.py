@@ -22,10 +22,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kiln.errors import DataError, ResourceError
+from kiln.errors import DataError, ResourceError, first_line
 
 PREDICTION, PROBABILITY, PROBABILITIES = "prediction", "probability", "probabilities"
 
@@ -103,14 +104,14 @@ class PredictBatches:
         from kiln.data.decode import image_column, tabular_matrix
 
         spec = self.predictor.spec
+        inputs: list[bytes | None] | np.ndarray
         if spec.preprocessing.kind == "image":
-            inputs = image_column(batch, self.image_column)
+            column = self.image_column or ""  # always set for an image model (predict_parquet)
+            inputs = image_column(batch, column)
             missing = [i for i, b in enumerate(inputs) if b is None]
             if missing:
-                raise DataError(
-                    f"{len(missing)} rows have no image bytes in column '{self.image_column}'"
-                )
-            keep = [c for c in batch.column_names if c != self.image_column]
+                raise DataError(f"{len(missing)} rows have no image bytes in column '{column}'")
+            keep = [c for c in batch.column_names if c != column]
         else:
             inputs = tabular_matrix(batch, spec.preprocessing.feature_names)
             keep = batch.column_names
@@ -149,9 +150,7 @@ def predict_parquet(
         schema = pq.read_schema(source) if source.is_file() else pq.ParquetDataset(source).schema
         total = pq.ParquetFile(source).metadata.num_rows if source.is_file() else None
     except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(
-            f"{source} is not readable as Parquet ({str(exc).splitlines()[0]})"
-        ) from None
+        raise DataError(f"{source} is not readable as Parquet ({first_line(exc)})") from None
     tracking_uri = tracking_uri or trk.resolve_tracking_uri(None, "runs")
     model_dir = trk.resolve_model_dir(model_uri, tracking_uri)  # fails fast on a wrong URI
     spec = load_spec(model_dir)
@@ -189,6 +188,7 @@ def predict_parquet(
     rows, writer = 0, None
     try:
         for batch in predicted.iter_batches(batch_format="pyarrow", batch_size=None):
+            assert isinstance(batch, pa.Table)  # batch_format="pyarrow"
             if writer is None:
                 metadata = {
                     b"kiln.model": model_uri.encode(),
@@ -222,7 +222,7 @@ def predict_parquet(
 
 
 def _cause(exc: BaseException) -> str:
-    lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     for line in reversed(lines):
         if ("Error" in line or "error" in line) and not line.startswith("File "):
             return line[:400]

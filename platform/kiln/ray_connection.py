@@ -1,23 +1,23 @@
-"""The one place that starts or connects to Ray, and checks that work can be placed."""
+"""The one place that starts or connects to Ray, and checks that work can be placed; and the Ray
+auth token a connection sends.
+
+The process environment Ray reads at import (progress bars, log dedup, usage stats, Train V2) is
+set by the entry points (``kiln.entry.configure_process``), never here.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
 import os
+from pathlib import Path
 from typing import Any
 
-from kiln.errors import KilnError, ResourceError
+from kiln.errors import KilnError, ResourceError, first_line
 
-
-def quiet_ray_env() -> None:
-    """Environment that keeps Ray's start-up chatter and progress bars out of the terminal."""
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+# The dashboard (and Jobs API) URL of the cluster ``ensure_ray`` connected this process to, from
+# ``ray.init``'s public RayContext; None until then, or when Ray was initialised elsewhere.
+_dashboard_url: str | None = None
 
 
 def ensure_ray(
@@ -31,18 +31,13 @@ def ensure_ray(
     The local instance binds its dashboard to 127.0.0.1. Raises KilnError when an address is
     given but nothing answers there.
     """
-    quiet_ray_env()
+    global _dashboard_url
     import ray
 
     if ray.is_initialized():
         return ray.get_runtime_context().gcs_address
     address = address or os.environ.get("RAY_ADDRESS") or None
-    common = dict(
-        logging_level=logging.DEBUG if debug else logging.ERROR,
-        log_to_driver=debug,
-        runtime_env=runtime_env,
-        configure_logging=True,
-    )
+    level = logging.DEBUG if debug else logging.ERROR
     if address and address.startswith("http"):
         raise KilnError(
             f"--address {address}: give the Ray cluster address (host:6379 or 'auto'), "
@@ -50,21 +45,40 @@ def ensure_ray(
         )
     try:
         if address:
-            ray.init(address=address, **{**common, "runtime_env": with_kiln_package(runtime_env)})
+            context = ray.init(
+                address=address,
+                runtime_env=with_kiln_package(runtime_env),
+                logging_level=level,
+                log_to_driver=debug,
+                configure_logging=True,
+            )
         else:
             # address="local": always a new instance; with None Ray would join whatever cluster
             # /tmp/ray/ray_current_cluster names (another user's, on a shared machine).
-            ray.init(
+            context = ray.init(
                 address="local",
-                num_cpus=num_cpus,
+                # Ray takes fractional CPUs too, though its signature says int.
+                num_cpus=num_cpus,  # type: ignore[arg-type]
                 include_dashboard=True,
                 dashboard_host="127.0.0.1",
-                **common,
+                runtime_env=runtime_env,
+                logging_level=level,
+                log_to_driver=debug,
+                configure_logging=True,
             )
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = address or "a new local instance"
-        raise KilnError(f"cannot reach Ray at {where} ({str(exc).splitlines()[0]})") from None
+        raise KilnError(f"cannot reach Ray at {where} ({first_line(exc)})") from None
+    url = context.dashboard_url
+    _dashboard_url = (url if "://" in url else f"http://{url}") if url else None
     return ray.get_runtime_context().gcs_address
+
+
+def connected_dashboard_url() -> str | None:
+    """The dashboard (Jobs API) URL of the cluster ``ensure_ray`` connected this process to, as
+    ``ray.init`` reported it (``http://HOST:PORT``); None before ``ensure_ray`` connected, when Ray
+    was initialised by someone else, or when the cluster runs no dashboard."""
+    return _dashboard_url
 
 
 # The kiln package folder this process runs (shipped to workers as a py_module).
@@ -123,3 +137,54 @@ def check_placement(
             f"{what}={workers} needs {workers} x ({need}) but the cluster can place only {slots} "
             f"(it has {have} in all); lower {what} or the per-worker resources"
         )
+
+
+# ---- Ray token authentication, client side -------------------------------------------------------
+# Ray (2.60) protects a cluster's dashboard and Jobs API with a bearer token when the cluster runs
+# with ``RAY_AUTH_MODE=token``. Ray's own SDK sends the token only when the *client* also sets that
+# mode; Kiln sends it whenever one is found, so submitting to a protected cluster needs no extra
+# setting.
+
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+TOKEN_ENV = "RAY_AUTH_TOKEN"
+TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
+
+
+def default_token_path() -> Path:
+    """Where ``ray get-auth-token --generate`` writes the token: ``~/.ray/auth_token``."""
+    return Path.home() / ".ray" / "auth_token"
+
+
+def token_source() -> str:
+    """Where :func:`find_token` looks first, in words (for error messages)."""
+    if os.environ.get(TOKEN_ENV):
+        return f"${TOKEN_ENV}"
+    if os.environ.get(TOKEN_PATH_ENV):
+        return os.environ[TOKEN_PATH_ENV]
+    return str(default_token_path())
+
+
+def find_token() -> str | None:
+    """The Ray auth token, in Ray's own order: ``$RAY_AUTH_TOKEN``, the file at
+    ``$RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``. Returns None when there is none, or when
+    ``RAY_AUTH_MODE=disabled``."""
+    if os.environ.get(AUTH_MODE_ENV, "").lower() == "disabled":
+        return None
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if token:
+        return token
+    path = (
+        Path(os.environ[TOKEN_PATH_ENV]).expanduser()
+        if os.environ.get(TOKEN_PATH_ENV)
+        else default_token_path()
+    )
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def auth_headers() -> dict[str, str]:
+    """``{"Authorization": "Bearer TOKEN"}`` when a token is found, else ``{}``."""
+    token = find_token()
+    return {"Authorization": f"Bearer {token}"} if token else {}

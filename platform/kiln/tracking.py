@@ -10,10 +10,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from kiln.errors import KilnError, ModelError
+from kiln.errors import KilnError, ModelError, first_line
 
-# Must be set before mlflow is first imported: it configures its loggers at import time.
-os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+# MLFLOW_LOGGING_LEVEL and MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR, which MLflow reads at import, are
+# set by the entry points (kiln.cli.configure_process), not here.
 
 TAG_DATASET_HASH = "kiln.dataset_hash"
 TAG_CODE_VERSION = "kiln.code_version"
@@ -27,10 +27,9 @@ MODEL_ARTIFACT_PATH = "model"
 
 def quiet_mlflow() -> None:
     """MLflow and alembic log schema migrations and hints at INFO; keep the user's terminal
-    clean."""
+    clean (MLflow resets its logger's level when it is imported, so this runs after that)."""
     for name in ("mlflow", "alembic", "alembic.runtime.migration"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def default_tracking_uri(run_dir: str | Path) -> str:
@@ -82,9 +81,11 @@ def ensure_experiment(tracking_uri: str, name: str, run_dir: str | Path) -> str:
     location = None
     if is_local_store(tracking_uri):
         location = (Path(run_dir).expanduser().resolve() / "artifacts").as_uri()
+    from mlflow.exceptions import MlflowException
+
     try:
         return c.create_experiment(name, artifact_location=location)
-    except Exception:  # created concurrently by another process
+    except MlflowException:  # created concurrently by another process
         exp = c.get_experiment_by_name(name)
         if exp is None:
             raise
@@ -184,10 +185,13 @@ def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
 
 
 def get_run(tracking_uri: str, run_id: str):
-    """The MLflow run, or KilnError when there is none with that id."""
+    """The MLflow run, or KilnError when there is none with that id (or the store does not
+    answer)."""
+    from mlflow.exceptions import MlflowException
+
     try:
         return client(tracking_uri).get_run(run_id)
-    except Exception:
+    except MlflowException:
         raise KilnError(f"no MLflow run '{run_id}' in {tracking_uri}") from None
 
 
@@ -237,7 +241,10 @@ def set_alias(tracking_uri: str, name: str, alias: str, version: str) -> None:
 
 
 def model_version_for(tracking_uri: str, uri: str):
-    """The registry ModelVersion behind ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``."""
+    """The registry ModelVersion behind ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``. Raises
+    ModelError when the URI names no version or the registry has none such."""
+    from mlflow.exceptions import MlflowException
+
     c = client(tracking_uri)
     body = uri[len("models:/") :]
     try:
@@ -251,9 +258,7 @@ def model_version_for(tracking_uri: str, uri: str):
                 "models:/NAME@ALIAS)"
             )
         return c.get_model_version(name, version)
-    except ModelError:
-        raise
-    except Exception:
+    except MlflowException:
         raise ModelError(f"unknown model '{uri}' in registry {tracking_uri}") from None
 
 
@@ -280,12 +285,14 @@ def resolve_model_dir(model: str, tracking_uri: str | None = None) -> Path:
         mv = model_version_for(tracking_uri, model)
         source = mv.source
     elif model.startswith("runs:/"):
-        run_id, _, path = model[len("runs:/") :].partition("/")
-        source = f"{get_run_or_model_error(c, run_id, model).info.artifact_uri.rstrip('/')}/{path or MODEL_ARTIFACT_PATH}"
+        run_id, _, inner = model[len("runs:/") :].partition("/")
+        run = get_run_or_model_error(c, run_id, model)
+        source = f"{run.info.artifact_uri.rstrip('/')}/{inner or MODEL_ARTIFACT_PATH}"
     else:
         run = get_run_or_model_error(c, model, model)
         source = f"{run.info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT_PATH}"
     import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
 
     dest = Path(tempfile.mkdtemp(prefix="kiln-model-"))
     try:
@@ -294,16 +301,19 @@ def resolve_model_dir(model: str, tracking_uri: str | None = None) -> Path:
                 artifact_uri=source, dst_path=str(dest), tracking_uri=tracking_uri
             )
         )
-    except Exception as exc:
-        raise ModelError(f"cannot download model '{model}' ({str(exc).splitlines()[0]})") from None
+    except (MlflowException, OSError) as exc:
+        raise ModelError(f"cannot download model '{model}' ({first_line(exc)})") from None
     _DOWNLOADS[key] = path
     return path
 
 
 def get_run_or_model_error(c, run_id: str, what: str):
+    """The run ``run_id`` through client ``c``; ModelError naming ``what`` when there is none."""
+    from mlflow.exceptions import MlflowException
+
     try:
         return c.get_run(run_id)
-    except Exception:
+    except MlflowException:
         raise ModelError(f"unknown model '{what}': no such run") from None
 
 

@@ -9,7 +9,6 @@ import os
 import shlex
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -18,11 +17,12 @@ import yaml
 
 import kiln
 from conftest import REPO, last_json, run_kiln
-from kiln.cluster import auth
+from kiln import ray_connection as auth
 from kiln.cluster.jobs import JobState, error_line, summary_line
-from kiln.cluster.processes import free_port, is_running, session_members, stop_session
 from kiln.cluster.submit import WORKING_DIR_EXCLUDES, build_runtime_env, job_spec, kiln_requirements
 from kiln.errors import KilnError
+from kiln.local_ray import free_port, is_running, session_members, stop_session
+from kiln.waiting import wait_until
 
 CONFIG = "configs/train/digits_cnn.yaml"
 
@@ -58,7 +58,8 @@ def test_job_spec_runs_the_jobs_script_with_the_config_inside_the_project(monkey
 def test_job_spec_names_what_is_wrong(tmp_path):
     with pytest.raises(
         KilnError,
-        match=r"no job 'serve': .*jobs/serve.py does not exist \(jobs there: compress, train, tune;",
+        match=r"no job 'serve': .*jobs/serve.py does not exist "
+        r"\(jobs there: compress, train, tune;",
     ):
         job_spec("serve", CONFIG, [], REPO)
     with pytest.raises(KilnError, match="not a plain name"):
@@ -207,7 +208,7 @@ def test_the_address_comes_from_the_flag_then_rays_variables_then_the_local_head
 ):
     from kiln.cluster.client import DEFAULT_ADDRESS, resolve_address
     from kiln.cluster.local import LocalCluster, state_path
-    from kiln.cluster.processes import start_ticks
+    from kiln.local_ray import start_ticks
 
     monkeypatch.setenv("KILN_HOME", str(tmp_path))
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
@@ -376,7 +377,7 @@ def test_tracking_server_runs_mlflow_with_sqlite_and_served_artifacts_on_loopbac
     server = tracking_server(port=free_port(), store_dir=tmp_path / "t")
     cmd = server.command()
     assert cmd[:4] == [sys.executable, "-m", "mlflow", "server"]
-    opts = dict(zip(cmd, cmd[1:]))  # each flag -> the word after it
+    opts = dict(zip(cmd, cmd[1:], strict=False))  # each flag -> the word after it
     assert opts["--backend-store-uri"] == f"sqlite:///{tmp_path / 't' / 'mlflow.db'}"
     assert (
         opts["--artifacts-destination"] == str(tmp_path / "t" / "artifacts")
@@ -422,13 +423,18 @@ def test_stop_session_stops_every_process_of_the_session_and_nothing_else():
         [sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True
     )
     try:
-        deadline = time.monotonic() + 30
-        while len(session_members(leader.pid)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        members = session_members(leader.pid)
-        assert len(members) == 2
+
+        def both() -> list[int] | None:
+            members = session_members(leader.pid)
+            return members if len(members) == 2 else None
+
+        members = wait_until(both, 30, "the leader and its child")
         killed = stop_session(leader.pid, None, timeout=1.0)
         assert sorted(killed) == sorted(members)
+        # stop_session returns once the processes have exited, not once SIGKILL was sent: the child
+        # (re-parented away from the leader, reaped by nobody here) is no longer running even
+        # before this test reaps the leader.
+        assert not [pid for pid in members if is_running(pid)]
         leader.wait(timeout=10)
         assert session_members(leader.pid) == []
         assert is_running(outsider.pid)

@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,8 @@ import pytest
 
 from conftest import REPO, kiln_env, last_json, run_kiln
 from kiln.cluster.local import cluster_nodes
-from kiln.cluster.processes import free_port, is_running, session_members, start_ticks, stop_session
+from kiln.local_ray import free_port, is_running, session_members, start_ticks, stop_session
+from kiln.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -60,16 +60,6 @@ class Cluster:
         from ray.job_submission import JobSubmissionClient
 
         return JobSubmissionClient(self.address, headers={"Authorization": f"Bearer {self.token}"})
-
-
-def _wait(what: str, check, timeout: float = 120.0, every: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _healthy(url: str) -> bool:
@@ -186,11 +176,9 @@ def cluster():
             ]
             return alive if len(alive) == 2 else None
 
-        nodes = _wait("two alive nodes", two_alive_nodes, timeout=180, every=0.5)
-        _wait(
-            "the tracking server", lambda: _healthy(f"http://127.0.0.1:{port}/health"), timeout=120
-        )
-        yield Cluster(
+        nodes = wait_until(two_alive_nodes, 180, "two alive nodes", interval=0.5)
+        wait_until(lambda: _healthy(f"http://127.0.0.1:{port}/health"), 120, "the tracking server")
+        owned = Cluster(
             address=head["dashboard_url"],
             gcs_address=head["gcs_address"],
             head_pid=head["pid"],
@@ -202,6 +190,10 @@ def cluster():
             },
             token=token,
         )
+        yield owned
+        # Stopping is checked here, after every test of the module, whatever their order (a test
+        # that stopped the head would leave nothing to the tests after it).
+        _stop_and_check(owned)
     finally:
         run_kiln("cluster", "stop", env=env, timeout=120)
         if node2 is not None:
@@ -406,7 +398,7 @@ def test_jobs_stop_stops_a_running_job(cluster):
         assert status in ("PENDING", "RUNNING"), status
         return status == "RUNNING"
 
-    _wait("the job to run", running, timeout=180, every=0.5)
+    wait_until(running, 180, "the job to run", interval=0.5)
     stopped = run_kiln(
         "jobs", "stop", job_id, "--address", cluster.address, "--json", env=cluster.env, timeout=180
     )
@@ -464,7 +456,7 @@ def test_a_token_protected_cluster_without_the_token_is_one_clear_line(cluster, 
         assert job["job"] == ("train" if job["submission_id"].startswith("kiln-") else None)
 
 
-def test_cluster_stop_stops_the_head_and_nothing_else(cluster):
+def test_cluster_status_shows_the_head_and_both_nodes(cluster):
     status = _status(cluster.env)
     assert (
         status["running"]
@@ -477,20 +469,19 @@ def test_cluster_stop_stops_the_head_and_nothing_else(cluster):
     assert sorted(
         [k for k in n["resources"] if k.startswith("kiln_")] for n in status["nodes"] if n["alive"]
     ) == [["kiln_head"], ["kiln_node2"]]
+    assert len(session_members(cluster.head_pid)) > 3  # gcs_server, raylet, dashboard, ...
+
+
+def _stop_and_check(cluster: Cluster) -> None:
+    """``kiln cluster stop`` stops every process of the head and nothing else (not the node the
+    test added, which is the test's to stop); a second stop has nothing to stop."""
     head_processes = session_members(cluster.head_pid)
     assert len(head_processes) > 3  # gcs_server, raylet, dashboard, ...
     node2_started = start_ticks(cluster.node2.pid)
     stopped = run_kiln("cluster", "stop", "--json", env=cluster.env, timeout=120)
     assert stopped.returncode == 0 and last_json(stopped.stdout)["stopped"] is True
     assert not [p for p in head_processes if is_running(p)]
-    assert is_running(
-        cluster.node2.pid, node2_started
-    )  # the node the test added is the test's to stop
-    assert (
-        last_json(run_kiln("cluster", "status", "--json", env=cluster.env, check=True).stdout)[
-            "running"
-        ]
-        is False
-    )
+    assert is_running(cluster.node2.pid, node2_started)
+    assert _status(cluster.env)["running"] is False
     again = run_kiln("cluster", "stop", env=cluster.env, check=True)
     assert "nothing to stop" in again.stdout

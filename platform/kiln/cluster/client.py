@@ -7,8 +7,8 @@ import os
 import socket
 from urllib.parse import urlparse
 
-from kiln.cluster.auth import auth_headers, token_source
-from kiln.errors import KilnError
+from kiln.errors import KilnError, first_line
+from kiln.ray_connection import auth_headers, token_source
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
@@ -92,8 +92,3 @@ def auth_error(address: str, exc: Exception) -> KilnError:
         "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, or put it in ~/.ray/auth_token "
         "(get it on the head with 'ray get-auth-token')"
     )
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

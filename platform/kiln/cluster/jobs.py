@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from kiln.errors import KilnError
+from kiln.waiting import WaitTimeout, wait_until
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -101,7 +102,7 @@ def api_errors(client, submission_id: str | None = None) -> Iterator[None]:
 def api_reason(text: str) -> str:
     """The useful line of a Jobs API failure: the server's own last line (its exception) when it
     sent one."""
-    lines = [l.strip() for l in text.strip().rstrip(".").splitlines() if l.strip()]
+    lines = [line.strip() for line in text.strip().rstrip(".").splitlines() if line.strip()]
     if not lines:
         return "no reason given"
     return lines[-1][:500] if len(lines) > 1 else lines[0][:500]
@@ -137,35 +138,45 @@ def follow_logs(client, submission_id: str, write: Callable[[str], None]) -> Non
             write(chunk)
             printed += len(chunk)
 
+    import aiohttp
+
+    def caught_up() -> bool:
+        nonlocal printed
+        state = job_state(client, submission_id)
+        logs = client.get_job_logs(submission_id)
+        if len(logs) > printed:
+            write(logs[printed:])
+            printed = len(logs)
+        return state.finished
+
     with api_errors(client, submission_id):
         try:
             asyncio.run(tail())
-        except Exception:  # noqa: BLE001  (a broken stream is not fatal: the polling below catches up)
-            pass
-        while True:  # catch up with anything the stream missed, then until the job ends
-            state = job_state(client, submission_id)
-            logs = client.get_job_logs(submission_id)
-            if len(logs) > printed:
-                write(logs[printed:])
-                printed = len(logs)
-            if state.finished:
-                return
-            time.sleep(1.0)
+        except (aiohttp.ClientError, OSError, RuntimeError, asyncio.TimeoutError):
+            pass  # a broken stream is not fatal: the polling below catches up
+        # Anything the stream missed, then until the job ends.
+        wait_until(caught_up, math.inf, f"job {submission_id} to end", interval=1.0)
 
 
 def wait_until_finished(
     client, submission_id: str, timeout: float | None = None, poll: float = 1.0
 ) -> JobState:
-    """Poll until the job reaches SUCCEEDED, FAILED or STOPPED. Raises KilnError after ``timeout``
-    seconds."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
+    """Poll every ``poll`` seconds until the job reaches SUCCEEDED, FAILED or STOPPED; returns its
+    final state. Raises KilnError after ``timeout`` seconds (None: no limit)."""
+    last: list[JobState] = []
+
+    def finished() -> JobState | None:
         state = job_state(client, submission_id)
-        if state.finished:
-            return state
-        if deadline is not None and time.monotonic() > deadline:
-            raise KilnError(f"job {submission_id} is still {state.status} after {timeout:g}s")
-        time.sleep(poll)
+        last[:] = [state]
+        return state if state.finished else None
+
+    limit = math.inf if timeout is None else timeout
+    try:
+        return wait_until(finished, limit, f"job {submission_id}", interval=poll, max_interval=poll)
+    except WaitTimeout:
+        raise KilnError(
+            f"job {submission_id} is still {last[0].status} after {timeout:g}s"
+        ) from None
 
 
 def summary_line(logs: str) -> dict[str, Any] | None:
@@ -186,14 +197,14 @@ def summary_line(logs: str) -> dict[str, Any] | None:
 def error_line(logs: str, state: JobState) -> str | None:
     """Why the job did not succeed, in one line: the job's own ``error: ...`` line (kiln's CLI
     prints one), else the last line that names an error, else the Jobs API's message."""
-    lines = [l.strip() for l in logs.splitlines() if l.strip()]
+    lines = [line.strip() for line in logs.splitlines() if line.strip()]
     for line in reversed(lines):
         if line.startswith("error: "):
             return line[len("error: ") :]
     for line in reversed(lines):
         if "Error" in line or "Exception" in line:
             return line[:500]
-    if state.message:
+    if state.message and state.message.strip():
         return state.message.strip().splitlines()[0][:500]
     return None
 

@@ -4,12 +4,11 @@ and checks (``validate_config``). Nothing is contacted: no cloud credentials are
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, first_line
 
 
 @dataclass
@@ -48,20 +47,20 @@ def validate_cluster_config(path: str | Path, verbose: bool = False) -> ClusterC
 
     raw = read_yaml(path)
     import jsonschema
-    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    from kiln.compat import validate_cluster_launcher_config
 
     if not verbose:
         logging.getLogger("ray.autoscaler").setLevel(logging.ERROR)
     try:
-        prepared = prepare_config(copy.deepcopy(raw))
-        validate_config(prepared)
+        prepared = validate_cluster_launcher_config(raw)
     except jsonschema.ValidationError as exc:
         where = ".".join(str(p) for p in exc.absolute_path) or "(top level)"
         raise ConfigError(f"{path}: {where}: {exc.message}") from None
     except KeyError as exc:
         raise ConfigError(f"{path}: missing required field {exc}") from None
     except (ValueError, RuntimeError, TypeError) as exc:
-        raise ConfigError(f"{path}: {str(exc).strip().splitlines()[0]}") from None
+        raise ConfigError(f"{path}: {first_line(exc)}") from None
     types = prepared.get("available_node_types", {})
     return ClusterConfigSummary(
         path=str(path),

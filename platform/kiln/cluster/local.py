@@ -1,8 +1,8 @@
 """A local Ray head for people without a cluster: ``kiln cluster start | stop | status``.
 
-``start`` runs ``ray start --head --block`` in a new process session, with the dashboard and Jobs
-API on
-127.0.0.1 and Ray's token authentication on (``RAY_AUTH_MODE=token``). Its pid, ports and temp dir
+``start`` runs ``ray start --head --block`` in a new process session (through ``kiln.local_ray``,
+the one manager of the Ray heads Kiln starts), with the dashboard and Jobs API on 127.0.0.1 and
+Ray's token authentication on (``RAY_AUTH_MODE=token``). Its pid, start time, addresses and temp dir
 go to a small state file (``$KILN_HOME/cluster.json``, default ``~/.kiln``), so ``stop`` stops
 exactly the processes ``start`` started and nothing else: never a bare ``ray stop``, which would
 stop every Ray on the machine.
@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kiln.cluster import processes
-from kiln.cluster.auth import AUTH_MODE_ENV, auth_headers, find_token, token_source
-from kiln.errors import KilnError
+from kiln.errors import KilnError, first_line
+from kiln.files import atomic_write_json
+from kiln.local_ray import RayHead, is_running, port_in_use, start_head
+from kiln.ray_connection import auth_headers
 
 DEFAULT_DASHBOARD_PORT = 8265
 
@@ -32,7 +29,8 @@ DEFAULT_DASHBOARD_PORT = 8265
 class LocalCluster:
     """A head started by ``kiln cluster start``, as recorded in the state file."""
 
-    pid: int  # the ``ray start --block`` process: leader of the session holding every process of the head
+    # the ``ray start --block`` process: leader of the session holding every process of the head
+    pid: int
     started: int  # its start time (clock ticks), so that a reused pid is never taken for it
     dashboard_url: str  # Jobs API and dashboard: what ``kiln submit --address`` takes
     gcs_address: str  # what ``ray start --address`` takes to add a node
@@ -40,8 +38,19 @@ class LocalCluster:
     log_file: str
     created_at: float = field(default_factory=time.time)
 
+    def head(self) -> RayHead:
+        return RayHead(
+            pid=self.pid,
+            started=self.started,
+            gcs_address=self.gcs_address,
+            dashboard_url=self.dashboard_url,
+            temp_dir=self.temp_dir,
+            log_file=self.log_file,
+        )
+
     def is_running(self) -> bool:
-        return processes.is_running(self.pid, self.started)
+        """Whether the recorded head still runs (never true of a process that reused its pid)."""
+        return is_running(self.pid, self.started)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,50 +101,8 @@ def read_state() -> LocalCluster | None:
 
 
 def _write_state(cluster: LocalCluster) -> None:
-    path = state_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(cluster.to_dict(), indent=2))
-    tmp.replace(path)  # atomic: a reader sees the old state or the new one, never half
-
-
-def ray_cli() -> list[str]:
-    """The ``ray`` command of the Python running Kiln (so the head runs the same Ray as the
-    client)."""
-    beside = Path(sys.executable).parent / "ray"
-    return [str(beside)] if beside.is_file() else [sys.executable, "-m", "ray.scripts.scripts"]
-
-
-def head_environment() -> dict[str, str]:
-    """The head's environment: token auth on, and this Python's bin folder first on PATH so that a
-    job entrypoint's ``python`` is the one that has Ray and Kiln (a bare ``python`` may be another
-    one)."""
-    env = dict(os.environ)
-    env[AUTH_MODE_ENV] = "token"
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
-def ensure_token() -> str:
-    """The Ray auth token for the head; generated with ``ray get-auth-token --generate`` when there
-    is none."""
-    if find_token():
-        return token_source()
-    proc = subprocess.run(
-        [*ray_cli(), "get-auth-token", "--generate"],
-        capture_output=True,
-        text=True,
-        env={k: v for k, v in os.environ.items() if k != AUTH_MODE_ENV},
-        timeout=60,
-    )
-    if proc.returncode != 0 or not find_token():
-        said = (proc.stderr or proc.stdout).strip().splitlines()
-        raise KilnError(
-            f"cannot create a Ray auth token with 'ray get-auth-token --generate'"
-            f"{': ' + said[-1] if said else ''}"
-        )
-    return token_source()
+    # atomic: a reader sees the old state or the new one, never half
+    atomic_write_json(state_path(), cluster.to_dict())
 
 
 def start_local_cluster(
@@ -158,113 +125,46 @@ def start_local_cluster(
             f"a Kiln cluster is already running (pid {current.pid}, {current.dashboard_url}); "
             "stop it with 'kiln cluster stop'"
         )
-    dashboard_port = dashboard_port or processes.free_port()
-    if processes.port_in_use(dashboard_port):
+    if dashboard_port and port_in_use(dashboard_port):
         raise KilnError(
             f"port {dashboard_port} is in use (another Ray dashboard?); pass --dashboard-port N, "
             "or 0 for a free port"
         )
-    ensure_token()
-    temp_dir = tempfile.mkdtemp(
-        prefix="kiln-ray-", dir="/tmp"
-    )  # short: Ray's socket paths must stay < 108 chars
-    log_file = Path(temp_dir) / "ray-start.log"
-    cmd = [
-        *ray_cli(),
-        "start",
-        "--head",
-        "--block",
-        "--port",
-        str(processes.free_port()),
-        "--include-dashboard",
-        "true",
-        "--dashboard-host",
-        "127.0.0.1",
-        "--dashboard-port",
-        str(dashboard_port),
-        "--ray-client-server-port",
-        str(processes.free_port()),
-        "--dashboard-agent-listen-port",
-        str(processes.free_port()),
-        "--temp-dir",
-        temp_dir,
-    ]
-    if node_ip_address:
-        cmd += ["--node-ip-address", node_ip_address]
-    if num_cpus is not None:
-        cmd += ["--num-cpus", f"{num_cpus:g}"]
-    if num_gpus is not None:
-        cmd += ["--num-gpus", str(num_gpus)]
-    if resources:
-        cmd += ["--resources", json.dumps(resources)]
-    with open(log_file, "w") as log:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=head_environment(),
-            start_new_session=True,
-        )
-    started = processes.start_ticks(proc.pid) or 0
+    head = start_head(
+        "kiln-ray-",
+        dashboard_port=dashboard_port,
+        node_ip_address=node_ip_address,
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        resources=resources,
+        ready=_jobs_api_answers,
+        timeout=timeout,
+    )
     cluster = LocalCluster(
-        pid=proc.pid,
-        started=started,
-        dashboard_url=f"http://127.0.0.1:{dashboard_port}",
-        gcs_address="",
-        temp_dir=temp_dir,
-        log_file=str(log_file),
+        pid=head.pid,
+        started=head.started or 0,
+        dashboard_url=head.dashboard_url,
+        gcs_address=head.gcs_address,
+        temp_dir=head.temp_dir,
+        log_file=head.log_file,
     )
     try:
-        cluster.gcs_address = _wait_until_up(cluster, proc, timeout)
+        _write_state(cluster)
     except BaseException:
-        processes.stop_session(proc.pid, started, timeout=20)
-        proc.wait(timeout=5)
+        head.stop(timeout=20)
         raise
-    _write_state(cluster)
     return cluster
 
 
-def _wait_until_up(cluster: LocalCluster, proc: subprocess.Popen, timeout: float) -> str:
-    """Wait until the Jobs API answers and ``ray start`` has written the head's GCS address
-    (TEMP_DIR/ray_current_cluster, its last step). Returns that address."""
+def _jobs_api_answers(head: RayHead) -> bool:
+    """Whether the head's Jobs API answers (what ``kiln submit`` needs of it)."""
     import requests
 
-    address_file = Path(cluster.temp_dir) / "ray_current_cluster"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise KilnError(
-                f"ray start exited with code {proc.returncode}: {_last_line(cluster.log_file)} "
-                f"(log: {cluster.log_file})"
-            )
-        try:
-            answered = (
-                requests.get(
-                    f"{cluster.dashboard_url}/api/jobs/", headers=auth_headers(), timeout=2
-                ).status_code
-                == 200
-            )
-        except requests.RequestException:
-            answered = False
-        address = address_file.read_text().strip() if address_file.is_file() else ""
-        if answered and address:
-            return address
-        time.sleep(0.5)
-    raise KilnError(
-        f"the Ray head did not come up at {cluster.dashboard_url} within {timeout:g}s "
-        f"(log: {cluster.log_file})"
-    )
-
-
-def _last_line(path: str) -> str:
     try:
-        lines = [
-            l.strip() for l in Path(path).read_text(errors="replace").splitlines() if l.strip()
-        ]
-    except OSError:
-        return "no log"
-    return lines[-1] if lines else "no output"
+        url = f"{head.dashboard_url}/api/jobs/"
+        return requests.get(url, headers=auth_headers(), timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
 
 
 def stop_local_cluster(timeout: float = 45.0) -> LocalCluster | None:
@@ -273,9 +173,8 @@ def stop_local_cluster(timeout: float = 45.0) -> LocalCluster | None:
     cluster = read_state()
     if cluster is None:
         return None
-    processes.stop_session(cluster.pid, cluster.started, timeout=timeout)
+    cluster.head().stop(timeout=timeout)
     state_path().unlink(missing_ok=True)
-    shutil.rmtree(cluster.temp_dir, ignore_errors=True)
     return cluster
 
 
@@ -283,15 +182,16 @@ def cluster_nodes(address: str, headers: dict[str, str] | None = None) -> list[N
     """The cluster's nodes, from Ray's state API over the dashboard (``headers``: default, the found
     token)."""
     from ray.util.state import StateApiClient
-    from ray.util.state.common import ListApiOptions, StateResource
+    from ray.util.state.common import ListApiOptions, NodeState, StateResource
 
     client = StateApiClient(address=address, headers=auth_headers() if headers is None else headers)
-    nodes = client.list(
+    listed = client.list(
         StateResource.NODES, options=ListApiOptions(detail=True), raise_on_missing_output=False
     )
+    nodes = [n for n in listed if isinstance(n, NodeState)]  # what a NODES listing holds
     return [
         NodeInfo(
-            node_id=n.node_id,
+            node_id=str(n.node_id),
             node_ip=n.node_ip,
             alive=n.state == "ALIVE",
             is_head=bool(n.is_head_node),
@@ -307,16 +207,18 @@ def local_cluster_status() -> ClusterStatus:
     if cluster is None or not cluster.is_running():
         return ClusterStatus(running=False, cluster=cluster)
     import requests
+    from ray.util.state.exception import RayStateApiException
 
     try:
         version = requests.get(
             f"{cluster.dashboard_url}/api/version", headers=auth_headers(), timeout=5
         ).json()
         nodes = cluster_nodes(cluster.dashboard_url)
-    except Exception as exc:  # noqa: BLE001  (the process runs but does not answer: say so)
+    except (requests.RequestException, RayStateApiException, ValueError, RuntimeError) as exc:
+        # the process runs but does not answer (or not as a Ray dashboard): say so
         raise KilnError(
             f"the head (pid {cluster.pid}) runs but {cluster.dashboard_url} does not answer "
-            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+            f"({first_line(exc)})"
         ) from None
     return ClusterStatus(
         running=True, cluster=cluster, ray_version=version.get("ray_version"), nodes=nodes

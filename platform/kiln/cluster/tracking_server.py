@@ -15,8 +15,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiln.cluster.processes import port_in_use
 from kiln.errors import KilnError
+from kiln.local_ray import port_in_use
 
 
 @dataclass
@@ -93,9 +93,14 @@ def tracking_server(
 def exec_server(server: TrackingServer) -> None:
     """Replace this process with ``mlflow server`` (signals such as Ctrl-C then reach MLflow
     itself)."""
-    # MLflow's job runner (GenAI scorer jobs: about eight extra processes) serves nothing Kiln uses.
-    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     sys.stdout.flush()
     sys.stderr.flush()
     cmd = server.command()
-    os.execv(cmd[0], cmd)
+    os.execve(cmd[0], cmd, server_environment())
+
+
+def server_environment() -> dict[str, str]:
+    """The environment ``mlflow server`` runs with: this process's, and MLflow's job runner off
+    unless the user set it (GenAI scorer jobs: about eight extra processes that serve nothing Kiln
+    uses)."""
+    return {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}

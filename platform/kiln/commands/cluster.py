@@ -108,6 +108,7 @@ def _status(args) -> int:
         print("not running (start one with 'kiln cluster start')")
         return 0
     c = status.cluster
+    assert c is not None  # a running head is a recorded one
     print(f"running    Ray {status.ray_version}, pid {c.pid}")
     print(f"Jobs API   {c.dashboard_url}")
     print(f"GCS        {c.gcs_address}")

@@ -78,7 +78,7 @@ def _status(args, client) -> int:
     print(f"  started     {_when(state.start_time)}   ended {_when(state.end_time)}")
     if state.driver_exit_code is not None:
         print(f"  exit code   {state.driver_exit_code}")
-    if state.message:
+    if state.message and state.message.strip():
         print(f"  message     {state.message.strip().splitlines()[0]}")
     return 0
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from kiln.commands.common import add_config_arguments, add_json_argument, emit_json, say
 
+# The jobs Kiln ships (jobs/JOB.py runs `kiln JOB CONFIG`): their CONFIG is a Kiln config.
+KILN_JOBS = ("train", "tune", "compress")
+
 HELP = "submit a job (jobs/JOB.py: train, ...) to a Ray cluster through the Ray Jobs API"
 
 
@@ -66,7 +69,6 @@ def default_tracking_uri() -> str | None:
 def run(args) -> int:
     from pathlib import Path
 
-    from kiln.cli import COMMANDS
     from kiln.cluster.client import connect
     from kiln.cluster.jobs import (
         follow_logs,
@@ -80,9 +82,7 @@ def run(args) -> int:
 
     spec = job_spec(args.job, args.config, args.overrides, args.working_dir, args.python)
     cfg = None
-    if (
-        args.job in COMMANDS
-    ):  # a kiln job kind: catch config mistakes here, before anything is uploaded
+    if args.job in KILN_JOBS:  # catch config mistakes here, before anything is uploaded
         cfg = load_config(spec.project / spec.config, spec.overrides)
     client = connect(args.address, args.debug)
     address = client.get_address()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-HELP = "run an MLflow tracking server (sqlite store, artifacts served through it) for jobs on a cluster"
+HELP = (
+    "run an MLflow tracking server (sqlite store, artifacts served through it) for jobs on a "
+    "cluster"
+)
 
 
 def add_arguments(parser) -> None:

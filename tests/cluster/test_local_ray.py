@@ -1,0 +1,78 @@
+"""kiln.local_ray, the one manager of the Ray heads Kiln starts, without starting Ray: process
+identity (a reused pid is never signalled) and the state the serve instance records."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kiln.local_ray import RayHead, is_running, start_ticks, stop_session
+
+
+@pytest.fixture
+def sleeper():
+    """A process in a session of its own that is not a Ray head."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True
+    )
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_pid_recorded_with_another_start_time_is_never_signalled(sleeper):
+    started = start_ticks(sleeper.pid)
+    assert started is not None and is_running(sleeper.pid, started)
+    # The recorded head started at another time: the pid now names someone else's process.
+    assert stop_session(sleeper.pid, started + 1, timeout=0.5) == []
+    assert is_running(sleeper.pid, started)
+    head = RayHead(sleeper.pid, started + 1, "x:1", "http://127.0.0.1:1", "/nonexistent", "-")
+    assert not head.is_running()
+    head.stop(timeout=0.5)
+    assert is_running(sleeper.pid, started)
+
+
+def test_a_pid_recorded_without_its_start_time_must_be_a_ray_start(sleeper):
+    # State files written before Kiln recorded start times: only a `ray start` counts as the head.
+    head = RayHead(sleeper.pid, None, "x:1", "http://127.0.0.1:1", "/nonexistent", "-")
+    assert not head.is_running()
+    head.stop(timeout=0.5)
+    assert is_running(sleeper.pid)
+
+
+def test_the_serve_state_records_the_dashboard_url_of_the_local_instance(tmp_path):
+    from kiln.serve.instance import STATE_FILE, LocalRay, ServeState, load_state, save_state
+
+    local = LocalRay(
+        pid=1,
+        address="127.0.0.1:6379",
+        temp_dir="/nonexistent",
+        log="-",
+        metrics_port=2,
+        dashboard_port=8266,
+        auth_mode="token",
+        started=3,
+        dashboard_url="http://127.0.0.1:8266",
+    )
+    save_state(
+        tmp_path,
+        ServeState("127.0.0.1:6379", "http://127.0.0.1:8000", "proxy", local_ray=vars(local)),
+    )
+    state = load_state(tmp_path)
+    assert state is not None and state.dashboard_url == "http://127.0.0.1:8266"
+    assert state.local() == local
+    # A state file from before: no start time, no dashboard URL; the URL follows from the port.
+    path = tmp_path / "serve" / STATE_FILE
+    raw = json.loads(path.read_text())
+    raw.pop("dashboard_url")
+    for key in ("started", "dashboard_url"):
+        raw["local_ray"].pop(key)
+    path.write_text(json.dumps(raw))
+    old = load_state(tmp_path)
+    assert old is not None and old.dashboard_url == "http://127.0.0.1:8266"
+    assert old.local().started is None
