@@ -1,7 +1,7 @@
-"""Shared fixtures: one real local Ray instance for the session, a real MLflow sqlite store, CLI runners.
+"""Shared fixtures: one real local Ray instance for the session, a real MLflow store, CLI runners.
 
-Ray is started once, by the first test that asks for it (fixed num_cpus), and shut down at the end of
-the session; a module that deploys on it removes what it deployed. CLI tests run
+Ray is started once, by the first test that asks for it (fixed num_cpus), and shut down at the
+end of the session; a module that deploys on it removes what it deployed. CLI tests run
 ``python -m kiln.cli`` as a user would and pass ``--address`` so that they reuse that instance.
 """
 
@@ -19,8 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 PLATFORM = REPO / "platform"
 if str(PLATFORM) not in sys.path:
     sys.path.insert(0, str(PLATFORM))
-os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from kiln.cli import configure_process  # noqa: E402  (after the path above)
+
+configure_process()  # a Kiln process's environment and logging, before ray or mlflow is imported
 
 
 def kiln_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -59,7 +61,7 @@ def run_kiln(
 
 def last_json(stdout: str) -> dict:
     """The JSON object on the last non-empty stdout line."""
-    lines = [l for l in stdout.splitlines() if l.strip()]
+    lines = [line for line in stdout.splitlines() if line.strip()]
     assert lines, "no stdout"
     return json.loads(lines[-1])
 
@@ -71,7 +73,6 @@ def ray_cluster():
 
     import ray
 
-    os.environ["RAY_TRAIN_V2_ENABLED"] = "1"
     # address="local": a new instance even when /tmp/ray/ray_current_cluster names someone else's.
     ray.init(
         address="local",
