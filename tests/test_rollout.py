@@ -234,8 +234,8 @@ def failures(answers: list[Answer]) -> list[Answer]:
 
 
 def start(serve_dir, to: str, strategy: str, trigger: str = "user", **options):
-    from kiln.rollout.api import start_rollout
-    from kiln.rollout.spec import RolloutOptions
+    from kiln.rollout.control.api import start_rollout
+    from kiln.rollout.core.spec import RolloutOptions
 
     return start_rollout(
         serve_dir, None, MODEL, to, strategy, RolloutOptions(**options), trigger=trigger
@@ -243,13 +243,13 @@ def start(serve_dir, to: str, strategy: str, trigger: str = "user", **options):
 
 
 def wait_phase(serve_dir, *phases: str, timeout: float = 90.0):
-    from kiln.rollout.api import wait_for
+    from kiln.rollout.control.api import wait_for
 
     return wait_for(serve_dir, MODEL, phases, timeout)
 
 
 def wait_weight(serve_dir, weight: float, timeout: float = 90.0):
-    from kiln.rollout.store import RolloutStore
+    from kiln.rollout.core.store import RolloutStore
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -262,7 +262,7 @@ def wait_weight(serve_dir, weight: float, timeout: float = 90.0):
 
 
 def history(serve_dir) -> list[dict]:
-    from kiln.rollout.api import rollout_history
+    from kiln.rollout.control.api import rollout_history
 
     return rollout_history(serve_dir, MODEL)
 
@@ -532,7 +532,7 @@ def test_bad_version_is_rolled_back_by_its_gate(served, serve_dir, versions, bad
 
 
 def test_shadow_traffic_never_changes_a_response(served, serve_dir, versions):
-    from kiln.rollout.api import rollout_command, rollout_status
+    from kiln.rollout.control.api import rollout_command, rollout_status
 
     direct = {}
     for i in range(len(IMAGES)):
@@ -574,7 +574,7 @@ def test_shadow_traffic_never_changes_a_response(served, serve_dir, versions):
 def test_rollout_goes_on_after_the_router_replica_and_controller_die(served, serve_dir, versions):
     import ray
 
-    from kiln.rollout.controller import NAMESPACE, controller_name
+    from kiln.rollout.control.controller import NAMESPACE, controller_name
 
     def replicas() -> list[str]:  # the model's Serve replica actors (named in Serve's namespace)
         return [

@@ -271,13 +271,13 @@ def test_status_of_an_unknown_model_is_one_error_line(served, registry):
 
 
 def audit(registry) -> list[dict]:
-    from kiln.rollout.store import RolloutStore
+    from kiln.rollout.core.store import RolloutStore
 
     return RolloutStore(registry.run_dir, "digits").history()
 
 
 def rollout_phase(registry) -> str | None:
-    from kiln.rollout.store import RolloutStore
+    from kiln.rollout.core.store import RolloutStore
 
     record = RolloutStore(registry.run_dir, "digits").load()
     return record.phase if record else None
@@ -341,7 +341,9 @@ def test_sustained_drift_retrains_and_rolls_the_new_version_out(served, registry
         ("start", "monitor"),
     ]
     assert decisions[-1] == ("promote", "auto")
-    webhook_steps = [p["step"] for p in Receiver.posts if p.get("kind") == "kiln.monitor.retrain"]
+    webhook_steps = [
+        p["step"] for p in Receiver.posts if p.get("kind") == "kiln.monitor.retrain.loop"
+    ]
     assert webhook_steps[:4] == ["triggered", "submitted", "registered", "rollout"]
 
 
@@ -400,6 +402,6 @@ def test_a_rollout_whose_new_version_sees_drift_is_rolled_back_by_the_drift_gate
 
 
 def rollout_stable(registry) -> str:
-    from kiln.rollout.store import RolloutStore
+    from kiln.rollout.core.store import RolloutStore
 
     return RolloutStore(registry.run_dir, "digits").load().stable

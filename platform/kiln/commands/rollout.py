@@ -94,8 +94,9 @@ def add_arguments(parser) -> None:
 
 
 def _start(args) -> int:
-    from kiln.rollout.api import start_rollout
-    from kiln.rollout.spec import DEFAULT_GATES, RolloutOptions, parse_duration, parse_steps
+    from kiln.commands.serve import use_serving_env
+    from kiln.rollout.control.api import start_rollout
+    from kiln.rollout.core.spec import DEFAULT_GATES, RolloutOptions, parse_duration, parse_steps
 
     options = RolloutOptions(
         weight=args.weight,
@@ -105,6 +106,7 @@ def _start(args) -> int:
         gates=args.gate or list(DEFAULT_GATES),
         sticky_header=args.sticky_header,
     )
+    use_serving_env(args.run_dir, args.address)
     record = start_rollout(
         args.run_dir,
         args.address,
@@ -130,9 +132,11 @@ def _start(args) -> int:
 
 
 def _status(args) -> int:
-    from kiln.rollout.api import rollout_status
-    from kiln.rollout.store import ACTIVE
+    from kiln.commands.serve import use_serving_env
+    from kiln.rollout.control.api import rollout_status
+    from kiln.rollout.core.store import ACTIVE
 
+    use_serving_env(args.run_dir, args.address)
     while True:
         st = rollout_status(args.run_dir, args.address, args.model, args.debug)
         if args.json and not args.watch:
@@ -150,8 +154,11 @@ def _status(args) -> int:
 
 
 def render_status(st) -> str:
+    """The rollout status for people: phase, weights, last interval's metrics, gates."""
+    from kiln.rollout.core.store import ACTIVE
+
     r = st.record or {}
-    active = r.get("phase") in ("preparing", "running", "paused")
+    active = r.get("phase") in ACTIVE
     lines = [
         f"{r.get('model')}: {r.get('phase')}  stable v{r.get('stable')}"
         + (
@@ -196,8 +203,10 @@ def _ms(value) -> str:
 
 
 def _action(args) -> int:
-    from kiln.rollout.api import rollout_command
+    from kiln.commands.serve import use_serving_env
+    from kiln.rollout.control.api import rollout_command
 
+    use_serving_env(args.run_dir, args.address)
     record = rollout_command(
         args.run_dir, args.address, args.model, args._action, trigger="user", debug=args.debug
     )
@@ -212,7 +221,7 @@ def _action(args) -> int:
 
 
 def _history(args) -> int:
-    from kiln.rollout.api import rollout_history
+    from kiln.rollout.control.api import rollout_history
 
     entries = rollout_history(args.run_dir, args.model)
     for e in entries:

@@ -6,23 +6,29 @@ replicas, CPUs and autoscaling, and lets one model be redeployed without touchin
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kiln.serve.plan import ModelAppSpec, ModelPlan, ServePlan
+
+if TYPE_CHECKING:
+    from kiln.monitor.live.served import RetrainerFactory
 
 ROOT_APP = "kiln"
 MODEL_APP_PREFIX = "kiln-"
 
 
 def model_app_name(model: str) -> str:
+    """The Serve application of a served model."""
     return f"{MODEL_APP_PREFIX}{model}"
 
 
 def is_kiln_app(name: str) -> bool:
+    """Whether a Serve application is one of Kiln's (the root app or a model's)."""
     return name == ROOT_APP or name.startswith(MODEL_APP_PREFIX)
 
 
 def model_route(model: str) -> str:
+    """A served model's route prefix."""
     return f"/v2/models/{model}"
 
 
@@ -52,8 +58,11 @@ def deployment_options(model: ModelPlan) -> dict[str, Any]:
     return options
 
 
-def build_applications(plan: ServePlan, api_key_sha256: str | None) -> list:
-    """The ``RunTarget``s to deploy: the root app first, then one per model."""
+def build_applications(
+    plan: ServePlan, api_key_sha256: str | None, retrainer: RetrainerFactory | None = None
+) -> list[Any]:
+    """The ``RunTarget``s to deploy: the root app first, then one per model. ``retrainer`` builds
+    the replicas' retraining loops (passed only when ``serve.monitor.retrain`` is set)."""
     from ray import serve
     from ray.serve.api import RunTarget
 
@@ -84,6 +93,7 @@ def build_applications(plan: ServePlan, api_key_sha256: str | None) -> list:
             api_key_sha256=api_key_sha256,
             monitor=cfg.monitor.model_dump(),
             run_dir=plan.run_dir,
+            retrainer=retrainer if cfg.monitor.retrain is not None else None,
         )
         deployment = serve.deployment(ModelServer).options(**deployment_options(model))
         targets.append(

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from kiln.config import Section
-from kiln.monitor.config import MonitorConfig
+from kiln.monitor.live.config import MonitorConfig
 from kiln.train.config import TrainingJobConfig
 
 SERVED_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")

@@ -16,9 +16,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from kiln.rollout.controller import NAMESPACE, controller_name
-from kiln.rollout.routing import Router, RoutingTable
-from kiln.rollout.stats import VersionWindow
+from kiln.rollout.core.actors import find_controller
+from kiln.rollout.core.routing import Router, RoutingTable
+from kiln.rollout.core.stats import VersionWindow
 
 logger = logging.getLogger("ray.serve")
 
@@ -164,17 +164,8 @@ class RolloutAgent:
         if now - self._looked_at < LOOKUP_EVERY_S:
             return None
         self._looked_at = now
-        self._handle = await asyncio.to_thread(_lookup, controller_name(self.model))
+        self._handle = await asyncio.to_thread(find_controller, self.model)
         return self._handle
-
-
-def _lookup(name: str):
-    import ray
-
-    try:
-        return ray.get_actor(name, namespace=NAMESPACE)
-    except ValueError:
-        return None
 
 
 async def _await_ref(ref) -> Any:

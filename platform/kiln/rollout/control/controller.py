@@ -16,24 +16,20 @@ import logging
 import time
 from typing import Any
 
-from kiln.rollout.routing import RoutingTable
-from kiln.rollout.spec import parse_gate
-from kiln.rollout.stats import VersionWindow, metrics_of
-from kiln.rollout.store import FINISHED, RolloutRecord, RolloutStore
+from kiln.errors import first_line
+from kiln.rollout.core.routing import RoutingTable
+from kiln.rollout.core.spec import parse_gate
+from kiln.rollout.core.stats import VersionWindow, metrics_of
+from kiln.rollout.core.store import FINISHED, Phase, RolloutRecord, RolloutStore
 
 logger = logging.getLogger(__name__)
 
-NAMESPACE = "kiln"
 REPLICA_STALE_S = 3.0  # a replica that has not reported for this long is taken as gone
 IDLE_TICK_S = 1.0
 
 
-def controller_name(model: str) -> str:
-    return f"kiln-rollout-{model}"
-
-
 class RolloutController:
-    """Ray actor class (made remote by ``kiln.rollout.api.controller_for``)."""
+    """Ray actor class (made remote by ``kiln.rollout.control.api.controller_for``)."""
 
     def __init__(self, run_dir: str, model: str):
         self.store = RolloutStore(run_dir, model)
@@ -77,7 +73,7 @@ class RolloutController:
                 stable=r.stable,
                 candidate=r.candidate,
                 weight=r.weight,
-                shadow=r.shadow if r.phase != "preparing" else 0.0,
+                shadow=r.shadow if r.phase != Phase.PREPARING else 0.0,
                 sticky_header=r.sticky_header,
                 versions=versions,
                 revision=r.revision,
@@ -85,10 +81,6 @@ class RolloutController:
         return RoutingTable(stable=r.stable, versions=versions, revision=r.revision).to_dict()
 
     # --- called by the CLI / API ----------------------------------------------------------------
-
-    async def ping(self) -> bool:
-        self._ensure_loop()
-        return True
 
     async def start(self, record: dict[str, Any], trigger: str) -> dict[str, Any]:
         """Begin a rollout (the record comes checked from ``api.start_rollout``). Returns the
@@ -103,7 +95,7 @@ class RolloutController:
         new = RolloutRecord.from_dict(record)
         if self.record is not None:  # what was promoted before stays known
             new.previous, new.previous_uri = self.record.previous, self.record.previous_uri
-        new.phase, new.step, new.weight, new.trigger = "preparing", -1, 0.0, trigger
+        new.phase, new.step, new.weight, new.trigger = Phase.PREPARING, -1, 0.0, trigger
         new.started_at = time.time()
         new.revision = (self.record.revision if self.record else 0) + 1
         self.record = new
@@ -132,22 +124,22 @@ class RolloutController:
         elif action == "rollback":
             if r.active:
                 self._roll_back(trigger, "rolled back by hand")
-            elif r.phase == "promoted" and r.previous:
+            elif r.phase == Phase.PROMOTED and r.previous:
                 await self._undo_promotion(trigger)
             else:
                 return {"error": f"nothing to roll back for '{r.model}' (last: {r.phase})"}
         elif action == "pause":
-            if r.phase not in ("preparing", "running"):
+            if r.phase not in (Phase.PREPARING, Phase.RUNNING):
                 return {
                     "error": f"no rollout of '{r.model}' in progress to pause (last: {r.phase})"
                 }
             r.reason = f"paused from {r.phase}"
-            r.phase = "paused"
+            r.phase = Phase.PAUSED
             self._changed("pause", trigger, "the ramp holds; gates are still evaluated")
         elif action == "resume":
-            if r.phase != "paused":
+            if r.phase != Phase.PAUSED:
                 return {"error": f"the rollout of '{r.model}' is not paused ({r.phase})"}
-            r.phase = "running" if r.step >= 0 else "preparing"
+            r.phase = Phase.RUNNING if r.step >= 0 else Phase.PREPARING
             r.step_started_at, r.baked_s = time.time(), 0.0  # the step bakes again in full
             r.reason = ""
             self._changed("resume", trigger, "the step's bake time starts again")
@@ -203,7 +195,7 @@ class RolloutController:
         self.last_metrics = {v: m.to_dict() for v, m in metrics.items()}
         if r is None or not r.active:
             return
-        if r.phase == "preparing":
+        if r.phase == Phase.PREPARING:
             self._check_ready()
             return
         candidate = metrics.get(r.candidate)
@@ -220,7 +212,7 @@ class RolloutController:
             self._roll_back("gate", "; ".join(failed), gates)
             return
         missing = [name for name, g in gates.items() if g["ok"] is None]
-        if r.phase == "paused":
+        if r.phase == Phase.PAUSED:
             self._audit("paused", "gate", "held by hand", gates)
         elif missing:
             self._audit("hold", "gate", f"no data for {', '.join(missing)}", gates)
@@ -259,7 +251,7 @@ class RolloutController:
             )
             return
         if live and all(ready.get(r.candidate) == "ready" for ready in live.values()):
-            r.phase, r.step, r.weight = "running", 0, r.steps[0]
+            r.phase, r.step, r.weight = Phase.RUNNING, 0, r.steps[0]
             r.step_started_at, r.baked_s = time.time(), 0.0
             self._changed(
                 "step", "auto", f"v{r.candidate} loaded and smoke-checked on {len(live)} replica(s)"
@@ -271,7 +263,7 @@ class RolloutController:
         r = self.record
         r.previous, r.previous_uri = r.stable, r.stable_uri
         r.stable, r.stable_uri = r.candidate, r.candidate_uri
-        r.phase, r.weight, r.reason, r.finished_at = "promoted", 0.0, reason, time.time()
+        r.phase, r.weight, r.reason, r.finished_at = Phase.PROMOTED, 0.0, reason, time.time()
         alias = await self._move_champion(r.stable)
         self._changed("promote", trigger, reason + alias, gates)
 
@@ -285,7 +277,7 @@ class RolloutController:
             r.stable_uri,
         )
         r.phase, r.reason, r.finished_at = (
-            "rolled_back",
+            Phase.ROLLED_BACK,
             f"promotion of v{demoted} undone by hand",
             time.time(),
         )
@@ -294,7 +286,7 @@ class RolloutController:
 
     def _roll_back(self, trigger: str, reason: str, gates: dict | None = None) -> None:
         r = self.record
-        r.phase, r.weight, r.reason, r.finished_at = "rolled_back", 0.0, reason, time.time()
+        r.phase, r.weight, r.reason, r.finished_at = Phase.ROLLED_BACK, 0.0, reason, time.time()
         self._changed("rollback", trigger, reason, gates)
 
     async def _move_champion(self, version: str) -> str:
@@ -308,7 +300,7 @@ class RolloutController:
                 trk.set_alias, r.tracking_uri, r.registered_name, "champion", version
             )
         except Exception as exc:  # the routing decision stands; the log says the alias did not move
-            return f"; alias 'champion' NOT moved: {type(exc).__name__}: {exc}"
+            return f"; alias 'champion' NOT moved: {type(exc).__name__}: {first_line(exc)}"
         return f"; alias 'champion' -> {r.registered_name} v{version}"
 
     def _changed(self, decision: str, trigger: str, reason: str, gates: dict | None = None) -> None:

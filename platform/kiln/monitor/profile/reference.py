@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from kiln.monitor.features import (
+from kiln.files import atomic_write_text
+from kiln.monitor.profile.features import (
     OOD_SCORES,
     FeatureSpec,
     feature_layout,
@@ -27,7 +28,7 @@ from kiln.monitor.features import (
     output_features,
     softmax,
 )
-from kiln.monitor.ood import OodScorer
+from kiln.monitor.profile.ood import OodScorer
 
 REFERENCE_FILE = "monitor_reference.json"
 SAMPLE_SIZE = 1000  # order statistics kept per numeric feature: a quantile sketch for KS and PSI
@@ -88,9 +89,10 @@ class MonitorReference:
         return cls(**data)
 
     def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / REFERENCE_FILE
-        path.write_text(json.dumps(self.to_dict(), separators=(",", ":")))
-        return path
+        """Store the reference in an artifact folder (atomically); returns its path."""
+        return atomic_write_text(
+            Path(directory) / REFERENCE_FILE, json.dumps(self.to_dict(), separators=(",", ":"))
+        )
 
 
 def load_reference(directory: str | Path) -> MonitorReference | None:

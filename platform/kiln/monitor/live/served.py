@@ -15,17 +15,50 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from kiln.monitor.alerts import notify, post_webhook
-from kiln.monitor.config import MonitorConfig
-from kiln.monitor.monitor import OodResult, VersionMonitor
-from kiln.monitor.reference import REFERENCE_FILE, load_reference
-from kiln.monitor.retrain import RetrainLoop
+from kiln.monitor.live.alerts import notify, post_webhook
+from kiln.monitor.live.config import MonitorConfig, RetrainPolicy
+from kiln.monitor.live.metrics import MonitorMetrics
+from kiln.monitor.live.monitor import Evaluation, OodResult, VersionMonitor
+from kiln.monitor.profile.reference import REFERENCE_FILE, load_reference
 
 logger = logging.getLogger("ray.serve")
+
+
+class RetrainEvent(Protocol):
+    """One step of a retraining loop, as the monitor status and the webhook show it."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class Retrainer(Protocol):
+    """A served version's retraining loop: what a replica needs of it."""
+
+    policy: RetrainPolicy
+    in_flight: str | None
+    events: list[Any]  # RetrainEvent-like: each has to_dict()
+
+    def check(self, alert_since: float | None, drift_score: float | None) -> None: ...
+
+
+class RetrainerFactory(Protocol):
+    """Builds the retraining loop of one served version. Supplied from above serving (the commands
+    layer hands ``kiln.monitor.retrain.loop.RetrainLoop``): replicas never import retraining, job
+    submission or rollout control themselves."""
+
+    def __call__(
+        self,
+        policy: RetrainPolicy,
+        model: str,
+        version: str,
+        registry_name: str,
+        tracking_uri: str,
+        run_dir: str | None = None,
+        on_event: Callable[[Any], None] | None = None,
+    ) -> Retrainer: ...
 
 
 class ReplicaMonitors:
@@ -35,18 +68,20 @@ class ReplicaMonitors:
         self,
         model: str,
         cfg: MonitorConfig,
-        metrics=None,
+        metrics: MonitorMetrics | None = None,
         tracking_uri: str | None = None,
         run_dir: str | None = None,
         stable_version: Callable[[], str | None] | None = None,
+        retrainer: RetrainerFactory | None = None,
     ):
         self.model, self.cfg, self.metrics, self.tracking_uri = model, cfg, metrics, tracking_uri
         self.run_dir = run_dir
         # The one version whose drift may start a retraining (the stable one; None while a rollout
         # runs, its gates decide then). Without it (no rollouts), every version's drift may.
         self.stable_version = stable_version
+        self.retrainer = retrainer  # None: no retraining in this replica (none configured)
         self.monitors: dict[str, VersionMonitor] = {}
-        self.loops: dict[str, RetrainLoop] = {}
+        self.loops: dict[str, Retrainer] = {}
         self.unmonitored: dict[str, str] = {}  # version -> why
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"kiln-monitor-{model}")
         # Alerts go out on their own thread: a slow webhook must delay neither requests nor
@@ -58,10 +93,10 @@ class ReplicaMonitors:
     def add_retraining(self, version: str, registry_name: str) -> None:
         """Attach the retraining policy to a monitored version; a watcher thread checks it every
         second (time, not traffic, decides when drift has lasted ``after_s``)."""
-        if self.cfg.retrain is None or version not in self.monitors:
+        if self.cfg.retrain is None or self.retrainer is None or version not in self.monitors:
             return
         cfg = self.cfg
-        self.loops[version] = RetrainLoop(
+        self.loops[version] = self.retrainer(
             cfg.retrain,
             self.model,
             version,
@@ -73,7 +108,7 @@ class ReplicaMonitors:
                 and self._alerts.submit(
                     post_webhook,
                     cfg.webhook_url,
-                    {"kind": "kiln.monitor.retrain", **event.to_dict()},
+                    {"kind": "kiln.monitor.retrain.loop", **event.to_dict()},
                     cfg.webhook_timeout_s,
                 )
             ),
@@ -104,12 +139,13 @@ class ReplicaMonitors:
                             monitor.drift_alert.since if monitor.drift_alert.firing else None,
                             monitor.last.drift_score if monitor.last else None,
                         )
-                except Exception:
+                except Exception:  # the watcher must outlive one bad check; it is logged
                     logger.exception(
                         "kiln monitor: periodic check failed for %s v%s", self.model, version
                     )
 
     def add(self, version: str, model_dir: Path) -> None:
+        """Monitor ``version`` against the reference in its artifact folder (or record why not)."""
         if not self.cfg.enabled:
             self.unmonitored[version] = "monitoring is off (serve.monitor.enabled: false)"
             return
@@ -145,12 +181,16 @@ class ReplicaMonitors:
         self.loops.pop(version, None)
         self.unmonitored.pop(version, None)
 
-    def observe(self, version: str, x: np.ndarray, logits: np.ndarray) -> OodResult | None:
-        """Score a request on the event loop; evaluate on the monitor thread when due."""
+    def observe(
+        self, version: str, x: np.ndarray, logits: np.ndarray, probs: np.ndarray
+    ) -> OodResult | None:
+        """Score a request on the event loop (``probs``: the softmax of ``logits``, computed once
+        per request by the caller); evaluate on the monitor thread when due. Returns the OOD
+        result, None when the version is not monitored."""
         monitor = self.monitors.get(version)
         if monitor is None:
             return None
-        result = monitor.observe(x, logits)
+        result = monitor.observe(x, logits, probs)
         if self.metrics is not None:
             self.metrics.observed(self.model, version, len(result.flags), int(result.flags.sum()))
         if monitor.due():
@@ -160,7 +200,9 @@ class ReplicaMonitors:
             )
         return result
 
-    def _evaluate(self, monitor: VersionMonitor, snapshot=None):
+    def _evaluate(
+        self, monitor: VersionMonitor, snapshot: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> Evaluation | None:
         try:
             evaluation = monitor.evaluate(snapshot)
             if self.metrics is not None:
@@ -182,6 +224,7 @@ class ReplicaMonitors:
             self._evaluate(monitor, monitor.take_snapshot())
 
     def signals(self, version: str) -> dict[str, float]:
+        """The version's rollout-gate signals (``VersionMonitor.signals``); {} when unmonitored."""
         monitor = self.monitors.get(version)
         if monitor is None:
             return {}
@@ -189,6 +232,7 @@ class ReplicaMonitors:
         return monitor.signals()
 
     def status(self, version: str, window: bool = False) -> dict[str, Any]:
+        """The version's monitor status as JSON (why not, when it is not monitored)."""
         monitor = self.monitors.get(version)
         if monitor is None:
             return {
@@ -212,6 +256,7 @@ class ReplicaMonitors:
         return out
 
     def report(self, versions: list[str], window: bool = False) -> dict[str, Any]:
+        """This replica's monitor report of ``versions`` (what ``GET .../monitor`` answers)."""
         return {
             "model": self.model,
             "replica": self.replica,
@@ -222,9 +267,10 @@ class ReplicaMonitors:
 
 
 def _replica_id() -> str:
-    try:
-        from ray import serve
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
 
+    try:
         return serve.get_replica_context().replica_id.unique_id
-    except Exception:  # outside a replica (in-process tests)
+    except RayServeException:  # outside a replica (in-process tests)
         return f"pid-{os.getpid()}"
