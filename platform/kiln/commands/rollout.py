@@ -148,7 +148,7 @@ def _status(args) -> int:
                 emit_json(st.to_dict())
             return 0
         try:
-            time.sleep(max(0.5, min(float(st.record.get("interval_s", 2.0)), 5.0)))
+            time.sleep(max(0.5, min(float((st.record or {}).get("interval_s", 2.0)), 5.0)))
         except KeyboardInterrupt:
             return 0
 

@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kiln.commands.common import add_json_argument, emit_json, say
+
+if TYPE_CHECKING:
+    from kiln.serve.config import ServeConfig
+    from kiln.serve.lifecycle import ServingHooks
 
 HELP = "serve registered models over HTTP (Open Inference Protocol) with Ray Serve"
 
@@ -133,7 +138,7 @@ def use_serving_env(run_dir: str, address: str | None, starting: bool = False) -
         os.environ.setdefault(key, value)
 
 
-def serving_hooks(cfg) -> object:
+def serving_hooks(cfg: ServeConfig | None) -> ServingHooks:
     """The layers above serving plugged into ``kiln serve start | stop``: rollout records and
     controllers (``kiln.rollout.control``) and, when ``serve.monitor.retrain`` is set, the
     replicas' retraining loop (``kiln.monitor.retrain``)."""

@@ -6,7 +6,7 @@ replicas, CPUs and autoscaling, and lets one model be redeployed without touchin
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from kiln.serve.plan import ModelAppSpec, ModelPlan, ServePlan
 
@@ -64,6 +64,7 @@ def build_applications(
     """The ``RunTarget``s to deploy: the root app first, then one per model. ``retrainer`` builds
     the replicas' retraining loops (passed only when ``serve.monitor.retrain`` is set)."""
     from ray import serve
+    from ray.serve import Deployment
     from ray.serve.api import RunTarget
 
     from kiln.serve.model_server import ModelServer
@@ -76,7 +77,8 @@ def build_applications(
         for m in plan.models
     }
     names = [model_app_name(m.name) for m in plan.models]
-    root = serve.deployment(RootServer).options(
+    # serve.deployment(cls) is a Deployment; its typed overloads only know the decorator forms.
+    root = cast(Deployment, serve.deployment(RootServer)).options(
         name="RootServer",
         num_replicas=1,
         ray_actor_options={"num_cpus": 0},
@@ -95,7 +97,9 @@ def build_applications(
             run_dir=plan.run_dir,
             retrainer=retrainer if cfg.monitor.retrain is not None else None,
         )
-        deployment = serve.deployment(ModelServer).options(**deployment_options(model))
+        deployment = cast(Deployment, serve.deployment(ModelServer)).options(
+            **deployment_options(model)
+        )
         targets.append(
             RunTarget(
                 deployment.bind(spec),

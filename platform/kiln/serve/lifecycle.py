@@ -233,11 +233,11 @@ def start_serving(
     address = address or os.environ.get("RAY_ADDRESS") or None
     local: LocalRay | None = None
     state = load_state(run_dir)
-    if address is None and state and state.local() and state.local().alive():
+    running_local = state.local() if state is not None and address is None else None
+    if state is not None and running_local is not None and running_local.alive():
         raise KilnError(
             f"Kiln is already serving at {state.url} (local Ray instance, pid "
-            f"{state.local().pid}); "
-            "run 'kiln serve stop' first"
+            f"{running_local.pid}); run 'kiln serve stop' first"
         )
     plan = plan_serving(cfg, tracking_uri)
     plan.run_dir = str(Path(run_dir).expanduser().resolve())
@@ -383,7 +383,7 @@ def stop_serving(
     started it. Returns what stopped. Raises KilnError."""
     address, state = find_target(run_dir, address)
     local = state.local() if state and state.address == address else None
-    if local is not None:
+    if state is not None and local is not None:
         pid, alive = local.pid, local.alive()
         local.stop()
         forget(run_dir, state)

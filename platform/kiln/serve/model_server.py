@@ -59,7 +59,7 @@ class VersionRunner:
         self._executor = ThreadPoolExecutor(
             1, thread_name_prefix=f"kiln-{served.model_name}-v{served.version}"
         )
-        self._batched = None
+        self._batched: Any = None  # the serve.batch wrapper of _run_batch, once batching is on
         self.batching = BatchingConfig(enabled=False)
 
     def configure(self, batching: BatchingConfig) -> None:
@@ -365,7 +365,7 @@ class ModelServer:
         probs = softmax(logits)  # once per request: the answer and the monitor share it
         ood = self.monitors.observe(served.version, x, logits, probs)
         self._shadow(mirror, lambda other: other.prepare_json(payload), logits)
-        out = {
+        out: dict[str, Any] = {
             "model_name": self.spec.model_name,
             "model_version": served.version,
             "predictions": served.predictions(probs),

@@ -48,7 +48,7 @@ def serving_status(
     be read). Raises KilnError when nothing is found."""
     address, state = find_target(run_dir, address)
     local = state.local() if state and state.address == address else None
-    if local is not None and not local.alive():
+    if state is not None and local is not None and not local.alive():
         forget(run_dir, state)
         raise KilnError(
             f"the local Ray instance that served (pid {local.pid}) is gone; start again with "

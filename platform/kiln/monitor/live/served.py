@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from kiln.monitor.live.alerts import notify, post_webhook
+from kiln.monitor.live.alerts import Alert, notify, post_webhook
 from kiln.monitor.live.config import MonitorConfig, RetrainPolicy
 from kiln.monitor.live.metrics import MonitorMetrics
 from kiln.monitor.live.monitor import Evaluation, OodResult, VersionMonitor
@@ -93,25 +93,27 @@ class ReplicaMonitors:
     def add_retraining(self, version: str, registry_name: str) -> None:
         """Attach the retraining policy to a monitored version; a watcher thread checks it every
         second (time, not traffic, decides when drift has lasted ``after_s``)."""
-        if self.cfg.retrain is None or self.retrainer is None or version not in self.monitors:
+        policy, cfg = self.cfg.retrain, self.cfg
+        if policy is None or self.retrainer is None or version not in self.monitors:
             return
-        cfg = self.cfg
+
+        def post_event(event: RetrainEvent) -> None:  # on the alerts thread: never the caller's
+            if cfg.webhook_url:
+                self._alerts.submit(
+                    post_webhook,
+                    cfg.webhook_url,
+                    {"kind": "kiln.monitor.retrain", **event.to_dict()},
+                    cfg.webhook_timeout_s,
+                )
+
         self.loops[version] = self.retrainer(
-            cfg.retrain,
+            policy,
             self.model,
             version,
             registry_name,
             self.tracking_uri or "",
             self.run_dir,
-            on_event=lambda event: (
-                cfg.webhook_url
-                and self._alerts.submit(
-                    post_webhook,
-                    cfg.webhook_url,
-                    {"kind": "kiln.monitor.retrain.loop", **event.to_dict()},
-                    cfg.webhook_timeout_s,
-                )
-            ),
+            on_event=post_event,
         )
 
     def _start_watcher(self) -> None:
@@ -164,14 +166,12 @@ class ReplicaMonitors:
             )
             return
         cfg = self.cfg
+
+        def on_alert(alert: Alert) -> None:  # on the alerts thread: a slow webhook delays nothing
+            self._alerts.submit(notify, alert, cfg.webhook_url, cfg.webhook_timeout_s)
+
         self.monitors[version] = VersionMonitor(
-            self.model,
-            version,
-            reference,
-            cfg,
-            on_alert=lambda alert: self._alerts.submit(
-                notify, alert, cfg.webhook_url, cfg.webhook_timeout_s
-            ),
+            self.model, version, reference, cfg, on_alert=on_alert
         )
         self._start_watcher()
 

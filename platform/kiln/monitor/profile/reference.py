@@ -157,9 +157,9 @@ def build_reference(predictor, data) -> MonitorReference:
     # inputs.
     val_inputs = input_features(kind, x_out)
     for name in OOD_SCORES:
-        for inputs in (False, True):
-            typical = reference.scorer(name, inputs).score(scores[name], val_inputs)
-            reference.typicality_quantiles[ood_key(name, inputs)] = _rounded(
+        for with_inputs in (False, True):
+            typical = reference.scorer(name, with_inputs).score(scores[name], val_inputs)
+            reference.typicality_quantiles[ood_key(name, with_inputs)] = _rounded(
                 np.quantile(typical, OOD_QUANTILES)
             )
     return reference

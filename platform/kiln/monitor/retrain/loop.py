@@ -86,7 +86,7 @@ class RetrainLoop:
 
     def check(self, alert_since: float | None, drift_score: float | None) -> None:
         """Start a retraining job (on a thread of its own) if one is due."""
-        if not self.due(alert_since):
+        if alert_since is None or not self.due(alert_since):
             return
         self.in_flight = "starting"
         self.last_submitted = time.time()

@@ -52,8 +52,7 @@ def connect_to_serving(
 
     address, state = find_target(run_dir, address)
     if not ray.is_initialized():
-        local = state.local() if state and state.address == address else None
-        connect(address, local.auth_mode if local else None, debug)
+        connect(address, debug)
     return state
 
 
@@ -96,7 +95,7 @@ def start_rollout(
     steps, shadow, gates = options.plan(strategy)
     state = connect_to_serving(run_dir, address, debug)
     served = [m for m in (state.models if state else []) if m["name"] == model]
-    if not served:
+    if state is None or not served:
         names = sorted({m["name"] for m in state.models}) if state else []
         raise KilnError(
             f"model '{model}' is not served from {run_dir} (served: "
@@ -115,6 +114,11 @@ def start_rollout(
         )
     registered = stable_uri[len("models:/") :].split("/")[0]
     tracking_uri = state.tracking_uri
+    if not tracking_uri:
+        raise KilnError(
+            f"the serve state of '{model}' lacks its registry (started by an older Kiln); restart "
+            "serving with 'kiln serve stop' and 'kiln serve start'"
+        )
     to_version = str(to_version).lstrip("v")
     if to_version == stable:
         raise KilnError(f"v{to_version} is already the stable version of '{model}'")

@@ -44,6 +44,12 @@ class RolloutController:
         self._loop: asyncio.Task | None = None
         self._last_tick = 0.0
 
+    def _current(self) -> RolloutRecord:
+        """The record, in the code paths that run only once a rollout was started."""
+        if self.record is None:
+            raise RuntimeError(f"no rollout of '{self.store.model}' is recorded")
+        return self.record
+
     # --- called by replicas ---------------------------------------------------------------------
 
     async def report(self, payload: dict[str, Any]) -> dict[str, Any] | None:
@@ -67,7 +73,7 @@ class RolloutController:
             r.previous and r.previous_uri and r.phase in FINISHED
         ):  # kept loaded: an instant rollback
             versions[r.previous] = r.previous_uri
-        if r.active and r.candidate:
+        if r.active and r.candidate and r.candidate_uri:
             versions[r.candidate] = r.candidate_uri
             return RoutingTable(
                 stable=r.stable,
@@ -145,7 +151,7 @@ class RolloutController:
             self._changed("resume", trigger, "the step's bake time starts again")
         else:
             return {"error": f"unknown action '{action}'"}
-        return self.record.to_dict()
+        return self._current().to_dict()
 
     async def status(self) -> dict[str, Any]:
         self._ensure_loop()
@@ -198,7 +204,7 @@ class RolloutController:
         if r.phase == Phase.PREPARING:
             self._check_ready()
             return
-        candidate = metrics.get(r.candidate)
+        candidate = metrics.get(r.candidate) if r.candidate else None
         gates = {}
         for expr in r.gates:
             gate = parse_gate(expr)
@@ -233,7 +239,7 @@ class RolloutController:
     def _check_ready(self) -> None:
         """Preparing: start step 0 once every live replica has loaded and smoke-checked the
         candidate."""
-        r = self.record
+        r = self._current()
         now = time.monotonic()
         live = {
             rid: info["ready"]
@@ -260,7 +266,9 @@ class RolloutController:
     # --- decisions ------------------------------------------------------------------------------
 
     async def _promote(self, trigger: str, reason: str, gates: dict | None = None) -> None:
-        r = self.record
+        r = self._current()
+        if r.candidate is None or r.candidate_uri is None:
+            raise RuntimeError(f"no candidate to promote in the rollout of '{r.model}'")
         r.previous, r.previous_uri = r.stable, r.stable_uri
         r.stable, r.stable_uri = r.candidate, r.candidate_uri
         r.phase, r.weight, r.reason, r.finished_at = Phase.PROMOTED, 0.0, reason, time.time()
@@ -268,7 +276,9 @@ class RolloutController:
         self._changed("promote", trigger, reason + alias, gates)
 
     async def _undo_promotion(self, trigger: str) -> None:
-        r = self.record
+        r = self._current()
+        if r.previous is None or r.previous_uri is None:
+            raise RuntimeError(f"no previous version of '{r.model}' to return to")
         demoted = r.stable
         r.stable, r.stable_uri, r.previous, r.previous_uri = (
             r.previous,
@@ -285,7 +295,7 @@ class RolloutController:
         self._changed("rollback", trigger, r.reason + alias)
 
     def _roll_back(self, trigger: str, reason: str, gates: dict | None = None) -> None:
-        r = self.record
+        r = self._current()
         r.phase, r.weight, r.reason, r.finished_at = Phase.ROLLED_BACK, 0.0, reason, time.time()
         self._changed("rollback", trigger, reason, gates)
 
@@ -294,7 +304,7 @@ class RolloutController:
         log."""
         from kiln import tracking as trk
 
-        r = self.record
+        r = self._current()
         try:
             await asyncio.to_thread(
                 trk.set_alias, r.tracking_uri, r.registered_name, "champion", version
@@ -304,15 +314,15 @@ class RolloutController:
         return f"; alias 'champion' -> {r.registered_name} v{version}"
 
     def _changed(self, decision: str, trigger: str, reason: str, gates: dict | None = None) -> None:
-        self.record.revision += 1
+        self._current().revision += 1
         self._save()
         self._audit(decision, trigger, reason, gates)
 
     def _save(self) -> None:
-        self.store.save(self.record)
+        self.store.save(self._current())
 
     def _audit(self, decision: str, trigger: str, reason: str, gates: dict | None = None) -> None:
-        r = self.record
+        r = self._current()
         weights = {r.stable: round(100.0 - r.weight, 3)}
         if r.candidate and r.active:
             weights[r.candidate] = r.weight

@@ -53,7 +53,7 @@ class RolloutAgent:
         )  # versions loaded for a rollout (the deployment's own stay for good)
         self._signals = signals
         self._loading: dict[str, asyncio.Task] = {}
-        self._handle = None
+        self._handle: Any = None  # the controller actor's handle, once found
         self._looked_at = 0.0
         self._replica_id = _replica_id()
         self._warned = 0.0
@@ -121,8 +121,9 @@ class RolloutAgent:
             "stats": {v: w.to_dict() for v, w in stats.items()},
         }
         table = await asyncio.wait_for(_await_ref(handle.report.remote(payload)), CALL_TIMEOUT_S)
-        if table is not None:
-            self.apply(RoutingTable.from_dict(table))
+        routing = RoutingTable.from_dict(table)
+        if routing is not None:
+            self.apply(routing)
 
     def apply(self, table: RoutingTable) -> None:
         self.table = table
@@ -157,7 +158,9 @@ class RolloutAgent:
                 window.signals = dict(signals)
         return windows
 
-    async def _controller(self):
+    async def _controller(self) -> Any:
+        """The controller's handle; None when there is none (looked up at most every
+        ``LOOKUP_EVERY_S``)."""
         if self._handle is not None:
             return self._handle
         now = time.monotonic()
