@@ -7,7 +7,10 @@ import time
 
 from kiln.commands.common import add_json_argument, emit_json, say
 
-HELP = "roll a served model out to a new version: canary, linear, blue-green or shadow, gated by live metrics"
+HELP = (
+    "roll a served model out to a new version: canary, linear, blue-green or shadow, gated by live "
+    "metrics"
+)
 
 
 def add_arguments(parser) -> None:
@@ -175,7 +178,8 @@ def render_status(st) -> str:
         lines.append(
             f"  weights: v{r['stable']} {100 - r['weight']:g}%  v{r['candidate']} {r['weight']:g}%"
             + (f"  (mirrored {r['shadow']:g}%)" if r.get("shadow") else "")
-            + f"  step {r['step'] + 1}/{len(steps)}  baked {r.get('baked_s', 0):.1f}/{r['bake_s']:g}s"
+            + f"  step {r['step'] + 1}/{len(steps)}"
+            + f"  baked {r.get('baked_s', 0):.1f}/{r['bake_s']:g}s"
         )
     elif r.get("reason"):
         lines.append(f"  {r['reason']}")

@@ -32,7 +32,8 @@ def add_arguments(parser) -> None:
     start.add_argument(
         "--ingress",
         choices=["proxy", "haproxy"],
-        help="'proxy' (default, Ray Serve's proxy) or 'haproxy' (faster; see README: Serving, safety)",
+        help="'proxy' (default, Ray Serve's proxy) or 'haproxy' (faster; see README: Serving, "
+        "safety)",
     )
     start.add_argument(
         "--api-key-env", metavar="VAR", help="require the API key held in environment variable VAR"

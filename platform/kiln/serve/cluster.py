@@ -50,7 +50,7 @@ def serving_env(run_dir: str | Path, address: str | None, starting: bool = False
 
 def telling_line(message: str) -> str:
     """The most telling line of a (Ray) error message: the last one naming an error."""
-    lines = [l.strip() for l in (message or "").splitlines() if l.strip()]
+    lines = [line.strip() for line in (message or "").splitlines() if line.strip()]
     for line in reversed(lines):
         if ("Error" in line or "error" in line) and not line.startswith("File "):
             return line[:400]

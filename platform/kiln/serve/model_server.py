@@ -145,7 +145,8 @@ class ModelServer:
             self.remove_version,
         )
         self._reporter: asyncio.Task[None] | None = None
-        try:  # Serve runs the constructor on the replica's event loop; built elsewhere (tests) no reports
+        # Serve runs the constructor on the replica's event loop; built elsewhere (tests): none
+        try:
             self._reporter = asyncio.get_running_loop().create_task(self.rollout.run_forever())
         except RuntimeError:  # no running event loop
             pass

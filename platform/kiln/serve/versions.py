@@ -196,7 +196,10 @@ class ServedVersion:
         labels = self.predictor.spec.labels
         keys = [str(label) for label in labels]
         return [
-            {"label": labels[int(row.argmax())], "probabilities": dict(zip(keys, map(float, row)))}
+            {
+                "label": labels[int(row.argmax())],
+                "probabilities": dict(zip(keys, map(float, row), strict=True)),
+            }
             for row in probs
         ]
 

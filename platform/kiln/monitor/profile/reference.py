@@ -146,7 +146,7 @@ def build_reference(predictor, data) -> MonitorReference:
     quantiles = {name: _rounded(np.quantile(scores[name], OOD_QUANTILES)) for name in OOD_SCORES}
     reference = MonitorReference(
         kind=kind,
-        labels=[str(l) for l in spec.labels],
+        labels=[str(label) for label in spec.labels],
         features=features,
         ood_quantiles=quantiles,
         typicality_quantiles={},

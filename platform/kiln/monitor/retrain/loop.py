@@ -47,7 +47,10 @@ class RetrainEvent:
     def line(self) -> str:
         extra = " ".join(f"{k}={v}" for k, v in self.detail.items())
         job = f" job {self.submission_id}" if self.submission_id else ""
-        return f"kiln monitor retrain [{self.step}]: model {self.model} version {self.version}:{job} {extra}".rstrip()
+        return (
+            f"kiln monitor retrain [{self.step}]: model {self.model} version {self.version}:{job} "
+            f"{extra}"
+        ).rstrip()
 
 
 class RetrainLoop:

@@ -137,7 +137,7 @@ class RolloutOptions:
             if (
                 not steps
                 or any(not 0 < s <= 100 for s in steps)
-                or any(b <= a for a, b in zip(steps, steps[1:]))
+                or any(b <= a for a, b in zip(steps, steps[1:], strict=False))
             ):
                 raise KilnError(
                     f"--steps must be increasing percentages in (0, 100] (got "
