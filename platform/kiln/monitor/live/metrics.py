@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from kiln.monitor.live.alerts import AlertState
+
 # Ray 2.60 annotates ``tag_keys`` as ``Tuple[str]`` (one element) though it takes any number.
 TagKeys = Any
 
@@ -56,7 +58,7 @@ class MonitorMetrics:
         """After an evaluation: the gauges, and the alerts it fired."""
         self.publish(model, version, evaluation, monitor)
         for alert in evaluation.alerts:
-            if alert.state == "firing":
+            if alert.state == AlertState.FIRING:
                 self.alerts.inc(
                     1, tags={"model": model, "model_version": version, "signal": alert.signal}
                 )

@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from kiln.errors import first_line
 from kiln.rollout.core.actors import find_controller
 from kiln.rollout.core.routing import Router, RoutingTable
 from kiln.rollout.core.stats import VersionWindow
@@ -144,9 +145,9 @@ class RolloutAgent:
             await self._load(version, uri)
             self.ready[version] = "ready"
             self._added.add(version)
-        except Exception as exc:
+        except Exception as exc:  # any load failure is the candidate's: reported, so it rolls back
             logger.exception("kiln rollout: loading %s failed", uri)
-            self.ready[version] = f"failed: {type(exc).__name__}: {exc}"[:300]
+            self.ready[version] = f"failed: {type(exc).__name__}: {first_line(exc, 300)}"[:300]
         finally:
             self._loading.pop(version, None)
 
