@@ -42,7 +42,7 @@ SPLIT = {"val": 0.3, "test": 0.3, "seed": 0}
 def train(data: dict, model: dict, epochs: int, work: Path):
     from kiln.data.dataset import prepare_data
     from kiln.models.predictor import load_predictor
-    from kiln.monitor.profile.reference import load_reference, write_reference
+    from kiln.monitor.reference import load_reference, write_reference
     from kiln.schema import validate_config
     from kiln.train.loop import train_epochs
     from kiln.train.session import LocalSession
@@ -76,7 +76,7 @@ def pct(values: list[float], q: float) -> float:
 
 async def request_path(served, body: bytes, monitors) -> bytes:
     """What ModelServer._infer does for one request, minus HTTP (monitors=None: monitoring off)."""
-    from kiln.monitor.profile.features import softmax
+    from kiln.monitor.reference.features import softmax
     from kiln.serve.protocol import encode_infer_response, parse_infer_request, select_outputs
 
     req = parse_infer_request(body, None)
@@ -173,7 +173,7 @@ def detection_delay(
     rows)."""
     from kiln.monitor.live.config import MonitorConfig
     from kiln.monitor.live.monitor import VersionMonitor
-    from kiln.monitor.profile.features import softmax
+    from kiln.monitor.reference.features import softmax
 
     fired: list = []
     config = MonitorConfig(**cfg)

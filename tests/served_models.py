@@ -57,7 +57,7 @@ def train_and_register(
     """Train ``model`` on ``data`` in-process, register it as a new version of ``name``; returns its
     URI."""
     from kiln.data.dataset import prepare_data
-    from kiln.monitor.profile.reference import write_reference
+    from kiln.monitor.reference import write_reference
     from kiln.schema import validate_config
     from kiln.train.loop import train_epochs
     from kiln.train.session import LocalSession
@@ -116,7 +116,7 @@ def compress_and_register(
     from kiln.data.config import DataConfig
     from kiln.data.dataset import prepare_data
     from kiln.models.artifact import build_model, load_torch_model, save_artifact
-    from kiln.monitor.profile.reference import write_reference
+    from kiln.monitor.reference import write_reference
 
     model, spec = load_torch_model(trk.resolve_model_dir(source_uri, reg.tracking_uri))
     with tempfile.TemporaryDirectory(prefix="kiln-test-variant-") as tmp:

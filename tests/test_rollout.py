@@ -154,7 +154,7 @@ def idle(served, serve_dir, versions) -> str:
         rollout_command(serve_dir, None, MODEL, "rollback")
         record = wait_phase(serve_dir, *FINISHED)
     stable = record.stable if record is not None else versions.stable
-    wait_routed(served["url"], stable, all_of=20)
+    wait_routed(served["url"], stable, all_of=CLIENTS)
     return stable
 
 
@@ -172,7 +172,7 @@ def stable_on(served, serve_dir, idle):
         wait_phase(serve_dir, Phase.RUNNING)
         rollout_command(serve_dir, None, MODEL, "promote")
         wait_phase(serve_dir, Phase.PROMOTED)
-        wait_routed(served["url"], version, all_of=20)
+        wait_routed(served["url"], version, all_of=CLIENTS)
         return version
 
     return make

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kiln.monitor.profile.features import softmax
+from kiln.monitor.reference.features import softmax
 from synthetic import tabular_parquet
 
 SPLIT = {"val": 0.3, "test": 0.3, "seed": 0}
@@ -34,7 +34,7 @@ def train_in_process(data: dict, model: dict, epochs: int, run_dir: Path):
     """(Predictor, PreparedData, MonitorReference) of a model trained by the real loop."""
     from kiln.data.dataset import prepare_data
     from kiln.models.predictor import load_predictor
-    from kiln.monitor.profile.reference import load_reference, write_reference
+    from kiln.monitor.reference import load_reference, write_reference
     from kiln.schema import validate_config
     from kiln.train.loop import train_epochs
     from kiln.train.session import LocalSession
@@ -115,7 +115,7 @@ def feed(monitor, predictor, x: np.ndarray, chunk: int = 4, seed: int = 0) -> di
 
 
 def test_psi_is_zero_for_equal_shares_and_grows_with_the_shift():
-    from kiln.monitor.profile.stats import psi
+    from kiln.monitor.reference.stats import psi
 
     assert psi([0.25] * 4, [0.25] * 4) == 0.0
     small, large = psi([0.25] * 4, [0.3, 0.2, 0.25, 0.25]), psi([0.25] * 4, [0.7, 0.1, 0.1, 0.1])
@@ -123,8 +123,8 @@ def test_psi_is_zero_for_equal_shares_and_grows_with_the_shift():
 
 
 def test_numeric_drift_separates_a_shift_from_sampling_noise():
-    from kiln.monitor.profile.reference import FeatureReference, _sketch
-    from kiln.monitor.profile.stats import NumericStatistic
+    from kiln.monitor.reference.build import FeatureReference, _sketch
+    from kiln.monitor.reference.stats import NumericStatistic
 
     rng = np.random.default_rng(0)
     ref = FeatureReference("f", "numeric", "input", sample=_sketch(rng.normal(0, 1, 5000)))
@@ -135,8 +135,8 @@ def test_numeric_drift_separates_a_shift_from_sampling_noise():
 
 
 def test_categorical_drift_uses_category_shares():
-    from kiln.monitor.profile.reference import FeatureReference
-    from kiln.monitor.profile.stats import CategoricalStatistic
+    from kiln.monitor.reference import FeatureReference
+    from kiln.monitor.reference.stats import CategoricalStatistic
 
     ref = FeatureReference("c", "categorical", "output", proportions=[0.5, 0.3, 0.2])
     rng = np.random.default_rng(1)
@@ -185,7 +185,7 @@ def test_alert_fires_once_per_crossing_with_hysteresis():
 
 
 def test_reference_round_trips_and_calibrates_on_validation(digits):
-    from kiln.monitor.profile.reference import MonitorReference
+    from kiln.monitor.reference import MonitorReference
 
     predictor, data, reference = digits
     assert MonitorReference.from_dict(json.loads(json.dumps(reference.to_dict()))) == reference

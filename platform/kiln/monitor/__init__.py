@@ -2,8 +2,8 @@
 out-of-distribution inputs, alerts, status, reports and retraining.
 
 Four subpackages, one per layer (arrows point down only):
-- ``profile``: the statistics below training: the monitored features, OOD scoring, a version's
-  reference (written when it is registered) and the drift tests;
+- ``reference``: below training: a version's monitoring reference (written when it is
+  registered) and the statistics it needs: the monitored features, OOD scoring, the drift tests;
 - ``live``: the replica side (the ``serve.monitor`` config section, per-version monitors, alerts,
   metrics), used by the serving layer;
 - ``console``: reading a served model's monitor over HTTP and writing reports (above serving);

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from kiln.monitor.profile.features import softmax
+from kiln.monitor.reference.features import softmax
 from kiln.serve.config import BatchingConfig
 from kiln.serve.http import (
     check_api_key,

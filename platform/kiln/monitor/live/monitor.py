@@ -16,9 +16,9 @@ import numpy as np
 from kiln.monitor.live.alerts import Alert, Threshold, notify
 from kiln.monitor.live.config import MonitorConfig
 from kiln.monitor.live.window import RowWindow
-from kiln.monitor.profile.features import input_features, ood_scores, output_features
-from kiln.monitor.profile.reference import MonitorReference
-from kiln.monitor.profile.stats import DriftResult, drift, prepare
+from kiln.monitor.reference import MonitorReference
+from kiln.monitor.reference.features import input_features, ood_scores, output_features
+from kiln.monitor.reference.stats import DriftResult, drift, prepare
 
 
 @dataclass

@@ -23,7 +23,7 @@ from kiln.monitor.live.alerts import Alert, notify, post_webhook
 from kiln.monitor.live.config import MonitorConfig, RetrainPolicy
 from kiln.monitor.live.metrics import MonitorMetrics
 from kiln.monitor.live.monitor import Evaluation, OodResult, VersionMonitor
-from kiln.monitor.profile.reference import REFERENCE_FILE, load_reference
+from kiln.monitor.reference import REFERENCE_FILE, load_reference
 
 logger = logging.getLogger("ray.serve")
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from kiln.monitor.profile.reference import FeatureReference, MonitorReference
+from kiln.monitor.reference.build import FeatureReference, MonitorReference
 
 PSI_BINS = 10
 EPS = 1e-4  # floor of a bin's share: an empty bin must not make PSI infinite

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from kiln.files import atomic_write_text
-from kiln.monitor.profile.features import (
+from kiln.monitor.reference.features import (
     OOD_SCORES,
     FeatureSpec,
     feature_layout,
@@ -28,7 +28,7 @@ from kiln.monitor.profile.features import (
     output_features,
     softmax,
 )
-from kiln.monitor.profile.ood import OodScorer
+from kiln.monitor.reference.ood import OodScorer
 
 REFERENCE_FILE = "monitor_reference.json"
 SAMPLE_SIZE = 1000  # order statistics kept per numeric feature: a quantile sketch for KS and PSI
