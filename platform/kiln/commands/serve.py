@@ -237,8 +237,8 @@ def _status(args) -> int:
         )
     if st.metrics_url:
         say(args, f"metrics  {st.metrics_url}")
-    for error in st.errors:
-        say(args, f"  could not read the {error}")
+    for error in st.errors:  # stderr under --json: the JSON line stays as documented
+        say(args, f"warning: could not read the {error}")
     if args.json:
         emit_json(st.to_dict())
     return 0

@@ -64,8 +64,7 @@ def build_applications(
     """The ``RunTarget``s to deploy: the root app first, then one per model. ``retrainer`` builds
     the replicas' retraining loops (passed only when ``serve.monitor.retrain`` is set)."""
     from ray import serve
-    from ray.serve import Deployment
-    from ray.serve.api import RunTarget
+    from ray.serve import Deployment, RunTarget
 
     from kiln.serve.model_server import ModelServer
     from kiln.serve.root_server import RootServer

@@ -34,11 +34,15 @@ class ServingStatus:
     applications: dict[str, dict[str, Any]] = field(default_factory=dict)
     models: list[dict[str, Any]] = field(default_factory=list)
     metrics_url: str | None = None
-    # What could not be read (the model listing, the metrics endpoint): shown, never hidden.
+    # What could not be read (the model listing, the metrics endpoint): the CLI prints a warning
+    # line for each; not in to_dict(), so the documented JSON stays as it was.
     errors: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The ``kiln serve status --json`` object."""
+        data = asdict(self)
+        data.pop("errors")
+        return data
 
 
 def serving_status(

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from kiln.data.profile_report import _img_tag, _plt, _table
+from kiln.files import atomic_write_text
 
 
 def plot_version(status: dict[str, Any], path: Path, max_panels: int = 24) -> Path | None:
@@ -68,7 +69,7 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]
     out.mkdir(parents=True, exist_ok=True)
     model = report["model"]
     paths: dict[str, Path] = {"json": out / "monitor.json"}
-    paths["json"].write_text(json.dumps(report, indent=1))
+    atomic_write_text(paths["json"], json.dumps(report, indent=1))
     sections = []
     for version, status in report["versions"].items():
         if not status.get("monitored"):
@@ -116,5 +117,5 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}.warn{{color:#b00
 each version's reference (inputs: train split; outputs and OOD calibration: validation split).</p>
 {"".join(sections)}</body></html>"""  # noqa: E501
     paths["html"] = out / "monitor.html"
-    paths["html"].write_text(page)
+    atomic_write_text(paths["html"], page)
     return paths
