@@ -30,6 +30,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve_args(ray_cluster: str, registry: Registry, *extra: str) -> list[str]:
+    """``kiln serve start EXTRA`` on the test cluster, with the registry's run dir, --json."""
+    return [
+        "serve",
+        "start",
+        *extra,
+        "--address",
+        ray_cluster,
+        "--run-dir",
+        str(registry.run_dir),
+        "--json",
+    ]
+
+
 def iris_parquet(path: Path) -> Path:
     """Iris as a user's tabular Parquet file: four float columns and a string label."""
     from sklearn.datasets import load_iris

@@ -28,6 +28,7 @@ from served_models import (  # noqa: F401  (fixtures, used by name)
     iris_rows,  # noqa: F401
     png_b64,
     registry,
+    serve_args,
     train_and_register,
 )
 
@@ -41,19 +42,6 @@ HEADERS = {"X-API-Key": API_KEY}
 def second_digits(registry) -> str:
     """Version 2 of the digits model (another seed: different weights, same interface)."""
     return train_and_register(registry.run_dir, "digits", DIGITS, CNN, epochs=2, seed=1)
-
-
-def serve_args(ray_cluster, registry, *extra: str) -> list[str]:
-    return [
-        "serve",
-        "start",
-        *extra,
-        "--address",
-        ray_cluster,
-        "--run-dir",
-        str(registry.run_dir),
-        "--json",
-    ]
 
 
 def kiln_env(registry) -> dict[str, str]:

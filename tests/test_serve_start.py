@@ -12,20 +12,7 @@ import pytest
 
 from conftest import run_kiln
 from kiln.waiting import wait_until
-from served_models import free_port, registry  # noqa: F401  (fixture)
-
-
-def serve_args(ray_cluster, registry, *extra: str) -> list[str]:
-    return [
-        "serve",
-        "start",
-        *extra,
-        "--address",
-        ray_cluster,
-        "--run-dir",
-        str(registry.run_dir),
-        "--json",
-    ]
+from served_models import free_port, registry, serve_args  # noqa: F401  (fixture)
 
 
 def kiln_apps() -> list[str]:

@@ -59,10 +59,14 @@ def deployment_options(model: ModelPlan) -> dict[str, Any]:
 
 
 def build_applications(
-    plan: ServePlan, api_key_sha256: str | None, retrainer: RetrainerFactory | None = None
+    plan: ServePlan,
+    api_key_sha256: str | None,
+    retrainer: RetrainerFactory | None = None,
+    dashboard_url: str | None = None,
 ) -> list[Any]:
     """The ``RunTarget``s to deploy: the root app first, then one per model. ``retrainer`` builds
-    the replicas' retraining loops (passed only when ``serve.monitor.retrain`` is set)."""
+    the replicas' retraining loops (passed only when ``serve.monitor.retrain`` is set); they submit
+    jobs to ``dashboard_url`` unless the policy names a Jobs API."""
     from ray import serve
     from ray.serve import Deployment, RunTarget
 
@@ -95,6 +99,7 @@ def build_applications(
             monitor=cfg.monitor.model_dump(),
             run_dir=plan.run_dir,
             retrainer=retrainer if cfg.monitor.retrain is not None else None,
+            dashboard_url=dashboard_url,
         )
         deployment = cast(Deployment, serve.deployment(ModelServer)).options(
             **deployment_options(model)

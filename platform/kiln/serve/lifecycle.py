@@ -29,6 +29,7 @@ from kiln.serve.app import (
 )
 from kiln.serve.cluster import (
     connect,
+    dashboard_url,
     find_target,
     forget,
     http_url,
@@ -281,7 +282,10 @@ def start_serving(
             raise KilnError(f"Ray Serve did not start: {telling_line(str(exc))}") from exc
         host, port = _check_http(cfg.host, port)
         targets = build_applications(
-            plan, key_digest(api_key) if api_key else None, hooks.retrainer
+            plan,
+            key_digest(api_key) if api_key else None,
+            hooks.retrainer,
+            dashboard_url() if hooks.retrainer is not None else None,
         )
         deployed = [t.name for t in targets]
         progress(f"deploying {len(plan.models)} model(s) on Ray Serve at {gcs}")

@@ -118,6 +118,7 @@ class ModelServer:
             spec.run_dir,
             self._retrainable_version,
             spec.retrainer,
+            spec.dashboard_url,
         )
         for source in spec.versions:
             directory = resolve_model_dir(source.uri, spec.tracking_uri)

@@ -52,6 +52,7 @@ class ModelAppSpec:
     # Builds each version's retraining loop; given from above serving (None: no retraining).
     # Pickled by reference: only replicas of a config with serve.monitor.retrain import it.
     retrainer: RetrainerFactory | None = None
+    dashboard_url: str | None = None  # the serving cluster's Jobs API, captured by the driver
 
 
 @dataclass

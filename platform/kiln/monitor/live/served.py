@@ -58,6 +58,7 @@ class RetrainerFactory(Protocol):
         tracking_uri: str,
         run_dir: str | None = None,
         on_event: Callable[[Any], None] | None = None,
+        default_jobs_address: str | None = None,
     ) -> Retrainer: ...
 
 
@@ -73,6 +74,7 @@ class ReplicaMonitors:
         run_dir: str | None = None,
         stable_version: Callable[[], str | None] | None = None,
         retrainer: RetrainerFactory | None = None,
+        jobs_address: str | None = None,
     ):
         self.model, self.cfg, self.metrics, self.tracking_uri = model, cfg, metrics, tracking_uri
         self.run_dir = run_dir
@@ -80,6 +82,7 @@ class ReplicaMonitors:
         # runs, its gates decide then). Without it (no rollouts), every version's drift may.
         self.stable_version = stable_version
         self.retrainer = retrainer  # None: no retraining in this replica (none configured)
+        self.jobs_address = jobs_address  # the serving cluster's Jobs API (the policy's default)
         self.monitors: dict[str, VersionMonitor] = {}
         self.loops: dict[str, Retrainer] = {}
         self.unmonitored: dict[str, str] = {}  # version -> why
@@ -114,6 +117,7 @@ class ReplicaMonitors:
             self.tracking_uri or "",
             self.run_dir,
             on_event=post_event,
+            default_jobs_address=self.jobs_address,
         )
 
     def _start_watcher(self) -> None:

@@ -67,11 +67,14 @@ class RetrainLoop:
         tracking_uri: str,
         run_dir: str | None = None,
         on_event: Callable[[RetrainEvent], None] | None = None,
+        default_jobs_address: str | None = None,
     ):
         self.policy, self.model, self.version = policy, model, version
         self.registry_name, self.tracking_uri = registry_name, tracking_uri
         self.run_dir = run_dir  # the serving run dir: rollout state and audit log
         self.on_event = on_event or (lambda event: None)
+        # The serving cluster's Jobs API (captured by `kiln serve start`) if the policy names none.
+        self.default_jobs_address = default_jobs_address
         self.events: list[RetrainEvent] = []
         self.in_flight: str | None = None
         self.last_submitted: float | None = None
@@ -152,7 +155,13 @@ class RetrainLoop:
             policy.project,
             policy.python or sys.executable,
         )
-        client = connect(policy.jobs_address or _serving_cluster_jobs_address())
+        jobs_address = policy.jobs_address or self.default_jobs_address
+        if not jobs_address:
+            raise KilnError(
+                "the serving cluster has no dashboard (Jobs API); set "
+                "serve.monitor.retrain.jobs_address"
+            )
+        client = connect(jobs_address)
         submission_id = self.submission_id()
         try:
             submit(client, spec, build_runtime_env(spec, self.tracking_uri), submission_id)
@@ -242,22 +251,3 @@ class RetrainLoop:
             self.on_event(event)
         except Exception:  # a broken handler must not stop the loop; it is logged
             logger.exception("kiln monitor: retrain event handler failed")
-
-
-def _serving_cluster_jobs_address() -> str:
-    """The Jobs API of the Ray cluster this process runs in (its dashboard URL). Raises KilnError
-    when there is none."""
-    import ray
-
-    if not ray.is_initialized():
-        raise KilnError(
-            "not connected to the serving cluster; set serve.monitor.retrain.jobs_address"
-        )
-    # Public: ray.init on a connected process returns the connected cluster's context (no restart).
-    url = ray.init(ignore_reinit_error=True).dashboard_url
-    if not url:
-        raise KilnError(
-            "the serving cluster has no dashboard (Jobs API); set "
-            "serve.monitor.retrain.jobs_address"
-        )
-    return url if "://" in url else f"http://{url}"
