@@ -34,4 +34,5 @@ def serve_http_address() -> tuple[str, int] | None:
     http = client.http_config
     return str(http.host), int(http.port)
 
+
 # --- Ray Tune ----------------------------------------------------------------------------------

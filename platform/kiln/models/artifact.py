@@ -7,7 +7,6 @@ weight files it names (``model.safetensors`` for the state dict of a built archi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
