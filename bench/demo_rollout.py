@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 from kiln.data.builtin import load_builtin  # noqa: E402
-from kiln.rollout.store import ACTIVE, RolloutStore  # noqa: E402
+from kiln.rollout.core.store import ACTIVE, RolloutStore  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("serve_json")

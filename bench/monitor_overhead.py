@@ -76,26 +76,28 @@ def pct(values: list[float], q: float) -> float:
 
 async def request_path(served, body: bytes, monitors) -> bytes:
     """What ModelServer._infer does for one request, minus HTTP (monitors=None: monitoring off)."""
+    from kiln.monitor.reference.features import softmax
     from kiln.serve.protocol import encode_infer_response, parse_infer_request, select_outputs
 
     req = parse_infer_request(body, None)
     x = served.prepare_tensors(req.inputs)
     logits = served.predictor.logits(x, batch_size=len(x))
-    ood = monitors.observe(served.version, x, logits) if monitors is not None else None
+    probs = softmax(logits)
+    ood = monitors.observe(served.version, x, logits, probs) if monitors is not None else None
     content, _ = encode_infer_response(
         "digits",
         served.version,
         req.id,
-        select_outputs(req, served.output_tensors(logits)),
+        select_outputs(req, served.output_tensors(probs)),
         ood.parameters() if ood is not None else None,
     )
     return content
 
 
 async def overhead(predictor, model_dir: Path, raw: np.ndarray, rounds: int, requests: int) -> dict:
-    from kiln.monitor.config import MonitorConfig
-    from kiln.monitor.metrics import MonitorMetrics
-    from kiln.monitor.served import ReplicaMonitors
+    from kiln.monitor.live.config import MonitorConfig
+    from kiln.monitor.live.metrics import MonitorMetrics
+    from kiln.monitor.live.served import ReplicaMonitors
     from kiln.serve.versions import ServedVersion
 
     served = ServedVersion("digits", "1", predictor)
@@ -169,21 +171,24 @@ def detection_delay(
 ) -> int | None:
     """Batch-1 requests after the shift starts until ``signal`` fires (None: not within the shifted
     rows)."""
-    from kiln.monitor.config import MonitorConfig
-    from kiln.monitor.monitor import VersionMonitor
+    from kiln.monitor.live.config import MonitorConfig
+    from kiln.monitor.live.monitor import VersionMonitor
+    from kiln.monitor.reference.features import softmax
 
     fired: list = []
     config = MonitorConfig(**cfg)
     monitor = VersionMonitor("bench", "1", reference, config, on_alert=fired.append)
     for i in range(config.window):  # a full window of in-distribution traffic first
         row = baseline[i % len(baseline)][None]
-        monitor.observe(row, predictor.logits(row))
+        logits = predictor.logits(row)
+        monitor.observe(row, logits, softmax(logits))
         if monitor.due():
             monitor.evaluate()
     assert not fired, f"false alert on in-distribution traffic: {fired}"
     for n, row in enumerate(shifted, start=1):
         row = row[None]
-        monitor.observe(row, predictor.logits(row))
+        logits = predictor.logits(row)
+        monitor.observe(row, logits, softmax(logits))
         if monitor.due() and any(
             a.signal == signal and a.state == "firing" for a in monitor.evaluate().alerts
         ):

@@ -117,8 +117,8 @@ def measure(url: str, configs: dict, rounds: int, scale: float, phase: str, resu
 def decision_cost(calls: int = 200_000) -> dict[str, float]:
     """Microseconds per request of the replica's routing decision plus its bookkeeping,
     in-process."""
-    from kiln.rollout.replica import RolloutAgent
-    from kiln.rollout.routing import RoutingTable
+    from kiln.rollout.core.replica import RolloutAgent
+    from kiln.rollout.core.routing import RoutingTable
 
     async def noop(version, uri):
         return None
@@ -151,7 +151,7 @@ def decision_cost(calls: int = 200_000) -> dict[str, float]:
 
 
 def wait_rollout_running(run_dir: Path, timeout: float = 120.0) -> None:
-    from kiln.rollout.store import RolloutStore
+    from kiln.rollout.core.store import RolloutStore
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

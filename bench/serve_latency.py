@@ -65,9 +65,13 @@ def machine() -> dict:
     try:
         text = Path("/proc/cpuinfo").read_text()
         info["cpu"] = next(
-            l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("model name")
+            line.split(":", 1)[1].strip()
+            for line in text.splitlines()
+            if line.startswith("model name")
         )
-        flags = next(l.split(":", 1)[1].split() for l in text.splitlines() if l.startswith("flags"))
+        flags = next(
+            line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")
+        )
         info["flags"] = [f for f in flags if f.startswith(("avx", "amx", "sse4", "fma"))]
     except (OSError, StopIteration):
         pass
@@ -239,7 +243,7 @@ def start_fastapi(dirs: dict[str, Path]) -> tuple[subprocess.Popen, str]:
             if proc.poll() is not None:
                 raise SystemExit(
                     f"the FastAPI baseline did not start:\n{proc.stderr.read().decode()[-2000:]}"
-                )
+                ) from None
             time.sleep(0.5)
     proc.kill()
     raise SystemExit("the FastAPI baseline did not start within 180 s")
@@ -421,7 +425,7 @@ def report(summary: dict[str, dict], info: dict) -> None:
     )
     for phase in ("haproxy", "proxy"):
 
-        def get(model, label, c, field):
+        def get(model, label, c, field, phase=phase):
             return summary.get(f"{model}|{label}|{phase}|{c}", {}).get(field, float("nan"))
 
         b, cc, d = (

@@ -30,6 +30,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve_args(ray_cluster: str, registry: Registry, *extra: str) -> list[str]:
+    """``kiln serve start EXTRA`` on the test cluster, with the registry's run dir, --json."""
+    return [
+        "serve",
+        "start",
+        *extra,
+        "--address",
+        ray_cluster,
+        "--run-dir",
+        str(registry.run_dir),
+        "--json",
+    ]
+
+
 def iris_parquet(path: Path) -> Path:
     """Iris as a user's tabular Parquet file: four float columns and a string label."""
     from sklearn.datasets import load_iris
@@ -165,7 +179,7 @@ def iris_rows(source: Path, n: int = 12) -> tuple[np.ndarray, list[dict[str, flo
     names = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
     x = np.stack([table.column(c).to_numpy() for c in names], axis=1).astype(np.float32)
     idx = np.linspace(0, len(x) - 1, n).astype(int)
-    return x[idx], [dict(zip(names, map(float, row))) for row in x[idx]]
+    return x[idx], [dict(zip(names, map(float, row), strict=True)) for row in x[idx]]
 
 
 def png_b64(image: np.ndarray) -> str:

@@ -10,11 +10,11 @@ from collections import Counter
 import pytest
 
 from kiln.errors import KilnError
-from kiln.rollout.controller import RolloutController
-from kiln.rollout.routing import Router, RoutingTable, sticky_bucket
-from kiln.rollout.spec import RolloutOptions, parse_duration, parse_gate
-from kiln.rollout.stats import VersionWindow, metrics_of
-from kiln.rollout.store import RolloutRecord, RolloutStore
+from kiln.rollout.control.controller import RolloutController
+from kiln.rollout.core.routing import Router, RoutingTable, sticky_bucket
+from kiln.rollout.core.spec import RolloutOptions, parse_duration, parse_gate
+from kiln.rollout.core.stats import VersionWindow, metrics_of
+from kiln.rollout.core.store import RolloutRecord, RolloutStore
 
 
 def test_durations_and_gates_parse_or_fail_with_a_clear_message():
@@ -213,7 +213,7 @@ def test_a_replica_loads_the_versions_its_table_names_and_drops_a_finished_candi
         loaded.append((version, uri))
 
     async def scenario():
-        from kiln.rollout.replica import RolloutAgent
+        from kiln.rollout.core.replica import RolloutAgent
 
         agent = RolloutAgent("m", "1", ["1"], load, lambda v: {}, dropped.append)
         agent.apply(
@@ -240,8 +240,8 @@ def test_serve_start_naming_a_newer_version_supersedes_the_promoted_one(tmp_path
     """A restart on the same config comes back on the promoted version (tests/test_rollout.py); a
     start that names a newer registry version is the user's explicit choice: it serves that one, and
     the record and audit log say the promoted one was superseded."""
+    from kiln.rollout.control.api import restore_rollouts
     from kiln.serve.config import BatchingConfig, DeploymentConfig, ServeConfig
-    from kiln.serve.lifecycle import apply_rollout_records
     from kiln.serve.plan import ModelPlan, ServePlan, VersionSource
 
     store = RolloutStore(tmp_path, "digits")
@@ -264,7 +264,7 @@ def test_serve_start_naming_a_newer_version_supersedes_the_promoted_one(tmp_path
         deployment=DeploymentConfig(),
         batching=BatchingConfig(),
     )
-    plan = apply_rollout_records(ServePlan([model], "sqlite:///x.db", ServeConfig()), tmp_path)
+    plan = restore_rollouts(ServePlan([model], "sqlite:///x.db", ServeConfig()), tmp_path)
     assert ([v.version for v in plan.models[0].versions], plan.models[0].default_version) == (
         ["3"],
         "3",

@@ -1,29 +1,34 @@
 """kiln serve against a running app over real HTTP on 127.0.0.1 (the module's Ray instance, 2 CPUs).
 
 Served: every variant of VARIANTS, plus a second digits version, behind an API key. The first tests
-check the ways `kiln serve start` refuses to start; the last one stops the app.
+check the ways `kiln serve start` refuses to start while serving; one test stops the app (the
+next test that needs it starts it again). Refusals that need an idle cluster are in
+test_serve_start.py.
 """
 
+# Fixtures imported from served_models by name are redefined as parameters (pytest's way):
+# ruff: noqa: F811
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
 import requests
 
 from conftest import last_json, run_kiln
-from served_models import (
+from kiln.waiting import wait_until
+from served_models import (  # noqa: F401  (fixtures, used by name)
     CNN,
     DIGITS,
     VARIANTS,
     digits_raw,
-    fast_metrics_export,  # noqa: F401  (fixture)
+    fast_metrics_export,
     free_port,
-    iris_rows,
+    iris_rows,  # noqa: F401
     png_b64,
-    registry,  # noqa: F401  (fixture)
+    registry,
+    serve_args,
     train_and_register,
 )
 
@@ -39,29 +44,24 @@ def second_digits(registry) -> str:
     return train_and_register(registry.run_dir, "digits", DIGITS, CNN, epochs=2, seed=1)
 
 
-def serve_args(ray_cluster, registry, *extra: str) -> list[str]:
-    return [
-        "serve",
-        "start",
-        *extra,
-        "--address",
-        ray_cluster,
-        "--run-dir",
-        str(registry.run_dir),
-        "--json",
-    ]
-
-
 def kiln_env(registry) -> dict[str, str]:
     return {"MLFLOW_TRACKING_URI": registry.tracking_uri, KEY_ENV: API_KEY}
 
 
+def start_app(app: dict) -> dict:
+    """``kiln serve start`` of the module's app (arguments in ``app``); returns its JSON line."""
+    proc = run_kiln(*app["args"], env=app["env"], timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return last_json(proc.stdout)
+
+
 @pytest.fixture(scope="module")
-def served(ray_cluster, registry, second_digits):
-    """The app, started with `kiln serve start` as a user would; stopped after the module."""
+def app(ray_cluster, registry, second_digits):
+    """The app, started with `kiln serve start` as a user would, once per module; stopped after
+    it."""
     uris = [*registry.uris.values(), second_digits]
-    proc = run_kiln(
-        *serve_args(
+    app = {
+        "args": serve_args(
             ray_cluster,
             registry,
             *uris,
@@ -71,22 +71,24 @@ def served(ray_cluster, registry, second_digits):
             "--api-key-env",
             KEY_ENV,
         ),
-        env=kiln_env(registry),
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
-    info = last_json(proc.stdout)
-    yield info
-    if not info.get("stopped"):  # test_stop_removes_the_app did not get to stop it
-        run_kiln(
-            "serve",
-            "stop",
-            "--address",
-            ray_cluster,
-            "--run-dir",
-            str(registry.run_dir),
-            timeout=300,
-        )
+        "env": kiln_env(registry),
+    }
+    app["info"] = start_app(app)
+    yield app
+    run_kiln("serve", "stop", "--address", ray_cluster, "--run-dir", str(registry.run_dir))
+
+
+@pytest.fixture
+def served(app) -> dict:
+    """The running app's `kiln serve start` JSON; started again first when a test stopped it
+    (``test_stop_removes_the_app``), so that no test depends on the order."""
+    try:
+        live = requests.get(f"{app['info']['url']}/v2/health/live", timeout=10).ok
+    except requests.RequestException:
+        live = False
+    if not live:
+        app["info"] = start_app(app)
+    return app["info"]
 
 
 @pytest.fixture(scope="module")
@@ -178,70 +180,6 @@ def test_start_rejects_unknown_model(ray_cluster, registry):
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: unknown model 'models:/no-such-model/1' in registry {registry.tracking_uri}"
     )
-
-
-def test_start_fails_at_once_when_replicas_cannot_fit(ray_cluster, registry):
-    from ray import serve
-
-    proc = run_kiln(
-        *serve_args(
-            ray_cluster, registry, registry.uris["fp32-cnn"], "serve.deployment.num_cpus=3"
-        ),
-        env=kiln_env(registry),
-    )
-    assert proc.returncode == 2
-    assert (
-        "error: model 'digits' needs 1 replica(s) of 3 CPU but the cluster's nodes can hold only 0"
-        in proc.stderr
-    )
-    assert "Traceback" not in proc.stderr
-    assert not [a for a in serve.status().applications if a.startswith("kiln")]
-
-
-@pytest.mark.slow  # waits out a start timeout
-def test_start_times_out_with_a_clear_message_when_the_cluster_is_busy(ray_cluster, registry):
-    """Replicas that fit the cluster but find no free CPU: start fails after its timeout, deploys
-    nothing."""
-    import ray
-    from ray import serve
-
-    @ray.remote(num_cpus=1.8)
-    class Hog:
-        def ping(self):
-            return True
-
-    hog = Hog.remote()
-    ray.get(hog.ping.remote())
-    try:
-        started = time.monotonic()
-        proc = run_kiln(
-            *serve_args(
-                ray_cluster,
-                registry,
-                registry.uris["fp32-cnn"],
-                "--timeout",
-                "5",
-                "--port",
-                str(free_port()),
-            ),
-            env=kiln_env(registry),
-        )
-        elapsed = time.monotonic() - started
-    finally:
-        ray.kill(hog)
-    assert proc.returncode == 2, proc.stderr
-    line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith(
-        "error: the models were not running after 5s: 'kiln-digits' (1 replica(s) x 0.5 CPU)"
-    )
-    assert "CPU free" in line
-    assert elapsed < 120
-    deadline = time.monotonic() + 60
-    while [
-        a for a in serve.status().applications if a.startswith("kiln")
-    ] and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not [a for a in serve.status().applications if a.startswith("kiln")]
 
 
 # --- the running app --------------------------------------------------------------------------
@@ -525,8 +463,7 @@ def test_metrics_per_version(served):
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
         )
 
-    deadline = time.monotonic() + 90
-    while True:
+    def exported() -> list | None:  # the samples, once both versions and the 401 are exported
         samples = scrape(served["metrics_url"])
         seen = {
             (s.labels.get("model"), s.labels.get("model_version"))
@@ -536,9 +473,10 @@ def test_metrics_per_version(served):
         if {("digits", "1"), ("digits", "2")} <= seen and value(
             samples, "ray_kiln_request_errors_total", model="digits", code="401"
         ) >= 1:
-            break
-        assert time.monotonic() < deadline, f"metrics never showed both versions: {sorted(seen)}"
-        time.sleep(2)
+            return samples
+        return None
+
+    samples = wait_until(exported, 90, "metrics of both versions and the 401", max_interval=2.0)
     for version in ("1", "2"):
         assert (
             value(
@@ -601,7 +539,6 @@ def test_stop_removes_the_app(served, ray_cluster, registry):
     assert last_json(proc.stdout)["stopped"] == sorted(
         {"kiln", *(f"kiln-{v.served_name}" for v in VARIANTS.values())}
     )
-    served["stopped"] = True
     with pytest.raises(
         requests.exceptions.ConnectionError
     ):  # no app left: Serve itself was shut down

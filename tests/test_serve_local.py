@@ -5,12 +5,13 @@ Uses the opt-in HAProxy ingress, so that its wiring (own ports and files per ins
 too; the module test_serve_http.py covers the default proxy.
 """
 
+# Fixtures imported from served_models by name are redefined as parameters (pytest's way):
+# ruff: noqa: F811
 from __future__ import annotations
 
 import json
 import os
 import socket
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import pytest
 import requests
 
 from conftest import last_json, run_kiln
+from kiln.waiting import wait_until
 from served_models import digits_raw, free_port, registry  # noqa: F401  (fixture)
 
 
@@ -112,10 +114,7 @@ def test_local_instance_outlives_the_cli_and_stops_cleanly(registry, tmp_path):
         stop = run_kiln("serve", "stop", "--run-dir", str(run_dir), "--json", timeout=300)
     assert stop.returncode == 0, stop.stderr
     assert last_json(stop.stdout)["local_ray_pid"] == pid
-    deadline = time.monotonic() + 30
-    while pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not pid_alive(pid)
+    wait_until(lambda: not pid_alive(pid), 30, f"the local Ray instance (pid {pid}) to exit")
     assert not (run_dir / "serve" / "state.json").exists()
     with pytest.raises(requests.exceptions.ConnectionError):  # HAProxy went with the instance
         requests.get(f"{info['url']}/v2/health/live", timeout=5)

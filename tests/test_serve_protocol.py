@@ -91,7 +91,10 @@ def test_json_response_is_plain_json():
     ]
 
 
-BINARY_HEADER = b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "parameters": {"binary_data_size": 8}}]}'
+BINARY_HEADER = (
+    b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", '
+    b'"parameters": {"binary_data_size": 8}}]}'
+)
 
 
 @pytest.mark.parametrize(

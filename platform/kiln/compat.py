@@ -39,4 +39,25 @@ def validate_cluster_launcher_config(config: dict[str, Any]) -> dict[str, Any]:
 
 # --- Ray Serve ---------------------------------------------------------------------------------
 
+
+def serve_http_address() -> tuple[str, int] | None:
+    """(host, port) that Ray Serve's HTTP ingress listens on, on the connected cluster; None when
+    Serve does not run there (no controller).
+
+    Checked against Ray 2.60. Serve fixes its HTTP options when it first starts on a cluster, and
+    no public Python API reads them back: ``serve.status()`` has no HTTP options, and the public
+    ``ServeInstanceDetails`` comes only from the dashboard's REST API, which a cluster given by
+    ``--address`` may not expose. ``ray.serve.context._get_global_client`` (with
+    ``raise_if_no_controller_running=False``) returns the controller client, whose
+    ``http_config`` holds them.
+    """
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return None
+    http = client.http_config
+    return str(http.host), int(http.port)
+
+
 # --- Ray Tune ----------------------------------------------------------------------------------

@@ -17,19 +17,19 @@ import http.server
 import json
 import shutil
 import threading
-import time
 
 import numpy as np
 import pytest
 import requests
 
 from conftest import last_json, run_kiln
+from kiln.waiting import wait_until
 from served_models import (
     VARIANTS,
     Registry,
     digits_raw,
-    fast_metrics_export,  # noqa: F401  (fixture)
-    free_port,
+    fast_metrics_export,  # noqa: F401  (fixture, used by name)
+    free_port,  # noqa: F401
     iris_parquet,
     png_b64,
 )
@@ -151,6 +151,34 @@ def monitor_cli(registry, *args: str):
     return run_kiln("monitor", *args, "--run-dir", str(registry.run_dir))
 
 
+V1 = "/v2/models/digits/versions/1"
+
+
+def send_noise(url: str, seed: int = 0) -> list[bool]:
+    """A window of uniform-noise images to version 1 (by its versioned path: whichever version is
+    stable, only version 1's monitor sees them); returns their OOD flags."""
+    rng = np.random.default_rng(seed)
+    flags: list[bool] = []
+    for _ in range(WINDOW // 20):
+        images = rng.integers(0, 256, (20, 1, 8, 8)).astype(np.uint8)
+        flags += infer(url, images, f"{V1}/infer")["parameters"]["ood"]
+    return flags
+
+
+def v1_monitor(url: str) -> dict:
+    return requests.get(f"{url}{V1}/monitor", timeout=30).json()["versions"]["1"]
+
+
+@pytest.fixture
+def drifting(served) -> None:
+    """Version 1's drift alert firing (noise sent unless it already fires)."""
+    if not v1_monitor(served["url"])["drift"]["alerting"]:
+        send_noise(served["url"])
+    wait_until(
+        lambda: v1_monitor(served["url"])["drift"]["alerting"], 30, "v1's drift alert to fire"
+    )
+
+
 def test_each_response_carries_per_row_ood_flags(served):
     images = digits_raw(5)
     out = infer(served["url"], images)
@@ -176,18 +204,16 @@ def test_monitor_endpoint_does_not_shadow_the_protocol(served):
 
 
 def test_noise_is_flagged_drift_alerts_and_the_webhook_gets_the_json(served, registry):
-    rng = np.random.default_rng(0)
-    flags = []
-    for _ in range(WINDOW // 20):
-        flags += infer(served["url"], rng.integers(0, 256, (20, 1, 8, 8)).astype(np.uint8))[
-            "parameters"
-        ]["ood"]
+    flags = send_noise(served["url"])
     assert np.mean(flags) >= 0.8
-    deadline = time.monotonic() + 30
-    while not any(p.get("signal") == "drift" for p in Receiver.posts):
-        assert time.monotonic() < deadline, f"no drift alert reached the webhook: {Receiver.posts}"
-        time.sleep(0.5)
-    alert = next(p for p in Receiver.posts if p.get("signal") == "drift")
+    alert = wait_until(
+        lambda: next(
+            (p for p in Receiver.posts if p.get("signal") == "drift" and p.get("version") == "1"),
+            None,
+        ),
+        30,
+        "v1's drift alert at the webhook",
+    )
     assert (alert["kind"], alert["model"], alert["version"], alert["state"]) == (
         "kiln.monitor.alert",
         "digits",
@@ -219,11 +245,16 @@ def test_unmonitored_version_gets_a_one_line_warning(served, registry):
     )
 
 
-def test_monitoring_metrics_per_version(served):
+def test_monitoring_metrics_per_version(served, drifting):
     from prometheus_client.parser import text_string_to_metric_families
 
-    deadline = time.monotonic() + 90
-    while True:
+    wanted = {
+        "ray_kiln_monitor_drift_score",
+        "ray_kiln_monitor_ood_rate",
+        "ray_kiln_monitor_ood_rows_total",
+    }
+
+    def exported() -> list | None:  # the model's samples, once every wanted metric is there
         text = requests.get(served["metrics_url"], timeout=10).text
         samples = [
             s
@@ -231,15 +262,9 @@ def test_monitoring_metrics_per_version(served):
             for s in f.samples
             if s.labels.get("model") == "digits"
         ]
-        names = {s.name for s in samples}
-        if {
-            "ray_kiln_monitor_drift_score",
-            "ray_kiln_monitor_ood_rate",
-            "ray_kiln_monitor_ood_rows_total",
-        } <= names:
-            break
-        assert time.monotonic() < deadline, f"monitor metrics never appeared: {sorted(names)}"
-        time.sleep(2)
+        return samples if wanted <= {s.name for s in samples} else None
+
+    samples = wait_until(exported, 90, "the monitoring metrics", max_interval=2.0)
     drift = [s.value for s in samples if s.name == "ray_kiln_monitor_drift_score"]
     assert max(drift) > 0.3
     assert any(
@@ -248,7 +273,7 @@ def test_monitoring_metrics_per_version(served):
     )
 
 
-def test_report_writes_html_with_plots(served, registry, tmp_path):
+def test_report_writes_html_with_plots(served, registry, drifting, tmp_path):
     proc = monitor_cli(registry, "report", "digits", "--out", str(tmp_path), "--json")
     assert proc.returncode == 0, proc.stderr
     paths = last_json(proc.stdout)
@@ -272,37 +297,57 @@ def test_status_of_an_unknown_model_is_one_error_line(served, registry):
 
 
 def audit(registry) -> list[dict]:
-    from kiln.rollout.store import RolloutStore
+    from kiln.rollout.core.store import RolloutStore
 
     return RolloutStore(registry.run_dir, "digits").history()
 
 
 def rollout_phase(registry) -> str | None:
-    from kiln.rollout.store import RolloutStore
+    from kiln.rollout.core.store import RolloutStore
 
     record = RolloutStore(registry.run_dir, "digits").load()
     return record.phase if record else None
 
 
+@pytest.fixture(scope="module")
+def retrained(served, registry) -> dict:
+    """The loop end to end, once per module: version 1 drifts (noise), the replica submits a
+    retraining job, the job registers a version, its rollout runs under in-distribution traffic
+    until it finishes. Returns version 1's retrain status and the audit log at that point. Tests
+    that start rollouts of their own depend on it, so that the loop's rollout never meets theirs."""
+    if not v1_monitor(served["url"]).get("retrain", {}).get("events"):
+        send_noise(served["url"])
+
+    def outcome() -> dict | None:
+        retrain = v1_monitor(served["url"])["retrain"]
+        steps = [e["step"] for e in retrain["events"]]
+        return retrain if "rollout" in steps or "failed" in steps else None
+
+    retrain = wait_until(outcome, 300, "a retraining outcome", max_interval=2.0)
+    images = digits_raw(200)
+
+    def finished() -> bool:  # gates need traffic: in-distribution requests meanwhile
+        if rollout_phase(registry) in ("promoted", "rolled_back"):
+            return True
+        for i in range(0, 200, 10):
+            infer(served["url"], images[i : i + 10])
+        return False
+
+    if "rollout" in [e["step"] for e in retrain["events"]]:
+        wait_until(finished, 120, "the retrained version's rollout to finish", interval=0.0)
+    return {"retrain": retrain, "phase": rollout_phase(registry), "audit": audit(registry)}
+
+
 @pytest.mark.slow  # a real training job on the serving cluster, then a rollout (about a minute)
-def test_sustained_drift_retrains_and_rolls_the_new_version_out(served, registry):
-    """The loop end to end: after the noise above the drift alert keeps firing; after_s later the
+def test_sustained_drift_retrains_and_rolls_the_new_version_out(retrained, registry):
+    """The loop end to end: after the noise the drift alert keeps firing; after_s later the
     replica submits `train` through the Jobs API (kiln submit's path) with the configured data
     source; the job registers a new version; a gated canary rollout of it starts (trigger: monitor)
     and, under in-distribution traffic, is promoted. Every step is in the rollout audit log."""
     from kiln import tracking as trk
 
-    deadline = time.monotonic() + 300
-    while True:
-        status = requests.get(
-            served["url"] + "/v2/models/digits/versions/1/monitor", timeout=30
-        ).json()
-        retrain = status["versions"]["1"]["retrain"]
-        steps = [e["step"] for e in retrain["events"]]
-        if "rollout" in steps or "failed" in steps:
-            break
-        assert time.monotonic() < deadline, f"no retraining outcome in time: {retrain}"
-        time.sleep(2)
+    retrain = retrained["retrain"]
+    steps = [e["step"] for e in retrain["events"]]
     assert steps[:4] == ["triggered", "submitted", "registered", "rollout"], json.dumps(
         retrain["events"]
     )
@@ -320,14 +365,8 @@ def test_sustained_drift_retrains_and_rolls_the_new_version_out(served, registry
         trk.resolve_model_dir(model_uri, registry.tracking_uri) / "monitor_reference.json"
     ).is_file()
 
-    images = digits_raw(200)
-    deadline = time.monotonic() + 120
-    while rollout_phase(registry) not in ("promoted", "rolled_back"):
-        assert time.monotonic() < deadline, f"rollout never finished: {audit(registry)[-3:]}"
-        for i in range(0, 200, 10):
-            infer(served["url"], images[i : i + 10])
-    assert rollout_phase(registry) == "promoted", audit(registry)[-3:]
-    decisions = [(e["decision"], e.get("trigger")) for e in audit(registry)]
+    assert retrained["phase"] == "promoted", retrained["audit"][-3:]
+    decisions = [(e["decision"], e.get("trigger")) for e in retrained["audit"]]
     assert decisions[:5] == [
         ("retrain-triggered", "monitor"),
         ("retrain-submitted", "monitor"),
@@ -347,7 +386,9 @@ def test_sustained_drift_retrains_and_rolls_the_new_version_out(served, registry
 
 
 @pytest.mark.slow  # trains one more version, then a rollout
-def test_a_rollout_whose_new_version_sees_drift_is_rolled_back_by_the_drift_gate(served, registry):
+def test_a_rollout_whose_new_version_sees_drift_is_rolled_back_by_the_drift_gate(
+    served, registry, retrained
+):
     """Noise images routed to the new version (canary at 100%): its own window drifts and is mostly
     OOD, so the drift and ood_rate gates fail and the controller rolls back, the reason in the audit
     log."""
@@ -382,13 +423,15 @@ def test_a_rollout_whose_new_version_sees_drift_is_rolled_back_by_the_drift_gate
     )
     assert proc.returncode == 0, proc.stderr
     rng = np.random.default_rng(1)
-    deadline = time.monotonic() + 120
-    while rollout_phase(registry) != "rolled_back":
-        assert time.monotonic() < deadline, f"not rolled back: {audit(registry)[-3:]}"
-        out = infer(
-            served["url"], rng.integers(0, 256, (10, 1, 8, 8)).astype(np.uint8)
-        )  # drifted traffic
+
+    def rolled_back() -> bool:  # drifted traffic until the gates roll the new version back
+        if rollout_phase(registry) == "rolled_back":
+            return True
+        out = infer(served["url"], rng.integers(0, 256, (10, 1, 8, 8)).astype(np.uint8))
         assert out["model_version"] in (fresh, rollout_stable(registry))
+        return False
+
+    wait_until(rolled_back, 120, "the drift gate to roll the new version back", interval=0.0)
     last = audit(registry)[-1]
     assert (last["decision"], last["trigger"]) == ("rollback", "gate")
     assert "drift<0.3 failed" in last["reason"] and last["gates"]["drift<0.3"]["value"] > 0.3
@@ -401,6 +444,6 @@ def test_a_rollout_whose_new_version_sees_drift_is_rolled_back_by_the_drift_gate
 
 
 def rollout_stable(registry) -> str:
-    from kiln.rollout.store import RolloutStore
+    from kiln.rollout.core.store import RolloutStore
 
     return RolloutStore(registry.run_dir, "digits").load().stable

@@ -19,9 +19,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kiln.monitor.reference.features import softmax
 from synthetic import tabular_parquet
 
 SPLIT = {"val": 0.3, "test": 0.3, "seed": 0}
+
+
+def observe(monitor, x: np.ndarray, logits: np.ndarray):
+    """``monitor.observe`` as a replica calls it: with the request's softmax, computed once."""
+    return monitor.observe(x, logits, softmax(logits))
 
 
 def train_in_process(data: dict, model: dict, epochs: int, run_dir: Path):
@@ -80,8 +86,8 @@ def tabular(tmp_path_factory):
 
 
 def monitor_for(reference, alerts: list | None = None, **cfg):
-    from kiln.monitor.config import MonitorConfig
-    from kiln.monitor.monitor import VersionMonitor
+    from kiln.monitor.live.config import MonitorConfig
+    from kiln.monitor.live.monitor import VersionMonitor
 
     sink = alerts if alerts is not None else []
     return VersionMonitor("m", "1", reference, MonitorConfig(**cfg), on_alert=sink.append)
@@ -95,7 +101,7 @@ def feed(monitor, predictor, x: np.ndarray, chunk: int = 4, seed: int = 0) -> di
     flags, evaluations, first_alert = [], [], None
     for n, i in enumerate(range(0, len(x), chunk), start=1):
         rows = x[order[i : i + chunk]]
-        flags.append(monitor.observe(rows, predictor.logits(rows)).flags)
+        flags.append(observe(monitor, rows, predictor.logits(rows)).flags)
         if monitor.due():
             evaluation = monitor.evaluate()
             evaluations.append(evaluation)
@@ -109,7 +115,7 @@ def feed(monitor, predictor, x: np.ndarray, chunk: int = 4, seed: int = 0) -> di
 
 
 def test_psi_is_zero_for_equal_shares_and_grows_with_the_shift():
-    from kiln.monitor.stats import psi
+    from kiln.monitor.reference.stats import psi
 
     assert psi([0.25] * 4, [0.25] * 4) == 0.0
     small, large = psi([0.25] * 4, [0.3, 0.2, 0.25, 0.25]), psi([0.25] * 4, [0.7, 0.1, 0.1, 0.1])
@@ -117,33 +123,37 @@ def test_psi_is_zero_for_equal_shares_and_grows_with_the_shift():
 
 
 def test_numeric_drift_separates_a_shift_from_sampling_noise():
-    from kiln.monitor.reference import FeatureReference, _sketch
-    from kiln.monitor.stats import numeric_drift
+    from kiln.monitor.reference.build import FeatureReference, _sketch
+    from kiln.monitor.reference.stats import NumericStatistic
 
     rng = np.random.default_rng(0)
     ref = FeatureReference("f", "numeric", "input", sample=_sketch(rng.normal(0, 1, 5000)))
-    same = numeric_drift(ref, rng.normal(0, 1, 300), 0.2, 0.01)
-    moved = numeric_drift(ref, rng.normal(1.0, 1, 300), 0.2, 0.01)
+    same = NumericStatistic(ref).measure(rng.normal(0, 1, 300), 0.2, 0.01)
+    moved = NumericStatistic(ref).measure(rng.normal(1.0, 1, 300), 0.2, 0.01)
     assert not same.drifted and same.psi < 0.1 and same.p_value > 0.01
     assert moved.drifted and moved.psi > 0.5 and moved.p_value < 1e-6 and moved.statistic > 0.3
 
 
 def test_categorical_drift_uses_category_shares():
     from kiln.monitor.reference import FeatureReference
-    from kiln.monitor.stats import categorical_drift
+    from kiln.monitor.reference.stats import CategoricalStatistic
 
     ref = FeatureReference("c", "categorical", "output", proportions=[0.5, 0.3, 0.2])
     rng = np.random.default_rng(1)
-    assert not categorical_drift(
-        ref, rng.choice(3, 400, p=[0.5, 0.3, 0.2]).astype(float), 0.2, 0.01
-    ).drifted
-    assert categorical_drift(
-        ref, rng.choice(3, 400, p=[0.1, 0.1, 0.8]).astype(float), 0.2, 0.01
-    ).drifted
+    assert (
+        not CategoricalStatistic(ref)
+        .measure(rng.choice(3, 400, p=[0.5, 0.3, 0.2]).astype(float), 0.2, 0.01)
+        .drifted
+    )
+    assert (
+        CategoricalStatistic(ref)
+        .measure(rng.choice(3, 400, p=[0.1, 0.1, 0.8]).astype(float), 0.2, 0.01)
+        .drifted
+    )
 
 
 def test_window_keeps_the_last_rows_in_order():
-    from kiln.monitor.window import RowWindow
+    from kiln.monitor.live.window import RowWindow
 
     w = RowWindow(5, 1)
     for start in range(0, 12, 3):
@@ -167,7 +177,7 @@ def test_window_keeps_the_last_rows_in_order():
 
 
 def test_alert_fires_once_per_crossing_with_hysteresis():
-    from kiln.monitor.alerts import Threshold
+    from kiln.monitor.live.alerts import Threshold
 
     t = Threshold("drift", 0.3, 0.8)
     states = [t.update(v) for v in (0.1, 0.35, 0.5, 0.28, 0.31, 0.2, 0.4)]
@@ -185,7 +195,7 @@ def test_reference_round_trips_and_calibrates_on_validation(digits):
     assert len(names) == 4 + len(data.labels)
     # by construction, the calibrated threshold lets 95% of the validation rows pass
     monitor = monitor_for(reference)
-    flags = monitor.observe(data.x_val, predictor.logits(data.x_val)).flags
+    flags = observe(monitor, data.x_val, predictor.logits(data.x_val)).flags
     assert abs(flags.mean() - 0.05) < 0.01
 
 
@@ -242,8 +252,8 @@ def test_energy_alone_misses_noise_that_the_input_check_catches(digits):
         rng.integers(0, 256, (200, 1, 8, 8)).astype(np.uint8)
     )
     logits = predictor.logits(noise)
-    alone = monitor_for(reference, ood_inputs=False).observe(noise, logits).flags.mean()
-    combined = monitor_for(reference, ood_inputs=True).observe(noise, logits).flags.mean()
+    alone = observe(monitor_for(reference, ood_inputs=False), noise, logits).flags.mean()
+    combined = observe(monitor_for(reference, ood_inputs=True), noise, logits).flags.mean()
     assert combined >= 0.8 and combined > alone
 
 
@@ -303,9 +313,9 @@ class _Receiver(http.server.BaseHTTPRequestHandler):
 
 
 def test_webhook_receives_one_json_alert_per_crossing(tabular):
-    from kiln.monitor.alerts import notify
-    from kiln.monitor.config import MonitorConfig
-    from kiln.monitor.monitor import VersionMonitor
+    from kiln.monitor.live.alerts import notify
+    from kiln.monitor.live.config import MonitorConfig
+    from kiln.monitor.live.monitor import VersionMonitor
 
     server = http.server.HTTPServer(("127.0.0.1", 0), _Receiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -328,7 +338,7 @@ def test_webhook_receives_one_json_alert_per_crossing(tabular):
         assert body["kind"] == "kiln.monitor.alert" and body["state"] == "firing"
         assert (body["model"], body["version"], body["threshold"]) == ("animals", "3", 0.3)
         assert body["value"] > 0.3 and "big" in body["details"]["drifted"]
-        assert notify.__module__ == "kiln.monitor.alerts"
+        assert notify.__module__ == "kiln.monitor.live.alerts"
     finally:
         server.shutdown()
 
@@ -337,7 +347,8 @@ def test_webhook_receives_one_json_alert_per_crossing(tabular):
 
 
 def test_retraining_is_due_after_sustained_drift_once_per_cooldown():
-    from kiln.monitor.retrain import RetrainLoop, RetrainPolicy
+    from kiln.monitor.live.config import RetrainPolicy
+    from kiln.monitor.retrain.loop import RetrainLoop
 
     loop = RetrainLoop(
         RetrainPolicy(config="configs/train/digits_cnn.yaml", after_s=60, cooldown_s=600),
@@ -356,7 +367,8 @@ def test_retraining_is_due_after_sustained_drift_once_per_cooldown():
 
 
 def test_retraining_job_joins_the_registered_model_and_uses_the_configured_data():
-    from kiln.monitor.retrain import RetrainLoop, RetrainPolicy
+    from kiln.monitor.live.config import RetrainPolicy
+    from kiln.monitor.retrain.loop import RetrainLoop
 
     policy = RetrainPolicy(
         config="configs/train/digits_cnn.yaml",
@@ -375,8 +387,8 @@ def test_retraining_job_joins_the_registered_model_and_uses_the_configured_data(
 def test_retraining_config_mistakes_name_the_key(tmp_path):
     from conftest import REPO
     from kiln.errors import ConfigError
-    from kiln.monitor.config import resolve_retrain
     from kiln.schema import validate_config
+    from kiln.serve.plan import resolve_retrain
 
     cfg = validate_config(
         {"serve": {"monitor": {"retrain": {"config": "configs/train/nope.yaml"}}}}
@@ -405,8 +417,8 @@ def test_quality_signals_for_rollout_gates_wait_for_min_rows(digits, tmp_path):
     the live window's drift score and OOD rate, refreshed on reading."""
     import asyncio
 
-    from kiln.monitor.config import MonitorConfig
-    from kiln.monitor.served import ReplicaMonitors
+    from kiln.monitor.live.config import MonitorConfig
+    from kiln.monitor.live.served import ReplicaMonitors
 
     predictor, data, reference = digits
     model_dir = tmp_path / "model"
@@ -418,7 +430,8 @@ def test_quality_signals_for_rollout_gates_wait_for_min_rows(digits, tmp_path):
 
     async def send(x):
         for i in range(0, len(x), 5):
-            replica.observe("1", x[i : i + 5], predictor.logits(x[i : i + 5]))
+            logits = predictor.logits(x[i : i + 5])
+            replica.observe("1", x[i : i + 5], logits, softmax(logits))
 
     asyncio.run(send(data.x_test[:40]))
     assert replica.signals("1") == {} and replica.signals("2") == {}

@@ -49,7 +49,7 @@ def run(args) -> int:
 
 def _fetch(args, window: bool) -> dict:
     from kiln.errors import ConfigError
-    from kiln.monitor.client import fetch_monitor, serving_url
+    from kiln.monitor.console.client import fetch_monitor, serving_url
 
     key = None
     if args.api_key_env:
@@ -95,7 +95,7 @@ def _status(args) -> int:
 def _report(args) -> int:
     from pathlib import Path
 
-    from kiln.monitor.report import write_report
+    from kiln.monitor.console.report import write_report
 
     report = _fetch(args, window=True)
     out = Path(args.out or Path(args.run_dir) / "monitor" / args.model)

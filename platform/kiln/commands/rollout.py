@@ -7,7 +7,10 @@ import time
 
 from kiln.commands.common import add_json_argument, emit_json, say
 
-HELP = "roll a served model out to a new version: canary, linear, blue-green or shadow, gated by live metrics"
+HELP = (
+    "roll a served model out to a new version: canary, linear, blue-green or shadow, gated by live "
+    "metrics"
+)
 
 
 def add_arguments(parser) -> None:
@@ -94,8 +97,9 @@ def add_arguments(parser) -> None:
 
 
 def _start(args) -> int:
-    from kiln.rollout.api import start_rollout
-    from kiln.rollout.spec import DEFAULT_GATES, RolloutOptions, parse_duration, parse_steps
+    from kiln.commands.serve import use_serving_env
+    from kiln.rollout.control.api import start_rollout
+    from kiln.rollout.core.spec import DEFAULT_GATES, RolloutOptions, parse_duration, parse_steps
 
     options = RolloutOptions(
         weight=args.weight,
@@ -105,6 +109,7 @@ def _start(args) -> int:
         gates=args.gate or list(DEFAULT_GATES),
         sticky_header=args.sticky_header,
     )
+    use_serving_env(args.run_dir, args.address)
     record = start_rollout(
         args.run_dir,
         args.address,
@@ -130,9 +135,11 @@ def _start(args) -> int:
 
 
 def _status(args) -> int:
-    from kiln.rollout.api import rollout_status
-    from kiln.rollout.store import ACTIVE
+    from kiln.commands.serve import use_serving_env
+    from kiln.rollout.control.api import rollout_status
+    from kiln.rollout.core.store import ACTIVE
 
+    use_serving_env(args.run_dir, args.address)
     while True:
         st = rollout_status(args.run_dir, args.address, args.model, args.debug)
         if args.json and not args.watch:
@@ -144,14 +151,17 @@ def _status(args) -> int:
                 emit_json(st.to_dict())
             return 0
         try:
-            time.sleep(max(0.5, min(float(st.record.get("interval_s", 2.0)), 5.0)))
+            time.sleep(max(0.5, min(float((st.record or {}).get("interval_s", 2.0)), 5.0)))
         except KeyboardInterrupt:
             return 0
 
 
 def render_status(st) -> str:
+    """The rollout status for people: phase, weights, last interval's metrics, gates."""
+    from kiln.rollout.core.store import ACTIVE
+
     r = st.record or {}
-    active = r.get("phase") in ("preparing", "running", "paused")
+    active = r.get("phase") in ACTIVE
     lines = [
         f"{r.get('model')}: {r.get('phase')}  stable v{r.get('stable')}"
         + (
@@ -168,7 +178,8 @@ def render_status(st) -> str:
         lines.append(
             f"  weights: v{r['stable']} {100 - r['weight']:g}%  v{r['candidate']} {r['weight']:g}%"
             + (f"  (mirrored {r['shadow']:g}%)" if r.get("shadow") else "")
-            + f"  step {r['step'] + 1}/{len(steps)}  baked {r.get('baked_s', 0):.1f}/{r['bake_s']:g}s"
+            + f"  step {r['step'] + 1}/{len(steps)}"
+            + f"  baked {r.get('baked_s', 0):.1f}/{r['bake_s']:g}s"
         )
     elif r.get("reason"):
         lines.append(f"  {r['reason']}")
@@ -196,8 +207,10 @@ def _ms(value) -> str:
 
 
 def _action(args) -> int:
-    from kiln.rollout.api import rollout_command
+    from kiln.commands.serve import use_serving_env
+    from kiln.rollout.control.api import rollout_command
 
+    use_serving_env(args.run_dir, args.address)
     record = rollout_command(
         args.run_dir, args.address, args.model, args._action, trigger="user", debug=args.debug
     )
@@ -212,7 +225,7 @@ def _action(args) -> int:
 
 
 def _history(args) -> int:
-    from kiln.rollout.api import rollout_history
+    from kiln.rollout.control.api import rollout_history
 
     entries = rollout_history(args.run_dir, args.model)
     for e in entries:

@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kiln.commands.common import add_json_argument, emit_json, say
+
+if TYPE_CHECKING:
+    from kiln.serve.config import ServeConfig
+    from kiln.serve.lifecycle import ServingHooks
 
 HELP = "serve registered models over HTTP (Open Inference Protocol) with Ray Serve"
 
@@ -27,7 +32,8 @@ def add_arguments(parser) -> None:
     start.add_argument(
         "--ingress",
         choices=["proxy", "haproxy"],
-        help="'proxy' (default, Ray Serve's proxy) or 'haproxy' (faster; see README: Serving, safety)",
+        help="'proxy' (default, Ray Serve's proxy) or 'haproxy' (faster; see README: Serving, "
+        "safety)",
     )
     start.add_argument(
         "--api-key-env", metavar="VAR", help="require the API key held in environment variable VAR"
@@ -123,6 +129,31 @@ def _run_dir(args, cfg=None) -> str:
     return args.run_dir or (cfg.experiment.run_dir if cfg is not None else "runs")
 
 
+def use_serving_env(run_dir: str, address: str | None, starting: bool = False) -> None:
+    """Set what this CLI process needs before it imports Ray to reach what serves from
+    ``run_dir`` (``RAY_AUTH_MODE=token`` for Kiln's local instance); a variable the user set is
+    kept. The CLI is the entry point: library code only says what it needs (``serving_env``)."""
+    from kiln.serve.cluster import serving_env
+
+    for key, value in serving_env(run_dir, address, starting).items():
+        os.environ.setdefault(key, value)
+
+
+def serving_hooks(cfg: ServeConfig | None) -> ServingHooks:
+    """The layers above serving plugged into ``kiln serve start | stop``: rollout records and
+    controllers (``kiln.rollout.control``) and, when ``serve.monitor.retrain`` is set, the
+    replicas' retraining loop (``kiln.monitor.retrain``)."""
+    from kiln.rollout.control.api import restore_rollouts, stop_controllers
+    from kiln.serve.lifecycle import ServingHooks
+
+    retrainer = None
+    if cfg is not None and cfg.monitor.retrain is not None:
+        from kiln.monitor.retrain.loop import RetrainLoop
+
+        retrainer = RetrainLoop
+    return ServingHooks(restore=restore_rollouts, on_stop=stop_controllers, retrainer=retrainer)
+
+
 def _start(args) -> int:
     from kiln import tracking as trk
     from kiln.errors import ConfigError
@@ -142,6 +173,7 @@ def _start(args) -> int:
                 f"serve.api_key_env names {serve_cfg.api_key_env}, but that environment variable "
                 "is not set (or empty)"
             )
+    use_serving_env(run_dir, args.address, starting=True)
     info = start_serving(
         serve_cfg,
         tracking_uri,
@@ -150,6 +182,7 @@ def _start(args) -> int:
         api_key=api_key,
         progress=lambda text: say(args, f"kiln serve: {text}"),
         debug=args.debug,
+        hooks=serving_hooks(serve_cfg),
     )
     where = (
         f"local Ray instance, pid {info.local_ray_pid}"
@@ -177,6 +210,7 @@ def _start(args) -> int:
 def _status(args) -> int:
     from kiln.serve.status import serving_status
 
+    use_serving_env(_run_dir(args), args.address)
     st = serving_status(_run_dir(args), args.address, args.debug)
     where = (
         f"local Ray instance, pid {st.local_ray_pid}"
@@ -203,6 +237,8 @@ def _status(args) -> int:
         )
     if st.metrics_url:
         say(args, f"metrics  {st.metrics_url}")
+    for error in st.errors:  # stderr under --json: the JSON line stays as documented
+        say(args, f"warning: could not read the {error}")
     if args.json:
         emit_json(st.to_dict())
     return 0
@@ -211,7 +247,8 @@ def _status(args) -> int:
 def _stop(args) -> int:
     from kiln.serve.lifecycle import stop_serving
 
-    result = stop_serving(_run_dir(args), args.address, args.debug)
+    use_serving_env(_run_dir(args), args.address)
+    result = stop_serving(_run_dir(args), args.address, args.debug, hooks=serving_hooks(None))
     say(
         args,
         f"stopped {', '.join(result.stopped)}"

@@ -7,7 +7,6 @@ weight files it names (``model.safetensors`` for the state dict of a built archi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -102,13 +101,11 @@ def artifact_size(directory: str | Path) -> int:
 
 
 def load_spec(directory: str | Path) -> ModelSpec:
-    directory = Path(directory)
-    if not (directory / SPEC_FILE).is_file():
-        raise ModelError(f"{directory} is not a Kiln model artifact (no {SPEC_FILE})")
-    try:
-        return ModelSpec.load(directory)
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ModelError(f"{directory}/{SPEC_FILE} is malformed ({exc})") from None
+    """The artifact's spec (``kiln.models.spec.load_spec``, the one torch-free loader). Raises
+    ModelError."""
+    from kiln.models.spec import load_spec as load
+
+    return load(directory)
 
 
 def load_torch_model(directory: str | Path) -> tuple[torch.nn.Module, ModelSpec]:

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from kiln.data.preprocess import Preprocessing
+from kiln.errors import ModelError
+from kiln.files import atomic_write_text
 
 SPEC_FILE = "spec.json"
 
@@ -46,10 +48,23 @@ class ModelSpec:
         return cls(**data)
 
     def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / SPEC_FILE
-        path.write_text(json.dumps(self.to_dict(), indent=2))
-        return path
+        return atomic_write_text(Path(directory) / SPEC_FILE, json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def load(cls, directory: str | Path) -> ModelSpec:
         return cls.from_dict(json.loads((Path(directory) / SPEC_FILE).read_text()))
+
+
+def load_spec(directory: str | Path, source: str | None = None) -> ModelSpec:
+    """The spec of the artifact in ``directory``, without importing torch (the CLI, the serving plan
+    and the rollout checks stay quick). ``source`` (a registry URI, say) names the artifact in
+    errors; default: the folder. Raises ModelError when there is no spec or it is malformed."""
+    directory = Path(directory)
+    name = source or str(directory)
+    if not (directory / SPEC_FILE).is_file():
+        raise ModelError(f"{name} is not a Kiln model artifact (no {SPEC_FILE})")
+    try:
+        return ModelSpec.load(directory)
+    except (ValueError, KeyError, TypeError) as exc:  # ValueError includes JSONDecodeError
+        where = f"{source}: {SPEC_FILE}" if source else f"{directory}/{SPEC_FILE}"
+        raise ModelError(f"{where} is malformed ({exc})") from None

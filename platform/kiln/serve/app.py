@@ -6,23 +6,29 @@ replicas, CPUs and autoscaling, and lets one model be redeployed without touchin
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from kiln.serve.plan import ModelAppSpec, ModelPlan, ServePlan
+
+if TYPE_CHECKING:
+    from kiln.monitor.live.served import RetrainerFactory
 
 ROOT_APP = "kiln"
 MODEL_APP_PREFIX = "kiln-"
 
 
 def model_app_name(model: str) -> str:
+    """The Serve application of a served model."""
     return f"{MODEL_APP_PREFIX}{model}"
 
 
 def is_kiln_app(name: str) -> bool:
+    """Whether a Serve application is one of Kiln's (the root app or a model's)."""
     return name == ROOT_APP or name.startswith(MODEL_APP_PREFIX)
 
 
 def model_route(model: str) -> str:
+    """A served model's route prefix."""
     return f"/v2/models/{model}"
 
 
@@ -52,10 +58,17 @@ def deployment_options(model: ModelPlan) -> dict[str, Any]:
     return options
 
 
-def build_applications(plan: ServePlan, api_key_sha256: str | None) -> list:
-    """The ``RunTarget``s to deploy: the root app first, then one per model."""
+def build_applications(
+    plan: ServePlan,
+    api_key_sha256: str | None,
+    retrainer: RetrainerFactory | None = None,
+    dashboard_url: str | None = None,
+) -> list[Any]:
+    """The ``RunTarget``s to deploy: the root app first, then one per model. ``retrainer`` builds
+    the replicas' retraining loops (passed only when ``serve.monitor.retrain`` is set); they submit
+    jobs to ``dashboard_url`` unless the policy names a Jobs API."""
     from ray import serve
-    from ray.serve.api import RunTarget
+    from ray.serve import Deployment, RunTarget
 
     from kiln.serve.model_server import ModelServer
     from kiln.serve.root_server import RootServer
@@ -67,7 +80,8 @@ def build_applications(plan: ServePlan, api_key_sha256: str | None) -> list:
         for m in plan.models
     }
     names = [model_app_name(m.name) for m in plan.models]
-    root = serve.deployment(RootServer).options(
+    # serve.deployment(cls) is a Deployment; its typed overloads only know the decorator forms.
+    root = cast(Deployment, serve.deployment(RootServer)).options(
         name="RootServer",
         num_replicas=1,
         ray_actor_options={"num_cpus": 0},
@@ -84,8 +98,12 @@ def build_applications(plan: ServePlan, api_key_sha256: str | None) -> list:
             api_key_sha256=api_key_sha256,
             monitor=cfg.monitor.model_dump(),
             run_dir=plan.run_dir,
+            retrainer=retrainer if cfg.monitor.retrain is not None else None,
+            dashboard_url=dashboard_url,
         )
-        deployment = serve.deployment(ModelServer).options(**deployment_options(model))
+        deployment = cast(Deployment, serve.deployment(ModelServer)).options(
+            **deployment_options(model)
+        )
         targets.append(
             RunTarget(
                 deployment.bind(spec),

@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
+from kiln.compat import serve_http_address
 from kiln.errors import KilnError
 from kiln.serve.app import is_kiln_app
 from kiln.serve.instance import ServeState, clear_state, load_state, state_dir
 
+LOCAL_AUTH_MODE = "token"  # Kiln's local instance runs with Ray's token authentication
 
-def connect(address: str, auth_mode: str | None = None, debug: bool = False) -> str:
-    """Connect this process to the Ray cluster at ``address`` (with ``auth_mode`` for Kiln's local
-    instance); returns its GCS address. Raises KilnError when nothing answers there."""
+
+def connect(address: str, debug: bool = False) -> str:
+    """Connect this process to the Ray cluster at ``address``; returns its GCS address. Raises
+    KilnError when nothing answers there.
+
+    Kiln's local instance uses token authentication: Ray reads its mode from ``RAY_AUTH_MODE`` once
+    per process, so the entry point sets it (``serving_env``) before Ray is imported."""
     import logging
 
     from kiln.ray_connection import ensure_ray
@@ -25,17 +30,27 @@ def connect(address: str, auth_mode: str | None = None, debug: bool = False) -> 
         import ray.serve  # noqa: F401  (configures its logger on import: set the level after that)
 
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    if auth_mode and os.environ.get("RAY_AUTH_MODE") != auth_mode:
-        os.environ["RAY_AUTH_MODE"] = auth_mode
-        from ray._raylet import Config
-
-        Config.initialize("")  # Ray reads the mode once per process; this makes it read it again
     return ensure_ray(address, debug=debug)
+
+
+def serving_env(run_dir: str | Path, address: str | None, starting: bool = False) -> dict[str, str]:
+    """The environment a process needs before it imports Ray to reach what serves from ``run_dir``
+    (``starting``: what ``kiln serve start`` will serve): ``RAY_AUTH_MODE=token`` when that is
+    Kiln's local instance, nothing otherwise. The entry point sets it (library code never writes
+    ``os.environ``); a variable the user set already is left as it is."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if starting:
+        local = address is None
+    else:
+        state = load_state(run_dir)
+        target = address or (state.address if state else None)
+        local = state is not None and state.local_ray is not None and state.address == target
+    return {"RAY_AUTH_MODE": LOCAL_AUTH_MODE} if local else {}
 
 
 def telling_line(message: str) -> str:
     """The most telling line of a (Ray) error message: the last one naming an error."""
-    lines = [l.strip() for l in (message or "").splitlines() if l.strip()]
+    lines = [line.strip() for line in (message or "").splitlines() if line.strip()]
     for line in reversed(lines):
         if ("Error" in line or "error" in line) and not line.startswith("File "):
             return line[:400]
@@ -47,6 +62,20 @@ def http_url(host: str, port: int) -> str:
     loopback)."""
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     return f"http://{shown}:{port}"
+
+
+def dashboard_url() -> str | None:
+    """The dashboard (Jobs API) URL of the cluster this driver is connected to, or None.
+
+    Public API: ``ray.init`` on a connected process returns the connected cluster's context (no
+    restart). Read it in a driver: there Ray reads it from the cluster, while a worker (a replica)
+    only knows a default address, so serving captures it at start and hands it to the replicas."""
+    import ray
+
+    url = ray.init(ignore_reinit_error=True).dashboard_url
+    if not url:
+        return None
+    return url if "://" in url else f"http://{url}"
 
 
 def metrics_url() -> str | None:
@@ -68,31 +97,30 @@ def running_kiln_apps() -> dict[str, Any]:
 
 
 def serve_running() -> bool:
-    """Whether Ray Serve's controller exists on the connected cluster."""
-    import ray
-    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
-
-    try:
-        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-    except ValueError:
-        return False
-    return True
+    """Whether Ray Serve runs (has a controller) on the connected cluster."""
+    return serve_http_address() is not None
 
 
-def remove_apps(names: list[str], timeout: float = 60.0) -> None:
-    """Delete Serve applications; if no other application is left on the cluster, shut Serve down,
-    so that the next start chooses its HTTP host and port afresh (Serve fixes them when it
-    starts)."""
+def serve_http() -> tuple[str, int]:
+    """(host, port) of Serve's HTTP ingress on the connected cluster. Raises KilnError when Serve
+    does not run there."""
+    found = serve_http_address()
+    if found is None:
+        raise KilnError("Ray Serve does not run on the connected cluster")
+    return found
+
+
+def remove_apps(names: list[str]) -> None:
+    """Delete Serve applications (each call returns once it is gone); if no other application is
+    left on the cluster, shut Serve down, so that the next start chooses its HTTP host and port
+    afresh (Serve fixes them when it starts)."""
     from ray import serve
 
     if set(serve.status().applications) <= set(names):
         serve.shutdown()
         return
     for name in names:
-        serve.delete(name, _blocking=False)
-    deadline = time.monotonic() + timeout
-    while any(n in serve.status().applications for n in names) and time.monotonic() < deadline:
-        time.sleep(0.5)
+        serve.delete(name)
 
 
 def find_target(run_dir: str | Path, address: str | None) -> tuple[str, ServeState | None]:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from kiln.config import Section
-from kiln.monitor.config import MonitorConfig
+from kiln.monitor.live.config import MonitorConfig
 from kiln.train.config import TrainingJobConfig
 
 SERVED_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -25,8 +25,8 @@ class BatchingConfig(Section):
         0.0,
         ge=0.0,
         le=10_000.0,
-        description="How long a batch waits for more requests once it has one; 0 batches only what has queued "
-        "while the previous batch ran (no added latency when idle).",
+        description="How long a batch waits for more requests once it has one; 0 batches only "
+        "what has queued while the previous batch ran (no added latency when idle).",
     )
 
 
@@ -60,7 +60,8 @@ class DeploymentConfig(Section):
     threads: int | None = Field(
         None,
         ge=1,
-        description="Intra-op threads of the model runtime per replica; default: Ray's (1 per reserved CPU).",
+        description="Intra-op threads of the model runtime per replica; default: Ray's (1 per "
+        "reserved CPU).",
     )
     graceful_shutdown_s: float = Field(
         5.0, gt=0, description="How long a stopping replica waits for the requests it is answering."
@@ -133,8 +134,9 @@ class ServeConfig(Section):
     port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 picks a free one).")
     ingress: Literal["proxy", "haproxy"] = Field(
         "proxy",
-        description="'proxy': Ray Serve's Python proxy (default). 'haproxy': Ray Serve's HAProxy ingress, "
-        "faster, but HAProxy's stats and metrics ports bind on all interfaces (see README).",
+        description="'proxy': Ray Serve's Python proxy (default). 'haproxy': Ray Serve's HAProxy "
+        "ingress, faster, but HAProxy's stats and metrics ports bind on all interfaces (see "
+        "README).",
     )
     api_key_env: str | None = Field(
         None,

@@ -9,6 +9,7 @@ deployed (and stops the local instance it started).
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -16,9 +17,9 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kiln.errors import ConfigError, KilnError, ResourceError
+from kiln.errors import ConfigError, KilnError, ResourceError, first_line
 from kiln.serve.app import (
     MODEL_APP_PREFIX,
     ROOT_APP,
@@ -28,12 +29,14 @@ from kiln.serve.app import (
 )
 from kiln.serve.cluster import (
     connect,
+    dashboard_url,
     find_target,
     forget,
     http_url,
     metrics_url,
     remove_apps,
     running_kiln_apps,
+    serve_http,
     serve_running,
     telling_line,
 )
@@ -50,9 +53,31 @@ from kiln.serve.instance import (
     state_dir,
 )
 from kiln.serve.plan import ServePlan, plan_serving
+from kiln.waiting import WaitTimeout, wait_until
 
+if TYPE_CHECKING:
+    from kiln.monitor.live.served import RetrainerFactory
+
+logger = logging.getLogger("kiln.serve")
 Progress = Callable[[str], None]
 DIRECT_INGRESS_PORTS = 256  # replica ports HAProxy mode may hand out on this node
+
+
+@dataclass
+class ServingHooks:
+    """What the layers above serving plug into ``kiln serve start | stop`` (the commands layer
+    composes them; serving imports none of those layers).
+
+    ``restore(plan, run_dir)``: adjusts the plan once connected (the rollout control plane serves
+    each model on its last promoted version). ``on_stop(models)``: runs before the models'
+    applications are deleted (their rollout controllers go). ``retrainer``: builds each replica's
+    retraining loop of a version (``serve.monitor.retrain``); pickled into the replicas by
+    reference.
+    """
+
+    restore: Callable[[ServePlan, str | Path], ServePlan] | None = None
+    on_stop: Callable[[list[str]], None] | None = None
+    retrainer: RetrainerFactory | None = None
 
 
 @dataclass
@@ -139,35 +164,41 @@ def check_serving_fits(plan: ServePlan) -> None:
 
 
 def wait_until_running(app_names: list[str], timeout: float, plan: ServePlan) -> None:
-    """Return when every app RUNS; raise at once on DEPLOY_FAILED, ResourceError after
-    ``timeout``."""
+    """Return when every app RUNS. Raises KilnError at once on DEPLOY_FAILED, ResourceError after
+    ``timeout`` (naming what is pending and why)."""
     from ray import serve
+    from ray.serve.schema import ApplicationStatus
 
-    deadline = time.monotonic() + timeout
-    while True:
+    def running() -> bool:
         apps = serve.status().applications
         for name in app_names:
             app = apps.get(name)
-            if app is not None and app.status == "DEPLOY_FAILED":
+            if app is not None and app.status == ApplicationStatus.DEPLOY_FAILED:
                 raise KilnError(f"serving '{name}' failed to deploy: {telling_line(app.message)}")
-        if all(name in apps and apps[name].status == "RUNNING" for name in app_names):
-            return
-        if time.monotonic() > deadline:
-            raise ResourceError(
-                f"the models were not running after {timeout:g}s: {_pending(apps, app_names, plan)}"
-            )
-        time.sleep(0.5)
+        return all(
+            name in apps and apps[name].status == ApplicationStatus.RUNNING for name in app_names
+        )
+
+    try:
+        wait_until(running, timeout, "the models to run", interval=0.25, max_interval=0.5)
+    except WaitTimeout:
+        apps = serve.status().applications
+        raise ResourceError(
+            f"the models were not running after {timeout:g}s: {_pending(apps, app_names, plan)}"
+        ) from None
 
 
-def _pending(apps: dict, app_names: list[str], plan: ServePlan) -> str:
+def _pending(apps: dict[str, Any], app_names: list[str], plan: ServePlan) -> str:
+    """What keeps each app in ``app_names`` from running, and the cluster's free CPUs."""
     import ray
+    from ray.serve.schema import ApplicationStatus
 
     free = ray.available_resources().get("CPU", 0.0)
     cpus = {model_app_name(m.name): m for m in plan.models}
     parts = []
     for name in app_names:
         app = apps.get(name)
-        if app is not None and app.status == "RUNNING":
+        if app is not None and app.status == ApplicationStatus.RUNNING:
             continue
         model = cpus.get(name)
         need = (
@@ -192,19 +223,22 @@ def start_serving(
     api_key: str | None = None,
     progress: Progress = lambda _: None,
     debug: bool = False,
+    hooks: ServingHooks | None = None,
 ) -> ServeInfo:
-    """Deploy every model of ``cfg`` and wait until they run. Raises KilnError (nothing left
+    """Deploy every model of ``cfg`` and wait until they run; ``hooks`` plug in the layers above
+    (rollout records, retraining). Returns what serves where. Raises KilnError (nothing left
     deployed)."""
     from kiln.serve.http import key_digest
 
+    hooks = hooks or ServingHooks()
     address = address or os.environ.get("RAY_ADDRESS") or None
     local: LocalRay | None = None
     state = load_state(run_dir)
-    if address is None and state and state.local() and state.local().alive():
+    running_local = state.local() if state is not None and address is None else None
+    if state is not None and running_local is not None and running_local.alive():
         raise KilnError(
             f"Kiln is already serving at {state.url} (local Ray instance, pid "
-            f"{state.local().pid}); "
-            "run 'kiln serve stop' first"
+            f"{running_local.pid}); run 'kiln serve stop' first"
         )
     plan = plan_serving(cfg, tracking_uri)
     plan.run_dir = str(Path(run_dir).expanduser().resolve())
@@ -220,7 +254,7 @@ def start_serving(
     haproxy_dir: str | None = None
     started_serve = False
     try:
-        gcs = connect(address, local.auth_mode if local else None, debug)
+        gcs = connect(address, debug)
         from ray import serve
 
         running = running_kiln_apps()
@@ -229,7 +263,8 @@ def start_serving(
                 f"Kiln is already serving on the Ray cluster at {gcs} (applications: "
                 f"{', '.join(sorted(running))}); run 'kiln serve stop --address {address}' first"
             )
-        plan = apply_rollout_records(plan, run_dir)
+        if hooks.restore is not None:
+            plan = hooks.restore(plan, run_dir)
         check_serving_fits(plan)
         port = cfg.port or free_port()
         controller_options = None
@@ -246,7 +281,12 @@ def start_serving(
         except Exception as exc:
             raise KilnError(f"Ray Serve did not start: {telling_line(str(exc))}") from exc
         host, port = _check_http(cfg.host, port)
-        targets = build_applications(plan, key_digest(api_key) if api_key else None)
+        targets = build_applications(
+            plan,
+            key_digest(api_key) if api_key else None,
+            hooks.retrainer,
+            dashboard_url() if hooks.retrainer is not None else None,
+        )
         deployed = [t.name for t in targets]
         progress(f"deploying {len(plan.models)} model(s) on Ray Serve at {gcs}")
         serve.run_many(
@@ -296,52 +336,16 @@ def start_serving(
     return info
 
 
-def apply_rollout_records(plan: ServePlan, run_dir: str | Path) -> ServePlan:
-    """Serve each model on the stable version its rollout record names (the last promoted one, or
-    the one a rollback returned to), loading it even when the config does not list it; unless the
-    config names a newer registry version as the default, which then supersedes the record. Needs a
-    Ray connection (to tell a rollout in progress from one whose controller is gone)."""
-    from kiln import tracking as trk
-    from kiln.rollout.api import served_version_overrides, supersede
-    from kiln.serve.plan import VersionSource, _load_spec
-
-    for model in plan.models:
-        record = served_version_overrides(run_dir, model.name)
-        if record is None or not record.stable_uri:
-            continue
-        named = model.default_version
-        if (
-            named.isdigit()
-            and record.stable.isdigit()
-            and int(named) > int(record.stable)
-            and not record.active
-        ):
-            supersede(
-                run_dir, record, named, next(v.uri for v in model.versions if v.version == named)
-            )
-            continue
-        if record.stable not in {v.version for v in model.versions}:
-            model.versions.append(VersionSource(record.stable, record.stable_uri))
-            spec = _load_spec(
-                trk.resolve_model_dir(record.stable_uri, plan.tracking_uri), record.stable_uri
-            )
-            model.formats[record.stable] = spec.format
-        model.default_version = record.stable
-    return plan
-
-
 def _check_http(host: str, port: int) -> tuple[str, int]:
     """Serve's HTTP options are fixed when it first starts on a cluster: fail if it listens
-    elsewhere."""
-    from ray.serve.context import _get_global_client
-
-    actual = _get_global_client().http_config
-    if (actual.host, int(actual.port)) != (host, int(port)):
+    elsewhere. Returns (host, port). Raises ConfigError."""
+    actual_host, actual_port = serve_http()
+    if (actual_host, actual_port) != (host, int(port)):
         raise ConfigError(
-            f"Ray Serve already runs on this cluster with HTTP at {actual.host}:{actual.port}; "
+            f"Ray Serve already runs on this cluster with HTTP at {actual_host}:{actual_port}; "
             f"serve.host/serve.port must match it (asked for {host}:{port})"
         )
-    return actual.host, int(actual.port)
+    return actual_host, actual_port
 
 
 def _undo(deployed: list[str], local: LocalRay | None, started_serve: bool) -> None:
@@ -360,8 +364,8 @@ def _undo(deployed: list[str], local: LocalRay | None, started_serve: bool) -> N
             from ray import serve
 
             serve.shutdown()
-    except Exception:  # best effort: the original error is what the user needs to see
-        pass
+    except Exception as exc:  # best effort: the original error is what the user needs to see
+        logger.warning("kiln serve: cleaning up after a failed start failed: %s", first_line(exc))
 
 
 @dataclass
@@ -374,13 +378,16 @@ class StopResult:
 
 
 def stop_serving(
-    run_dir: str | Path, address: str | None = None, debug: bool = False
+    run_dir: str | Path,
+    address: str | None = None,
+    debug: bool = False,
+    hooks: ServingHooks | None = None,
 ) -> StopResult:
-    """Delete Kiln's applications; stop the local Ray instance if Kiln started it. Raises
-    KilnError."""
+    """Delete Kiln's applications (after ``hooks.on_stop``); stop the local Ray instance if Kiln
+    started it. Returns what stopped. Raises KilnError."""
     address, state = find_target(run_dir, address)
     local = state.local() if state and state.address == address else None
-    if local is not None:
+    if state is not None and local is not None:
         pid, alive = local.pid, local.alive()
         local.stop()
         forget(run_dir, state)
@@ -390,17 +397,16 @@ def stop_serving(
             stopped=sorted({ROOT_APP, *(model_app_name(m["name"]) for m in state.models)}),
             local_ray_pid=pid,
         )
-    connect(address, None, debug)
+    connect(address, debug)
     apps = sorted(running_kiln_apps())
     if not apps:
         if state and state.address == address:
             forget(run_dir, state)
         raise KilnError(f"Kiln serves nothing on the Ray cluster at {address}")
-    from kiln.rollout.api import stop_controllers
-
-    stop_controllers(
-        [app[len(MODEL_APP_PREFIX) :] for app in apps if app.startswith(MODEL_APP_PREFIX)]
-    )
+    if hooks is not None and hooks.on_stop is not None:
+        hooks.on_stop(
+            [app[len(MODEL_APP_PREFIX) :] for app in apps if app.startswith(MODEL_APP_PREFIX)]
+        )
     remove_apps(apps)
     if state and state.address == address:
         forget(run_dir, state)

@@ -7,6 +7,8 @@ replica); see the README's "Serving" section for the exported names. Labels: ``m
 
 from __future__ import annotations
 
+from typing import Any
+
 LATENCY_BOUNDARIES_MS = [
     0.5,
     1,
@@ -27,7 +29,9 @@ LATENCY_BOUNDARIES_MS = [
     2500,
     5000,
 ]
-BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+BATCH_BOUNDARIES = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0]
+# Ray 2.60 annotates ``tag_keys`` as ``Tuple[str]`` (one element) though it takes any number.
+TagKeys = Any
 
 
 class ServeMetrics:
@@ -36,7 +40,8 @@ class ServeMetrics:
     def __init__(self):
         from ray.serve.metrics import Counter, Histogram
 
-        version_tags = ("model", "model_version", "endpoint")
+        version_tags: TagKeys = ("model", "model_version", "endpoint")
+        model_tags: TagKeys = ("model", "model_version")
         self.requests = Counter(
             "kiln_requests",
             description="Inference requests answered, per model version.",
@@ -46,7 +51,7 @@ class ServeMetrics:
             "kiln_request_errors",
             description="Inference requests answered with an error "
             "status, per model version and HTTP status.",
-            tag_keys=(*version_tags, "code"),
+            tag_keys=version_tags + ("code",),
         )
         self.latency = Histogram(
             "kiln_request_latency_ms",
@@ -58,7 +63,7 @@ class ServeMetrics:
             "kiln_batch_size",
             description="Rows per model call (after dynamic batching).",
             boundaries=BATCH_BOUNDARIES,
-            tag_keys=("model", "model_version"),
+            tag_keys=model_tags,
         )
 
     def request(

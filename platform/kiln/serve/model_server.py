@@ -3,7 +3,7 @@
 Keeping the versions in the ingress replica means the request that reaches the replica is answered
 there: no second hop through a deployment handle (measured at 3-3.5 ms on this kind of machine).
 ``route`` picks the version of an unversioned request: the default version, or during a rollout
-the routing table's choice (``kiln.rollout.replica.RolloutAgent``: a weighted choice in this
+the routing table's choice (``kiln.rollout.core.replica.RolloutAgent``: a weighted choice in this
 replica, no extra hop). New versions a rollout names are loaded into the running replica, so a
 rollout needs no redeploy.
 
@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from kiln.monitor.reference.features import softmax
 from kiln.serve.config import BatchingConfig
 from kiln.serve.http import (
     check_api_key,
@@ -58,7 +59,7 @@ class VersionRunner:
         self._executor = ThreadPoolExecutor(
             1, thread_name_prefix=f"kiln-{served.model_name}-v{served.version}"
         )
-        self._batched = None
+        self._batched: Any = None  # the serve.batch wrapper of _run_batch, once batching is on
         self.batching = BatchingConfig(enabled=False)
 
     def configure(self, batching: BatchingConfig) -> None:
@@ -98,9 +99,9 @@ class ModelServer:
 
     def __init__(self, spec: ModelAppSpec):
         from kiln.models.predictor import load_predictor
-        from kiln.monitor.config import MonitorConfig
-        from kiln.monitor.metrics import MonitorMetrics
-        from kiln.monitor.served import ReplicaMonitors
+        from kiln.monitor.live.config import MonitorConfig
+        from kiln.monitor.live.metrics import MonitorMetrics
+        from kiln.monitor.live.served import ReplicaMonitors
         from kiln.serve.metrics import ServeMetrics
         from kiln.tracking import resolve_model_dir
 
@@ -116,6 +117,8 @@ class ModelServer:
             spec.tracking_uri,
             spec.run_dir,
             self._retrainable_version,
+            spec.retrainer,
+            spec.dashboard_url,
         )
         for source in spec.versions:
             directory = resolve_model_dir(source.uri, spec.tracking_uri)
@@ -132,7 +135,7 @@ class ModelServer:
         self.default_version = spec.default_version
         self.batching = BatchingConfig()
         self._background: set[asyncio.Task] = set()  # shadow calls (a reference keeps them alive)
-        from kiln.rollout.replica import RolloutAgent
+        from kiln.rollout.core.replica import RolloutAgent
 
         self.rollout = RolloutAgent(
             spec.model_name,
@@ -142,10 +145,12 @@ class ModelServer:
             self.quality_signals,
             self.remove_version,
         )
-        try:  # Serve runs the constructor on the replica's event loop; built elsewhere (tests) no reports
+        self._reporter: asyncio.Task[None] | None = None
+        # Serve runs the constructor on the replica's event loop; built elsewhere (tests): none
+        try:
             self._reporter = asyncio.get_running_loop().create_task(self.rollout.run_forever())
-        except RuntimeError:
-            self._reporter = None
+        except RuntimeError:  # no running event loop
+            pass
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve calls this with the deployment's user_config: the batching settings, changeable in
@@ -313,12 +318,11 @@ class ModelServer:
         try:
             x = prepare(runner.served)
             logits = await runner.logits(x)
-            self.monitors.observe(
-                runner.served.version, x, logits
-            )  # mirrored traffic is the candidate's too
+            # mirrored traffic is the candidate's too
+            self.monitors.observe(runner.served.version, x, logits, softmax(logits))
             agreed = int((np.argmax(logits, axis=1) == np.argmax(stable_logits, axis=1)).sum())
             self.rollout.compare(runner.served.version, agreed, len(x))
-        except Exception:
+        except Exception:  # the candidate's fault: counted as its error, never the client's answer
             status = 500
         finally:
             self.rollout.record(
@@ -341,13 +345,14 @@ class ModelServer:
             req, [o["name"] for o in served.output_metadata()]
         )  # before spending compute on it
         logits = await runner.logits(x)
-        ood = self.monitors.observe(served.version, x, logits)
+        probs = softmax(logits)  # once per request: the answer and the monitor share it
+        ood = self.monitors.observe(served.version, x, logits, probs)
         self._shadow(mirror, lambda other: other.prepare_tensors(req.inputs), logits)
         content, headers = encode_infer_response(
             self.spec.model_name,
             served.version,
             req.id,
-            select_outputs(req, served.output_tensors(logits)),
+            select_outputs(req, served.output_tensors(probs)),
             ood.parameters() if ood is not None else None,
         )
         return Response(content, status_code=200, headers=headers)
@@ -359,12 +364,13 @@ class ModelServer:
         served = runner.served
         x = served.prepare_json(payload)
         logits = await runner.logits(x)
-        ood = self.monitors.observe(served.version, x, logits)
+        probs = softmax(logits)  # once per request: the answer and the monitor share it
+        ood = self.monitors.observe(served.version, x, logits, probs)
         self._shadow(mirror, lambda other: other.prepare_json(payload), logits)
-        out = {
+        out: dict[str, Any] = {
             "model_name": self.spec.model_name,
             "model_version": served.version,
-            "predictions": served.predictions(logits),
+            "predictions": served.predictions(probs),
         }
         if ood is not None:
             out["parameters"] = ood.parameters()

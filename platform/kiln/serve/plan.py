@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kiln import tracking as trk
-from kiln.errors import ConfigError, ModelError
-from kiln.models.spec import SPEC_FILE, ModelSpec
+from kiln.errors import ConfigError, KilnError, ModelError
+from kiln.models.spec import load_spec
+from kiln.monitor.live.config import MonitorConfig
+from kiln.rollout.core.spec import options_for
 from kiln.serve.config import (
     SERVED_NAME,
     BatchingConfig,
@@ -22,6 +24,9 @@ from kiln.serve.config import (
     ServeConfig,
     ServedModelConfig,
 )
+
+if TYPE_CHECKING:
+    from kiln.monitor.live.served import RetrainerFactory
 
 
 @dataclass
@@ -44,6 +49,10 @@ class ModelAppSpec:
     api_key_sha256: str | None = None
     monitor: dict[str, Any] | None = None  # serve.monitor (a MonitorConfig's fields)
     run_dir: str | None = None  # the serving run dir (rollout state, audit log)
+    # Builds each version's retraining loop; given from above serving (None: no retraining).
+    # Pickled by reference: only replicas of a config with serve.monitor.retrain import it.
+    retrainer: RetrainerFactory | None = None
+    dashboard_url: str | None = None  # the serving cluster's Jobs API, captured by the driver
 
 
 @dataclass
@@ -92,8 +101,6 @@ def plan_serving(cfg: ServeConfig, tracking_uri: str) -> ServePlan:
             "nothing to serve: give models:/NAME/VERSION URIs or a config with serve.models"
         )
     tracking_uri = absolute_tracking_uri(tracking_uri)
-    from kiln.monitor.config import resolve_retrain
-
     resolve_retrain(cfg.monitor)
     groups: dict[str, list[tuple[int, ServedModelConfig, VersionSource, str]]] = {}
     for i, entry in enumerate(cfg.models):
@@ -114,7 +121,7 @@ def plan_serving(cfg: ServeConfig, tracking_uri: str) -> ServePlan:
                     f"already served by serve.models.{j} ({cfg.models[j].uri}); serve one of them "
                     "under another name"
                 )
-        spec = _load_spec(trk.resolve_model_dir(uri, tracking_uri), entry.uri)
+        spec = load_spec(trk.resolve_model_dir(uri, tracking_uri), entry.uri)
         if spec.format not in RUNTIMES:
             raise ModelError(
                 f"{entry.uri}: no runtime for artifact format '{spec.format}' "
@@ -149,14 +156,38 @@ def plan_serving(cfg: ServeConfig, tracking_uri: str) -> ServePlan:
     return ServePlan(models=models, tracking_uri=tracking_uri, config=cfg)
 
 
-def _load_spec(directory: Path, uri: str) -> ModelSpec:
-    """The artifact's spec (without importing torch: the CLI stays quick). Raises ModelError."""
-    if not (Path(directory) / SPEC_FILE).is_file():
-        raise ModelError(f"{uri} is not a Kiln model artifact (no {SPEC_FILE})")
+def resolve_retrain(cfg: MonitorConfig, cwd: str | None = None) -> None:
+    """Pin ``serve.monitor.retrain.project`` to an absolute folder (replicas run elsewhere), check
+    that the retraining config is a file in it and that the rollout policy makes sense. Raises
+    ConfigError naming the key."""
+    import os
+
+    policy = cfg.retrain
+    if policy is None:
+        return
+    project = Path(policy.project or cwd or os.getcwd()).expanduser().resolve()
+    if not (project / "jobs" / "train.py").is_file():
+        raise ConfigError(
+            f"config key 'serve.monitor.retrain.project': {project} has no jobs/train.py "
+            "(the retraining job); set it to the Kiln project folder"
+        )
+    config = Path(policy.config).expanduser()
+    config = (config if config.is_absolute() else project / config).resolve()
+    if not config.is_file():
+        raise ConfigError(f"config key 'serve.monitor.retrain.config': {config} does not exist")
     try:
-        return ModelSpec.load(directory)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"{uri}: {SPEC_FILE} is malformed ({exc})") from None
+        relative = config.relative_to(project)
+    except ValueError:
+        raise ConfigError(
+            f"config key 'serve.monitor.retrain.config': {config} is outside the project folder "
+            f"{project}, so the job would not get it"
+        ) from None
+    policy.project, policy.config = str(project), relative.as_posix()
+    if policy.rollout is not None:
+        try:  # the policy's fields are options_for's parameters
+            options_for(**policy.rollout.model_dump()).plan(policy.rollout.strategy)
+        except KilnError as exc:
+            raise ConfigError(f"config key 'serve.monitor.retrain.rollout': {exc}") from None
 
 
 def _registry_version(tracking_uri: str, uri: str):

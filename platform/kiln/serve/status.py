@@ -3,11 +3,14 @@ counts."""
 
 from __future__ import annotations
 
+import json
+import urllib.error
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kiln.errors import KilnError
+from kiln.errors import KilnError, first_line
 from kiln.serve.cluster import (
     connect,
     find_target,
@@ -15,6 +18,7 @@ from kiln.serve.cluster import (
     http_url,
     metrics_url,
     running_kiln_apps,
+    serve_http,
     telling_line,
 )
 
@@ -30,31 +34,35 @@ class ServingStatus:
     applications: dict[str, dict[str, Any]] = field(default_factory=dict)
     models: list[dict[str, Any]] = field(default_factory=list)
     metrics_url: str | None = None
+    # What could not be read (the model listing, the metrics endpoint): the CLI prints a warning
+    # line for each; not in to_dict(), so the documented JSON stays as it was.
+    errors: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The ``kiln serve status --json`` object."""
+        data = asdict(self)
+        data.pop("errors")
+        return data
 
 
 def serving_status(
     run_dir: str | Path, address: str | None = None, debug: bool = False
 ) -> ServingStatus:
-    """Ask the cluster what Kiln serves there. Raises KilnError when nothing is found."""
-    from ray.serve.context import _get_global_client
-
+    """Ask the cluster what Kiln serves there. Returns the status (``errors`` names what could not
+    be read). Raises KilnError when nothing is found."""
     address, state = find_target(run_dir, address)
     local = state.local() if state and state.address == address else None
-    if local is not None and not local.alive():
+    if state is not None and local is not None and not local.alive():
         forget(run_dir, state)
         raise KilnError(
             f"the local Ray instance that served (pid {local.pid}) is gone; start again with "
             "'kiln serve start'"
         )
-    gcs = connect(address, local.auth_mode if local else None, debug)
+    gcs = connect(address, debug)
     apps = running_kiln_apps()
     if not apps:
         raise KilnError(f"Kiln serves nothing on the Ray cluster at {gcs}")
-    http = _get_global_client().http_config
-    url = http_url(http.host, int(http.port))
+    url = http_url(*serve_http())
     status = ServingStatus(
         url=url,
         ray_address=gcs,
@@ -71,22 +79,30 @@ def serving_status(
             "replicas": replicas,
             "message": telling_line(app.message) if app.message else "",
         }
-    status.models = _served_models(url, status.metrics_url)
+    status.models = _served_models(url, status.metrics_url, status.errors)
     return status
 
 
-def _served_models(url: str, metrics: str | None) -> list[dict[str, Any]]:
-    """The root app's model listing, with per-version request and error counts from the metrics
-    endpoint."""
-    import json
-    import urllib.request
+# What reading an HTTP endpoint of the serving cluster may raise (HTTPError is a URLError; an answer
+# that is not the expected JSON: ValueError, KeyError, TypeError).
+_READ_ERRORS = (urllib.error.URLError, OSError, ValueError, KeyError, TypeError)
 
+
+def _served_models(url: str, metrics: str | None, errors: list[str]) -> list[dict[str, Any]]:
+    """The root app's model listing, with per-version request and error counts from the metrics
+    endpoint; what cannot be read is added to ``errors`` (the counts are then 0)."""
     try:
         with urllib.request.urlopen(f"{url}/v2/models", timeout=5) as resp:
             listing = json.loads(resp.read())["models"]
-    except Exception:
+    except _READ_ERRORS as exc:
+        errors.append(f"model listing {url}/v2/models: {first_line(exc)}")
         return []
-    counts = scrape_counts(metrics) if metrics else {}
+    counts: dict[tuple[str, str], dict[str, float]] = {}
+    if metrics:
+        try:
+            counts = scrape_counts(metrics)
+        except _READ_ERRORS as exc:
+            errors.append(f"metrics {metrics}: {first_line(exc)}")
     rows = []
     for model in listing:
         for version in model["versions"]:
@@ -105,16 +121,12 @@ def _served_models(url: str, metrics: str | None) -> list[dict[str, Any]]:
 
 def scrape_counts(metrics: str) -> dict[tuple[str, str], dict[str, float]]:
     """(model, version) -> {requests, errors} summed over replicas, from Ray's Prometheus
-    endpoint."""
-    import urllib.request
-
+    endpoint. Raises URLError or OSError when it cannot be read, ValueError when it is not
+    Prometheus text."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    try:
-        with urllib.request.urlopen(metrics, timeout=5) as resp:
-            text = resp.read().decode()
-    except Exception:
-        return {}
+    with urllib.request.urlopen(metrics, timeout=5) as resp:
+        text = resp.read().decode()
     out: dict[tuple[str, str], dict[str, float]] = {}
     wanted = {"ray_kiln_requests": "requests", "ray_kiln_request_errors": "errors"}
     for family in text_string_to_metric_families(text):

@@ -177,14 +177,10 @@ class ServedVersion:
 
     # --- logits -> outputs ----------------------------------------------------------------
 
-    def probabilities(self, logits: np.ndarray) -> np.ndarray:
-        z = logits.astype(np.float64)
-        z -= z.max(axis=1, keepdims=True)
-        p = np.exp(z)
-        return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
-
-    def output_tensors(self, logits: np.ndarray) -> list[Tensor]:
-        probs = self.probabilities(logits)
+    def output_tensors(self, probs: np.ndarray) -> list[Tensor]:
+        """The OIP outputs of a request from its class probabilities (``softmax(logits)``, computed
+        once per request): probabilities (FP32) and the predicted label (BYTES)."""
+        probs = probs.astype(np.float32)
         labels = self.predictor.spec.labels
         names = np.empty(len(probs), dtype=object)
         names[:] = [str(labels[i]).encode() for i in probs.argmax(axis=1)]
@@ -193,13 +189,17 @@ class ServedVersion:
             Tensor(LABEL, "BYTES", [len(probs)], names),
         ]
 
-    def predictions(self, logits: np.ndarray) -> list[dict[str, Any]]:
-        """Convenience output: the original label and a {label: probability} map per row."""
-        probs = self.probabilities(logits)
+    def predictions(self, probs: np.ndarray) -> list[dict[str, Any]]:
+        """Convenience output from the class probabilities: the original label and a {label:
+        probability} map per row."""
+        probs = probs.astype(np.float32)
         labels = self.predictor.spec.labels
         keys = [str(label) for label in labels]
         return [
-            {"label": labels[int(row.argmax())], "probabilities": dict(zip(keys, map(float, row)))}
+            {
+                "label": labels[int(row.argmax())],
+                "probabilities": dict(zip(keys, map(float, row), strict=True)),
+            }
             for row in probs
         ]
 

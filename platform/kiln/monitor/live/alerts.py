@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any
 
 logger = logging.getLogger("kiln.monitor")
+
+
+class AlertState(StrEnum):
+    """An alert event's state (str-valued: the webhook JSON holds the plain names)."""
+
+    FIRING = "firing"
+    RESOLVED = "resolved"
 
 
 @dataclass
@@ -35,7 +44,7 @@ class Alert:
             if self.details.get("drifted")
             else ""
         )
-        verb = "above" if self.state == "firing" else "back below"
+        verb = "above" if self.state == AlertState.FIRING else "back below"
         return (
             f"kiln monitor alert [{self.state}]: model {self.model} version {self.version}: "
             f"{self.signal} "
@@ -52,14 +61,14 @@ class Threshold:
         self.firing = False
         self.since: float | None = None  # when it started firing
 
-    def update(self, value: float) -> str | None:
-        """'firing' or 'resolved' on a transition, else None."""
+    def update(self, value: float) -> AlertState | None:
+        """The new state on a transition (firing or resolved), else None."""
         if not self.firing and value > self.threshold:
             self.firing, self.since = True, time.time()
-            return "firing"
+            return AlertState.FIRING
         if self.firing and value < self.clear_below:
             self.firing, self.since = False, None
-            return "resolved"
+            return AlertState.RESOLVED
         return None
 
 
@@ -72,13 +81,14 @@ def post_webhook(url: str, payload: dict[str, Any], timeout: float) -> bool:
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
             return 200 <= resp.status < 300
-    except Exception as exc:  # an alert receiver that is down must not break serving
+    except (OSError, http.client.HTTPException, ValueError) as exc:  # URLError is an OSError
+        # an alert receiver that is down or answers nonsense must not break serving
         logger.warning("kiln monitor: webhook %s failed: %s", url, exc)
         return False
 
 
 def notify(alert: Alert, webhook_url: str | None, timeout: float) -> None:
     """The alert's log line, then its webhook call (blocking: called off the event loop)."""
-    (logger.warning if alert.state == "firing" else logger.info)(alert.line())
+    (logger.warning if alert.state == AlertState.FIRING else logger.info)(alert.line())
     if webhook_url:
         post_webhook(webhook_url, {"kind": "kiln.monitor.alert", **alert.to_dict()}, timeout)

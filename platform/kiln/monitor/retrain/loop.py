@@ -1,7 +1,7 @@
 """Closing the loop: when a served version's drift alert has been firing for ``after_s``, submit a
 retraining job through the same path as ``kiln submit train`` (Ray Jobs API) on the configured data
 source, follow it to its end, and start a gated rollout of the version it registered
-(``kiln.rollout.api.start_rollout``, trigger ``monitor``).
+(``kiln.rollout.control.api.start_rollout``, trigger ``monitor``).
 
 Each step is an event (``RetrainEvent``): logged, written to the model's rollout audit log, kept in
 the monitor status, and POSTed to the webhook. One job at a time per version, at most one per
@@ -20,99 +20,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field, field_validator
-
-from kiln.config import Section
+from kiln.errors import KilnError, first_line
+from kiln.monitor.live.config import RetrainPolicy
+from kiln.rollout.core.spec import options_for
+from kiln.rollout.core.store import RolloutStore
 
 logger = logging.getLogger("kiln.monitor")
-
-
-class RolloutPolicy(Section):
-    """How the retrained version is rolled out (``kiln rollout start`` options)."""
-
-    strategy: Literal["canary", "linear", "blue-green", "shadow"] = Field(
-        "canary", description="Rollout strategy."
-    )
-    weight: float | None = Field(
-        10.0,
-        gt=0,
-        le=100,
-        description="canary: percent of requests to the new version; shadow: percent mirrored.",
-    )
-    steps: list[float] | None = Field(None, description="linear: percent per step.")
-    bake_s: float = Field(300.0, gt=0, description="Time at each step with every gate passing.")
-    interval_s: float = Field(10.0, gt=0, description="Gate evaluation interval.")
-    gates: list[str] = Field(
-        default_factory=lambda: ["error_rate<0.01", "drift<0.3"],
-        description="Gates on the new version's live metrics and monitoring signals.",
-    )
-
-    def options(self):
-        """The rollout's RolloutOptions."""
-        from kiln.rollout.spec import RolloutOptions
-
-        return RolloutOptions(
-            weight=self.weight if self.strategy in ("canary", "shadow") else None,
-            steps=self.steps,
-            bake_s=self.bake_s,
-            interval_s=self.interval_s,
-            gates=list(self.gates),
-        )
-
-
-class RetrainPolicy(Section):
-    """``serve.monitor.retrain``: retrain a served model when its drift stays above the
-    threshold."""
-
-    config: str = Field(
-        description="Training config of the retraining job (a path inside `project`)."
-    )
-    data_source: str | None = Field(
-        None,
-        description="The data to retrain on (`data.source` of the job); default: the config's.",
-    )
-    overrides: list[str] = Field(
-        default_factory=list, description="More key=value overrides for the job."
-    )
-    after_s: float = Field(
-        300.0,
-        gt=0,
-        description="Drift must stay above serve.monitor.drift_threshold this "
-        "long (its alert firing) before a job is submitted.",
-    )
-    cooldown_s: float = Field(
-        3600.0, gt=0, description="At most one retraining job per version this often."
-    )
-    jobs_address: str | None = Field(
-        None,
-        description="Ray Jobs API (http://HOST:8265) the job goes to; "
-        "default: the cluster that serves.",
-    )
-    project: str | None = Field(
-        None,
-        description="Project folder shipped with the job (holds jobs/ and the "
-        "config); default: the folder `kiln serve start` ran in.",
-    )
-    python: str | None = Field(
-        None, description="Python of the job on the head; default: the replica's."
-    )
-    job_timeout_s: float = Field(
-        3600.0, gt=0, description="Give up following the job after this long."
-    )
-    rollout: RolloutPolicy | None = Field(
-        default_factory=RolloutPolicy,
-        description="Roll the new version out with these gates (null: only register it).",
-    )
-
-    @field_validator("overrides")
-    @classmethod
-    def _key_values(cls, value: list[str]) -> list[str]:
-        bad = [v for v in value if "=" not in v]
-        if bad:
-            raise ValueError(f"overrides must be key=value, got {bad[0]!r}")
-        return value
 
 
 @dataclass
@@ -132,12 +47,16 @@ class RetrainEvent:
     def line(self) -> str:
         extra = " ".join(f"{k}={v}" for k, v in self.detail.items())
         job = f" job {self.submission_id}" if self.submission_id else ""
-        return f"kiln monitor retrain [{self.step}]: model {self.model} version {self.version}:{job} {extra}".rstrip()
+        return (
+            f"kiln monitor retrain [{self.step}]: model {self.model} version {self.version}:{job} "
+            f"{extra}"
+        ).rstrip()
 
 
 class RetrainLoop:
     """The retraining policy of one served version (``check`` is called periodically off the event
-    loop)."""
+    loop). The class itself is the replicas' retrainer factory
+    (``kiln.monitor.live.served.RetrainerFactory``), handed to them by the commands layer."""
 
     def __init__(
         self,
@@ -148,11 +67,14 @@ class RetrainLoop:
         tracking_uri: str,
         run_dir: str | None = None,
         on_event: Callable[[RetrainEvent], None] | None = None,
+        default_jobs_address: str | None = None,
     ):
         self.policy, self.model, self.version = policy, model, version
         self.registry_name, self.tracking_uri = registry_name, tracking_uri
         self.run_dir = run_dir  # the serving run dir: rollout state and audit log
         self.on_event = on_event or (lambda event: None)
+        # The serving cluster's Jobs API (captured by `kiln serve start`) if the policy names none.
+        self.default_jobs_address = default_jobs_address
         self.events: list[RetrainEvent] = []
         self.in_flight: str | None = None
         self.last_submitted: float | None = None
@@ -170,7 +92,7 @@ class RetrainLoop:
 
     def check(self, alert_since: float | None, drift_score: float | None) -> None:
         """Start a retraining job (on a thread of its own) if one is due."""
-        if not self.due(alert_since):
+        if alert_since is None or not self.due(alert_since):
             return
         self.in_flight = "starting"
         self.last_submitted = time.time()
@@ -200,18 +122,20 @@ class RetrainLoop:
     def _run(self) -> None:
         try:
             outcome = self.run_job()
-        except Exception as exc:  # the loop reports; serving goes on
+        except Exception as exc:  # the loop reports (an event); serving goes on
             self._emit(
                 "failed",
                 self.in_flight if self.in_flight != "starting" else None,
-                {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"},
+                {"error": f"{type(exc).__name__}: {first_line(exc) if str(exc) else ''}"},
             )
         else:
             if outcome is not None and self.policy.rollout is not None:
                 try:
                     self.roll_out(outcome.summary["model_uri"], outcome.submission_id)
-                except Exception as exc:
-                    self._emit("failed", outcome.submission_id, {"error": f"rollout: {exc}"})
+                except Exception as exc:  # reported as an event, as above
+                    self._emit(
+                        "failed", outcome.submission_id, {"error": f"rollout: {first_line(exc)}"}
+                    )
         finally:
             self.in_flight = None
 
@@ -222,7 +146,6 @@ class RetrainLoop:
         from kiln.cluster.client import connect
         from kiln.cluster.jobs import job_outcome, wait_until_finished
         from kiln.cluster.submit import build_runtime_env, job_spec, submit
-        from kiln.errors import KilnError
 
         policy = self.policy
         spec = job_spec(
@@ -232,7 +155,13 @@ class RetrainLoop:
             policy.project,
             policy.python or sys.executable,
         )
-        client = connect(policy.jobs_address or _serving_cluster_jobs_address())
+        jobs_address = policy.jobs_address or self.default_jobs_address
+        if not jobs_address:
+            raise KilnError(
+                "the serving cluster has no dashboard (Jobs API); set "
+                "serve.monitor.retrain.jobs_address"
+            )
+        client = connect(jobs_address)
         submission_id = self.submission_id()
         try:
             submit(client, spec, build_runtime_env(spec, self.tracking_uri), submission_id)
@@ -271,20 +200,21 @@ class RetrainLoop:
     def roll_out(self, model_uri: str, submission_id: str) -> None:
         """Start the gated rollout of the registered version (the rollout controller takes it from
         there)."""
-        from kiln.errors import KilnError
-        from kiln.rollout.api import start_rollout
+        from kiln.rollout.control.api import start_rollout
 
         if not self.run_dir:
             raise KilnError("no serving run dir to keep the rollout's state in")
         version = model_uri.rsplit("/", 1)[1]
         policy = self.policy.rollout
+        if policy is None:
+            raise KilnError("no rollout policy (serve.monitor.retrain.rollout is null)")
         record = start_rollout(
             self.run_dir,
             None,
             self.model,
             version,
             policy.strategy,
-            policy.options(),
+            options_for(**policy.model_dump()),  # the policy's fields are its parameters
             trigger="monitor",
         )
         self._emit(
@@ -305,8 +235,6 @@ class RetrainLoop:
         (logger.warning if step == "failed" else logger.info)(event.line())
         if self.run_dir:  # every step of the loop in the model's rollout audit log
             try:
-                from kiln.rollout.store import RolloutStore
-
                 RolloutStore(self.run_dir, self.model).audit(
                     {
                         "decision": f"retrain-{step}",
@@ -317,24 +245,9 @@ class RetrainLoop:
                         "detail": detail,
                     }
                 )
-            except Exception:
+            except OSError:
                 logger.exception("kiln monitor: could not write the rollout audit log")
         try:
             self.on_event(event)
-        except Exception:
+        except Exception:  # a broken handler must not stop the loop; it is logged
             logger.exception("kiln monitor: retrain event handler failed")
-
-
-def _serving_cluster_jobs_address() -> str:
-    """The Jobs API of the Ray cluster this process is connected to (its dashboard)."""
-    from ray._private.services import get_webui_url_from_internal_kv
-
-    url = get_webui_url_from_internal_kv()
-    if not url:
-        from kiln.errors import KilnError
-
-        raise KilnError(
-            "the serving cluster has no dashboard (Jobs API); set "
-            "serve.monitor.retrain.jobs_address"
-        )
-    return url if "://" in url else f"http://{url}"

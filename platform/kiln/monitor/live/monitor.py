@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from kiln.monitor.alerts import Alert, Threshold, notify
-from kiln.monitor.config import MonitorConfig
-from kiln.monitor.features import input_features, ood_scores, output_features, softmax
+from kiln.monitor.live.alerts import Alert, Threshold, notify
+from kiln.monitor.live.config import MonitorConfig
+from kiln.monitor.live.window import RowWindow
 from kiln.monitor.reference import MonitorReference
-from kiln.monitor.stats import DriftResult, drift, prepare
-from kiln.monitor.window import RowWindow
+from kiln.monitor.reference.features import input_features, ood_scores, output_features
+from kiln.monitor.reference.stats import DriftResult, drift, prepare
 
 
 @dataclass
@@ -87,9 +87,9 @@ class VersionMonitor:
 
     # --- the request path -------------------------------------------------------------------
 
-    def observe(self, x: np.ndarray, logits: np.ndarray) -> OodResult:
-        """Score one request's rows and append them to the window."""
-        probs = softmax(logits)
+    def observe(self, x: np.ndarray, logits: np.ndarray, probs: np.ndarray) -> OodResult:
+        """Score one request's rows and append them to the window. ``probs`` is the softmax of
+        ``logits``, which the request computed once for its answer."""
         inputs = input_features(self.kind, x)
         scores = self.scorer.score(ood_scores(logits, probs)[self.cfg.ood_score], inputs)
         flags = scores < self.threshold

@@ -3,6 +3,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from kiln.monitor.live.alerts import AlertState
+
+# Ray 2.60 annotates ``tag_keys`` as ``Tuple[str]`` (one element) though it takes any number.
+TagKeys = Any
+
 
 class MonitorMetrics:
     """The monitoring metric objects of one replica (Ray Serve adds the replica's tags)."""
@@ -10,7 +17,7 @@ class MonitorMetrics:
     def __init__(self):
         from ray.serve.metrics import Counter, Gauge
 
-        tags = ("model", "model_version")
+        tags: TagKeys = ("model", "model_version")
         self.drift = Gauge(
             "kiln_monitor_drift_score",
             description="Share of monitored features that drift in the live window (0..1).",
@@ -24,12 +31,12 @@ class MonitorMetrics:
         self.feature_psi = Gauge(
             "kiln_monitor_feature_psi",
             description="PSI of one monitored feature, live window against the training reference.",
-            tag_keys=(*tags, "feature"),
+            tag_keys=tags + ("feature",),
         )
         self.alerting = Gauge(
             "kiln_monitor_alerting",
             description="1 while an alert on the signal is firing.",
-            tag_keys=(*tags, "signal"),
+            tag_keys=tags + ("signal",),
         )
         self.rows = Counter(
             "kiln_monitor_rows", description="Rows scored by the monitor.", tag_keys=tags
@@ -38,7 +45,7 @@ class MonitorMetrics:
             "kiln_monitor_ood_rows", description="Rows flagged out-of-distribution.", tag_keys=tags
         )
         self.alerts = Counter(
-            "kiln_monitor_alerts", description="Alerts fired.", tag_keys=(*tags, "signal")
+            "kiln_monitor_alerts", description="Alerts fired.", tag_keys=tags + ("signal",)
         )
 
     def observed(self, model: str, version: str, rows: int, flagged: int) -> None:
@@ -51,7 +58,7 @@ class MonitorMetrics:
         """After an evaluation: the gauges, and the alerts it fired."""
         self.publish(model, version, evaluation, monitor)
         for alert in evaluation.alerts:
-            if alert.state == "firing":
+            if alert.state == AlertState.FIRING:
                 self.alerts.inc(
                     1, tags={"model": model, "model_version": version, "signal": alert.signal}
                 )

@@ -31,13 +31,10 @@ def serving_url(
             "--url "
             "of the server or --address of the cluster that serves"
         )
-    from ray.serve.context import _get_global_client
+    from kiln.serve.cluster import connect, http_url, serve_http
 
-    from kiln.serve.cluster import connect, http_url
-
-    connect(address or os.environ["RAY_ADDRESS"], None, debug)
-    http = _get_global_client().http_config
-    return http_url(http.host, int(http.port))
+    connect(address or os.environ["RAY_ADDRESS"], debug)
+    return http_url(*serve_http())
 
 
 def fetch_monitor(
@@ -60,7 +57,7 @@ def fetch_monitor(
     except urllib.error.HTTPError as exc:
         try:
             message = json.loads(exc.read()).get("error", "")
-        except Exception:
+        except (ValueError, AttributeError, OSError):  # not Kiln's JSON error body
             message = exc.reason
         raise KilnError(f"{base_url}{path}: {exc.code} {message}") from None
     except (urllib.error.URLError, OSError) as exc:

@@ -9,11 +9,22 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from kiln.errors import KilnError
 
-STRATEGIES = ("canary", "linear", "blue-green", "shadow")
+
+class Strategy(StrEnum):
+    """How the candidate takes traffic (str-valued: records and JSON hold the plain names)."""
+
+    CANARY = "canary"
+    LINEAR = "linear"
+    BLUE_GREEN = "blue-green"
+    SHADOW = "shadow"
+
+
+STRATEGIES = tuple(s.value for s in Strategy)
 # Signals a gate may name. ``agreement`` needs mirrored traffic (the shadow strategy). Quality
 # signals (issue 8: input drift, out-of-distribution rate) come from
 # ``ModelServer.quality_signals``; until a replica reports one, a gate on it has no data and holds
@@ -85,8 +96,7 @@ def parse_gate(expr: str) -> Gate:
 
 @dataclass
 class RolloutOptions:
-    """How a rollout runs; ``resolved(strategy)`` fills the strategy's defaults and checks the
-    rest."""
+    """How a rollout runs; ``plan(strategy)`` fills the strategy's defaults and checks the rest."""
 
     weight: float | None = (
         None  # canary: share to the new version; shadow: share mirrored (percent)
@@ -104,9 +114,9 @@ class RolloutOptions:
         """(candidate share per step, mirrored share, gates) for ``strategy``. Raises KilnError."""
         if strategy not in STRATEGIES:
             raise KilnError(f"unknown strategy '{strategy}' (known: {', '.join(STRATEGIES)})")
-        if self.steps is not None and strategy != "linear":
+        if self.steps is not None and strategy != Strategy.LINEAR:
             raise KilnError(f"--steps applies to the linear strategy, not {strategy}")
-        if self.weight is not None and strategy not in ("canary", "shadow"):
+        if self.weight is not None and strategy not in (Strategy.CANARY, Strategy.SHADOW):
             raise KilnError(f"--weight applies to canary and shadow, not {strategy}")
         if self.weight is not None and not 0 < self.weight <= 100:
             raise KilnError(f"--weight must be a percentage in (0, 100] (got {self.weight:g})")
@@ -114,29 +124,49 @@ class RolloutOptions:
             if not value > 0:
                 raise KilnError(f"{what} must be positive")
         gates = [parse_gate(g) for g in self.gates]
-        if strategy != "shadow" and any(g.signal == "agreement" for g in gates):
+        if strategy != Strategy.SHADOW and any(g.signal == "agreement" for g in gates):
             raise KilnError(
                 "an 'agreement' gate needs mirrored traffic: use --strategy shadow (canary, linear "
                 "and blue-green answer each request with one version, so there is nothing to "
                 "compare)"
             )
-        if strategy == "canary":
+        if strategy == Strategy.CANARY:
             return [self.weight if self.weight is not None else 5.0], 0.0, gates
-        if strategy == "linear":
+        if strategy == Strategy.LINEAR:
             steps = self.steps if self.steps is not None else [10.0, 25.0, 50.0, 100.0]
             if (
                 not steps
                 or any(not 0 < s <= 100 for s in steps)
-                or any(b <= a for a, b in zip(steps, steps[1:]))
+                or any(b <= a for a, b in zip(steps, steps[1:], strict=False))
             ):
                 raise KilnError(
                     f"--steps must be increasing percentages in (0, 100] (got "
                     f"{','.join(f'{s:g}' for s in steps)})"
                 )
             return list(steps), 0.0, gates
-        if strategy == "blue-green":
+        if strategy == Strategy.BLUE_GREEN:
             return [100.0], 0.0, gates
         return [0.0], self.weight if self.weight is not None else 10.0, gates
+
+
+def options_for(
+    strategy: str,
+    weight: float | None,
+    steps: list[float] | None,
+    bake_s: float,
+    interval_s: float,
+    gates: list[str],
+) -> RolloutOptions:
+    """The options of a configured rollout policy (``serve.monitor.retrain.rollout``, whose fields
+    are these parameters): its weight applies to canary and shadow only, so the policy's default
+    weight is dropped for the other strategies."""
+    return RolloutOptions(
+        weight=weight if strategy in (Strategy.CANARY, Strategy.SHADOW) else None,
+        steps=steps,
+        bake_s=bake_s,
+        interval_s=interval_s,
+        gates=list(gates),
+    )
 
 
 def parse_steps(text: str) -> list[float]:

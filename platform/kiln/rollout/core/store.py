@@ -14,11 +14,27 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-ACTIVE = ("preparing", "running", "paused")  # a rollout in progress
-FINISHED = ("promoted", "rolled_back", "aborted")
+from kiln.files import atomic_write_json
+
+
+class Phase(StrEnum):
+    """Where a model's rollout stands (str-valued: the record's JSON holds the plain names)."""
+
+    IDLE = "idle"  # no rollout yet, or the record restarted from a version serving named
+    PREPARING = "preparing"  # replicas load and smoke-check the candidate
+    RUNNING = "running"
+    PAUSED = "paused"
+    PROMOTED = "promoted"
+    ROLLED_BACK = "rolled_back"
+    ABORTED = "aborted"
+
+
+ACTIVE = (Phase.PREPARING, Phase.RUNNING, Phase.PAUSED)  # a rollout in progress
+FINISHED = (Phase.PROMOTED, Phase.ROLLED_BACK, Phase.ABORTED)
 
 
 @dataclass
@@ -31,7 +47,7 @@ class RolloutRecord:
     tracking_uri: str
     stable: str
     stable_uri: str
-    phase: str = "idle"  # idle | preparing | running | paused | promoted | rolled_back | aborted
+    phase: str = Phase.IDLE
     candidate: str | None = None
     candidate_uri: str | None = None
     strategy: str | None = None
@@ -82,6 +98,7 @@ class RolloutStore:
         self.audit_path = self.dir / f"{model}.audit.jsonl"
 
     def load(self) -> RolloutRecord | None:
+        """The record, or None when there is none (or it is unreadable)."""
         if not self.record_path.is_file():
             return None
         try:
@@ -90,15 +107,13 @@ class RolloutStore:
             return None
 
     def save(self, record: RolloutRecord) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.record_path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(record.to_dict(), indent=2))
-        tmp.replace(
-            self.record_path
-        )  # atomic: a reader (or a restarted controller) never sees half a file
+        """Write the record atomically: a reader (or a restarted controller) never sees half of
+        it."""
+        atomic_write_json(self.record_path, record.to_dict())
 
     def audit(self, entry: dict[str, Any]) -> dict[str, Any]:
-        """Append one entry (``time`` added when missing); returns it."""
+        """Append one entry (``time`` added when missing) and fsync it: the log is append-only, so
+        a crash can cut only its last line short (``history`` skips such a line). Returns it."""
         entry = {"time": time.time(), **entry}
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.audit_path, "a") as f:
@@ -108,6 +123,7 @@ class RolloutStore:
         return entry
 
     def history(self) -> list[dict[str, Any]]:
+        """The audit log's entries, oldest first."""
         if not self.audit_path.is_file():
             return []
         entries = []

@@ -41,7 +41,3 @@ class RowWindow:
         start = self.total % self.capacity
         order = np.r_[start : self.capacity, 0:start]
         return self.rows[order], self.flags[order]
-
-    def ood_rate(self) -> float:
-        n = len(self)
-        return float(self.flags[:n].mean()) if n else 0.0

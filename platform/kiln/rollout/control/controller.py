@@ -16,24 +16,20 @@ import logging
 import time
 from typing import Any
 
-from kiln.rollout.routing import RoutingTable
-from kiln.rollout.spec import parse_gate
-from kiln.rollout.stats import VersionWindow, metrics_of
-from kiln.rollout.store import FINISHED, RolloutRecord, RolloutStore
+from kiln.errors import first_line
+from kiln.rollout.core.routing import RoutingTable
+from kiln.rollout.core.spec import parse_gate
+from kiln.rollout.core.stats import VersionWindow, metrics_of
+from kiln.rollout.core.store import FINISHED, Phase, RolloutRecord, RolloutStore
 
 logger = logging.getLogger(__name__)
 
-NAMESPACE = "kiln"
 REPLICA_STALE_S = 3.0  # a replica that has not reported for this long is taken as gone
 IDLE_TICK_S = 1.0
 
 
-def controller_name(model: str) -> str:
-    return f"kiln-rollout-{model}"
-
-
 class RolloutController:
-    """Ray actor class (made remote by ``kiln.rollout.api.controller_for``)."""
+    """Ray actor class (made remote by ``kiln.rollout.control.api.controller_for``)."""
 
     def __init__(self, run_dir: str, model: str):
         self.store = RolloutStore(run_dir, model)
@@ -47,6 +43,12 @@ class RolloutController:
         self.last_decision: dict[str, Any] = {}
         self._loop: asyncio.Task | None = None
         self._last_tick = 0.0
+
+    def _current(self) -> RolloutRecord:
+        """The record, in the code paths that run only once a rollout was started."""
+        if self.record is None:
+            raise RuntimeError(f"no rollout of '{self.store.model}' is recorded")
+        return self.record
 
     # --- called by replicas ---------------------------------------------------------------------
 
@@ -71,13 +73,13 @@ class RolloutController:
             r.previous and r.previous_uri and r.phase in FINISHED
         ):  # kept loaded: an instant rollback
             versions[r.previous] = r.previous_uri
-        if r.active and r.candidate:
+        if r.active and r.candidate and r.candidate_uri:
             versions[r.candidate] = r.candidate_uri
             return RoutingTable(
                 stable=r.stable,
                 candidate=r.candidate,
                 weight=r.weight,
-                shadow=r.shadow if r.phase != "preparing" else 0.0,
+                shadow=r.shadow if r.phase != Phase.PREPARING else 0.0,
                 sticky_header=r.sticky_header,
                 versions=versions,
                 revision=r.revision,
@@ -85,10 +87,6 @@ class RolloutController:
         return RoutingTable(stable=r.stable, versions=versions, revision=r.revision).to_dict()
 
     # --- called by the CLI / API ----------------------------------------------------------------
-
-    async def ping(self) -> bool:
-        self._ensure_loop()
-        return True
 
     async def start(self, record: dict[str, Any], trigger: str) -> dict[str, Any]:
         """Begin a rollout (the record comes checked from ``api.start_rollout``). Returns the
@@ -103,7 +101,7 @@ class RolloutController:
         new = RolloutRecord.from_dict(record)
         if self.record is not None:  # what was promoted before stays known
             new.previous, new.previous_uri = self.record.previous, self.record.previous_uri
-        new.phase, new.step, new.weight, new.trigger = "preparing", -1, 0.0, trigger
+        new.phase, new.step, new.weight, new.trigger = Phase.PREPARING, -1, 0.0, trigger
         new.started_at = time.time()
         new.revision = (self.record.revision if self.record else 0) + 1
         self.record = new
@@ -132,28 +130,28 @@ class RolloutController:
         elif action == "rollback":
             if r.active:
                 self._roll_back(trigger, "rolled back by hand")
-            elif r.phase == "promoted" and r.previous:
+            elif r.phase == Phase.PROMOTED and r.previous:
                 await self._undo_promotion(trigger)
             else:
                 return {"error": f"nothing to roll back for '{r.model}' (last: {r.phase})"}
         elif action == "pause":
-            if r.phase not in ("preparing", "running"):
+            if r.phase not in (Phase.PREPARING, Phase.RUNNING):
                 return {
                     "error": f"no rollout of '{r.model}' in progress to pause (last: {r.phase})"
                 }
             r.reason = f"paused from {r.phase}"
-            r.phase = "paused"
+            r.phase = Phase.PAUSED
             self._changed("pause", trigger, "the ramp holds; gates are still evaluated")
         elif action == "resume":
-            if r.phase != "paused":
+            if r.phase != Phase.PAUSED:
                 return {"error": f"the rollout of '{r.model}' is not paused ({r.phase})"}
-            r.phase = "running" if r.step >= 0 else "preparing"
+            r.phase = Phase.RUNNING if r.step >= 0 else Phase.PREPARING
             r.step_started_at, r.baked_s = time.time(), 0.0  # the step bakes again in full
             r.reason = ""
             self._changed("resume", trigger, "the step's bake time starts again")
         else:
             return {"error": f"unknown action '{action}'"}
-        return self.record.to_dict()
+        return self._current().to_dict()
 
     async def status(self) -> dict[str, Any]:
         self._ensure_loop()
@@ -203,10 +201,10 @@ class RolloutController:
         self.last_metrics = {v: m.to_dict() for v, m in metrics.items()}
         if r is None or not r.active:
             return
-        if r.phase == "preparing":
+        if r.phase == Phase.PREPARING:
             self._check_ready()
             return
-        candidate = metrics.get(r.candidate)
+        candidate = metrics.get(r.candidate) if r.candidate else None
         gates = {}
         for expr in r.gates:
             gate = parse_gate(expr)
@@ -220,7 +218,7 @@ class RolloutController:
             self._roll_back("gate", "; ".join(failed), gates)
             return
         missing = [name for name, g in gates.items() if g["ok"] is None]
-        if r.phase == "paused":
+        if r.phase == Phase.PAUSED:
             self._audit("paused", "gate", "held by hand", gates)
         elif missing:
             self._audit("hold", "gate", f"no data for {', '.join(missing)}", gates)
@@ -241,7 +239,7 @@ class RolloutController:
     def _check_ready(self) -> None:
         """Preparing: start step 0 once every live replica has loaded and smoke-checked the
         candidate."""
-        r = self.record
+        r = self._current()
         now = time.monotonic()
         live = {
             rid: info["ready"]
@@ -259,7 +257,7 @@ class RolloutController:
             )
             return
         if live and all(ready.get(r.candidate) == "ready" for ready in live.values()):
-            r.phase, r.step, r.weight = "running", 0, r.steps[0]
+            r.phase, r.step, r.weight = Phase.RUNNING, 0, r.steps[0]
             r.step_started_at, r.baked_s = time.time(), 0.0
             self._changed(
                 "step", "auto", f"v{r.candidate} loaded and smoke-checked on {len(live)} replica(s)"
@@ -268,15 +266,19 @@ class RolloutController:
     # --- decisions ------------------------------------------------------------------------------
 
     async def _promote(self, trigger: str, reason: str, gates: dict | None = None) -> None:
-        r = self.record
+        r = self._current()
+        if r.candidate is None or r.candidate_uri is None:
+            raise RuntimeError(f"no candidate to promote in the rollout of '{r.model}'")
         r.previous, r.previous_uri = r.stable, r.stable_uri
         r.stable, r.stable_uri = r.candidate, r.candidate_uri
-        r.phase, r.weight, r.reason, r.finished_at = "promoted", 0.0, reason, time.time()
+        r.phase, r.weight, r.reason, r.finished_at = Phase.PROMOTED, 0.0, reason, time.time()
         alias = await self._move_champion(r.stable)
         self._changed("promote", trigger, reason + alias, gates)
 
     async def _undo_promotion(self, trigger: str) -> None:
-        r = self.record
+        r = self._current()
+        if r.previous is None or r.previous_uri is None:
+            raise RuntimeError(f"no previous version of '{r.model}' to return to")
         demoted = r.stable
         r.stable, r.stable_uri, r.previous, r.previous_uri = (
             r.previous,
@@ -285,7 +287,7 @@ class RolloutController:
             r.stable_uri,
         )
         r.phase, r.reason, r.finished_at = (
-            "rolled_back",
+            Phase.ROLLED_BACK,
             f"promotion of v{demoted} undone by hand",
             time.time(),
         )
@@ -293,8 +295,8 @@ class RolloutController:
         self._changed("rollback", trigger, r.reason + alias)
 
     def _roll_back(self, trigger: str, reason: str, gates: dict | None = None) -> None:
-        r = self.record
-        r.phase, r.weight, r.reason, r.finished_at = "rolled_back", 0.0, reason, time.time()
+        r = self._current()
+        r.phase, r.weight, r.reason, r.finished_at = Phase.ROLLED_BACK, 0.0, reason, time.time()
         self._changed("rollback", trigger, reason, gates)
 
     async def _move_champion(self, version: str) -> str:
@@ -302,25 +304,25 @@ class RolloutController:
         log."""
         from kiln import tracking as trk
 
-        r = self.record
+        r = self._current()
         try:
             await asyncio.to_thread(
                 trk.set_alias, r.tracking_uri, r.registered_name, "champion", version
             )
         except Exception as exc:  # the routing decision stands; the log says the alias did not move
-            return f"; alias 'champion' NOT moved: {type(exc).__name__}: {exc}"
+            return f"; alias 'champion' NOT moved: {type(exc).__name__}: {first_line(exc)}"
         return f"; alias 'champion' -> {r.registered_name} v{version}"
 
     def _changed(self, decision: str, trigger: str, reason: str, gates: dict | None = None) -> None:
-        self.record.revision += 1
+        self._current().revision += 1
         self._save()
         self._audit(decision, trigger, reason, gates)
 
     def _save(self) -> None:
-        self.store.save(self.record)
+        self.store.save(self._current())
 
     def _audit(self, decision: str, trigger: str, reason: str, gates: dict | None = None) -> None:
-        r = self.record
+        r = self._current()
         weights = {r.stable: round(100.0 - r.weight, 3)}
         if r.candidate and r.active:
             weights[r.candidate] = r.weight

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kiln.monitor.features import plotting_positions, tail_probability
+from kiln.monitor.reference.features import plotting_positions, tail_probability
 
 
 class OodScorer:

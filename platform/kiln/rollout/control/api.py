@@ -1,4 +1,6 @@
-"""Starting and steering rollouts from a driver (the CLI, or a monitoring loop).
+"""Starting and steering rollouts from a driver (the CLI, or a monitoring loop), and the two hooks
+``kiln serve start | stop`` run (``restore_rollouts``, ``stop_controllers``; the commands layer
+hands them to ``kiln.serve.lifecycle``, which does not import this module).
 
 ``start_rollout`` checks everything it can before it touches the cluster (the model is served, the
 version exists in the registry and has a runtime, the options make sense) and raises KilnError
@@ -12,10 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kiln.errors import KilnError
-from kiln.rollout.controller import NAMESPACE, RolloutController, controller_name
-from kiln.rollout.spec import RolloutOptions
-from kiln.rollout.store import RolloutRecord, RolloutStore
+from kiln import tracking as trk
+from kiln.errors import KilnError, ModelError
+from kiln.models.spec import load_spec
+from kiln.rollout.control.controller import RolloutController
+from kiln.rollout.core.actors import NAMESPACE, controller_name, find_controller
+from kiln.rollout.core.spec import RolloutOptions
+from kiln.rollout.core.store import Phase, RolloutRecord, RolloutStore
+from kiln.serve.cluster import connect, find_target
+from kiln.serve.instance import ServeState
+from kiln.serve.plan import ServePlan, VersionSource
 
 
 @dataclass
@@ -35,23 +43,22 @@ class RolloutStatus:
         return dict(self.__dict__)
 
 
-def connect_to_serving(run_dir: str | Path, address: str | None, debug: bool = False):
+def connect_to_serving(
+    run_dir: str | Path, address: str | None, debug: bool = False
+) -> ServeState | None:
     """Connect (unless this process is already connected); returns the serve state file (or
-    None)."""
+    None). Raises KilnError when there is nothing to connect to."""
     import ray
-
-    from kiln.serve.cluster import connect, find_target
 
     address, state = find_target(run_dir, address)
     if not ray.is_initialized():
-        local = state.local() if state and state.address == address else None
-        connect(address, local.auth_mode if local else None, debug)
+        connect(address, debug)
     return state
 
 
-def controller_for(run_dir: str | Path, model: str):
-    """The model's controller actor: the running one, else a new detached one (it reloads the
-    record)."""
+def controller_for(run_dir: str | Path, model: str) -> Any:
+    """The model's controller actor handle: the running one, else a new detached one (it reloads
+    the record)."""
     import ray
 
     actor = ray.remote(RolloutController).options(
@@ -65,15 +72,6 @@ def controller_for(run_dir: str | Path, model: str):
         max_concurrency=64,
     )
     return actor.remote(str(Path(run_dir).expanduser().resolve()), model)
-
-
-def existing_controller(model: str):
-    import ray
-
-    try:
-        return ray.get_actor(controller_name(model), namespace=NAMESPACE)
-    except ValueError:
-        return None
 
 
 def start_rollout(
@@ -97,7 +95,7 @@ def start_rollout(
     steps, shadow, gates = options.plan(strategy)
     state = connect_to_serving(run_dir, address, debug)
     served = [m for m in (state.models if state else []) if m["name"] == model]
-    if not served:
+    if state is None or not served:
         names = sorted({m["name"] for m in state.models}) if state else []
         raise KilnError(
             f"model '{model}' is not served from {run_dir} (served: "
@@ -116,6 +114,11 @@ def start_rollout(
         )
     registered = stable_uri[len("models:/") :].split("/")[0]
     tracking_uri = state.tracking_uri
+    if not tracking_uri:
+        raise KilnError(
+            f"the serve state of '{model}' lacks its registry (started by an older Kiln); restart "
+            "serving with 'kiln serve stop' and 'kiln serve start'"
+        )
     to_version = str(to_version).lstrip("v")
     if to_version == stable:
         raise KilnError(f"v{to_version} is already the stable version of '{model}'")
@@ -145,13 +148,10 @@ def start_rollout(
 
 def _check_servable(uri: str, tracking_uri: str) -> None:
     """ModelError unless ``uri`` is a registered Kiln artifact with a runtime for its format."""
-    from kiln import tracking as trk
-    from kiln.errors import ModelError
     from kiln.models.inference_runtime import RUNTIMES
-    from kiln.serve.plan import _load_spec
 
     trk.model_version_for(tracking_uri, uri)
-    spec = _load_spec(trk.resolve_model_dir(uri, tracking_uri), uri)
+    spec = load_spec(trk.resolve_model_dir(uri, tracking_uri), uri)
     if spec.format not in RUNTIMES:
         raise ModelError(f"{uri}: no runtime for artifact format '{spec.format}'")
 
@@ -179,8 +179,10 @@ def rollout_command(
 def rollout_status(
     run_dir: str | Path, address: str | None, model: str, debug: bool = False
 ) -> RolloutStatus:
-    """Live status from the controller; the persisted record alone when it does not answer."""
+    """Live status from the controller; the persisted record alone (``live`` False) when nothing
+    serves or the controller does not answer. Raises KilnError when no rollout is recorded."""
     import ray
+    from ray.exceptions import RayError
 
     store = RolloutStore(run_dir, model)
     record = store.load()
@@ -189,7 +191,7 @@ def rollout_status(
     try:
         connect_to_serving(run_dir, address, debug)
         live = ray.get(controller_for(run_dir, model).status.remote(), timeout=10)
-    except Exception:  # nothing serving, or the controller does not answer: what was persisted
+    except (KilnError, RayError):  # nothing serving, or no answer (GetTimeoutError is a RayError)
         return RolloutStatus(
             record=record.to_dict(), metrics={}, gates={}, decision={}, replicas={}, live=False
         )
@@ -212,43 +214,27 @@ def rollout_history(run_dir: str | Path, model: str) -> list[dict[str, Any]]:
 
 
 def stop_controllers(models: list[str]) -> None:
-    """Kill the controllers of ``models`` (when serving stops); their records stay on disk."""
+    """Kill the controllers of ``models`` (when serving stops); their records stay on disk. The
+    ``on_stop`` hook of ``kiln serve stop``."""
     import ray
 
     for model in models:
-        actor = existing_controller(model)
+        actor = find_controller(model)
         if actor is not None:
             ray.kill(actor, no_restart=True)
 
 
-def wait_for(
-    run_dir: str | Path, model: str, phases: tuple[str, ...], timeout: float
-) -> RolloutRecord:
-    """Poll the persisted record until its phase is one of ``phases``; raises KilnError after
-    ``timeout``."""
-    store = RolloutStore(run_dir, model)
-    deadline = time.monotonic() + timeout
-    while True:
-        record = store.load()
-        if record is not None and record.phase in phases:
-            return record
-        if time.monotonic() > deadline:
-            raise KilnError(
-                f"rollout of '{model}' not {'/'.join(phases)} after {timeout:g}s "
-                f"(phase: {record.phase if record else 'none'})"
-            )
-        time.sleep(0.2)
-
-
 def served_version_overrides(run_dir: str | Path, model: str) -> RolloutRecord | None:
     """For ``kiln serve start``: the model's record (its ``stable`` is the version to come back on).
-    A rollout that was in progress when serving stopped is recorded as aborted."""
+    A rollout that was in progress when serving stopped (its controller is gone) is recorded as
+    aborted. Errors other than "no controller" (say, the cluster does not answer) propagate and
+    leave the record as it was."""
     store = RolloutStore(run_dir, model)
     record = store.load()
     if record is None:
         return None
-    if record.active and existing_controller_safe(model) is None:
-        record.phase, record.weight, record.finished_at = "aborted", 0.0, time.time()
+    if record.active and find_controller(model) is None:
+        record.phase, record.weight, record.finished_at = Phase.ABORTED, 0.0, time.time()
         record.reason = "serving restarted while the rollout was in progress"
         record.revision += 1
         store.save(record)
@@ -270,9 +256,9 @@ def served_version_overrides(run_dir: str | Path, model: str) -> RolloutRecord |
 def supersede(run_dir: str | Path, record: RolloutRecord, version: str, uri: str) -> RolloutRecord:
     """``kiln serve start`` named ``version``, newer than the record's stable one: the user's
     explicit choice wins. The record restarts from it (idle, nothing to roll back to), and the audit
-    log says so."""
+    log says so. Returns the record."""
     old = record.stable
-    record.stable, record.stable_uri, record.phase = version, uri, "idle"
+    record.stable, record.stable_uri, record.phase = version, uri, Phase.IDLE
     record.candidate = record.candidate_uri = record.previous = record.previous_uri = None
     record.weight, record.step, record.revision = 0.0, -1, record.revision + 1
     record.reason = f"serving started on v{version}, newer than the last promoted v{old}"
@@ -293,8 +279,33 @@ def supersede(run_dir: str | Path, record: RolloutRecord, version: str, uri: str
     return record
 
 
-def existing_controller_safe(model: str):
-    try:
-        return existing_controller(model)
-    except Exception:
-        return None
+def restore_rollouts(plan: ServePlan, run_dir: str | Path) -> ServePlan:
+    """The ``restore`` hook of ``kiln serve start``: serve each model on the stable version its
+    rollout record names (the last promoted one, or the one a rollback returned to), loading it even
+    when the config does not list it; unless the config names a newer registry version as the
+    default, which then supersedes the record. Needs a Ray connection (to tell a rollout in
+    progress from one whose controller is gone). Returns the plan; raises ModelError when the
+    record's version is no longer a Kiln artifact."""
+    for model in plan.models:
+        record = served_version_overrides(run_dir, model.name)
+        if record is None or not record.stable_uri:
+            continue
+        named = model.default_version
+        if (
+            named.isdigit()
+            and record.stable.isdigit()
+            and int(named) > int(record.stable)
+            and not record.active
+        ):
+            supersede(
+                run_dir, record, named, next(v.uri for v in model.versions if v.version == named)
+            )
+            continue
+        if record.stable not in {v.version for v in model.versions}:
+            model.versions.append(VersionSource(record.stable, record.stable_uri))
+            spec = load_spec(
+                trk.resolve_model_dir(record.stable_uri, plan.tracking_uri), record.stable_uri
+            )
+            model.formats[record.stable] = spec.format
+        model.default_version = record.stable
+    return plan

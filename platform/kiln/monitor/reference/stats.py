@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from kiln.monitor.reference import FeatureReference, MonitorReference
+from kiln.monitor.reference.build import FeatureReference, MonitorReference
 
 PSI_BINS = 10
 EPS = 1e-4  # floor of a bin's share: an empty bin must not make PSI infinite
@@ -141,18 +141,6 @@ def prepare(reference: MonitorReference) -> list:
         CategoricalStatistic(f) if f.kind == "categorical" else NumericStatistic(f)
         for f in reference.features
     ]
-
-
-def numeric_drift(
-    ref: FeatureReference, live: np.ndarray, psi_threshold: float, alpha: float
-) -> FeatureDrift:
-    return NumericStatistic(ref).measure(live, psi_threshold, alpha)
-
-
-def categorical_drift(
-    ref: FeatureReference, live: np.ndarray, psi_threshold: float, alpha: float
-) -> FeatureDrift:
-    return CategoricalStatistic(ref).measure(live, psi_threshold, alpha)
 
 
 def drift(statistics: list, window: np.ndarray, psi_threshold: float, alpha: float) -> DriftResult:

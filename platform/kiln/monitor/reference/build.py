@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from kiln.monitor.features import (
+from kiln.files import atomic_write_text
+from kiln.monitor.reference.features import (
     OOD_SCORES,
     FeatureSpec,
     feature_layout,
@@ -27,7 +28,7 @@ from kiln.monitor.features import (
     output_features,
     softmax,
 )
-from kiln.monitor.ood import OodScorer
+from kiln.monitor.reference.ood import OodScorer
 
 REFERENCE_FILE = "monitor_reference.json"
 SAMPLE_SIZE = 1000  # order statistics kept per numeric feature: a quantile sketch for KS and PSI
@@ -88,9 +89,10 @@ class MonitorReference:
         return cls(**data)
 
     def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / REFERENCE_FILE
-        path.write_text(json.dumps(self.to_dict(), separators=(",", ":")))
-        return path
+        """Store the reference in an artifact folder (atomically); returns its path."""
+        return atomic_write_text(
+            Path(directory) / REFERENCE_FILE, json.dumps(self.to_dict(), separators=(",", ":"))
+        )
 
 
 def load_reference(directory: str | Path) -> MonitorReference | None:
@@ -144,7 +146,7 @@ def build_reference(predictor, data) -> MonitorReference:
     quantiles = {name: _rounded(np.quantile(scores[name], OOD_QUANTILES)) for name in OOD_SCORES}
     reference = MonitorReference(
         kind=kind,
-        labels=[str(l) for l in spec.labels],
+        labels=[str(label) for label in spec.labels],
         features=features,
         ood_quantiles=quantiles,
         typicality_quantiles={},
@@ -155,9 +157,9 @@ def build_reference(predictor, data) -> MonitorReference:
     # inputs.
     val_inputs = input_features(kind, x_out)
     for name in OOD_SCORES:
-        for inputs in (False, True):
-            typical = reference.scorer(name, inputs).score(scores[name], val_inputs)
-            reference.typicality_quantiles[ood_key(name, inputs)] = _rounded(
+        for with_inputs in (False, True):
+            typical = reference.scorer(name, with_inputs).score(scores[name], val_inputs)
+            reference.typicality_quantiles[ood_key(name, with_inputs)] = _rounded(
                 np.quantile(typical, OOD_QUANTILES)
             )
     return reference

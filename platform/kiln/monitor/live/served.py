@@ -15,17 +15,51 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from kiln.monitor.alerts import notify, post_webhook
-from kiln.monitor.config import MonitorConfig
-from kiln.monitor.monitor import OodResult, VersionMonitor
+from kiln.monitor.live.alerts import Alert, notify, post_webhook
+from kiln.monitor.live.config import MonitorConfig, RetrainPolicy
+from kiln.monitor.live.metrics import MonitorMetrics
+from kiln.monitor.live.monitor import Evaluation, OodResult, VersionMonitor
 from kiln.monitor.reference import REFERENCE_FILE, load_reference
-from kiln.monitor.retrain import RetrainLoop
 
 logger = logging.getLogger("ray.serve")
+
+
+class RetrainEvent(Protocol):
+    """One step of a retraining loop, as the monitor status and the webhook show it."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class Retrainer(Protocol):
+    """A served version's retraining loop: what a replica needs of it."""
+
+    policy: RetrainPolicy
+    in_flight: str | None
+    events: list[Any]  # RetrainEvent-like: each has to_dict()
+
+    def check(self, alert_since: float | None, drift_score: float | None) -> None: ...
+
+
+class RetrainerFactory(Protocol):
+    """Builds the retraining loop of one served version. Supplied from above serving (the commands
+    layer hands ``kiln.monitor.retrain.loop.RetrainLoop``): replicas never import retraining, job
+    submission or rollout control themselves."""
+
+    def __call__(
+        self,
+        policy: RetrainPolicy,
+        model: str,
+        version: str,
+        registry_name: str,
+        tracking_uri: str,
+        run_dir: str | None = None,
+        on_event: Callable[[Any], None] | None = None,
+        default_jobs_address: str | None = None,
+    ) -> Retrainer: ...
 
 
 class ReplicaMonitors:
@@ -35,18 +69,22 @@ class ReplicaMonitors:
         self,
         model: str,
         cfg: MonitorConfig,
-        metrics=None,
+        metrics: MonitorMetrics | None = None,
         tracking_uri: str | None = None,
         run_dir: str | None = None,
         stable_version: Callable[[], str | None] | None = None,
+        retrainer: RetrainerFactory | None = None,
+        jobs_address: str | None = None,
     ):
         self.model, self.cfg, self.metrics, self.tracking_uri = model, cfg, metrics, tracking_uri
         self.run_dir = run_dir
         # The one version whose drift may start a retraining (the stable one; None while a rollout
         # runs, its gates decide then). Without it (no rollouts), every version's drift may.
         self.stable_version = stable_version
+        self.retrainer = retrainer  # None: no retraining in this replica (none configured)
+        self.jobs_address = jobs_address  # the serving cluster's Jobs API (the policy's default)
         self.monitors: dict[str, VersionMonitor] = {}
-        self.loops: dict[str, RetrainLoop] = {}
+        self.loops: dict[str, Retrainer] = {}
         self.unmonitored: dict[str, str] = {}  # version -> why
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"kiln-monitor-{model}")
         # Alerts go out on their own thread: a slow webhook must delay neither requests nor
@@ -58,25 +96,28 @@ class ReplicaMonitors:
     def add_retraining(self, version: str, registry_name: str) -> None:
         """Attach the retraining policy to a monitored version; a watcher thread checks it every
         second (time, not traffic, decides when drift has lasted ``after_s``)."""
-        if self.cfg.retrain is None or version not in self.monitors:
+        policy, cfg = self.cfg.retrain, self.cfg
+        if policy is None or self.retrainer is None or version not in self.monitors:
             return
-        cfg = self.cfg
-        self.loops[version] = RetrainLoop(
-            cfg.retrain,
-            self.model,
-            version,
-            registry_name,
-            self.tracking_uri or "",
-            self.run_dir,
-            on_event=lambda event: (
-                cfg.webhook_url
-                and self._alerts.submit(
+
+        def post_event(event: RetrainEvent) -> None:  # on the alerts thread: never the caller's
+            if cfg.webhook_url:
+                self._alerts.submit(
                     post_webhook,
                     cfg.webhook_url,
                     {"kind": "kiln.monitor.retrain", **event.to_dict()},
                     cfg.webhook_timeout_s,
                 )
-            ),
+
+        self.loops[version] = self.retrainer(
+            policy,
+            self.model,
+            version,
+            registry_name,
+            self.tracking_uri or "",
+            self.run_dir,
+            on_event=post_event,
+            default_jobs_address=self.jobs_address,
         )
 
     def _start_watcher(self) -> None:
@@ -104,12 +145,13 @@ class ReplicaMonitors:
                             monitor.drift_alert.since if monitor.drift_alert.firing else None,
                             monitor.last.drift_score if monitor.last else None,
                         )
-                except Exception:
+                except Exception:  # the watcher must outlive one bad check; it is logged
                     logger.exception(
                         "kiln monitor: periodic check failed for %s v%s", self.model, version
                     )
 
     def add(self, version: str, model_dir: Path) -> None:
+        """Monitor ``version`` against the reference in its artifact folder (or record why not)."""
         if not self.cfg.enabled:
             self.unmonitored[version] = "monitoring is off (serve.monitor.enabled: false)"
             return
@@ -128,14 +170,12 @@ class ReplicaMonitors:
             )
             return
         cfg = self.cfg
+
+        def on_alert(alert: Alert) -> None:  # on the alerts thread: a slow webhook delays nothing
+            self._alerts.submit(notify, alert, cfg.webhook_url, cfg.webhook_timeout_s)
+
         self.monitors[version] = VersionMonitor(
-            self.model,
-            version,
-            reference,
-            cfg,
-            on_alert=lambda alert: self._alerts.submit(
-                notify, alert, cfg.webhook_url, cfg.webhook_timeout_s
-            ),
+            self.model, version, reference, cfg, on_alert=on_alert
         )
         self._start_watcher()
 
@@ -145,12 +185,16 @@ class ReplicaMonitors:
         self.loops.pop(version, None)
         self.unmonitored.pop(version, None)
 
-    def observe(self, version: str, x: np.ndarray, logits: np.ndarray) -> OodResult | None:
-        """Score a request on the event loop; evaluate on the monitor thread when due."""
+    def observe(
+        self, version: str, x: np.ndarray, logits: np.ndarray, probs: np.ndarray
+    ) -> OodResult | None:
+        """Score a request on the event loop (``probs``: the softmax of ``logits``, computed once
+        per request by the caller); evaluate on the monitor thread when due. Returns the OOD
+        result, None when the version is not monitored."""
         monitor = self.monitors.get(version)
         if monitor is None:
             return None
-        result = monitor.observe(x, logits)
+        result = monitor.observe(x, logits, probs)
         if self.metrics is not None:
             self.metrics.observed(self.model, version, len(result.flags), int(result.flags.sum()))
         if monitor.due():
@@ -160,7 +204,9 @@ class ReplicaMonitors:
             )
         return result
 
-    def _evaluate(self, monitor: VersionMonitor, snapshot=None):
+    def _evaluate(
+        self, monitor: VersionMonitor, snapshot: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> Evaluation | None:
         try:
             evaluation = monitor.evaluate(snapshot)
             if self.metrics is not None:
@@ -182,6 +228,7 @@ class ReplicaMonitors:
             self._evaluate(monitor, monitor.take_snapshot())
 
     def signals(self, version: str) -> dict[str, float]:
+        """The version's rollout-gate signals (``VersionMonitor.signals``); {} when unmonitored."""
         monitor = self.monitors.get(version)
         if monitor is None:
             return {}
@@ -189,6 +236,7 @@ class ReplicaMonitors:
         return monitor.signals()
 
     def status(self, version: str, window: bool = False) -> dict[str, Any]:
+        """The version's monitor status as JSON (why not, when it is not monitored)."""
         monitor = self.monitors.get(version)
         if monitor is None:
             return {
@@ -212,6 +260,7 @@ class ReplicaMonitors:
         return out
 
     def report(self, versions: list[str], window: bool = False) -> dict[str, Any]:
+        """This replica's monitor report of ``versions`` (what ``GET .../monitor`` answers)."""
         return {
             "model": self.model,
             "replica": self.replica,
@@ -222,9 +271,10 @@ class ReplicaMonitors:
 
 
 def _replica_id() -> str:
-    try:
-        from ray import serve
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
 
+    try:
         return serve.get_replica_context().replica_id.unique_id
-    except Exception:  # outside a replica (in-process tests)
+    except RayServeException:  # outside a replica (in-process tests)
         return f"pid-{os.getpid()}"

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from kiln.data.profile_report import _img_tag, _plt, _table
+from kiln.files import atomic_write_text
 
 
 def plot_version(status: dict[str, Any], path: Path, max_panels: int = 24) -> Path | None:
@@ -27,7 +28,7 @@ def plot_version(status: dict[str, Any], path: Path, max_panels: int = 24) -> Pa
     cols = min(4, len(panels))
     n_rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(n_rows, cols, figsize=(3.3 * cols, 2.5 * n_rows), squeeze=False)
-    for i, (ax, feature) in enumerate(zip(axes.flat, panels)):
+    for i, (ax, feature) in enumerate(zip(axes.flat, panels, strict=False)):  # spare axes: off
         live = rows[:, i]
         if feature["kind"] == "categorical":
             k = len(feature["proportions"])
@@ -68,7 +69,7 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]
     out.mkdir(parents=True, exist_ok=True)
     model = report["model"]
     paths: dict[str, Path] = {"json": out / "monitor.json"}
-    paths["json"].write_text(json.dumps(report, indent=1))
+    atomic_write_text(paths["json"], json.dumps(report, indent=1))
     sections = []
     for version, status in report["versions"].items():
         if not status.get("monitored"):
@@ -107,14 +108,14 @@ Drift score <b>{score}</b> (alert above {drift["threshold"]:g}){" <span class=wa
 drifted: {html.escape(", ".join(drift.get("drifted", [])) or "none")}.
 OOD rate <b>{rate}</b> (score {ood["score"]}{" + inputs" if ood.get("inputs") else ""}, threshold {ood["threshold"]:.4g},
 calibrated to pass {ood["pass_rate"]:.0%} of validation rows; alert above {ood["alert_threshold"]:g}).</p>
-{_img_tag(png)}{table}<h3>Alerts</h3><ul>{alerts or "<li>none</li>"}</ul>""")
+{_img_tag(png)}{table}<h3>Alerts</h3><ul>{alerts or "<li>none</li>"}</ul>""")  # noqa: E501
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Monitoring {html.escape(model)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}.warn{{color:#b00;font-weight:bold}}</style></head><body>
 <h1>Monitoring: {html.escape(model)}</h1>
 <p>Live window of replica <code>{html.escape(str(report.get("replica")))}</code> (windows are per replica), against
 each version's reference (inputs: train split; outputs and OOD calibration: validation split).</p>
-{"".join(sections)}</body></html>"""
+{"".join(sections)}</body></html>"""  # noqa: E501
     paths["html"] = out / "monitor.html"
-    paths["html"].write_text(page)
+    atomic_write_text(paths["html"], page)
     return paths

@@ -16,9 +16,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from kiln.rollout.controller import NAMESPACE, controller_name
-from kiln.rollout.routing import Router, RoutingTable
-from kiln.rollout.stats import VersionWindow
+from kiln.errors import first_line
+from kiln.rollout.core.actors import find_controller
+from kiln.rollout.core.routing import Router, RoutingTable
+from kiln.rollout.core.stats import VersionWindow
 
 logger = logging.getLogger("ray.serve")
 
@@ -53,7 +54,7 @@ class RolloutAgent:
         )  # versions loaded for a rollout (the deployment's own stay for good)
         self._signals = signals
         self._loading: dict[str, asyncio.Task] = {}
-        self._handle = None
+        self._handle: Any = None  # the controller actor's handle, once found
         self._looked_at = 0.0
         self._replica_id = _replica_id()
         self._warned = 0.0
@@ -121,8 +122,9 @@ class RolloutAgent:
             "stats": {v: w.to_dict() for v, w in stats.items()},
         }
         table = await asyncio.wait_for(_await_ref(handle.report.remote(payload)), CALL_TIMEOUT_S)
-        if table is not None:
-            self.apply(RoutingTable.from_dict(table))
+        routing = RoutingTable.from_dict(table)
+        if routing is not None:
+            self.apply(routing)
 
     def apply(self, table: RoutingTable) -> None:
         self.table = table
@@ -143,9 +145,9 @@ class RolloutAgent:
             await self._load(version, uri)
             self.ready[version] = "ready"
             self._added.add(version)
-        except Exception as exc:
+        except Exception as exc:  # any load failure is the candidate's: reported, so it rolls back
             logger.exception("kiln rollout: loading %s failed", uri)
-            self.ready[version] = f"failed: {type(exc).__name__}: {exc}"[:300]
+            self.ready[version] = f"failed: {type(exc).__name__}: {first_line(exc, 300)}"[:300]
         finally:
             self._loading.pop(version, None)
 
@@ -157,24 +159,17 @@ class RolloutAgent:
                 window.signals = dict(signals)
         return windows
 
-    async def _controller(self):
+    async def _controller(self) -> Any:
+        """The controller's handle; None when there is none (looked up at most every
+        ``LOOKUP_EVERY_S``)."""
         if self._handle is not None:
             return self._handle
         now = time.monotonic()
         if now - self._looked_at < LOOKUP_EVERY_S:
             return None
         self._looked_at = now
-        self._handle = await asyncio.to_thread(_lookup, controller_name(self.model))
+        self._handle = await asyncio.to_thread(find_controller, self.model)
         return self._handle
-
-
-def _lookup(name: str):
-    import ray
-
-    try:
-        return ray.get_actor(name, namespace=NAMESPACE)
-    except ValueError:
-        return None
 
 
 async def _await_ref(ref) -> Any:

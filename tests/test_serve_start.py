@@ -1,0 +1,84 @@
+"""`kiln serve start` refusing to start on a cluster where Kiln serves nothing yet: replicas that
+can never fit, and replicas that find no free CPU before the start timeout. Kept apart from
+test_serve_http.py, whose app would make every start here fail with "already serving"."""
+
+# Fixtures imported from served_models by name are redefined as parameters (pytest's way):
+# ruff: noqa: F811
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from conftest import run_kiln
+from kiln.waiting import wait_until
+from served_models import free_port, registry, serve_args  # noqa: F401  (fixture)
+
+
+def kiln_apps() -> list[str]:
+    from ray import serve
+
+    return [a for a in serve.status().applications if a.startswith("kiln")]
+
+
+@pytest.fixture(autouse=True)
+def nothing_served(ray_cluster):
+    """These tests start on an idle cluster (no other module's app is running)."""
+    assert not kiln_apps()
+
+
+def test_start_fails_at_once_when_replicas_cannot_fit(ray_cluster, registry):
+
+    proc = run_kiln(
+        *serve_args(
+            ray_cluster, registry, registry.uris["fp32-cnn"], "serve.deployment.num_cpus=3"
+        ),
+        env={"MLFLOW_TRACKING_URI": registry.tracking_uri},
+    )
+    assert proc.returncode == 2
+    assert (
+        "error: model 'digits' needs 1 replica(s) of 3 CPU but the cluster's nodes can hold only 0"
+        in proc.stderr
+    )
+    assert "Traceback" not in proc.stderr
+    assert not kiln_apps()
+
+
+@pytest.mark.slow  # waits out a start timeout
+def test_start_times_out_with_a_clear_message_when_the_cluster_is_busy(ray_cluster, registry):
+    """Replicas that fit the cluster but find no free CPU: start fails after its timeout, deploys
+    nothing."""
+    import ray
+
+    @ray.remote(num_cpus=1.8)
+    class Hog:
+        def ping(self):
+            return True
+
+    hog = Hog.remote()
+    ray.get(hog.ping.remote())
+    try:
+        started = time.monotonic()
+        proc = run_kiln(
+            *serve_args(
+                ray_cluster,
+                registry,
+                registry.uris["fp32-cnn"],
+                "--timeout",
+                "5",
+                "--port",
+                str(free_port()),
+            ),
+            env={"MLFLOW_TRACKING_URI": registry.tracking_uri},
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        ray.kill(hog)
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(
+        "error: the models were not running after 5s: 'kiln-digits' (1 replica(s) x 0.5 CPU)"
+    )
+    assert "CPU free" in line
+    assert elapsed < 120
+    wait_until(lambda: not kiln_apps(), 60, "the failed start's applications to be removed")
