@@ -24,6 +24,19 @@ from kiln.cli import configure_process  # noqa: E402  (after the path above)
 
 configure_process()  # a Kiln process's environment and logging, before ray or mlflow is imported
 
+# Ray processes the tests start (the session instance, and the local instances `kiln serve start`
+# starts) inherit this environment: workers import this checkout's kiln and the test-only model
+# factories in tests/ (rollout_models), and Ray exports metrics every 2 s instead of 10 s, which
+# keeps the metrics tests short.
+TESTS = REPO / "tests"
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(PLATFORM), str(TESTS), os.environ.get("PYTHONPATH")) if p
+)
+os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
+
+# The served models' fixtures (registry of every variant, built once per session).
+pytest_plugins = ["served_models"]
+
 
 def kiln_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for a kiln subprocess: this checkout's package first on the path."""

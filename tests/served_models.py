@@ -245,41 +245,17 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_metrics_export():
-    """Ray exports metrics every 10 s by default; every 2 s keeps the metrics tests short. Autouse
-    in the modules that import it by name (a fixture outside conftest.py applies only where it is
-    imported)."""
-    import os
-
-    old = os.environ.get("RAY_metrics_report_interval_ms")
-    os.environ["RAY_metrics_report_interval_ms"] = "2000"
-    yield
-    if old is None:
-        os.environ.pop("RAY_metrics_report_interval_ms", None)
-    else:
-        os.environ["RAY_metrics_report_interval_ms"] = old
-
-
-_REGISTRY: list[
-    Registry
-] = []  # built once per test process, shared by the modules that import the fixture
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory) -> Registry:
-    """Every variant of VARIANTS registered in a sqlite MLflow store (trained once per test
-    process)."""
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
+    """Every variant of VARIANTS registered in a sqlite MLflow store (trained once per session)."""
     from kiln import tracking as trk
 
-    if not _REGISTRY:
-        run_dir = tmp_path_factory.mktemp("serve-runs")
-        reg = Registry(
-            run_dir=run_dir,
-            tracking_uri=trk.default_tracking_uri(run_dir),
-            iris=iris_parquet(run_dir / "iris.parquet"),
-        )
-        for variant_id, variant in VARIANTS.items():
-            reg.uris[variant_id] = variant.register(reg)
-        _REGISTRY.append(reg)
-    return _REGISTRY[0]
+    run_dir = tmp_path_factory.mktemp("serve-runs")
+    reg = Registry(
+        run_dir=run_dir,
+        tracking_uri=trk.default_tracking_uri(run_dir),
+        iris=iris_parquet(run_dir / "iris.parquet"),
+    )
+    for variant_id, variant in VARIANTS.items():
+        reg.uris[variant_id] = variant.register(reg)
+    return reg

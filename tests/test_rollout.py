@@ -13,7 +13,6 @@ Every test asserts zero failed client requests wherever the versions involved ar
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import PLATFORM, last_json, run_kiln
+from conftest import last_json, run_kiln
 from kiln.waiting import wait_until
 from served_models import CNN, DIGITS, digits_raw, free_port, train_and_register
 
@@ -31,19 +30,6 @@ pytestmark = pytest.mark.slow
 TESTS = Path(__file__).resolve().parent
 MODEL = "digits"
 CLIENTS = 4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def model_factories_importable():
-    """Replicas import the bad versions' factories (tests/rollout_models.py): put tests/ on the path
-    of the Ray workers this module's Ray instance starts (they inherit the environment)."""
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), str(PLATFORM), old) if p)
-    yield
-    if old is None:
-        os.environ.pop("PYTHONPATH", None)
-    else:
-        os.environ["PYTHONPATH"] = old
 
 
 @dataclass

@@ -7,7 +7,6 @@ test_serve_start.py.
 """
 
 # Fixtures imported from served_models by name are redefined as parameters (pytest's way):
-# ruff: noqa: F811
 from __future__ import annotations
 
 import json
@@ -18,16 +17,14 @@ import requests
 
 from conftest import last_json, run_kiln
 from kiln.waiting import wait_until
-from served_models import (  # noqa: F401  (fixtures, used by name)
+from served_models import (
     CNN,
     DIGITS,
     VARIANTS,
     digits_raw,
-    fast_metrics_export,
     free_port,
-    iris_rows,  # noqa: F401
+    iris_rows,
     png_b64,
-    registry,
     serve_args,
     train_and_register,
 )

@@ -6,7 +6,6 @@ too; the module test_serve_http.py covers the default proxy.
 """
 
 # Fixtures imported from served_models by name are redefined as parameters (pytest's way):
-# ruff: noqa: F811
 from __future__ import annotations
 
 import json
@@ -20,7 +19,7 @@ import requests
 
 from conftest import last_json, run_kiln
 from kiln.waiting import wait_until
-from served_models import digits_raw, free_port, registry  # noqa: F401  (fixture)
+from served_models import digits_raw, free_port
 
 
 def other_interface_ip() -> str | None:

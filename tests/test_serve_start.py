@@ -3,7 +3,6 @@ can never fit, and replicas that find no free CPU before the start timeout. Kept
 test_serve_http.py, whose app would make every start here fail with "already serving"."""
 
 # Fixtures imported from served_models by name are redefined as parameters (pytest's way):
-# ruff: noqa: F811
 from __future__ import annotations
 
 import time
@@ -12,7 +11,7 @@ import pytest
 
 from conftest import run_kiln
 from kiln.waiting import wait_until
-from served_models import free_port, registry, serve_args  # noqa: F401  (fixture)
+from served_models import free_port, serve_args
 
 
 def kiln_apps() -> list[str]:

@@ -15,11 +15,6 @@ from typing import Any
 
 from kiln.errors import KilnError, ResourceError, first_line
 
-# The dashboard (and Jobs API) URL of the cluster ``ensure_ray`` connected this process to, from
-# ``ray.init``'s public RayContext; None until then, or when Ray was initialised elsewhere.
-_dashboard_url: str | None = None
-
-
 def ensure_ray(
     address: str | None = None,
     num_cpus: float | None = None,
@@ -31,7 +26,6 @@ def ensure_ray(
     The local instance binds its dashboard to 127.0.0.1. Raises KilnError when an address is
     given but nothing answers there.
     """
-    global _dashboard_url
     import ray
 
     if ray.is_initialized():
@@ -45,7 +39,7 @@ def ensure_ray(
         )
     try:
         if address:
-            context = ray.init(
+            ray.init(
                 address=address,
                 runtime_env=with_kiln_package(runtime_env),
                 logging_level=level,
@@ -55,7 +49,7 @@ def ensure_ray(
         else:
             # address="local": always a new instance; with None Ray would join whatever cluster
             # /tmp/ray/ray_current_cluster names (another user's, on a shared machine).
-            context = ray.init(
+            ray.init(
                 address="local",
                 # Ray takes fractional CPUs too, though its signature says int.
                 num_cpus=num_cpus,  # type: ignore[arg-type]
@@ -69,16 +63,24 @@ def ensure_ray(
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = address or "a new local instance"
         raise KilnError(f"cannot reach Ray at {where} ({first_line(exc)})") from None
-    url = context.dashboard_url
-    _dashboard_url = (url if "://" in url else f"http://{url}") if url else None
     return ray.get_runtime_context().gcs_address
 
 
 def connected_dashboard_url() -> str | None:
-    """The dashboard (Jobs API) URL of the cluster ``ensure_ray`` connected this process to, as
-    ``ray.init`` reported it (``http://HOST:PORT``); None before ``ensure_ray`` connected, when Ray
-    was initialised by someone else, or when the cluster runs no dashboard."""
-    return _dashboard_url
+    """The dashboard (Jobs API) URL of the cluster this process is connected to (``http://HOST:PORT``);
+    None when Ray is not initialised here or the cluster runs no dashboard.
+
+    Public API: ``ray.init`` on a connected process returns the connected cluster's context without
+    a restart. Read it in a driver: a worker (a Serve replica) only knows a default address, so
+    serving captures it at start and hands it to the replicas."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    url = ray.init(ignore_reinit_error=True).dashboard_url
+    if not url:
+        return None
+    return url if "://" in url else f"http://{url}"
 
 
 # The kiln package folder this process runs (shipped to workers as a py_module).

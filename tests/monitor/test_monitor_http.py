@@ -28,7 +28,6 @@ from served_models import (
     VARIANTS,
     Registry,
     digits_raw,
-    fast_metrics_export,  # noqa: F401  (fixture, used by name)
     free_port,  # noqa: F401
     iris_parquet,
     png_b64,

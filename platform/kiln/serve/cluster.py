@@ -64,20 +64,6 @@ def http_url(host: str, port: int) -> str:
     return f"http://{shown}:{port}"
 
 
-def dashboard_url() -> str | None:
-    """The dashboard (Jobs API) URL of the cluster this driver is connected to, or None.
-
-    Public API: ``ray.init`` on a connected process returns the connected cluster's context (no
-    restart). Read it in a driver: there Ray reads it from the cluster, while a worker (a replica)
-    only knows a default address, so serving captures it at start and hands it to the replicas."""
-    import ray
-
-    url = ray.init(ignore_reinit_error=True).dashboard_url
-    if not url:
-        return None
-    return url if "://" in url else f"http://{url}"
-
-
 def metrics_url() -> str | None:
     """The Prometheus endpoint of Ray's metrics agent on the head node (where Kiln's metrics are
     exported)."""

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.errors import ConfigError, KilnError, ResourceError, first_line
+from kiln.ray_connection import connected_dashboard_url
 from kiln.serve.app import (
     MODEL_APP_PREFIX,
     ROOT_APP,
@@ -29,7 +30,6 @@ from kiln.serve.app import (
 )
 from kiln.serve.cluster import (
     connect,
-    dashboard_url,
     find_target,
     forget,
     http_url,
@@ -281,11 +281,12 @@ def start_serving(
         except Exception as exc:
             raise KilnError(f"Ray Serve did not start: {telling_line(str(exc))}") from exc
         host, port = _check_http(cfg.host, port)
+        dashboard = connected_dashboard_url()  # captured here: replicas only know a default
         targets = build_applications(
             plan,
             key_digest(api_key) if api_key else None,
             hooks.retrainer,
-            dashboard_url() if hooks.retrainer is not None else None,
+            dashboard if hooks.retrainer is not None else None,
         )
         deployed = [t.name for t in targets]
         progress(f"deploying {len(plan.models)} model(s) on Ray Serve at {gcs}")
@@ -331,6 +332,7 @@ def start_serving(
             haproxy_dir=haproxy_dir,
             local_ray=local_ray_from(local) if local else None,
             tracking_uri=plan.tracking_uri,
+            dashboard_url=dashboard,
         ),
     )
     return info
