@@ -30,14 +30,19 @@ class ExperimentConfig(Section):
     )
     tracking_uri: str | None = Field(
         None,
-        description="MLflow tracking URI; default MLFLOW_TRACKING_URI, else a sqlite file in run_dir.",
+        description=(
+            "MLflow tracking URI; default MLFLOW_TRACKING_URI, else a sqlite file in run_dir."
+        ),
     )
     run_dir: str = Field(
         "runs", description="Folder for local run outputs: MLflow store, checkpoints, reports."
     )
     storage_path: str | None = Field(
         None,
-        description="Where Ray Train keeps checkpoints (shared storage on a cluster); default run_dir/checkpoints.",
+        description=(
+            "Where Ray Train keeps checkpoints (shared storage on a cluster); "
+            "default run_dir/checkpoints."
+        ),
     )
 
 
