@@ -364,7 +364,7 @@ def test_bad_inputs_fail_clearly_and_register_nothing(reference, tmp_path, case)
     else:
         proc = run_kiln("compress", str(config), timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expect in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert set(versions(reference)) == before and alias_version(reference) == alias_before

@@ -22,8 +22,8 @@ from kiln.tune.results import (
     pareto_front,
     pick_best,
 )
-from kiln.tune.space import apply_params, decode_params, parse_space
-from kiln.tune.sweep import check_sweep, trial_train_config
+from kiln.tune.space import apply_params, decode_params, parse_space, trial_train_config
+from kiln.tune.sweep import check_sweep
 
 BASE = {
     "experiment": {"name": "t"},
@@ -221,7 +221,7 @@ def test_cli_bad_space_is_one_error_line_exit_2(tmp_path):
     path.write_text(yaml.safe_dump(data))
     proc = run_kiln("tune", str(path), timeout=120)
     assert proc.returncode == 2
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == [
         "error: config key 'tune.space.train.lr': loguniform needs 0 < low, got [0, 0.1]"
     ]

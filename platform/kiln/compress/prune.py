@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from kiln.compress.config import PruneStep, UnstructuredPruneStep
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, first_line
 from kiln.models.builders import count_parameters
 
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -85,7 +85,7 @@ def structured_prune(
     except Exception as exc:  # DepGraph cannot trace or group this architecture
         raise ConfigError(
             f"config key '{where}': structured pruning does not apply to this model "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            f"({type(exc).__name__}: {first_line(exc) if str(exc) else ''})"
         ) from None
     if count_parameters(pruned) >= before:
         raise ConfigError(

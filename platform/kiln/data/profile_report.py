@@ -23,7 +23,7 @@ def plot_class_balance(profile: DataProfile, path: Path) -> Path:
     import numpy as np
 
     plt = _plt()
-    labels = [str(l) for l in profile.labels]
+    labels = [str(label) for label in profile.labels]
     fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(labels) + 2), 3.5))
     pos = np.arange(len(labels))
     for i, split in enumerate(("train", "val", "test")):
@@ -97,8 +97,8 @@ def write_report(profile: DataProfile, out_dir: str | Path) -> dict[str, Path]:
     leak = profile.leakage
     leak_rows = [{"check": k.replace("_", " "), "rows": v} for k, v in leak.items()]
     classes = [
-        {"label": l, **{s: profile.class_counts[s][i] for s in ("train", "val", "test")}}
-        for i, l in enumerate(profile.labels)
+        {"label": label, **{s: profile.class_counts[s][i] for s in ("train", "val", "test")}}
+        for i, label in enumerate(profile.labels)
     ]
     if profile.kind == "tabular":
         details = _table(

@@ -45,11 +45,6 @@ RUNTIMES: dict[str, RuntimeFactory] = {
 }
 
 
-def register_runtime(fmt: str, factory: RuntimeFactory) -> None:
-    """Register (or replace) the runtime for artifacts of format ``fmt``."""
-    RUNTIMES[fmt] = factory
-
-
 def make_runtime(directory: Path, spec: ModelSpec) -> Runtime:
     """The runtime for ``spec.format``. Raises ModelError for an unknown format."""
     factory = RUNTIMES.get(spec.format)

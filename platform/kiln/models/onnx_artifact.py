@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.errors import ModelError
+from kiln.errors import ModelError, first_line
 from kiln.models.spec import ModelSpec
 
 ONNX_FILE = "model.onnx"
@@ -107,7 +107,7 @@ def onnx_runtime(directory: Path, spec: ModelSpec):
     try:
         session = ort.InferenceSession(str(path), options, providers=session_providers())
     except Exception as exc:  # onnxruntime raises its own exception types for bad files
-        raise ModelError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
+        raise ModelError(f"cannot load {path}: {first_line(exc)}") from None
     input_name = session.get_inputs()[0].name
 
     def run(x: np.ndarray) -> np.ndarray:

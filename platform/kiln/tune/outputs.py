@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from kiln.errors import first_line
 from kiln.tune.config import Objective
 from kiln.tune.progress import format_value
 from kiln.tune.results import COMPLETED, STOPPED_EARLY, TrialSummary
@@ -147,5 +148,5 @@ def write_plots(
             written.append(path)
         except Exception as exc:  # e.g. importances need two finished trials that differ
             plt.close("all")
-            notes.append(f"{name}: not drawn ({str(exc).splitlines()[0][:120]})")
+            notes.append(f"{name}: not drawn ({first_line(exc, limit=120)})")
     return written, notes

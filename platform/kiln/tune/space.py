@@ -13,12 +13,15 @@ import difflib
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
+from kiln import tracking as trk
 from kiln.errors import ConfigError
 from kiln.models.config import ModelConfig
+from kiln.tune.config import TuneJobConfig
 
 KINDS = ("loguniform", "uniform", "int", "choice")
 # Set by the sweep itself, so they cannot be searched.
@@ -52,9 +55,16 @@ class Dimension:
 
         if self.kind == "choice":
             return CategoricalDistribution(self.encoded_choices)
+        low, high = self.bounds()
         if self.kind == "int":
-            return IntDistribution(int(self.low), int(self.high))
-        return FloatDistribution(float(self.low), float(self.high), log=self.kind == "loguniform")
+            return IntDistribution(int(low), int(high))
+        return FloatDistribution(float(low), float(high), log=self.kind == "loguniform")
+
+    def bounds(self) -> tuple[float | int, float | int]:
+        """(low, high) of a numeric kind. Raises ValueError for ``choice``, which has none."""
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.key}: a '{self.kind}' dimension has no bounds")
+        return self.low, self.high
 
     def decode(self, value: Any) -> Any:
         """The config value for a value Optuna suggested."""
@@ -71,7 +81,7 @@ class Dimension:
             return list(self.choices)
         if self.kind == "int":
             return [self.low, self.high]
-        low, high = float(self.low), float(self.high)
+        low, high = (float(v) for v in self.bounds())
         inside = math.sqrt(low * high) if self.kind == "loguniform" else low + 0.377 * (high - low)
         return [
             low,
@@ -199,7 +209,7 @@ def check_space(cfg) -> list[Dimension]:
     """
     from kiln.config import validate_config
 
-    dims = parse_space(cfg.tune.space)
+    dims = parse_space(cfg.require_tune().space)
     base = train_config_dict(cfg)
     for dim in dims:
         _check_key_exists(dim.key, type(cfg))
@@ -225,6 +235,38 @@ def train_config_dict(cfg) -> dict[str, Any]:
     """The config as plain data without its ``tune`` section (what one trial trains)."""
     data = cfg.to_dict()
     data.pop("tune", None)
+    return data
+
+
+def trial_epochs(cfg: TuneJobConfig) -> int:
+    return cfg.require_tune().max_epochs or cfg.train.epochs
+
+
+def trial_train_config(cfg: TuneJobConfig, absolute_paths: bool) -> dict[str, Any]:
+    """The train config every trial starts from: the sweep sets epochs, workers and resources.
+
+    With ``absolute_paths`` the run folder, tracking store and a local data source are made
+    absolute, because Ray Tune runs trials in their own working directories.
+    """
+    t = cfg.require_tune()
+    data = train_config_dict(cfg)
+    data["train"].update(
+        epochs=trial_epochs(cfg),
+        workers=t.trial_workers,
+        cpus_per_worker=t.cpus_per_worker,
+        use_gpu=t.gpus_per_worker > 0,
+    )
+    if absolute_paths:
+        exp = data["experiment"]
+        exp["run_dir"] = str(Path(exp["run_dir"]).expanduser().resolve())
+        exp["tracking_uri"] = trk.resolve_tracking_uri(
+            cfg.experiment.tracking_uri, cfg.experiment.run_dir
+        )
+        if exp.get("storage_path") and "://" not in exp["storage_path"]:
+            exp["storage_path"] = str(Path(exp["storage_path"]).expanduser().resolve())
+        source = Path(data["data"]["source"]).expanduser()
+        if source.exists():
+            data["data"]["source"] = str(source.resolve())
     return data
 
 
