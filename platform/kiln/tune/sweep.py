@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from kiln import tracking as trk
@@ -133,7 +134,8 @@ def _build_tuner(
             # result.json per trial: each trial's epochs for the summary and plots
             callbacks=[runs_callback, progress, JsonLoggerCallback()],
             log_to_file=True,
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # Every checkpoint is kept until the sweep ends (see prune_superseded_checkpoints).
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             failure_config=tune.FailureConfig(max_failures=0),
         ),
     )
@@ -215,6 +217,7 @@ def run_sweep(
     with warnings.catch_warnings(), progress_sink(str(folder.path), say):
         warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning, Ray's deprecation notes
         grid = tuner.fit()
+    prune_superseded_checkpoints(grid)
     budget_hit = (
         t.time_budget_s is not None and time.monotonic() - started >= 0.95 * t.time_budget_s
     )
@@ -330,3 +333,24 @@ def _trial_statuses(folder: SweepFolder) -> dict[str, str]:
     analysis = ExperimentAnalysis(str(folder.tune_dir.resolve()))
     return {tr.trial_id: tr.status for tr in analysis.trials}
 
+
+def prune_superseded_checkpoints(grid: Any) -> None:
+    """Delete every checkpoint of each trial but the last one (the one the sweep publishes).
+
+    Ray Tune keeps every checkpoint while the sweep runs (``num_to_keep=None`` in the Tuner): with
+    ``num_to_keep`` set, it deletes a trial's previous checkpoint the moment a newer one is
+    registered, but saves the experiment state that names checkpoints later, asynchronously. A
+    driver killed in between left state naming a deleted checkpoint, and on ``--resume`` that
+    trial's restore failed ("does not exist on storage anymore"). Here, after ``Tuner.fit``
+    returned, Tune has saved its final state synchronously, so only the checkpoint it names is
+    ever needed again.
+    """
+    import shutil
+
+    for result in grid:
+        if result.checkpoint is None or result.checkpoint.filesystem.type_name != "local":
+            continue
+        keep = Path(result.checkpoint.path)
+        for old in keep.parent.glob("checkpoint_*"):
+            if old != keep and old.is_dir():
+                shutil.rmtree(old)
