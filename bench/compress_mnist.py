@@ -185,7 +185,7 @@ def main() -> int:
     print(f"selection: {result.selection_message}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for key, path in result.report.items():
+    for path in result.report.values():
         (out / Path(path).name).write_bytes(Path(path).read_bytes())
     (out / "compress_mnist.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
     print(f"report copied to {out}/ (report.md, report.json, pareto.png)")

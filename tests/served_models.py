@@ -166,7 +166,7 @@ def iris_rows(source: Path, n: int = 12) -> tuple[np.ndarray, list[dict[str, flo
     names = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
     x = np.stack([table.column(c).to_numpy() for c in names], axis=1).astype(np.float32)
     idx = np.linspace(0, len(x) - 1, n).astype(int)
-    return x[idx], [dict(zip(names, map(float, row))) for row in x[idx]]
+    return x[idx], [dict(zip(names, map(float, row), strict=True)) for row in x[idx]]
 
 
 def png_b64(image: np.ndarray) -> str:

@@ -26,7 +26,8 @@ class StepBase(Section):
     )
     input: str = Field(
         default=REFERENCE,
-        description="'reference' or the name of an earlier step whose variant this step starts from.",
+        description="'reference' or the name of an earlier step whose variant this step starts "
+        "from.",
     )
 
     @property
@@ -59,11 +60,13 @@ class PruneStep(StepBase, FineTune):
         default=0.5,
         gt=0.0,
         lt=1.0,
-        description="Fraction of channels removed (per layer, or over all layers when scope is global).",
+        description="Fraction of channels removed (per layer, or over all layers when scope is "
+        "global).",
     )
     scope: Literal["layer", "global"] = Field(
         default="layer",
-        description="'layer': each layer loses `ratio` of its channels; 'global': channels ranked across layers.",
+        description="'layer': each layer loses `ratio` of its channels; 'global': channels ranked "
+        "across layers.",
     )
     layer_ratios: dict[str, float] = Field(
         default_factory=dict,
@@ -113,7 +116,8 @@ class QuantizeStep(StepBase):
     kind: Literal["quantize"]
     mode: Literal["static", "dynamic"] = Field(
         default="static",
-        description="'static': weights and activations int8, calibrated; 'dynamic': Linear weights int8, activations quantized at run time.",
+        description="'static': weights and activations int8, calibrated; 'dynamic': Linear "
+        "weights int8, activations quantized at run time.",
     )
     calibration_samples: int = Field(
         default=256,
@@ -135,7 +139,8 @@ class DistillStep(StepBase, FineTune):
 
     kind: Literal["distill"]
     student: ModelConfig = Field(
-        description="The student architecture: `name` plus builder arguments (e.g. {name: cnn, width: 8})."
+        description="The student architecture: `name` plus builder arguments (e.g. {name: cnn, "
+        "width: 8})."
     )
     temperature: float = Field(
         default=4.0, gt=0, description="Softmax temperature T of teacher and student logits."
@@ -144,7 +149,8 @@ class DistillStep(StepBase, FineTune):
         default=0.5,
         ge=0.0,
         le=1.0,
-        description="Weight of the soft (teacher) loss; 1 - alpha weighs the hard-label cross-entropy.",
+        description="Weight of the soft (teacher) loss; 1 - alpha weighs the hard-label "
+        "cross-entropy.",
     )
 
     @model_validator(mode="after")
@@ -185,11 +191,13 @@ class SelectionConfig(Section):
         default=None,
         ge=0.0,
         le=1.0,
-        description="Largest test-accuracy drop (fraction, 0.01 = 1 point) a variant may have to be picked; unset: no pick.",
+        description="Largest test-accuracy drop (fraction, 0.01 = 1 point) a variant may have to "
+        "be picked; unset: no pick.",
     )
     objective: Literal["size", "latency", "throughput"] = Field(
         default="size",
-        description="Among qualifying variants pick the smallest, the lowest batch-1 latency, or the highest throughput.",
+        description="Among qualifying variants pick the smallest, the lowest batch-1 latency, or "
+        "the highest throughput.",
     )
     alias: str = Field(default="candidate", description="Registry alias set on the picked variant.")
 
@@ -212,7 +220,8 @@ class CompressConfig(Section):
 
     model: str | None = Field(
         default=None,
-        description="The model to compress: models:/NAME/VERSION, models:/NAME@ALIAS or a train run id.",
+        description="The model to compress: models:/NAME/VERSION, models:/NAME@ALIAS or a train "
+        "run id.",
     )
     steps: list[Step] = Field(
         default_factory=list, description="Steps, each making a variant; `input` chains them."

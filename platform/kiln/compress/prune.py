@@ -43,7 +43,7 @@ def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
 def check_layer_names(model: nn.Module, names: list[str], where: str) -> dict[str, nn.Module]:
     """Modules by name; ConfigError naming ``where`` for a name that is not a prunable layer."""
     modules = dict(model.named_modules())
-    found = {}
+    found: dict[str, nn.Module] = {}
     for name in names:
         module = modules.get(name)
         if not isinstance(module, PRUNABLE):

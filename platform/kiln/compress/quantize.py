@@ -90,14 +90,17 @@ def quantize_onnx(fp32_model, step: QuantizeStep, calibration: np.ndarray | None
                 op_types_to_quantize=["MatMul", "Gemm"],
             )
         else:
+            if calibration is None:
+                raise ValueError("static int8 quantization needs calibration rows")
+            rows = calibration
             input_name = fp32_model.graph.input[0].name
 
             class Reader(CalibrationDataReader):
                 def __init__(self):
                     self.batches = iter(
                         [
-                            {input_name: calibration[i : i + CALIBRATION_BATCH]}
-                            for i in range(0, len(calibration), CALIBRATION_BATCH)
+                            {input_name: rows[i : i + CALIBRATION_BATCH]}
+                            for i in range(0, len(rows), CALIBRATION_BATCH)
                         ]
                     )
 

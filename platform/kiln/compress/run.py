@@ -367,7 +367,7 @@ def finish(
     )
     # Register in step order so that each variant's parent version is known.
     versions = {REFERENCE: source.version}
-    for m, report in zip(made, variants):
+    for m, report in zip(made, variants, strict=True):
         version = register_variant(tracking_uri, source, m, report, versions[m.input], data, run_id)
         versions[m.name] = report.version = version
         report.model_uri = f"models:/{source.name}/{version}"

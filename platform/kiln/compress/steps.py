@@ -108,8 +108,8 @@ def structured(step: PruneStep, input_dir: Path, ctx: StepContext, where: str) -
     before, after = count_parameters(model), count_parameters(pruned)
     epochs = ctx.cfg.train.epochs if step.epochs is None else step.epochs
     ctx.say(
-        f"  {step.variant}: {before:,} -> {after:,} parameters; fine-tuning {epochs} epoch(s) on Ray "
-        "Train"
+        f"  {step.variant}: {before:,} -> {after:,} parameters; "
+        f"fine-tuning {epochs} epoch(s) on Ray Train"
     )
     if epochs > 0:
         train_variant(
@@ -288,7 +288,8 @@ def distilled(step: DistillStep, input_dir: Path, ctx: StepContext, where: str) 
         return [f.result() for f in [pool.submit(train, job) for job in jobs]]
 
 
-RUNNERS = {
+StepRunner = Callable[[Any, Path, StepContext, str], list[Made]]
+RUNNERS: dict[str, StepRunner] = {
     "prune": structured,
     "unstructured_prune": unstructured,
     "quantize": quantized,

@@ -34,7 +34,8 @@ class DataConfig(Section):
     label: str = Field(default="label", description="Label column (integers or strings).")
     image: str | None = Field(
         default=None,
-        description="Image column (PNG/JPEG bytes, or a {bytes, path} struct); absent: tabular features.",
+        description="Image column (PNG/JPEG bytes, or a {bytes, path} struct); absent: tabular "
+        "features.",
     )
     features: list[str] | None = Field(
         default=None,

@@ -28,7 +28,8 @@ def torch_runtime(directory: Path, spec: ModelSpec) -> Runtime:
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return model(torch.from_numpy(np.ascontiguousarray(x))).float().numpy()
+            logits: np.ndarray = model(torch.from_numpy(np.ascontiguousarray(x))).float().numpy()
+        return logits
 
     return run
 

@@ -62,7 +62,10 @@ class TrainConfig(Section):
 class TrainingJobConfig(Section):
     """The sections a training job reads; ``kiln.schema.KilnConfig`` adds the later job kinds."""
 
-    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
+    experiment: ExperimentConfig = Field(
+        # (a lambda: mypy cannot see that ExperimentConfig's fields all have defaults)
+        default_factory=lambda: ExperimentConfig.model_validate({})
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

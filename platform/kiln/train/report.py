@@ -67,6 +67,6 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
         max(len(c), *(len(row[i]) for row in cells)) if cells else len(c)
         for i, c in enumerate(columns)
     ]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(lines)

@@ -84,7 +84,7 @@ def latest_sweep_folder(cfg) -> SweepFolder:
 
     def order(path: Path) -> tuple[str, int]:
         match = pattern.fullmatch(path.name)
-        return match.group(1), int(match.group(2) or 0)
+        return (match.group(1), int(match.group(2) or 0)) if match else ("", 0)
 
     candidates = sorted(
         (

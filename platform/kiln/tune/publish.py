@@ -24,7 +24,8 @@ from kiln.tune.results import (
     pareto_front,
     pick_best,
 )
-from kiln.tune.space import Dimension, apply_params, trial_train_config
+from kiln.tune.space import Dimension, apply_params
+from kiln.tune.trial_config import trial_train_config
 
 if TYPE_CHECKING:
     from kiln.data.dataset import PreparedData

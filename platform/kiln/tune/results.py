@@ -45,12 +45,13 @@ class TrialSummary:
 
     def values(self, objectives: list[Objective]) -> list[float] | None:
         """Objective values, or None when one is missing."""
-        vals = [self.metrics.get(o.metric) for o in objectives]
-        return (
-            None
-            if any(v is None or not math.isfinite(v) for v in vals)
-            else [float(v) for v in vals]
-        )
+        vals: list[float] = []
+        for o in objectives:
+            value = self.metrics.get(o.metric)
+            if value is None or not math.isfinite(value):
+                return None
+            vals.append(float(value))
+        return vals
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -153,7 +154,7 @@ def summarize(
 def dominates(a: list[float], b: list[float], modes: list[str]) -> bool:
     """True when ``a`` is at least as good as ``b`` in every objective and better in one."""
     better = False
-    for x, y, mode in zip(a, b, modes):
+    for x, y, mode in zip(a, b, modes, strict=True):
         if mode == "min":
             x, y = -x, -y
         if x < y:
@@ -175,21 +176,18 @@ def ranked_candidates(
 
 def pareto_front(trials: list[TrialSummary], objectives: list[Objective]) -> list[TrialSummary]:
     """The candidates no other candidate dominates, ordered by the first objective (best first)."""
-    cands = ranked_candidates(trials, objectives)
-    modes = [o.mode for o in objectives]
+    # ranked_candidates keeps only trials with every objective value
+    scored = [(t, v) for t in ranked_candidates(trials, objectives) if (v := t.values(objectives))]
+    modes: list[str] = [o.mode for o in objectives]
     front = [
-        t
-        for t in cands
-        if not any(
-            dominates(o.values(objectives), t.values(objectives), modes)
-            for o in cands
-            if o is not t
-        )
+        (t, v)
+        for t, v in scored
+        if not any(dominates(other_v, v, modes) for other, other_v in scored if other is not t)
     ]
     # Identical objective values: keep the earliest trial only.
     unique: dict[tuple[float, ...], TrialSummary] = {}
-    for t in sorted(front, key=lambda t: t.number):
-        unique.setdefault(tuple(t.values(objectives)), t)
+    for t, v in sorted(front, key=lambda tv: tv[0].number):
+        unique.setdefault(tuple(v), t)
     return sort_by_objective(list(unique.values()), objectives[0])
 
 
@@ -287,6 +285,7 @@ class SweepResult:
                         zip(
                             [o["metric"] for o in self.objectives],
                             [t.metrics.get(o["metric"]) for o in self.objectives],
+                            strict=True,
                         )
                     ),
                     "model_uri": self.front_model_uris.get(t.number),

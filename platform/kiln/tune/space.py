@@ -13,15 +13,12 @@ import difflib
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
-from kiln import tracking as trk
 from kiln.errors import ConfigError
 from kiln.models.config import ModelConfig
-from kiln.tune.config import TuneJobConfig
 
 KINDS = ("loguniform", "uniform", "int", "choice")
 # Set by the sweep itself, so they cannot be searched.
@@ -175,7 +172,8 @@ def _check_key_exists(key: str, schema: type[BaseModel]) -> None:
     model: Any = schema
     for i, part in enumerate(parts):
         if model is ModelConfig and i == len(parts) - 1:
-            return  # builder keyword arguments: checked against the builder when values are validated
+            # builder keyword arguments: checked against the builder when values are validated
+            return
         fields = getattr(model, "model_fields", {})
         if part not in fields or part == "tune":
             known = [f for f in fields if f not in ("tune", "experiment")]
@@ -235,38 +233,6 @@ def train_config_dict(cfg) -> dict[str, Any]:
     """The config as plain data without its ``tune`` section (what one trial trains)."""
     data = cfg.to_dict()
     data.pop("tune", None)
-    return data
-
-
-def trial_epochs(cfg: TuneJobConfig) -> int:
-    return cfg.require_tune().max_epochs or cfg.train.epochs
-
-
-def trial_train_config(cfg: TuneJobConfig, absolute_paths: bool) -> dict[str, Any]:
-    """The train config every trial starts from: the sweep sets epochs, workers and resources.
-
-    With ``absolute_paths`` the run folder, tracking store and a local data source are made
-    absolute, because Ray Tune runs trials in their own working directories.
-    """
-    t = cfg.require_tune()
-    data = train_config_dict(cfg)
-    data["train"].update(
-        epochs=trial_epochs(cfg),
-        workers=t.trial_workers,
-        cpus_per_worker=t.cpus_per_worker,
-        use_gpu=t.gpus_per_worker > 0,
-    )
-    if absolute_paths:
-        exp = data["experiment"]
-        exp["run_dir"] = str(Path(exp["run_dir"]).expanduser().resolve())
-        exp["tracking_uri"] = trk.resolve_tracking_uri(
-            cfg.experiment.tracking_uri, cfg.experiment.run_dir
-        )
-        if exp.get("storage_path") and "://" not in exp["storage_path"]:
-            exp["storage_path"] = str(Path(exp["storage_path"]).expanduser().resolve())
-        source = Path(data["data"]["source"]).expanduser()
-        if source.exists():
-            data["data"]["source"] = str(source.resolve())
     return data
 
 

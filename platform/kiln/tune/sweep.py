@@ -30,7 +30,8 @@ from kiln.tune.folder import (
 )
 from kiln.tune.results import INTERRUPTED as TRIAL_INTERRUPTED
 from kiln.tune.results import SweepResult
-from kiln.tune.space import Dimension, check_space, trial_epochs, trial_train_config
+from kiln.tune.space import Dimension, check_space
+from kiln.tune.trial_config import trial_epochs, trial_train_config
 
 ProgressFn = Callable[[str], None]
 DRIVER_CPUS = 0.01  # a trial that only drives a Ray Train run; its workers reserve their own CPUs
