@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln import tracking as trk
+from kiln.errors import ModelError
 from kiln.models.artifact import artifact_files
+from kiln.models.spec import SPEC_FILE
 
 MLMODEL_FILE = "MLmodel"
 TAG_MODEL_VERSION = "kiln.model_version"  # on the run: the registry version it produced
@@ -43,6 +45,8 @@ def copy_artifact(source: str | Path, destination: str | Path) -> Path:
     state stay behind. Returns ``destination``; raises ModelError when ``source`` holds no spec.
     """
     source, destination = Path(source), Path(destination)
+    if not (source / SPEC_FILE).is_file():
+        raise ModelError(f"{source} holds no model artifact (no {SPEC_FILE})")
     destination.mkdir(parents=True, exist_ok=True)
     for path in [*artifact_files(source), source / MLMODEL_FILE]:
         shutil.copy2(path, destination / path.name)
