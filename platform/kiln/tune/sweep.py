@@ -214,6 +214,9 @@ def run_sweep(
     )
     if kept is not None:
         say(f"resuming {folder.path}: {kept} trial(s) had ended and are kept, the rest continue")
+    if resume:
+        known = set(_trial_statuses(folder)) if kept is not None else set()
+        drop_forgotten_trial_runs(tracking_uri, experiment_id, parent, known)
     started = time.monotonic()
     with warnings.catch_warnings(), progress_sink(str(folder.path), say):
         warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning, Ray's deprecation notes
@@ -333,6 +336,30 @@ def _trial_statuses(folder: SweepFolder) -> dict[str, str]:
     # is a real one, not "no trials".
     analysis = ExperimentAnalysis(str(folder.tune_dir.resolve()))
     return {tr.trial_id: tr.status for tr in analysis.trials}
+
+
+def drop_forgotten_trial_runs(
+    tracking_uri: str, experiment_id: str, parent: str, known: set[str]
+) -> list[str]:
+    """Delete (MLflow's soft delete) the child runs of trials that Tune's saved state does not
+    know. Returns their run ids.
+
+    A driver killed after it started a trial (and its child run) but before Tune saved a state
+    naming that trial leaves a run Tune has forgotten: on --resume, Tune asks the searcher for a
+    new trial, with a new trial id and the same trial number, so the sweep would show two child
+    runs for one number, one of them empty and never closed.
+    """
+    from kiln.tune.runs import child_runs
+
+    forgotten = [
+        run_id
+        for trial_id, run_id in child_runs(tracking_uri, experiment_id, parent).items()
+        if trial_id not in known
+    ]
+    client = trk.client(tracking_uri)
+    for run_id in forgotten:
+        client.delete_run(run_id)
+    return forgotten
 
 
 def prune_superseded_checkpoints(grid: Any) -> None:
