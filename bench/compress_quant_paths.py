@@ -144,7 +144,7 @@ def main() -> int:
 
     thr = {n: [] for n in fns}
     lat = {n: [] for n in fns}
-    for name, (fn, b, one) in fns.items():  # warm-up
+    for fn, b, one in fns.values():  # warm-up
         with torch.inference_mode():
             fn(b), fn(one)
     for _ in range(args.rounds):

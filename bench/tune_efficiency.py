@@ -234,6 +234,9 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--target", type=float, default=0.99)
     parser.add_argument("--concurrency", type=int, default=2)
+    # What the CLI entry sets (read when the Tuner / TorchTrainer starts).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     parser.add_argument("--overhead-trials", type=int, default=6)
     parser.add_argument("--skip-overhead", action="store_true")
     args = parser.parse_args()

@@ -50,11 +50,12 @@ def register_variant(
     architecture: str,
     extra_kwargs: dict | None = None,
 ) -> str:
-    """Register ``base_uri``'s weights under ``architecture`` as a new version of the same model."""
+    """Register ``base_uri``'s weights under ``architecture`` as a new version of the same model
+    (through served_models.register_artifact, i.e. the library's one ``register_artifact``)."""
     from kiln import tracking as trk
-    from served_models import (
-        register_artifact,
-    )  # here: replicas import this module for its factories
+
+    # Imported here, not at the top: replicas import this module for its factories only.
+    from served_models import register_artifact
 
     name = base_uri[len("models:/") :].split("/")[0]
     source = trk.resolve_model_dir(base_uri, tracking_uri)

@@ -106,16 +106,17 @@ def register_artifact(
     run_dir: Path, name: str, model_dir: Path, variant: str, tracking_uri: str | None = None
 ) -> str:
     """Log an artifact folder on a new run and register it as a version of ``name`` (in
-    ``tracking_uri``, default: the run dir's store); returns its URI."""
+    ``tracking_uri``, default: the run dir's store) through the library's one
+    ``register_artifact``; returns its URI."""
     from kiln import tracking as trk
+    from kiln.models.registration import register_artifact as register
 
     uri = tracking_uri or trk.default_tracking_uri(run_dir)
     exp = trk.ensure_experiment(uri, name, run_dir)
     run_id = trk.start_run(uri, exp, f"test-{name}", {trk.TAG_JOB: "test"})
-    trk.log_artifacts(uri, run_id, model_dir, trk.MODEL_ARTIFACT_PATH)
-    trk.end_run(uri, run_id)
-    version = trk.register_model(uri, name, run_id, tags={"kiln.variant": variant})
-    return f"models:/{name}/{version}"
+    return register(
+        uri, name, run_id, model_dir, tags={"kiln.variant": variant}, finish_run=True
+    ).uri
 
 
 def compress_and_register(

@@ -158,6 +158,8 @@ def compressed(reference, tmp_path_factory):
     return {
         "out": out,
         "before": before,
+        # the registry right after this run: other tests of the module register more versions
+        "after": versions(reference),
         "stderr": proc.stderr,
         "by_name": {v["name"]: v for v in out["variants"]},
     }
@@ -262,7 +264,7 @@ def test_accuracy_within_bounds_on_test_data(compressed):
 
 def test_registry_versions_tags_and_candidate_alias(compressed, reference):
     out, by_name = compressed["out"], compressed["by_name"]
-    after = versions(reference)
+    after = compressed["after"]
     new = set(after) - compressed["before"]
     assert new == {
         v["version"] for v in out["variants"]
@@ -364,7 +366,7 @@ def test_bad_inputs_fail_clearly_and_register_nothing(reference, tmp_path, case)
     else:
         proc = run_kiln("compress", str(config), timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expect in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert set(versions(reference)) == before and alias_version(reference) == alias_before

@@ -109,7 +109,10 @@ def test_help_imports_neither_torch_nor_ray():
 
     from conftest import kiln_env
 
-    code = "import sys; from kiln.cli import build_parser; build_parser(); print('torch' in sys.modules, 'ray' in sys.modules)"
+    code = (
+        "import sys; from kiln.cli import build_parser; build_parser(); "
+        "print('torch' in sys.modules, 'ray' in sys.modules)"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], env=kiln_env(), capture_output=True, text=True, check=True
     )

@@ -23,7 +23,8 @@ from kiln.tune.results import (
     pick_best,
 )
 from kiln.tune.space import apply_params, decode_params, parse_space
-from kiln.tune.sweep import check_sweep, trial_train_config
+from kiln.tune.sweep import check_sweep
+from kiln.tune.trial_config import trial_train_config
 
 BASE = {
     "experiment": {"name": "t"},
@@ -221,7 +222,7 @@ def test_cli_bad_space_is_one_error_line_exit_2(tmp_path):
     path.write_text(yaml.safe_dump(data))
     proc = run_kiln("tune", str(path), timeout=120)
     assert proc.returncode == 2
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == [
         "error: config key 'tune.space.train.lr': loguniform needs 0 < low, got [0, 0.1]"
     ]
@@ -352,3 +353,37 @@ def test_model_measures_count_parameters_and_time_batch_one():
     assert set(model_measures(cfg, data, ())) == {
         "params"
     }  # latency only when an objective needs it
+
+
+def test_recording_asha_writes_each_early_stop_with_its_epoch(tmp_path):
+    """RecordingASHA records what ASHA stopped (and at which epoch) without ASHA's private state;
+    a trial that reaches max_t is not an early stop."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from kiln.tune.scheduler import EARLY_STOPS_FILE, RecordingASHA, read_early_stops
+    from kiln.tune.trial import TIME_ATTR
+
+    path = tmp_path / EARLY_STOPS_FILE
+    asha = RecordingASHA(
+        record_path=str(path),
+        time_attr=TIME_ATTR,
+        max_t=3,
+        metric="val_accuracy",
+        mode="max",
+        grace_period=1,
+        reduction_factor=2,
+    )
+    good, bad = SimpleNamespace(trial_id="good"), SimpleNamespace(trial_id="bad")
+    for trial in (good, bad):
+        asha.on_trial_add(None, trial)
+    assert asha.on_trial_result(None, good, {TIME_ATTR: 1, "val_accuracy": 0.9}) == (
+        TrialScheduler.CONTINUE
+    )
+    assert asha.on_trial_result(None, bad, {TIME_ATTR: 1, "val_accuracy": 0.1}) == (
+        TrialScheduler.STOP
+    )
+    assert read_early_stops(path) == {"bad": 1}
+    asha.on_trial_result(None, good, {TIME_ATTR: 3, "val_accuracy": 0.95})  # its last epoch
+    assert read_early_stops(path) == {"bad": 1}

@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from kiln.errors import ResourceError
 from kiln.schema import load_config, validate_config
 from kiln.train.run import run_training
 from kiln.tune.results import COMPLETED, STOPPED_EARLY, dominates
+from kiln.waiting import wait_until
 
 SPACE = {"train.lr": {"loguniform": [1.0e-4, 5.0e-2]}, "model.width": {"int": [4, 16]}}
 
@@ -129,13 +129,15 @@ def test_sweep_prints_progress_and_a_table_not_tunes_own_output(sweep):
     err = proc.stderr
     assert re.search(r"trial\s+1 start", err) and re.search(r"trial\s+\d+ epoch 1/3", err)
     assert re.search(r"trial\s+\d+ stopped at epoch", err)
-    table = [l for l in err.splitlines() if l.startswith("trial ") and "val_accuracy" in l]
+    table = [
+        line for line in err.splitlines() if line.startswith("trial ") and "val_accuracy" in line
+    ]
     assert table and "status" in table[0]
     assert f"{out['best_trial']} *" in err
     for tune_output in ("Trial status", "Current time:", "Number of trials", "╭"):
         assert tune_output not in err + proc.stdout
     assert (
-        len([l for l in proc.stdout.splitlines() if l.strip()]) == 1
+        len([line for line in proc.stdout.splitlines() if line.strip()]) == 1
     )  # --json: stdout is the JSON line only
     sweep_dir = Path(out["sweep_dir"])
     assert {p.name for p in (sweep_dir / "plots").glob("*.png")} == {
@@ -171,7 +173,7 @@ def _saved_as_ended(runs_dir: Path) -> set[int]:
     for tune_dir in runs_dir.glob("sweeps/*/tune"):
         try:
             trials = ExperimentAnalysis(str(tune_dir)).trials
-        except Exception:  # not saved yet, or being written
+        except (OSError, ValueError, KeyError):  # not saved yet (ValueError), or being written
             return set()
         return {trial_number(t.experiment_tag) for t in trials if t.status == "TERMINATED"}
     return set()
@@ -198,16 +200,22 @@ def resumed_sweep(ray_cluster, tmp_path_factory):
         driver = subprocess.Popen(
             [sys.executable, "-m", "kiln.cli", "tune", str(config), "--address", ray_cluster],
             cwd=REPO,
-            env=kiln_env(),
+            # Tune's state saved every 2 s, as the CLI entry sets it (Tune's default is >= 10 s).
+            env=kiln_env({"TUNE_GLOBAL_CHECKPOINT_S": "2"}),
             stdout=fh,
             stderr=subprocess.STDOUT,
         )
     try:
-        deadline = time.monotonic() + 400
-        ended_before: set[int] = set()
-        while len(ended_before) < 2 and time.monotonic() < deadline and driver.poll() is None:
-            time.sleep(0.2)
-            ended_before = _saved_as_ended(tmp / "runs")
+
+        def two_saved_as_ended() -> set[int] | None:
+            assert driver.poll() is None, log.read_text()[-3000:]  # still sweeping
+            ended = _saved_as_ended(tmp / "runs")
+            return ended if len(ended) >= 2 else None
+
+        # Polled at a steady 0.2 s: the kill should land while most of the sweep is ahead.
+        ended_before = wait_until(
+            two_saved_as_ended, 400, "two trials saved as ended", interval=0.2, max_interval=0.2
+        )
         driver.kill()  # SIGKILL: no chance to save anything more
         driver.wait(timeout=30)
         assert driver.returncode == -signal.SIGKILL, log.read_text()[-3000:]  # killed, not finished

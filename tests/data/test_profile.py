@@ -39,7 +39,7 @@ def test_profile_reports_imbalance_and_image_statistics(tmp_path):
     assert 1.0 <= data.profile.imbalance_ratio < 1.2
     table = pq.read_table(tabular_parquet(tmp_path / "t.parquet", rows=600))
     labels = table.column("species").to_pylist()
-    keep = [i for i, l in enumerate(labels) if l != "emu" or i % 10 == 0]
+    keep = [i for i, label in enumerate(labels) if label != "emu" or i % 10 == 0]
     pq.write_table(table.take(keep), tmp_path / "imb.parquet")
     imbalanced = prepare_data(DataConfig(source=str(tmp_path / "imb.parquet"), label="species"))
     assert imbalanced.profile.imbalance_ratio > 5

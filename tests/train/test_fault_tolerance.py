@@ -7,12 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from conftest import REPO, kiln_env, last_json, run_kiln
 from kiln import tracking as trk
+from kiln.waiting import wait_until
 
 DEFAULT = str(REPO / "configs/train/digits_cnn.yaml")
 pytestmark = pytest.mark.slow
@@ -41,32 +41,29 @@ def start_training(address, run_dir, *overrides) -> subprocess.Popen:
 
 
 def wait_for_run(tracking_uri: str, experiment: str, proc: subprocess.Popen, timeout: float = 180):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+    """The id of the first MLflow run of ``experiment`` (the training process must stay alive)."""
+
+    def run_id() -> str | None:
         assert proc.poll() is None, f"training exited early: {proc.communicate()[1][-2000:]}"
-        try:
-            runs = trk.client(tracking_uri).search_runs(
-                [trk.client(tracking_uri).get_experiment_by_name(experiment).experiment_id]
-            )
-            if runs:
-                return runs[0].info.run_id
-        except Exception:
-            pass
-        time.sleep(0.5)
-    raise AssertionError("no MLflow run appeared")
+        client = trk.client(tracking_uri)
+        exp = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([exp.experiment_id]) if exp is not None else []
+        return runs[0].info.run_id if runs else None
+
+    return wait_until(run_id, timeout, f"an MLflow run of experiment {experiment}", interval=0.3)
 
 
 def wait_for_epochs(
     tracking_uri: str, run_id: str, n: int, proc: subprocess.Popen, timeout: float = 300
 ) -> list[int]:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+    """The epochs logged on ``run_id`` once there are at least ``n``."""
+
+    def steps() -> list[int] | None:
         assert proc.poll() is None, f"training exited early: {proc.communicate()[1][-2000:]}"
-        steps = sorted(m.step for m in trk.metric_history(tracking_uri, run_id, "epoch"))
-        if len(steps) >= n:
-            return steps
-        time.sleep(0.3)
-    raise AssertionError(f"fewer than {n} epochs logged")
+        logged = sorted(m.step for m in trk.metric_history(tracking_uri, run_id, "epoch"))
+        return logged if len(logged) >= n else None
+
+    return wait_until(steps, timeout, f"{n} epochs logged on run {run_id}", interval=0.3)
 
 
 def alive_train_workers(address: str) -> list[int]:
@@ -120,9 +117,11 @@ def test_killed_driver_resumes_without_repeating_finished_epochs(ray_cluster, ru
         proc.kill()
     done_before = sorted(m.step for m in trk.metric_history(uri, run_id, "epoch"))
     # the driver's workers die with it; wait until Ray has cleaned them up
-    deadline = time.time() + 60
-    while alive_train_workers(ray_cluster) and time.time() < deadline:
-        time.sleep(0.5)
+    wait_until(
+        lambda: not alive_train_workers(ray_cluster),
+        120,
+        "the killed driver's train workers to exit",
+    )
 
     resumed = run_kiln(
         "train",

@@ -137,7 +137,7 @@ def test_same_config_on_one_worker_gives_same_metrics(ray_cluster, run_dir):
 
 def _bad(ray_cluster, run_dir, *overrides):
     proc = train(ray_cluster, run_dir, "experiment.name=bad", *overrides, expect=2)
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert "Traceback" not in proc.stderr
     assert registered_versions(run_dir, "bad") == []
     return lines[-1]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from kiln.commands.common import add_config_arguments, add_json_argument, emit_json, say
 
-HELP = "make pruned, quantized and distilled variants of a registered model, evaluate them side by side, register them"
+HELP = (
+    "make pruned, quantized and distilled variants of a registered model, evaluate them side "
+    "by side, register them"
+)
 
 
 def add_arguments(parser) -> None:
@@ -21,7 +24,7 @@ def run(args) -> int:
     from kiln.schema import load_config
 
     cfg = load_config(args.config, args.overrides)
-    steps = ", ".join(s.name for s in cfg.compress.steps) if cfg.compress else ""
+    steps = ", ".join(s.variant for s in cfg.compress.steps) if cfg.compress else ""
     say(args, f"kiln compress: {cfg.compress.model if cfg.compress else '?'} -> {steps}")
     result = run_compression(
         cfg, address=args.address, say=lambda text: say(args, text), debug=args.debug

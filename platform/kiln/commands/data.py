@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-HELP = "data tools: export a built-in data set as Parquet, profile a data set (balance, statistics, leakage)"
+HELP = (
+    "data tools: export a built-in data set as Parquet, profile a data set (balance, "
+    "statistics, leakage)"
+)
 
 
 def add_arguments(parser) -> None:
@@ -49,6 +52,7 @@ def _profile(args) -> int:
     from kiln.commands.common import emit_json, say
     from kiln.data.dataset import prepare_data
     from kiln.data.profile_report import write_report
+    from kiln.errors import KilnError
     from kiln.schema import load_config
 
     target = Path(args.target)
@@ -61,6 +65,8 @@ def _profile(args) -> int:
         cfg = load_config(None, overrides + args.overrides)
     data = prepare_data(cfg.data)
     profile = data.profile
+    if profile is None:  # prepare_data always profiles; PreparedData allows none for tests
+        raise KilnError("the data set was prepared without a profile")
     out = Path(args.out or Path(cfg.experiment.run_dir) / "profiles" / profile.dataset_hash)
     paths = write_report(profile, out)
     rows = profile.rows

@@ -34,7 +34,7 @@ def run(args) -> int:
         f"kiln train: {cfg.model.name} on {cfg.data.source}, {t.workers} worker(s), {t.epochs} "
         "epochs",
     )
-    header_printed = []
+    header_printed: list[bool] = []
 
     def progress(row):
         if not header_printed:
@@ -43,7 +43,10 @@ def run(args) -> int:
                 f"{'epoch':>5}  {'train_loss':>10}  {'val_loss':>9}  {'val_acc':>7}  {'val_f1':>7}",
             )
             header_printed.append(True)
-        fmt = lambda v, w: f"{v:>{w}.4f}" if isinstance(v, float) else f"{'-':>{w}}"
+
+        def fmt(v: object, w: int) -> str:
+            return f"{v:>{w}.4f}" if isinstance(v, float) else f"{'-':>{w}}"
+
         say(
             args,
             f"{row['epoch'] + 1:>5}  {fmt(row['train_loss'], 10)}  {fmt(row['val_loss'], 9)}  "

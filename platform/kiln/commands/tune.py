@@ -23,7 +23,7 @@ def add_arguments(parser) -> None:
 
 
 def _header(cfg) -> str:
-    t = cfg.tune
+    t = cfg.require_tune()
     search = "TPE" if t.searcher == "tpe" else "random search"
     stopping = (
         f", ASHA (grace {t.asha.grace_period}, reduction {t.asha.reduction_factor:g})"
@@ -62,7 +62,7 @@ def run(args) -> int:
     except SweepInterrupted as exc:
         print(str(exc), file=sys.stderr)
         return 130
-    t = cfg.tune
+    t = cfg.require_tune()
     dims = parse_space(t.space)
     marks = {m.number: " p" for m in result.front}
     if result.best is not None:

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from kiln.config import Section
+from kiln.errors import ConfigError
 from kiln.models.config import ModelConfig
 from kiln.train.config import TrainingJobConfig
 
@@ -21,21 +22,34 @@ REFERENCE = "reference"
 
 class StepBase(Section):
     name: str | None = Field(
-        None, description="Variant name (unique); default: derived from the kind."
+        default=None, description="Variant name (unique); default: derived from the kind."
     )
     input: str = Field(
-        REFERENCE,
-        description="'reference' or the name of an earlier step whose variant this step starts from.",
+        default=REFERENCE,
+        description="'reference' or the name of an earlier step whose variant this step starts "
+        "from.",
     )
+
+    @property
+    def variant(self) -> str:
+        """The name of the variant this step makes: ``name``, which CompressConfig fills in with
+        the kind's default when the config leaves it out."""
+        if self.name is None:
+            raise ConfigError("config key 'compress.steps': a step has no name")
+        return self.name
 
 
 class FineTune(Section):
     """Training settings of a step that trains (structured pruning's fine-tune, distillation)."""
 
     epochs: int | None = Field(
-        None, ge=0, description="Epochs; default: train.epochs (0 skips fine-tuning after pruning)."
+        default=None,
+        ge=0,
+        description="Epochs; default: train.epochs (0 skips fine-tuning after pruning).",
     )
-    lr: float | None = Field(None, gt=0, description="Peak learning rate; default: train.lr.")
+    lr: float | None = Field(
+        default=None, gt=0, description="Peak learning rate; default: train.lr."
+    )
 
 
 class PruneStep(StepBase, FineTune):
@@ -43,29 +57,32 @@ class PruneStep(StepBase, FineTune):
 
     kind: Literal["prune"]
     ratio: float = Field(
-        0.5,
+        default=0.5,
         gt=0.0,
         lt=1.0,
-        description="Fraction of channels removed (per layer, or over all layers when scope is global).",
+        description="Fraction of channels removed (per layer, or over all layers when scope is "
+        "global).",
     )
     scope: Literal["layer", "global"] = Field(
-        "layer",
-        description="'layer': each layer loses `ratio` of its channels; 'global': channels ranked across layers.",
+        default="layer",
+        description="'layer': each layer loses `ratio` of its channels; 'global': channels ranked "
+        "across layers.",
     )
     layer_ratios: dict[str, float] = Field(
         default_factory=dict,
         description="Per-layer ratios by module name (e.g. {'3': 0.3}), overriding `ratio`.",
     )
     importance: Literal["l1", "l2"] = Field(
-        "l2", description="Channel importance: L1 or L2 norm of the channel group's weights."
+        default="l2",
+        description="Channel importance: L1 or L2 norm of the channel group's weights.",
     )
     round_to: int | None = Field(
-        None,
+        default=None,
         ge=1,
         description="Keep channel counts a multiple of this (friendlier to vectorized kernels).",
     )
     epochs: int | None = Field(
-        3, ge=0, description="Fine-tuning epochs after pruning (a Ray Train job; 0: none)."
+        default=3, ge=0, description="Fine-tuning epochs after pruning (a Ray Train job; 0: none)."
     )
 
     @model_validator(mode="after")
@@ -82,10 +99,13 @@ class UnstructuredPruneStep(StepBase):
 
     kind: Literal["unstructured_prune"]
     amount: float = Field(
-        0.5, gt=0.0, lt=1.0, description="Fraction of weights of Conv/Linear layers set to zero."
+        default=0.5,
+        gt=0.0,
+        lt=1.0,
+        description="Fraction of weights of Conv/Linear layers set to zero.",
     )
     scope: Literal["layer", "global"] = Field(
-        "global", description="Rank weights per layer or over all layers together."
+        default="global", description="Rank weights per layer or over all layers together."
     )
 
 
@@ -95,19 +115,21 @@ class QuantizeStep(StepBase):
 
     kind: Literal["quantize"]
     mode: Literal["static", "dynamic"] = Field(
-        "static",
-        description="'static': weights and activations int8, calibrated; 'dynamic': Linear weights int8, activations quantized at run time.",
+        default="static",
+        description="'static': weights and activations int8, calibrated; 'dynamic': Linear "
+        "weights int8, activations quantized at run time.",
     )
     calibration_samples: int = Field(
-        256,
+        default=256,
         ge=1,
         description="Rows of the train split used to calibrate activation ranges (static only).",
     )
     per_channel: bool = Field(
-        True, description="One scale per output channel of each weight (static only)."
+        default=True, description="One scale per output channel of each weight (static only)."
     )
     calibration_method: Literal["minmax", "entropy", "percentile"] = Field(
-        "minmax", description="How activation ranges are estimated from the calibration set."
+        default="minmax",
+        description="How activation ranges are estimated from the calibration set.",
     )
 
 
@@ -117,21 +139,22 @@ class DistillStep(StepBase, FineTune):
 
     kind: Literal["distill"]
     student: ModelConfig = Field(
-        description="The student architecture: `name` plus builder arguments (e.g. {name: cnn, width: 8})."
+        description="The student architecture: `name` plus builder arguments (e.g. {name: cnn, "
+        "width: 8})."
     )
     temperature: float = Field(
-        4.0, gt=0, description="Softmax temperature T of teacher and student logits."
+        default=4.0, gt=0, description="Softmax temperature T of teacher and student logits."
     )
     alpha: float = Field(
-        0.5,
+        default=0.5,
         ge=0.0,
         le=1.0,
-        description="Weight of the soft (teacher) loss; 1 - alpha weighs the hard-label cross-entropy.",
+        description="Weight of the soft (teacher) loss; 1 - alpha weighs the hard-label "
+        "cross-entropy.",
     )
 
     @model_validator(mode="after")
     def _student_arguments(self) -> DistillStep:
-        from kiln.errors import ConfigError
         from kiln.models.registry import check_builder_kwargs
 
         try:
@@ -152,50 +175,53 @@ Step = Annotated[
 DEFAULT_NAMES = {
     "prune": "pruned",
     "unstructured_prune": "sparse",
-    "quantize": None,
     "distill": "distilled",
 }
 
 
-def default_step_name(step) -> str:
-    if step.kind == "quantize":
+def default_step_name(step: PruneStep | UnstructuredPruneStep | QuantizeStep | DistillStep) -> str:
+    """The variant name of a step that gives none: from its kind (int8_MODE for quantize)."""
+    if isinstance(step, QuantizeStep):
         return f"int8_{step.mode}"
     return DEFAULT_NAMES[step.kind]
 
 
 class SelectionConfig(Section):
     max_accuracy_drop: float | None = Field(
-        None,
+        default=None,
         ge=0.0,
         le=1.0,
-        description="Largest test-accuracy drop (fraction, 0.01 = 1 point) a variant may have to be picked; unset: no pick.",
+        description="Largest test-accuracy drop (fraction, 0.01 = 1 point) a variant may have to "
+        "be picked; unset: no pick.",
     )
     objective: Literal["size", "latency", "throughput"] = Field(
-        "size",
-        description="Among qualifying variants pick the smallest, the lowest batch-1 latency, or the highest throughput.",
+        default="size",
+        description="Among qualifying variants pick the smallest, the lowest batch-1 latency, or "
+        "the highest throughput.",
     )
-    alias: str = Field("candidate", description="Registry alias set on the picked variant.")
+    alias: str = Field(default="candidate", description="Registry alias set on the picked variant.")
 
 
 class BenchmarkConfig(Section):
     rounds: int = Field(
-        5,
+        default=5,
         ge=1,
         description="Rounds of side-by-side timing over all variants (medians are reported).",
     )
-    latency_runs: int = Field(50, ge=1, description="Batch-1 calls per variant per round.")
+    latency_runs: int = Field(default=50, ge=1, description="Batch-1 calls per variant per round.")
     throughput_batch: int = Field(
-        256, ge=1, description="Batch size of the throughput measurement."
+        default=256, ge=1, description="Batch size of the throughput measurement."
     )
-    throughput_runs: int = Field(3, ge=1, description="Batches per variant per round.")
+    throughput_runs: int = Field(default=3, ge=1, description="Batches per variant per round.")
 
 
 class CompressConfig(Section):
     """``compress:`` the model to start from, the steps and the selection rule."""
 
     model: str | None = Field(
-        None,
-        description="The model to compress: models:/NAME/VERSION, models:/NAME@ALIAS or a train run id.",
+        default=None,
+        description="The model to compress: models:/NAME/VERSION, models:/NAME@ALIAS or a train "
+        "run id.",
     )
     steps: list[Step] = Field(
         default_factory=list, description="Steps, each making a variant; `input` chains them."
@@ -232,5 +258,5 @@ class CompressJobConfig(TrainingJobConfig):
     """The sections a compression job reads: the training sections and ``compress``."""
 
     compress: CompressConfig | None = Field(
-        None, description="Post-training compression (kiln compress)."
+        default=None, description="Post-training compression (kiln compress)."
     )

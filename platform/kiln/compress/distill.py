@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.models.artifact import artifact_files
+from kiln.models.inference_runtime import Runtime
 
 
 def hinton_loss(
@@ -47,8 +48,8 @@ class DistillationLoss:
         }
         self.temperature = temperature
         self.alpha = alpha
-        self._runtime = None
-        self._tmp = None
+        self._runtime: Runtime | None = None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
 
     def __getstate__(self):
         state = dict(self.__dict__)

@@ -69,7 +69,8 @@ def train_variant(
     variant lives on in ``out_dir`` (and then in MLflow).
     """
     from kiln.train.loop import LoopHooks
-    from kiln.train.run import _worker_error_line, best_checkpoint_path, fit_on_ray, storage_root
+    from kiln.train.report import failure_line
+    from kiln.train.run import best_checkpoint_path, fit_on_ray, storage_root
 
     hooks = LoopHooks(build_model=start, spec=spec, loss=loss)
     try:
@@ -79,7 +80,7 @@ def train_variant(
     except KilnError:
         raise
     except Exception as exc:
-        raise KilnError(f"training a variant failed: {_worker_error_line(exc)}") from exc
+        raise KilnError(f"training a variant failed: {failure_line(exc)}") from exc
     best = Path(best_checkpoint_path(result, cfg))
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in (SPEC_FILE, WEIGHTS_FILE):

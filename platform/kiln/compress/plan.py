@@ -24,7 +24,7 @@ from kiln.compress.config import (
 from kiln.compress.prune import structured_prune, unstructured_prune
 from kiln.compress.quantize import calibration_rows
 from kiln.data.dataset import PreparedData
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, first_line
 from kiln.models.spec import ModelSpec
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -74,7 +74,7 @@ def build_student(spec: ModelSpec, data: PreparedData, where: str) -> nn.Module:
     except (ValueError, RuntimeError, TypeError) as exc:
         raise ConfigError(
             f"config key '{where}.student': model '{spec.architecture}' cannot take this data "
-            f"(input {spec.input_shape}): {str(exc).splitlines()[0]}"
+            f"(input {spec.input_shape}): {first_line(exc)}"
         ) from None
     if tuple(out.shape[1:]) != (spec.num_classes,):
         raise ConfigError(
@@ -104,12 +104,14 @@ def check_steps(
         source = stand_ins[step.input]
         if isinstance(step, PruneStep):
             model = needs_torch(source, step, where)
-            stand_ins[step.name] = StandIn(
+            stand_ins[step.variant] = StandIn(
                 "safetensors", structured_prune(model, spec.input_shape, step, where)
             )
         elif isinstance(step, UnstructuredPruneStep):
             model = needs_torch(source, step, where)
-            stand_ins[step.name] = StandIn("safetensors", unstructured_prune(model, step, where)[0])
+            stand_ins[step.variant] = StandIn(
+                "safetensors", unstructured_prune(model, step, where)[0]
+            )
         elif isinstance(step, QuantizeStep):
             model = needs_torch(source, step, where)
             has_linear = any(isinstance(m, nn.Linear) for m in model.modules())
@@ -128,7 +130,9 @@ def check_steps(
                         "(no Conv or Linear layers)"
                     )
                 calibration_rows(data.x_train, step.calibration_samples, 0, where)
-            stand_ins[step.name] = StandIn("onnx", None)
+            stand_ins[step.variant] = StandIn("onnx", None)
         elif isinstance(step, DistillStep):
             student = build_student(student_spec(step, spec, where), data, where)
-            stand_ins[step.name] = stand_ins[f"{step.name}_ce"] = StandIn("safetensors", student)
+            stand_ins[step.variant] = stand_ins[f"{step.variant}_ce"] = StandIn(
+                "safetensors", student
+            )

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from kiln.compress.config import PruneStep, UnstructuredPruneStep
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, first_line
 from kiln.models.builders import count_parameters
 
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -43,7 +43,7 @@ def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
 def check_layer_names(model: nn.Module, names: list[str], where: str) -> dict[str, nn.Module]:
     """Modules by name; ConfigError naming ``where`` for a name that is not a prunable layer."""
     modules = dict(model.named_modules())
-    found = {}
+    found: dict[str, nn.Module] = {}
     for name in names:
         module = modules.get(name)
         if not isinstance(module, PRUNABLE):
@@ -85,7 +85,7 @@ def structured_prune(
     except Exception as exc:  # DepGraph cannot trace or group this architecture
         raise ConfigError(
             f"config key '{where}': structured pruning does not apply to this model "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            f"({type(exc).__name__}: {first_line(exc) if str(exc) else ''})"
         ) from None
     if count_parameters(pruned) >= before:
         raise ConfigError(

@@ -11,8 +11,10 @@ torch.ao.quantization's eager/FX flows are deprecated in this torch and not used
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,33 @@ def calibration_rows(x_train: np.ndarray, samples: int, seed: int, where: str) -
     return np.ascontiguousarray(x_train[np.sort(idx)])
 
 
+@contextlib.contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """Drop ONNX Runtime's quantizer hints below ERROR while quantizing, and nothing else.
+
+    Its quantizer modules log through the root logger's module functions (``logging.warning``),
+    and its pre-processing through named ``onnxruntime.quantization.*`` loggers: a filter on the
+    root logger keeps only the records those modules log themselves; the named logger's level is
+    restored afterwards. Nothing is configured outside this block.
+    """
+    import onnxruntime.quantization as ort_quantization
+
+    package_dir = str(Path(ort_quantization.__file__).parent)
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or not record.pathname.startswith(package_dir)
+
+    root, named = logging.getLogger(), logging.getLogger("onnxruntime.quantization")
+    level = named.level
+    root.addFilter(keep)
+    named.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        named.setLevel(level)
+        root.removeFilter(keep)
+
+
 def quantize_onnx(fp32_model, step: QuantizeStep, calibration: np.ndarray | None):
     """int8 onnx.ModelProto from an fp32 onnx.ModelProto (the export of a torch model)."""
     import onnx
@@ -48,10 +77,7 @@ def quantize_onnx(fp32_model, step: QuantizeStep, calibration: np.ndarray | None
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    logging.getLogger("root").setLevel(
-        logging.ERROR
-    )  # ORT's quantizer logs hints at INFO/WARNING on the root logger
-    with tempfile.TemporaryDirectory(prefix="kiln-quant-") as tmp:
+    with _quiet_quantizer(), tempfile.TemporaryDirectory(prefix="kiln-quant-") as tmp:
         src, pre, out = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
         onnx.save(fp32_model, str(src))
         # Folds BatchNorm into Conv and cleans the graph so that whole Conv+ReLU blocks quantize.
@@ -64,14 +90,17 @@ def quantize_onnx(fp32_model, step: QuantizeStep, calibration: np.ndarray | None
                 op_types_to_quantize=["MatMul", "Gemm"],
             )
         else:
+            if calibration is None:
+                raise ValueError("static int8 quantization needs calibration rows")
+            rows = calibration
             input_name = fp32_model.graph.input[0].name
 
             class Reader(CalibrationDataReader):
                 def __init__(self):
                     self.batches = iter(
                         [
-                            {input_name: calibration[i : i + CALIBRATION_BATCH]}
-                            for i in range(0, len(calibration), CALIBRATION_BATCH)
+                            {input_name: rows[i : i + CALIBRATION_BATCH]}
+                            for i in range(0, len(rows), CALIBRATION_BATCH)
                         ]
                     )
 

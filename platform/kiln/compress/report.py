@@ -214,9 +214,10 @@ def pareto_png(rows: list[VariantReport], path: str | Path) -> Path:
             ("size (KB)", lambda m: m.size_bytes / 1024),
             ("batch-1 latency p50 (ms)", lambda m: m.latency_p50_ms),
         ],
+        strict=True,
     ):
         pts = [(cost(r.metrics), 100 * r.metrics.test_accuracy) for r in rows]
-        for r, (x, y) in zip(rows, pts):
+        for r, (x, y) in zip(rows, pts, strict=True):
             marker = "s" if r.kind in ("reference", "baseline") else "o"
             ax.scatter([x], [y], marker=marker, s=50)
             ax.annotate(r.name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)

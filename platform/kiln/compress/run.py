@@ -23,7 +23,8 @@ from kiln.compress.report import VariantReport, compare, format_table, machine_i
 from kiln.compress.select import select_variant
 from kiln.compress.steps import Made, StepContext, run_step
 from kiln.data.dataset import PreparedData, prepare_data
-from kiln.errors import ConfigError, DataError, KilnError, ModelError
+from kiln.errors import ConfigError, DataError, KilnError, ModelError, first_line
+from kiln.models.registration import register_artifact
 
 BASELINE_ONNX = "reference_onnx"
 
@@ -159,20 +160,6 @@ def register_variant(
     from kiln.version import __version__ as kiln_version
 
     spec = load_spec(made.directory)
-    write_reference(
-        made.directory, data
-    )  # its own outputs and OOD threshold: a variant is another model
-    trk.log_metrics(
-        tracking_uri,
-        made.run_id,
-        {
-            **report.metrics.to_dict(),
-            "step_seconds": made.seconds,
-            **{k: v for k, v in report.ratios.items()},
-            **made.extra,
-        },
-    )
-    trk.log_artifacts(tracking_uri, made.run_id, made.directory, trk.MODEL_ARTIFACT_PATH)
     tags = {
         "kiln.variant": made.kind,
         "kiln.variant_name": made.name,
@@ -191,15 +178,23 @@ def register_variant(
         "test_accuracy": f"{report.metrics.test_accuracy:.4f}",
         "size_bytes": report.metrics.size_bytes,
     }
-    version = trk.register_model(
+    return register_artifact(
         tracking_uri,
         source.name,
         made.run_id,
+        made.directory,
         tags=tags,
+        # its own outputs and OOD threshold: a variant is another model
+        write_reference=lambda directory: write_reference(directory, data),
+        metrics={
+            **report.metrics.to_dict(),
+            "step_seconds": made.seconds,
+            **report.ratios,
+            **made.extra,
+        },
         description=f"{made.kind} variant '{made.name}' of version {parent_version}",
-    )
-    trk.end_run(tracking_uri, made.run_id, "FINISHED")
-    return version
+        finish_run=True,
+    ).version
 
 
 def run_compression(
@@ -284,8 +279,7 @@ def run_compression(
         if isinstance(exc, (KilnError, KeyboardInterrupt)):
             raise
         raise KilnError(
-            f"compression failed: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}"
+            f"compression failed: {type(exc).__name__}: {first_line(exc) if str(exc) else ''}"
         ) from exc
 
 
@@ -373,7 +367,7 @@ def finish(
     )
     # Register in step order so that each variant's parent version is known.
     versions = {REFERENCE: source.version}
-    for m, report in zip(made, variants):
+    for m, report in zip(made, variants, strict=True):
         version = register_variant(tracking_uri, source, m, report, versions[m.input], data, run_id)
         versions[m.name] = report.version = version
         report.model_uri = f"models:/{source.name}/{version}"

@@ -98,18 +98,18 @@ def structured(step: PruneStep, input_dir: Path, ctx: StepContext, where: str) -
 
     started = time.perf_counter()
     params = step_params(step)
-    run_id = child_run(ctx, step.name, step.kind, params)
+    run_id = child_run(ctx, step.variant, step.kind, params)
     model, spec = load_torch_model(input_dir)
     pruned = structured_prune(model, spec.input_shape, step, where)
-    out_spec = variant_spec(spec, step.name, step.kind, step.input, params)
+    out_spec = variant_spec(spec, step.variant, step.kind, step.input, params)
     out_spec.variant.pop("structure", None)
     out_spec.variant["structure"] = record_structure(pruned, build_model(out_spec))
-    out = ctx.work_dir / step.name
+    out = ctx.work_dir / step.variant
     before, after = count_parameters(model), count_parameters(pruned)
     epochs = ctx.cfg.train.epochs if step.epochs is None else step.epochs
     ctx.say(
-        f"  {step.name}: {before:,} -> {after:,} parameters; fine-tuning {epochs} epoch(s) on Ray "
-        "Train"
+        f"  {step.variant}: {before:,} -> {after:,} parameters; "
+        f"fine-tuning {epochs} epoch(s) on Ray Train"
     )
     if epochs > 0:
         train_variant(
@@ -126,7 +126,7 @@ def structured(step: PruneStep, input_dir: Path, ctx: StepContext, where: str) -
         save_artifact(pruned, out_spec, out)
     return [
         Made(
-            step.name,
+            step.variant,
             step.kind,
             step.input,
             out,
@@ -145,13 +145,13 @@ def unstructured(
 
     started = time.perf_counter()
     params = step_params(step)
-    run_id = child_run(ctx, step.name, step.kind, params)
+    run_id = child_run(ctx, step.variant, step.kind, params)
     model, spec = load_torch_model(input_dir)
     pruned, sparsity = unstructured_prune(model, step, where)
     out = save_artifact(
         pruned,
-        variant_spec(spec, step.name, step.kind, step.input, params),
-        ctx.work_dir / step.name,
+        variant_spec(spec, step.variant, step.kind, step.input, params),
+        ctx.work_dir / step.variant,
     )
     note = (
         f"{100 * sparsity.fraction:.1f}% of Conv/Linear weights are zero, stored densely: "
@@ -159,7 +159,7 @@ def unstructured(
     )
     return [
         Made(
-            step.name,
+            step.variant,
             step.kind,
             step.input,
             out,
@@ -178,7 +178,7 @@ def quantized(step: QuantizeStep, input_dir: Path, ctx: StepContext, where: str)
 
     started = time.perf_counter()
     params = step_params(step)
-    run_id = child_run(ctx, step.name, step.kind, params)
+    run_id = child_run(ctx, step.variant, step.kind, params)
     model, spec = load_torch_model(input_dir)
     calibration = (
         calibration_rows(ctx.data.x_train, step.calibration_samples, ctx.cfg.train.seed, where)
@@ -191,10 +191,10 @@ def quantized(step: QuantizeStep, input_dir: Path, ctx: StepContext, where: str)
             f"config key '{where}': {step.mode} int8 quantization found nothing to quantize in "
             "this model"
         )
-    out_spec = variant_spec(spec, step.name, step.kind, step.input, params)
+    out_spec = variant_spec(spec, step.variant, step.kind, step.input, params)
     out_spec.variant.pop("structure", None)  # the ONNX graph holds the shapes
     out_spec.variant["param_count"] = count_parameters(model)
-    out = save_onnx_artifact(int8, out_spec, ctx.work_dir / step.name)
+    out = save_onnx_artifact(int8, out_spec, ctx.work_dir / step.variant)
     notes = []
     if step.mode == "dynamic":
         notes.append(
@@ -202,7 +202,7 @@ def quantized(step: QuantizeStep, input_dir: Path, ctx: StepContext, where: str)
         )
     return [
         Made(
-            step.name,
+            step.variant,
             step.kind,
             step.input,
             out,
@@ -234,8 +234,8 @@ def distilled(step: DistillStep, input_dir: Path, ctx: StepContext, where: str) 
     cfg = step_config(ctx.cfg, epochs, step.lr)
     jobs = []
     for name, kind, loss in [
-        (step.name, "distill", DistillationLoss(input_dir, step.temperature, step.alpha)),
-        (f"{step.name}_ce", "distill_ce", None),
+        (step.variant, "distill", DistillationLoss(input_dir, step.temperature, step.alpha)),
+        (f"{step.variant}_ce", "distill_ce", None),
     ]:
         what = "distilled from " + step.input if loss else "plain cross-entropy baseline"
         ctx.say(
@@ -269,7 +269,7 @@ def distilled(step: DistillStep, input_dir: Path, ctx: StepContext, where: str) 
             []
             if loss
             else [
-                f"same student, budget and seed as '{step.name}', trained on labels only (what "
+                f"same student, budget and seed as '{step.variant}', trained on labels only (what "
                 "distillation adds)"
             ]
         )
@@ -288,7 +288,8 @@ def distilled(step: DistillStep, input_dir: Path, ctx: StepContext, where: str) 
         return [f.result() for f in [pool.submit(train, job) for job in jobs]]
 
 
-RUNNERS = {
+StepRunner = Callable[[Any, Path, StepContext, str], list[Made]]
+RUNNERS: dict[str, StepRunner] = {
     "prune": structured,
     "unstructured_prune": unstructured,
     "quantize": quantized,

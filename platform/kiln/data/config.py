@@ -9,13 +9,14 @@ from kiln.config import Section
 
 class SplitConfig(Section):
     val: float = Field(
-        0.15, ge=0.0, lt=1.0, description="Fraction of rows held out for validation."
+        default=0.15, ge=0.0, lt=1.0, description="Fraction of rows held out for validation."
     )
     test: float = Field(
-        0.15, ge=0.0, lt=1.0, description="Fraction of rows held out for the final test."
+        default=0.15, ge=0.0, lt=1.0, description="Fraction of rows held out for the final test."
     )
     seed: int = Field(
-        0, description="Seed of the stratified split; same data and seed give the same split."
+        default=0,
+        description="Seed of the stratified split; same data and seed give the same split.",
     )
 
     @model_validator(mode="after")
@@ -27,18 +28,21 @@ class SplitConfig(Section):
 
 class DataConfig(Section):
     source: str = Field(
-        "digits", description="'digits', 'mnist' (built in) or a path to a Parquet file or folder."
+        default="digits",
+        description="'digits', 'mnist' (built in) or a path to a Parquet file or folder.",
     )
-    label: str = Field("label", description="Label column (integers or strings).")
+    label: str = Field(default="label", description="Label column (integers or strings).")
     image: str | None = Field(
-        None,
-        description="Image column (PNG/JPEG bytes, or a {bytes, path} struct); absent: tabular features.",
+        default=None,
+        description="Image column (PNG/JPEG bytes, or a {bytes, path} struct); absent: tabular "
+        "features.",
     )
     features: list[str] | None = Field(
-        None, description="Tabular feature columns; default: every numeric column but the label."
+        default=None,
+        description="Tabular feature columns; default: every numeric column but the label.",
     )
     image_size: tuple[int, int] | None = Field(
-        None,
+        default=None,
         description="[height, width] to resize images to; default: the most common stored size.",
     )
     split: SplitConfig = Field(default_factory=SplitConfig)

@@ -13,23 +13,18 @@ import numpy as np
 import pyarrow as pa
 
 from kiln.data.config import DataConfig
-from kiln.data.decode import decode_images, image_column, numeric_feature_columns, tabular_matrix
+from kiln.data.decode import (
+    RawDataset,
+    decode_images,
+    image_column,
+    numeric_feature_columns,
+    tabular_matrix,
+)
 from kiln.data.parquet import read_source
 from kiln.data.preprocess import Preprocessing, fit_image_preprocessing, fit_tabular_preprocessing
 from kiln.data.profile import DataProfile, build_profile
 from kiln.data.split import SplitIndices, stratified_split
 from kiln.errors import DataError
-
-
-@dataclass
-class RawDataset:
-    """Decoded rows before splitting: ``x`` uint8 images [N,C,H,W] or float32 features [N,F]."""
-
-    x: np.ndarray
-    y: np.ndarray  # int64 class indices into ``labels``
-    labels: list[Any]  # original label values, sorted
-    kind: str  # "image" | "tabular"
-    feature_names: list[str]
 
 
 @dataclass
@@ -108,7 +103,7 @@ def load_raw(cfg: DataConfig) -> RawDataset:
         base = Path(cfg.source).expanduser()
         base_dir = base if base.is_dir() else base.parent
         encoded = image_column(table, cfg.image, base_dir)
-        size = tuple(cfg.image_size) if cfg.image_size else None
+        size = (cfg.image_size[0], cfg.image_size[1]) if cfg.image_size else None
         x, _, _ = decode_images(encoded, size=size)
         return RawDataset(x=x, y=y, labels=labels, kind="image", feature_names=[])
     features = cfg.features or numeric_feature_columns(table, exclude=[cfg.label])

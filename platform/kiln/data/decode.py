@@ -9,14 +9,29 @@ from __future__ import annotations
 import io
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from kiln.errors import DataError
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+
+@dataclass
+class RawDataset:
+    """Decoded rows before splitting: ``x`` uint8 images [N,C,H,W] or float32 features [N,F]."""
+
+    x: np.ndarray
+    y: np.ndarray  # int64 class indices into ``labels``
+    labels: list[Any]  # original label values, sorted
+    kind: str  # "image" | "tabular"
+    feature_names: list[str]
 
 
 def image_cell_bytes(cell: Any, base_dir: Path | None = None) -> bytes | None:
@@ -39,7 +54,7 @@ def image_cell_bytes(cell: Any, base_dir: Path | None = None) -> bytes | None:
     raise TypeError(f"unsupported image cell of type {type(cell).__name__}")
 
 
-def open_image(data: bytes):
+def open_image(data: bytes) -> Image:
     """Decode encoded image bytes with PIL; raises ValueError when they do not decode."""
     from PIL import Image, UnidentifiedImageError
 
@@ -87,7 +102,7 @@ def decode_images(
             img = Image.fromarray((arr * (255.0 / hi)).astype(np.uint8), mode="L")
         img = img.convert(mode)
         if (img.height, img.width) != tuple(size):
-            img = img.resize((size[1], size[0]), Image.BILINEAR)
+            img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
         arr = np.asarray(img, dtype=np.uint8)
         out[i] = arr[None] if channels == 1 else arr.transpose(2, 0, 1)
     return out, channels, (int(size[0]), int(size[1]))

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kiln.data.builtin import BUILTIN_SOURCES, load_builtin
-from kiln.errors import DataError
+from kiln.errors import DataError, first_line
 
 
 def read_source(source: str) -> pa.Table:
@@ -22,7 +22,7 @@ def read_source(source: str) -> pa.Table:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(
-            f"data.source: {source} is not readable as Parquet ({str(exc).splitlines()[0]})"
+            f"data.source: {source} is not readable as Parquet ({first_line(exc)})"
         ) from None
     if table.num_rows == 0:
         raise DataError(f"data.source: {source} holds no rows")

@@ -27,8 +27,16 @@ class Preprocessing:
     @property
     def input_shape(self) -> list[int]:
         if self.kind == "image":
-            return [int(self.channels), *map(int, self.image_size)]
+            channels, size = self.image_layout()
+            return [channels, *size]
         return [len(self.feature_names)]
+
+    def image_layout(self) -> tuple[int, tuple[int, int]]:
+        """(channels, (height, width)) of image preprocessing. Raises ValueError for tabular."""
+        if self.channels is None or self.image_size is None:
+            raise ValueError(f"{self.kind} preprocessing has no image layout")
+        height, width = self.image_size
+        return int(self.channels), (int(height), int(width))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

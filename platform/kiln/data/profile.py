@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from kiln.data.decode import RawDataset
 from kiln.data.split import SplitIndices
 
 QUANTILES = [
@@ -108,7 +109,9 @@ def leakage(x: np.ndarray, split: SplitIndices) -> dict[str, Any]:
     }
 
 
-def build_profile(raw, split: SplitIndices, source: str, dataset_hash: str) -> DataProfile:
+def build_profile(
+    raw: RawDataset, split: SplitIndices, source: str, dataset_hash: str
+) -> DataProfile:
     """Profile a RawDataset under its split. Feature statistics describe the train split (raw
     values)."""
     n_classes = len(raw.labels)

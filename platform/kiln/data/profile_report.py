@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import base64
 import html
+import itertools
 import json
 from pathlib import Path
+from typing import Any
 
 from kiln.data.profile import DataProfile
 
 
-def _plt():
+def _plt() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -23,7 +25,7 @@ def plot_class_balance(profile: DataProfile, path: Path) -> Path:
     import numpy as np
 
     plt = _plt()
-    labels = [str(l) for l in profile.labels]
+    labels = [str(label) for label in profile.labels]
     fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(labels) + 2), 3.5))
     pos = np.arange(len(labels))
     for i, split in enumerate(("train", "val", "test")):
@@ -54,9 +56,11 @@ def plot_histograms(profile: DataProfile, path: Path, max_panels: int = 24) -> P
     cols = min(4, len(panels))
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
-    for ax, (name, hist) in zip(axes.flat, panels):
+    for ax, (name, hist) in zip(axes.flat, panels, strict=False):  # spare axes stay empty
         edges, counts = hist["edges"], hist["counts"]
-        ax.bar(edges[:-1], counts, width=[b - a for a, b in zip(edges, edges[1:])], align="edge")
+        ax.bar(
+            edges[:-1], counts, width=[b - a for a, b in itertools.pairwise(edges)], align="edge"
+        )
         ax.set_title(name, fontsize=9)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
@@ -73,8 +77,8 @@ def _img_tag(path: Path | None) -> str:
     return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
 
 
-def _table(rows: list[dict], columns: list[str]) -> str:
-    def cell(v):
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def cell(v: Any) -> str:
         return f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
 
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
@@ -97,8 +101,8 @@ def write_report(profile: DataProfile, out_dir: str | Path) -> dict[str, Path]:
     leak = profile.leakage
     leak_rows = [{"check": k.replace("_", " "), "rows": v} for k, v in leak.items()]
     classes = [
-        {"label": l, **{s: profile.class_counts[s][i] for s in ("train", "val", "test")}}
-        for i, l in enumerate(profile.labels)
+        {"label": label, **{s: profile.class_counts[s][i] for s in ("train", "val", "test")}}
+        for i, label in enumerate(profile.labels)
     ]
     if profile.kind == "tabular":
         details = _table(
@@ -128,18 +132,34 @@ def write_report(profile: DataProfile, out_dir: str | Path) -> dict[str, Path]:
         if profile.has_leak
         else "<p>No identical inputs shared between splits.</p>"
     )
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Data profile {html.escape(profile.source)}</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}.warn{{color:#b00;font-weight:bold}}</style></head><body>
-<h1>Data profile</h1>
-<p>source <code>{html.escape(profile.source)}</code>, {profile.kind}, dataset hash <code>{profile.dataset_hash}</code></p>
-{_table([profile.rows], ["total", "train", "val", "test"])}
-<h2>Classes</h2>{_table(classes, ["label", "train", "val", "test"])}
-<p>train imbalance ratio (largest / smallest class): {profile.imbalance_ratio:.2f}</p>{_img_tag(paths["class_balance"])}
-<h2>{"Features (train split, raw values)" if profile.kind == "tabular" else "Images (train split)"}</h2>
-{details}{_img_tag(hist)}
-<h2>Leakage</h2>{warning}{_table(leak_rows, ["check", "rows"])}
-</body></html>"""
+    source = html.escape(profile.source)
+    images = (
+        "Features (train split, raw values)"
+        if profile.kind == "tabular"
+        else "Images (train split)"
+    )
+    balance = _img_tag(paths["class_balance"])
+    page = "\n".join(
+        [
+            '<!doctype html><html><head><meta charset="utf-8">'
+            f"<title>Data profile {source}</title>",
+            "<style>body{font-family:sans-serif;margin:2em}"
+            "table{border-collapse:collapse;margin:1em 0}",
+            "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+            ".warn{color:#b00;font-weight:bold}</style></head><body>",
+            "<h1>Data profile</h1>",
+            f"<p>source <code>{source}</code>, {profile.kind}, "
+            f"dataset hash <code>{profile.dataset_hash}</code></p>",
+            _table([profile.rows], ["total", "train", "val", "test"]),
+            f"<h2>Classes</h2>{_table(classes, ['label', 'train', 'val', 'test'])}",
+            "<p>train imbalance ratio (largest / smallest class): "
+            f"{profile.imbalance_ratio:.2f}</p>{balance}",
+            f"<h2>{images}</h2>",
+            f"{details}{_img_tag(hist)}",
+            f"<h2>Leakage</h2>{warning}{_table(leak_rows, ['check', 'rows'])}",
+            "</body></html>",
+        ]
+    )
     paths["html"] = out / "profile.html"
     paths["html"].write_text(page)
     return paths

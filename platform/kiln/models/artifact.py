@@ -27,7 +27,7 @@ def build_model(spec: ModelSpec) -> torch.nn.Module:
     from kiln.models.structure import apply_structure
 
     builder = resolve_builder(spec.architecture)
-    model = builder(spec.input_shape, spec.num_classes, **spec.kwargs)
+    model: torch.nn.Module = builder(spec.input_shape, spec.num_classes, **spec.kwargs)
     structure = (spec.variant or {}).get("structure")
     if structure:
         try:

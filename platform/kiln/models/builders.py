@@ -76,7 +76,7 @@ def build_resnet18(
     if len(input_shape) != 3:
         raise ValueError(f"resnet18 needs image input [C, H, W], got {list(input_shape)}")
     channels, height, width = input_shape
-    model = resnet18(weights=None, num_classes=num_classes)
+    model: nn.Module = resnet18(weights=None, num_classes=num_classes)
     small = min(height, width) <= 64 if small_input is None else small_input
     if small:
         model.conv1 = nn.Conv2d(channels, 64, 3, stride=1, padding=1, bias=False)

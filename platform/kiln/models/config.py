@@ -14,7 +14,7 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     name: str = Field(
-        "cnn", description="'mlp', 'cnn', 'resnet18' or a custom 'package.module:factory'."
+        default="cnn", description="'mlp', 'cnn', 'resnet18' or a custom 'package.module:factory'."
     )
 
     @property

@@ -28,7 +28,8 @@ def torch_runtime(directory: Path, spec: ModelSpec) -> Runtime:
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return model(torch.from_numpy(np.ascontiguousarray(x))).float().numpy()
+            logits: np.ndarray = model(torch.from_numpy(np.ascontiguousarray(x))).float().numpy()
+        return logits
 
     return run
 
@@ -43,11 +44,6 @@ RUNTIMES: dict[str, RuntimeFactory] = {
     "safetensors": torch_runtime,
     "onnx": onnx_runtime,  # fp32 exports and int8 (QDQ / dynamic) quantized variants alike
 }
-
-
-def register_runtime(fmt: str, factory: RuntimeFactory) -> None:
-    """Register (or replace) the runtime for artifacts of format ``fmt``."""
-    RUNTIMES[fmt] = factory
 
 
 def make_runtime(directory: Path, spec: ModelSpec) -> Runtime:

@@ -22,7 +22,7 @@ class InputError(KilnError):
 
 def raw_images(prep: Preprocessing, inputs: Any) -> np.ndarray:
     """uint8 [N, C, H, W] at the model's channel count and size."""
-    channels, size = int(prep.channels), tuple(prep.image_size)
+    channels, size = prep.image_layout()
     if isinstance(inputs, np.ndarray) and inputs.dtype != object:
         arr = inputs
         if arr.ndim == 3 and channels == 1:
@@ -100,10 +100,11 @@ def raw_tabular(prep: Preprocessing, inputs: Any) -> np.ndarray:
     return np.stack(cols, axis=1)
 
 
-def _as_columns(inputs: Any) -> dict[str, list] | None:
+def _as_columns(inputs: Any) -> dict[str, list[Any]] | None:
     """Column dict from record-like inputs, or None for array-like inputs."""
     if hasattr(inputs, "to_pydict"):  # pyarrow Table / RecordBatch
-        return inputs.to_pydict()
+        columns: dict[str, list[Any]] = inputs.to_pydict()
+        return columns
     if hasattr(inputs, "to_dict") and hasattr(inputs, "columns"):  # pandas DataFrame
         return {str(k): list(v) for k, v in inputs.to_dict(orient="list").items()}
     if isinstance(inputs, dict):

@@ -7,12 +7,18 @@ stored outside the graph). Loading it executes no Python from the artifact.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kiln.errors import ModelError
+from kiln.errors import ModelError, first_line
 from kiln.models.spec import ModelSpec
+
+if TYPE_CHECKING:
+    import torch
+    from onnx import ModelProto
 
 ONNX_FILE = "model.onnx"
 ONNX_FORMAT = "onnx"
@@ -20,7 +26,7 @@ ONNX_FORMAT = "onnx"
 EXTERNAL_DATA_BYTES = 1 << 30
 
 
-def strip_metadata(model) -> None:
+def strip_metadata(model: ModelProto) -> None:
     """Drop exporter debug metadata (source locations, per-node annotations): it is not part of the
     model."""
     del model.metadata_props[:]
@@ -31,7 +37,7 @@ def strip_metadata(model) -> None:
     del model.graph.value_info[:]
 
 
-def save_onnx(model, directory: str | Path) -> list[str]:
+def save_onnx(model: ModelProto, directory: str | Path) -> list[str]:
     """Write ``model`` (an onnx.ModelProto) as model.onnx (+ external data if large). Returns the
     file names."""
     import onnx
@@ -48,7 +54,7 @@ def save_onnx(model, directory: str | Path) -> list[str]:
     return [ONNX_FILE, *([f"{ONNX_FILE}.data"] if external else [])]
 
 
-def export_onnx_model(model, input_shape: list[int]):
+def export_onnx_model(model: torch.nn.Module, input_shape: list[int]) -> ModelProto:
     """The torch module as an onnx.ModelProto with a dynamic batch axis (input 'input', output
     'logits')."""
     import torch
@@ -67,10 +73,13 @@ def export_onnx_model(model, input_shape: list[int]):
             dynamic_shapes=({0: torch.export.Dim("batch")},),
             optimize=True,
         )
-    return program.model_proto
+    if program is None:  # only without dynamo, which is not the path taken here
+        raise ModelError("torch.onnx.export returned no program")
+    proto: ModelProto = program.model_proto
+    return proto
 
 
-def save_onnx_artifact(onnx_model, spec: ModelSpec, directory: str | Path) -> Path:
+def save_onnx_artifact(onnx_model: ModelProto, spec: ModelSpec, directory: str | Path) -> Path:
     """Write an ONNX artifact: model.onnx (+ data), spec.json (format 'onnx') and an MLmodel
     file."""
     from kiln.models.artifact import write_mlmodel
@@ -92,7 +101,7 @@ def session_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-def onnx_runtime(directory: Path, spec: ModelSpec):
+def onnx_runtime(directory: Path, spec: ModelSpec) -> Callable[[np.ndarray], np.ndarray]:
     """Runtime factory for format 'onnx': an ONNX Runtime session over model.onnx."""
     import onnxruntime as ort
 
@@ -107,12 +116,11 @@ def onnx_runtime(directory: Path, spec: ModelSpec):
     try:
         session = ort.InferenceSession(str(path), options, providers=session_providers())
     except Exception as exc:  # onnxruntime raises its own exception types for bad files
-        raise ModelError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
+        raise ModelError(f"cannot load {path}: {first_line(exc)}") from None
     input_name = session.get_inputs()[0].name
 
     def run(x: np.ndarray) -> np.ndarray:
-        return session.run(None, {input_name: np.ascontiguousarray(x, dtype=np.float32)})[0].astype(
-            np.float32
-        )
+        logits = session.run(None, {input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+        return np.asarray(logits, dtype=np.float32)
 
     return run

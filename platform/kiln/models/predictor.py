@@ -43,7 +43,8 @@ class Predictor:
         z = self.logits(self.prepare(inputs)).astype(np.float64)
         z -= z.max(axis=1, keepdims=True)
         p = np.exp(z)
-        return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+        probabilities: np.ndarray = (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+        return probabilities
 
     def predict(self, inputs: Any) -> list[Any]:
         idx = self.logits(self.prepare(inputs)).argmax(axis=1)

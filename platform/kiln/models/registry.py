@@ -36,7 +36,7 @@ def resolve_builder(name: str) -> Callable[..., Any]:
         raise ConfigError(
             f"config key 'model.name': cannot import '{module_name}' ({exc})"
         ) from None
-    builder = getattr(module, attr, None)
+    builder: object = getattr(module, attr, None)
     if not callable(builder):
         raise ConfigError(f"config key 'model.name': '{module_name}' has no callable '{attr}'")
     return builder

@@ -30,7 +30,9 @@ Structure = dict[str, dict[str, Any]]
 
 
 def _own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    out = {n: p for n, p in module.named_parameters(recurse=False) if p is not None}
+    out: dict[str, torch.Tensor] = {
+        n: p for n, p in module.named_parameters(recurse=False) if p is not None
+    }
     out.update({n: b for n, b in module.named_buffers(recurse=False) if b is not None})
     return out
 

@@ -19,39 +19,42 @@ from kiln.models.config import ModelConfig
 
 class CheckpointConfig(Section):
     every: int = Field(
-        1, ge=1, description="Save a checkpoint every N epochs (and after the last)."
+        default=1, ge=1, description="Save a checkpoint every N epochs (and after the last)."
     )
-    keep: int = Field(2, ge=1, description="Keep the best K checkpoints by `metric`.")
-    metric: str = Field("val_f1_macro", description="Metric that ranks checkpoints.")
+    keep: int = Field(default=2, ge=1, description="Keep the best K checkpoints by `metric`.")
+    metric: str = Field(default="val_f1_macro", description="Metric that ranks checkpoints.")
     mode: Literal["max", "min"] = Field(
-        "max", description="Whether a higher or lower `metric` is better."
+        default="max", description="Whether a higher or lower `metric` is better."
     )
 
 
 class TrainConfig(Section):
-    epochs: int = Field(10, ge=1, description="Training epochs.")
-    batch_size: int = Field(64, ge=1, description="Global batch size, split across workers.")
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
-    optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw", description="Optimizer.")
+    epochs: int = Field(default=10, ge=1, description="Training epochs.")
+    batch_size: int = Field(
+        default=64, ge=1, description="Global batch size, split across workers."
+    )
+    lr: float = Field(default=1e-3, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(default=0.0, ge=0, description="Weight decay.")
+    optimizer: Literal["adamw", "adam", "sgd"] = Field(default="adamw", description="Optimizer.")
     scheduler: Literal["cosine", "none"] = Field(
-        "cosine", description="Learning-rate schedule over the epochs."
+        default="cosine", description="Learning-rate schedule over the epochs."
     )
-    workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel replicas).")
-    use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend.")
+    workers: int = Field(default=1, ge=1, description="Ray Train workers (data-parallel replicas).")
+    use_gpu: bool = Field(default=False, description="One GPU per worker, NCCL backend.")
     cpus_per_worker: float = Field(
-        1.0, gt=0, description="CPUs reserved per worker (fractions allowed)."
+        default=1.0, gt=0, description="CPUs reserved per worker (fractions allowed)."
     )
-    seed: int = Field(0, description="Seed for weights, shuffling and dropout.")
+    seed: int = Field(default=0, description="Seed for weights, shuffling and dropout.")
     class_weights: Literal["none", "auto"] = Field(
-        "none", description="'auto' weights the loss by inverse class frequency of the train split."
+        default="none",
+        description="'auto' weights the loss by inverse class frequency of the train split.",
     )
     sampler: Literal["none", "oversample", "undersample"] = Field(
-        "none",
+        default="none",
         description="Rebalance the train split each epoch: repeat minority or drop majority rows.",
     )
     max_failures: int = Field(
-        2, ge=0, description="Worker-group restarts allowed before the run fails."
+        default=2, ge=0, description="Worker-group restarts allowed before the run fails."
     )
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
@@ -59,7 +62,10 @@ class TrainConfig(Section):
 class TrainingJobConfig(Section):
     """The sections a training job reads; ``kiln.schema.KilnConfig`` adds the later job kinds."""
 
-    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
+    experiment: ExperimentConfig = Field(
+        # (a lambda: mypy cannot see that ExperimentConfig's fields all have defaults)
+        default_factory=lambda: ExperimentConfig.model_validate({})
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -159,10 +159,7 @@ def record_worker_nodes(session: Session, tracking: dict[str, str] | None) -> No
 
     Every rank takes part (the node list is gathered collectively); rank 0 writes the tag.
     """
-    worker_nodes = getattr(
-        session, "worker_nodes", None
-    )  # sessions written before this hook have none
-    nodes = worker_nodes() if worker_nodes else []
+    nodes = session.worker_nodes()
     if nodes and session.rank == 0 and tracking:
         import json
 

@@ -6,6 +6,10 @@ from typing import Any
 
 import numpy as np
 
+# What the training loop logs every epoch, in the order it computes them (train, then validation).
+# ASHA and tune objectives act on these; train's --json "epochs" rows list them in this order.
+EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy", "val_f1_macro")
+
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     """Rows: true class, columns: predicted class."""

@@ -6,8 +6,6 @@ Nothing is registered unless every step succeeded; a failed run is marked FAILED
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
 import threading
 from collections.abc import Callable
@@ -19,14 +17,19 @@ import numpy as np
 
 from kiln import tracking as trk
 from kiln.data.dataset import PreparedData, prepare_data
-from kiln.errors import ConfigError, KilnError
+from kiln.errors import ConfigError, KilnError, first_line
+from kiln.models.registration import copy_artifact, register_artifact
 from kiln.monitor.reference import write_reference
 from kiln.train.checkpoint import find_latest_checkpoint
 from kiln.train.config import TrainingJobConfig, training_sections
-from kiln.train.metrics import accuracy, classification_report, confusion_matrix, f1_macro
-from kiln.train.report import confusion_matrix_png
-
-EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy", "val_f1_macro")
+from kiln.train.metrics import (
+    EPOCH_METRICS,
+    accuracy,
+    classification_report,
+    confusion_matrix,
+    f1_macro,
+)
+from kiln.train.report import confusion_matrix_png, failure_line
 
 
 @dataclass
@@ -68,7 +71,7 @@ def check_model_fits_data(cfg: TrainingJobConfig, data: PreparedData) -> None:
     except (ValueError, RuntimeError, TypeError) as exc:
         raise ConfigError(
             f"config key 'model': model '{cfg.model.name}' cannot take this data "
-            f"(input {data.input_shape}): {str(exc).splitlines()[0]}"
+            f"(input {data.input_shape}): {first_line(exc)}"
         ) from None
     if tuple(out.shape) != (min(2, len(data.x_train)), data.num_classes):
         raise ConfigError(
@@ -169,17 +172,6 @@ class _ProgressPoller(threading.Thread):
         self.poll()
 
 
-def _worker_error_line(exc: BaseException) -> str:
-    """The most telling line of a Ray Train failure (the worker's own exception, not Ray's
-    wrapper)."""
-    text = str(exc)
-    lines = [l.strip() for l in text.splitlines() if l.strip()]
-    for line in reversed(lines):
-        if ("Error" in line or "Exception" in line) and not line.startswith("File "):
-            return line[:500]
-    return (lines[-1] if lines else type(exc).__name__)[:500]
-
-
 def per_worker_resources(cfg: TrainingJobConfig) -> dict[str, float]:
     return {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1.0} if cfg.train.use_gpu else {})}
 
@@ -207,10 +199,6 @@ def fit_on_ray(
     from kiln.ray_connection import check_placement
     from kiln.train.loop import train_loop_per_worker
 
-    # Ray Train's controller polls its workers every 2 s by default, so a finished job waits up to 2
-    # s more to return; 0.5 s trims seconds off every job's fixed cost (measured:
-    # bench/train_throughput.py).
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     t = cfg.train
     per_worker = per_worker_resources(cfg)
     check_placement(t.workers, per_worker)
@@ -263,6 +251,25 @@ def evaluate_test(model_dir: Path, data: PreparedData) -> tuple[dict[str, float]
     return {"test_accuracy": accuracy(cm), "test_f1_macro": f1_macro(cm)}, cm
 
 
+def _log_reports(
+    tracking_uri: str,
+    run_id: str,
+    data: PreparedData,
+    cm: np.ndarray,
+    per_class: list[dict[str, Any]],
+    tmp: Path,
+) -> None:
+    """The run's report artifacts: confusion matrix (PNG), per-class report and, for tabular data,
+    the training data's profile (the reference production monitoring compares with)."""
+    confusion_matrix_png(cm, data.labels, tmp / "confusion_matrix.png")
+    (tmp / "classification_report.json").write_text(json.dumps(per_class, indent=2))
+    if data.profile is not None:
+        (tmp / "reference_profile.json").write_text(json.dumps(data.profile.to_dict()))
+        trk.log_artifact(tracking_uri, run_id, tmp / "reference_profile.json")
+    trk.log_artifact(tracking_uri, run_id, tmp / "confusion_matrix.png")
+    trk.log_artifact(tracking_uri, run_id, tmp / "classification_report.json")
+
+
 def run_training(
     cfg: TrainingJobConfig,
     address: str | None = None,
@@ -302,7 +309,7 @@ def run_training(
         raise
     except Exception as exc:
         trk.end_run(tracking_uri, run_id, "FAILED")
-        raise KilnError(f"training failed: {_worker_error_line(exc)}") from exc
+        raise KilnError(f"training failed: {failure_line(exc)}") from exc
     finally:
         if poller:
             poller.finish()
@@ -310,52 +317,42 @@ def run_training(
 
 
 def finalize_run(
-    cfg: TrainingJobConfig, data: PreparedData, tracking_uri: str, run_id: str, result
+    cfg: TrainingJobConfig, data: PreparedData, tracking_uri: str, run_id: str, result: Any
 ) -> TrainResult:
-    """Best checkpoint -> model artifact, test metrics, report artifacts, registry version."""
+    """Best checkpoint -> model artifact, test metrics, report artifacts, registry version.
+
+    The run is ended FINISHED, or FAILED when any step raises (the error propagates).
+    """
     from kiln.version import __version__ as kiln_version
 
     try:
         ckpt_path = best_checkpoint_path(result, cfg)
         with tempfile.TemporaryDirectory(prefix="kiln-final-") as tmp:
-            model_dir = Path(tmp) / trk.MODEL_ARTIFACT_PATH
-            model_dir.mkdir()
-            for name in ("spec.json", "model.safetensors", "MLmodel"):
-                shutil.copy2(Path(ckpt_path) / name, model_dir / name)
+            model_dir = copy_artifact(ckpt_path, Path(tmp) / trk.MODEL_ARTIFACT_PATH)
             test_metrics, cm = evaluate_test(model_dir, data)
-            write_reference(model_dir, data)  # what serving monitors this version against
             per_class = classification_report(cm, data.labels)
-            confusion_matrix_png(cm, data.labels, Path(tmp) / "confusion_matrix.png")
-            (Path(tmp) / "classification_report.json").write_text(json.dumps(per_class, indent=2))
-            if data.profile is not None:  # the reference that production monitoring compares with
-                (Path(tmp) / "reference_profile.json").write_text(
-                    json.dumps(data.profile.to_dict())
-                )
-                trk.log_artifact(tracking_uri, run_id, Path(tmp) / "reference_profile.json")
-            trk.log_metrics(tracking_uri, run_id, test_metrics)
-            trk.log_artifacts(tracking_uri, run_id, model_dir, trk.MODEL_ARTIFACT_PATH)
-            trk.log_artifact(tracking_uri, run_id, Path(tmp) / "confusion_matrix.png")
-            trk.log_artifact(tracking_uri, run_id, Path(tmp) / "classification_report.json")
-        version = trk.register_model(
-            tracking_uri,
-            cfg.experiment.name,
-            run_id,
-            tags={
-                trk.TAG_DATASET_HASH: data.dataset_hash,
-                "kiln.variant": "fp32",
-                "kiln.architecture": cfg.model.name,
-                trk.TAG_KILN_VERSION: kiln_version,
-                "test_accuracy": f"{test_metrics['test_accuracy']:.4f}",
-            },
-        )
-        trk.set_tags(
-            tracking_uri, run_id, {"kiln.model_version": version, trk.TAG_STORAGE: ckpt_path}
-        )
-        trk.end_run(tracking_uri, run_id, "FINISHED")
+            _log_reports(tracking_uri, run_id, data, cm, per_class, Path(tmp))
+            version = register_artifact(
+                tracking_uri,
+                cfg.experiment.name,
+                run_id,
+                model_dir,
+                tags={
+                    trk.TAG_DATASET_HASH: data.dataset_hash,
+                    "kiln.variant": "fp32",
+                    "kiln.architecture": cfg.model.name,
+                    trk.TAG_KILN_VERSION: kiln_version,
+                },
+                test_metrics=test_metrics,
+                # what serving monitors this version against
+                write_reference=lambda directory: write_reference(directory, data),
+                run_tags={trk.TAG_STORAGE: ckpt_path},
+                finish_run=True,
+            ).version
     except Exception:
         trk.end_run(tracking_uri, run_id, "FAILED")
         raise
-    epochs = {}
+    epochs: dict[float, dict[str, float]] = {}
     for key in EPOCH_METRICS:
         for m in trk.metric_history(tracking_uri, run_id, key):
             epochs.setdefault(m.step, {"epoch": int(m.step)})[key] = m.value

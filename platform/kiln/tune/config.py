@@ -13,9 +13,8 @@ from pydantic import Field, field_validator, model_validator
 from kiln.config import Section
 from kiln.errors import ConfigError
 from kiln.train.config import TrainingJobConfig
+from kiln.train.metrics import EPOCH_METRICS  # what ASHA and the objectives can act on
 
-# Metrics the training loop reports every epoch (ASHA can act on these).
-EPOCH_METRICS = ("val_accuracy", "val_f1_macro", "val_loss", "train_loss")
 # Measures of the trial's model, constant over its epochs.
 MODEL_MEASURES = ("params", "latency_ms")
 DEFAULT_MODES = {
@@ -34,32 +33,36 @@ ObjectiveMetric = Literal[
 
 class Objective(Section):
     metric: ObjectiveMetric = Field(
-        "val_accuracy",
+        default="val_accuracy",
         description="What to optimize: a validation metric of the "
         "last epoch, 'params' (parameter count) or 'latency_ms' (batch-1 CPU latency).",
     )
-    mode: Literal["max", "min"] = Field("max", description="Whether higher or lower is better.")
+    mode: Literal["max", "min"] = Field(
+        default="max", description="Whether higher or lower is better."
+    )
 
 
 class AshaConfig(Section):
     metric: Literal["val_accuracy", "val_f1_macro", "val_loss", "train_loss"] | None = Field(
-        None,
+        default=None,
         description="Metric ASHA compares at each rung; default the first per-epoch objective.",
     )
     grace_period: int = Field(
-        1, ge=1, description="Epochs every trial gets before it can be stopped."
+        default=1, ge=1, description="Epochs every trial gets before it can be stopped."
     )
     reduction_factor: float = Field(
-        2.0, gt=1, description="Keep the top 1/reduction_factor of trials at each rung."
+        default=2.0, gt=1, description="Keep the top 1/reduction_factor of trials at each rung."
     )
-    brackets: int = Field(1, ge=1, description="ASHA brackets (1 = plain successive halving).")
+    brackets: int = Field(
+        default=1, ge=1, description="ASHA brackets (1 = plain successive halving)."
+    )
 
 
 class TuneConfig(Section):
     """A sweep over train-config keys. Trials train ``max_epochs`` epochs unless ASHA stops them."""
 
     name: str | None = Field(
-        None,
+        default=None,
         description="Sweep name (folder prefix under run_dir/sweeps); default experiment.name.",
     )
     space: dict[str, Any] = Field(
@@ -74,32 +77,38 @@ class TuneConfig(Section):
         description="One objective, or several for a Pareto front.",
     )
     searcher: Literal["tpe", "random"] = Field(
-        "tpe", description="Optuna's TPE sampler, or random sampling."
+        default="tpe", description="Optuna's TPE sampler, or random sampling."
     )
-    seed: int = Field(0, description="Seed of the sampler.")
+    seed: int = Field(default=0, description="Seed of the sampler.")
     startup_trials: int = Field(
-        4, ge=1, description="Random trials before TPE starts modelling the space."
+        default=4, ge=1, description="Random trials before TPE starts modelling the space."
     )
-    num_samples: int = Field(12, ge=1, description="Trials to run.")
+    num_samples: int = Field(default=12, ge=1, description="Trials to run.")
     max_concurrent_trials: int | None = Field(
-        None, ge=1, description="Trials running at once; default as many as the cluster can place."
+        default=None,
+        ge=1,
+        description="Trials running at once; default as many as the cluster can place.",
     )
     time_budget_s: float | None = Field(
-        None, gt=0, description="Stop the sweep (and its running trials) after this."
+        default=None, gt=0, description="Stop the sweep (and its running trials) after this."
     )
     max_epochs: int | None = Field(
-        None, ge=1, description="Epochs of a trial that is not stopped; default train.epochs."
+        default=None,
+        ge=1,
+        description="Epochs of a trial that is not stopped; default train.epochs.",
     )
     asha: AshaConfig | None = Field(
         default_factory=AshaConfig, description="ASHA early stopping; null turns it off."
     )
     trial_workers: int = Field(
-        1, ge=1, description="Ray Train workers per trial; 1 trains inside the trial itself."
+        default=1,
+        ge=1,
+        description="Ray Train workers per trial; 1 trains inside the trial itself.",
     )
     cpus_per_worker: float = Field(
-        0.5, gt=0, description="CPUs per trial worker (fractions allowed)."
+        default=0.5, gt=0, description="CPUs per trial worker (fractions allowed)."
     )
-    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per trial worker.")
+    gpus_per_worker: float = Field(default=0.0, ge=0, description="GPUs per trial worker.")
 
     @field_validator("space")
     @classmethod
@@ -151,5 +160,14 @@ class TuneJobConfig(TrainingJobConfig):
     """The sections a sweep reads: the training sections and ``tune``."""
 
     tune: TuneConfig | None = Field(
-        None, description="A tuning sweep over the keys above (kiln tune)."
+        default=None, description="A tuning sweep over the keys above (kiln tune)."
     )
+
+    def require_tune(self) -> TuneConfig:
+        """The ``tune:`` section. Raises ConfigError when the config has none."""
+        if self.tune is None:
+            raise ConfigError(
+                "the config has no 'tune:' section; kiln tune needs one "
+                "(see configs/tune/digits_cnn.yaml)"
+            )
+        return self.tune

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.errors import ConfigError, KilnError
+from kiln.files import atomic_write_json
 
 STATE_FILE = "sweep.json"
 RUNNING, INTERRUPTED, FINISHED, FAILED = "running", "interrupted", "finished", "failed"
@@ -37,9 +38,7 @@ class SweepFolder:
 
     def save(self, **updates: Any) -> None:
         self.state.update(updates)
-        tmp = self.path / f"{STATE_FILE}.tmp"
-        tmp.write_text(json.dumps(self.state, indent=2, sort_keys=True))
-        os.replace(tmp, self.path / STATE_FILE)
+        atomic_write_json(self.path / STATE_FILE, self.state, indent=2, sort_keys=True)
 
 
 def sweeps_root(cfg) -> Path:
@@ -47,7 +46,7 @@ def sweeps_root(cfg) -> Path:
 
 
 def sweep_name(cfg) -> str:
-    return cfg.tune.name or cfg.experiment.name
+    return cfg.require_tune().name or cfg.experiment.name
 
 
 def create_sweep_folder(cfg) -> SweepFolder:
@@ -85,7 +84,7 @@ def latest_sweep_folder(cfg) -> SweepFolder:
 
     def order(path: Path) -> tuple[str, int]:
         match = pattern.fullmatch(path.name)
-        return match.group(1), int(match.group(2) or 0)
+        return (match.group(1), int(match.group(2) or 0)) if match else ("", 0)
 
     candidates = sorted(
         (

@@ -6,10 +6,11 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from kiln.errors import first_line
 from kiln.tune.config import Objective
 from kiln.tune.progress import format_value
 from kiln.tune.results import COMPLETED, STOPPED_EARLY, TrialSummary
@@ -54,8 +55,8 @@ def results_table(
     widths = [
         max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)
     ]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(lines)
 
 
@@ -69,7 +70,9 @@ def optuna_study(trials: list[TrialSummary], dims: list[Dimension], objectives: 
     from optuna.trial import TrialState, create_trial
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    directions = ["maximize" if o.mode == "max" else "minimize" for o in objectives]
+    directions: list[Literal["maximize", "minimize"]] = [
+        "maximize" if o.mode == "max" else "minimize" for o in objectives
+    ]
     study = optuna.create_study(directions=directions)
     distributions = {d.key: d.distribution() for d in dims}
     primary = objectives[0].metric
@@ -138,7 +141,7 @@ def write_plots(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
-                ax = draw()
+                ax: Any = draw()  # an Axes, or an array of them
             fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
             fig.set_size_inches(max(fig.get_size_inches()[0], 8), max(fig.get_size_inches()[1], 5))
             fig.tight_layout()
@@ -147,5 +150,5 @@ def write_plots(
             written.append(path)
         except Exception as exc:  # e.g. importances need two finished trials that differ
             plt.close("all")
-            notes.append(f"{name}: not drawn ({str(exc).splitlines()[0][:120]})")
+            notes.append(f"{name}: not drawn ({first_line(exc, limit=120)})")
     return written, notes

@@ -5,30 +5,34 @@ the model(s), tag and close the MLflow child runs, and close the sweep's parent 
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kiln import tracking as trk
 from kiln.errors import KilnError
+from kiln.models.registration import copy_artifact, register_artifact
 from kiln.tune.config import TuneJobConfig
 from kiln.tune.results import (
     COMPLETED,
     FAILED,
     STOPPED_EARLY,
+    SweepResult,
     TrialSummary,
     count,
     pareto_front,
     pick_best,
 )
 from kiln.tune.space import Dimension, apply_params
+from kiln.tune.trial_config import trial_train_config
+
+if TYPE_CHECKING:
+    from kiln.data.dataset import PreparedData
 
 TAG_STATUS = "kiln.tune.status"
 TAG_BEST = "kiln.tune.best"
 TAG_PARETO = "kiln.tune.pareto"
-MODEL_FILES = ("spec.json", "model.safetensors", "MLmodel")
 
 
 def _data_for(cfg_dict: dict[str, Any], schema: type[TuneJobConfig], data):
@@ -45,50 +49,50 @@ def _data_for(cfg_dict: dict[str, Any], schema: type[TuneJobConfig], data):
 
 
 def register_trial_model(
-    cfg, tracking_uri: str, trial: TrialSummary, data, tags: dict[str, Any]
-) -> tuple[str, dict]:
+    cfg: TuneJobConfig,
+    tracking_uri: str,
+    trial: TrialSummary,
+    data: PreparedData,
+    tags: dict[str, Any],
+) -> tuple[str, dict[str, float]]:
     """Log the trial's final model to its child run, evaluate it on the test split and register it.
 
-    Returns (models:/NAME/VERSION, test metrics).
+    Returns (models:/NAME/VERSION, test metrics). Raises FileNotFoundError when the trial left no
+    checkpoint.
     """
     from kiln.monitor.reference import write_reference
     from kiln.train.run import evaluate_test
 
     if not trial.checkpoint or not Path(trial.checkpoint).is_dir():
         raise FileNotFoundError(f"trial {trial.number} left no checkpoint at {trial.checkpoint}")
+    if trial.run_id is None:
+        raise KilnError(f"trial {trial.number} has no MLflow run to register its model from")
     with tempfile.TemporaryDirectory(prefix="kiln-tune-model-") as tmp:
-        model_dir = Path(tmp) / trk.MODEL_ARTIFACT_PATH
-        model_dir.mkdir()
-        for name in MODEL_FILES:
-            shutil.copy2(Path(trial.checkpoint) / name, model_dir / name)
+        model_dir = copy_artifact(trial.checkpoint, Path(tmp) / trk.MODEL_ARTIFACT_PATH)
         test_metrics, _ = evaluate_test(model_dir, data)
-        write_reference(model_dir, data)  # what serving monitors this version against
-        trk.log_artifacts(tracking_uri, trial.run_id, model_dir, trk.MODEL_ARTIFACT_PATH)
-    trk.log_metrics(tracking_uri, trial.run_id, test_metrics)
-    version = trk.register_model(
-        tracking_uri,
-        cfg.experiment.name,
-        trial.run_id,
-        tags={
-            **tags,
-            "test_accuracy": f"{test_metrics['test_accuracy']:.4f}",
-            "kiln.architecture": cfg.model.name,
-        },
-    )
-    trk.set_tags(tracking_uri, trial.run_id, {"kiln.model_version": version})
-    return f"models:/{cfg.experiment.name}/{version}", test_metrics
+        registration = register_artifact(
+            tracking_uri,
+            cfg.experiment.name,
+            trial.run_id,
+            model_dir,
+            tags={**tags, "kiln.architecture": cfg.model.name},
+            test_metrics=test_metrics,
+            # what serving monitors this version against
+            write_reference=lambda directory: write_reference(directory, data),
+        )
+    return registration.uri, registration.test_metrics
 
 
-def _backfill_epochs(tracking_uri: str, trial: TrialSummary) -> None:
-    """Log epochs Tune recorded that the run lacks (results that reached Tune's state but not the
-    callback)."""
+def _backfill_epochs(tracking_uri: str, run_id: str, trial: TrialSummary) -> None:
+    """Log on ``run_id`` the epochs Tune recorded that the run lacks (results that reached Tune's
+    state but not the callback)."""
     from kiln.tune.runs import log_epoch
 
-    logged = {int(m.step) for m in trk.metric_history(tracking_uri, trial.run_id, "epoch")}
+    logged = {int(m.step) for m in trk.metric_history(tracking_uri, run_id, "epoch")}
     for row in trial.history:
         epoch = int(row["epochs_done"]) - 1
         if epoch not in logged:
-            log_epoch(tracking_uri, trial.run_id, epoch, row)
+            log_epoch(tracking_uri, run_id, epoch, row)
 
 
 def _close_child_runs(
@@ -102,7 +106,7 @@ def _close_child_runs(
     for t in trials:
         if not t.run_id:
             continue
-        _backfill_epochs(tracking_uri, t)
+        _backfill_epochs(tracking_uri, t.run_id, t)
         tags = {TAG_STATUS: t.status, "kiln.tune.epochs": t.epochs}
         if t.status == STOPPED_EARLY:
             tags["kiln.tune.stopped_at_epoch"] = t.epochs
@@ -131,9 +135,8 @@ def publish(
     Raises KilnError when every trial failed (the runs are closed as FAILED).
     """
     from kiln.tune.outputs import write_plots
-    from kiln.tune.sweep import SweepResult
 
-    objectives, multi = cfg.tune.objectives, cfg.tune.multi_objective
+    objectives, multi = cfg.require_tune().objectives, cfg.require_tune().multi_objective
     try:
         failed = [t for t in trials if t.status == FAILED]
         if trials and len(failed) == len(trials):
@@ -204,14 +207,15 @@ def _write_train_configs(
     """best.yaml (and front/trial_N.yaml for each Pareto-front member). Returns (path, config) of
     best.yaml."""
     from kiln.tune.outputs import write_train_config
-    from kiln.tune.sweep import trial_train_config
 
     if best is None:
         return None, None
     base = trial_train_config(
         cfg, absolute_paths=False
     )  # the user's paths, as the config gave them
-    values = ", ".join(f"{o.metric} {best.metrics.get(o.metric):.6g}" for o in cfg.tune.objectives)
+    values = ", ".join(
+        f"{o.metric} {best.metrics.get(o.metric):.6g}" for o in cfg.require_tune().objectives
+    )
     path = write_train_config(
         base,
         best,
@@ -219,7 +223,7 @@ def _write_train_configs(
         f"Best trial ({best.number}) of sweep {folder.name} (MLflow run {parent}): {values}.\n"
         f"Reproduce it: kiln train best.yaml",
     )
-    objective_txt = ", ".join(f"{o.metric} ({o.mode})" for o in cfg.tune.objectives)
+    objective_txt = ", ".join(f"{o.metric} ({o.mode})" for o in cfg.require_tune().objectives)
     for member in front:
         name = f"trial_{member.number:04d}.yaml"
         write_train_config(
@@ -243,7 +247,6 @@ def _register_models(
 ) -> tuple[dict[int, str], dict[str, float]]:
     """Register each member's model. Returns ({trial number: model URI}, the best trial's test
     metrics)."""
-    from kiln.tune.sweep import trial_train_config
 
     uris: dict[int, str] = {}
     best_test: dict[str, float] = {}
@@ -256,10 +259,10 @@ def _register_models(
             "kiln.variant": "fp32",
             **{
                 f"kiln.tune.{o.metric}": f"{member.metrics.get(o.metric):.6g}"
-                for o in cfg.tune.objectives
+                for o in cfg.require_tune().objectives
             },
         }
-        if cfg.tune.multi_objective:
+        if cfg.require_tune().multi_objective:
             tags[TAG_PARETO] = "true"
         uri, test_metrics = register_trial_model(
             cfg, tracking_uri, member, _data_for(member_cfg, type(cfg), data), tags
@@ -282,7 +285,7 @@ def _close_parent_run(
     plots: list[Path],
     front_dir: Path | None,
 ) -> None:
-    summary = {
+    summary: dict[str, float] = {
         "trials": len(trials),
         "trials_completed": count(trials, COMPLETED),
         "trials_stopped_early": count(trials, STOPPED_EARLY),

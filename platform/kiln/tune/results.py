@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kiln.train.report import failure_line
 from kiln.tune.config import EPOCH_METRICS, MODEL_MEASURES, Objective
 from kiln.tune.space import Dimension, decode_params
 from kiln.tune.trial import TIME_ATTR
@@ -44,12 +45,13 @@ class TrialSummary:
 
     def values(self, objectives: list[Objective]) -> list[float] | None:
         """Objective values, or None when one is missing."""
-        vals = [self.metrics.get(o.metric) for o in objectives]
-        return (
-            None
-            if any(v is None or not math.isfinite(v) for v in vals)
-            else [float(v) for v in vals]
-        )
+        vals: list[float] = []
+        for o in objectives:
+            value = self.metrics.get(o.metric)
+            if value is None or not math.isfinite(value):
+                return None
+            vals.append(float(value))
+        return vals
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -68,13 +70,7 @@ def _trial_identity(result) -> tuple[int, str]:
 
 
 def _error_line(error: BaseException | None) -> str | None:
-    if error is None:
-        return None
-    lines = [l.strip() for l in str(error).splitlines() if l.strip()]
-    for line in reversed(lines):
-        if ("Error" in line or "Exception" in line) and not line.startswith("File "):
-            return line[:300]
-    return (lines[-1] if lines else type(error).__name__)[:300]
+    return None if error is None else failure_line(error, limit=300)
 
 
 def _history(result) -> list[dict[str, float]]:
@@ -158,7 +154,7 @@ def summarize(
 def dominates(a: list[float], b: list[float], modes: list[str]) -> bool:
     """True when ``a`` is at least as good as ``b`` in every objective and better in one."""
     better = False
-    for x, y, mode in zip(a, b, modes):
+    for x, y, mode in zip(a, b, modes, strict=True):
         if mode == "min":
             x, y = -x, -y
         if x < y:
@@ -180,21 +176,18 @@ def ranked_candidates(
 
 def pareto_front(trials: list[TrialSummary], objectives: list[Objective]) -> list[TrialSummary]:
     """The candidates no other candidate dominates, ordered by the first objective (best first)."""
-    cands = ranked_candidates(trials, objectives)
-    modes = [o.mode for o in objectives]
+    # ranked_candidates keeps only trials with every objective value
+    scored = [(t, v) for t in ranked_candidates(trials, objectives) if (v := t.values(objectives))]
+    modes: list[str] = [o.mode for o in objectives]
     front = [
-        t
-        for t in cands
-        if not any(
-            dominates(o.values(objectives), t.values(objectives), modes)
-            for o in cands
-            if o is not t
-        )
+        (t, v)
+        for t, v in scored
+        if not any(dominates(other_v, v, modes) for other, other_v in scored if other is not t)
     ]
     # Identical objective values: keep the earliest trial only.
     unique: dict[tuple[float, ...], TrialSummary] = {}
-    for t in sorted(front, key=lambda t: t.number):
-        unique.setdefault(tuple(t.values(objectives)), t)
+    for t, v in sorted(front, key=lambda tv: tv[0].number):
+        unique.setdefault(tuple(v), t)
     return sort_by_objective(list(unique.values()), objectives[0])
 
 
@@ -220,3 +213,83 @@ def pick_best(trials: list[TrialSummary], objectives: list[Objective]) -> TrialS
 
 def count(trials: list[TrialSummary], status: str) -> int:
     return sum(t.status == status for t in trials)
+
+
+@dataclass
+class SweepResult:
+    """What a finished sweep produced (the CLI's ``--json`` line is ``to_dict()``)."""
+
+    run_id: str
+    sweep_dir: str
+    tracking_uri: str
+    objectives: list[dict[str, str]]
+    trials: list[TrialSummary]
+    best: TrialSummary | None
+    front: list[TrialSummary]
+    best_config_path: str | None
+    best_config: dict[str, Any] | None
+    model_uri: str | None
+    front_model_uris: dict[int, str] = field(default_factory=dict)
+    test_metrics: dict[str, float] = field(default_factory=dict)
+    plots: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    resumed: bool = False
+    kept_from_before: int = 0  # trials that had ended before a resume (not run again)
+
+    @property
+    def stopped_early(self) -> int:
+        return sum(t.status == STOPPED_EARLY for t in self.trials)
+
+    def to_dict(self) -> dict[str, Any]:
+        multi = len(self.objectives) > 1
+        best = self.best
+        out: dict[str, Any] = {
+            "sweep_run_id": self.run_id,
+            "sweep_dir": self.sweep_dir,
+            "tracking_uri": self.tracking_uri,
+            "objectives": self.objectives,
+            "trials": len(self.trials),
+            "stopped_early": self.stopped_early,
+            "statuses": {
+                s: sum(t.status == s for t in self.trials)
+                for s in sorted({t.status for t in self.trials})
+            },
+            "best_trial": best.number if best else None,
+            "best_params": best.params if best else None,
+            "best_metrics": best.metrics if best else None,
+            "best_config": self.best_config,
+            "best_config_path": self.best_config_path,
+            "model_uri": self.model_uri,
+            "test_metrics": self.test_metrics,
+            "resumed": self.resumed,
+            "kept_from_before": self.kept_from_before,
+            "plots": self.plots,
+            "trial_results": [
+                {
+                    "trial": t.number,
+                    "status": t.status,
+                    "epochs": t.epochs,
+                    "params": t.params,
+                    "metrics": t.metrics,
+                    "run_id": t.run_id,
+                }
+                for t in self.trials
+            ],
+        }
+        if multi:
+            out["front"] = [
+                {
+                    "trial": t.number,
+                    "params": t.params,
+                    "values": dict(
+                        zip(
+                            [o["metric"] for o in self.objectives],
+                            [t.metrics.get(o["metric"]) for o in self.objectives],
+                            strict=True,
+                        )
+                    ),
+                    "model_uri": self.front_model_uris.get(t.number),
+                }
+                for t in self.front
+            ]
+        return out

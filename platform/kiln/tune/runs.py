@@ -43,11 +43,13 @@ def start_parent_run(
     }
     run_id = trk.start_run(tracking_uri, experiment_id, f"sweep-{sweep_dir.name}", tags)
     params = trk.flatten(train_config_dict(cfg))
-    tune_params = trk.flatten(cfg.tune.model_dump(mode="json", exclude={"space"}), "tune.")
+    tune_params = trk.flatten(
+        cfg.require_tune().model_dump(mode="json", exclude={"space"}), "tune."
+    )
     params.update(
         {k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in tune_params.items()}
     )
-    params.update({f"tune.space.{k}": json.dumps(v) for k, v in cfg.tune.space.items()})
+    params.update({f"tune.space.{k}": json.dumps(v) for k, v in cfg.require_tune().space.items()})
     trk.log_params(tracking_uri, run_id, params)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.yaml"

@@ -7,11 +7,12 @@ scheduler, so every stop decision is appended to a JSON file in the sweep's fold
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+from typing import Any
 
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
+from kiln.files import atomic_write_json
 from kiln.tune.trial import TIME_ATTR
 
 EARLY_STOPS_FILE = "early_stops.json"
@@ -26,26 +27,29 @@ def read_early_stops(path: str | Path) -> dict[str, int]:
 
 
 def record_early_stop(path: str | Path, trial_id: str, epochs_done: int) -> None:
+    """Add one early stop to the file at ``path`` (atomically: a killed driver leaves the old or
+    the new file, never half of one)."""
     stops = read_early_stops(path)
     stops[trial_id] = epochs_done
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(stops, indent=1, sort_keys=True))
-    os.replace(
-        tmp, path
-    )  # atomic: a killed driver leaves the old or the new file, never half of one
+    atomic_write_json(path, stops, indent=1, sort_keys=True)
 
 
 class RecordingASHA(AsyncHyperBandScheduler):
-    """AsyncHyperBandScheduler (ASHA) that writes each early stop to ``record_path``."""
+    """AsyncHyperBandScheduler (ASHA) that writes each early stop to ``record_path``.
 
-    def __init__(self, record_path: str, **kwargs):
-        super().__init__(**kwargs)
+    It keeps its own copies of ``time_attr`` and ``max_t``: ASHA has no public accessor for them.
+    """
+
+    def __init__(self, record_path: str, time_attr: str, max_t: int, **kwargs: Any):
+        super().__init__(time_attr=time_attr, max_t=max_t, **kwargs)
         self.record_path = record_path
+        self.time_attr = time_attr
+        self.max_t = max_t
 
-    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        decision = super().on_trial_result(tune_controller, trial, result)
-        done = result.get(self._time_attr)
-        if decision == TrialScheduler.STOP and done is not None and done < self._max_t:
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        decision: str = super().on_trial_result(tune_controller, trial, result)
+        done = result.get(self.time_attr)
+        if decision == TrialScheduler.STOP and done is not None and done < self.max_t:
             record_early_stop(self.record_path, trial.trial_id, int(done))
         return decision
 

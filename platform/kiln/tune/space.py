@@ -52,9 +52,16 @@ class Dimension:
 
         if self.kind == "choice":
             return CategoricalDistribution(self.encoded_choices)
+        low, high = self.bounds()
         if self.kind == "int":
-            return IntDistribution(int(self.low), int(self.high))
-        return FloatDistribution(float(self.low), float(self.high), log=self.kind == "loguniform")
+            return IntDistribution(int(low), int(high))
+        return FloatDistribution(float(low), float(high), log=self.kind == "loguniform")
+
+    def bounds(self) -> tuple[float | int, float | int]:
+        """(low, high) of a numeric kind. Raises ValueError for ``choice``, which has none."""
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.key}: a '{self.kind}' dimension has no bounds")
+        return self.low, self.high
 
     def decode(self, value: Any) -> Any:
         """The config value for a value Optuna suggested."""
@@ -71,7 +78,7 @@ class Dimension:
             return list(self.choices)
         if self.kind == "int":
             return [self.low, self.high]
-        low, high = float(self.low), float(self.high)
+        low, high = (float(v) for v in self.bounds())
         inside = math.sqrt(low * high) if self.kind == "loguniform" else low + 0.377 * (high - low)
         return [
             low,
@@ -165,7 +172,8 @@ def _check_key_exists(key: str, schema: type[BaseModel]) -> None:
     model: Any = schema
     for i, part in enumerate(parts):
         if model is ModelConfig and i == len(parts) - 1:
-            return  # builder keyword arguments: checked against the builder when values are validated
+            # builder keyword arguments: checked against the builder when values are validated
+            return
         fields = getattr(model, "model_fields", {})
         if part not in fields or part == "tune":
             known = [f for f in fields if f not in ("tune", "experiment")]
@@ -199,7 +207,7 @@ def check_space(cfg) -> list[Dimension]:
     """
     from kiln.config import validate_config
 
-    dims = parse_space(cfg.tune.space)
+    dims = parse_space(cfg.require_tune().space)
     base = train_config_dict(cfg)
     for dim in dims:
         _check_key_exists(dim.key, type(cfg))

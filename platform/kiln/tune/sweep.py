@@ -7,11 +7,9 @@ its MLflow parent run; run or restore the Tuner; summarize every trial; then pub
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +29,9 @@ from kiln.tune.folder import (
     mark_driver,
 )
 from kiln.tune.results import INTERRUPTED as TRIAL_INTERRUPTED
-from kiln.tune.results import STOPPED_EARLY, TrialSummary
-from kiln.tune.space import Dimension, check_space, train_config_dict
+from kiln.tune.results import SweepResult
+from kiln.tune.space import Dimension, check_space
+from kiln.tune.trial_config import trial_epochs, trial_train_config
 
 ProgressFn = Callable[[str], None]
 DRIVER_CPUS = 0.01  # a trial that only drives a Ray Train run; its workers reserve their own CPUs
@@ -43,130 +42,15 @@ class SweepInterrupted(KeyboardInterrupt):
     it."""
 
 
-@dataclass
-class SweepResult:
-    """What a finished sweep produced (the CLI's ``--json`` line is ``to_dict()``)."""
-
-    run_id: str
-    sweep_dir: str
-    tracking_uri: str
-    objectives: list[dict[str, str]]
-    trials: list[TrialSummary]
-    best: TrialSummary | None
-    front: list[TrialSummary]
-    best_config_path: str | None
-    best_config: dict[str, Any] | None
-    model_uri: str | None
-    front_model_uris: dict[int, str] = field(default_factory=dict)
-    test_metrics: dict[str, float] = field(default_factory=dict)
-    plots: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    resumed: bool = False
-    kept_from_before: int = 0  # trials that had ended before a resume (not run again)
-
-    @property
-    def stopped_early(self) -> int:
-        return sum(t.status == STOPPED_EARLY for t in self.trials)
-
-    def to_dict(self) -> dict[str, Any]:
-        multi = len(self.objectives) > 1
-        best = self.best
-        out: dict[str, Any] = {
-            "sweep_run_id": self.run_id,
-            "sweep_dir": self.sweep_dir,
-            "tracking_uri": self.tracking_uri,
-            "objectives": self.objectives,
-            "trials": len(self.trials),
-            "stopped_early": self.stopped_early,
-            "statuses": {
-                s: sum(t.status == s for t in self.trials)
-                for s in sorted({t.status for t in self.trials})
-            },
-            "best_trial": best.number if best else None,
-            "best_params": best.params if best else None,
-            "best_metrics": best.metrics if best else None,
-            "best_config": self.best_config,
-            "best_config_path": self.best_config_path,
-            "model_uri": self.model_uri,
-            "test_metrics": self.test_metrics,
-            "resumed": self.resumed,
-            "kept_from_before": self.kept_from_before,
-            "plots": self.plots,
-            "trial_results": [
-                {
-                    "trial": t.number,
-                    "status": t.status,
-                    "epochs": t.epochs,
-                    "params": t.params,
-                    "metrics": t.metrics,
-                    "run_id": t.run_id,
-                }
-                for t in self.trials
-            ],
-        }
-        if multi:
-            out["front"] = [
-                {
-                    "trial": t.number,
-                    "params": t.params,
-                    "values": dict(
-                        zip(
-                            [o["metric"] for o in self.objectives],
-                            [t.metrics.get(o["metric"]) for o in self.objectives],
-                        )
-                    ),
-                    "model_uri": self.front_model_uris.get(t.number),
-                }
-                for t in self.front
-            ]
-        return out
-
-
-def trial_epochs(cfg: TuneJobConfig) -> int:
-    return cfg.tune.max_epochs or cfg.train.epochs
-
-
-def trial_train_config(cfg: TuneJobConfig, absolute_paths: bool) -> dict[str, Any]:
-    """The train config every trial starts from: the sweep sets epochs, workers and resources.
-
-    With ``absolute_paths`` the run folder, tracking store and a local data source are made
-    absolute, because Ray Tune runs trials in their own working directories.
-    """
-    t = cfg.tune
-    data = train_config_dict(cfg)
-    data["train"].update(
-        epochs=trial_epochs(cfg),
-        workers=t.trial_workers,
-        cpus_per_worker=t.cpus_per_worker,
-        use_gpu=t.gpus_per_worker > 0,
-    )
-    if absolute_paths:
-        exp = data["experiment"]
-        exp["run_dir"] = str(Path(exp["run_dir"]).expanduser().resolve())
-        exp["tracking_uri"] = trk.resolve_tracking_uri(
-            cfg.experiment.tracking_uri, cfg.experiment.run_dir
-        )
-        if exp.get("storage_path") and "://" not in exp["storage_path"]:
-            exp["storage_path"] = str(Path(exp["storage_path"]).expanduser().resolve())
-        source = Path(data["data"]["source"]).expanduser()
-        if source.exists():
-            data["data"]["source"] = str(source.resolve())
-    return data
-
-
 def check_sweep(cfg: TuneJobConfig) -> list[Dimension]:
     """Everything about the sweep that can be checked without data or Ray. Returns the
     dimensions."""
-    if cfg.tune is None:
-        raise ConfigError(
-            "the config has no 'tune:' section; kiln tune needs one "
-            "(see configs/tune/digits_cnn.yaml)"
-        )
+    t = cfg.require_tune()
     dims = check_space(cfg)
     epochs = trial_epochs(cfg)
-    if cfg.tune.asha is not None and cfg.tune.asha.grace_period > epochs:
+    if t.asha is not None and t.asha.grace_period > epochs:
         raise ConfigError(
-            f"config key 'tune.asha.grace_period': {cfg.tune.asha.grace_period} is more than the "
+            f"config key 'tune.asha.grace_period': {t.asha.grace_period} is more than the "
             f"{epochs} epochs a trial trains (tune.max_epochs or train.epochs)"
         )
     validate_config(trial_train_config(cfg, absolute_paths=False), type(cfg))
@@ -175,7 +59,7 @@ def check_sweep(cfg: TuneJobConfig) -> list[Dimension]:
 
 def trial_resources(cfg: TuneJobConfig) -> tuple[dict[str, float], dict[str, float]]:
     """(resources of one trial as Tune reserves them, resources of one trial worker)."""
-    t = cfg.tune
+    t = cfg.require_tune()
     per_worker = {
         "CPU": t.cpus_per_worker,
         **({"GPU": t.gpus_per_worker} if t.gpus_per_worker else {}),
@@ -187,7 +71,7 @@ def trial_resources(cfg: TuneJobConfig) -> tuple[dict[str, float], dict[str, flo
 
 def in_process(cfg: TuneJobConfig) -> bool:
     """One CPU worker: the trial trains in its own process; otherwise it runs a Ray Train job."""
-    return cfg.tune.trial_workers == 1 and not cfg.tune.gpus_per_worker
+    return cfg.require_tune().trial_workers == 1 and not cfg.require_tune().gpus_per_worker
 
 
 def _build_tuner(
@@ -208,7 +92,8 @@ def _build_tuner(
     from kiln.tune.space import optuna_space
     from kiln.tune.trial import trial_dirname, trial_name
 
-    t = cfg.tune
+    t = cfg.require_tune()
+    sampler: optuna.samplers.BaseSampler
     if t.searcher == "tpe":
         # constant_liar: trials running in parallel are not all sent to the same promising region.
         sampler = optuna.samplers.TPESampler(
@@ -216,7 +101,8 @@ def _build_tuner(
         )
     else:
         sampler = optuna.samplers.RandomSampler(seed=t.seed)
-    metrics, modes = [o.metric for o in t.objectives], [o.mode for o in t.objectives]
+    metrics: list[str] = [o.metric for o in t.objectives]
+    modes: list[str] = [o.mode for o in t.objectives]
     searcher = OptunaSearch(
         space=optuna_space(dims),
         metric=metrics if t.multi_objective else metrics[0],
@@ -249,7 +135,8 @@ def _build_tuner(
             # result.json per trial: each trial's epochs for the summary and plots
             callbacks=[runs_callback, progress, JsonLoggerCallback()],
             log_to_file=True,
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # Every checkpoint is kept until the sweep ends (see prune_superseded_checkpoints).
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             failure_config=tune.FailureConfig(max_failures=0),
         ),
     )
@@ -260,7 +147,7 @@ def _default_concurrency(cfg: TuneJobConfig, per_worker: dict[str, float]) -> in
     need."""
     from kiln.ray_connection import placeable_slots
 
-    t = cfg.tune
+    t = cfg.require_tune()
     if t.max_concurrent_trials:
         return t.max_concurrent_trials
     if in_process(cfg):
@@ -295,7 +182,7 @@ def run_sweep(
     say = progress or (lambda text: None)
     # 1. Check everything that can fail fast: config, resume target, data, model, placement.
     dims = check_sweep(cfg)
-    t = cfg.tune
+    t = cfg.require_tune()
     folder = latest_sweep_folder(cfg) if resume else None
     if folder is not None:
         check_same_config(folder, cfg.to_dict())
@@ -307,7 +194,7 @@ def run_sweep(
     check_placement(t.trial_workers, per_worker, what="tune.trial_workers")
 
     # 2. The sweep's folder and MLflow parent run (new, or those of the sweep being resumed).
-    tracking_uri = base.experiment.tracking_uri
+    tracking_uri = trk.resolve_tracking_uri(base.experiment.tracking_uri, base.experiment.run_dir)
     experiment_id = trk.ensure_experiment(
         tracking_uri, cfg.experiment.name, base.experiment.run_dir
     )
@@ -327,10 +214,14 @@ def run_sweep(
     )
     if kept is not None:
         say(f"resuming {folder.path}: {kept} trial(s) had ended and are kept, the rest continue")
+    if resume:
+        known = set(_trial_statuses(folder)) if kept is not None else set()
+        drop_forgotten_trial_runs(tracking_uri, experiment_id, parent, known)
     started = time.monotonic()
     with warnings.catch_warnings(), progress_sink(str(folder.path), say):
         warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning, Ray's deprecation notes
         grid = tuner.fit()
+    prune_superseded_checkpoints(grid)
     budget_hit = (
         t.time_budget_s is not None and time.monotonic() - started >= 0.95 * t.time_budget_s
     )
@@ -417,13 +308,14 @@ def _tuner(
         schema=type(base),
         dims=dims,
         sweep_name=folder.name,
-        measures=tuple(o.metric for o in cfg.tune.objectives if o.metric == "latency_ms"),
+        measures=tuple(o.metric for o in cfg.require_tune().objectives if o.metric == "latency_ms"),
         data_config=base.data.model_dump(mode="json"),
     )
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx, data=data), trial_res)
-    # Save Tune's state often: a driver killed between two saves re-runs the trials that ended in
-    # between.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    # How often Tune saves its state is TUNE_GLOBAL_CHECKPOINT_S, read from this process's
+    # environment when the Tuner starts (no Tuner option): the CLI entry sets 2 s, so a killed
+    # driver re-runs little; Tune's own default ("auto", at least 10 s) is as correct, only slower
+    # to resume.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if not (resume and tune.Tuner.can_restore(str(folder.tune_dir))):
@@ -440,8 +332,53 @@ def _trial_statuses(folder: SweepFolder) -> dict[str, str]:
     again)."""
     from ray.tune import ExperimentAnalysis
 
-    try:
-        analysis = ExperimentAnalysis(str(folder.tune_dir.resolve()))
-    except Exception:
-        return {}
+    # Called only where the state exists (after fit, or after Tuner.can_restore): any error here
+    # is a real one, not "no trials".
+    analysis = ExperimentAnalysis(str(folder.tune_dir.resolve()))
     return {tr.trial_id: tr.status for tr in analysis.trials}
+
+
+def drop_forgotten_trial_runs(
+    tracking_uri: str, experiment_id: str, parent: str, known: set[str]
+) -> list[str]:
+    """Delete (MLflow's soft delete) the child runs of trials that Tune's saved state does not
+    know. Returns their run ids.
+
+    A driver killed after it started a trial (and its child run) but before Tune saved a state
+    naming that trial leaves a run Tune has forgotten: on --resume, Tune asks the searcher for a
+    new trial, with a new trial id and the same trial number, so the sweep would show two child
+    runs for one number, one of them empty and never closed.
+    """
+    from kiln.tune.runs import child_runs
+
+    forgotten = [
+        run_id
+        for trial_id, run_id in child_runs(tracking_uri, experiment_id, parent).items()
+        if trial_id not in known
+    ]
+    client = trk.client(tracking_uri)
+    for run_id in forgotten:
+        client.delete_run(run_id)
+    return forgotten
+
+
+def prune_superseded_checkpoints(grid: Any) -> None:
+    """Delete every checkpoint of each trial but the last one (the one the sweep publishes).
+
+    Ray Tune keeps every checkpoint while the sweep runs (``num_to_keep=None`` in the Tuner): with
+    ``num_to_keep`` set, it deletes a trial's previous checkpoint the moment a newer one is
+    registered, but saves the experiment state that names checkpoints later, asynchronously. A
+    driver killed in between left state naming a deleted checkpoint, and on ``--resume`` that
+    trial's restore failed ("does not exist on storage anymore"). Here, after ``Tuner.fit``
+    returned, Tune has saved its final state synchronously, so only the checkpoint it names is
+    ever needed again.
+    """
+    import shutil
+
+    for result in grid:
+        if result.checkpoint is None or result.checkpoint.filesystem.type_name != "local":
+            continue
+        keep = Path(result.checkpoint.path)
+        for old in keep.parent.glob("checkpoint_*"):
+            if old != keep and old.is_dir():
+                shutil.rmtree(old)

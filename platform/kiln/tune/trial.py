@@ -103,6 +103,10 @@ class TuneSession:
     def all_reduce_mean(self, value: float) -> float:
         return value
 
+    def worker_nodes(self) -> list[dict[str, Any]]:
+        """A trial's in-process training logs no run of its own: nothing to record."""
+        return []
+
 
 def _trial_report_callback(extras: dict[str, float]):
     """Tune's TuneReportCallback for a Ray Train run inside a trial, adding the trial's model
