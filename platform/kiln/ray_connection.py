@@ -15,6 +15,7 @@ from typing import Any
 
 from kiln.errors import KilnError, ResourceError, first_line
 
+
 def ensure_ray(
     address: str | None = None,
     num_cpus: float | None = None,

@@ -152,7 +152,7 @@ def follow_logs(client, submission_id: str, write: Callable[[str], None]) -> Non
     with api_errors(client, submission_id):
         try:
             asyncio.run(tail())
-        except (aiohttp.ClientError, OSError, RuntimeError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError, OSError, RuntimeError):
             pass  # a broken stream is not fatal: the polling below catches up
         # Anything the stream missed, then until the job ends.
         wait_until(caught_up, math.inf, f"job {submission_id} to end", interval=1.0)

