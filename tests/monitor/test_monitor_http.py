@@ -253,7 +253,9 @@ def test_monitoring_metrics_per_version(served, drifting):
         "ray_kiln_monitor_ood_rows_total",
     }
 
-    def exported() -> list | None:  # the model's samples, once every wanted metric is there
+    def exported() -> list | None:
+        """The model's samples, once every wanted metric is there and the exported drift score is
+        the drifting window's (an export from before the drift shows the old, lower score)."""
         text = requests.get(served["metrics_url"], timeout=10).text
         samples = [
             s
@@ -261,11 +263,12 @@ def test_monitoring_metrics_per_version(served, drifting):
             for s in f.samples
             if s.labels.get("model") == "digits"
         ]
-        return samples if wanted <= {s.name for s in samples} else None
+        drift = [s.value for s in samples if s.name == "ray_kiln_monitor_drift_score"]
+        return samples if wanted <= {s.name for s in samples} and max(drift) > 0.3 else None
 
-    samples = wait_until(exported, 90, "the monitoring metrics", max_interval=2.0)
-    drift = [s.value for s in samples if s.name == "ray_kiln_monitor_drift_score"]
-    assert max(drift) > 0.3
+    samples = wait_until(
+        exported, 90, "the monitoring metrics with a drift score above 0.3", max_interval=2.0
+    )
     assert any(
         s.name == "ray_kiln_monitor_feature_psi" and s.labels.get("feature") == "input.brightness"
         for s in samples
