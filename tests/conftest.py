@@ -79,6 +79,24 @@ def last_json(stdout: str) -> dict:
     return json.loads(lines[-1])
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-randomly has shuffled
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``ends_module`` run after the other tests of their module: they stop something
+    the module shares (its served app), which every other test would otherwise start again. Only an
+    optimization: such a test passes alone and in any order, and the shared fixtures restart what
+    it stopped."""
+    by_module: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        by_module.setdefault(item.nodeid.split("::")[0], []).append(item)
+    items[:] = [
+        item
+        for module_items in by_module.values()
+        for last in (False, True)
+        for item in module_items
+        if (item.get_closest_marker("ends_module") is not None) == last
+    ]
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """The session's local Ray instance (2 CPUs); yields its GCS address for --address."""

@@ -528,6 +528,7 @@ def test_second_start_is_refused_while_serving(served, ray_cluster, registry):
     )
 
 
+@pytest.mark.ends_module  # it stops the module's app: the others would start it again
 def test_stop_removes_the_app(served, ray_cluster, registry):
     proc = run_kiln(
         "serve", "stop", "--address", ray_cluster, "--run-dir", str(registry.run_dir), "--json"
