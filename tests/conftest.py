@@ -44,7 +44,11 @@ def kiln_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([str(PLATFORM), env.get("PYTHONPATH", "")]).rstrip(
         os.pathsep
     )
+    # What a test names is all it gets: an address or a tracking store left in this process's
+    # environment by an earlier test (mlflow.set_tracking_uri writes MLFLOW_TRACKING_URI) must not
+    # redirect a later test's kiln.
     env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
     env.update(extra or {})
     return env
 

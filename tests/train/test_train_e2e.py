@@ -34,7 +34,9 @@ def registered_versions(run_dir, name):
         return []
 
 
-def test_digits_cnn_two_workers_tracked_registered_and_predicting(ray_cluster, run_dir):
+def test_digits_cnn_two_workers_tracked_registered_and_predicting(
+    ray_cluster, run_dir, monkeypatch
+):
     out = train(ray_cluster, run_dir, "train.epochs=8")
     assert out["metrics"]["test_accuracy"] >= 0.95
     assert out["metrics"]["test_f1_macro"] >= 0.95
@@ -82,7 +84,10 @@ def test_digits_cnn_two_workers_tracked_registered_and_predicting(ray_cluster, r
 
     import mlflow.pyfunc
 
-    mlflow.set_tracking_uri(out["tracking_uri"])
+    # Through the environment, restored after the test: mlflow.set_tracking_uri would also write
+    # MLFLOW_TRACKING_URI into this process's environment for good, and every later kiln
+    # subprocess would track into this test's store.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", out["tracking_uri"])
     mlflow_model = mlflow.pyfunc.load_model(out["model_uri"])
     assert mlflow_model.predict(images[:10]) == predictor.predict(images[:10])
 
