@@ -1,9 +1,9 @@
 """The one home of Ray and MLflow internals: everything Kiln needs that has no public API.
 
-Each function names the version it was checked against. ``tests/test_compat.py`` calls every one of
-them against the installed Ray, so an upgrade that moves or removes one fails loudly there instead
-of on a user's serving path. Prefer a public API whenever one appears; then delete the function
-here.
+Each function names the version it was checked against. ``tests/test_compat_*.py`` call every
+one of them against the installed Ray, so an upgrade that moves or removes one fails loudly there
+instead of on a user's serving path. Prefer a public API whenever one appears; then delete the
+function here.
 """
 
 from __future__ import annotations
@@ -61,3 +61,4 @@ def serve_http_address() -> tuple[str, int] | None:
 
 
 # --- Ray Tune ----------------------------------------------------------------------------------
+# None: RecordingASHA keeps its own copies of ASHA's settings instead of reading private attributes.
