@@ -148,8 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     debug = bool(getattr(args, "debug", False) or os.environ.get("KILN_DEBUG"))
     args.debug = debug
+    from kiln.commands.common import json_stdout
+
     try:
-        return int(args._run(args) or 0)
+        with json_stdout(bool(getattr(args, "json", False))):
+            return int(args._run(args) or 0)
     except KilnError as exc:
         if debug:
             traceback.print_exc()

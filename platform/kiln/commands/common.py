@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, TextIO
+
+# Where emit_json writes while json_stdout() sends everything else to stderr.
+_result_stream: TextIO | None = None
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,10 +26,28 @@ def add_json_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+@contextlib.contextmanager
+def json_stdout(enabled: bool) -> Iterator[None]:
+    """Under ``--json``, stdout belongs to the result line alone: whatever else the command, or a
+    library it calls, prints to stdout goes to stderr (Ray's driver prints worker warnings such as
+    "(raylet) WARNING: ... worker processes have been started" to stdout), and ``emit_json`` writes
+    to the real stdout. Does nothing when not ``enabled``."""
+    global _result_stream
+    if not enabled:
+        yield
+        return
+    _result_stream = sys.stdout
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        _result_stream = None
+
+
 def emit_json(obj: Any) -> None:
     """The machine-readable result: one line, last on stdout."""
     sys.stdout.flush()
-    print(json.dumps(obj, default=str), flush=True)
+    print(json.dumps(obj, default=str), file=_result_stream or sys.stdout, flush=True)
 
 
 def say(args: argparse.Namespace, text: str) -> None:
