@@ -80,7 +80,12 @@ def last_json(stdout: str) -> dict:
     """The JSON object on the last non-empty stdout line."""
     lines = [line for line in stdout.splitlines() if line.strip()]
     assert lines, "no stdout"
-    return json.loads(lines[-1])
+    try:
+        return json.loads(lines[-1])
+    except json.JSONDecodeError:
+        raise AssertionError(
+            f"the last stdout line is not JSON; stdout ends:\n{stdout[-2000:]}"
+        ) from None
 
 
 @pytest.hookimpl(trylast=True)  # after pytest-randomly has shuffled

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     from kiln.commands.common import json_stdout
 
     try:
-        with json_stdout(bool(getattr(args, "json", False))):
+        with json_stdout(bool(getattr(args, "json", False)), to_exit=True):
             return int(args._run(args) or 0)
     except KilnError as exc:
         if debug:

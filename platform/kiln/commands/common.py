@@ -27,21 +27,23 @@ def add_json_argument(parser: argparse.ArgumentParser) -> None:
 
 
 @contextlib.contextmanager
-def json_stdout(enabled: bool) -> Iterator[None]:
+def json_stdout(enabled: bool, to_exit: bool = False) -> Iterator[None]:
     """Under ``--json``, stdout belongs to the result line alone: whatever else the command, or a
     library it calls, prints to stdout goes to stderr (Ray's driver prints worker warnings such as
-    "(raylet) WARNING: ... worker processes have been started" to stdout), and ``emit_json`` writes
-    to the real stdout. Does nothing when not ``enabled``."""
+    "(raylet) WARNING: ... worker processes have been started" to stdout, also from a background
+    thread and at exit), and ``emit_json`` writes to the real stdout. ``to_exit`` (the CLI entry)
+    keeps it so until the process exits. Does nothing when not ``enabled``."""
     global _result_stream
     if not enabled:
         yield
         return
-    _result_stream = sys.stdout
+    _result_stream, saved = sys.stdout, sys.stdout
+    sys.stdout = sys.stderr
     try:
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
+        yield
     finally:
-        _result_stream = None
+        if not to_exit:
+            sys.stdout, _result_stream = saved, None
 
 
 def emit_json(obj: Any) -> None:
