@@ -56,9 +56,10 @@ format: install
 test: install
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
-# Inner loop: everything except the long end-to-end tests.
+# Inner loop: the tests that need neither a Ray instance nor trained models (conftest marks the
+# others `ray`), and no long end-to-end test.
 test-quick: install
-	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest tests -m "not slow and not ray" $(PYTEST_ARGS)
 
 bench: install
 	$(PY) bench/train_throughput.py

@@ -95,6 +95,17 @@ def last_json(stdout: str) -> dict:
     raise AssertionError(f"no JSON object on stdout; it ends:\n{stdout[-2000:]}")
 
 
+# Fixtures that start the session's Ray instance or train the session's models: a test that uses
+# one (directly or through another fixture) is marked ``ray`` and left out of `make test-quick`.
+_SHARED_HEAVY_FIXTURES = {"ray_cluster", "registry"}
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Mark ``ray`` the tests that use a shared heavy fixture, directly or through another one."""
+    if _SHARED_HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
+        item.add_marker(pytest.mark.ray)
+
+
 @pytest.hookimpl(trylast=True)  # after pytest-randomly has shuffled
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests marked ``ends_module`` run after the other tests of their module: they stop something
