@@ -77,22 +77,18 @@ def run_kiln(
 
 
 def last_json(stdout: str) -> dict:
-    """The JSON object on the last stdout line that holds one.
-
-    Lines after it are tolerated: in some test orders a `kiln ... --json` run sharing the session's
-    Ray instance ended with a line that is not JSON (not yet pinned down; the CLI already sends
-    everything but the result to stderr under --json), and `tests/test_cli_output.py` checks the
-    stdout contract itself."""
+    """The JSON object on the last stdout line (under --json, the CLI keeps stdout for it alone,
+    file descriptor 1 included: `tests/test_cli_output.py`)."""
     lines = [line for line in stdout.splitlines() if line.strip()]
     assert lines, "no stdout"
-    for line in reversed(lines):
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(value, dict):
-            return value
-    raise AssertionError(f"no JSON object on stdout; it ends:\n{stdout[-2000:]}")
+    try:
+        value = json.loads(lines[-1])
+    except json.JSONDecodeError:
+        raise AssertionError(
+            f"the last stdout line is not JSON; stdout ends:\n{stdout[-2000:]}"
+        ) from None
+    assert isinstance(value, dict), f"the last stdout line is not a JSON object: {lines[-1]}"
+    return value
 
 
 # Fixtures that start the session's Ray instance or train the session's models: a test that uses

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Iterator
 from typing import Any, TextIO
@@ -32,18 +33,30 @@ def json_stdout(enabled: bool, to_exit: bool = False) -> Iterator[None]:
     library it calls, prints to stdout goes to stderr (Ray's driver prints worker warnings such as
     "(raylet) WARNING: ... worker processes have been started" to stdout, also from a background
     thread and at exit), and ``emit_json`` writes to the real stdout. ``to_exit`` (the CLI entry)
-    keeps it so until the process exits. Does nothing when not ``enabled``."""
+    keeps it so until the process exits, and also moves file descriptor 1 to stderr: C extensions
+    and child processes write there directly, past ``sys.stdout``. Does nothing when not
+    ``enabled``."""
     global _result_stream
     if not enabled:
         yield
         return
-    _result_stream, saved = sys.stdout, sys.stdout
+    saved = sys.stdout
+    _result_stream = _steal_stdout_fd() if to_exit else saved
     sys.stdout = sys.stderr
     try:
         yield
     finally:
         if not to_exit:
             sys.stdout, _result_stream = saved, None
+
+
+def _steal_stdout_fd() -> TextIO:
+    """Point file descriptor 1 at stderr for the rest of the process; returns a stream on a copy
+    of the original stdout, for the result line."""
+    sys.stdout.flush()
+    result = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    return result
 
 
 def emit_json(obj: Any) -> None:
