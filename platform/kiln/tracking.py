@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterable
@@ -295,6 +297,8 @@ def resolve_model_dir(model: str, tracking_uri: str | None = None) -> Path:
     from mlflow.exceptions import MlflowException
 
     dest = Path(tempfile.mkdtemp(prefix="kiln-model-"))
+    # A process's downloads live as long as the process (its cache above), not past it.
+    atexit.register(shutil.rmtree, dest, ignore_errors=True)
     try:
         path = Path(
             mlflow.artifacts.download_artifacts(
