@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kiln.errors import DataError, ResourceError, first_line
+from kiln.errors import DataError, ResourceError, first_line, telling_line
 
 PREDICTION, PROBABILITY, PROBABILITIES = "prediction", "probability", "probabilities"
 
@@ -209,7 +209,7 @@ def predict_parquet(
             writer.close()
         partial.unlink(missing_ok=True)
         if isinstance(exc, ray.exceptions.RayError):
-            raise DataError(f"batch inference failed: {_cause(exc)}") from None
+            raise DataError(f"batch inference failed: {telling_line(str(exc))}") from None
         raise
     partial.replace(output)
     return BatchPredictResult(
@@ -219,11 +219,3 @@ def predict_parquet(
         seconds=round(time.perf_counter() - started, 2),
         actors=actors,
     )
-
-
-def _cause(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    for line in reversed(lines):
-        if ("Error" in line or "error" in line) and not line.startswith("File "):
-            return line[:400]
-    return (lines[-1] if lines else type(exc).__name__)[:400]

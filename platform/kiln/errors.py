@@ -36,3 +36,14 @@ def first_line(exc: BaseException, limit: int = 500) -> str:
         if line.strip():
             return line.strip()[:limit]
     return type(exc).__name__
+
+
+def telling_line(message: str, limit: int = 400) -> str:
+    """The most telling line of a (Ray) error message, at most ``limit`` characters: the last line
+    naming an error (Ray wraps the cause in a traceback and context lines), else the last line,
+    else "no message"."""
+    lines = [line.strip() for line in (message or "").splitlines() if line.strip()]
+    for line in reversed(lines):
+        if ("Error" in line or "error" in line) and not line.startswith("File "):
+            return line[:limit]
+    return (lines[-1] if lines else "no message")[:limit]

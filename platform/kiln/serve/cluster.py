@@ -48,15 +48,6 @@ def serving_env(run_dir: str | Path, address: str | None, starting: bool = False
     return {"RAY_AUTH_MODE": LOCAL_AUTH_MODE} if local else {}
 
 
-def telling_line(message: str) -> str:
-    """The most telling line of a (Ray) error message: the last one naming an error."""
-    lines = [line.strip() for line in (message or "").splitlines() if line.strip()]
-    for line in reversed(lines):
-        if ("Error" in line or "error" in line) and not line.startswith("File "):
-            return line[:400]
-    return (lines[0] if lines else "no message")[:400]
-
-
 def http_url(host: str, port: int) -> str:
     """The base URL a client on this machine uses (an all-interfaces bind is reachable on
     loopback)."""

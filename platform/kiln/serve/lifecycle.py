@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kiln.errors import ConfigError, KilnError, ResourceError, first_line
+from kiln.errors import ConfigError, KilnError, ResourceError, first_line, telling_line
 from kiln.ray_connection import connected_dashboard_url
 from kiln.serve.app import (
     MODEL_APP_PREFIX,
@@ -38,7 +38,6 @@ from kiln.serve.cluster import (
     running_kiln_apps,
     serve_http,
     serve_running,
-    telling_line,
 )
 from kiln.serve.config import ServeConfig
 from kiln.serve.instance import (

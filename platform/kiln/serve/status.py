@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kiln.errors import KilnError, first_line
+from kiln.errors import KilnError, first_line, telling_line
 from kiln.serve.cluster import (
     connect,
     find_target,
@@ -19,7 +19,6 @@ from kiln.serve.cluster import (
     metrics_url,
     running_kiln_apps,
     serve_http,
-    telling_line,
 )
 
 
