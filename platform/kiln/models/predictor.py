@@ -14,6 +14,7 @@ import numpy as np
 from kiln.models.artifact import load_spec
 from kiln.models.inference_runtime import Runtime, make_runtime
 from kiln.models.inputs import to_raw
+from kiln.models.probabilities import softmax
 from kiln.models.spec import ModelSpec
 
 
@@ -40,10 +41,8 @@ class Predictor:
         return np.concatenate(outs) if outs else np.zeros((0, self.spec.num_classes), np.float32)
 
     def predict_proba(self, inputs: Any) -> np.ndarray:
-        z = self.logits(self.prepare(inputs)).astype(np.float64)
-        z -= z.max(axis=1, keepdims=True)
-        p = np.exp(z)
-        probabilities: np.ndarray = (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+        """Class probabilities (float32) for raw inputs."""
+        probabilities: np.ndarray = softmax(self.logits(self.prepare(inputs))).astype(np.float32)
         return probabilities
 
     def predict(self, inputs: Any) -> list[Any]:

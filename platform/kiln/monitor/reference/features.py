@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kiln.models.probabilities import softmax
+
 MAX_CLASS_FEATURES = 20
 OOD_SCORES = ("energy", "msp")
 
@@ -41,13 +43,6 @@ def feature_layout(kind: str, feature_names: list[str], labels: list) -> list[Fe
     if len(labels) <= MAX_CLASS_FEATURES:
         out += [FeatureSpec(f"output.prob[{label}]", "numeric", "output") for label in labels]
     return out
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    p = np.exp(z)
-    return p / p.sum(axis=1, keepdims=True)
 
 
 def ood_scores(logits: np.ndarray, probs: np.ndarray | None = None) -> dict[str, np.ndarray]:
