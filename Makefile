@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 KILN := $(VENV)/bin/kiln
 STAMP := $(VENV)/.kiln-installed
 PYTEST_ARGS ?=
+# `make test` runs the suite on this many pytest-xdist workers, a module per worker at a time (each
+# worker has its own session Ray instance); TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 
 .PHONY: install lint format demo test test-quick bench clean
 
@@ -51,10 +54,10 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# Tests run in random order (pytest-randomly; the seed is printed, -p randomly -p "randomly_seed=N"
+# Tests run in random order (pytest-randomly; the seed is printed, PYTEST_ARGS=--randomly-seed=N
 # replays one order).
 test: install
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Inner loop: the tests that need neither a Ray instance nor trained models (conftest marks the
 # others `ray`), and no long end-to-end test.
