@@ -1,8 +1,9 @@
 """Shared fixtures: one real local Ray instance for the session, a real MLflow store, CLI runners.
 
 Ray is started once per session (per pytest-xdist worker under `make test`), by the first test
-that asks for it (fixed num_cpus), and shut down at the end of the session; a module that deploys on it removes what it deployed. CLI tests run
-``python -m kiln.cli`` as a user would and pass ``--address`` so that they reuse that instance.
+that asks for it (fixed num_cpus), and shut down at the end of the session; a module that deploys
+on it removes what it deployed. CLI tests run ``python -m kiln.cli`` as a user would and pass
+``--address`` so that they reuse that instance.
 """
 
 from __future__ import annotations
