@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import kiln_env
 from kiln.commands.common import emit_json, json_stdout
 
@@ -50,3 +52,34 @@ def test_the_cli_process_keeps_file_descriptor_1_for_the_result_line():
         line in proc.stderr.splitlines()
         for line in ("written to fd 1", "from a child", "printed", "after the command")
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "dest", "expected"),
+    [
+        (["train", "c.yaml", "--json", "train.epochs=3"], "overrides", ["train.epochs=3"]),
+        (
+            ["serve", "start", "models:/m/1", "--port", "0", "serve.deployment.replicas=2"],
+            "targets",
+            ["models:/m/1", "serve.deployment.replicas=2"],
+        ),
+        (
+            ["submit", "train", "c.yaml", "--follow", "a=1", "--address", "http://h:8265", "b=2"],
+            "overrides",
+            ["a=1", "b=2"],
+        ),
+    ],
+)
+def test_overrides_are_accepted_anywhere_among_the_options(argv, dest, expected):
+    from kiln.cli import build_parser, parse_command_line
+
+    assert getattr(parse_command_line(build_parser(), argv), dest) == expected
+
+
+def test_an_unknown_option_is_still_refused_with_exit_2(capsys):
+    from kiln.cli import build_parser, parse_command_line
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_command_line(build_parser(), ["train", "c.yaml", "--bogus", "a=1"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --bogus a=1" in capsys.readouterr().err

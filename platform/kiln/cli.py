@@ -102,6 +102,11 @@ COMMANDS: dict[str, str] = {
 }
 
 
+# The positional lists that take key=value overrides: a job's CONFIG overrides, and the targets of
+# `kiln serve start` (configs, model URIs and overrides).
+_OVERRIDE_LISTS = ("overrides", "targets")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kiln.version import __version__
 
@@ -125,6 +130,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_command_line(
+    parser: argparse.ArgumentParser, argv: list[str] | None
+) -> argparse.Namespace:
+    """Parse ``kiln ARGV``; exits 2 with argparse's usage line on a mistake."""
+    # key=value overrides may come anywhere among the options (kiln train CONFIG --json
+    # train.epochs=3, kiln serve start MODEL --port 0 serve.deployment.replicas=2): argparse leaves
+    # those after an option as extras, which join the command's list of overrides when it has one.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        overrides = next(
+            (value for d in _OVERRIDE_LISTS if isinstance(value := getattr(args, d, None), list)),
+            None,
+        )
+        if overrides is not None and all("=" in e and not e.startswith("-") for e in extra):
+            overrides += extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``kiln ARGV``. Returns the exit code: 0, 2 for a KilnError (one ``error:`` line), 130 on
     Ctrl-C, 1 for anything else (a bug or an environment failure)."""
@@ -133,16 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     from kiln.errors import KilnError, first_line
 
     parser = build_parser()
-    # key=value overrides may come after options (kiln train CONFIG --json train.epochs=3): argparse
-    # leaves those as extras, which are overrides when the command takes them.
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        if isinstance(getattr(args, "overrides", None), list) and all(
-            "=" in e and not e.startswith("-") for e in extra
-        ):
-            args.overrides += extra
-        else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = parse_command_line(parser, argv)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
