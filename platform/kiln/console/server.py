@@ -90,6 +90,12 @@ class ConsoleServer:
         self.files = static_files()
         self._cached: dict[bool, tuple[float, dict[str, Any]]] = {}
         self._lock = asyncio.Lock()
+        self._warming: asyncio.Future[None] | None = None
+        try:  # built on the replica's event loop: import the heavy parts before the first visit
+            loop = asyncio.get_running_loop()
+            self._warming = loop.run_in_executor(None, _warm_up)
+        except RuntimeError:  # no running event loop (built in-process, in the unit tests)
+            pass
 
     async def __call__(self, request):
         path = request.url.path[len(CONSOLE_PATH) :]
@@ -228,6 +234,16 @@ class ConsoleServer:
         except KilnError as exc:
             return error_response(first_line(exc), 404, SECURITY_HEADERS)
         return _response(text.encode(), 200, content="")
+
+
+def _warm_up() -> None:
+    """Import what the page's JSON needs (MLflow's client, the rollout API, the Prometheus
+    parser): seconds on a busy machine, paid at start rather than by the first visitor."""
+    import prometheus_client.parser  # noqa: F401
+    from mlflow.tracking import MlflowClient  # noqa: F401
+
+    import kiln.models.card  # noqa: F401
+    import kiln.rollout.control.api  # noqa: F401
 
 
 def _response(body: bytes, status: int, headers: dict[str, str] | None = None, content=".html"):
