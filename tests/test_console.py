@@ -124,6 +124,10 @@ class Page:
             self.page.click("button[type=submit]")
             self.page.wait_for_selector(f'[data-model="{MODEL}"]', timeout=60_000)
             self.errors.clear()  # the refused first load (401) is expected, and logged as such
+        if key is not None:  # recorded, never asserted: how long the page took to show data
+            self.loaded_ms = self.page.evaluate(
+                "performance.getEntriesByType('navigation')[0].domContentLoadedEventEnd"
+            )
 
     def text(self, selector: str) -> str:
         return self.page.inner_text(selector)
@@ -160,15 +164,22 @@ def infer_body(images: np.ndarray) -> str:
     )
 
 
-def send(url: str, n: int, path: str = f"/v2/models/{MODEL}/infer", noise: bool = False) -> None:
-    """``n`` requests of one image each (digits, or uniform noise), with the key."""
+def send(
+    url: str,
+    n: int,
+    path: str = f"/v2/models/{MODEL}/infer",
+    noise: bool = False,
+    first: int = 0,
+) -> None:
+    """``n`` requests of one image each (digits from the ``first``-th on, or uniform noise), with
+    the key."""
     rng = np.random.default_rng(0)
     with requests.Session() as s:
         for i in range(n):
             image = (
                 rng.integers(0, 256, (1, 1, 8, 8)).astype(np.uint8)
                 if noise
-                else IMAGES[i % len(IMAGES)][None]
+                else IMAGES[(first + i) % len(IMAGES)][None]
             )
             resp = s.post(url + path, data=infer_body(image), headers={"X-API-Key": KEY})
             assert resp.status_code == 200, resp.text
@@ -182,8 +193,10 @@ class Traffic:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        sent = 0
         while not self.stop_flag.is_set():
-            send(self.url, 5)
+            send(self.url, 5, first=sent)
+            sent += 5
 
     def __enter__(self) -> Traffic:
         self.thread.start()
@@ -267,6 +280,7 @@ def test_the_page_follows_a_canary_live(served, console_registry, ramp, open_pag
     p = page.page
     section = f'[data-model="{MODEL}"]'
     p.wait_for_selector(f'{section} [data-testid="gate-row"]', timeout=60_000)
+    first_data_ms = p.evaluate("performance.now()")  # an upper bound: waited for the gate rows
     # the model, both versions with their roles, the current weights, the gate rows
     assert page.text(f'{section} [data-testid="model-name"]') == MODEL
     assert p.query_selector(f'{section} tr[data-version="{v1}"]') is not None
@@ -278,6 +292,10 @@ def test_the_page_follows_a_canary_live(served, console_registry, ramp, open_pag
     gates = page.text(f'{section} [data-testid="gates"]')
     assert "error_rate<0.05" in gates and ("NO DATA" in gates or "PASS" in gates)
     assert p.query_selector(f'{section} button[data-action="rollback"]') is not None
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    (SHOTS / "load.json").write_text(
+        json.dumps({"dom_content_loaded_ms": page.loaded_ms, "first_data_ms": first_data_ms})
+    )
     p.evaluate("window.kilnMarker = 'no reload'")  # gone if the page reloads
     chart = f'{section} [data-testid="chart-weights"]'
     points_before = int(p.get_attribute(chart, "data-points"))

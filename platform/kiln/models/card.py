@@ -109,7 +109,18 @@ def _acc(value: float | None) -> str:
     return "not recorded" if value is None else f"{value:.4f}"
 
 
+def public_uri(uri: str) -> str:
+    """``uri`` without the user and password an HTTP tracking URI may carry (a card is shared)."""
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
 def _run_link(tracking_uri: str, facts: dict[str, Any]) -> str:
+    tracking_uri = public_uri(tracking_uri)
     run = f"`{facts['run_id']}`"
     if tracking_uri.startswith(("http://", "https://")) and facts.get("experiment_id"):
         base = tracking_uri.rstrip("/")

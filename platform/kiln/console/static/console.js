@@ -74,7 +74,11 @@ function chart(box, title, labels, seriesList, options = {}) {
     })));
     box._plot = new uPlot({
       width, height: 170, series,
-      scales: options.range ? { y: { range: options.range } } : {},
+      scales: {
+        // one point alone would get a range of years: show it within the last minute instead
+        x: { time: true, range: (u, min, max) => (min === max ? [min - 60, max + 1] : [min, max]) },
+        ...(options.range ? { y: { range: options.range } } : {}),
+      },
       axes: [{}, { size: 50 }],
       legend: { live: false },
     }, data, plotBox);
@@ -199,6 +203,12 @@ function renderRollout(section, model, state) {
     if (ro.agreement !== null && ro.agreement !== undefined) {
       parts.push(el("p", { "data-testid": "agreement", text: `Shadow agreement: ${fmt.pct(ro.agreement)}` }));
     }
+  }
+  const last = ro.audit.length ? ro.audit[ro.audit.length - 1] : null;
+  if (last) {
+    parts.push(el("p", { "data-testid": "decision" }, "Decision so far: ",
+      el("strong", { text: last.decision }), ` [${last.trigger}] at ${fmt.time(last.time)}` +
+      (last.reason ? `: ${last.reason}` : "")));
   }
   parts.push(ro.weights.length ? section._rollout.weights : el("p", { text: "" }));
   if (state.actions && ro.active) {
