@@ -199,31 +199,33 @@ class ConsoleData:
         state = serving["state"]
         models = []
         for name in serving["names"]:
-            rollout = await asyncio.to_thread(self._rollout_or_error, name, serving["errors"])
-            monitor = await self._monitor(name, serving["errors"])
+            rollout, monitor = await asyncio.gather(
+                asyncio.to_thread(self._rollout_or_error, name, serving["errors"]),
+                self._monitor(name, serving["errors"]),
+            )
             record = (rollout or {}).get("record") or {}
             listed = [m for m in state.models if m["name"] == name]
             uris = {m["version"]: m.get("uri", "") for m in listed}
+            active = rollout is not None and rollout["active"]
             for version, key in (("stable", "stable_uri"), ("candidate", "candidate_uri")):
-                if record.get(version) and record.get(key):
+                # a finished rollout's candidate is no longer loaded: only what serves is listed
+                if record.get(version) and record.get(key) and (version == "stable" or active):
                     uris.setdefault(record[version], record[key])
             default = record.get("stable") or next(
                 (m["version"] for m in listed if m.get("default")), None
             )
+            ordered = sorted(uris.items(), key=lambda kv: _version_order(kv[0]))
+            known = await asyncio.gather(
+                *(asyncio.to_thread(self.facts, state.tracking_uri, uri) for _, uri in ordered)
+            )
             versions = []
-            for version, uri in sorted(uris.items(), key=lambda kv: _version_order(kv[0])):
-                facts = await asyncio.to_thread(self.facts, state.tracking_uri, uri)
+            for (version, uri), facts in zip(ordered, known, strict=True):
                 roles = [
                     role
                     for role, hit in (
                         ("default", version == default),
                         ("stable", version == record.get("stable")),
-                        (
-                            "candidate",
-                            rollout is not None
-                            and rollout["active"]
-                            and version == record.get("candidate"),
-                        ),
+                        ("candidate", active and version == record.get("candidate")),
                     )
                     if hit
                 ]
