@@ -214,3 +214,17 @@ def test_every_packaged_file_is_local_and_uplot_is_recorded():
     for name in ("index.html", "console.js", "console.css"):
         text = files[name].read_text()
         assert "http://" not in text and "https://" not in text, name
+
+
+def test_kiln_console_says_plainly_when_nothing_is_served(tmp_path):
+    from conftest import run_kiln
+
+    proc = run_kiln("console", "--print", "--run-dir", str(tmp_path))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: nothing is being served from")
+    proc = run_kiln("console", "--url", "http://127.0.0.1:8000", "--print", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {
+        "url": "http://127.0.0.1:8000/console/",
+        "opened": False,
+    }
