@@ -303,8 +303,13 @@ class ConsoleData:
             (status.get("drift") or {}).get("features", []),
             key=lambda f: (not f.get("drifted"), -(f.get("psi") or 0.0)),
         )
+        retrain = status.get("retrain")
         return {
-            **{k: v for k, v in status.items() if k not in ("drift",)},
+            **{k: v for k, v in status.items() if k not in ("drift", "retrain")},
+            # the events only: the policy (project, overrides, Jobs address) stays off the page
+            "retrain": None
+            if retrain is None
+            else {"in_flight": retrain.get("in_flight"), "events": retrain.get("events", [])},
             "drift": {
                 **{k: v for k, v in (status.get("drift") or {}).items() if k != "features"},
                 "top": features[:8],

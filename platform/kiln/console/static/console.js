@@ -162,7 +162,11 @@ function renderVersions(section, model) {
   const replicas = Object.entries(app.replicas || {}).map(([s, n]) => `${n} ${s.toLowerCase()}`);
   section.querySelector('[data-testid="replicas"]').textContent =
     `app ${app.status || "unknown"}; replicas: ${replicas.join(", ") || "none"}` +
-    (model.monitor_scope ? `; monitoring window of replica ${model.monitor_scope}` : "");
+    (model.monitor_scope ? `; monitoring window of replica ${model.monitor_scope}` : "") +
+    (model.rollout && model.rollout.active ? "; versions ready per replica: " +
+      (Object.entries(model.rollout.replicas).map(([rid, ready]) =>
+        `${rid.slice(0, 8)}: ` + Object.entries(ready || {}).map(([v, st]) => `v${v} ${st}`)
+          .join(", ")).join("; ") || "none reported") : "");
   const pick = (field) => model.versions.map((v) => v.series.map((p) => [p.t, p[field]]));
   const names = model.versions.map((v) => "v" + v.version);
   const grid = section.querySelector(".grid");
