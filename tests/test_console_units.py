@@ -228,3 +228,70 @@ def test_kiln_console_says_plainly_when_nothing_is_served(tmp_path):
         "url": "http://127.0.0.1:8000/console/",
         "opened": False,
     }
+
+
+def test_a_read_only_page_shows_no_buttons_in_a_real_browser(tmp_path):
+    """With no API key set, the page renders a rollout without its buttons (Chromium; the page's
+    requests are answered in-process by the console's own handler, whose gathered state is built
+    by ``rollout_view`` from a record: no cluster)."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    chromium = shutil.which("chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if chromium is None or sync_playwright is None:
+        pytest.skip("needs Debian's chromium and Playwright for Python (`make install`)")
+    record = {"phase": "running", "stable": "1", "candidate": "2", "steps": [20.0],
+              "strategy": "canary", "step": 0, "weight": 20.0, "baked_s": 0.0, "bake_s": 60,
+              "shadow": 0.0, "reason": ""}  # fmt: skip
+    entries = [{"time": 1.0, "decision": "start", "weights": {"1": 100.0}, "trigger": "user"}]
+    version = {"uri": "", "facts": {}, "series": [], "latest": None, "monitor": None}
+    state = {
+        "time": 2.0,
+        "url": "http://127.0.0.1:9",
+        "actions": False,
+        "errors": [],
+        "models": [
+            {
+                "name": "m",
+                "app": {"status": "RUNNING", "replicas": {"RUNNING": 1}},
+                "versions": [
+                    {**version, "version": "1", "roles": ["default", "stable"]},
+                    {**version, "version": "2", "roles": ["candidate"]},
+                ],
+                "rollout": rollout_view({"record": record, "live": True, "gates": {}}, entries),
+                "monitor_scope": None,
+            }
+        ],
+    }
+    server = ConsoleServer(str(tmp_path), None)
+
+    async def gather(actions: bool) -> dict:
+        return {**state, "actions": actions}
+
+    server.data.gather = gather  # type: ignore[method-assign]
+
+    def answer(route):
+        req = route.request
+        path = req.url.split("127.0.0.1:9", 1)[1].split("?", 1)[0]
+        # Playwright's sync API runs an event loop in this thread: the handler runs in another
+        with ThreadPoolExecutor(1) as pool:
+            resp = pool.submit(call, server, path, req.method, dict(req.headers)).result()
+        route.fulfill(status=resp.status_code, headers=dict(resp.headers), body=resp.body)
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.route("http://127.0.0.1:9/**", answer)
+        page.goto("http://127.0.0.1:9/console/")
+        page.wait_for_selector('[data-testid="read-only"]', timeout=30_000)
+        assert page.query_selector("button[data-action]") is None
+        assert page.inner_text('[data-testid="weights-now"]') == "Weights now: v1 80% / v2 20%"
+        assert page.inner_text("#mode") == "read-only"
+        browser.close()
+    assert errors == []
