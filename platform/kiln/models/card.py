@@ -196,12 +196,16 @@ def model_card(tracking_uri: str, uri: str) -> str:
         f"- Data: source `{source}`, "
         f"dataset hash `{facts['dataset_hash'] or train['dataset_hash'] or 'not recorded'}`",
     ]
-    tune = {k: v for k, v in train["run_tags"].items() if k.startswith("kiln.tune.")}
-    if tune or train["run_tags"].get("mlflow.parentRunId"):
+    tags = train["run_tags"]
+    sweep = tags.get("mlflow.parentRunId") if tags.get("kiln.tune.trial") else None
+    if sweep:
         lines.append(
-            f"- Tuned: sweep run `{train['run_tags'].get('mlflow.parentRunId', 'not recorded')}`, "
-            f"trial {train['run_tags'].get('mlflow.runName', '?')}"
-            + "".join(f"; {k[len('kiln.tune.') :]} {v}" for k, v in sorted(tune.items()))
+            f"- Tuned: sweep run `{sweep}`, trial {tags['kiln.tune.trial']}"
+            + "".join(
+                f"; {k[len('kiln.tune.') :]} {v}"
+                for k, v in sorted(tags.items())
+                if k.startswith("kiln.tune.") and k != "kiln.tune.trial"
+            )
         )
     if len(chain) > 1:
         parent = chain[-2]
