@@ -370,3 +370,38 @@ def test_bad_inputs_fail_clearly_and_register_nothing(reference, tmp_path, case)
     assert len(errors) == 1 and expect in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert set(versions(reference)) == before and alias_version(reference) == alias_before
+
+
+def test_model_card_of_a_compressed_variant(compressed, reference):
+    """The card stored at registration, and `kiln model card`, name the variant's parent, its
+    steps from the reference, and its measured size and accuracy against the reference."""
+    out, by_name = compressed["out"], compressed["by_name"]
+    entry, parent = by_name["pruned_int8"], by_name["pruned"]
+    mv = compressed["after"][entry["version"]]
+    logged = {a.path for a in client(reference).list_artifacts(mv.run_id, "model_card")}
+    assert logged == {f"model_card/{MODEL}-v{entry['version']}.md"}
+    proc = run_kiln(
+        "model", "card", entry["model_uri"], "--tracking-uri", reference["tracking_uri"]
+    )
+    assert proc.returncode == 0, proc.stderr
+    card = proc.stdout
+    assert card.startswith(f"# Model card: {MODEL} v{entry['version']}")
+    assert f"- Parent: `{parent['model_uri']}` (prune)" in card
+    assert f"- Reference: `{reference['uri']}` (fp32)" in card
+    assert "1. prune 'pruned' (" in card and f"-> v{parent['version']}" in card
+    assert "2. quantize 'pruned_int8'" in card and f"-> v{entry['version']}" in card
+    size, ref_size = entry["metrics"]["size_bytes"], out["reference"]["metrics"]["size_bytes"]
+    assert (
+        f"- Size: {size / 1024:.1f} KB against {ref_size / 1024:.1f} KB "
+        f"({ref_size / size:.2f}x smaller)" in card
+    )
+    acc = float(mv.tags["test_accuracy"])
+    ref_acc = float(compressed["after"][reference["uri"].rsplit("/", 1)[1]].tags["test_accuracy"])
+    assert (
+        f"- Test accuracy: {acc:.4f} against {ref_acc:.4f} ({100 * (acc - ref_acc):+.2f} points)"
+        in (card)
+    )
+    proc = run_kiln(
+        "model", "card", f"models:/{MODEL}/999", "--tracking-uri", reference["tracking_uri"]
+    )
+    assert proc.returncode == 2 and "error: unknown model" in proc.stderr

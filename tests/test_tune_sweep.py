@@ -344,3 +344,13 @@ def test_trial_workers_run_each_trial_as_a_multi_worker_ray_train_run(ray_cluste
         assert epochs_logged(result.tracking_uri, t.run_id) == [0, 1]
         assert 0.0 < t.metrics["val_accuracy"] <= 1.0
     assert trk.model_version_for(result.tracking_uri, result.model_uri).run_id == result.best.run_id
+
+
+@pytest.mark.slow
+def test_the_tuned_versions_model_card_names_its_sweep_and_trial(sweep):
+    from kiln.models.card import model_card
+
+    _, out, _ = sweep
+    card = model_card(out["tracking_uri"], out["model_uri"])
+    assert f"- Tuned: sweep run `{out['sweep_run_id']}`, trial {out['best_trial']};" in card
+    assert "best true" in card

@@ -99,6 +99,8 @@ COMMANDS: dict[str, str] = {
     "rollout": "kiln.commands.rollout",
     "predict": "kiln.commands.predict",
     "monitor": "kiln.commands.monitor",
+    "console": "kiln.commands.console",
+    "model": "kiln.commands.model",
 }
 
 

@@ -90,3 +90,55 @@ def test_register_artifact_without_evaluation_tags_only_what_it_is_given(tmp_pat
     run = trk.get_run(uri, run_id)
     assert run.info.status == "RUNNING"  # the caller closes it (tune closes its child runs itself)
     assert run.data.metrics == {}
+
+
+def test_every_registration_stores_its_model_card(tmp_path):
+    """The card is stored on the version's run at registration; a variant's card (compress's tags:
+    parent, kind, name, params, size, accuracy) names its parent, the steps from the reference and
+    its size and accuracy against the reference."""
+    from kiln.models.card import model_card
+
+    uri = trk.default_tracking_uri(tmp_path)
+    exp = trk.ensure_experiment(uri, "card", tmp_path)
+
+    def register(tags: dict, name: str) -> str:
+        run_id = trk.start_run(uri, exp, name, {trk.TAG_JOB: "test"})
+        model_dir = copy_artifact(tiny_artifact(tmp_path / f"ckpt-{name}"), tmp_path / name)
+        version = register_artifact(uri, "card", run_id, model_dir, tags=tags, finish_run=True)
+        logged = {a.path for a in trk.client(uri).list_artifacts(run_id, "model_card")}
+        assert logged == {f"model_card/card-v{version.version}.md"}
+        return version.version
+
+    ref = register({"kiln.variant": "fp32", "test_accuracy": "0.9500"}, "ref")
+    steps = [("prune", "pruned", {"ratio": 0.5}, "600"), ("quantize", "int8", {}, "300")]
+    parent = ref
+    for kind, name, params, size in steps:
+        parent = register(
+            {
+                "kiln.variant": kind,
+                "kiln.variant_name": name,
+                "kiln.parent_version": parent,
+                "kiln.params": json.dumps(params),
+                "size_bytes": size,
+                "test_accuracy": "0.9400",
+            },
+            name,
+        )
+    card = model_card(uri, f"models:/card/{parent}")
+    ref_size = sum(p.stat().st_size for p in (tmp_path / "ref").iterdir() if p.name != "MLmodel")
+    assert f"- Parent: `models:/card/{int(parent) - 1}` (prune)" in card
+    assert f"- Reference: `models:/card/{ref}` (fp32)" in card
+    assert "  1. prune 'pruned' (ratio=0.5) -> v2" in card and "  2. quantize 'int8' -> v3" in card
+    assert (
+        f"- Size: 0.3 KB against {ref_size / 1024:.1f} KB ({ref_size / 300:.2f}x smaller)" in card
+    )
+    assert "- Test accuracy: 0.9400 against 0.9500 (-1.00 points)" in card
+    with pytest.raises(ModelError):
+        model_card(uri, "models:/card/99")
+
+
+def test_a_card_never_shows_the_tracking_servers_password():
+    from kiln.models.card import public_uri
+
+    assert public_uri("https://user:secret@mlflow.example:5000/") == "https://mlflow.example:5000/"
+    assert public_uri("sqlite:////tmp/x/mlflow.db") == "sqlite:////tmp/x/mlflow.db"

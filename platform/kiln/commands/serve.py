@@ -141,8 +141,10 @@ def use_serving_env(run_dir: str, address: str | None, starting: bool = False) -
 
 def serving_hooks(cfg: ServeConfig | None) -> ServingHooks:
     """The layers above serving plugged into ``kiln serve start | stop``: rollout records and
-    controllers (``kiln.rollout.control``) and, when ``serve.monitor.retrain`` is set, the
-    replicas' retraining loop (``kiln.monitor.retrain``)."""
+    controllers (``kiln.rollout.control``), the Kiln console under ``/console/``
+    (``kiln.console``) and, when ``serve.monitor.retrain`` is set, the replicas' retraining loop
+    (``kiln.monitor.retrain``)."""
+    from kiln.console.server import console_factory
     from kiln.rollout.control.api import restore_rollouts, stop_controllers
     from kiln.serve.lifecycle import ServingHooks
 
@@ -151,7 +153,12 @@ def serving_hooks(cfg: ServeConfig | None) -> ServingHooks:
         from kiln.monitor.retrain.loop import RetrainLoop
 
         retrainer = RetrainLoop
-    return ServingHooks(restore=restore_rollouts, on_stop=stop_controllers, retrainer=retrainer)
+    return ServingHooks(
+        restore=restore_rollouts,
+        on_stop=stop_controllers,
+        retrainer=retrainer,
+        console=console_factory,
+    )
 
 
 def _start(args) -> int:
@@ -201,6 +208,12 @@ def _start(args) -> int:
         )
     if info.metrics_url:
         say(args, f"metrics  {info.metrics_url}")
+    if info.console_url:
+        say(
+            args,
+            f"console  {info.console_url}"
+            + ("  (needs the API key)" if info.api_key_required else ""),
+        )
     say(args, "stop with: kiln serve stop" + (f" --address {args.address}" if args.address else ""))
     if args.json:
         emit_json(info.to_dict())
@@ -237,6 +250,8 @@ def _status(args) -> int:
         )
     if st.metrics_url:
         say(args, f"metrics  {st.metrics_url}")
+    if st.console_url:
+        say(args, f"console  {st.console_url}")
     for error in st.errors:  # stderr under --json: the JSON line stays as documented
         say(args, f"warning: could not read the {error}")
     if args.json:

@@ -17,6 +17,7 @@ from pathlib import Path
 from kiln import tracking as trk
 from kiln.errors import ModelError
 from kiln.models.artifact import artifact_files
+from kiln.models.card import store_card
 from kiln.models.spec import SPEC_FILE
 
 MLMODEL_FILE = "MLmodel"
@@ -73,7 +74,8 @@ def register_artifact(
     before it is logged), ``test_metrics`` and ``metrics`` logged on the run (``test_accuracy`` of
     ``test_metrics`` also becomes a version tag), the folder logged as the run's
     ``model`` artifact, the version created with ``tags``, then the run tagged with
-    ``kiln.model_version`` (and ``run_tags``) and, with ``finish_run``, ended as FINISHED.
+    ``kiln.model_version`` (and ``run_tags``), the version's model card logged on the run
+    (``kiln.models.card.store_card``) and, with ``finish_run``, the run ended as FINISHED.
 
     Returns the Registration. Raises whatever ``write_reference`` or MLflow raise; the caller
     decides the run's status on failure.
@@ -92,6 +94,7 @@ def register_artifact(
         tracking_uri, name, run_id, tags=version_tags, description=description
     )
     trk.set_tags(tracking_uri, run_id, {TAG_MODEL_VERSION: version, **(run_tags or {})})
+    store_card(tracking_uri, name, version, run_id)
     if finish_run:
         trk.end_run(tracking_uri, run_id, "FINISHED")
     return Registration(name=name, version=version, test_metrics=evaluated)

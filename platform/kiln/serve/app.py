@@ -12,6 +12,7 @@ from kiln.serve.plan import ModelAppSpec, ModelPlan, ServePlan
 
 if TYPE_CHECKING:
     from kiln.monitor.live.served import RetrainerFactory
+    from kiln.serve.root_server import ConsoleFactory
 
 ROOT_APP = "kiln"
 MODEL_APP_PREFIX = "kiln-"
@@ -63,10 +64,12 @@ def build_applications(
     api_key_sha256: str | None,
     retrainer: RetrainerFactory | None = None,
     dashboard_url: str | None = None,
+    console: ConsoleFactory | None = None,
 ) -> list[Any]:
     """The ``RunTarget``s to deploy: the root app first, then one per model. ``retrainer`` builds
     the replicas' retraining loops (passed only when ``serve.monitor.retrain`` is set); they submit
-    jobs to ``dashboard_url`` unless the policy names a Jobs API."""
+    jobs to ``dashboard_url`` unless the policy names a Jobs API. ``console`` builds the root app's
+    handler of ``/console/`` (with the run dir and the API key's digest)."""
     from ray import serve
     from ray.serve import Deployment, RunTarget
 
@@ -87,7 +90,8 @@ def build_applications(
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=256,
     )
-    targets = [RunTarget(root.bind(listing, names, kiln_version), name=ROOT_APP, route_prefix="/")]
+    bound = root.bind(listing, names, kiln_version, console, plan.run_dir, api_key_sha256)
+    targets = [RunTarget(bound, name=ROOT_APP, route_prefix="/")]
     for model in plan.models:
         spec = ModelAppSpec(
             model_name=model.name,

@@ -56,6 +56,7 @@ class LocalRay:
     auth_mode: str
     started: int | None = None  # the leader's start time (clock ticks); None in older state files
     dashboard_url: str | None = None
+    console_url: str | None = None  # the Kiln console (``/console/``), when served with one
 
     def __post_init__(self) -> None:
         if self.dashboard_url is None:  # older state files: the dashboard listens on 127.0.0.1
@@ -141,6 +142,7 @@ class ServeState:
     # The serving cluster's dashboard (Jobs API), captured at start: the local instance's, else
     # what the caller recorded (ray_connection.connected_dashboard_url()); None when unknown.
     dashboard_url: str | None = None
+    console_url: str | None = None  # the Kiln console (``/console/``), when served with one
 
     def __post_init__(self) -> None:
         local = self.local()

@@ -52,10 +52,12 @@ from kiln.serve.instance import (
     state_dir,
 )
 from kiln.serve.plan import ServePlan, plan_serving
+from kiln.serve.root_server import CONSOLE_PATH
 from kiln.waiting import WaitTimeout, wait_until
 
 if TYPE_CHECKING:
     from kiln.monitor.live.served import RetrainerFactory
+    from kiln.serve.root_server import ConsoleFactory
 
 logger = logging.getLogger("kiln.serve")
 Progress = Callable[[str], None]
@@ -71,12 +73,14 @@ class ServingHooks:
     each model on its last promoted version). ``on_stop(models)``: runs before the models'
     applications are deleted (their rollout controllers go). ``retrainer``: builds each replica's
     retraining loop of a version (``serve.monitor.retrain``); pickled into the replicas by
-    reference.
+    reference. ``console``: builds the handler of ``/console/`` in the root app's replica (the
+    Kiln console, ``kiln.console``); pickled by reference too.
     """
 
     restore: Callable[[ServePlan, str | Path], ServePlan] | None = None
     on_stop: Callable[[list[str]], None] | None = None
     retrainer: RetrainerFactory | None = None
+    console: ConsoleFactory | None = None
 
 
 @dataclass
@@ -100,6 +104,7 @@ class ServeInfo:
     metrics_url: str | None = None
     local_ray_pid: int | None = None
     api_key_required: bool = False
+    console_url: str | None = None  # the Kiln console, when serving was started with one
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -286,6 +291,7 @@ def start_serving(
             key_digest(api_key) if api_key else None,
             hooks.retrainer,
             dashboard if hooks.retrainer is not None else None,
+            hooks.console,
         )
         deployed = [t.name for t in targets]
         progress(f"deploying {len(plan.models)} model(s) on Ray Serve at {gcs}")
@@ -301,6 +307,7 @@ def start_serving(
             metrics_url=metrics_url(),
             local_ray_pid=local.pid if local else None,
             api_key_required=api_key is not None,
+            console_url=f"{url}{CONSOLE_PATH}/" if hooks.console is not None else None,
             models=[
                 ServedModelInfo(
                     name=m.name,
@@ -332,6 +339,7 @@ def start_serving(
             local_ray=local_ray_from(local) if local else None,
             tracking_uri=plan.tracking_uri,
             dashboard_url=dashboard,
+            console_url=info.console_url,
         ),
     )
     return info

@@ -2,29 +2,43 @@
 
 Requests for a served model go to that model's own application (its route prefix is longer), so a
 request that reaches this deployment under ``/v2/models/`` names a model that is not served.
-Imports neither torch nor the models: this replica stays small.
+Imports neither torch nor the models: this replica stays small. When serving is started with a
+console (``ServingHooks.console``, composed by the commands layer), requests under ``/console/``
+are handed to it: the console lives above serving and is known here only as a factory.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from kiln.serve.http import error_response, json_response, method_not_allowed
 
 READY_CACHE_S = 1.0
+CONSOLE_PATH = "/console"
+
+# (run_dir, api_key_sha256) -> an async request handler for everything under CONSOLE_PATH.
+ConsoleFactory = Callable[[str, "str | None"], Callable[[Any], Awaitable[Any]]]
 
 
 class RootServer:
     """Serve deployment class for ``/v2/health/*``, ``/v2`` and ``/v2/models`` (a Kiln listing)."""
 
     def __init__(
-        self, models: dict[str, dict[str, Any]], app_names: list[str], server_version: str
+        self,
+        models: dict[str, dict[str, Any]],
+        app_names: list[str],
+        server_version: str,
+        console: ConsoleFactory | None = None,
+        run_dir: str = "",
+        api_key_sha256: str | None = None,
     ):
         self.models = models  # name -> {"versions": [...], "default_version": "..."}
         self.app_names = app_names
         self.server_version = server_version
         self._ready: tuple[float, list[str]] | None = None
+        self.console = console(run_dir, api_key_sha256) if console is not None else None
 
     def not_ready(self) -> list[str]:
         """Kiln applications that are not RUNNING (cached briefly: health checks come often)."""
@@ -44,6 +58,8 @@ class RootServer:
     async def __call__(self, request):
         path = request.url.path.rstrip("/") or "/"
         parts = [p for p in path.split("/") if p]
+        if self.console is not None and parts[:1] == [CONSOLE_PATH.strip("/")]:
+            return await self.console(request)
         if parts[:2] == ["v2", "models"] and len(parts) >= 3:
             served = ", ".join(sorted(self.models)) or "none"
             return error_response(f"unknown model '{parts[2]}' (served: {served})", 404)

@@ -33,6 +33,7 @@ class ServingStatus:
     applications: dict[str, dict[str, Any]] = field(default_factory=dict)
     models: list[dict[str, Any]] = field(default_factory=list)
     metrics_url: str | None = None
+    console_url: str | None = None  # the Kiln console, when serving was started with one
     # What could not be read (the model listing, the metrics endpoint): the CLI prints a warning
     # line for each; not in to_dict(), so the documented JSON stays as it was.
     errors: list[str] = field(default_factory=list)
@@ -68,6 +69,7 @@ def serving_status(
         ingress=state.ingress if state else None,
         local_ray_pid=local.pid if local else None,
         metrics_url=metrics_url(),
+        console_url=state.console_url if state is not None and state.address == address else None,
     )
     for name, app in sorted(apps.items()):
         replicas = {

@@ -1,0 +1,262 @@
+"""The console's HTTP side, inside the root app's replica: everything under ``/console/``.
+
+Access follows the API's rules (``kiln.serve.http.check_api_key``). With an API key set, every
+path but the key form (and its style sheet) needs the key, sent as the API takes it
+(``X-API-Key`` or ``Authorization: Bearer``) or as the cookie the form sets (HttpOnly,
+SameSite=Strict, path ``/console``). A request without it is refused with the API's status and
+message (as an HTML page with the key form when a browser asks for a page). The rollout buttons
+work only for a request that carries the key: with no key set, the console is read-only. Every
+answer forbids loading anything from elsewhere (Content-Security-Policy ``'self'``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+from kiln.console.state import ConsoleData
+from kiln.errors import KilnError, first_line
+from kiln.serve.http import (
+    API_KEY_HEADER,
+    check_api_key,
+    error_response,
+    json_response,
+    method_not_allowed,
+    read_body,
+)
+from kiln.serve.protocol import ProtocolError
+from kiln.serve.root_server import CONSOLE_PATH
+
+STATIC = Path(__file__).resolve().parent / "static"
+COOKIE = "kiln_console_key"
+ACTIONS = ("promote", "rollback", "pause", "resume")
+PUBLIC = ("/static/console.css",)  # the key form's style: public, like the form itself
+MAX_FORM_BYTES = 4096  # the key form and an action's JSON are tiny
+STATE_CACHE_S = 0.5  # several open pages share one gathering
+CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".json": "application/json",
+    ".png": "image/png",
+    "": "text/plain; charset=utf-8",
+}
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
+    "frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+def static_files() -> dict[str, Path]:
+    """The files the console serves: ``static/`` relative path -> file (a fixed list, so no request
+    path ever reaches the file system)."""
+    return {
+        p.relative_to(STATIC).as_posix(): p
+        for p in sorted(STATIC.rglob("*"))
+        if p.is_file() and not p.name.startswith(".")
+    }
+
+
+def login_page(message: str) -> str:
+    """The page a browser gets when the key is missing or wrong: the API's message and a form."""
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Kiln console: API key needed</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
+<link rel="stylesheet" href="{CONSOLE_PATH}/static/console.css"></head>
+<body><main class="login"><h1>Kiln console</h1>
+<p class="refused" role="alert" data-testid="refused">{html.escape(message)}</p>
+<form method="post" action="{CONSOLE_PATH}/login">
+<label for="key">API key of this server</label>
+<input id="key" name="key" type="password" autocomplete="current-password" required>
+<button type="submit">Open the console</button></form></main></body></html>"""
+
+
+class ConsoleServer:
+    """The async handler of ``/console/...`` (``kiln.serve.root_server.ConsoleFactory``)."""
+
+    def __init__(self, run_dir: str, api_key_sha256: str | None):
+        self.run_dir = run_dir
+        self.api_key_sha256 = api_key_sha256
+        self.data = ConsoleData(run_dir)
+        self.files = static_files()
+        self._cached: dict[bool, tuple[float, dict[str, Any]]] = {}
+        self._lock = asyncio.Lock()
+        self._warming: asyncio.Future[None] | None = None
+        try:  # built on the replica's event loop: import the heavy parts before the first visit
+            loop = asyncio.get_running_loop()
+            self._warming = loop.run_in_executor(None, _warm_up)
+        except RuntimeError:  # no running event loop (built in-process, in the unit tests)
+            pass
+
+    async def __call__(self, request):
+        path = request.url.path[len(CONSOLE_PATH) :]
+        if path == "":  # relative links need the trailing slash
+            return _response(b"", 308, {"Location": f"{CONSOLE_PATH}/"})
+        if path == "/login":
+            return await self.login(request)
+        if path in PUBLIC and request.method == "GET":
+            return _response(self.files[path[len("/static/") :]].read_bytes(), 200, content=".css")
+        try:
+            key = self.authenticated(request)
+        except ProtocolError as exc:
+            if "text/html" in request.headers.get("accept", ""):
+                return _response(login_page(str(exc)).encode(), exc.status, content=".html")
+            return error_response(str(exc), exc.status, SECURITY_HEADERS)
+        if path == "/api/action":
+            if request.method != "POST":
+                return method_not_allowed(request.method, request.url.path, "POST")
+            return await self.action(request, key)
+        if request.method != "GET":
+            return method_not_allowed(request.method, request.url.path, "GET")
+        if path == "/api/state":
+            return await self.state(actions=key)
+        if path == "/api/card":
+            return await self.card(request)
+        name = "index.html" if path == "/" else path[len("/static/") :]
+        file = self.files.get(name) if path == "/" or path.startswith("/static/") else None
+        if file is None:
+            return error_response(f"no console page {request.url.path}", 404, SECURITY_HEADERS)
+        return _response(file.read_bytes(), 200, content=file.suffix)
+
+    def authenticated(self, request) -> bool:
+        """Whether the request carries the API key (False when none is set). Raises ProtocolError
+        401/403 when a key is set and the request lacks it or has a wrong one."""
+        if self.api_key_sha256 is None:
+            return False
+        headers = {
+            k: v for k, v in request.headers.items() if k in (API_KEY_HEADER, "authorization")
+        }
+        cookie = request.cookies.get(COOKIE)
+        if cookie and not headers:
+            headers[API_KEY_HEADER] = cookie
+        check_api_key(headers, self.api_key_sha256)
+        return True
+
+    async def login(self, request):
+        """GET: the key form. POST (form field ``key``): set the cookie and go to the console, or
+        the form again with the API's refusal."""
+        if request.method == "GET":
+            return _response(login_page("").encode(), 200, content=".html")
+        if request.method != "POST":
+            return method_not_allowed(request.method, request.url.path, "GET, POST")
+        try:
+            body = await read_body(request, MAX_FORM_BYTES)
+            key = urllib.parse.parse_qs(body.decode(errors="replace")).get("key", [""])[0]
+            if self.api_key_sha256 is None:
+                raise ProtocolError("this server has no API key: the console needs none", 400)
+            check_api_key({API_KEY_HEADER: key}, self.api_key_sha256)
+        except ProtocolError as exc:
+            return _response(login_page(str(exc)).encode(), exc.status, content=".html")
+        cookie = (
+            f"{COOKIE}={urllib.parse.quote(key, safe='')}; Path={CONSOLE_PATH}; HttpOnly; "
+            "SameSite=Strict"
+        )
+        return _response(b"", 303, {"Location": f"{CONSOLE_PATH}/", "Set-Cookie": cookie})
+
+    async def state(self, actions: bool):
+        """The page's JSON (gathered at most every STATE_CACHE_S for all open pages)."""
+        async with self._lock:
+            cached = self._cached.get(actions)
+            if cached is None or time.monotonic() - cached[0] > STATE_CACHE_S:
+                try:
+                    payload = await self.data.gather(actions)
+                except KilnError as exc:
+                    return error_response(first_line(exc), 503, SECURITY_HEADERS)
+                cached = self._cached[actions] = (time.monotonic(), payload)
+        return json_response(cached[1], headers=SECURITY_HEADERS)
+
+    async def action(self, request, key: bool):
+        """POST ``{"model": M, "action": promote|rollback|pause|resume}``: the rollout command, as
+        ``kiln rollout ACTION M`` runs it (trigger ``console`` in the audit log)."""
+        if not key:
+            return error_response(
+                "rollout actions from the console need the server's API key (serve.api_key_env)",
+                403,
+                SECURITY_HEADERS,
+            )
+        origin = request.headers.get("origin")
+        if origin is not None and urllib.parse.urlsplit(origin).netloc != request.headers.get(
+            "host"
+        ):
+            return error_response(f"cross-origin action from {origin}", 403, SECURITY_HEADERS)
+        try:
+            body = json.loads(await read_body(request, MAX_FORM_BYTES) or b"{}")
+            model, action = str(body.get("model", "")), str(body.get("action", ""))
+        except ProtocolError as exc:
+            return error_response(str(exc), exc.status, SECURITY_HEADERS)
+        except (ValueError, AttributeError):
+            return error_response('the body must be {"model": M, "action": A}', 400)
+        if action not in ACTIONS:
+            return error_response(
+                f"unknown action '{action}' (one of {', '.join(ACTIONS)})", 400, SECURITY_HEADERS
+            )
+        from kiln.rollout.control.api import rollout_command
+
+        try:
+            record = await asyncio.to_thread(
+                rollout_command, self.run_dir, None, model, action, "console"
+            )
+        except KilnError as exc:
+            return error_response(first_line(exc), 409, SECURITY_HEADERS)
+        self._cached.clear()
+        return json_response(record.to_dict(), headers=SECURITY_HEADERS)
+
+    async def card(self, request):
+        """The model card of ``?model=NAME&version=V`` (a served model's registry version) as
+        Markdown text."""
+        from kiln.models.card import model_card
+        from kiln.serve.instance import load_state
+
+        model = request.query_params.get("model", "")
+        version = request.query_params.get("version", "")
+        state = load_state(self.run_dir)
+        uris = {
+            (m["name"], m["version"]): m.get("uri", "") for m in (state.models if state else [])
+        }
+        uri = uris.get((model, version)) or ""
+        if not uri and state is not None:
+            # a version a rollout loaded: the same registered model as a served one
+            base = next((u for (n, _), u in uris.items() if n == model and u), "")
+            uri = f"{base.rsplit('/', 1)[0]}/{version}" if base and version.isdigit() else ""
+        if state is None or not uri or not state.tracking_uri:
+            return error_response(f"model '{model}' v{version} is not served", 404)
+        try:
+            text = await asyncio.to_thread(model_card, state.tracking_uri, uri)
+        except KilnError as exc:
+            return error_response(first_line(exc), 404, SECURITY_HEADERS)
+        return _response(text.encode(), 200, content="")
+
+
+def _warm_up() -> None:
+    """Import what the page's JSON needs (MLflow's client, the rollout API, the Prometheus
+    parser): seconds on a busy machine, paid at start rather than by the first visitor."""
+    import prometheus_client.parser  # noqa: F401
+    from mlflow.tracking import MlflowClient  # noqa: F401
+
+    import kiln.models.card  # noqa: F401
+    import kiln.rollout.control.api  # noqa: F401
+
+
+def _response(body: bytes, status: int, headers: dict[str, str] | None = None, content=".html"):
+    from starlette.responses import Response
+
+    return Response(
+        body,
+        status_code=status,
+        headers={**SECURITY_HEADERS, **(headers or {})},
+        media_type=CONTENT_TYPES.get(content, CONTENT_TYPES[""]),
+    )
+
+
+def console_factory(run_dir: str, api_key_sha256: str | None) -> ConsoleServer:
+    """``ServingHooks.console``: the console's handler, built in the root app's replica."""
+    return ConsoleServer(run_dir, api_key_sha256)
