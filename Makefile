@@ -19,6 +19,11 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	@# The console's browser tests drive Debian's chromium (Playwright's own browser download is not
+	@# used); apt only where chromium is missing and apt is usable (root).
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	    && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+	    || echo "note: no chromium; tests/test_console.py will be skipped"
 	@touch $(STAMP)
 
 # The main job end to end: train (2 Ray Train workers), a small tuning sweep, compression of the
