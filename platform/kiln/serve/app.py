@@ -108,6 +108,7 @@ def build_applications(
             run_dir=plan.run_dir,
             retrainer=retrainer if cfg.monitor.retrain is not None else None,
             dashboard_url=dashboard_url,
+            limits=cfg.limits.model_dump(),
         )
         deployment = cast(Deployment, serve.deployment(ModelServer)).options(
             **deployment_options(model)

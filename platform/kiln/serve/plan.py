@@ -53,6 +53,7 @@ class ModelAppSpec:
     # Pickled by reference: only replicas of a config with serve.monitor.retrain import it.
     retrainer: RetrainerFactory | None = None
     dashboard_url: str | None = None  # the serving cluster's Jobs API, captured by the driver
+    limits: dict[str, Any] | None = None  # serve.limits (a LimitsConfig's fields)
 
 
 @dataclass
