@@ -12,13 +12,13 @@ import io
 import json
 import struct
 import time
-import zlib
 
 import numpy as np
 import pytest
 
 from kiln.serve.limits import LimitError, LimitsConfig, check_json_depth
 from kiln.serve.protocol import CLIENT_ERRORS, ProtocolError, load_json, parse_infer_request
+from served_models import png_bomb, png_header_only
 
 FAST_S = 2.0  # every refusal below takes milliseconds; the bound only catches work done first
 
@@ -40,38 +40,6 @@ def body(inputs: list[dict], **extra) -> bytes:
 
 def tensor(shape, data, datatype="FP32", name="input") -> dict:
     return {"name": name, "shape": shape, "datatype": datatype, "data": data}
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG declaring ``width`` x ``height`` grey pixels, with a tiny (wrong) IDAT: only its
-    header may be read."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b""))
-        + chunk(b"IEND", b"")
-    )
-
-
-def png_bomb(side: int) -> bytes:
-    """A real, valid PNG of ``side`` x ``side`` black pixels, compressed a row at a time (never
-    held decoded here): tens of KB that decode to side*side bytes."""
-    packer = zlib.compressobj(9)
-    row = b"\x00" * (side + 1)  # filter byte + pixels
-    idat = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 # --- JSON ----------------------------------------------------------------------------------------
