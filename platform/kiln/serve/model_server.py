@@ -326,7 +326,8 @@ class ModelServer:
             latency_ms = (time.perf_counter() - started) * 1000.0
             self.metrics.request(self.spec.model_name, label, endpoint, status, latency_ms)
             if label != "-":
-                self.rollout.record(label, status, latency_ms)
+                # a request naming its version is pinned: it never moves a rollout's gates
+                self.rollout.record(label, status, latency_ms, routed=version is None)
 
     def _shadow(self, version: str | None, prepare, logits: np.ndarray) -> None:
         """Mirror the request to ``version`` in the background: its answer is only compared, never
