@@ -312,3 +312,29 @@ def test_serve_start_naming_a_newer_version_supersedes_the_promoted_one(tmp_path
         {"3": 100.0},
     )
     assert "newer than the last promoted v2" in last["reason"]
+
+
+@pytest.mark.parametrize(
+    "content", ['{"model": "m", "stable": "1", "stable_u', "", "[1, 2]", '{"model": "m"}']
+)
+def test_an_unreadable_rollout_record_is_reported_not_ignored(tmp_path, content):
+    """A truncated or corrupted record stops `kiln serve start` (its restore hook) with one line
+    naming the file and the way out, instead of loading as "no record"."""
+    from kiln.errors import KilnError
+    from kiln.rollout.control.api import served_version_overrides
+
+    store = RolloutStore(tmp_path, "m")
+    store.save(RolloutRecord.from_dict(_record()))
+    store.record_path.write_text(content)
+    with pytest.raises(KilnError) as err:
+        served_version_overrides(tmp_path, "m")
+    message = str(err.value)
+    assert str(store.record_path) in message and "move it aside" in message
+    assert "\n" not in message
+
+
+def test_the_rollout_record_is_written_atomically(tmp_path):
+    store = RolloutStore(tmp_path, "m")
+    store.save(RolloutRecord.from_dict(_record()))
+    assert store.load().candidate == "2"
+    assert [p.name for p in store.dir.iterdir()] == [store.record_path.name]  # no temporary left
