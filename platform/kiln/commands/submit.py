@@ -51,6 +51,12 @@ def add_arguments(parser) -> None:
         help="also install kiln's requirements (all but ray and torch) into the job's environment",
     )
     parser.add_argument(
+        "--include-secret-files",
+        action="store_true",
+        help="also upload .env, key and credential files from the working dir (excluded by "
+        "default)",
+    )
+    parser.add_argument(
         "--submission-id", metavar="ID", help="the job's id (default: kiln-JOB-<random>)"
     )
     add_json_argument(parser)
@@ -92,6 +98,7 @@ def run(args) -> int:
         spec,
         tracking_uri,
         with_deps=args.with_deps,
+        include_secret_files=args.include_secret_files,
         env_vars={"KILN_DEBUG": "1"} if args.debug else None,
     )
     submission_id = submit(client, spec, runtime_env, args.submission_id)
