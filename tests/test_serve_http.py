@@ -672,6 +672,24 @@ def test_each_class_of_hostile_input_is_4xx_fast_memory_bounded_and_the_next_req
     assert max(grown.values()) < RSS_GROWTH_BYTES, grown
 
 
+def replica_pids(address: str) -> list[int]:
+    from ray.util.state import list_actors
+
+    return [
+        a.pid
+        for a in list_actors(address, filters=[("state", "=", "ALIVE")], limit=1000)
+        if a.class_name.startswith("ServeReplica:kiln-") and a.pid
+    ]
+
+
+def test_the_api_key_is_in_no_replica_environment(served, ray_cluster):
+    """Replicas get the key's sha256 only: the key itself is in no replica's environment."""
+    pids = replica_pids(ray_cluster)
+    assert pids
+    for pid in pids:
+        assert API_KEY.encode() not in Path(f"/proc/{pid}/environ").read_bytes(), pid
+
+
 def test_limits_name_their_config_key(served):
     url = served["url"]
     resp = infer(url, b"[" * 1000 + b"]" * 1000, "/v2/models/digits/infer")
