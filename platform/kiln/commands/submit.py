@@ -72,6 +72,19 @@ def default_tracking_uri() -> str | None:
     return uri if uri.startswith(("http://", "https://")) else None
 
 
+def job_env_vars(debug: bool) -> dict[str, str]:
+    """Variables for the job's environment: --debug, and the tracking server's credentials when
+    this shell has them (MLFLOW_TRACKING_USERNAME/PASSWORD: the job's MLflow client reads them;
+    they go to no param, tag or log)."""
+    import os
+
+    from kiln.cluster.tracking_server import PASSWORD_ENV, USERNAME_ENV
+
+    env = {"KILN_DEBUG": "1"} if debug else {}
+    env.update({k: os.environ[k] for k in (USERNAME_ENV, PASSWORD_ENV) if os.environ.get(k)})
+    return env
+
+
 def run(args) -> int:
     from pathlib import Path
 
@@ -99,7 +112,7 @@ def run(args) -> int:
         tracking_uri,
         with_deps=args.with_deps,
         include_secret_files=args.include_secret_files,
-        env_vars={"KILN_DEBUG": "1"} if args.debug else None,
+        env_vars=job_env_vars(args.debug),
     )
     submission_id = submit(client, spec, runtime_env, args.submission_id)
     say(args, f"submitted {submission_id} to {address}: {spec.entrypoint()}")
