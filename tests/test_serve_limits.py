@@ -263,3 +263,49 @@ def test_the_limits_section_has_safe_defaults_and_validates():
 def test_limit_errors_are_client_errors():
     assert issubclass(LimitError, Exception) and LimitError in CLIENT_ERRORS
     assert ProtocolError in CLIENT_ERRORS
+
+
+# --- the replica's side: parsing off the event loop, bounded model calls -------------------------
+
+
+def test_large_bodies_are_parsed_off_the_event_loop():
+    import asyncio
+    import threading
+
+    from kiln.serve.limits import OFFLOAD_BYTES
+    from kiln.serve.model_server import off_loop
+
+    async def where(size: int) -> str:
+        return await off_loop(lambda: threading.current_thread().name, size)
+
+    main = threading.current_thread().name
+    assert asyncio.run(where(OFFLOAD_BYTES)) == main  # small: no thread hop
+    assert asyncio.run(where(OFFLOAD_BYTES + 1)) != main
+
+
+def test_a_dynamic_batch_runs_in_calls_of_at_most_max_batch_rows(served_table):
+    from kiln.serve.model_server import VersionRunner
+
+    calls: list[int] = []
+
+    def runtime(x):
+        calls.append(len(x))
+        return np.zeros((len(x), 2), np.float32)
+
+    served_table.predictor.runtime = runtime
+    served_table.limits = LimitsConfig(max_batch_rows=64)
+
+    class Metrics:
+        def batch(self, *args) -> None:
+            pass
+
+    runner = VersionRunner(served_table, Metrics())
+    out = runner._call(np.zeros((200, 2), np.float32))  # what a batch of joined requests holds
+    assert out.shape == (200, 2) and max(calls) == 64 and sum(calls) == 200
+
+
+def test_non_finite_model_output_is_422_not_invalid_json():
+    from kiln.serve.model_server import finite
+
+    refused(lambda: finite(np.array([[np.nan, 0.0]], np.float32)), 422, "not finite")
+    assert finite(np.zeros((1, 2), np.float32)).shape == (1, 2)

@@ -78,52 +78,55 @@ def over(what: str, value: int, limit: int, key: str) -> LimitError:
     return LimitError(f"{what} {value} is over the limit of {limit} ({_key(key)})")
 
 
-def check_json_depth(body: bytes, limits: LimitsConfig) -> None:
+def _skeleton(body: bytes) -> bytes:
+    """The body with every JSON string emptied: what is left are brackets, numbers and literals."""
+    return _JSON_STRING.sub(b'""', body)
+
+
+def check_json_depth(body: bytes, limits: LimitsConfig, skeleton: bytes | None = None) -> None:
     """LimitError when the body nests arrays/objects deeper than ``max_json_depth``; linear time,
     without parsing (a deep body would exhaust the parser's stack)."""
     if body.count(b"[") + body.count(b"{") <= limits.max_json_depth:
         return
-    skeleton = np.frombuffer(_JSON_STRING.sub(b'""', body), dtype=np.uint8)
+    chars = np.frombuffer(_skeleton(body) if skeleton is None else skeleton, dtype=np.uint8)
     steps = (
-        (skeleton == ord("[")).astype(np.int32)
-        + (skeleton == ord("{"))
-        - (skeleton == ord("]"))
-        - (skeleton == ord("}"))
+        (chars == ord("[")).astype(np.int32)
+        + (chars == ord("{"))
+        - (chars == ord("]"))
+        - (chars == ord("}"))
     )
     depth = int(np.cumsum(steps).max(initial=0))
     if depth > limits.max_json_depth:
         raise over("JSON nesting depth", depth, limits.max_json_depth, "max_json_depth")
 
 
+# A float literal whose exponent is beyond a double's range (it would parse as Infinity).
+_HUGE_EXPONENT = re.compile(rb"[eE]\+?0*(?:[0-9]{4,}|309|3[1-9][0-9]|[4-9][0-9]{2})(?![0-9])")
+
+
 def parse_json(body: bytes, limits: LimitsConfig) -> Any:
-    """``json.loads`` within the budgets: depth checked first, number literals by length, the
-    non-finite constants (NaN, Infinity) refused (strict JSON, as every answer is). Raises
-    LimitError, or ValueError (JSONDecodeError, UnicodeDecodeError, a refused constant) for text
-    that is not strict JSON."""
-    check_json_depth(body, limits)
-
-    def number(kind: type) -> Any:
-        def parse(text: str) -> Any:
-            if len(text) > limits.max_number_chars:
-                raise over(
-                    "a number literal of length",
-                    len(text),
-                    limits.max_number_chars,
-                    "max_number_chars",
-                )
-            value = kind(text)
-            if kind is float and not np.isfinite(value):
-                raise ValueError(f"number {text[:20]} is out of the range of a float")
-            return value
-
-        return parse
+    """``json.loads`` within the budgets, checked on the body before it is parsed (linear scans in
+    C, so a large body costs no more than its parse): nesting depth, number literals by length,
+    exponents beyond a double's range; the non-finite constants (NaN, Infinity) are refused while
+    parsing (strict JSON, as every answer is). Raises LimitError, or ValueError (JSONDecodeError,
+    UnicodeDecodeError, a refused number) for text that is not strict JSON."""
+    skeleton = _skeleton(body)
+    check_json_depth(body, limits, skeleton)
+    longest = re.search(rb"[-+.eE0-9]{%d,}" % (limits.max_number_chars + 1), skeleton)
+    if longest is not None:  # (greedy: the whole literal)
+        raise over(
+            "a number literal of length",
+            len(longest.group()),
+            limits.max_number_chars,
+            "max_number_chars",
+        )
+    if _HUGE_EXPONENT.search(skeleton):
+        raise ValueError("a number is out of the range of a float")
 
     def constant(text: str) -> Any:
         raise ValueError(f"{text} is not a JSON number (non-finite numbers are refused)")
 
-    return json.loads(
-        body, parse_int=number(int), parse_float=number(float), parse_constant=constant
-    )
+    return json.loads(body, parse_constant=constant)
 
 
 def check_shape(shape: list[int], limits: LimitsConfig, where: str) -> int:
