@@ -609,7 +609,7 @@ def hostile_requests() -> list[tuple[str, str, bytes, dict[str, str]]]:
         }
     ).encode()
     return [
-        ("shape of many small dims", f"{digits}/infer", oip([1] * 20_000, [0]), {}),
+        ("shape of many small dims", f"{digits}/infer", oip([2] * 20_000, [0]), {}),
         ("more dims than numpy allows", f"{digits}/infer", oip([1] * 40, [0]), {}),
         ("elements beyond memory", f"{digits}/infer", oip([1, 2**31, 2**31], [0]), {}),
         ("rows over the budget", f"{iris}/infer", oip([5000, 4], [0.0], "FP32"), {}),
