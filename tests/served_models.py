@@ -12,7 +12,9 @@ import base64
 import io
 import shutil
 import socket
+import struct
 import tempfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,3 +262,35 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
     for variant_id, variant in VARIANTS.items():
         reg.uris[variant_id] = variant.register(reg)
     return reg
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG declaring ``width`` x ``height`` grey pixels, with a tiny (wrong) IDAT: only its
+    header may be read."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(b""))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def png_bomb(side: int) -> bytes:
+    """A real, valid PNG of ``side`` x ``side`` black pixels, compressed a row at a time (never
+    held decoded here): tens of KB that decode to side*side bytes."""
+    packer = zlib.compressobj(9)
+    row = b"\x00" * (side + 1)  # filter byte + pixels
+    idat = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", idat)
+        + _png_chunk(b"IEND", b"")
+    )

@@ -51,6 +51,16 @@ class RolloutRegistry:
     stable_uri: str
 
 
+@pytest.fixture(scope="module", autouse=True)
+def allow_test_builders():
+    """The bad versions' architectures (tests/rollout_models.py) are allowed by the operator, as a
+    custom builder must be: in this process (rollout checks) and, through it, in `kiln serve start`
+    and its replicas."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KILN_ALLOWED_BUILDERS", "rollout_models")
+        yield
+
+
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory) -> RolloutRegistry:
     """This module's own MLflow store: its extra versions and alias moves must not change the

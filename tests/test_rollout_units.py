@@ -80,9 +80,10 @@ def test_windows_add_up_across_replicas():
     total.add(VersionWindow.from_dict(a.to_dict()))
     total.add(VersionWindow.from_dict(b.to_dict()))
     m = metrics_of(total)
-    # nearest-rank percentiles over 1, 1, 2, ..., 99, 500
-    assert (m.requests, m.errors, m.agreement, m.p50_ms, m.p99_ms) == (101, 1, 0.75, 50.0, 99.0)
-    assert m.error_rate == pytest.approx(1 / 101) and m.signals["drift"] == pytest.approx(0.2)
+    # nearest-rank percentiles over 1, 2, ..., 99, 500 (the 404 is counted apart, not gated)
+    assert (m.requests, m.errors, m.agreement, m.p50_ms, m.p99_ms) == (100, 1, 0.75, 50.0, 99.0)
+    assert m.error_rate == pytest.approx(1 / 100) and m.signals["drift"] == pytest.approx(0.2)
+    assert (m.client_errors, m.pinned) == (1, 0)
     assert metrics_of(VersionWindow()).error_rate is None
 
 
@@ -103,11 +104,39 @@ def _record(**kw) -> dict:
     ).to_dict()
 
 
-def _report(ctl, ready, requests=0, errors=0):
+def _report(ctl, ready, requests=0, errors=0, routed=True, status=500):
     stats = VersionWindow()
     for i in range(requests):
-        stats.record(500 if i < errors else 200, 5.0)
+        stats.record(status if i < errors else 200, 5.0, routed)
     return ctl.report({"replica": "r1", "ready": ready, "stats": {"2": stats.to_dict()}})
+
+
+@pytest.mark.parametrize(
+    "what, kwargs",
+    [
+        ("pinned good requests", {"requests": 50, "routed": False}),
+        ("pinned failing requests", {"requests": 50, "errors": 50, "routed": False}),
+        ("routed client errors", {"requests": 50, "errors": 50, "status": 400}),
+    ],
+)
+def test_pinned_requests_and_client_errors_do_not_move_the_gates(tmp_path, what, kwargs):
+    """A client cannot promote a candidate by pinning good traffic to it, nor roll it back by
+    pinning bad requests or sending requests it answers 4xx: the step holds (no gated data), and
+    the status shows them apart."""
+
+    async def scenario():
+        ctl = RolloutController(str(tmp_path), "m")
+        await ctl.start(_record(gates=["error_rate<0.1"]), "user")
+        await _report(ctl, {"1": "ready", "2": "ready"})
+        await ctl._tick()
+        assert (ctl.record.phase, ctl.record.weight) == ("running", 50.0)
+        await _report(ctl, {"1": "ready", "2": "ready"}, **kwargs)
+        await ctl._tick()
+        return ctl
+
+    ctl = asyncio.run(scenario())
+    assert (ctl.record.phase, ctl.record.weight) == ("running", 50.0), what
+    assert ctl.last_decision["decision"] == "hold", what
 
 
 def test_controller_waits_for_replicas_advances_holds_and_rolls_back(tmp_path):
@@ -283,3 +312,29 @@ def test_serve_start_naming_a_newer_version_supersedes_the_promoted_one(tmp_path
         {"3": 100.0},
     )
     assert "newer than the last promoted v2" in last["reason"]
+
+
+@pytest.mark.parametrize(
+    "content", ['{"model": "m", "stable": "1", "stable_u', "", "[1, 2]", '{"model": "m"}']
+)
+def test_an_unreadable_rollout_record_is_reported_not_ignored(tmp_path, content):
+    """A truncated or corrupted record stops `kiln serve start` (its restore hook) with one line
+    naming the file and the way out, instead of loading as "no record"."""
+    from kiln.errors import KilnError
+    from kiln.rollout.control.api import served_version_overrides
+
+    store = RolloutStore(tmp_path, "m")
+    store.save(RolloutRecord.from_dict(_record()))
+    store.record_path.write_text(content)
+    with pytest.raises(KilnError) as err:
+        served_version_overrides(tmp_path, "m")
+    message = str(err.value)
+    assert str(store.record_path) in message and "move it aside" in message
+    assert "\n" not in message
+
+
+def test_the_rollout_record_is_written_atomically(tmp_path):
+    store = RolloutStore(tmp_path, "m")
+    store.save(RolloutRecord.from_dict(_record()))
+    assert store.load().candidate == "2"
+    assert [p.name for p in store.dir.iterdir()] == [store.record_path.name]  # no temporary left

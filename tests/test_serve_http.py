@@ -9,13 +9,17 @@ test_serve_start.py.
 # Fixtures imported from served_models by name are redefined as parameters (pytest's way):
 from __future__ import annotations
 
+import base64
 import json
+import time
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 
-from conftest import last_json, run_kiln
+from conftest import REPO, last_json, run_kiln
 from kiln.waiting import wait_until
 from served_models import (
     CNN,
@@ -543,3 +547,281 @@ def test_stop_removes_the_app(served, ray_cluster, registry):
         infer(served["url"], oip_body("image", digits_raw(1)), "/v2/models/digits/versions/1/infer")
     again = run_kiln("serve", "stop", "--address", ray_cluster, "--run-dir", str(registry.run_dir))
     assert again.returncode == 2 and "Kiln serves nothing" in again.stderr
+
+
+# --- hostile input: budgets before work, never a 5xx ---------------------------------------------
+
+HOSTILE_S = (
+    10.0  # generous: each is refused in milliseconds; before the budgets, seconds to minutes
+)
+RSS_GROWTH_BYTES = 400 << 20  # a decoded PNG bomb alone was hundreds of MB
+
+
+def strict_json(text: str):
+    """The body parsed as strict JSON (NaN and Infinity are not JSON)."""
+
+    def refuse(constant: str):
+        raise ValueError(f"non-JSON constant {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def replica_rss(address: str) -> dict[str, int]:
+    """Resident memory of each of Kiln's serve replicas on this machine (Ray's state API, /proc)."""
+    from ray.util.state import list_actors
+
+    out = {}
+    for actor in list_actors(address, filters=[("state", "=", "ALIVE")], limit=1000):
+        if actor.class_name.startswith("ServeReplica:kiln-") and actor.pid:
+            status = Path(f"/proc/{actor.pid}/status")
+            for line in status.read_text().splitlines() if status.exists() else []:
+                if line.startswith("VmRSS:"):
+                    out[actor.class_name] = int(line.split()[1]) * 1024
+    return out
+
+
+def hostile_requests() -> list[tuple[str, str, bytes, dict[str, str]]]:
+    """(what, path, body, extra headers): one per class of hostile input, each under the app's
+    64 KiB body limit."""
+    from served_models import png_bomb, png_header_only
+
+    digits, iris = "/v2/models/digits/versions/1", "/v2/models/iris"
+
+    def oip(shape, data, datatype="UINT8") -> bytes:
+        return json.dumps(
+            {"inputs": [{"name": "input", "datatype": datatype, "shape": shape, "data": data}]}
+        ).encode()
+
+    def image(data: bytes) -> bytes:
+        return json.dumps({"images": [base64.b64encode(data).decode()]}).encode()
+
+    nan = np.array([np.nan] * 4, np.float32).tobytes()
+    nan_header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "FP32",
+                    "shape": [1, 4],
+                    "parameters": {"binary_data_size": len(nan)},
+                }
+            ]
+        }
+    ).encode()
+    return [
+        ("shape of many small dims", f"{digits}/infer", oip([2] * 20_000, [0]), {}),
+        ("more dims than numpy allows", f"{digits}/infer", oip([1] * 40, [0]), {}),
+        ("elements beyond memory", f"{digits}/infer", oip([1, 2**31, 2**31], [0]), {}),
+        ("rows over the budget", f"{iris}/infer", oip([5000, 4], [0.0], "FP32"), {}),
+        ("JSON nested 30000 deep", f"{digits}/infer", b"[" * 30_000 + b"]" * 30_000, {}),
+        ("integer of 60000 digits", f"{digits}/infer", b"[" + b"7" * 60_000 + b"]", {}),
+        ("NaN literal", f"{iris}/infer", oip([1, 4], [float("nan")] * 4, "FP32"), {}),
+        ("Infinity literal", f"{iris}/predict", b'{"records": [{"a": Infinity}]}', {}),
+        ("integer overflowing INT64", f"{iris}/infer", oip([1, 4], [2**70] * 4, "INT64"), {}),
+        ("FP16 overflow", f"{iris}/infer", oip([1, 4], [1e10] * 4, "FP16"), {}),
+        ("FP64 beyond FP32", f"{iris}/infer", oip([1, 4], [1e300] * 4, "FP64"), {}),
+        ("binary NaN", f"{iris}/infer", nan_header + nan, {HEADER: str(len(nan_header))}),
+        ("PNG bomb (real, 6000x6000)", f"{digits}/predict", image(png_bomb(6000)), {}),
+        (
+            "PNG header of 10^10 pixels",
+            f"{digits}/predict",
+            image(png_header_only(10**5, 10**5)),
+            {},
+        ),
+        ("GIF instead of PNG/JPEG", f"{digits}/predict", image(b"GIF89a" + b"\0" * 64), {}),
+        (
+            "records with thousands of keys",
+            f"{iris}/predict",
+            json.dumps(
+                {"records": [{f"k{i}": i for i in range(4000)}]}, separators=(",", ":")
+            ).encode(),
+            {},
+        ),
+        (
+            "many records of distinct keys",
+            f"{iris}/predict",
+            json.dumps(
+                {"records": [{f"k{i}": 1} for i in range(4500)]}, separators=(",", ":")
+            ).encode(),
+            {},
+        ),
+    ]
+
+
+HEADER = "Inference-Header-Content-Length"
+
+
+def test_each_class_of_hostile_input_is_4xx_fast_memory_bounded_and_the_next_request_served(
+    served, ray_cluster
+):
+    url = served["url"]
+    good = oip_body("image", digits_raw(2))
+    before = replica_rss(ray_cluster)
+    assert before, "no Kiln replica found through Ray's state API"
+    for what, path, body, extra in hostile_requests():
+        assert len(body) <= MAX_BODY, what
+        started = time.perf_counter()
+        resp = requests.post(f"{url}{path}", data=body, headers={**HEADERS, **extra}, timeout=120)
+        elapsed = time.perf_counter() - started
+        assert 400 <= resp.status_code < 500, f"{what}: {resp.status_code} {resp.text[:300]}"
+        assert "error" in strict_json(resp.text), what
+        assert elapsed < HOSTILE_S, f"{what}: answered after {elapsed:.1f} s"
+        after = infer(url, good, "/v2/models/digits/versions/1/infer")
+        assert after.status_code == 200, f"after {what}: {after.text}"
+    grown = {name: rss - before.get(name, rss) for name, rss in replica_rss(ray_cluster).items()}
+    assert max(grown.values()) < RSS_GROWTH_BYTES, grown
+
+
+def replica_pids(address: str) -> list[int]:
+    from ray.util.state import list_actors
+
+    return [
+        a.pid
+        for a in list_actors(address, filters=[("state", "=", "ALIVE")], limit=1000)
+        if a.class_name.startswith("ServeReplica:kiln-") and a.pid
+    ]
+
+
+def test_the_api_key_is_in_no_replica_environment(served, ray_cluster):
+    """Replicas get the key's sha256 only: the key itself is in no replica's environment."""
+    pids = replica_pids(ray_cluster)
+    assert pids
+    for pid in pids:
+        assert API_KEY.encode() not in Path(f"/proc/{pid}/environ").read_bytes(), pid
+
+
+def test_limits_name_their_config_key(served):
+    url = served["url"]
+    resp = infer(url, b"[" * 1000 + b"]" * 1000, "/v2/models/digits/infer")
+    assert resp.status_code == 413 and "serve.limits.max_json_depth" in resp.json()["error"]
+
+
+# --- property-based fuzzing from the published OpenAPI document ----------------------------------
+
+FUZZ_EXAMPLES = 10  # per operation and generation mode: fixed, so the test is bounded
+FUZZ_SEED = 14
+
+
+@pytest.mark.slow  # about a minute: a few hundred generated requests
+def test_fuzz_the_published_api_never_5xx_never_invalid_json(served, ray_cluster, capsys):
+    """Requests generated by schemathesis from docs/openapi.json (valid and invalid per the
+    document, seeded) and by hypothesis (raw bytes, arbitrary JSON) against every endpoint: zero
+    5xx, every body strict JSON (or the binary protocol's header), the server answering a good
+    request after each batch, replica memory bounded."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, seed, settings
+    from hypothesis import strategies as st
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis import GenerationMode
+
+    from kiln.serve.openapi import openapi_document
+
+    url = served["url"]
+    document = json.loads((REPO / "docs" / "openapi.json").read_text())
+    assert document == openapi_document(version=document["info"]["version"]), (
+        "docs/openapi.json is stale: python -m kiln.serve.openapi > docs/openapi.json"
+    )
+    served_names = sorted({name for name, _ in served_versions_of(served)})
+    schema = schemathesis.openapi.from_dict(openapi_document(served_names))
+    good = oip_body("image", digits_raw(2))
+    tried: Counter = Counter()
+    failures: list[str] = []
+    before = replica_rss(ray_cluster)
+
+    def check(label: str, resp: requests.Response) -> None:
+        tried[label] += 1
+        if resp.status_code >= 500:
+            failures.append(f"{label}: {resp.status_code} {resp.text[:200]}")
+            return
+        text = resp.text
+        if resp.headers.get(HEADER):  # binary tensor data: the JSON header comes first
+            text = resp.content[: int(resp.headers[HEADER])].decode()
+        try:
+            strict_json(text)
+        except ValueError as exc:
+            failures.append(f"{label}: not strict JSON ({exc}): {text[:200]}")
+
+    def alive(after: str) -> None:
+        resp = infer(url, good, "/v2/models/digits/infer")
+        assert resp.status_code == 200, f"after {after}: {resp.status_code} {resp.text[:200]}"
+
+    fuzz = settings(
+        max_examples=FUZZ_EXAMPLES,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+    )
+
+    def cases(operation, mode):
+        """The seeded, bounded run of one operation in one generation mode."""
+
+        @fuzz
+        @seed(FUZZ_SEED)
+        @given(case=operation.as_strategy(generation_mode=mode))
+        def run(case) -> None:
+            check(operation.label, case.call(base_url=url, headers=dict(HEADERS), timeout=60))
+
+        return run
+
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            try:
+                cases(operation, mode)()
+            except Unsatisfiable:  # nothing to make invalid (no body, no parameter)
+                assert mode is GenerationMode.NEGATIVE, operation.label
+            alive(f"{operation.label} ({mode.value})")
+
+    paths = [
+        f"/v2/models/{name}/{action}" for name in served_names for action in ("infer", "predict")
+    ]
+    json_values = st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+        max_leaves=30,
+    )
+    bodies = st.one_of(
+        st.binary(max_size=2048),
+        json_values.map(lambda v: json.dumps(v).encode()),
+        st.fixed_dictionaries(
+            {
+                "inputs": st.lists(
+                    st.dictionaries(
+                        st.sampled_from(["name", "shape", "datatype", "data", "parameters"]),
+                        json_values,
+                    ),
+                    max_size=3,
+                )
+            }
+        ).map(lambda v: json.dumps(v).encode()),
+    )
+
+    @fuzz
+    @seed(FUZZ_SEED)
+    @given(path=st.sampled_from(paths), body=bodies, header=st.none() | st.integers(-5, 4096))
+    def raw(path, body, header) -> None:
+        headers = dict(HEADERS) if header is None else {**HEADERS, HEADER: str(header)}
+        check(
+            f"POST {path} (raw)",
+            requests.post(f"{url}{path}", data=body, headers=headers, timeout=60),
+        )
+
+    for _ in range(4):  # 4 batches of raw bodies, the server checked after each
+        raw()
+        alive("raw bodies")
+    grown = {name: rss - before.get(name, rss) for name, rss in replica_rss(ray_cluster).items()}
+    with capsys.disabled():
+        print(
+            f"\nfuzz: {sum(tried.values())} requests over {len(tried)} operations, "
+            f"{len(failures)} failures, replica RSS growth {max(grown.values()) >> 20} MiB"
+        )
+    assert not failures, "\n".join(failures[:20])
+    assert sum(tried.values()) >= 14 * FUZZ_EXAMPLES
+    assert max(grown.values()) < RSS_GROWTH_BYTES, grown
+
+
+def served_versions_of(served: dict) -> set[tuple[str, str]]:
+    """(served name, version) pairs of the running app, from its listing."""
+    listing = requests.get(f"{served['url']}/v2/models", timeout=10).json()
+    return {(m["name"], v) for m in listing["models"] for v in m["versions"]}

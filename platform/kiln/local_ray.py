@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.errors import KilnError
-from kiln.ray_connection import AUTH_MODE_ENV, find_token, token_source
+from kiln.ray_connection import AUTH_MODE_ENV, find_token, secure_token_file, token_source
 from kiln.waiting import WaitTimeout, wait_until
 
 # Only pids and ports: nothing here imports ray, so ``kiln cluster stop`` and the CLI stay fast.
@@ -216,6 +216,7 @@ def ensure_auth_token() -> str:
     """Where the Ray auth token for a head is (see ``ray_connection.find_token``); generated with
     ``ray get-auth-token --generate`` when there is none. Raises KilnError when that fails."""
     if find_token():
+        secure_token_file()  # one left world-readable by an earlier Ray is fixed when Kiln uses it
         return token_source()
     proc = subprocess.run(
         [*ray_cli(), "get-auth-token", "--generate"],
@@ -231,6 +232,7 @@ def ensure_auth_token() -> str:
             f"cannot create a Ray auth token with 'ray get-auth-token --generate'"
             f"{': ' + said[-1] if said else ''}"
         )
+    secure_token_file()
     return token_source()
 
 

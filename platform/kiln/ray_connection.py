@@ -167,6 +167,22 @@ def token_source() -> str:
     return str(default_token_path())
 
 
+def secure_token_file() -> Path | None:
+    """Make the token file (``$RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``) readable by its
+    owner only (0600), and ``~/.ray`` a 0700 folder: Ray writes them with the default umask.
+    Returns the file, or None when the token is not in a file. OSError when they are not ours."""
+    if os.environ.get(TOKEN_ENV, "").strip():
+        return None
+    custom = os.environ.get(TOKEN_PATH_ENV)
+    path = Path(custom).expanduser() if custom else default_token_path()
+    if not path.is_file():
+        return None
+    if not custom:  # Ray's own folder; a folder the user chose is left as it is
+        path.parent.chmod(0o700)
+    path.chmod(0o600)
+    return path
+
+
 def find_token() -> str | None:
     """The Ray auth token, in Ray's own order: ``$RAY_AUTH_TOKEN``, the file at
     ``$RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``. Returns None when there is none, or when

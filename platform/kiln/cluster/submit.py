@@ -39,6 +39,32 @@ WORKING_DIR_EXCLUDES = [
     "bench/out",
     "/platform/kiln",  # a Kiln checkout's own package: shipped as a py_module instead
 ]
+# Secrets that often sit in a project folder: never uploaded with the working dir unless asked
+# (`kiln submit --include-secret-files`). Patterns as in .gitignore (Ray's excludes syntax).
+SECRET_EXCLUDES = [
+    ".env",
+    ".env.*",
+    "*.env",
+    "*.pem",
+    "*.key",
+    "*.p12",
+    "*.pfx",
+    "*.keystore",
+    "id_rsa*",
+    "id_ecdsa*",
+    "id_ed25519*",
+    ".netrc",
+    ".pgpass",
+    ".git-credentials",
+    ".ssh",
+    ".aws",
+    ".gnupg",
+    ".kube",
+    ".docker",
+    "credentials",
+    "*credentials*.json",
+    "auth_token",
+]
 # Already on every Ray node (or too large to install per job): never installed through the runtime
 # env.
 PROVIDED_BY_CLUSTER = {"ray", "torch", "torchvision"}
@@ -129,9 +155,10 @@ def build_runtime_env(
     tracking_uri: str | None = None,
     with_deps: bool = False,
     env_vars: dict[str, str] | None = None,
+    include_secret_files: bool = False,
 ) -> dict[str, Any]:
-    """The job's runtime env: working dir, the kiln package, env vars (tracking URI, code
-    version)."""
+    """The job's runtime env: working dir (without ``SECRET_EXCLUDES`` unless
+    ``include_secret_files``), the kiln package, env vars (tracking URI, code version)."""
     from kiln.ray_connection import KILN_PACKAGE_DIR
     from kiln.tracking import code_version
 
@@ -141,7 +168,7 @@ def build_runtime_env(
     env: dict[str, Any] = {
         "working_dir": str(spec.project),
         "py_modules": [str(Path(KILN_PACKAGE_DIR).resolve())],
-        "excludes": list(WORKING_DIR_EXCLUDES),
+        "excludes": WORKING_DIR_EXCLUDES + ([] if include_secret_files else SECRET_EXCLUDES),
         "env_vars": variables,
     }
     if with_deps:

@@ -5,18 +5,32 @@ Workers on other machines cannot write the submitter's sqlite file, so a cluster
 (``--serve-artifacts`` into ``store_dir/artifacts``), so neither workers nor clients need a shared
 disk. Jobs get its URI through ``kiln submit --tracking-uri`` (MLFLOW_TRACKING_URI in the job's
 runtime env).
+
+With ``auth`` (the default when it binds beyond loopback) it runs MLflow's ``basic-auth`` app: every
+request needs a user and password. Kiln creates the admin's credentials once, in
+``store_dir/auth/credentials.json`` (0600 in a 0700 folder; never printed or logged), and hands
+them to ``mlflow server`` through its environment. Clients and jobs pass them as
+``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` (``kiln submit`` forwards those to the
+job's environment, never to params, tags or logs).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
+import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.errors import KilnError
+from kiln.files import atomic_write_text
 from kiln.local_ray import port_in_use
+
+ADMIN_USER = "kiln"
+USERNAME_ENV = "MLFLOW_TRACKING_USERNAME"
+PASSWORD_ENV = "MLFLOW_TRACKING_PASSWORD"
 
 
 @dataclass
@@ -25,6 +39,7 @@ class TrackingServer:
     port: int
     store_dir: Path
     workers: int = 1
+    auth: bool = False  # MLflow's basic-auth app: every request needs the credentials
 
     @property
     def uri(self) -> str:
@@ -39,6 +54,15 @@ class TrackingServer:
     @property
     def artifacts_dir(self) -> Path:
         return self.store_dir / "artifacts"
+
+    @property
+    def auth_dir(self) -> Path:
+        return self.store_dir / "auth"
+
+    @property
+    def credentials_file(self) -> Path:
+        """The admin's user and password (JSON, 0600), created once."""
+        return self.auth_dir / "credentials.json"
 
     def command(self) -> list[str]:
         """The ``mlflow server`` command line (run with this Python, so it is the MLflow Kiln
@@ -59,6 +83,7 @@ class TrackingServer:
             str(self.port),
             "--workers",
             str(self.workers),
+            *(["--app-name", "basic-auth"] if self.auth else []),
         ]
 
 
@@ -76,18 +101,71 @@ def tracking_server(
     port: int = 5000,
     store_dir: str | Path = "runs/tracking",
     workers: int = 1,
+    auth: bool | None = None,
 ) -> TrackingServer:
-    """Check the port and create the store folder. Raises KilnError when the port is taken."""
+    """Check the port and create the store folder (and, with ``auth``, default: on unless the host
+    is loopback, the credentials). Raises KilnError when the port is taken."""
     if not 0 < port < 65536:
         raise KilnError(f"--port {port}: not a TCP port")
     bind_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     if port_in_use(port, "0.0.0.0" if host in ("0.0.0.0", "::") else bind_host):
         raise KilnError(f"port {port} on {host} is in use; pass another --port")
     server = TrackingServer(
-        host=host, port=port, store_dir=Path(store_dir).expanduser().resolve(), workers=workers
+        host=host,
+        port=port,
+        store_dir=Path(store_dir).expanduser().resolve(),
+        workers=workers,
+        auth=not is_loopback(host) if auth is None else auth,
     )
     server.artifacts_dir.mkdir(parents=True, exist_ok=True)
+    if server.auth:
+        ensure_credentials(server)
     return server
+
+
+def ensure_credentials(server: TrackingServer) -> dict[str, str]:
+    """The server's credentials ({"username", "password", "secret_key"}), created once: the folder
+    0700, the file 0600 (both fixed when found looser)."""
+    server.auth_dir.mkdir(parents=True, exist_ok=True)
+    server.auth_dir.chmod(0o700)
+    path = server.credentials_file
+    if path.is_file():
+        path.chmod(0o600)
+        try:
+            found: dict[str, str] = json.loads(path.read_text())
+            if {"username", "password", "secret_key"} <= set(found):
+                return found
+        except ValueError:
+            pass
+        raise KilnError(f"{path} is not Kiln's credentials file; move it aside to create new ones")
+    created = {
+        "username": ADMIN_USER,
+        "password": secrets.token_urlsafe(24),
+        "secret_key": secrets.token_urlsafe(32),
+    }
+    atomic_write_text(path, json.dumps(created), mode=0o600)
+    return created
+
+
+def auth_environment(server: TrackingServer) -> dict[str, str]:
+    """What MLflow's basic-auth app reads: its config (an auth database beside the store, no access
+    by default), the admin's password (used once, when its user is created) and the Flask secret."""
+    creds = ensure_credentials(server)
+    config = server.auth_dir / "basic_auth.ini"
+    atomic_write_text(
+        config,
+        "[mlflow]\n"
+        "default_permission = NO_PERMISSIONS\n"
+        f"database_uri = sqlite:///{server.auth_dir / 'basic_auth.db'}\n"
+        f"admin_username = {creds['username']}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+        mode=0o600,
+    )
+    return {
+        "MLFLOW_AUTH_CONFIG_PATH": str(config),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": creds["password"],
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": creds["secret_key"],
+    }
 
 
 def exec_server(server: TrackingServer) -> None:
@@ -96,11 +174,14 @@ def exec_server(server: TrackingServer) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     cmd = server.command()
-    os.execve(cmd[0], cmd, server_environment())
+    os.execve(cmd[0], cmd, server_environment(server))
 
 
-def server_environment() -> dict[str, str]:
-    """The environment ``mlflow server`` runs with: this process's, and MLflow's job runner off
-    unless the user set it (GenAI scorer jobs: about eight extra processes that serve nothing Kiln
-    uses)."""
-    return {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+def server_environment(server: TrackingServer | None = None) -> dict[str, str]:
+    """The environment ``mlflow server`` runs with: this process's, MLflow's job runner off unless
+    the user set it (GenAI scorer jobs: about eight extra processes that serve nothing Kiln uses),
+    and with ``server.auth`` what the basic-auth app needs."""
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    if server is not None and server.auth:
+        env.update(auth_environment(server))
+    return env

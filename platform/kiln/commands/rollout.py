@@ -190,6 +190,11 @@ def render_status(st) -> str:
             f"p99 {_ms(m['p99_ms'])}"
             + (f", agreement {_pct(m['agreement'])}" if m.get("compared") else "")
             + "".join(f", {k} {v:.3g}" for k, v in m.get("signals", {}).items())
+            + (
+                f"  (not gated: {m.get('pinned', 0)} pinned, {m.get('client_errors', 0)} 4xx)"
+                if m.get("pinned") or m.get("client_errors")
+                else ""
+            )
         )
     for name, g in st.gates.items():
         state = {True: "pass", False: "FAIL", None: "no data"}[g["ok"]]

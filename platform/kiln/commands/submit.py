@@ -51,6 +51,12 @@ def add_arguments(parser) -> None:
         help="also install kiln's requirements (all but ray and torch) into the job's environment",
     )
     parser.add_argument(
+        "--include-secret-files",
+        action="store_true",
+        help="also upload .env, key and credential files from the working dir (excluded by "
+        "default)",
+    )
+    parser.add_argument(
         "--submission-id", metavar="ID", help="the job's id (default: kiln-JOB-<random>)"
     )
     add_json_argument(parser)
@@ -64,6 +70,19 @@ def default_tracking_uri() -> str | None:
 
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     return uri if uri.startswith(("http://", "https://")) else None
+
+
+def job_env_vars(debug: bool) -> dict[str, str]:
+    """Variables for the job's environment: --debug, and the tracking server's credentials when
+    this shell has them (MLFLOW_TRACKING_USERNAME/PASSWORD: the job's MLflow client reads them;
+    they go to no param, tag or log)."""
+    import os
+
+    from kiln.cluster.tracking_server import PASSWORD_ENV, USERNAME_ENV
+
+    env = {"KILN_DEBUG": "1"} if debug else {}
+    env.update({k: os.environ[k] for k in (USERNAME_ENV, PASSWORD_ENV) if os.environ.get(k)})
+    return env
 
 
 def run(args) -> int:
@@ -92,7 +111,8 @@ def run(args) -> int:
         spec,
         tracking_uri,
         with_deps=args.with_deps,
-        env_vars={"KILN_DEBUG": "1"} if args.debug else None,
+        include_secret_files=args.include_secret_files,
+        env_vars=job_env_vars(args.debug),
     )
     submission_id = submit(client, spec, runtime_env, args.submission_id)
     say(args, f"submitted {submission_id} to {address}: {spec.entrypoint()}")

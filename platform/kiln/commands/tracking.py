@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 HELP = (
     "run an MLflow tracking server (sqlite store, artifacts served through it) for jobs on a "
     "cluster"
@@ -21,19 +23,31 @@ def add_arguments(parser) -> None:
         "--dir", default="runs/tracking", help="where the sqlite store and the artifacts live"
     )
     serve.add_argument("--workers", type=int, default=1, help="server worker processes")
+    serve.add_argument(
+        "--auth",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="require credentials (MLflow's basic-auth app; default: on unless --host is loopback)",
+    )
     serve.set_defaults(_tracking_run=_serve)
 
 
 def _serve(args) -> int:
     from kiln.cluster.tracking_server import exec_server, is_loopback, tracking_server
 
-    server = tracking_server(args.host, args.port, args.dir, args.workers)
+    server = tracking_server(args.host, args.port, args.dir, args.workers, args.auth)
     print(
         f"tracking server {server.uri}  (store {server.backend_store_uri}, artifacts "
         f"{server.artifacts_dir})"
     )
     print(f"submit jobs with: kiln submit JOB CONFIG --tracking-uri {server.uri}")
-    if not is_loopback(args.host):
+    if server.auth:
+        print(
+            f"credentials required: user and password in {server.credentials_file} (0600); "
+            "clients and kiln submit take them from MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD"
+        )
+    elif not is_loopback(args.host):
         print(
             "note: the server has no authentication; anyone who reaches this address can read and "
             "write runs"

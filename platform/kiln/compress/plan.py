@@ -68,7 +68,9 @@ def build_student(spec: ModelSpec, data: PreparedData, where: str) -> nn.Module:
     from kiln.models.artifact import build_model
 
     try:
-        model = build_model(spec).eval()
+        model = build_model(
+            spec, [spec.architecture]
+        ).eval()  # named by the config, not an artifact
         with torch.no_grad():
             out = model(torch.from_numpy(data.x_train[:2]))
     except (ValueError, RuntimeError, TypeError) as exc:

@@ -7,6 +7,7 @@ weight files it names (``model.safetensors`` for the state dict of a built archi
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -14,19 +15,22 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kiln.errors import ModelError
-from kiln.models.registry import resolve_builder
+from kiln.models.registry import check_artifact_kwargs, resolve_artifact_builder
 from kiln.models.spec import SPEC_FILE, ModelSpec
 
 WEIGHTS_FILE = "model.safetensors"
 
 
-def build_model(spec: ModelSpec) -> torch.nn.Module:
+def build_model(spec: ModelSpec, allowed: Iterable[str] = ()) -> torch.nn.Module:
     """Instantiate the spec's architecture with fresh weights, resized to
     ``spec.variant["structure"]`` when the spec records changed layer shapes (a structurally pruned
-    network). Raises ModelError."""
+    network). The architecture must be allowed (``resolve_artifact_builder``): built in, declared
+    by an installed package, in ``KILN_ALLOWED_BUILDERS``, or in ``allowed`` (a job passes the name
+    its own config chose). Raises ModelError."""
     from kiln.models.structure import apply_structure
 
-    builder = resolve_builder(spec.architecture)
+    builder = resolve_artifact_builder(spec.architecture, allowed)
+    check_artifact_kwargs(spec.architecture, builder, spec.kwargs)
     model: torch.nn.Module = builder(spec.input_shape, spec.num_classes, **spec.kwargs)
     structure = (spec.variant or {}).get("structure")
     if structure:

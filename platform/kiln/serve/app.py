@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, cast
 
+from kiln.models.registry import ALLOW_ENV, allowed_builders
 from kiln.serve.plan import ModelAppSpec, ModelPlan, ServePlan
 
 if TYPE_CHECKING:
@@ -38,8 +39,15 @@ def deployment_options(model: ModelPlan) -> dict[str, Any]:
     (user_config)."""
     d = model.deployment
     actor: dict[str, Any] = {"num_cpus": d.num_cpus}
+    env_vars: dict[str, str] = {}
     if d.threads:
-        actor["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(d.threads)}}
+        env_vars["OMP_NUM_THREADS"] = str(d.threads)
+    # The operator's builder allow-list reaches the replicas that load (and roll out) versions.
+    allowed = allowed_builders()
+    if allowed:
+        env_vars[ALLOW_ENV] = ",".join(allowed)
+    if env_vars:
+        actor["runtime_env"] = {"env_vars": env_vars}
     options: dict[str, Any] = {
         "name": "ModelServer",
         "ray_actor_options": actor,
@@ -104,6 +112,7 @@ def build_applications(
             run_dir=plan.run_dir,
             retrainer=retrainer if cfg.monitor.retrain is not None else None,
             dashboard_url=dashboard_url,
+            limits=cfg.limits.model_dump(),
         )
         deployment = cast(Deployment, serve.deployment(ModelServer)).options(
             **deployment_options(model)

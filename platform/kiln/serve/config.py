@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from kiln.config import Section
 from kiln.monitor.live.config import MonitorConfig
+from kiln.serve.limits import LimitsConfig
 from kiln.train.config import TrainingJobConfig
 
 SERVED_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -163,6 +164,11 @@ class ServeConfig(Section):
     models: list[ServedModelConfig] = Field(default_factory=list, description="What to serve.")
     monitor: MonitorConfig = Field(
         default_factory=MonitorConfig, description="Live monitoring of served versions."
+    )
+    limits: LimitsConfig = Field(
+        default_factory=LimitsConfig,
+        description="Per-request budgets (413 above one): dimensions, elements, rows, strings, "
+        "JSON depth and numbers, image pixels, record keys.",
     )
 
     @field_validator("models", mode="before")

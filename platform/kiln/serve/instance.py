@@ -12,6 +12,7 @@ recorded leader's identity (pid and start time).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,11 +84,10 @@ class LocalRay:
         self.head().stop(timeout=timeout)
 
 
-def start_local_ray(
-    log_dir: Path, num_cpus: float | None = None, timeout: float = 120.0
-) -> LocalRay:
-    """Start a detached single-node Ray head bound to 127.0.0.1, its output in ``log_dir/ray.log``.
-    Returns it. Raises KilnError if it does not come up (nothing of it is left running then)."""
+def local_head_env(secrets: Iterable[str] = ()) -> dict[str, str]:
+    """The environment of the local serving head: ``head_environment`` with Kiln's settings, and
+    without the variables named in ``secrets`` (the API key's: every Ray process inherits the
+    head's environment, and replicas get only the key's sha256)."""
     env = head_environment(
         {
             "RAY_USAGE_STATS_ENABLED": "0",
@@ -96,6 +96,21 @@ def start_local_ray(
             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
         }
     )
+    for name in secrets:
+        env.pop(name, None)
+    return env
+
+
+def start_local_ray(
+    log_dir: Path,
+    num_cpus: float | None = None,
+    timeout: float = 120.0,
+    secrets: Iterable[str] = (),
+) -> LocalRay:
+    """Start a detached single-node Ray head bound to 127.0.0.1, its output in ``log_dir/ray.log``,
+    its environment without the variables named in ``secrets``. Returns it. Raises KilnError if it
+    does not come up (nothing of it is left running then)."""
+    env = local_head_env(secrets)
     log_path = log_dir / "ray.log"
     try:
         head = start_head(

@@ -252,7 +252,9 @@ def start_serving(
             "starting a local Ray instance (it keeps running after this command; stop it with kiln "
             "serve stop)"
         )
-        local = start_local_ray(state_dir(run_dir), cfg.num_cpus)
+        local = start_local_ray(
+            state_dir(run_dir), cfg.num_cpus, secrets=[cfg.api_key_env] if cfg.api_key_env else []
+        )
         address = local.address
     deployed: list[str] = []
     haproxy_dir: str | None = None

@@ -18,8 +18,9 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -32,8 +33,10 @@ from kiln.serve.http import (
     method_not_allowed,
     read_body,
 )
+from kiln.serve.limits import OFFLOAD_BYTES, LimitsConfig
 from kiln.serve.plan import ModelAppSpec
 from kiln.serve.protocol import (
+    CLIENT_ERRORS,
     HEADER_LENGTH,
     ProtocolError,
     check_outputs,
@@ -45,6 +48,25 @@ from kiln.serve.protocol import (
 from kiln.serve.versions import ServedVersion
 
 logger = logging.getLogger("ray.serve")
+T = TypeVar("T")
+
+
+async def off_loop(work: Callable[[], T], size: int) -> T:
+    """``work()`` (parsing, decoding), in a worker thread for a body over ``OFFLOAD_BYTES`` so that
+    the replica's event loop keeps answering health checks and other requests meanwhile."""
+    if size <= OFFLOAD_BYTES:
+        return work()
+    return await asyncio.get_running_loop().run_in_executor(None, work)
+
+
+def finite(logits: np.ndarray) -> np.ndarray:
+    """The logits, or ProtocolError (422) when the model's output for this input is not finite:
+    no answer carries NaN or Infinity (strict JSON)."""
+    if not np.isfinite(logits).all():
+        raise ProtocolError(
+            "the model's output for this input is not finite (NaN or Infinity)", 422
+        )
+    return logits
 
 
 class VersionRunner:
@@ -91,7 +113,10 @@ class VersionRunner:
 
     def _call(self, x: np.ndarray) -> np.ndarray:
         self.metrics.batch(self.served.model_name, self.served.version, len(x))
-        return self.served.predictor.logits(x, batch_size=max(len(x), 1))
+        # A dynamic batch joins up to max_batch_size requests: its forward passes are bounded in
+        # rows (serve.limits.max_batch_rows), whatever the requests hold.
+        rows = min(max(len(x), 1), self.served.limits.max_batch_rows)
+        return self.served.predictor.logits(x, batch_size=rows)
 
 
 class ModelServer:
@@ -108,6 +133,7 @@ class ModelServer:
         self.spec = spec
         self.prefix = f"/v2/models/{spec.model_name}"
         self.metrics = ServeMetrics()
+        self.limits = LimitsConfig.model_validate(spec.limits or {})
         self.runners: dict[str, VersionRunner] = {}
         monitor_cfg = MonitorConfig.model_validate(spec.monitor or {})
         self.monitors = ReplicaMonitors(
@@ -124,7 +150,8 @@ class ModelServer:
             directory = resolve_model_dir(source.uri, spec.tracking_uri)
             predictor = load_predictor(directory)
             runner = VersionRunner(
-                ServedVersion(spec.model_name, source.version, predictor), self.metrics
+                ServedVersion(spec.model_name, source.version, predictor, self.limits),
+                self.metrics,
             )
             runner.configure(BatchingConfig())
             self.runners[source.version] = runner
@@ -179,7 +206,7 @@ class ModelServer:
         directory = await loop.run_in_executor(None, resolve_model_dir, uri, self.spec.tracking_uri)
         predictor = await loop.run_in_executor(None, load_predictor, directory)
         runner = VersionRunner(
-            ServedVersion(self.spec.model_name, version, predictor), self.metrics
+            ServedVersion(self.spec.model_name, version, predictor, self.limits), self.metrics
         )
         shape = [2, *predictor.spec.input_shape]
         logits = await loop.run_in_executor(
@@ -251,7 +278,7 @@ class ModelServer:
                 if version is not None:
                     self.runner(version)
                 check_api_key(request.headers, self.spec.api_key_sha256)
-            except ProtocolError as exc:
+            except CLIENT_ERRORS as exc:
                 return error_response(str(exc), exc.status)
             window = request.query_params.get("window", "").lower() in ("1", "true", "yes")
             return json_response(self.monitor_status(version, window))
@@ -260,7 +287,7 @@ class ModelServer:
                 return method_not_allowed(request.method, path, "GET")
             try:
                 chosen = self.runner(version or self.route(request))
-            except ProtocolError as exc:
+            except CLIENT_ERRORS as exc:
                 return error_response(str(exc), exc.status)
             if action == "ready":
                 return json_response(
@@ -286,7 +313,7 @@ class ModelServer:
             if endpoint == "infer":
                 return await self._infer(runner, body, request.headers.get(HEADER_LENGTH), mirror)
             return await self._predict(runner, body, mirror)
-        except ProtocolError as exc:
+        except CLIENT_ERRORS as exc:
             status = exc.status
             return error_response(str(exc), exc.status)
         except Exception as exc:  # a server fault, not the client's: logged with its traceback
@@ -299,7 +326,8 @@ class ModelServer:
             latency_ms = (time.perf_counter() - started) * 1000.0
             self.metrics.request(self.spec.model_name, label, endpoint, status, latency_ms)
             if label != "-":
-                self.rollout.record(label, status, latency_ms)
+                # a request naming its version is pinned: it never moves a rollout's gates
+                self.rollout.record(label, status, latency_ms, routed=version is None)
 
     def _shadow(self, version: str | None, prepare, logits: np.ndarray) -> None:
         """Mirror the request to ``version`` in the background: its answer is only compared, never
@@ -316,7 +344,7 @@ class ModelServer:
     async def _compare(self, runner: VersionRunner, prepare, stable_logits: np.ndarray) -> None:
         started, status = time.perf_counter(), 200
         try:
-            x = prepare(runner.served)
+            x = await asyncio.get_running_loop().run_in_executor(None, prepare, runner.served)
             logits = await runner.logits(x)
             # mirrored traffic is the candidate's too
             self.monitors.observe(runner.served.version, x, logits, softmax(logits))
@@ -338,13 +366,16 @@ class ModelServer:
     ):
         from starlette.responses import Response
 
-        req = parse_infer_request(body, header_length)
         served = runner.served
-        x = served.prepare_tensors(req.inputs)
-        check_outputs(
-            req, [o["name"] for o in served.output_metadata()]
-        )  # before spending compute on it
-        logits = await runner.logits(x)
+
+        def parse() -> tuple[Any, np.ndarray]:
+            req = parse_infer_request(body, header_length, self.limits)
+            x = served.prepare_tensors(req.inputs)
+            check_outputs(req, [o["name"] for o in served.output_metadata()])  # before compute
+            return req, x
+
+        req, x = await off_loop(parse, len(body))
+        logits = finite(await runner.logits(x))
         probs = softmax(logits)  # once per request: the answer and the monitor share it
         ood = self.monitors.observe(served.version, x, logits, probs)
         self._shadow(mirror, lambda other: other.prepare_tensors(req.inputs), logits)
@@ -360,10 +391,14 @@ class ModelServer:
     async def _predict(self, runner: VersionRunner, body: bytes, mirror: str | None = None):
         from starlette.responses import Response
 
-        payload = load_json(body)
         served = runner.served
-        x = served.prepare_json(payload)
-        logits = await runner.logits(x)
+
+        def parse() -> tuple[Any, np.ndarray]:
+            payload = load_json(body, limits=self.limits)
+            return payload, served.prepare_json(payload)
+
+        payload, x = await off_loop(parse, len(body))
+        logits = finite(await runner.logits(x))
         probs = softmax(logits)  # once per request: the answer and the monitor share it
         ood = self.monitors.observe(served.version, x, logits, probs)
         self._shadow(mirror, lambda other: other.prepare_json(payload), logits)
@@ -375,7 +410,7 @@ class ModelServer:
         if ood is not None:
             out["parameters"] = ood.parameters()
         return Response(
-            json.dumps(out, separators=(",", ":")).encode(),
+            json.dumps(out, separators=(",", ":"), allow_nan=False).encode(),
             status_code=200,
             media_type="application/json",
         )

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from kiln import tracking as trk
 from kiln.errors import ConfigError, KilnError, ModelError
-from kiln.models.spec import load_spec
+from kiln.models.spec import check_allowed_builder, load_spec
 from kiln.monitor.live.config import MonitorConfig
 from kiln.rollout.core.spec import options_for
 from kiln.serve.config import (
@@ -53,6 +53,7 @@ class ModelAppSpec:
     # Pickled by reference: only replicas of a config with serve.monitor.retrain import it.
     retrainer: RetrainerFactory | None = None
     dashboard_url: str | None = None  # the serving cluster's Jobs API, captured by the driver
+    limits: dict[str, Any] | None = None  # serve.limits (a LimitsConfig's fields)
 
 
 @dataclass
@@ -127,6 +128,7 @@ def plan_serving(cfg: ServeConfig, tracking_uri: str) -> ServePlan:
                 f"{entry.uri}: no runtime for artifact format '{spec.format}' "
                 f"(known: {', '.join(sorted(RUNTIMES))})"
             )
+        check_allowed_builder(spec, entry.uri)
         groups.setdefault(name, []).append((i, entry, VersionSource(version, uri), spec.format))
     models = []
     for name, members in groups.items():

@@ -10,7 +10,6 @@ Everything a client can get wrong raises ``ProtocolError`` with the HTTP status 
 from __future__ import annotations
 
 import json
-import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +17,14 @@ from typing import Any
 import numpy as np
 
 from kiln.errors import KilnError
+from kiln.serve.limits import (
+    LimitError,
+    LimitsConfig,
+    check_rows,
+    check_shape,
+    check_string,
+    parse_json,
+)
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -46,6 +53,13 @@ class ProtocolError(KilnError):
         self.status = status
 
 
+# Everything a client can get wrong: a malformed request, or one over a serve.limits budget. Both
+# carry the 4xx status to answer with.
+CLIENT_ERRORS = (ProtocolError, LimitError)
+DEFAULT_LIMITS = LimitsConfig()
+MAX_ID_CHARS = 256
+
+
 @dataclass
 class Tensor:
     """A named tensor: ``data`` is an ndarray of ``shape`` (dtype object holding bytes for
@@ -72,23 +86,34 @@ class InferRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
 
 
-def load_json(body: bytes, what: str = "request body") -> Any:
-    """Parse JSON; ProtocolError (400) naming the problem when it is not JSON."""
+def load_json(
+    body: bytes, what: str = "request body", limits: LimitsConfig = DEFAULT_LIMITS
+) -> Any:
+    """Parse strict JSON within ``limits`` (depth checked before parsing, number literals by
+    length; NaN and Infinity refused). ProtocolError (400) naming the problem when it is not
+    strict JSON, LimitError (413) over a budget."""
     if not body:
         raise ProtocolError(f"{what} is empty; send a JSON object")
     try:
-        return json.loads(body)
+        return parse_json(body, limits)
     except UnicodeDecodeError:
         raise ProtocolError(f"{what} is not valid JSON (not UTF-8 text)") from None
     except json.JSONDecodeError as exc:
         raise ProtocolError(
             f"{what} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
         ) from None
+    except ValueError as exc:  # a refused constant or out-of-range float (LimitError is not one)
+        raise ProtocolError(f"{what} is not valid JSON ({exc})") from None
+    except RecursionError:  # the depth check keeps bodies far from this; never a 500 regardless
+        raise LimitError(f"{what} nests too deeply (serve.limits.max_json_depth)") from None
 
 
-def parse_infer_request(body: bytes, header_length: str | None = None) -> InferRequest:
+def parse_infer_request(
+    body: bytes, header_length: str | None = None, limits: LimitsConfig = DEFAULT_LIMITS
+) -> InferRequest:
     """An ``InferRequest`` from a body (and the ``Inference-Header-Content-Length`` header, if
-    any)."""
+    any), every size checked against ``limits`` before it is used. Raises ProtocolError or
+    LimitError."""
     binary = b""
     if header_length is not None:
         try:
@@ -102,7 +127,7 @@ def parse_infer_request(body: bytes, header_length: str | None = None) -> InferR
                 f"Inference-Header-Content-Length {size} does not fit a body of {len(body)} bytes"
             )
         body, binary = body[:size], body[size:]
-    payload = load_json(body)
+    payload = load_json(body, limits=limits)
     if not isinstance(payload, dict):
         raise ProtocolError(f"request body must be a JSON object, not {type(payload).__name__}")
     raw_inputs = payload.get("inputs")
@@ -113,9 +138,10 @@ def parse_infer_request(body: bytes, header_length: str | None = None) -> InferR
     params = payload.get("parameters") or {}
     if not isinstance(params, dict):
         raise ProtocolError("field 'parameters' must be an object")
+    check_rows(len(raw_inputs), limits, "field 'inputs'")
     inputs, offset = [], 0
     for i, raw in enumerate(raw_inputs):
-        tensor, used = _parse_input(raw, i, binary, offset)
+        tensor, used = _parse_input(raw, i, binary, offset, limits)
         inputs.append(tensor)
         offset += used
     if offset != len(binary):
@@ -124,16 +150,22 @@ def parse_infer_request(body: bytes, header_length: str | None = None) -> InferR
             f"{offset}"
         )
     request_id = payload.get("id")
+    if request_id is not None and (
+        not isinstance(request_id, str) or len(request_id) > MAX_ID_CHARS
+    ):
+        raise ProtocolError(f"field 'id' must be a string of at most {MAX_ID_CHARS} characters")
     return InferRequest(
         inputs=inputs,
-        id=None if request_id is None else str(request_id),
+        id=request_id,
         outputs=_parse_outputs(payload.get("outputs")),
         binary_output=bool(params.get("binary_data_output")),
         parameters=params,
     )
 
 
-def _parse_input(raw: Any, index: int, binary: bytes, offset: int) -> tuple[Tensor, int]:
+def _parse_input(
+    raw: Any, index: int, binary: bytes, offset: int, limits: LimitsConfig
+) -> tuple[Tensor, int]:
     where = f"inputs[{index}]"
     if not isinstance(raw, dict):
         raise ProtocolError(f"{where} must be an object with name, shape, datatype and data")
@@ -150,11 +182,11 @@ def _parse_input(raw: Any, index: int, binary: bytes, offset: int) -> tuple[Tens
         raise ProtocolError(
             f"{where}: 'shape' must be a list of non-negative integers, got {shape!r}"
         )
-    if datatype not in DATATYPES:
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
         raise ProtocolError(
-            f"{where}: unknown datatype {datatype!r} (one of {', '.join(DATATYPES)})"
+            f"{where}: unknown datatype {datatype!r:.40} (one of {', '.join(DATATYPES)})"
         )
-    count = math.prod(shape)
+    count = check_shape(shape, limits, where)  # before anything is sized by it
     params = raw.get("parameters") or {}
     size = params.get("binary_data_size") if isinstance(params, dict) else None
     if size is not None:
@@ -165,24 +197,29 @@ def _parse_input(raw: Any, index: int, binary: bytes, offset: int) -> tuple[Tens
             )
         chunk = binary[offset : offset + size]
         return Tensor(
-            name, datatype, shape, _from_binary(chunk, datatype, shape, count, where)
+            name, datatype, shape, _from_binary(chunk, datatype, shape, count, where, limits)
         ), size
     if "data" not in raw:
         raise ProtocolError(
             f"{where}: missing field 'data' (or parameters.binary_data_size with binary data)"
         )
-    return Tensor(name, datatype, shape, _from_json(raw["data"], datatype, shape, count, where)), 0
+    data = _from_json(raw["data"], datatype, shape, count, where, limits)
+    return Tensor(name, datatype, shape, data), 0
 
 
 def _from_binary(
-    chunk: bytes, datatype: str, shape: list[int], count: int, where: str
+    chunk: bytes, datatype: str, shape: list[int], count: int, where: str, limits: LimitsConfig
 ) -> np.ndarray:
     if datatype == "BYTES":
-        items, pos = [], 0
+        items: list[bytes] = []
+        pos = 0
         while pos < len(chunk):
             if pos + 4 > len(chunk):
                 raise ProtocolError(f"{where}: BYTES binary data is truncated")
             (length,) = struct.unpack_from("<I", chunk, pos)
+            check_string(length, limits, f"{where}: element {len(items)}")
+            if len(items) >= count:
+                raise ProtocolError(f"{where}: BYTES binary data holds more than {count} elements")
             items.append(chunk[pos + 4 : pos + 4 + length])
             pos += 4 + length
         if pos != len(chunk) or len(items) != count:
@@ -197,18 +234,22 @@ def _from_binary(
             f"{where}: {len(chunk)} bytes of binary data, but shape {shape} of {datatype} "
             f"needs {count * dtype.itemsize}"
         )
-    return (
-        np.frombuffer(chunk, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(shape)
-    )
+    arr = np.frombuffer(chunk, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
+    _check_finite(arr, datatype, where)
+    return arr.reshape(shape)
 
 
-def _from_json(data: Any, datatype: str, shape: list[int], count: int, where: str) -> np.ndarray:
+def _from_json(
+    data: Any, datatype: str, shape: list[int], count: int, where: str, limits: LimitsConfig
+) -> np.ndarray:
     if not isinstance(data, list):
         data = [data]
     if datatype == "BYTES":
         flat = _flatten(data)
         if any(not isinstance(v, str) for v in flat):
             raise ProtocolError(f"{where}: BYTES data must be strings")
+        for i, v in enumerate(flat):
+            check_string(len(v), limits, f"{where}: element {i}")
         if len(flat) != count:
             raise ProtocolError(f"{where}: {len(flat)} values, but shape {shape} needs {count}")
         return _object_array([v.encode() for v in flat], shape)
@@ -231,7 +272,19 @@ def _from_json(data: Any, datatype: str, shape: list[int], count: int, where: st
             raise ProtocolError(
                 f"{where}: values outside the range of {datatype} ({info.min}..{info.max})"
             )
-    return arr.astype(dtype).reshape(shape)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused just below
+        out = arr.astype(dtype)
+    _check_finite(out, datatype, where)
+    return out.reshape(shape)
+
+
+def _check_finite(arr: np.ndarray, datatype: str, where: str) -> None:
+    """Non-finite floats (NaN, Infinity, or values beyond the datatype's range) are refused: no
+    answer may carry one, and strict JSON has none."""
+    if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
+        raise ProtocolError(
+            f"{where}: 'data' holds NaN, Infinity or values outside the range of {datatype}"
+        )
 
 
 def _flatten(data: list) -> list:
@@ -317,7 +370,8 @@ def encode_infer_response(
         payload["id"] = request_id
     if parameters:
         payload["parameters"] = parameters
-    header = json.dumps(payload, separators=(",", ":")).encode()
+    # allow_nan=False: strict JSON out (a non-finite value is a ValueError here, never a bad body)
+    header = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
     if not chunks:
         return header, {"content-type": "application/json"}
     return header + b"".join(chunks), {
@@ -347,4 +401,4 @@ def _as_bytes(value: Any) -> bytes:
 
 def error_body(message: str) -> bytes:
     """The protocol's error object: ``{"error": message}``."""
-    return json.dumps({"error": message}).encode()
+    return json.dumps({"error": message}, allow_nan=False).encode()

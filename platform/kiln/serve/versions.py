@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from kiln.errors import KilnError
 from kiln.models.predictor import Predictor
+from kiln.serve.limits import LimitsConfig, check_image, check_rows, check_string, over
 from kiln.serve.protocol import ProtocolError, Tensor
 
 INPUT_NAME = "input"
@@ -33,6 +34,8 @@ class ServedVersion:
     model_name: str
     version: str
     predictor: Predictor
+    # serve.limits: budgets checked before any work
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     @property
     def kind(self) -> str:
@@ -107,7 +110,13 @@ class ServedVersion:
             raise ProtocolError(
                 f"input '{INPUT_NAME}': shape {shape} does not match [-1, {features}]"
             )
-        return self._prepare(tensor.data.astype(np.float32))
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused below
+            values = tensor.data.astype(np.float32)
+        if not np.isfinite(values).all():
+            raise ProtocolError(
+                f"input '{INPUT_NAME}': values are NaN, Infinity or outside the range of FP32"
+            )
+        return self._prepare(values)
 
     def _image_tensor(self, tensor: Tensor) -> np.ndarray:
         prep = self.predictor.spec.preprocessing
@@ -117,8 +126,12 @@ class ServedVersion:
                 raise ProtocolError(
                     f"input '{INPUT_NAME}': BYTES images need shape [N], got {list(tensor.shape)}"
                 )
-            # Encoded files: raw bytes (binary tensor data), or base64 text (JSON has no bytes).
-            return self._prepare([_maybe_b64(item) for item in tensor.data])
+            # Encoded files: raw bytes (binary tensor data), or base64 text (JSON has no bytes);
+            # each header is read (format, pixels) before any image is decoded.
+            files = [_maybe_b64(item) for item in tensor.data]
+            for i, data in enumerate(files):
+                check_image(data, self.limits, f"input '{INPUT_NAME}' element {i}")
+            return self._prepare(files)
         if tensor.datatype != "UINT8":
             raise ProtocolError(
                 f"input '{INPUT_NAME}': datatype {tensor.datatype} is not accepted by image model "
@@ -153,7 +166,13 @@ class ServedVersion:
                 or not all(isinstance(i, str) for i in images)
             ):
                 raise ProtocolError("field 'images' must be a non-empty list of base64 strings")
-            return self._prepare([_b64decode(item, i) for i, item in enumerate(images)])
+            check_rows(len(images), self.limits, "field 'images'")
+            files = []
+            for i, item in enumerate(images):
+                check_string(len(item), self.limits, f"images[{i}]")
+                files.append(_b64decode(item, i))
+                check_image(files[-1], self.limits, f"images[{i}]")
+            return self._prepare(files)
         records = payload.get("records")
         if records is None:
             raise ProtocolError(
@@ -167,7 +186,37 @@ class ServedVersion:
             or not all(isinstance(r, dict) for r in records)
         ):
             raise ProtocolError("field 'records' must be a non-empty list of objects")
-        return self._prepare(records)
+        return self._prepare(self._records_matrix(records))
+
+    def _records_matrix(self, records: list[dict[str, Any]]) -> np.ndarray:
+        """[N, F] float64 of the model's features only (other keys are never looked at: the work is
+        records x features, whatever keys a client sends); null is NaN (preprocessing fills it)."""
+        limits = self.limits
+        check_rows(len(records), limits, "field 'records'")
+        names = self.predictor.spec.preprocessing.feature_names
+        out = np.empty((len(records), len(names)), dtype=np.float64)
+        for i, record in enumerate(records):
+            if len(record) > limits.max_record_keys:
+                raise over(
+                    f"records[{i}]: keys", len(record), limits.max_record_keys, "max_record_keys"
+                )
+            missing = [n for n in names if n not in record]
+            if missing:
+                raise ProtocolError(f"records[{i}]: missing feature columns: {', '.join(missing)}")
+            for j, name in enumerate(names):
+                value = record[name]
+                if value is None:
+                    out[i, j] = np.nan
+                elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                    out[i, j] = float(value) if abs(value) < 3.4e38 else np.inf
+                else:
+                    raise ProtocolError(
+                        f"records[{i}]: feature '{name}' must be a number or null, got "
+                        f"{type(value).__name__}"
+                    )
+        if np.isinf(out).any():
+            raise ProtocolError("records: values outside the range of FP32")
+        return out
 
     def _prepare(self, raw: Any) -> np.ndarray:
         try:

@@ -65,7 +65,7 @@ def check_model_fits_data(cfg: TrainingJobConfig, data: PreparedData) -> None:
     from kiln.train.loop import model_spec
 
     try:
-        model = build_model(model_spec(cfg, data)).eval()
+        model = build_model(model_spec(cfg, data), [cfg.model.name]).eval()
         with torch.no_grad():
             out = model(torch.from_numpy(data.x_train[:2]))
     except (ValueError, RuntimeError, TypeError) as exc:

@@ -139,7 +139,7 @@ def model_measures(cfg, data, measures: tuple[str, ...]) -> dict[str, float]:
     from kiln.models.builders import count_parameters
     from kiln.train.loop import model_spec
 
-    model = build_model(model_spec(cfg, data)).eval()
+    model = build_model(model_spec(cfg, data), [cfg.model.name]).eval()
     out = {"params": float(count_parameters(model))}
     if "latency_ms" in measures:
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))

@@ -6,6 +6,7 @@ import http.client
 import json
 import logging
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -72,6 +73,13 @@ class Threshold:
         return None
 
 
+def url_origin(url: str) -> str:
+    """``scheme://host[:port]`` of a URL: what may be logged of a secret one."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or "?"
+    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
+
+
 def post_webhook(url: str, payload: dict[str, Any], timeout: float) -> bool:
     """POST ``payload`` as JSON; False (and a log line) when the receiver fails. Never raises."""
     body = json.dumps(payload).encode()
@@ -83,7 +91,8 @@ def post_webhook(url: str, payload: dict[str, Any], timeout: float) -> bool:
             return 200 <= resp.status < 300
     except (OSError, http.client.HTTPException, ValueError) as exc:  # URLError is an OSError
         # an alert receiver that is down or answers nonsense must not break serving
-        logger.warning("kiln monitor: webhook %s failed: %s", url, exc)
+        # the URL's scheme and host only: its path, query or user info may carry a token
+        logger.warning("kiln monitor: webhook %s failed: %s", url_origin(url), type(exc).__name__)
         return False
 
 

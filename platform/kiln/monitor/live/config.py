@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 
 from kiln.config import Section
 
@@ -147,8 +147,10 @@ class MonitorConfig(Section):
         description="An alert clears when its value falls below "
         "hysteresis x threshold (one alert per crossing).",
     )
-    webhook_url: str | None = Field(
-        None, description="POST a JSON body here on every alert and recovery."
+    # A secret (such URLs often carry a token): shown and logged as '**********', never in a
+    # status, a log line, or a run's params and tags (to_dict / model_dump(mode="json")).
+    webhook_url: SecretStr | None = Field(
+        None, description="POST a JSON body here on every alert and recovery (kept secret)."
     )
     webhook_timeout_s: float = Field(3.0, gt=0, description="Timeout of one webhook call.")
     retrain: RetrainPolicy | None = Field(
@@ -157,7 +159,12 @@ class MonitorConfig(Section):
 
     @field_validator("webhook_url")
     @classmethod
-    def _http_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError(f"'{value}' is not an http(s) URL")
+    def _http_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(("http://", "https://")):
+            raise ValueError("webhook_url is not an http(s) URL")
         return value
+
+    @property
+    def webhook(self) -> str | None:
+        """The webhook URL itself (only for the call)."""
+        return None if self.webhook_url is None else self.webhook_url.get_secret_value()

@@ -76,7 +76,7 @@ class VersionMonitor:
         self.drift_alert = Threshold("drift", cfg.drift_threshold, cfg.hysteresis)
         self.ood_alert = Threshold("ood_rate", cfg.ood_rate_threshold, cfg.hysteresis)
         self.on_alert = on_alert or (
-            lambda alert: notify(alert, cfg.webhook_url, cfg.webhook_timeout_s)
+            lambda alert: notify(alert, cfg.webhook, cfg.webhook_timeout_s)
         )
         self.flagged = 0  # rows flagged OOD since start
         self.last: Evaluation | None = None

@@ -101,10 +101,10 @@ class ReplicaMonitors:
             return
 
         def post_event(event: RetrainEvent) -> None:  # on the alerts thread: never the caller's
-            if cfg.webhook_url:
+            if cfg.webhook:
                 self._alerts.submit(
                     post_webhook,
-                    cfg.webhook_url,
+                    cfg.webhook,
                     {"kind": "kiln.monitor.retrain", **event.to_dict()},
                     cfg.webhook_timeout_s,
                 )
@@ -172,7 +172,7 @@ class ReplicaMonitors:
         cfg = self.cfg
 
         def on_alert(alert: Alert) -> None:  # on the alerts thread: a slow webhook delays nothing
-            self._alerts.submit(notify, alert, cfg.webhook_url, cfg.webhook_timeout_s)
+            self._alerts.submit(notify, alert, cfg.webhook, cfg.webhook_timeout_s)
 
         self.monitors[version] = VersionMonitor(
             self.model, version, reference, cfg, on_alert=on_alert
@@ -265,7 +265,7 @@ class ReplicaMonitors:
             "model": self.model,
             "replica": self.replica,
             "scope": "replica",
-            "config": self.cfg.model_dump(),
+            "config": self.cfg.model_dump(mode="json"),  # secrets as '**********'
             "versions": {v: self.status(v, window) for v in versions},
         }
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from kiln import tracking as trk
 from kiln.errors import KilnError, ModelError
-from kiln.models.spec import load_spec
+from kiln.models.spec import check_allowed_builder, load_spec
 from kiln.rollout.control.controller import RolloutController
 from kiln.rollout.core.actors import NAMESPACE, controller_name, find_controller
 from kiln.rollout.core.spec import RolloutOptions
@@ -154,6 +154,7 @@ def _check_servable(uri: str, tracking_uri: str) -> None:
     spec = load_spec(trk.resolve_model_dir(uri, tracking_uri), uri)
     if spec.format not in RUNTIMES:
         raise ModelError(f"{uri}: no runtime for artifact format '{spec.format}'")
+    check_allowed_builder(spec, uri)
 
 
 def rollout_command(

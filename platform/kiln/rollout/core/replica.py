@@ -87,8 +87,10 @@ class RolloutAgent:
             return None
         return table.candidate if self.router.mirror(table) else None
 
-    def record(self, version: str, status: int, latency_ms: float) -> None:
-        self.windows.setdefault(version, VersionWindow()).record(status, latency_ms)
+    def record(self, version: str, status: int, latency_ms: float, routed: bool = True) -> None:
+        """Count a request answered by ``version``; ``routed`` False for one that named its version
+        (pinned: counted apart, never in gates)."""
+        self.windows.setdefault(version, VersionWindow()).record(status, latency_ms, routed)
 
     def compare(self, version: str, agreed: int, rows: int) -> None:
         self.windows.setdefault(version, VersionWindow()).compare(agreed, rows)

@@ -4,6 +4,11 @@ A replica keeps one ``VersionWindow`` per version and hands it over (``drain``) 
 controller adds the reports of all replicas into the window of the current gate interval and turns
 it into ``VersionMetrics`` when the interval ends. Errors are server faults (HTTP 5xx): a client's
 bad request (4xx) says nothing about the version.
+
+Gates see only the traffic the rollout routed (unversioned requests and the mirrored ones) and
+answered without a client error: a client cannot force a rollback by sending bad requests to the
+candidate, nor promote a bad candidate by pinning good traffic to it (``/versions/{v}/...``). Both
+kinds are counted apart (``pinned``, ``client_errors``) and shown in the status.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ MAX_SAMPLES = 2000  # latency samples kept per version and window (a uniform res
 
 @dataclass
 class VersionWindow:
-    requests: int = 0
+    requests: int = 0  # routed requests answered without a client error: what gates read
     errors: int = 0
+    pinned: int = 0  # requests that named this version: never in gates
+    client_errors: int = 0  # routed requests answered 4xx (the client's fault): never in gates
     latency_ms: list[float] = field(default_factory=list)
     seen_latencies: int = 0
     compared: int = 0  # mirrored requests whose answer was compared with the stable version's
@@ -27,7 +34,14 @@ class VersionWindow:
     signals: dict[str, float] = field(default_factory=dict)  # quality signals (mean over replicas)
     signal_reports: int = 0
 
-    def record(self, status: int, latency_ms: float) -> None:
+    def record(self, status: int, latency_ms: float, routed: bool = True) -> None:
+        """Count one answered request; ``routed``: the rollout chose this version (not pinned)."""
+        if not routed:
+            self.pinned += 1
+            return
+        if 400 <= status < 500:
+            self.client_errors += 1
+            return
         self.requests += 1
         if status >= 500:
             self.errors += 1
@@ -49,6 +63,8 @@ class VersionWindow:
     def add(self, other: VersionWindow) -> None:
         self.requests += other.requests
         self.errors += other.errors
+        self.pinned += other.pinned
+        self.client_errors += other.client_errors
         self.compared += other.compared
         self.agreed += other.agreed
         for value in other.latency_ms:
@@ -80,6 +96,8 @@ class VersionMetrics:
     agreement: float | None
     compared: int
     signals: dict[str, float]
+    pinned: int = 0  # shown, never gated
+    client_errors: int = 0
 
     def value(self, signal: str) -> float | None:
         if signal in ("error_rate", "p50_ms", "p99_ms", "agreement"):
@@ -109,4 +127,6 @@ def metrics_of(window: VersionWindow) -> VersionMetrics:
         agreement=window.agreed / window.compared if window.compared else None,
         compared=window.compared,
         signals=dict(window.signals),
+        pinned=window.pinned,
+        client_errors=window.client_errors,
     )

@@ -18,6 +18,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from kiln.errors import KilnError, first_line
 from kiln.files import atomic_write_json
 
 
@@ -88,6 +89,10 @@ def rollouts_dir(run_dir: str | Path) -> Path:
     return Path(run_dir).expanduser().resolve() / "serve" / "rollouts"
 
 
+class RolloutRecordError(KilnError):
+    """A rollout record exists but cannot be read (truncated, corrupted, unreadable)."""
+
+
 class RolloutStore:
     """Reads and writes one model's record and audit log."""
 
@@ -98,13 +103,21 @@ class RolloutStore:
         self.audit_path = self.dir / f"{model}.audit.jsonl"
 
     def load(self) -> RolloutRecord | None:
-        """The record, or None when there is none (or it is unreadable)."""
+        """The record, or None when there is none. Raises RolloutRecordError when there is one
+        that cannot be read: ignoring it would silently drop a promotion or a rollback target."""
         if not self.record_path.is_file():
             return None
         try:
-            return RolloutRecord.from_dict(json.loads(self.record_path.read_text()))
-        except (json.JSONDecodeError, TypeError):
-            return None
+            data = json.loads(self.record_path.read_text())
+            if not isinstance(data, dict):
+                raise TypeError(f"a JSON {type(data).__name__}, not an object")
+            return RolloutRecord.from_dict(data)
+        except (OSError, ValueError, TypeError) as exc:  # ValueError: JSON, UTF-8
+            raise RolloutRecordError(
+                f"rollout record {self.record_path} is unreadable ({first_line(exc)}); restore it, "
+                f"or move it aside to serve the configured versions (its history stays in "
+                f"{self.audit_path.name})"
+            ) from None
 
     def save(self, record: RolloutRecord) -> None:
         """Write the record atomically: a reader (or a restarted controller) never sees half of
