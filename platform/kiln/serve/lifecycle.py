@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kiln.compat import haproxy_loopback_env
 from kiln.errors import ConfigError, KilnError, ResourceError, first_line
 from kiln.ray_connection import connected_dashboard_url
 from kiln.serve.app import (
@@ -30,6 +31,7 @@ from kiln.serve.app import (
 )
 from kiln.serve.cluster import (
     connect,
+    exposure_warning,
     find_target,
     forget,
     http_url,
@@ -224,10 +226,12 @@ def start_serving(
     progress: Progress = lambda _: None,
     debug: bool = False,
     hooks: ServingHooks | None = None,
+    warn: Progress = lambda text: logger.warning("kiln serve: %s", text),
 ) -> ServeInfo:
     """Deploy every model of ``cfg`` and wait until they run; ``hooks`` plug in the layers above
-    (rollout records, retraining). Returns what serves where. Raises KilnError (nothing left
-    deployed)."""
+    (rollout records, retraining); ``warn`` gets what the user should be warned of (an endpoint
+    bound beyond loopback without an API key). Returns what serves where. Raises KilnError
+    (nothing left deployed)."""
     from kiln.serve.http import key_digest
 
     hooks = hooks or ServingHooks()
@@ -243,6 +247,9 @@ def start_serving(
     plan = plan_serving(cfg, tracking_uri)
     plan.run_dir = str(Path(run_dir).expanduser().resolve())
     progress(f"serving {plan.describe()}")
+    exposed = exposure_warning(cfg.host, api_key is not None)
+    if exposed:
+        warn(exposed)
     if address is None:
         progress(
             "starting a local Ray instance (it keeps running after this command; stop it with kiln "
@@ -272,7 +279,8 @@ def start_serving(
             # HAProxy's unix sockets live under this folder plus a 56-character node id and must fit
             # 97 bytes: a short folder of its own, removed by `kiln serve stop`.
             haproxy_dir = tempfile.mkdtemp(prefix="khap-", dir="/tmp")
-            controller_options = {"runtime_env": {"env_vars": haproxy_env(Path(haproxy_dir))}}
+            env = {**haproxy_env(Path(haproxy_dir)), **haproxy_loopback_env()}
+            controller_options = {"runtime_env": {"env_vars": env}}
         started_serve = not serve_running()
         try:
             serve.start(
