@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("kiln.serve")
 Progress = Callable[[str], None]
 DIRECT_INGRESS_PORTS = 256  # replica ports HAProxy mode may hand out on this node
+DRAINING_PERIOD_S = 2.0  # how long a stopping ingress replica stays open behind HAProxy
 
 
 @dataclass
@@ -134,6 +135,11 @@ def haproxy_env(base_dir: Path) -> dict[str, str]:
         "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(http_low + DIRECT_INGRESS_PORTS),
         "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc_low),
         "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc_low + DIRECT_INGRESS_PORTS),
+        # A stopping ingress replica stays open this long so that HAProxy deregisters it (and
+        # HAProxy retries a refused connection on another replica). Ray's 30 s suits a remote load
+        # balancer's health checks; Serve's HAProxy is told by the controller within a second, and
+        # 30 s made every stop, redeploy and failed start wait half a minute per replica.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(DRAINING_PERIOD_S),
     }
 
 
