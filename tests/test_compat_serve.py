@@ -34,3 +34,34 @@ def test_serve_http_address_reads_what_serve_started_with(ray_cluster):
     finally:
         serve.shutdown()
     assert serve_http_address() is None
+
+
+def test_haproxy_template_binds_stats_and_metrics_on_loopback_after_the_hook():
+    """The hook rewrites Serve's HAProxy template (stats page, Prometheus exporter) to 127.0.0.1;
+    fails when Ray's template changes so that the binds are no longer found."""
+    import jinja2
+    from ray.serve._private import haproxy_templates
+
+    from kiln.compat import HAPROXY_ALL_INTERFACE_BINDS, bind_haproxy_stats_to_loopback
+
+    original = haproxy_templates.HAPROXY_CONFIG_TEMPLATE
+    for old, _ in HAPROXY_ALL_INTERFACE_BINDS:
+        assert old in original  # Ray 2.60 still binds them on all interfaces
+    try:
+        bind_haproxy_stats_to_loopback()
+        patched = haproxy_templates.HAPROXY_CONFIG_TEMPLATE
+        jinja2.Environment().parse(patched)  # still a template
+        for old, new in HAPROXY_ALL_INTERFACE_BINDS:
+            assert old not in patched and new in patched
+        bind_haproxy_stats_to_loopback()  # idempotent
+        assert haproxy_templates.HAPROXY_CONFIG_TEMPLATE == patched
+    finally:
+        haproxy_templates.HAPROXY_CONFIG_TEMPLATE = original
+
+
+def test_the_setup_hook_variable_is_the_one_ray_workers_read():
+    from ray._private.runtime_env.setup_hook import export_setup_func_module
+
+    from kiln.compat import HAPROXY_LOOPBACK_HOOK, haproxy_loopback_env
+
+    assert export_setup_func_module({}, HAPROXY_LOOPBACK_HOOK)["env_vars"] == haproxy_loopback_env()

@@ -1,8 +1,9 @@
 """kiln serve without --address: Kiln starts its own local Ray instance, which outlives the CLI call
 and which `kiln serve status` and `kiln serve stop` find again through RUN_DIR/serve/state.json.
 
-Uses the opt-in HAProxy ingress, so that its wiring (own ports and files per instance) is tested
-too; the module test_serve_http.py covers the default proxy.
+Uses the default ingress (HAProxy, with its own ports and files per instance), and checks that
+nothing the instance started listens beyond loopback but Ray's own token-protected listeners
+(README: Safety). The other serving modules run the same default on the shared Ray instance.
 """
 
 # Fixtures imported from served_models by name are redefined as parameters (pytest's way):
@@ -19,6 +20,7 @@ import requests
 
 from conftest import last_json, run_kiln
 from kiln.waiting import wait_until
+from listeners import assert_loopback_only
 from served_models import digits_raw, free_port
 
 
@@ -53,8 +55,6 @@ def test_local_instance_outlives_the_cli_and_stops_cleanly(registry, tmp_path):
         "serve",
         "start",
         registry.uris["fp32-cnn"],
-        "--ingress",
-        "haproxy",
         "--num-cpus",
         "1",
         "--port",
@@ -70,6 +70,8 @@ def test_local_instance_outlives_the_cli_and_stops_cleanly(registry, tmp_path):
         info = last_json(proc.stdout)
         pid = info["local_ray_pid"]
         assert info["url"] == f"http://127.0.0.1:{port}" and info["ingress"] == "haproxy"
+        assert info["metrics_url"].startswith("http://127.0.0.1:")
+        assert_loopback_only(pid)
         state = json.loads((run_dir / "serve" / "state.json").read_text())
         assert state["local_ray"]["pid"] == pid and pid_alive(
             pid

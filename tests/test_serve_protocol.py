@@ -292,3 +292,24 @@ def test_deployment_options_carry_replicas_autoscaling_cpus_and_batching():
         "target_ongoing_requests": 16.0,
     }
     assert plan.min_cpus == 0.0  # scale-to-zero reserves nothing up front
+
+
+@pytest.mark.parametrize(
+    "host, key, warned",
+    [
+        ("127.0.0.1", False, False),
+        ("::1", False, False),
+        ("localhost", False, False),
+        ("0.0.0.0", False, True),
+        ("192.0.2.7", False, True),
+        ("my-host.example", False, True),
+        ("0.0.0.0", True, False),
+    ],
+)
+def test_a_non_loopback_host_without_an_api_key_is_warned_about(host, key, warned):
+    from kiln.serve.cluster import exposure_warning
+
+    message = exposure_warning(host, key)
+    assert (message is not None) == warned
+    if warned:
+        assert host in message and "API key" in message

@@ -62,3 +62,51 @@ def serve_http_address() -> tuple[str, int] | None:
 
 # --- Ray Tune ----------------------------------------------------------------------------------
 # None: RecordingASHA keeps its own copies of ASHA's settings instead of reading private attributes.
+
+
+# Ray Serve's HAProxy config template binds two listeners on every interface, with no option to
+# change it: the stats page (``listen stats`` / ``bind *:PORT``) and the Prometheus exporter
+# (``frontend prometheus`` / ``bind :PORT``). Kiln binds both to loopback.
+HAPROXY_ALL_INTERFACE_BINDS = (
+    ("bind *:{{ config.stats_port }}", "bind 127.0.0.1:{{ config.stats_port }}"),
+    ("bind :{{ config.metrics_port }}", "bind 127.0.0.1:{{ config.metrics_port }}"),
+)
+HAPROXY_LOOPBACK_HOOK = "kiln.compat.bind_haproxy_stats_to_loopback"
+
+
+def haproxy_loopback_env() -> dict[str, str]:
+    """Environment variables for Serve's controller (``controller_options["runtime_env"]``, which
+    takes ``env_vars`` only) that run ``bind_haproxy_stats_to_loopback`` in it and in the actors
+    it starts, the HAProxy manager among them.
+
+    Checked against Ray 2.60: a ``worker_process_setup_hook`` given as a module path is carried by
+    the reserved variable ``ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR``
+    (``ray._private.runtime_env.setup_hook.export_setup_func_module``), which every worker reads at
+    start (``default_worker.py``)."""
+    from ray._private import ray_constants
+
+    return {ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR: HAPROXY_LOOPBACK_HOOK}
+
+
+def bind_haproxy_stats_to_loopback() -> None:
+    """A Ray worker-process setup hook (``runtime_env["worker_process_setup_hook"]`` of Serve's
+    controller, inherited by the HAProxy manager actor it creates): rewrites Serve's HAProxy config
+    template so that HAProxy's stats page and Prometheus exporter listen on 127.0.0.1 only. Runs
+    before the manager imports ``ray.serve._private.haproxy`` (which copies the template by name).
+    Raises RuntimeError when the template no longer holds the binds it replaces.
+
+    Checked against Ray 2.60: ``ray.serve._private.haproxy_templates.HAPROXY_CONFIG_TEMPLATE``.
+    """
+    from ray.serve._private import haproxy_templates
+
+    template = haproxy_templates.HAPROXY_CONFIG_TEMPLATE
+    for old, new in HAPROXY_ALL_INTERFACE_BINDS:
+        if old not in template and new not in template:
+            raise RuntimeError(f"Ray Serve's HAProxy template has no '{old}' any more")
+        template = template.replace(old, new)
+    haproxy_templates.HAPROXY_CONFIG_TEMPLATE = template
+    import sys
+
+    loaded = sys.modules.get("ray.serve._private.haproxy")
+    if loaded is not None:  # imported before the hook ran: patch its copy too
+        loaded.HAPROXY_CONFIG_TEMPLATE = template  # type: ignore[attr-defined]

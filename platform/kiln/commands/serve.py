@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,8 +33,8 @@ def add_arguments(parser) -> None:
     start.add_argument(
         "--ingress",
         choices=["proxy", "haproxy"],
-        help="'proxy' (default, Ray Serve's proxy) or 'haproxy' (faster; see README: Serving, "
-        "safety)",
+        help="'haproxy' (default: HAProxy forwards straight to the replicas) or 'proxy' (Ray "
+        "Serve's Python proxy, slower); see README: Serving, Safety",
     )
     start.add_argument(
         "--api-key-env", metavar="VAR", help="require the API key held in environment variable VAR"
@@ -190,6 +191,7 @@ def _start(args) -> int:
         progress=lambda text: say(args, f"kiln serve: {text}"),
         debug=args.debug,
         hooks=serving_hooks(serve_cfg),
+        warn=lambda text: print(f"warning: {text}", file=sys.stderr, flush=True),
     )
     where = (
         f"local Ray instance, pid {info.local_ray_pid}"

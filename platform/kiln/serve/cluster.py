@@ -11,7 +11,7 @@ from typing import Any
 from kiln.compat import serve_http_address
 from kiln.errors import KilnError
 from kiln.serve.app import is_kiln_app
-from kiln.serve.instance import ServeState, clear_state, load_state, state_dir
+from kiln.serve.instance import LOCAL_ONLY_ENV, ServeState, clear_state, load_state, state_dir
 
 LOCAL_AUTH_MODE = "token"  # Kiln's local instance runs with Ray's token authentication
 
@@ -35,8 +35,10 @@ def connect(address: str, debug: bool = False) -> str:
 
 def serving_env(run_dir: str | Path, address: str | None, starting: bool = False) -> dict[str, str]:
     """The environment a process needs before it imports Ray to reach what serves from ``run_dir``
-    (``starting``: what ``kiln serve start`` will serve): ``RAY_AUTH_MODE=token`` when that is
-    Kiln's local instance, nothing otherwise. The entry point sets it (library code never writes
+    (``starting``: what ``kiln serve start`` will serve): when that is Kiln's local instance,
+    ``RAY_AUTH_MODE=token`` and Ray's single-node mode (the instance's GCS listens on loopback
+    only, and a driver in Ray's default mode would dial the machine's outside address instead);
+    nothing otherwise. The entry point sets it (library code never writes
     ``os.environ``); a variable the user set already is left as it is."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     if starting:
@@ -45,7 +47,7 @@ def serving_env(run_dir: str | Path, address: str | None, starting: bool = False
         state = load_state(run_dir)
         target = address or (state.address if state else None)
         local = state is not None and state.local_ray is not None and state.address == target
-    return {"RAY_AUTH_MODE": LOCAL_AUTH_MODE} if local else {}
+    return {"RAY_AUTH_MODE": LOCAL_AUTH_MODE, LOCAL_ONLY_ENV: "0"} if local else {}
 
 
 def http_url(host: str, port: int) -> str:
@@ -53,6 +55,29 @@ def http_url(host: str, port: int) -> str:
     loopback)."""
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     return f"http://{shown}:{port}"
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (an interface to bind) is reachable from this machine only."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def exposure_warning(host: str, api_key_required: bool) -> str | None:
+    """The warning ``kiln serve start`` prints when the endpoint binds beyond loopback with no API
+    key (anyone who reaches the machine can call the models); None otherwise."""
+    if is_loopback_host(host) or api_key_required:
+        return None
+    return (
+        f"serving on {host} without an API key: anyone who can reach this machine can call the "
+        "models; set serve.api_key_env (--api-key-env), or bind to 127.0.0.1"
+    )
 
 
 def metrics_url() -> str | None:

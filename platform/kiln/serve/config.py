@@ -134,10 +134,10 @@ class ServeConfig(Section):
     )
     port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 picks a free one).")
     ingress: Literal["proxy", "haproxy"] = Field(
-        "proxy",
-        description="'proxy': Ray Serve's Python proxy (default). 'haproxy': Ray Serve's HAProxy "
-        "ingress, faster, but HAProxy's stats and metrics ports bind on all interfaces (see "
-        "README).",
+        "haproxy",
+        description="'haproxy' (default): Ray Serve's HAProxy ingress, forwarding straight to the "
+        "replicas, every listener on loopback unless host says otherwise. 'proxy': Ray Serve's "
+        "Python proxy (slower; for clusters whose nodes lack HAProxy; see README).",
     )
     api_key_env: str | None = Field(
         None,

@@ -28,6 +28,7 @@ from kiln.local_ray import (
 )
 
 STATE_FILE = "state.json"
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's single-node mode, on loopback
 
 __all__ = [
     "LocalRay",
@@ -94,6 +95,10 @@ def local_head_env(secrets: Iterable[str] = ()) -> dict[str, str]:
             # Serve is shut down before the instance stops; waiting for node draining would only
             # add 30 s.
             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+            # Ray's single-machine mode (its default on macOS): the node's address is 127.0.0.1,
+            # not the machine's outside address, so the agents, the Ray client server and the
+            # metrics exporter listen on loopback. The instance takes no other nodes.
+            LOCAL_ONLY_ENV: "0",
         }
     )
     for name in secrets:

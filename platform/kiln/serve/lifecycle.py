@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kiln.compat import haproxy_loopback_env
 from kiln.errors import ConfigError, KilnError, ResourceError, first_line, telling_line
 from kiln.ray_connection import connected_dashboard_url
 from kiln.serve.app import (
@@ -30,6 +31,7 @@ from kiln.serve.app import (
 )
 from kiln.serve.cluster import (
     connect,
+    exposure_warning,
     find_target,
     forget,
     http_url,
@@ -62,6 +64,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("kiln.serve")
 Progress = Callable[[str], None]
 DIRECT_INGRESS_PORTS = 256  # replica ports HAProxy mode may hand out on this node
+DRAINING_PERIOD_S = 2.0  # how long a stopping ingress replica stays open behind HAProxy
 
 
 @dataclass
@@ -136,6 +139,11 @@ def haproxy_env(base_dir: Path) -> dict[str, str]:
         "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(http_low + DIRECT_INGRESS_PORTS),
         "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc_low),
         "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc_low + DIRECT_INGRESS_PORTS),
+        # A stopping ingress replica stays open this long so that HAProxy deregisters it (and
+        # HAProxy retries a refused connection on another replica). Ray's 30 s suits a remote load
+        # balancer's health checks; Serve's HAProxy is told by the controller within a second, and
+        # 30 s made every stop, redeploy and failed start wait half a minute per replica.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(DRAINING_PERIOD_S),
     }
 
 
@@ -228,10 +236,12 @@ def start_serving(
     progress: Progress = lambda _: None,
     debug: bool = False,
     hooks: ServingHooks | None = None,
+    warn: Progress = lambda text: logger.warning("kiln serve: %s", text),
 ) -> ServeInfo:
     """Deploy every model of ``cfg`` and wait until they run; ``hooks`` plug in the layers above
-    (rollout records, retraining). Returns what serves where. Raises KilnError (nothing left
-    deployed)."""
+    (rollout records, retraining); ``warn`` gets what the user should be warned of (an endpoint
+    bound beyond loopback without an API key). Returns what serves where. Raises KilnError
+    (nothing left deployed)."""
     from kiln.serve.http import key_digest
 
     hooks = hooks or ServingHooks()
@@ -247,6 +257,9 @@ def start_serving(
     plan = plan_serving(cfg, tracking_uri)
     plan.run_dir = str(Path(run_dir).expanduser().resolve())
     progress(f"serving {plan.describe()}")
+    exposed = exposure_warning(cfg.host, api_key is not None)
+    if exposed:
+        warn(exposed)
     if address is None:
         progress(
             "starting a local Ray instance (it keeps running after this command; stop it with kiln "
@@ -278,7 +291,8 @@ def start_serving(
             # HAProxy's unix sockets live under this folder plus a 56-character node id and must fit
             # 97 bytes: a short folder of its own, removed by `kiln serve stop`.
             haproxy_dir = tempfile.mkdtemp(prefix="khap-", dir="/tmp")
-            controller_options = {"runtime_env": {"env_vars": haproxy_env(Path(haproxy_dir))}}
+            env = {**haproxy_env(Path(haproxy_dir)), **haproxy_loopback_env()}
+            controller_options = {"runtime_env": {"env_vars": env}}
         started_serve = not serve_running()
         try:
             serve.start(
