@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from kiln.data.dataset import PreparedData
+from kiln.data.dataset import PreparedData, open_splits
 from kiln.models.artifact import build_model, unwrap
 from kiln.models.spec import ModelSpec
 from kiln.train.checkpoint import checkpoint_name, load_checkpoint, read_state, save_checkpoint
-from kiln.train.config import TrainingJobConfig
+from kiln.train.config import TrainDataConfig, TrainingJobConfig
 from kiln.train.metrics import accuracy, confusion_matrix, f1_macro
 from kiln.train.session import Session
 
@@ -90,16 +90,54 @@ def evaluate_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -
     )
 
 
-def split_metrics(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, loss_fn, prefix: str
+def train_batches(source: Any, batch_size: int, knobs: TrainDataConfig, seed: int):
+    """One epoch of ``{"x", "y"}`` torch batches from a dataset or a worker's shard, shuffled in a
+    local buffer of ``train.data.shuffle_buffer`` rows (seeded), prefetching
+    ``train.data.prefetch_batches`` batches."""
+    return source.iter_torch_batches(
+        batch_size=batch_size,
+        prefetch_batches=knobs.prefetch_batches,
+        local_shuffle_buffer_size=knobs.shuffle_buffer or None,
+        local_shuffle_seed=seed % (2**31) if knobs.shuffle_buffer else None,
+        dtypes={"x": torch.float32, "y": torch.int64},
+        device="cpu",
+    )
+
+
+@torch.inference_mode()
+def stream_metrics(
+    model: nn.Module,
+    source: Any,
+    num_classes: int,
+    loss_fn,
+    prefix: str,
+    device: Any = "cpu",
+    batch_size: int = 1024,
 ) -> dict[str, float]:
-    """Loss, accuracy and macro-F1 of ``model`` on one split."""
-    if len(x) == 0:
+    """Loss, accuracy and macro-F1 of ``model`` on one split, streamed in batches (empty split:
+    no metrics)."""
+    model.eval()
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    loss_sum, rows = 0.0, 0.0
+    reduction = getattr(loss_fn, "reduction", "mean")
+    for batch in source.iter_torch_batches(
+        batch_size=batch_size, dtypes={"x": torch.float32, "y": torch.int64}, device="cpu"
+    ):
+        x, y = batch["x"].to(device), batch["y"].to(device)
+        logits = model(x)
+        cm += confusion_matrix(y.cpu().numpy(), logits.argmax(1).cpu().numpy(), num_classes)
+        if getattr(loss_fn, "weight", None) is not None and reduction == "mean":
+            # a weighted mean: sum of weighted losses over the sum of weights, batch by batch
+            w = loss_fn.weight.to(logits.device)[y]
+            loss_sum += float((nn.functional.cross_entropy(logits, y, reduction="none") * w).sum())
+            rows += float(w.sum())
+        else:
+            loss_sum += float(loss_fn(logits, y)) * len(y)
+            rows += len(y)
+    if rows == 0:
         return {}
-    logits = evaluate_logits(model, x)
-    cm = confusion_matrix(y.numpy(), logits.argmax(1).numpy(), num_classes)
     return {
-        f"{prefix}_loss": float(loss_fn(logits, y)),
+        f"{prefix}_loss": loss_sum / rows,
         f"{prefix}_accuracy": accuracy(cm),
         f"{prefix}_f1_macro": f1_macro(cm),
     }
@@ -121,36 +159,27 @@ def record_resume(tracking: dict[str, str], state: dict[str, Any], start_epoch: 
     trk.log_metrics(uri, run_id, {"resumed_at_epoch": start_epoch}, step=start_epoch)
 
 
-def epoch_order(
-    labels: torch.Tensor, seed: int, epoch: int, rank: int, world_size: int, sampler: str = "none"
+def rebalance(
+    y: torch.Tensor, train_counts: np.ndarray, sampler: str, generator: torch.Generator
 ) -> torch.Tensor:
-    """This rank's shuffled row indices for ``epoch``: equal counts on every rank (DDP needs equal
-    steps).
+    """Row indices of one batch after rebalancing (the streamed form of ``train.sampler``).
 
-    ``oversample`` draws every class up to the largest class's count (with replacement),
-    ``undersample`` down to the smallest's (without); both redraw each epoch, on the train split
-    only.
+    ``oversample`` redraws the batch, same size, with replacement, each row weighted by the inverse
+    of its class's train count (a balanced batch in expectation); ``undersample`` keeps each row
+    with probability smallest class count / its class count (at least one row is kept). ``none``
+    keeps the batch as it is. Draws come from ``generator``, seeded by epoch, rank and step.
     """
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    if sampler == "none":
-        rows = torch.randperm(len(labels), generator=g)
-    else:
-        classes = [torch.nonzero(labels == c).flatten() for c in torch.unique(labels)]
-        target = (
-            max(len(c) for c in classes)
-            if sampler == "oversample"
-            else min(len(c) for c in classes)
-        )
-        picked = []
-        for idx in classes:
-            if target <= len(idx):
-                picked.append(idx[torch.randperm(len(idx), generator=g)[:target]])
-            else:
-                picked.append(idx[torch.randint(len(idx), (target,), generator=g)])
-        rows = torch.cat(picked)
-        rows = rows[torch.randperm(len(rows), generator=g)]
-    per_rank = len(rows) // world_size
-    return rows[: per_rank * world_size][rank::world_size]
+    if sampler == "none" or len(y) == 0:
+        return torch.arange(len(y))
+    counts = torch.as_tensor(np.maximum(train_counts, 1), dtype=torch.float64)
+    per_row = counts[y.cpu()]
+    if sampler == "oversample":
+        return torch.multinomial(1.0 / per_row, len(y), replacement=True, generator=generator)
+    present = counts[torch.as_tensor(train_counts) > 0]
+    keep = torch.rand(len(y), generator=generator, dtype=torch.float64) < present.min() / per_row
+    if not keep.any():
+        keep[torch.randint(len(y), (1,), generator=generator)] = True
+    return torch.nonzero(keep).flatten()
 
 
 def record_worker_nodes(session: Session, tracking: dict[str, str] | None) -> None:
@@ -175,9 +204,14 @@ def train_epochs(
     tracking: dict[str, str] | None = None,
     resume_from: Path | None = None,
     hooks: LoopHooks | None = None,
+    datasets: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``cfg.train.epochs`` epochs (continuing after the latest checkpoint). Returns reported
-    metrics."""
+    metrics.
+
+    ``datasets`` maps 'train' and 'val' to what batches are drawn from: Ray Data datasets, or a
+    Ray Train worker's shards; by default the splits of ``data``, opened here (cached in the object
+    store when small, see ``open_splits``)."""
     t = cfg.train
     hooks = hooks or LoopHooks()
     torch.set_num_threads(max(1, int(t.cpus_per_worker)))
@@ -188,9 +222,9 @@ def train_epochs(
     model = session.prepare_model(model.to(device))
     record_worker_nodes(session, tracking)
 
-    x_train = torch.from_numpy(data.x_train)
-    y_train = torch.from_numpy(data.y_train)
-    x_val, y_val = torch.from_numpy(data.x_val), torch.from_numpy(data.y_val)
+    if datasets is None:
+        datasets = open_splits(data, ("train", "val"), t.data.cache)
+    train_rows = data.sizes()["train"]
     weights = (
         torch.from_numpy(data.class_weights()).to(device) if t.class_weights == "auto" else None
     )
@@ -198,10 +232,7 @@ def train_epochs(
     eval_loss = nn.CrossEntropyLoss(weight=weights.cpu() if weights is not None else None)
 
     local_batch = max(1, t.batch_size // session.world_size)
-    rows_per_rank = len(
-        epoch_order(y_train, t.seed, 0, session.rank, session.world_size, t.sampler)
-    )
-    steps_per_epoch = max(1, math.ceil(rows_per_rank / local_batch))
+    steps_per_epoch = max(1, math.ceil(train_rows // session.world_size / local_batch))
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
 
@@ -215,17 +246,19 @@ def train_epochs(
 
     reports = []
     every = cfg.train.checkpoint.every
+    train_counts = data.class_counts[0]
     for epoch in range(start_epoch, t.epochs):
         started = time.perf_counter()
         model.train()
-        order = epoch_order(y_train, t.seed, epoch, session.rank, session.world_size, t.sampler)
-        torch.manual_seed(
-            t.seed * 1_000_003 + epoch * 1009 + session.rank
-        )  # dropout, same on resume
+        # Same seeds on resume: an epoch restarts from its first batch with the same shuffle,
+        # dropout and rebalancing draws.
+        epoch_seed = t.seed * 1_000_003 + epoch * 1009 + session.rank
+        torch.manual_seed(epoch_seed)  # dropout
+        draws = torch.Generator().manual_seed(epoch_seed)
         total, count = 0.0, 0
-        for i in range(0, len(order), local_batch):
-            idx = order[i : i + local_batch]
-            xb, yb = x_train[idx].to(device), y_train[idx].to(device)
+        for batch in train_batches(datasets["train"], local_batch, t.data, epoch_seed):
+            keep = rebalance(batch["y"], train_counts, t.sampler, draws)
+            xb, yb = batch["x"][keep].to(device), batch["y"][keep].to(device)
             optimizer.zero_grad(set_to_none=True)
             logits = model(xb)
             loss = hooks.loss(logits, xb, yb, loss_fn) if hooks.loss else loss_fn(logits, yb)
@@ -233,8 +266,8 @@ def train_epochs(
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
-            total += float(loss.detach()) * len(idx)
-            count += len(idx)
+            total += float(loss.detach()) * len(yb)
+            count += len(yb)
         train_seconds = time.perf_counter() - started
         metrics: dict[str, Any] = {
             "epoch": epoch,
@@ -247,16 +280,17 @@ def train_epochs(
         if session.rank == 0:
             # Evaluate the plain module on rank 0 only: no collectives, so the other ranks don't
             # wait on it.
-            metrics.update(
-                split_metrics(
-                    unwrap(model).cpu() if device.type == "cpu" else unwrap(model),
-                    x_val.to(device),
-                    y_val.to(device),
-                    data.num_classes,
-                    eval_loss,
-                    "val",
+            if data.sizes()["val"]:
+                metrics.update(
+                    stream_metrics(
+                        unwrap(model).cpu() if device.type == "cpu" else unwrap(model),
+                        datasets["val"],
+                        data.num_classes,
+                        eval_loss,
+                        "val",
+                        device,
+                    )
                 )
-            )
             if (epoch + 1) % every == 0 or epoch + 1 == t.epochs:
                 tmp = tempfile.TemporaryDirectory(prefix="kiln-ckpt-")
                 checkpoint_dir = save_checkpoint(
@@ -286,9 +320,11 @@ def train_epochs(
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point: ``loop_config`` holds the config dict, a data ObjectRef and tracking
-    info."""
+    """Ray Train entry point: ``loop_config`` holds the config dict, the prepared data's plan and
+    samples (an ObjectRef, small: no rows beyond the bounded samples) and tracking info; the rows
+    come from this worker's shard of the trainer's 'train' dataset and the whole 'val' dataset."""
     import ray
+    import ray.train
 
     from kiln.train.session import RayTrainSession
 
@@ -304,4 +340,5 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         loop_config.get("tracking"),
         Path(resume_from) if resume_from else None,
         loop_config.get("hooks"),
+        {name: ray.train.get_dataset_shard(name) for name in ("train", "val")},
     )
