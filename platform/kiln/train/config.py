@@ -30,10 +30,12 @@ class CheckpointConfig(Section):
 
 class TrainDataConfig(Section):
     prefetch_batches: int = Field(
-        default=2,
+        default=1,
         ge=0,
         le=64,
-        description="Batches prepared ahead of the training step (Ray Data iter_torch_batches).",
+        description="Batches prepared ahead of the training step (Ray Data iter_torch_batches); "
+        "above 1 Ray Data formats batches in a thread pool that does not keep their order, so a "
+        "resumed epoch is no longer identical.",
     )
     shuffle_buffer: int = Field(
         default=10_000,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,18 +90,58 @@ def evaluate_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -
     )
 
 
-def train_batches(source: Any, batch_size: int, knobs: TrainDataConfig, seed: int):
-    """One epoch of ``{"x", "y"}`` torch batches from a dataset or a worker's shard, shuffled in a
-    local buffer of ``train.data.shuffle_buffer`` rows (seeded), prefetching
-    ``train.data.prefetch_batches`` batches."""
-    return source.iter_torch_batches(
+SHUFFLE_BUFFER_BYTES = 256 << 20  # the shuffle buffer's cap, whatever train.data.shuffle_buffer
+
+
+def shuffle_stream(
+    batches: Any, batch_size: int, buffer_rows: int, generator: torch.Generator
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of ``batch_size`` rows drawn through a seeded shuffle buffer of ``buffer_rows``.
+
+    When the buffer is full it is permuted and its first half leaves as full batches; the rest is
+    permuted and emitted at the end. A buffer as large as the shard is a full shuffle. The draws
+    depend only on the generator and the order rows arrive in (fixed for a cached split), and every
+    batch but the last is full, so ranks with equal rows take equal steps."""
+    held: list[dict[str, torch.Tensor]] = []
+    rows = 0
+
+    def permuted() -> dict[str, torch.Tensor]:
+        joined = {k: torch.cat([b[k] for b in held]) for k in held[0]}
+        order = torch.randperm(len(joined["y"]), generator=generator)
+        return {k: v[order] for k, v in joined.items()}
+
+    for batch in batches:
+        held.append(batch)
+        rows += len(batch["y"])
+        if rows >= buffer_rows + batch_size:
+            pool = permuted()
+            out = (rows // 2) // batch_size * batch_size
+            for i in range(0, out, batch_size):
+                yield {k: v[i : i + batch_size] for k, v in pool.items()}
+            held, rows = [{k: v[out:] for k, v in pool.items()}], rows - out
+    if rows:
+        pool = permuted()
+        for i in range(0, rows, batch_size):
+            yield {k: v[i : i + batch_size] for k, v in pool.items()}
+
+
+def train_batches(
+    source: Any, batch_size: int, knobs: TrainDataConfig, row_bytes: int, generator: torch.Generator
+) -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch of ``{"x", "y"}`` torch batches from a dataset or a worker's shard, prefetching
+    ``train.data.prefetch_batches`` batches, shuffled through a seeded buffer of
+    ``train.data.shuffle_buffer`` rows (at most 256 MB). Ray Data's own local shuffle is not used:
+    its order was seen to change between two iterations with the same seed."""
+    batches = source.iter_torch_batches(
         batch_size=batch_size,
         prefetch_batches=knobs.prefetch_batches,
-        local_shuffle_buffer_size=knobs.shuffle_buffer or None,
-        local_shuffle_seed=seed % (2**31) if knobs.shuffle_buffer else None,
         dtypes={"x": torch.float32, "y": torch.int64},
         device="cpu",
     )
+    buffer_rows = min(knobs.shuffle_buffer, SHUFFLE_BUFFER_BYTES // max(row_bytes, 1))
+    if buffer_rows <= 0:
+        return iter(batches)
+    return shuffle_stream(batches, batch_size, buffer_rows, generator)
 
 
 @torch.inference_mode()
@@ -225,6 +265,7 @@ def train_epochs(
     if datasets is None:
         datasets = open_splits(data, ("train", "val"), t.data.cache)
     train_rows = data.sizes()["train"]
+    row_bytes = 4 * math.prod(data.input_shape)
     weights = (
         torch.from_numpy(data.class_weights()).to(device) if t.class_weights == "auto" else None
     )
@@ -255,8 +296,10 @@ def train_epochs(
         epoch_seed = t.seed * 1_000_003 + epoch * 1009 + session.rank
         torch.manual_seed(epoch_seed)  # dropout
         draws = torch.Generator().manual_seed(epoch_seed)
+        shuffle = torch.Generator().manual_seed(epoch_seed + 7)
         total, count = 0.0, 0
-        for batch in train_batches(datasets["train"], local_batch, t.data, epoch_seed):
+        batches = train_batches(datasets["train"], local_batch, t.data, row_bytes, shuffle)
+        for batch in batches:
             keep = rebalance(batch["y"], train_counts, t.sampler, draws)
             xb, yb = batch["x"][keep].to(device), batch["y"][keep].to(device)
             optimizer.zero_grad(set_to_none=True)
