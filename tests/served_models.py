@@ -248,8 +248,9 @@ VARIANTS: dict[str, Variant] = {
 
 
 @pytest.fixture(scope="session")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
-    """Every variant of VARIANTS registered in a sqlite MLflow store (trained once per session)."""
+def registry(tmp_path_factory: pytest.TempPathFactory, ray_cluster: str) -> Registry:
+    """Every variant of VARIANTS registered in a sqlite MLflow store (trained once per session; the
+    data is read in Ray Data tasks on the session's Ray instance)."""
     from kiln import tracking as trk
 
     run_dir = tmp_path_factory.mktemp("serve-runs")

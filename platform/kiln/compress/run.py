@@ -323,8 +323,8 @@ def finish(
     artifacts.update({m.name: m.directory for m in made})
     b = cc.benchmark
     say(
-        f"evaluating {len(artifacts)} models on {len(data.y_test)} test rows ({b.rounds} timing "
-        "rounds, side by side)"
+        f"evaluating {len(artifacts)} models on {data.sizes()['test']} test rows "
+        f"({b.rounds} timing rounds, side by side)"
     )
     metrics = evaluate_artifacts(artifacts, data, b)
     formats = {n: load_spec(p).format for n, p in artifacts.items()}
@@ -399,7 +399,7 @@ def finish(
         "source_model": f"models:/{source.name}/{source.version}",
         "compress_run": run_id,
         "dataset_hash": data.dataset_hash,
-        "test_rows": int(len(data.y_test)),
+        "test_rows": data.sizes()["test"],
         "machine": machine_info(),
         "rounds": b.rounds,
         "throughput_batch": b.throughput_batch,
