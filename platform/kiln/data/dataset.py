@@ -26,7 +26,6 @@ from kiln.data.builtin import BUILTIN_SOURCES
 from kiln.data.config import DataConfig
 from kiln.data.decode import numeric_feature_columns
 from kiln.data.fit import (
-    LEAK_SALT,
     FitResult,
     FitSpec,
     class_indices,
@@ -44,7 +43,6 @@ from kiln.errors import DataError
 
 SAMPLE_BYTES = 64 << 20  # per split, whatever data.sample_rows asks for
 LEAK_SAMPLE_ROWS = 1_000_000
-_ = LEAK_SALT  # (the leakage sample's key is drawn in fit)
 
 
 @dataclass(frozen=True)

@@ -80,16 +80,6 @@ def make_scheduler(cfg: TrainingJobConfig, optimizer: torch.optim.Optimizer, ste
     )
 
 
-@torch.inference_mode()
-def evaluate_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    model.eval()
-    return (
-        torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
-        if len(x)
-        else x.new_zeros((0,))
-    )
-
-
 SHUFFLE_BUFFER_BYTES = 256 << 20  # the shuffle buffer's cap, whatever train.data.shuffle_buffer
 
 
