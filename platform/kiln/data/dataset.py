@@ -430,12 +430,12 @@ def split_bytes(data: PreparedData, name: str) -> int:
 
 def open_splits(data: PreparedData, names: tuple[str, ...], cache: str = "auto") -> dict[str, Any]:
     """The splits ``names`` as Ray Data datasets. Cached (materialized in the object store, once)
-    under ``cache='on'``, or ``'auto'`` when together they take under a quarter of the object
+    under ``cache='always'``, or ``'auto'`` when together they take under a quarter of the object
     store; otherwise lazy: every epoch reads, decodes and preprocesses again, streaming."""
     import ray
 
     opened = {name: data.dataset(name) for name in names}
-    if cache == "off":
+    if cache == "never":
         return opened
     if cache == "auto":
         resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]

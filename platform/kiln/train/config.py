@@ -43,10 +43,10 @@ class TrainDataConfig(Section):
         le=10_000_000,
         description="Rows in the seeded local shuffle buffer each epoch (0: no shuffle).",
     )
-    cache: Literal["auto", "on", "off"] = Field(
+    cache: Literal["auto", "always", "never"] = Field(
         default="auto",
         description="Keep the preprocessed train/val splits in Ray's object store across epochs: "
-        "'auto' when they take under a quarter of it, 'on' always (spilling to disk), 'off' "
+        "'auto' when they take under a quarter of it, 'always' (spilling to disk), 'never': "
         "re-read and decode every epoch.",
     )
 
