@@ -170,11 +170,12 @@ def compress_and_register(
 
 def digits_raw(n: int = 24) -> np.ndarray:
     """Raw uint8 digit images [n, 1, 8, 8], as a client would send them."""
-    from kiln.data.config import DataConfig
-    from kiln.data.dataset import load_raw
+    from kiln.data.builtin import load_builtin
+    from kiln.data.decode import decode_images
 
-    raw = load_raw(DataConfig(source="digits", image="image"))
-    return raw.x[:: max(1, len(raw.x) // n)][:n]
+    table = load_builtin("digits")
+    x, _, _ = decode_images([cell["bytes"] for cell in table.column("image").to_pylist()])
+    return x[:: max(1, len(x) // n)][:n]
 
 
 def iris_rows(source: Path, n: int = 12) -> tuple[np.ndarray, list[dict[str, float]]]:
@@ -249,8 +250,9 @@ VARIANTS: dict[str, Variant] = {
 
 
 @pytest.fixture(scope="session")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
-    """Every variant of VARIANTS registered in a sqlite MLflow store (trained once per session)."""
+def registry(tmp_path_factory: pytest.TempPathFactory, ray_cluster: str) -> Registry:
+    """Every variant of VARIANTS registered in a sqlite MLflow store (trained once per session; the
+    data is read in Ray Data tasks on the session's Ray instance)."""
     from kiln import tracking as trk
 
     run_dir = tmp_path_factory.mktemp("serve-runs")

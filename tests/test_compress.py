@@ -166,8 +166,6 @@ def compressed(reference, tmp_path_factory):
 
 
 def test_every_step_makes_a_variant_that_loads_and_predicts(compressed, reference):
-    from sklearn.datasets import load_digits
-
     from kiln.data.dataset import prepare_data
     from kiln.models.predictor import load_predictor
     from kiln.schema import validate_config
@@ -194,11 +192,12 @@ def test_every_step_makes_a_variant_that_loads_and_predicts(compressed, referenc
     assert formats["pruned"] == formats["distilled"] == formats["sparse"] == "safetensors"
 
     data = prepare_data(validate_config({"data": {"source": "digits", "image": "image"}}).data)
-    raw = (load_digits().images * (255.0 / 16.0)).round().astype(np.uint8)[data.split.test]
+    assert data.sample_is_whole("test")
+    raw, test_y = data.samples["test"]  # raw uint8 test images, as a user hands them over
     for name, entry in by_name.items():
         predictor = load_predictor(entry["model_uri"], tracking_uri=reference["tracking_uri"])
         labels = predictor.predict(raw)  # raw uint8 images, as a user hands them over
-        accuracy = float(np.mean(np.asarray(labels) == data.y_test))
+        accuracy = float(np.mean(np.asarray(labels) == np.asarray(data.labels)[test_y]))
         # The predict API gives the accuracy the harness reported (same runtime, same test rows).
         assert accuracy == pytest.approx(entry["metrics"]["test_accuracy"], abs=1e-9), name
         proba = predictor.predict_proba(raw[:5])
@@ -358,13 +357,14 @@ def test_bad_inputs_fail_clearly_and_register_nothing(reference, tmp_path, case)
 
         proc = subprocess.run(
             [sys.executable, str(REPO / "jobs" / "compress.py"), str(config)],
-            env=kiln_env(),
+            # the data is read in Ray Data tasks: on the session's instance, not a new one
+            env=kiln_env({"RAY_ADDRESS": reference["address"]}),
             capture_output=True,
             text=True,
             timeout=300,
         )
     else:
-        proc = run_kiln("compress", str(config), timeout=300)
+        proc = run_kiln("compress", str(config), "--address", reference["address"], timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expect in errors[0], proc.stderr[-2000:]
@@ -405,3 +405,49 @@ def test_model_card_of_a_compressed_variant(compressed, reference):
         "model", "card", f"models:/{MODEL}/999", "--tracking-uri", reference["tracking_uri"]
     )
     assert proc.returncode == 2 and "error: unknown model" in proc.stderr
+
+
+def test_compress_without_a_data_section_uses_the_models_own_data(ray_cluster, tmp_path):
+    """A model trained on a user's Parquet file records its data section; a compress config with
+    no data section compresses it and evaluates on that model's own test split (before, the
+    default data section was refused with a data-hash mismatch)."""
+    from kiln.compress.run import run_compression
+    from kiln.schema import load_config, validate_config
+    from kiln.train.run import run_training
+    from synthetic import tabular_parquet
+
+    source = tabular_parquet(tmp_path / "animals.parquet", rows=600)
+    run_dir = tmp_path / "runs"
+    trained = run_training(
+        validate_config(
+            {
+                "experiment": {"name": "held-in", "run_dir": str(run_dir)},
+                "data": {"source": str(source), "label": "species"},
+                "model": {"name": "mlp", "hidden": [16], "dropout": 0.0},
+                "train": {"epochs": 3, "workers": 1, "cpus_per_worker": 1, "lr": 0.01},
+            }
+        ),
+        address=ray_cluster,
+    )
+    config = tmp_path / "compress.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "experiment": {"name": "held-in", "run_dir": str(run_dir)},
+                "compress": {
+                    "model": trained.model_uri,
+                    "steps": [{"kind": "quantize", "mode": "dynamic"}],
+                    "selection": {"max_accuracy_drop": 0.5},
+                    "benchmark": {"rounds": 1, "latency_runs": 5, "throughput_runs": 1},
+                },
+            }
+        )
+    )
+    out = run_compression(load_config(config), address=ray_cluster).to_dict()
+    from kiln import tracking as trk
+
+    tags = trk.get_run(out["tracking_uri"], out["run_id"]).data.tags
+    assert tags[trk.TAG_DATASET_HASH] == trained.dataset_hash  # the model's own data and split
+    assert out["reference"]["metrics"]["test_accuracy"] == pytest.approx(
+        trained.metrics["test_accuracy"], abs=1e-9
+    )

@@ -173,3 +173,6 @@ def test_calibration_rows_checks_the_split():
         ConfigError, match="11 calibration samples requested, but the train split has only 10 rows"
     ):
         calibration_rows(x, 11, seed=0, where="compress.steps.0")
+    # a train split larger than the driver's sample names the knob that bounds the sample
+    with pytest.raises(ConfigError, match="driver keeps a sample of 10 train rows"):
+        calibration_rows(x, 11, seed=0, where="compress.steps.0", split_rows=10_000)

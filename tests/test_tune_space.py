@@ -338,7 +338,7 @@ def test_each_trial_gets_a_status_from_how_it_ended():
     ]
 
 
-def test_model_measures_count_parameters_and_time_batch_one():
+def test_model_measures_count_parameters_and_time_batch_one(ray_cluster):
     from kiln.data.dataset import prepare_data
     from kiln.models.artifact import build_model
     from kiln.models.builders import count_parameters

@@ -25,6 +25,9 @@ PROCESS_ENV: dict[str, str] = {
     "RAY_DEDUP_LOGS": "1",  # one line for a message every worker prints
     "RAY_USAGE_STATS_ENABLED": "0",  # no usage reporting, and no prompt about it
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",  # the CLI prints its own progress
+    # Ray Data configures its own logger at import (INFO lines of execution plans on the console,
+    # which would follow a command's one error line); this is the level it reads.
+    "RAY_DATA_LOG_LEVEL": "WARNING",
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # no CSV/JSON/TensorBoard files Kiln does not use
     "RAY_AIR_NEW_OUTPUT": "0",  # no Tune/Train status tables in the terminal
     # A resumable sweep: Tune saves its experiment state at least every 2 s (default: adaptive,

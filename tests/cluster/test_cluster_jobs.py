@@ -213,7 +213,10 @@ def _placement(tracking_uri: str, run_id: str, cluster: Cluster) -> list[set[str
     return [cluster.node_resources[w["node_id"]] for w in sorted(workers, key=lambda w: w["rank"])]
 
 
-def test_kiln_submit_follow_runs_one_worker_per_node_and_registers_the_model(cluster):
+def test_kiln_submit_follow_runs_one_worker_per_node_and_registers_the_model(
+    cluster,
+    ray_cluster,  # the test process reads the data in Ray Data tasks on the session instance
+):
     from kiln import tracking as trk
     from kiln.data.dataset import prepare_data
     from kiln.models.predictor import load_predictor

@@ -10,31 +10,65 @@ import pytest
 
 from kiln.data.config import DataConfig, SplitConfig
 from kiln.data.dataset import prepare_data
-from kiln.data.split import stratified_split
+from kiln.data.split import class_cuts
 from kiln.errors import DataError
 from synthetic import hf_image_parquet, tabular_parquet
 
+# Data is read in Ray Data tasks: every test here runs on the session's Ray instance.
+pytestmark = pytest.mark.usefixtures("ray_cluster")
 
-def test_split_is_stratified_disjoint_and_deterministic():
+
+def test_split_cuts_give_exact_per_class_counts_and_a_partition():
+    from kiln.data.split import TEST, TRAIN, VAL
+
     labels = np.repeat(np.arange(5), [100, 50, 20, 10, 3])
-    a = stratified_split(labels, 0.2, 0.1, seed=3)
-    b = stratified_split(labels.copy(), 0.2, 0.1, seed=3)
-    for part in ("train", "val", "test"):
-        np.testing.assert_array_equal(getattr(a, part), getattr(b, part))
-    all_idx = np.concatenate([a.train, a.val, a.test])
-    assert sorted(all_idx.tolist()) == list(range(len(labels)))  # a partition
-    assert np.bincount(labels[a.val], minlength=5).tolist() == [20, 10, 4, 2, 1]
-    assert np.bincount(labels[a.test], minlength=5).tolist() == [10, 5, 2, 1, 0]
-    c = stratified_split(labels, 0.2, 0.1, seed=4)
-    assert not np.array_equal(a.val, c.val)
+    keys = np.random.default_rng(0).integers(0, 2**63, len(labels), dtype=np.uint64)
+    per_class = [keys[labels == c] for c in range(5)]
+    cuts = class_cuts([len(k) for k in per_class], per_class, 0.2, 0.1)
+    split = cuts.assign(labels, keys)
+    assert set(split.tolist()) == {TRAIN, VAL, TEST}  # a partition: every row in one split
+    assert np.bincount(labels[split == VAL], minlength=5).tolist() == [20, 10, 4, 2, 1]
+    assert np.bincount(labels[split == TEST], minlength=5).tolist() == [10, 5, 2, 1, 0]
+    # a large class (keys not collected) is cut at the fractions themselves
+    big = class_cuts([10**6], [None], 0.2, 0.1)
+    many = np.random.default_rng(1).integers(0, 2**64 - 1, 200_000, dtype=np.uint64)
+    frac = np.bincount(big.assign(np.zeros(len(many), np.int64), many), minlength=3) / len(many)
+    assert abs(frac[VAL] - 0.2) < 0.01 and abs(frac[TEST] - 0.1) < 0.01
 
 
-def test_split_known_values_are_platform_independent():
-    # PCG64 streams are specified bit for bit: these indices must never change between machines.
-    labels = np.array([0, 1] * 10)
-    s = stratified_split(labels, 0.2, 0.2, seed=0)
-    assert (len(s.train), len(s.val), len(s.test)) == (12, 4, 4)
-    assert s.test.tolist() == stratified_split(labels, 0.2, 0.2, seed=0).test.tolist()
+def test_split_does_not_depend_on_files_and_the_seed_changes_it(tmp_path):
+    """The same rows in one Parquet file or seven (other blocks, other order): the same split
+    sizes, hash, statistics and samples; another seed gives another split."""
+    table = pq.read_table(tabular_parquet(tmp_path / "t.parquet", rows=900))
+    folder = tmp_path / "seven"
+    folder.mkdir()
+    order = np.random.default_rng(5).permutation(len(table))
+    shuffled = table.take(order)
+    for i, part in enumerate(np.array_split(np.arange(len(table)), 7)):
+        pq.write_table(shuffled.take(part), folder / f"part-{i}.parquet", row_group_size=50)
+    one = prepare_data(DataConfig(source=str(tmp_path / "t.parquet"), label="species"))
+    seven = prepare_data(DataConfig(source=str(folder), label="species"))
+    assert len(seven.plan.fragments) == 7 and len(one.plan.fragments) == 1
+    assert one.sizes() == seven.sizes()
+    assert one.class_counts.tolist() == seven.class_counts.tolist()
+    assert one.dataset_hash == seven.dataset_hash
+    assert one.preprocessing.to_dict() == seven.preprocessing.to_dict()  # to the last bit
+    np.testing.assert_array_equal(one.x_val, seven.x_val)
+    other = prepare_data(DataConfig(source=str(folder), label="species", split=SplitConfig(seed=9)))
+    assert not np.array_equal(other.x_val, one.x_val)
+
+
+def test_class_proportions_hold_on_an_imbalanced_table(tmp_path):
+    rng = np.random.default_rng(0)
+    sizes = {"a": 3000, "b": 600, "c": 150, "d": 100}
+    labels = np.concatenate([[k] * n for k, n in sizes.items()])
+    table = pa.table({"f": rng.normal(size=len(labels)), "label": labels})
+    pq.write_table(table, tmp_path / "imb.parquet", row_group_size=500)
+    data = prepare_data(DataConfig(source=str(tmp_path / "imb.parquet")))
+    whole = np.array(list(sizes.values())) / len(labels)
+    for i, _ in enumerate(("train", "val", "test")):
+        part = data.class_counts[i] / data.class_counts[i].sum()
+        assert np.abs(part - whole).max() < 0.01
 
 
 def test_tabular_parquet_with_string_labels(tmp_path):
@@ -99,22 +133,9 @@ def test_dataset_hash_tracks_content_and_split(tmp_path):
 
 
 def test_class_weights_are_inverse_frequency():
-    from kiln.data.dataset import PreparedData
+    from kiln.data.dataset import class_weights
 
-    y = np.array([0] * 90 + [1] * 10)
-    d = PreparedData(
-        x_train=np.zeros((100, 1), np.float32),
-        y_train=y,
-        x_val=None,
-        y_val=None,
-        x_test=None,
-        y_test=None,
-        labels=[0, 1],
-        preprocessing=None,
-        dataset_hash="",
-        split=None,
-    )
-    w = d.class_weights()
+    w = class_weights(np.array([90, 10]))
     assert w[1] / w[0] == pytest.approx(9.0)
 
 

@@ -6,11 +6,14 @@ import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from conftest import REPO, last_json, run_kiln
 from kiln.data.config import DataConfig
 from kiln.data.dataset import prepare_data
 from synthetic import tabular_parquet
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")  # data is read in Ray Data tasks
 
 
 def test_profile_of_tabular_data_describes_raw_train_features(tmp_path):
@@ -45,9 +48,19 @@ def test_profile_reports_imbalance_and_image_statistics(tmp_path):
     assert imbalanced.profile.imbalance_ratio > 5
 
 
-def test_profile_cli_reports_leak_between_splits(tmp_path):
+def test_profile_cli_reports_leak_between_splits(tmp_path, ray_cluster):
+    # The same inputs under other labels: a whole duplicated row (input and label) has the same
+    # split key and always lands in the same split, but the same input with another label may not.
     table = pq.read_table(tabular_parquet(tmp_path / "t.parquet", rows=300))
-    pq.write_table(pa.concat_tables([table, table.slice(0, 150)]), tmp_path / "leaky.parquet")
+    copies = table.slice(0, 150)
+    relabelled = pa.array(
+        [
+            {"cat": "dog", "dog": "emu", "emu": "cat"}[v]
+            for v in copies.column("species").to_pylist()
+        ]
+    )
+    copies = copies.set_column(copies.schema.get_field_index("species"), "species", relabelled)
+    pq.write_table(pa.concat_tables([table, copies]), tmp_path / "leaky.parquet")
     out = tmp_path / "profile"
     proc = run_kiln(
         "data",
@@ -58,6 +71,8 @@ def test_profile_cli_reports_leak_between_splits(tmp_path):
         "--out",
         str(out),
         "--json",
+        "--address",
+        ray_cluster,
     )
     assert proc.returncode == 0, proc.stderr
     result = last_json(proc.stdout)
@@ -71,7 +86,13 @@ def test_profile_cli_reports_leak_between_splits(tmp_path):
     assert "Leakage: identical inputs" in (out / "profile.html").read_text()
 
     clean = run_kiln(
-        "data", "profile", str(REPO / "configs/train/digits_cnn.yaml"), "--out", str(tmp_path / "d")
+        "data",
+        "profile",
+        str(REPO / "configs/train/digits_cnn.yaml"),
+        "--out",
+        str(tmp_path / "d"),
+        "--address",
+        ray_cluster,
     )
     assert clean.returncode == 0 and "no identical inputs shared" in clean.stdout
     missing = run_kiln("data", "profile", str(tmp_path / "nope.parquet"))

@@ -53,7 +53,7 @@ def test_custom_factory_by_import_path():
 
 
 @pytest.fixture(scope="module")
-def digits():
+def digits(ray_cluster):  # data is read in Ray Data tasks
     return prepare_data(DataConfig(source="digits", image="image"))
 
 

@@ -64,7 +64,7 @@ def train_in_process(data: dict, model: dict, epochs: int, run_dir: Path):
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
+def digits(tmp_path_factory, ray_cluster):  # data is read in Ray Data tasks
     return train_in_process(
         {"source": "digits", "image": "image", "split": SPLIT},
         {"name": "cnn", "width": 8, "dropout": 0.0},
@@ -74,7 +74,7 @@ def digits(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tabular(tmp_path_factory):
+def tabular(tmp_path_factory, ray_cluster):  # data is read in Ray Data tasks
     run_dir = tmp_path_factory.mktemp("tabular")
     source = tabular_parquet(run_dir / "animals.parquet", rows=3000, seed=0, nulls=False)
     return train_in_process(

@@ -79,8 +79,15 @@ def alive_train_workers(address: str) -> list[int]:
 
 def test_killed_worker_is_replaced_and_training_finishes(ray_cluster, run_dir):
     uri = trk.default_tracking_uri(run_dir)
+    # train.data.cache=never: every epoch streams from Ray Data tasks into the workers' shards, so
+    # the kill lands on a worker that is reading a streamed shard
     proc = start_training(
-        ray_cluster, run_dir, "experiment.name=ft-worker", "train.epochs=8", "model.width=16"
+        ray_cluster,
+        run_dir,
+        "experiment.name=ft-worker",
+        "train.epochs=8",
+        "model.width=16",
+        "train.data.cache=never",
     )
     try:
         run_id = wait_for_run(uri, "ft-worker", proc)

@@ -18,7 +18,7 @@ OVERRIDES = ["train.epochs=3", "model.width=8", "train.cpus_per_worker=1", "trai
 
 
 @pytest.fixture(scope="module")
-def setup():
+def setup(ray_cluster):  # the loop streams its batches from Ray Data
     cfg = load_config(REPO / "configs/train/digits_cnn.yaml", OVERRIDES)
     return cfg, prepare_data(cfg.data)
 
@@ -108,17 +108,19 @@ def test_metrics_match_scikit_learn():
 
 
 @pytest.mark.parametrize("sampler", ["oversample", "undersample"])
-def test_samplers_balance_classes_on_every_rank(sampler):
+def test_samplers_balance_classes_batch_by_batch(sampler):
     import torch
 
-    from kiln.train.loop import epoch_order
+    from kiln.train.loop import rebalance
 
-    labels = torch.tensor([0] * 90 + [1] * 10)
-    orders = [epoch_order(labels, 0, 3, rank, 2, sampler) for rank in range(2)]
-    assert len(orders[0]) == len(orders[1])
-    counts = torch.bincount(labels[torch.cat(orders)], minlength=2).tolist()
-    assert counts == ([90, 90] if sampler == "oversample" else [10, 10])
-    again = epoch_order(labels, 0, 3, 0, 2, sampler)
-    assert torch.equal(again, orders[0])  # deterministic per (seed, epoch)
-    plain = epoch_order(labels, 0, 3, 0, 1)
-    assert sorted(plain.tolist()) == list(range(100))
+    counts = np.array([900, 100])
+    y = torch.tensor([0] * 90 + [1] * 10)
+    picked = [y[rebalance(y, counts, sampler, torch.Generator().manual_seed(s))] for s in range(50)]
+    share = torch.cat(picked).float().mean().item()  # share of class 1 after rebalancing
+    assert 0.4 < share < 0.6
+    sizes = {len(p) for p in picked}
+    assert sizes == {100} if sampler == "oversample" else max(sizes) < 40
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(rebalance(y, counts, sampler, g1), rebalance(y, counts, sampler, g2))
+    plain = rebalance(y, counts, "none", torch.Generator())
+    assert plain.tolist() == list(range(100))

@@ -90,6 +90,19 @@ def test_digits_cnn_two_workers_tracked_registered_and_predicting(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", out["tracking_uri"])
     mlflow_model = mlflow.pyfunc.load_model(out["model_uri"])
     assert mlflow_model.predict(images[:10]) == predictor.predict(images[:10])
+    _same_data_as_prepared_here(out, predictor)
+
+
+def _same_data_as_prepared_here(out, predictor):
+    """The run's split sizes, dataset hash and fitted statistics are those the data layer computes
+    in this process, with no worker at all: they depend on the data and the seed only."""
+    from kiln.data.config import DataConfig
+    from kiln.data.dataset import prepare_data
+
+    data = prepare_data(DataConfig(source="digits", image="image"))
+    assert out["split_sizes"] == data.sizes()
+    assert out["dataset_hash"] == data.dataset_hash
+    assert predictor.spec.preprocessing.to_dict() == data.preprocessing.to_dict()
 
 
 def test_tabular_parquet_with_string_labels_trains_and_predicts(ray_cluster, run_dir, tmp_path):
@@ -138,6 +151,10 @@ def test_same_config_on_one_worker_gives_same_metrics(ray_cluster, run_dir):
     assert first["metrics"] == second["metrics"]
     assert first["epochs"] == second["epochs"]
     assert first["dataset_hash"] == second["dataset_hash"]
+    # ...and the same data as the two-worker run of the first test (same config's data section)
+    _same_data_as_prepared_here(
+        first, load_predictor(first["model_uri"], tracking_uri=first["tracking_uri"])
+    )
 
 
 def _bad(ray_cluster, run_dir, *overrides):

@@ -31,6 +31,11 @@ def add_arguments(parser) -> None:
     profile.add_argument("--image", help="image column (with a Parquet path; default: tabular)")
     profile.add_argument("--out", help="output folder (default runs/profiles/<dataset hash>)")
     profile.add_argument("--json", action="store_true", help="print the profile as one JSON line")
+    profile.add_argument(
+        "--address",
+        help="Ray cluster address whose Ray Data tasks read the data (default: RAY_ADDRESS, else "
+        "a local instance)",
+    )
     profile.set_defaults(_data_run=_profile)
 
 
@@ -63,6 +68,9 @@ def _profile(args) -> int:
         if args.image:
             overrides.append(f"data.image={args.image}")
         cfg = load_config(None, overrides + args.overrides)
+    from kiln.ray_connection import ensure_ray
+
+    ensure_ray(args.address)
     data = prepare_data(cfg.data)
     profile = data.profile
     if profile is None:  # prepare_data always profiles; PreparedData allows none for tests

@@ -19,7 +19,7 @@ from kiln.data.dataset import PreparedData
 from kiln.models.artifact import artifact_size, build_model, load_spec
 from kiln.models.builders import count_parameters
 from kiln.models.predictor import Predictor, load_predictor
-from kiln.train.metrics import accuracy, confusion_matrix, f1_macro
+from kiln.train.metrics import accuracy, f1_macro
 
 WARMUP_CALLS = 3
 
@@ -50,9 +50,11 @@ def parameter_count(directory: Path) -> int:
 
 
 def quality(predictor: Predictor, data: PreparedData) -> tuple[float, float]:
-    """(test accuracy, test macro-F1)."""
-    pred = predictor.logits(data.x_test).argmax(axis=1)
-    cm = confusion_matrix(data.y_test, pred, data.num_classes)
+    """(test accuracy, test macro-F1) on the whole test split (streamed when it is larger than the
+    driver's sample)."""
+    from kiln.train.run import test_confusion
+
+    cm = test_confusion(predictor, data)
     return accuracy(cm), f1_macro(cm)
 
 

@@ -131,7 +131,9 @@ def check_steps(
                         "model "
                         "(no Conv or Linear layers)"
                     )
-                calibration_rows(data.x_train, step.calibration_samples, 0, where)
+                calibration_rows(
+                    data.x_train, step.calibration_samples, 0, where, data.sizes()["train"]
+                )
             stand_ins[step.variant] = StandIn("onnx", None)
         elif isinstance(step, DistillStep):
             student = build_student(student_spec(step, spec, where), data, where)

@@ -25,9 +25,16 @@ from kiln.errors import ConfigError
 CALIBRATION_BATCH = 32
 
 
-def calibration_rows(x_train: np.ndarray, samples: int, seed: int, where: str) -> np.ndarray:
-    """``samples`` rows of the train split, drawn without replacement (seeded). ConfigError if too
-    many."""
+def calibration_rows(
+    x_train: np.ndarray, samples: int, seed: int, where: str, split_rows: int | None = None
+) -> np.ndarray:
+    """``samples`` rows of ``x_train`` (the driver's sample of the train split, ``split_rows`` rows
+    in all), drawn without replacement (seeded). ConfigError if too many."""
+    if samples > len(x_train) and split_rows is not None and split_rows > len(x_train):
+        raise ConfigError(
+            f"config key '{where}.calibration_samples': {samples} calibration samples requested, "
+            f"but the driver keeps a sample of {len(x_train)} train rows (raise data.sample_rows)"
+        )
     if samples > len(x_train):
         raise ConfigError(
             f"config key '{where}.calibration_samples': {samples} calibration samples requested, "

@@ -96,6 +96,25 @@ def resolve_source(tracking_uri: str, uri: str) -> SourceModel:
     )
 
 
+def with_model_data(cfg: CompressJobConfig, source: SourceModel) -> CompressJobConfig:
+    """``cfg`` with the data section the source version was trained on, when ``cfg`` sets no
+    ``data`` of its own and the version recorded one (tag ``kiln.data_config``); else ``cfg``."""
+    from kiln.data.config import DataConfig
+    from kiln.models.registration import TAG_DATA_CONFIG
+
+    recorded = source.tags.get(TAG_DATA_CONFIG)
+    if "data" in cfg.model_fields_set or not recorded:
+        return cfg
+    try:
+        data_cfg = DataConfig.model_validate(json.loads(recorded))
+    except (ValueError, TypeError) as exc:
+        raise DataError(
+            f"data: {source.uri} records a data section Kiln cannot read ({first_line(exc)}); "
+            "set data in the config"
+        ) from None
+    return cfg.model_copy(update={"data": data_cfg})
+
+
 def check_data(source: SourceModel, data: PreparedData) -> None:
     """The config's data must be the data the model was trained on: otherwise 'test' rows may be
     training rows."""
@@ -194,6 +213,7 @@ def register_variant(
         },
         description=f"{made.kind} variant '{made.name}' of version {parent_version}",
         finish_run=True,
+        data_config=data.config or None,
     ).version
 
 
@@ -221,6 +241,10 @@ def run_compression(
         raise ConfigError("config key 'compress.steps': no steps given")
     tracking_uri = trk.resolve_tracking_uri(cfg.experiment.tracking_uri, cfg.experiment.run_dir)
     source = resolve_source(tracking_uri, cc.model)
+    cfg = with_model_data(cfg, source)
+    from kiln.ray_connection import ensure_ray
+
+    ensure_ray(address, debug=debug)  # the data is read in Ray Data tasks
     data = prepare_data(cfg.data)
     check_data(source, data)
     from kiln.models.artifact import load_spec
@@ -228,15 +252,6 @@ def run_compression(
     ref_spec = load_spec(source.directory)
     check_steps(cc, reference_stand_in(source.directory), ref_spec, data)
 
-    trains = any(
-        s.kind == "distill"
-        or (s.kind == "prune" and (s.epochs if s.epochs is not None else cfg.train.epochs) > 0)
-        for s in cc.steps
-    )
-    if trains:
-        from kiln.ray_connection import ensure_ray
-
-        ensure_ray(address, debug=debug)
     exp_id = trk.ensure_experiment(tracking_uri, cfg.experiment.name, cfg.experiment.run_dir)
     run_id = trk.start_run(
         tracking_uri,
@@ -308,8 +323,8 @@ def finish(
     artifacts.update({m.name: m.directory for m in made})
     b = cc.benchmark
     say(
-        f"evaluating {len(artifacts)} models on {len(data.y_test)} test rows ({b.rounds} timing "
-        "rounds, side by side)"
+        f"evaluating {len(artifacts)} models on {data.sizes()['test']} test rows "
+        f"({b.rounds} timing rounds, side by side)"
     )
     metrics = evaluate_artifacts(artifacts, data, b)
     formats = {n: load_spec(p).format for n, p in artifacts.items()}
@@ -384,7 +399,7 @@ def finish(
         "source_model": f"models:/{source.name}/{source.version}",
         "compress_run": run_id,
         "dataset_hash": data.dataset_hash,
-        "test_rows": int(len(data.y_test)),
+        "test_rows": data.sizes()["test"],
         "machine": machine_info(),
         "rounds": b.rounds,
         "throughput_batch": b.throughput_batch,

@@ -181,7 +181,13 @@ def quantized(step: QuantizeStep, input_dir: Path, ctx: StepContext, where: str)
     run_id = child_run(ctx, step.variant, step.kind, params)
     model, spec = load_torch_model(input_dir)
     calibration = (
-        calibration_rows(ctx.data.x_train, step.calibration_samples, ctx.cfg.train.seed, where)
+        calibration_rows(
+            ctx.data.x_train,
+            step.calibration_samples,
+            ctx.cfg.train.seed,
+            where,
+            ctx.data.sizes()["train"],
+        )
         if step.mode == "static"
         else None
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, model_validator
 
 from kiln.config import Section
@@ -46,3 +48,19 @@ class DataConfig(Section):
         description="[height, width] to resize images to; default: the most common stored size.",
     )
     split: SplitConfig = Field(default_factory=SplitConfig)
+    sample_rows: int = Field(
+        default=5000,
+        ge=1,
+        le=1_000_000,
+        description="Rows of each split the driver keeps (chosen by a seeded key) for model "
+        "checks, calibration, the profile's quantiles and the monitoring reference; at most "
+        "64 MB a split.",
+    )
+
+    def portable(self) -> dict[str, object]:
+        """This section as plain data with a local ``source`` made absolute, so that another job
+        (``kiln compress`` of the registered model) reads the same rows from another folder."""
+        out = self.model_dump(mode="json")
+        if self.source not in ("digits", "mnist") and "://" not in self.source:
+            out["source"] = str(Path(self.source).expanduser().resolve())
+        return out

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,17 +20,6 @@ from kiln.errors import DataError
 
 if TYPE_CHECKING:
     from PIL.Image import Image
-
-
-@dataclass
-class RawDataset:
-    """Decoded rows before splitting: ``x`` uint8 images [N,C,H,W] or float32 features [N,F]."""
-
-    x: np.ndarray
-    y: np.ndarray  # int64 class indices into ``labels``
-    labels: list[Any]  # original label values, sorted
-    kind: str  # "image" | "tabular"
-    feature_names: list[str]
 
 
 def image_cell_bytes(cell: Any, base_dir: Path | None = None) -> bytes | None:

@@ -6,14 +6,10 @@ production monitoring compares live traffic with (per-feature quantiles and hist
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-
-from kiln.data.decode import RawDataset
-from kiln.data.split import SplitIndices
 
 QUANTILES = [
     round(q, 2) for q in np.linspace(0, 1, 101)
@@ -33,6 +29,8 @@ class DataProfile:
     features: list[dict[str, Any]] = field(default_factory=list)
     images: dict[str, Any] = field(default_factory=dict)
     leakage: dict[str, Any] = field(default_factory=dict)
+    # sizes of the deterministic samples that quantiles, histograms and leakage come from
+    sampling: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,62 +83,33 @@ def image_stats(x: np.ndarray) -> dict[str, Any]:
     }
 
 
-def row_digests(x: np.ndarray) -> np.ndarray:
-    """A digest per row of the raw data (features or pixels), to find identical rows."""
-    flat = np.ascontiguousarray(x.reshape(len(x), -1))
-    return np.array([hashlib.blake2b(r.tobytes(), digest_size=12).hexdigest() for r in flat])
-
-
-def leakage(x: np.ndarray, split: SplitIndices) -> dict[str, Any]:
-    """Rows of val/test identical to a row of another split (same input, label ignored)."""
-    digests = row_digests(x)
-    parts = {name: set(digests[getattr(split, name)]) for name in ("train", "val", "test")}
-
-    def shared(a: str, b: str) -> int:
-        other = parts[a]
-        return int(sum(d in other for d in digests[getattr(split, b)]))
-
-    train_digests = digests[split.train]
-    return {
-        "train_val": shared("train", "val"),
-        "train_test": shared("train", "test"),
-        "val_test": shared("val", "test"),
-        "duplicates_within_train": int(len(train_digests) - len(set(train_digests))),
-    }
-
-
 def build_profile(
-    raw: RawDataset, split: SplitIndices, source: str, dataset_hash: str
+    *,
+    source: str,
+    kind: str,
+    dataset_hash: str,
+    labels: list[Any],
+    class_counts: np.ndarray,
+    features: list[dict[str, Any]],
+    images: dict[str, Any],
+    leakage: dict[str, Any],
+    sampling: dict[str, Any],
 ) -> DataProfile:
-    """Profile a RawDataset under its split. Feature statistics describe the train split (raw
-    values)."""
-    n_classes = len(raw.labels)
-    counts = {
-        name: np.bincount(raw.y[getattr(split, name)], minlength=n_classes).tolist()
-        for name in ("train", "val", "test")
-    }
-    train_counts = np.array(counts["train"])
+    """A DataProfile from streamed results: ``class_counts`` [3, classes] (train, val, test)."""
+    counts = {name: class_counts[i].tolist() for i, name in enumerate(("train", "val", "test"))}
+    train_counts = np.asarray(counts["train"])
     nonzero = train_counts[train_counts > 0]
-    profile = DataProfile(
+    sizes = {name: int(sum(c)) for name, c in counts.items()}
+    return DataProfile(
         source=source,
-        kind=raw.kind,
+        kind=kind,
         dataset_hash=dataset_hash,
-        rows={
-            "total": int(len(raw.y)),
-            "train": int(len(split.train)),
-            "val": int(len(split.val)),
-            "test": int(len(split.test)),
-        },
-        labels=list(raw.labels),
+        rows={"total": sum(sizes.values()), **sizes},
+        labels=list(labels),
         class_counts=counts,
         imbalance_ratio=float(nonzero.max() / nonzero.min()) if len(nonzero) else 0.0,
-        leakage=leakage(raw.x, split),
+        features=features,
+        images=images,
+        leakage=leakage,
+        sampling=sampling,
     )
-    train_x = raw.x[split.train]
-    if raw.kind == "tabular":
-        profile.features = [
-            feature_stats(name, train_x[:, i]) for i, name in enumerate(raw.feature_names)
-        ]
-    else:
-        profile.images = image_stats(train_x)
-    return profile

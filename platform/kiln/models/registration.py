@@ -9,6 +9,7 @@ the monitoring reference that serving compares live traffic with
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from kiln.models.spec import SPEC_FILE
 
 MLMODEL_FILE = "MLmodel"
 TAG_MODEL_VERSION = "kiln.model_version"  # on the run: the registry version it produced
+TAG_DATA_CONFIG = "kiln.data_config"  # on the version: its data section (JSON)
 
 WriteReference = Callable[[Path], object]
 
@@ -67,6 +69,7 @@ def register_artifact(
     run_tags: Mapping[str, object] | None = None,
     description: str | None = None,
     finish_run: bool = False,
+    data_config: Mapping[str, object] | None = None,
 ) -> Registration:
     """Register the artifact folder ``model_dir`` as a new version of ``name``, from run ``run_id``.
 
@@ -76,6 +79,9 @@ def register_artifact(
     ``model`` artifact, the version created with ``tags``, then the run tagged with
     ``kiln.model_version`` (and ``run_tags``), the version's model card logged on the run
     (``kiln.models.card.store_card``) and, with ``finish_run``, the run ended as FINISHED.
+    ``data_config`` (the ``data`` section the version was trained and split on) becomes the
+    version tag ``kiln.data_config`` (JSON), which ``kiln compress`` uses when its config sets no
+    ``data``.
 
     Returns the Registration. Raises whatever ``write_reference`` or MLflow raise; the caller
     decides the run's status on failure.
@@ -88,6 +94,8 @@ def register_artifact(
         trk.log_metrics(tracking_uri, run_id, logged)
     trk.log_artifacts(tracking_uri, run_id, model_dir, trk.MODEL_ARTIFACT_PATH)
     version_tags = dict(tags)
+    if data_config is not None:
+        version_tags[TAG_DATA_CONFIG] = json.dumps(data_config, sort_keys=True)
     if "test_accuracy" in evaluated:
         version_tags["test_accuracy"] = f"{evaluated['test_accuracy']:.4f}"
     version = trk.register_model(

@@ -28,6 +28,29 @@ class CheckpointConfig(Section):
     )
 
 
+class TrainDataConfig(Section):
+    prefetch_batches: int = Field(
+        default=1,
+        ge=0,
+        le=64,
+        description="Batches prepared ahead of the training step (Ray Data iter_torch_batches); "
+        "above 1 Ray Data formats batches in a thread pool that does not keep their order, so a "
+        "resumed epoch is no longer identical.",
+    )
+    shuffle_buffer: int = Field(
+        default=10_000,
+        ge=0,
+        le=10_000_000,
+        description="Rows in the seeded local shuffle buffer each epoch (0: no shuffle).",
+    )
+    cache: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        description="Keep the preprocessed train/val splits in Ray's object store across epochs: "
+        "'auto' when they take under a quarter of it, 'always' (spilling to disk), 'never': "
+        "re-read and decode every epoch.",
+    )
+
+
 class TrainConfig(Section):
     epochs: int = Field(default=10, ge=1, description="Training epochs.")
     batch_size: int = Field(
@@ -57,6 +80,7 @@ class TrainConfig(Section):
         default=2, ge=0, description="Worker-group restarts allowed before the run fails."
     )
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    data: TrainDataConfig = Field(default_factory=TrainDataConfig)
 
 
 class TrainingJobConfig(Section):

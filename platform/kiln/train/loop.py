@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from kiln.data.dataset import PreparedData
+from kiln.data.dataset import PreparedData, open_splits
 from kiln.models.artifact import build_model, unwrap
 from kiln.models.spec import ModelSpec
 from kiln.train.checkpoint import checkpoint_name, load_checkpoint, read_state, save_checkpoint
-from kiln.train.config import TrainingJobConfig
+from kiln.train.config import TrainDataConfig, TrainingJobConfig
 from kiln.train.metrics import accuracy, confusion_matrix, f1_macro
 from kiln.train.session import Session
 
@@ -80,26 +80,94 @@ def make_scheduler(cfg: TrainingJobConfig, optimizer: torch.optim.Optimizer, ste
     )
 
 
-@torch.inference_mode()
-def evaluate_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    model.eval()
-    return (
-        torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
-        if len(x)
-        else x.new_zeros((0,))
+SHUFFLE_BUFFER_BYTES = 256 << 20  # the shuffle buffer's cap, whatever train.data.shuffle_buffer
+
+
+def shuffle_stream(
+    batches: Any, batch_size: int, buffer_rows: int, generator: torch.Generator
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of ``batch_size`` rows drawn through a seeded shuffle buffer of ``buffer_rows``.
+
+    When the buffer is full it is permuted and its first half leaves as full batches; the rest is
+    permuted and emitted at the end. A buffer as large as the shard is a full shuffle. The draws
+    depend only on the generator and the order rows arrive in (fixed for a cached split), and every
+    batch but the last is full, so ranks with equal rows take equal steps."""
+    held: list[dict[str, torch.Tensor]] = []
+    rows = 0
+
+    def permuted() -> dict[str, torch.Tensor]:
+        joined = {k: torch.cat([b[k] for b in held]) for k in held[0]}
+        order = torch.randperm(len(joined["y"]), generator=generator)
+        return {k: v[order] for k, v in joined.items()}
+
+    for batch in batches:
+        held.append(batch)
+        rows += len(batch["y"])
+        if rows >= buffer_rows + batch_size:
+            pool = permuted()
+            out = (rows // 2) // batch_size * batch_size
+            for i in range(0, out, batch_size):
+                yield {k: v[i : i + batch_size] for k, v in pool.items()}
+            held, rows = [{k: v[out:] for k, v in pool.items()}], rows - out
+    if rows:
+        pool = permuted()
+        for i in range(0, rows, batch_size):
+            yield {k: v[i : i + batch_size] for k, v in pool.items()}
+
+
+def train_batches(
+    source: Any, batch_size: int, knobs: TrainDataConfig, row_bytes: int, generator: torch.Generator
+) -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch of ``{"x", "y"}`` torch batches from a dataset or a worker's shard, prefetching
+    ``train.data.prefetch_batches`` batches, shuffled through a seeded buffer of
+    ``train.data.shuffle_buffer`` rows (at most 256 MB). Ray Data's own local shuffle is not used:
+    its order was seen to change between two iterations with the same seed."""
+    batches = source.iter_torch_batches(
+        batch_size=batch_size,
+        prefetch_batches=knobs.prefetch_batches,
+        dtypes={"x": torch.float32, "y": torch.int64},
+        device="cpu",
     )
+    buffer_rows = min(knobs.shuffle_buffer, SHUFFLE_BUFFER_BYTES // max(row_bytes, 1))
+    if buffer_rows <= 0:
+        return iter(batches)
+    return shuffle_stream(batches, batch_size, buffer_rows, generator)
 
 
-def split_metrics(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, loss_fn, prefix: str
+@torch.inference_mode()
+def stream_metrics(
+    model: nn.Module,
+    source: Any,
+    num_classes: int,
+    loss_fn,
+    prefix: str,
+    device: Any = "cpu",
+    batch_size: int = 1024,
 ) -> dict[str, float]:
-    """Loss, accuracy and macro-F1 of ``model`` on one split."""
-    if len(x) == 0:
+    """Loss, accuracy and macro-F1 of ``model`` on one split, streamed in batches (empty split:
+    no metrics)."""
+    model.eval()
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    loss_sum, rows = 0.0, 0.0
+    reduction = getattr(loss_fn, "reduction", "mean")
+    for batch in source.iter_torch_batches(
+        batch_size=batch_size, dtypes={"x": torch.float32, "y": torch.int64}, device="cpu"
+    ):
+        x, y = batch["x"].to(device), batch["y"].to(device)
+        logits = model(x)
+        cm += confusion_matrix(y.cpu().numpy(), logits.argmax(1).cpu().numpy(), num_classes)
+        if getattr(loss_fn, "weight", None) is not None and reduction == "mean":
+            # a weighted mean: sum of weighted losses over the sum of weights, batch by batch
+            w = loss_fn.weight.to(logits.device)[y]
+            loss_sum += float((nn.functional.cross_entropy(logits, y, reduction="none") * w).sum())
+            rows += float(w.sum())
+        else:
+            loss_sum += float(loss_fn(logits, y)) * len(y)
+            rows += len(y)
+    if rows == 0:
         return {}
-    logits = evaluate_logits(model, x)
-    cm = confusion_matrix(y.numpy(), logits.argmax(1).numpy(), num_classes)
     return {
-        f"{prefix}_loss": float(loss_fn(logits, y)),
+        f"{prefix}_loss": loss_sum / rows,
         f"{prefix}_accuracy": accuracy(cm),
         f"{prefix}_f1_macro": f1_macro(cm),
     }
@@ -121,36 +189,27 @@ def record_resume(tracking: dict[str, str], state: dict[str, Any], start_epoch: 
     trk.log_metrics(uri, run_id, {"resumed_at_epoch": start_epoch}, step=start_epoch)
 
 
-def epoch_order(
-    labels: torch.Tensor, seed: int, epoch: int, rank: int, world_size: int, sampler: str = "none"
+def rebalance(
+    y: torch.Tensor, train_counts: np.ndarray, sampler: str, generator: torch.Generator
 ) -> torch.Tensor:
-    """This rank's shuffled row indices for ``epoch``: equal counts on every rank (DDP needs equal
-    steps).
+    """Row indices of one batch after rebalancing (the streamed form of ``train.sampler``).
 
-    ``oversample`` draws every class up to the largest class's count (with replacement),
-    ``undersample`` down to the smallest's (without); both redraw each epoch, on the train split
-    only.
+    ``oversample`` redraws the batch, same size, with replacement, each row weighted by the inverse
+    of its class's train count (a balanced batch in expectation); ``undersample`` keeps each row
+    with probability smallest class count / its class count (at least one row is kept). ``none``
+    keeps the batch as it is. Draws come from ``generator``, seeded by epoch, rank and step.
     """
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    if sampler == "none":
-        rows = torch.randperm(len(labels), generator=g)
-    else:
-        classes = [torch.nonzero(labels == c).flatten() for c in torch.unique(labels)]
-        target = (
-            max(len(c) for c in classes)
-            if sampler == "oversample"
-            else min(len(c) for c in classes)
-        )
-        picked = []
-        for idx in classes:
-            if target <= len(idx):
-                picked.append(idx[torch.randperm(len(idx), generator=g)[:target]])
-            else:
-                picked.append(idx[torch.randint(len(idx), (target,), generator=g)])
-        rows = torch.cat(picked)
-        rows = rows[torch.randperm(len(rows), generator=g)]
-    per_rank = len(rows) // world_size
-    return rows[: per_rank * world_size][rank::world_size]
+    if sampler == "none" or len(y) == 0:
+        return torch.arange(len(y))
+    counts = torch.as_tensor(np.maximum(train_counts, 1), dtype=torch.float64)
+    per_row = counts[y.cpu()]
+    if sampler == "oversample":
+        return torch.multinomial(1.0 / per_row, len(y), replacement=True, generator=generator)
+    present = counts[torch.as_tensor(train_counts) > 0]
+    keep = torch.rand(len(y), generator=generator, dtype=torch.float64) < present.min() / per_row
+    if not keep.any():
+        keep[torch.randint(len(y), (1,), generator=generator)] = True
+    return torch.nonzero(keep).flatten()
 
 
 def record_worker_nodes(session: Session, tracking: dict[str, str] | None) -> None:
@@ -175,9 +234,14 @@ def train_epochs(
     tracking: dict[str, str] | None = None,
     resume_from: Path | None = None,
     hooks: LoopHooks | None = None,
+    datasets: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``cfg.train.epochs`` epochs (continuing after the latest checkpoint). Returns reported
-    metrics."""
+    metrics.
+
+    ``datasets`` maps 'train' and 'val' to what batches are drawn from: Ray Data datasets, or a
+    Ray Train worker's shards; by default the splits of ``data``, opened here (cached in the object
+    store when small, see ``open_splits``)."""
     t = cfg.train
     hooks = hooks or LoopHooks()
     torch.set_num_threads(max(1, int(t.cpus_per_worker)))
@@ -189,9 +253,10 @@ def train_epochs(
     model = session.prepare_model(model.to(device))
     record_worker_nodes(session, tracking)
 
-    x_train = torch.from_numpy(data.x_train)
-    y_train = torch.from_numpy(data.y_train)
-    x_val, y_val = torch.from_numpy(data.x_val), torch.from_numpy(data.y_val)
+    if datasets is None:
+        datasets = open_splits(data, ("train", "val"), t.data.cache)
+    train_rows = data.sizes()["train"]
+    row_bytes = 4 * math.prod(data.input_shape)
     weights = (
         torch.from_numpy(data.class_weights()).to(device) if t.class_weights == "auto" else None
     )
@@ -199,10 +264,7 @@ def train_epochs(
     eval_loss = nn.CrossEntropyLoss(weight=weights.cpu() if weights is not None else None)
 
     local_batch = max(1, t.batch_size // session.world_size)
-    rows_per_rank = len(
-        epoch_order(y_train, t.seed, 0, session.rank, session.world_size, t.sampler)
-    )
-    steps_per_epoch = max(1, math.ceil(rows_per_rank / local_batch))
+    steps_per_epoch = max(1, math.ceil(train_rows // session.world_size / local_batch))
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
 
@@ -216,17 +278,21 @@ def train_epochs(
 
     reports = []
     every = cfg.train.checkpoint.every
+    train_counts = data.class_counts[0]
     for epoch in range(start_epoch, t.epochs):
         started = time.perf_counter()
         model.train()
-        order = epoch_order(y_train, t.seed, epoch, session.rank, session.world_size, t.sampler)
-        torch.manual_seed(
-            t.seed * 1_000_003 + epoch * 1009 + session.rank
-        )  # dropout, same on resume
+        # Same seeds on resume: an epoch restarts from its first batch with the same shuffle,
+        # dropout and rebalancing draws.
+        epoch_seed = t.seed * 1_000_003 + epoch * 1009 + session.rank
+        torch.manual_seed(epoch_seed)  # dropout
+        draws = torch.Generator().manual_seed(epoch_seed)
+        shuffle = torch.Generator().manual_seed(epoch_seed + 7)
         total, count = 0.0, 0
-        for i in range(0, len(order), local_batch):
-            idx = order[i : i + local_batch]
-            xb, yb = x_train[idx].to(device), y_train[idx].to(device)
+        batches = train_batches(datasets["train"], local_batch, t.data, row_bytes, shuffle)
+        for batch in batches:
+            keep = rebalance(batch["y"], train_counts, t.sampler, draws)
+            xb, yb = batch["x"][keep].to(device), batch["y"][keep].to(device)
             optimizer.zero_grad(set_to_none=True)
             logits = model(xb)
             loss = hooks.loss(logits, xb, yb, loss_fn) if hooks.loss else loss_fn(logits, yb)
@@ -234,8 +300,8 @@ def train_epochs(
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
-            total += float(loss.detach()) * len(idx)
-            count += len(idx)
+            total += float(loss.detach()) * len(yb)
+            count += len(yb)
         train_seconds = time.perf_counter() - started
         metrics: dict[str, Any] = {
             "epoch": epoch,
@@ -248,16 +314,17 @@ def train_epochs(
         if session.rank == 0:
             # Evaluate the plain module on rank 0 only: no collectives, so the other ranks don't
             # wait on it.
-            metrics.update(
-                split_metrics(
-                    unwrap(model).cpu() if device.type == "cpu" else unwrap(model),
-                    x_val.to(device),
-                    y_val.to(device),
-                    data.num_classes,
-                    eval_loss,
-                    "val",
+            if data.sizes()["val"]:
+                metrics.update(
+                    stream_metrics(
+                        unwrap(model).cpu() if device.type == "cpu" else unwrap(model),
+                        datasets["val"],
+                        data.num_classes,
+                        eval_loss,
+                        "val",
+                        device,
+                    )
                 )
-            )
             if (epoch + 1) % every == 0 or epoch + 1 == t.epochs:
                 tmp = tempfile.TemporaryDirectory(prefix="kiln-ckpt-")
                 checkpoint_dir = save_checkpoint(
@@ -287,9 +354,11 @@ def train_epochs(
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point: ``loop_config`` holds the config dict, a data ObjectRef and tracking
-    info."""
+    """Ray Train entry point: ``loop_config`` holds the config dict, the prepared data's plan and
+    samples (an ObjectRef, small: no rows beyond the bounded samples) and tracking info; the rows
+    come from this worker's shard of the trainer's 'train' dataset and the whole 'val' dataset."""
     import ray
+    import ray.train
 
     from kiln.train.session import RayTrainSession
 
@@ -305,4 +374,5 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         loop_config.get("tracking"),
         Path(resume_from) if resume_from else None,
         loop_config.get("hooks"),
+        {name: ray.train.get_dataset_shard(name) for name in ("train", "val")},
     )

@@ -185,17 +185,22 @@ def fit_on_ray(
     resume_from: str | None = None,
     hooks=None,
     callbacks: list | None = None,
+    datasets: dict[str, Any] | None = None,
 ):
     """Run the loop under Ray Train's TorchTrainer. Returns the Ray Train Result.
+
+    ``datasets`` ('train', 'val' Ray Data datasets) default to ``data``'s splits, opened here
+    (``open_splits``, cached under ``train.data.cache``).
 
     ``hooks`` (a LoopHooks) changes the starting model or the loss; ``callbacks`` go to RunConfig
     (e.g. Tune's TuneReportCallback when this runs inside a trial). No MLflow logging when
     ``tracking_uri`` is None.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from kiln.data.dataset import open_splits
     from kiln.ray_connection import check_placement
     from kiln.train.loop import train_loop_per_worker
 
@@ -212,6 +217,10 @@ def fit_on_ray(
             "tracking": {"uri": tracking_uri, "run_id": run_id} if tracking_uri else None,
             "resume_from": resume_from,
         },
+        # Each worker streams its own equal shard of 'train' (one worker: the whole split, no
+        # split coordinator); rank 0 reads all of 'val'.
+        datasets=datasets or open_splits(data, ("train", "val"), t.data.cache),
+        dataset_config=DataConfig(datasets_to_split=["train"] if t.workers > 1 else []),
         scaling_config=ScalingConfig(
             num_workers=t.workers, use_gpu=t.use_gpu, resources_per_worker=per_worker
         ),
@@ -241,13 +250,24 @@ def best_checkpoint_path(result, cfg: TrainingJobConfig) -> str:
     return result.checkpoint.path
 
 
+def test_confusion(predictor: Any, data: PreparedData, batch_size: int = 2048) -> np.ndarray:
+    """Confusion matrix of ``predictor`` (a kiln Predictor) on the whole test split: the sample
+    when it holds the whole split, else streamed from Ray Data in batches."""
+    if data.sample_is_whole("test"):
+        x, y = data.sample("test")
+        return confusion_matrix(y, predictor.logits(x).argmax(axis=1), data.num_classes)
+    cm = np.zeros((data.num_classes, data.num_classes), np.int64)
+    for batch in data.dataset("test").iter_batches(batch_size=batch_size, batch_format="numpy"):
+        pred = predictor.logits(batch["x"]).argmax(axis=1)
+        cm += confusion_matrix(batch["y"], pred, data.num_classes)
+    return cm
+
+
 def evaluate_test(model_dir: Path, data: PreparedData) -> tuple[dict[str, float], np.ndarray]:
     """Test-split metrics of the saved artifact, loaded the way users load it."""
     from kiln.models.predictor import load_predictor
 
-    predictor = load_predictor(model_dir)
-    pred = predictor.logits(data.x_test).argmax(axis=1)
-    cm = confusion_matrix(data.y_test, pred, data.num_classes)
+    cm = test_confusion(load_predictor(model_dir), data)
     return {"test_accuracy": accuracy(cm), "test_f1_macro": f1_macro(cm)}, cm
 
 
@@ -283,11 +303,12 @@ def run_training(
     """
     from kiln.ray_connection import check_placement, ensure_ray
 
+    # Everything that can fail on the user's input fails before an MLflow run exists. The data is
+    # read in Ray Data tasks, so Ray comes first.
+    ensure_ray(address, debug=debug)
     data = prepare_data(cfg.data)
     check_model_fits_data(cfg, data)
     tracking_uri = trk.resolve_tracking_uri(cfg.experiment.tracking_uri, cfg.experiment.run_dir)
-    # Everything that can fail on the user's input fails before an MLflow run exists.
-    ensure_ray(address, debug=debug)
     check_placement(cfg.train.workers, per_worker_resources(cfg))
     run_id = _start_or_resume_run(cfg, data, tracking_uri, resume)
     resume_from = None
@@ -348,6 +369,7 @@ def finalize_run(
                 write_reference=lambda directory: write_reference(directory, data),
                 run_tags={trk.TAG_STORAGE: ckpt_path},
                 finish_run=True,
+                data_config=cfg.data.portable(),
             ).version
     except Exception:
         trk.end_run(tracking_uri, run_id, "FAILED")

@@ -76,6 +76,7 @@ def register_trial_model(
             trial.run_id,
             model_dir,
             tags={**tags, "kiln.architecture": cfg.model.name},
+            data_config=cfg.data.portable(),
             test_metrics=test_metrics,
             # what serving monitors this version against
             write_reference=lambda directory: write_reference(directory, data),

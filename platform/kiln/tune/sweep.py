@@ -300,6 +300,7 @@ def _tuner(
     state (a driver may die before Tune saved any), else new."""
     from ray import tune
 
+    from kiln.data.dataset import open_splits
     from kiln.tune.runs import SweepRuns
     from kiln.tune.trial import TrialContext, run_trial
 
@@ -311,7 +312,12 @@ def _tuner(
         measures=tuple(o.metric for o in cfg.require_tune().objectives if o.metric == "latency_ms"),
         data_config=base.data.model_dump(mode="json"),
     )
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx, data=data), trial_res)
+    # The splits are opened (cached in the object store when small) once, here: trials share them
+    # and read their rows through Ray Data, instead of each decoding the data again.
+    datasets = open_splits(data, ("train", "val"), base.train.data.cache)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, ctx=ctx, data=data, datasets=datasets), trial_res
+    )
     # How often Tune saves its state is TUNE_GLOBAL_CHECKPOINT_S, read from this process's
     # environment when the Tuner starts (no Tuner option): the CLI entry sets 2 s, so a killed
     # driver re-runs little; Tune's own default ("auto", at least 10 s) is as correct, only slower

@@ -156,7 +156,7 @@ def model_measures(cfg, data, measures: tuple[str, ...]) -> dict[str, float]:
     return out
 
 
-def run_trial(params: dict[str, Any], ctx: TrialContext, data=None) -> None:
+def run_trial(params: dict[str, Any], ctx: TrialContext, data=None, datasets=None) -> None:
     """The Tune trainable: train one sampled config, reporting every epoch (with a checkpoint) to
     Tune."""
     import ray.tune
@@ -170,6 +170,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, data=None) -> None:
     cfg = validate_config(apply_params(ctx.base_config, values), ctx.schema)
     if data is None or cfg.data.model_dump(mode="json") != ctx.data_config:
         data = prepare_data(cfg.data)  # the sampled values change the data itself
+        datasets = None  # opened from the trial's own data
     extras = model_measures(cfg, data, ctx.measures)
 
     if cfg.train.workers == 1 and not cfg.train.use_gpu:
@@ -181,13 +182,15 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, data=None) -> None:
             # retrain.
             session.report(state["metrics"], None)
             return
-        train_epochs(cfg, data, session)
+        train_epochs(cfg, data, session, datasets=datasets)
         return
 
     from kiln.train.run import fit_on_ray
 
     # Named by trial: a resumed trial's Ray Train run continues from its own checkpoints.
     name = f"{ctx.sweep_name}-{ray.tune.get_context().get_trial_id()}"
-    result = fit_on_ray(cfg, data, None, name, callbacks=[_trial_report_callback(extras)])
+    result = fit_on_ray(
+        cfg, data, None, name, callbacks=[_trial_report_callback(extras)], datasets=datasets
+    )
     if result.error is not None:
         raise result.error
