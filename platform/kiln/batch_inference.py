@@ -14,7 +14,6 @@ which are stored in the file's metadata).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from collections.abc import Callable
@@ -170,8 +169,6 @@ def predict_parquet(
     check_placement(actors, {"CPU": cpus_per_actor}, what="--actors")
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # output row i is input row i
-    if not debug:  # Ray Data logs its execution plan at INFO; the CLI shows its own progress
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
     # Blocks of batch_size rows (streaming): the actors share the work and results arrive as they
     # finish.
     ds = ray.data.read_parquet(str(source)).repartition(target_num_rows_per_block=batch_size)

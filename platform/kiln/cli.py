@@ -25,9 +25,10 @@ PROCESS_ENV: dict[str, str] = {
     "RAY_DEDUP_LOGS": "1",  # one line for a message every worker prints
     "RAY_USAGE_STATS_ENABLED": "0",  # no usage reporting, and no prompt about it
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",  # the CLI prints its own progress
-    # Ray Data configures its own logger at import (INFO lines of execution plans on the console,
-    # which would follow a command's one error line); this is the level it reads.
-    "RAY_DATA_LOG_LEVEL": "WARNING",
+    # Ray Data configures its own logger at import and reads its level from here: without it, its
+    # execution plans (INFO) and a warning about the disabled progress bars reach the console and
+    # follow a command's one error line. --debug sets INFO.
+    "RAY_DATA_LOG_LEVEL": "ERROR",
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # no CSV/JSON/TensorBoard files Kiln does not use
     "RAY_AIR_NEW_OUTPUT": "0",  # no Tune/Train status tables in the terminal
     # A resumable sweep: Tune saves its experiment state at least every 2 s (default: adaptive,
@@ -69,6 +70,8 @@ def configure_process(debug: bool = False) -> None:
     ray or mlflow is imported. Returns nothing; raises nothing. Calling it again changes nothing but
     the levels.
     """
+    if debug:
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "INFO")
     for name, value in PROCESS_ENV.items():
         os.environ.setdefault(name, value)
     root = logging.getLogger()
