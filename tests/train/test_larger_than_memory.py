@@ -74,7 +74,7 @@ def test_a_table_larger_than_the_object_store_trains_with_flat_driver_memory(tmp
 experiment: {{name: big-table, run_dir: {tmp_path / "runs"}}}
 data: {{source: {data}, label: label}}
 model: {{name: mlp, hidden: [16], dropout: 0.0}}
-train: {{epochs: 1, batch_size: 1024, workers: 2, cpus_per_worker: 0.5, lr: 0.01}}
+train: {{epochs: 1, batch_size: 8192, workers: 2, cpus_per_worker: 0.5, lr: 0.01}}
 """
     )
     proc = subprocess.Popen(
