@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from kiln.data.builtin import BUILTIN_SOURCES
 from kiln.data.config import DataConfig
-from kiln.data.decode import numeric_feature_columns
+from kiln.data.decode import check_image_column, numeric_feature_columns
 from kiln.data.fit import (
     FitResult,
     FitSpec,
@@ -200,24 +200,7 @@ def layout_of(cfg: DataConfig, schema: pa.Schema) -> RowLayout:
         base = Path(cfg.source).expanduser().resolve()
         base_dir = str(base if base.is_dir() else base.parent)
     if cfg.image:
-        if cfg.image not in names:
-            raise DataError(
-                f"data.image: column '{cfg.image}' not found (columns: {', '.join(names)})"
-            )
-        typ = schema.field(cfg.image).type
-        if pa.types.is_struct(typ):
-            fields = [typ.field(i).name for i in range(typ.num_fields)]
-            if "bytes" not in fields:
-                raise DataError(
-                    f"data.image: struct column '{cfg.image}' has no 'bytes' field (fields: "
-                    f"{', '.join(fields)})"
-                )
-        elif not (
-            pa.types.is_binary(typ) or pa.types.is_large_binary(typ) or pa.types.is_string(typ)
-        ):
-            raise DataError(
-                f"data.image: column '{cfg.image}' holds {typ}, not encoded image bytes"
-            )
+        check_image_column(schema, cfg.image)
         return RowLayout("image", cfg.label, cfg.image, (), base_dir, cfg.split.seed)
     empty = schema.empty_table()
     features = cfg.features or numeric_feature_columns(empty, exclude=[cfg.label])

@@ -96,15 +96,14 @@ def decode_images(
     return out, channels, (int(size[0]), int(size[1]))
 
 
-def image_column(table: pa.Table, column: str, base_dir: Path | None = None) -> list[bytes | None]:
-    """Encoded bytes of every row of an image column. Raises DataError for a missing/unsupported
-    column."""
-    if column not in table.column_names:
+def check_image_column(schema: pa.Schema, column: str) -> None:
+    """Raises DataError naming ``data.image`` when ``column`` is not in ``schema`` or does not hold
+    encoded images (binary or string paths, or a Hugging Face ``{bytes, path}`` struct)."""
+    if column not in schema.names:
         raise DataError(
-            f"data.image: column '{column}' not found (columns: {', '.join(table.column_names)})"
+            f"data.image: column '{column}' not found (columns: {', '.join(schema.names)})"
         )
-    col = table.column(column)
-    typ = col.type
+    typ = schema.field(column).type
     if pa.types.is_struct(typ):
         names = [typ.field(i).name for i in range(typ.num_fields)]
         if "bytes" not in names:
@@ -114,6 +113,13 @@ def image_column(table: pa.Table, column: str, base_dir: Path | None = None) -> 
             )
     elif not (pa.types.is_binary(typ) or pa.types.is_large_binary(typ) or pa.types.is_string(typ)):
         raise DataError(f"data.image: column '{column}' holds {typ}, not encoded image bytes")
+
+
+def image_column(table: pa.Table, column: str, base_dir: Path | None = None) -> list[bytes | None]:
+    """Encoded bytes of every row of an image column. Raises DataError for a missing/unsupported
+    column."""
+    check_image_column(table.schema, column)
+    col = table.column(column)
     return [image_cell_bytes(cell, base_dir) for cell in col.to_pylist()]
 
 
