@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kiln.monitor.reference.features import softmax
+from kiln.models.probabilities import softmax
 from synthetic import tabular_parquet
 
 SPLIT = {"val": 0.3, "test": 0.3, "seed": 0}

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from kiln.monitor.reference.features import softmax
+from kiln.models.probabilities import softmax
 from kiln.serve.config import BatchingConfig
 from kiln.serve.http import (
     check_api_key,

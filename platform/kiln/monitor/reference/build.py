@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from kiln.files import atomic_write_text
+from kiln.models.probabilities import softmax
 from kiln.monitor.reference.features import (
     OOD_SCORES,
     FeatureSpec,
@@ -26,7 +27,6 @@ from kiln.monitor.reference.features import (
     ood_key,
     ood_scores,
     output_features,
-    softmax,
 )
 from kiln.monitor.reference.ood import OodScorer
 
