@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +38,16 @@ TABULAR_ROWS, FEATURES = 1_000_000, 32
 IMAGE_ROWS, IMAGE_SIDE = 20_000, 32
 
 DRIVER = """
-import json, sys, time
+import json, os, sys, time
+from pathlib import Path
 from kiln.cli import configure_process
 configure_process()
 import ray
-ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+store = int(sys.argv[2]) * 2**20 if int(sys.argv[2]) else None
+ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
+         object_store_memory=store)
+# The parent scrapes this node's metrics endpoint for the object store's use.
+Path(sys.argv[3]).write_text(str(ray.nodes()[0]["MetricsExportPort"]))
 from kiln.data.dataset import prepare_data
 from kiln.schema import load_config
 from kiln.train.run import run_training
@@ -131,29 +139,81 @@ def sample_tree(proc: subprocess.Popen) -> dict[str, float]:
     return {k: round(v, 1) for k, v in peak.items()}
 
 
-def run_case(work: Path, name: str, source: Path, kind: str, workers: int) -> dict:
+class ObjectStoreSampler(threading.Thread):
+    """Peak object store use (MB) from the node's Prometheus endpoint:
+    ``ray_object_store_used_memory`` (in shared memory) and
+    ``ray_object_store_memory{Location="SPILLED"}`` (spilled to disk). Ray reports them every second
+    here (``RAY_metrics_report_interval_ms=1000`` in the driver's env)."""
+
+    def __init__(self, port_file: Path) -> None:
+        super().__init__(daemon=True)
+        self.port_file = port_file
+        self.peak = {"store_used_mb": 0.0, "store_spilled_mb": 0.0}
+        self.samples = 0
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(1.0):
+            try:
+                port = int(self.port_file.read_text())
+                url = f"http://127.0.0.1:{port}/metrics"
+                text = urllib.request.urlopen(url, timeout=5).read().decode()
+            except (OSError, ValueError):
+                continue
+            used = spilled = 0.0
+            for line in text.splitlines():
+                if line.startswith("ray_object_store_used_memory{"):
+                    used += float(line.rsplit(" ", 1)[1])
+                elif line.startswith("ray_object_store_memory{") and 'Location="SPILLED"' in line:
+                    spilled += float(line.rsplit(" ", 1)[1])
+            self.samples += 1
+            self.peak["store_used_mb"] = max(self.peak["store_used_mb"], used / 2**20)
+            self.peak["store_spilled_mb"] = max(self.peak["store_spilled_mb"], spilled / 2**20)
+
+
+def run_case(
+    work: Path, name: str, source: Path, kind: str, workers: int, store_mb: int = 0
+) -> dict:
     config = work / f"{name}.yaml"
     data = f"{{source: {source}, label: label" + (", image: image}" if kind == "image" else "}")
     model = "{name: cnn, width: 8}" if kind == "image" else "{name: mlp, hidden: [32]}"
+    # Large tabular batches: the point is the data path's memory, not the optimizer's steps.
+    batch = 512 if kind == "image" else 4096
     config.write_text(
         f"experiment: {{name: bench-{name}, run_dir: {work / 'runs'}}}\n"
         f"data: {data}\nmodel: {model}\n"
-        f"train: {{epochs: 1, batch_size: 512, workers: {workers}, cpus_per_worker: 0.5}}\n"
+        f"train: {{epochs: 1, batch_size: {batch}, workers: {workers}, cpus_per_worker: 0.5}}\n"
     )
+    port_file = work / f"{name}.metrics-port"
+    port_file.unlink(missing_ok=True)
     proc = subprocess.Popen(
-        [sys.executable, "-c", DRIVER, str(config)],
+        [sys.executable, "-c", DRIVER, str(config), str(store_mb), str(port_file)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, "RAY_metrics_report_interval_ms": "1000"},
     )
+    store = ObjectStoreSampler(port_file)
+    store.start()
     peak = sample_tree(proc)
+    store.stopped.set()
+    store.join()
     out, err = proc.communicate()
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{err[-3000:]}")
     timings = json.loads(out.strip().splitlines()[-1])
     timings["split_stats_rows_per_s"] = round(timings["rows"] / timings["prepare_s"])
     disk = sum(p.stat().st_size for p in [source]) / 2**20
-    return {"case": name, "parquet_mb": round(disk, 1), **peak, **timings}
+    store_peak = {k: round(v, 1) for k, v in store.peak.items()}
+    return {
+        "case": name,
+        "parquet_mb": round(disk, 1),
+        "store_capacity_mb": store_mb or "default",
+        **peak,
+        **store_peak,
+        "store_samples": store.samples,
+        **timings,
+    }
 
 
 def main() -> None:
@@ -162,6 +222,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--work", help="folder for the Parquet files (default: a temp folder)")
     parser.add_argument("--skip-images", action="store_true")
+    parser.add_argument(
+        "--small-store-mb",
+        type=int,
+        default=0,
+        help="also train the 16x table on a Ray instance with this object store capacity (MB)",
+    )
     args = parser.parse_args()
     info = print_machine()
     work = Path(args.work or tempfile.mkdtemp(prefix="kiln-data-scale-"))
@@ -172,6 +238,11 @@ def main() -> None:
         if not path.exists():
             write_tabular(path, int(TABULAR_ROWS * args.scale * mult))
         cases.append(run_case(work, f"tabular-{mult}x", path, "tabular", args.workers))
+        print(json.dumps(cases[-1]), flush=True)
+    if args.small_store_mb:
+        path = work / "tabular-16x.parquet"
+        name = f"tabular-16x-store-{args.small_store_mb}mb"
+        cases.append(run_case(work, name, path, "tabular", args.workers, args.small_store_mb))
         print(json.dumps(cases[-1]), flush=True)
     if not args.skip_images:
         for mult in (1, 4):
