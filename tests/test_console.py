@@ -280,7 +280,8 @@ def test_the_page_follows_a_canary_live(served, console_registry, ramp, open_pag
     p = page.page
     section = f'[data-model="{MODEL}"]'
     p.wait_for_selector(f'{section} [data-testid="gate-row"]', timeout=60_000)
-    first_data_ms = p.evaluate("performance.now()")  # an upper bound: waited for the gate rows
+    first_data_ms = float(p.get_attribute("body", "data-first-data"))  # the first render
+    gathered_ms = float(p.get_attribute('[data-testid="updated"]', "data-gathered-ms"))
     # the model, both versions with their roles, the current weights, the gate rows
     assert page.text(f'{section} [data-testid="model-name"]') == MODEL
     assert p.query_selector(f'{section} tr[data-version="{v1}"]') is not None
@@ -294,11 +295,20 @@ def test_the_page_follows_a_canary_live(served, console_registry, ramp, open_pag
     assert p.query_selector(f'{section} button[data-action="rollback"]') is not None
     SHOTS.mkdir(parents=True, exist_ok=True)
     (SHOTS / "load.json").write_text(
-        json.dumps({"dom_content_loaded_ms": page.loaded_ms, "first_data_ms": first_data_ms})
+        json.dumps(
+            {
+                "dom_content_loaded_ms": page.loaded_ms,
+                "first_data_ms": first_data_ms,
+                "state_gathered_ms": gathered_ms,  # the server's side of the last page JSON
+            }
+        )
     )
     p.evaluate("window.kilnMarker = 'no reload'")  # gone if the page reloads
     chart = f'{section} [data-testid="chart-weights"]'
     points_before = int(p.get_attribute(chart, "data-points"))
+    # the plan drawn beside the weights: this step, the next one, then 100% at the promotion
+    assert json.loads(p.get_attribute(chart, "data-planned")) == [20, 50, 100]
+    assert "planned: 20% from" in page.text(f"{chart} .summary")
     requests_before = page.text(f'{section} tr[data-version="{v2}"] [data-field="requests"]')
     SHOTS.mkdir(parents=True, exist_ok=True)
     # more traffic: the gates pass, the step bakes, the ramp moves to 50%; the traffic stops at
@@ -320,7 +330,8 @@ def test_the_page_follows_a_canary_live(served, console_registry, ramp, open_pag
         f"Weights now: v{v1} 50% / v{v2} 50%"
     )
     assert int(p.get_attribute(chart, "data-points")) > points_before
-    assert json.loads(p.get_attribute(chart, "data-last")) == [50]
+    assert json.loads(p.get_attribute(chart, "data-last")) == [50, 100]  # now, and planned
+    assert json.loads(p.get_attribute(chart, "data-planned")) == [50, 100]
     passed = p.query_selector_all(f'{section} [data-testid="interval-row"] [data-result="PASS"]')
     assert passed, "no gate interval shown as PASS"
     assert p.evaluate("window.kilnMarker") == "no reload"

@@ -116,6 +116,30 @@ def test_rollout_view_takes_the_steps_since_the_last_start():
     assert [f["decision"] for f in view["finished"]] == ["rollback"]
 
 
+def test_the_planned_schedule_lays_out_the_steps_still_to_come_then_the_promotion():
+    from kiln.console.state import planned_schedule
+
+    record = {
+        "phase": "running",
+        "steps": [10.0, 25.0, 50.0],
+        "step": 1,
+        "step_started_at": 100.0,
+        "bake_s": 30.0,
+        "baked_s": 10.0,
+    }
+    # this step from its start; the next once its 20 s still to bake are done; 100 after the last
+    assert planned_schedule(record, now=120.0) == [
+        {"t": 100.0, "weight": 25.0},
+        {"t": 140.0, "weight": 50.0},
+        {"t": 170.0, "weight": 100.0},
+    ]
+    preparing = {**record, "step": -1, "step_started_at": 0.0, "baked_s": 0.0}
+    assert [p["weight"] for p in planned_schedule(preparing, now=5.0)] == [10.0, 25.0, 50.0, 100.0]
+    assert planned_schedule({**record, "phase": "promoted"}, now=120.0) == []
+    view = rollout_view({"record": record, "live": True}, [], now=120.0)
+    assert [p["weight"] for p in view["schedule"]] == [25.0, 50.0, 100.0]
+
+
 # --- HTTP rules, no cluster ----------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import html
 import json
+import logging
 import time
 import urllib.parse
 from pathlib import Path
@@ -32,12 +33,19 @@ from kiln.serve.http import (
 from kiln.serve.protocol import ProtocolError
 from kiln.serve.root_server import CONSOLE_PATH
 
+logger = logging.getLogger("kiln.console")
 STATIC = Path(__file__).resolve().parent / "static"
 COOKIE = "kiln_console_key"
 ACTIONS = ("promote", "rollback", "pause", "resume")
 PUBLIC = ("/static/console.css",)  # the key form's style: public, like the form itself
 MAX_FORM_BYTES = 4096  # the key form and an action's JSON are tiny
 STATE_CACHE_S = 0.5  # several open pages share one gathering
+# Ray's metrics exporter takes about half a second to answer and updates every few seconds: the
+# console scrapes it in the background every METRICS_EVERY_S while a page polled within
+# WATCHED_S, never while a page waits for its JSON.
+METRICS_EVERY_S = 2.0
+WATCHED_S = 30.0
+PRIME_WAIT_S = 600.0  # how long the replica waits for `kiln serve start` to record what it serves
 CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -90,12 +98,50 @@ class ConsoleServer:
         self.files = static_files()
         self._cached: dict[bool, tuple[float, dict[str, Any]]] = {}
         self._lock = asyncio.Lock()
-        self._warming: asyncio.Future[None] | None = None
-        try:  # built on the replica's event loop: import the heavy parts before the first visit
-            loop = asyncio.get_running_loop()
-            self._warming = loop.run_in_executor(None, _warm_up)
+        self._last_poll = 0.0
+        self._background: set[asyncio.Task[None]] = set()
+        self._scraping: asyncio.Task[None] | None = None
+        try:  # built on the replica's event loop: pay the first gathering's costs before a visit
+            asyncio.get_running_loop()
+            self._spawn(self._prime())
         except RuntimeError:  # no running event loop (built in-process, in the unit tests)
             pass
+
+    def _spawn(self, coro) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)  # a strong reference until it ends
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _prime(self) -> None:
+        """At start, before anyone visits: import the heavy parts (MLflow's client, the rollout
+        API, the Prometheus parser), wait for `kiln serve start` to record what it serves, then
+        gather once (the first Serve status, deployment handles, registry facts and a metrics
+        snapshot: seconds on a busy machine), so the first visitor's page has its data at once."""
+        from kiln.serve.instance import load_state
+        from kiln.waiting import WaitTimeout, wait_until
+
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, _warm_up)
+        try:
+            await asyncio.to_thread(
+                wait_until, lambda: load_state(self.run_dir), PRIME_WAIT_S, "the serve state"
+            )
+            await asyncio.to_thread(self.data.refresh_metrics)
+            await self.data.gather(False)
+        except (KilnError, WaitTimeout) as exc:  # the first visit gathers instead
+            logger.info("console: nothing gathered ahead of the first visit: %s", first_line(exc))
+
+    def _watched(self) -> None:
+        """A page polled: keep the metrics scraped in the background while pages poll."""
+        self._last_poll = time.monotonic()
+        if self._scraping is None or self._scraping.done():
+            self._scraping = self._spawn(self._scrape_while_watched())
+
+    async def _scrape_while_watched(self) -> None:
+        while time.monotonic() - self._last_poll < WATCHED_S:
+            await asyncio.to_thread(self.data.refresh_metrics)
+            await asyncio.sleep(METRICS_EVERY_S)
 
     async def __call__(self, request):
         path = request.url.path[len(CONSOLE_PATH) :]
@@ -163,7 +209,9 @@ class ConsoleServer:
         return _response(b"", 303, {"Location": f"{CONSOLE_PATH}/", "Set-Cookie": cookie})
 
     async def state(self, actions: bool):
-        """The page's JSON (gathered at most every STATE_CACHE_S for all open pages)."""
+        """The page's JSON (gathered at most every STATE_CACHE_S for all open pages; the
+        metrics series come from the background scrapes)."""
+        self._watched()
         async with self._lock:
             cached = self._cached.get(actions)
             if cached is None or time.monotonic() - cached[0] > STATE_CACHE_S:
