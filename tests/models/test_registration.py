@@ -155,6 +155,8 @@ def test_every_registration_stores_its_model_card(tmp_path):
     assert "| class | train | val | test |" in card
     assert "| a | 600 (75.0%) | 150 (75.0%) | 75 (75.0%) |" in card
     assert "| b | 200 (25.0%) | 50 (25.0%) | 25 (25.0%) |" in card
+    assert "- Preprocessing: tabular: 0 feature(s) (); missing values -> the train mean" in card
+    assert "with mean [0, 0, 0] and std [1, 1, 1] fitted on the train split" in card
     with pytest.raises(ModelError):
         model_card(uri, "models:/card/99")
 

@@ -76,6 +76,7 @@ def version_facts(tracking_uri: str, uri: str) -> dict[str, Any]:
         "input_shape": list(spec.input_shape) if spec else None,
         "labels": [str(label) for label in spec.labels] if spec else None,
         "preprocessing": spec.preprocessing.kind if spec else None,
+        "preprocessing_detail": describe_preprocessing(spec.preprocessing) if spec else None,
         "size_bytes": size,
         "test_accuracy": _float(tags.get("test_accuracy")),
         "parent_version": tags.get("kiln.parent_version"),
@@ -87,6 +88,30 @@ def version_facts(tracking_uri: str, uri: str) -> dict[str, Any]:
         "metrics": dict(run.data.metrics) if run is not None else {},
         "experiment_id": run.info.experiment_id if run is not None else None,
     }
+
+
+def _numbers(values: list[float], most: int = 8) -> str:
+    shown = ", ".join(f"{v:.4g}" for v in values[:most])
+    return f"[{shown}{', ...' if len(values) > most else ''}]"
+
+
+def describe_preprocessing(prep: Any) -> str:
+    """One line on how raw inputs become model inputs (``kiln.data.preprocess.Preprocessing``),
+    with the statistics fitted on the train split."""
+    if prep.kind == "image":
+        size = "x".join(str(int(n)) for n in prep.image_size or [])
+        return (
+            f"image: {prep.channels} channel(s) at {size}, pixels scaled to [0, 1], then per "
+            f"channel (x - mean) / std with mean {_numbers(prep.mean)} and std "
+            f"{_numbers(prep.std)} fitted on the train split"
+        )
+    names = list(prep.feature_names)
+    listed = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+    return (
+        f"tabular: {len(names)} feature(s) ({listed}); missing values -> the train mean, then "
+        f"(x - mean) / std with mean "
+        f"{_numbers(prep.mean)} and std {_numbers(prep.std)} fitted on the train split"
+    )
 
 
 def _lineage(tracking_uri: str, facts: dict[str, Any]) -> list[dict[str, Any]]:
@@ -284,7 +309,10 @@ def model_card(tracking_uri: str, uri: str) -> str:
     split = data.get("split") or {}
     profile = _run_json(tracking_uri, train["run_id"], PROFILE_ARTIFACT)
     lines += split_lines(profile if isinstance(profile, dict) else None, split)
-    lines.append(f"- Preprocessing: {train['preprocessing'] or 'not recorded'}")
+    lines.append(
+        "- Preprocessing: "
+        + (train.get("preprocessing_detail") or train["preprocessing"] or "not recorded")
+    )
     rows = _report_rows(tracking_uri, train["run_id"])
     if rows and not (isinstance(profile, dict) and profile.get("class_counts")):
         total = sum(int(r.get("support", 0)) for r in rows) or 1
