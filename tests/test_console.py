@@ -31,6 +31,8 @@ KEY_ENV = "KILN_CONSOLE_TEST_KEY"
 KEY = "console-test-key-4711"
 SHOTS = REPO / "tests" / "artifacts" / "console"
 WINDOW = 100
+TOKEN = "c0nsole-w3bhook-t0ken"  # planted in the alert webhook's URL: must show nowhere
+WEBHOOK = f"https://alerts:{TOKEN}@127.0.0.1:9/hook?token={TOKEN}"  # refused at once
 IMAGES = digits_raw(400)  # varied enough not to drift by itself
 
 
@@ -68,7 +70,8 @@ def console_registry(registry, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(ray_cluster, console_registry, tmp_path_factory):
-    """v1 served behind an API key, with a small monitoring window (drift shows after ~100 rows)."""
+    """v1 served behind an API key, with a small monitoring window (drift shows after ~100 rows)
+    and an alert webhook whose URL carries a secret (nothing listens there)."""
     serve_dir = tmp_path_factory.mktemp("console-serving")
     env = {"MLFLOW_TRACKING_URI": console_registry["tracking_uri"], KEY_ENV: KEY}
     proc = run_kiln(
@@ -79,6 +82,7 @@ def served(ray_cluster, console_registry, tmp_path_factory):
         f"serve.monitor.window={WINDOW}",
         "serve.monitor.min_rows=60",
         "serve.monitor.eval_every=20",
+        f"serve.monitor.webhook_url={WEBHOOK}",
         "--api-key-env",
         KEY_ENV,
         "--port",
@@ -391,3 +395,58 @@ def test_model_card_from_the_page(served, console_registry, open_page):
     card = page.text('[data-testid="card"]')
     assert card.startswith(f"# Model card: {MODEL} v{v1}") and "## Lineage" in card
     assert page.errors == []
+
+
+def replica_logs(address: str) -> str:
+    """Everything the model's replicas wrote: their stdout and stderr files (found through
+    /proc/PID/fd/1 and 2: this machine runs them) and Ray Serve's log files beside them."""
+    from pathlib import Path
+
+    from ray.util.state import list_actors
+
+    files: set[Path] = set()
+    for actor in list_actors(address, filters=[("state", "=", "ALIVE")], limit=1000):
+        if actor.class_name.startswith("ServeReplica:kiln-") and actor.pid:
+            for fd in (1, 2):
+                target = Path(f"/proc/{actor.pid}/fd/{fd}").resolve()
+                if target.is_file():
+                    files.add(target)
+                    files.update((target.parent / "serve").glob("*.log"))
+    assert files, "no replica log files found"
+    return "\n".join(p.read_text(errors="replace") for p in sorted(files))
+
+
+def test_the_window_and_the_secrets_only_with_the_key(served, console_registry, ray_cluster):
+    """Raw rows and the training data's statistics (``?window=1``) only with the key; the webhook
+    URL's secret and the API key in no answer (monitor, console JSON, `kiln serve status`, `kiln
+    monitor status`) and in no replica log, even after the webhook was called and failed."""
+    v1 = console_registry["uris"][0].rsplit("/", 1)[1]
+    url, monitor = served["url"], f"{served['url']}/v2/models/{MODEL}/monitor"
+    assert requests.get(f"{monitor}?window=1").status_code == 401
+    send(url, WINDOW, f"/v2/models/{MODEL}/versions/{v1}/infer", noise=True)  # a drift alert
+    with_key = requests.get(f"{monitor}?window=1", headers={"X-API-Key": KEY})
+    assert with_key.status_code == 200, with_key.text
+    status = with_key.json()["versions"][v1]
+    assert status["window_rows"]["rows"] and status["reference"]
+    logs = wait_until(
+        lambda: (
+            (text := replica_logs(ray_cluster)) and "webhook https://127.0.0.1:9" in text and text
+        ),
+        60,
+        "the failed webhook call in the replica's log",
+    )
+    answers = [
+        with_key.text,
+        requests.get(monitor, headers={"X-API-Key": KEY}).text,
+        requests.get(f"{url}/console/api/state", headers={"X-API-Key": KEY}).text,
+    ]
+    env = {KEY_ENV: KEY}
+    for args in (
+        ("serve", "status", "--address", ray_cluster),
+        ("monitor", "status", MODEL, "--api-key-env", KEY_ENV),
+    ):
+        proc = run_kiln(*args, "--run-dir", str(served["run_dir"]), "--json", env=env)
+        assert proc.returncode == 0, proc.stderr
+        answers += [proc.stdout, proc.stderr]
+    for text in [*answers, logs]:
+        assert TOKEN not in text and KEY not in text

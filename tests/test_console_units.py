@@ -213,6 +213,37 @@ def test_without_a_key_set_the_console_is_read_only(tmp_path):
     assert resp.status_code == 403 and b"need the server's API key" in resp.body
 
 
+def test_a_page_gets_the_last_gathering_at_once_and_a_newer_one_follows(tmp_path):
+    """The page's JSON waits only for a first gathering (or one over FRESH_S old); a younger one
+    is answered at once while the next is gathered in the background, one at a time."""
+    from kiln.console import server as module
+
+    server = ConsoleServer(str(tmp_path), None)
+    gathered: list[int] = []
+
+    async def gather(actions: bool) -> dict:  # the page's JSON, numbered (no cluster here)
+        gathered.append(len(gathered) + 1)
+        return {"n": gathered[-1]}
+
+    server.data.gather = gather  # type: ignore[method-assign]
+
+    async def scenario() -> list[int]:
+        seen = []
+        for age in (None, 0.0, module.STATE_CACHE_S + 1, module.FRESH_S + 1):
+            if age is not None and server._cached is not None:
+                server._cached = (server._cached[0] - age, server._cached[1])
+            resp = await server(request("/console/api/state"))
+            seen.append(json.loads(resp.body)["n"])
+            if server._gathering is not None:
+                await server._gathering  # the background one, before the next step
+        return seen
+
+    # first: waited for; young: the same; older than STATE_CACHE_S: the same at once, the next
+    # gathered behind it; older than FRESH_S: a new one waited for
+    assert asyncio.run(scenario()) == [1, 1, 1, 3]
+    assert gathered == [1, 2, 3]
+
+
 def test_actions_refuse_other_origins_and_unknown_actions(tmp_path):
     server = ConsoleServer(str(tmp_path), key_digest("k"))
     key = {"X-API-Key": "k", "Host": "127.0.0.1:8000"}

@@ -152,17 +152,13 @@ class ConsoleData:
 
     # --- blocking parts (run in a thread) --------------------------------------------------------
 
-    def serving(self) -> dict[str, Any]:
-        """The serve state, Serve's applications and the metrics series kept so far (blocking
-        calls; the series grow by ``refresh_metrics``)."""
+    def serving(self, state: Any) -> dict[str, Any]:
+        """Serve's applications of what the serve state ``state`` lists, and the metrics series
+        kept so far (blocking calls; the series grow by ``refresh_metrics``)."""
         from ray import serve
 
         from kiln.serve.app import model_app_name
-        from kiln.serve.instance import load_state
 
-        state = load_state(self.run_dir)
-        if state is None:
-            raise KilnError(f"nothing is served from {self.run_dir} (no serve state file)")
         errors: list[str] = []
         apps = serve.status().applications
         names = sorted({m["name"] for m in state.models})
@@ -244,15 +240,28 @@ class ConsoleData:
         monitoring. ``actions``: whether the request may use the rollout buttons."""
         import asyncio
 
+        from kiln.serve.instance import load_state
+
         started = time.perf_counter()
-        serving = await asyncio.to_thread(self.serving)
-        state = serving["state"]
+        state = await asyncio.to_thread(load_state, self.run_dir)
+        if state is None:
+            raise KilnError(f"nothing is served from {self.run_dir} (no serve state file)")
+        names = sorted({m["name"] for m in state.models})
+        errors: list[str] = []
+        # Serve's status, and each model's rollout and monitor, asked at the same time
+        serving, *panels = await asyncio.gather(
+            asyncio.to_thread(self.serving, state),
+            *(
+                asyncio.gather(
+                    asyncio.to_thread(self._rollout_or_error, name, errors),
+                    self._monitor(name, errors),
+                )
+                for name in names
+            ),
+        )
+        serving["errors"][:0] = errors
         models = []
-        for name in serving["names"]:
-            rollout, monitor = await asyncio.gather(
-                asyncio.to_thread(self._rollout_or_error, name, serving["errors"]),
-                self._monitor(name, serving["errors"]),
-            )
+        for name, (rollout, monitor) in zip(names, panels, strict=True):
             record = (rollout or {}).get("record") or {}
             listed = [m for m in state.models if m["name"] == name]
             uris = {m["version"]: m.get("uri", "") for m in listed}
