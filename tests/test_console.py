@@ -6,7 +6,9 @@ modules expect): the session's trained digits CNN registered twice, as v1 and v2
 needs a rollout starts a fresh linear ramp v1 -> v2 (20%, then 50%) whose gates hold while no
 traffic comes, so the test decides when a step happens (by sending traffic). Screenshots of the
 console under the canary and during drift are written to ``tests/artifacts/console/`` (the README
-shows copies of them). Skipped, with the reason, only where no Chromium or Playwright exists.
+shows copies of them), with ``load.json``: the page's time to first data, recorded, never asserted.
+The app's alert webhook URL carries a planted secret: with the API key, neither shows in any answer,
+CLI output or replica log. Skipped, with the reason, only where no Chromium or Playwright exists.
 """
 
 from __future__ import annotations
