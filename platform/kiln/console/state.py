@@ -148,6 +148,7 @@ class ConsoleData:
         self.metrics_error: str | None = None  # the last scrape's failure, shown on the page
         self.monitor_points: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self._facts: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._handles: dict[str, Any] = {}  # model -> its app's deployment handle
         self._renewing: dict[str, Any] = {}  # version URI -> the task asking for its facts again
 
     # --- blocking parts (run in a thread) --------------------------------------------------------
@@ -351,9 +352,13 @@ class ConsoleData:
         from kiln.serve.app import model_app_name
 
         try:
-            handle = serve.get_app_handle(model_app_name(model))
+            # one handle per model, kept: a new handle sets up its router on its first call
+            handle = self._handles.get(model)
+            if handle is None:
+                handle = self._handles[model] = serve.get_app_handle(model_app_name(model))
             return await handle.monitor_status.remote()
         except (RayError, RayServeException) as exc:  # a replica's failure: shown, never fatal
+            self._handles.pop(model, None)
             errors.append(f"monitor of {model}: {first_line(exc)}")
             return None
 
