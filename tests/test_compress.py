@@ -401,6 +401,10 @@ def test_model_card_of_a_compressed_variant(compressed, reference):
         f"- Test accuracy: {acc:.4f} against {ref_acc:.4f} ({100 * (acc - ref_acc):+.2f} points)"
         in (card)
     )
+    # the data it was trained on, from the reference's run: rows and class balance per split
+    assert "- Rows per split: train 1,2" in card and "total 1,797" in card
+    assert "| class | train | val | test |" in card
+    assert "- Preprocessing: image: 1 channel(s) at 8x8, pixels scaled to [0, 1]" in card
     proc = run_kiln(
         "model", "card", f"models:/{MODEL}/999", "--tracking-uri", reference["tracking_uri"]
     )

@@ -6,7 +6,9 @@ modules expect): the session's trained digits CNN registered twice, as v1 and v2
 needs a rollout starts a fresh linear ramp v1 -> v2 (20%, then 50%) whose gates hold while no
 traffic comes, so the test decides when a step happens (by sending traffic). Screenshots of the
 console under the canary and during drift are written to ``tests/artifacts/console/`` (the README
-shows copies of them). Skipped, with the reason, only where no Chromium or Playwright exists.
+shows copies of them), with ``load.json``: the page's time to first data, recorded, never asserted.
+The app's alert webhook URL carries a planted secret: with the API key, neither shows in any answer,
+CLI output or replica log. Skipped, with the reason, only where no Chromium or Playwright exists.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ KEY_ENV = "KILN_CONSOLE_TEST_KEY"
 KEY = "console-test-key-4711"
 SHOTS = REPO / "tests" / "artifacts" / "console"
 WINDOW = 100
+TOKEN = "c0nsole-w3bhook-t0ken"  # planted in the alert webhook's URL: must show nowhere
+WEBHOOK = f"https://alerts:{TOKEN}@127.0.0.1:9/hook?token={TOKEN}"  # refused at once
 IMAGES = digits_raw(400)  # varied enough not to drift by itself
 
 
@@ -68,7 +72,8 @@ def console_registry(registry, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(ray_cluster, console_registry, tmp_path_factory):
-    """v1 served behind an API key, with a small monitoring window (drift shows after ~100 rows)."""
+    """v1 served behind an API key, with a small monitoring window (drift shows after ~100 rows)
+    and an alert webhook whose URL carries a secret (nothing listens there)."""
     serve_dir = tmp_path_factory.mktemp("console-serving")
     env = {"MLFLOW_TRACKING_URI": console_registry["tracking_uri"], KEY_ENV: KEY}
     proc = run_kiln(
@@ -79,6 +84,7 @@ def served(ray_cluster, console_registry, tmp_path_factory):
         f"serve.monitor.window={WINDOW}",
         "serve.monitor.min_rows=60",
         "serve.monitor.eval_every=20",
+        f"serve.monitor.webhook_url={WEBHOOK}",
         "--api-key-env",
         KEY_ENV,
         "--port",
@@ -280,7 +286,8 @@ def test_the_page_follows_a_canary_live(served, console_registry, ramp, open_pag
     p = page.page
     section = f'[data-model="{MODEL}"]'
     p.wait_for_selector(f'{section} [data-testid="gate-row"]', timeout=60_000)
-    first_data_ms = p.evaluate("performance.now()")  # an upper bound: waited for the gate rows
+    first_data_ms = float(p.get_attribute("body", "data-first-data"))  # the first render
+    gathered_ms = float(p.get_attribute('[data-testid="updated"]', "data-gathered-ms"))
     # the model, both versions with their roles, the current weights, the gate rows
     assert page.text(f'{section} [data-testid="model-name"]') == MODEL
     assert p.query_selector(f'{section} tr[data-version="{v1}"]') is not None
@@ -294,11 +301,20 @@ def test_the_page_follows_a_canary_live(served, console_registry, ramp, open_pag
     assert p.query_selector(f'{section} button[data-action="rollback"]') is not None
     SHOTS.mkdir(parents=True, exist_ok=True)
     (SHOTS / "load.json").write_text(
-        json.dumps({"dom_content_loaded_ms": page.loaded_ms, "first_data_ms": first_data_ms})
+        json.dumps(
+            {
+                "dom_content_loaded_ms": page.loaded_ms,
+                "first_data_ms": first_data_ms,
+                "state_gathered_ms": gathered_ms,  # the server's side of the last page JSON
+            }
+        )
     )
     p.evaluate("window.kilnMarker = 'no reload'")  # gone if the page reloads
     chart = f'{section} [data-testid="chart-weights"]'
     points_before = int(p.get_attribute(chart, "data-points"))
+    # the plan drawn beside the weights: this step, the next one, then 100% at the promotion
+    assert json.loads(p.get_attribute(chart, "data-planned")) == [20, 50, 100]
+    assert "planned: 20% from" in page.text(f"{chart} .summary")
     requests_before = page.text(f'{section} tr[data-version="{v2}"] [data-field="requests"]')
     SHOTS.mkdir(parents=True, exist_ok=True)
     # more traffic: the gates pass, the step bakes, the ramp moves to 50%; the traffic stops at
@@ -320,7 +336,8 @@ def test_the_page_follows_a_canary_live(served, console_registry, ramp, open_pag
         f"Weights now: v{v1} 50% / v{v2} 50%"
     )
     assert int(p.get_attribute(chart, "data-points")) > points_before
-    assert json.loads(p.get_attribute(chart, "data-last")) == [50]
+    assert json.loads(p.get_attribute(chart, "data-last")) == [50, 100]  # now, and planned
+    assert json.loads(p.get_attribute(chart, "data-planned")) == [50, 100]
     passed = p.query_selector_all(f'{section} [data-testid="interval-row"] [data-result="PASS"]')
     assert passed, "no gate interval shown as PASS"
     assert p.evaluate("window.kilnMarker") == "no reload"
@@ -380,3 +397,58 @@ def test_model_card_from_the_page(served, console_registry, open_page):
     card = page.text('[data-testid="card"]')
     assert card.startswith(f"# Model card: {MODEL} v{v1}") and "## Lineage" in card
     assert page.errors == []
+
+
+def replica_logs(address: str) -> str:
+    """Everything the model's replicas wrote: their stdout and stderr files (found through
+    /proc/PID/fd/1 and 2: this machine runs them) and Ray Serve's log files beside them."""
+    from pathlib import Path
+
+    from ray.util.state import list_actors
+
+    files: set[Path] = set()
+    for actor in list_actors(address, filters=[("state", "=", "ALIVE")], limit=1000):
+        if actor.class_name.startswith("ServeReplica:kiln-") and actor.pid:
+            for fd in (1, 2):
+                target = Path(f"/proc/{actor.pid}/fd/{fd}").resolve()
+                if target.is_file():
+                    files.add(target)
+                    files.update((target.parent / "serve").glob("*.log"))
+    assert files, "no replica log files found"
+    return "\n".join(p.read_text(errors="replace") for p in sorted(files))
+
+
+def test_the_window_and_the_secrets_only_with_the_key(served, console_registry, ray_cluster):
+    """Raw rows and the training data's statistics (``?window=1``) only with the key; the webhook
+    URL's secret and the API key in no answer (monitor, console JSON, `kiln serve status`, `kiln
+    monitor status`) and in no replica log, even after the webhook was called and failed."""
+    v1 = console_registry["uris"][0].rsplit("/", 1)[1]
+    url, monitor = served["url"], f"{served['url']}/v2/models/{MODEL}/monitor"
+    assert requests.get(f"{monitor}?window=1").status_code == 401
+    send(url, WINDOW, f"/v2/models/{MODEL}/versions/{v1}/infer", noise=True)  # a drift alert
+    with_key = requests.get(f"{monitor}?window=1", headers={"X-API-Key": KEY})
+    assert with_key.status_code == 200, with_key.text
+    status = with_key.json()["versions"][v1]
+    assert status["window_rows"]["rows"] and status["reference"]
+    logs = wait_until(
+        lambda: (
+            (text := replica_logs(ray_cluster)) and "webhook https://127.0.0.1:9" in text and text
+        ),
+        60,
+        "the failed webhook call in the replica's log",
+    )
+    answers = [
+        with_key.text,
+        requests.get(monitor, headers={"X-API-Key": KEY}).text,
+        requests.get(f"{url}/console/api/state", headers={"X-API-Key": KEY}).text,
+    ]
+    env = {KEY_ENV: KEY}
+    for args in (
+        ("serve", "status", "--address", ray_cluster),
+        ("monitor", "status", MODEL, "--api-key-env", KEY_ENV),
+    ):
+        proc = run_kiln(*args, "--run-dir", str(served["run_dir"]), "--json", env=env)
+        assert proc.returncode == 0, proc.stderr
+        answers += [proc.stdout, proc.stderr]
+    for text in [*answers, logs]:
+        assert TOKEN not in text and KEY not in text

@@ -116,6 +116,30 @@ def test_rollout_view_takes_the_steps_since_the_last_start():
     assert [f["decision"] for f in view["finished"]] == ["rollback"]
 
 
+def test_the_planned_schedule_lays_out_the_steps_still_to_come_then_the_promotion():
+    from kiln.console.state import planned_schedule
+
+    record = {
+        "phase": "running",
+        "steps": [10.0, 25.0, 50.0],
+        "step": 1,
+        "step_started_at": 100.0,
+        "bake_s": 30.0,
+        "baked_s": 10.0,
+    }
+    # this step from its start; the next once its 20 s still to bake are done; 100 after the last
+    assert planned_schedule(record, now=120.0) == [
+        {"t": 100.0, "weight": 25.0},
+        {"t": 140.0, "weight": 50.0},
+        {"t": 170.0, "weight": 100.0},
+    ]
+    preparing = {**record, "step": -1, "step_started_at": 0.0, "baked_s": 0.0}
+    assert [p["weight"] for p in planned_schedule(preparing, now=5.0)] == [10.0, 25.0, 50.0, 100.0]
+    assert planned_schedule({**record, "phase": "promoted"}, now=120.0) == []
+    view = rollout_view({"record": record, "live": True}, [], now=120.0)
+    assert [p["weight"] for p in view["schedule"]] == [25.0, 50.0, 100.0]
+
+
 # --- HTTP rules, no cluster ----------------------------------------------------------------------
 
 
@@ -187,6 +211,37 @@ def test_without_a_key_set_the_console_is_read_only(tmp_path):
     body = json.dumps({"model": "m", "action": "rollback"}).encode()
     resp = call(server, "/console/api/action", "POST", {"Content-Type": "application/json"}, body)
     assert resp.status_code == 403 and b"need the server's API key" in resp.body
+
+
+def test_a_page_gets_the_last_gathering_at_once_and_a_newer_one_follows(tmp_path):
+    """The page's JSON waits only for a first gathering (or one over FRESH_S old); a younger one
+    is answered at once while the next is gathered in the background, one at a time."""
+    from kiln.console import server as module
+
+    server = ConsoleServer(str(tmp_path), None)
+    gathered: list[int] = []
+
+    async def gather(actions: bool) -> dict:  # the page's JSON, numbered (no cluster here)
+        gathered.append(len(gathered) + 1)
+        return {"n": gathered[-1]}
+
+    server.data.gather = gather  # type: ignore[method-assign]
+
+    async def scenario() -> list[int]:
+        seen = []
+        for age in (None, 0.0, module.STATE_CACHE_S + 1, module.FRESH_S + 1):
+            if age is not None and server._cached is not None:
+                server._cached = (server._cached[0] - age, server._cached[1])
+            resp = await server(request("/console/api/state"))
+            seen.append(json.loads(resp.body)["n"])
+            if server._gathering is not None:
+                await server._gathering  # the background one, before the next step
+        return seen
+
+    # first: waited for; young: the same; older than STATE_CACHE_S: the same at once, the next
+    # gathered behind it; older than FRESH_S: a new one waited for
+    assert asyncio.run(scenario()) == [1, 1, 1, 3]
+    assert gathered == [1, 2, 3]
 
 
 def test_actions_refuse_other_origins_and_unknown_actions(tmp_path):

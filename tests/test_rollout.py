@@ -708,3 +708,55 @@ def test_rollout_goes_on_after_the_router_replica_and_controller_die(
     wait_routed(served["url"], target, all_of=CLIENTS)  # the restarted replica has the table
     answers = Load(served["url"], limit=40).__enter__().wait()
     assert not failures(answers) and {a.version for a in answers} == {target}
+
+
+def test_requests_pinned_to_a_live_canary_never_decide_it(served, serve_dir, versions, idle):
+    """Live, against the served canary of the faulty version: requests pinned to the candidate,
+    failing ones (which would fail its error-rate gate at once) and good ones (which would bake
+    its one step in two intervals and promote it), neither roll it back nor promote it. With no
+    traffic routed to it, every interval holds for want of gated data, while the rollout's status
+    shows the pinned requests counted apart."""
+    from kiln.rollout.control.api import rollout_status
+
+    candidate, gate = versions.faulty, "error_rate<0.05"
+    start(serve_dir, candidate, "canary", weight=10.0, bake_s=1.0, interval_s=0.5, gates=[gate])
+    wait_phase(serve_dir, "running")
+    answered: Counter[int] = Counter()
+    counted: list[dict] = []  # the controller's per-interval metrics of the candidate
+    stop = threading.Event()
+
+    def pin() -> None:  # digits: the faulty version fails the brighter ones, answers the rest
+        with requests.Session() as session:
+            i = 0
+            while not stop.is_set():
+                url = f"{served['url']}/v2/models/{MODEL}/versions/{candidate}/infer"
+                answered[session.post(url, data=body(i), timeout=60).status_code] += 1
+                i += 1
+
+    def seen() -> bool:
+        metrics = rollout_status(serve_dir, None, MODEL).metrics.get(candidate) or {}
+        if metrics.get("pinned") and (not counted or counted[-1] != metrics):
+            counted.append(metrics)
+        failed = sum(n for code, n in answered.items() if code >= 500)
+        return len(counted) >= 4 and answered[200] > 0 and failed > 0
+
+    thread = threading.Thread(target=pin, daemon=True)
+    thread.start()
+    try:
+        wait_until(seen, 120, "intervals counting requests pinned to the candidate", interval=0.2)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    record = load_record(serve_dir)
+    assert (record.phase, record.step, record.weight, record.baked_s) == (
+        "running",
+        0,
+        10.0,
+        0.0,
+    )
+    assert all(m["requests"] == 0 and m["error_rate"] is None for m in counted), counted
+    entries = since_start(serve_dir)
+    decisions = Counter(e["decision"] for e in entries)
+    assert not {"rollback", "promote", "continue", "advance"} & set(decisions), decisions
+    holds = [e for e in entries if e["decision"] == "hold"]
+    assert len(holds) >= 4 and all(e["reason"] == f"no data for {gate}" for e in holds)

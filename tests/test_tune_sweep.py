@@ -354,3 +354,4 @@ def test_the_tuned_versions_model_card_names_its_sweep_and_trial(sweep):
     card = model_card(out["tracking_uri"], out["model_uri"])
     assert f"- Tuned: sweep run `{out['sweep_run_id']}`, trial {out['best_trial']};" in card
     assert "best true" in card
+    assert "- Rows per split: train " in card and "| class | train | val | test |" in card

@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kiln import tracking as trk
 from kiln.data.preprocess import Preprocessing
+from kiln.data.profile import build_profile
 from kiln.errors import ModelError
 from kiln.models.artifact import build_model, save_artifact
+from kiln.models.card import PROFILE_ARTIFACT, split_lines
 from kiln.models.registration import copy_artifact, register_artifact
 from kiln.models.spec import ModelSpec
 
@@ -103,6 +106,20 @@ def test_every_registration_stores_its_model_card(tmp_path):
 
     def register(tags: dict, name: str) -> str:
         run_id = trk.start_run(uri, exp, name, {trk.TAG_JOB: "test"})
+        if name == "ref":  # as kiln train logs it: the data's profile, rows per split included
+            profile = build_profile(
+                source="animals.parquet",
+                kind="tabular",
+                dataset_hash="abc",
+                labels=["a", "b"],
+                class_counts=np.array([[600, 200], [150, 50], [75, 25]]),
+                features=[],
+                images={},
+                leakage={},
+                sampling={},
+            )
+            (tmp_path / PROFILE_ARTIFACT).write_text(json.dumps(profile.to_dict()))
+            trk.log_artifact(uri, run_id, tmp_path / PROFILE_ARTIFACT)
         model_dir = copy_artifact(tiny_artifact(tmp_path / f"ckpt-{name}"), tmp_path / name)
         version = register_artifact(uri, "card", run_id, model_dir, tags=tags, finish_run=True)
         logged = {a.path for a in trk.client(uri).list_artifacts(run_id, "model_card")}
@@ -133,6 +150,13 @@ def test_every_registration_stores_its_model_card(tmp_path):
         f"- Size: 0.3 KB against {ref_size / 1024:.1f} KB ({ref_size / 300:.2f}x smaller)" in card
     )
     assert "- Test accuracy: 0.9400 against 0.9500 (-1.00 points)" in card
+    # the data the weights were trained on, from the reference's run: rows and balance per split
+    assert "- Rows per split: train 800, val 200, test 100 (total 1,100)" in card
+    assert "| class | train | val | test |" in card
+    assert "| a | 600 (75.0%) | 150 (75.0%) | 75 (75.0%) |" in card
+    assert "| b | 200 (25.0%) | 50 (25.0%) | 25 (25.0%) |" in card
+    assert "- Preprocessing: tabular: 0 feature(s) (); missing values -> the train mean" in card
+    assert "with mean [0, 0, 0] and std [1, 1, 1] fitted on the train split" in card
     with pytest.raises(ModelError):
         model_card(uri, "models:/card/99")
 
@@ -142,3 +166,21 @@ def test_a_card_never_shows_the_tracking_servers_password():
 
     assert public_uri("https://user:secret@mlflow.example:5000/") == "https://mlflow.example:5000/"
     assert public_uri("sqlite:////tmp/x/mlflow.db") == "sqlite:////tmp/x/mlflow.db"
+
+
+def test_a_card_without_a_data_profile_gives_the_configured_fractions():
+    assert split_lines(None, {"val": 0.2, "test": 0.2}) == ["- Split: fractions val 0.2, test 0.2"]
+    assert split_lines(None, {}) == ["- Split: not recorded"]
+    many = {
+        "rows": {"total": 120, "train": 60, "val": 30, "test": 30},
+        "labels": list(range(60)),
+        "class_counts": {
+            "train": [1] * 60,
+            "val": [0] * 30 + [1] * 30,
+            "test": [1] * 30 + [0] * 30,
+        },
+    }
+    lines = split_lines(many, {})
+    assert lines[0] == "- Rows per split: train 60, val 30, test 30 (total 120)"
+    assert "the 50 largest classes of 60" in lines[1]
+    assert len([line for line in lines if line.startswith("| ") and "%" in line]) == 50

@@ -200,6 +200,10 @@ def test_monitor_endpoint_does_not_shadow_the_protocol(served):
     assert resp.status_code == 405 and "GET" in resp.json()["error"]
     missing = requests.get(served["url"] + "/v2/models/digits/versions/9/monitor", timeout=30)
     assert missing.status_code == 404 and "no served version '9'" in missing.json()["error"]
+    # no API key on this server: its raw rows and reference statistics go to nobody over HTTP
+    # (`kiln monitor report` reads them through Ray: test_report_writes_html_with_plots)
+    window = requests.get(served["url"] + "/v2/models/digits/monitor?window=1", timeout=30)
+    assert window.status_code == 403 and "serve.api_key_env" in window.json()["error"]
 
 
 def test_noise_is_flagged_drift_alerts_and_the_webhook_gets_the_json(served, registry):

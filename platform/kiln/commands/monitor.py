@@ -58,6 +58,14 @@ def _fetch(args, window: bool) -> dict:
             raise ConfigError(
                 f"--api-key-env names {args.api_key_env}, but that environment variable is not set"
             )
+    if window and key is None and not args.url:
+        # without a key the server gives the window (raw rows, reference statistics) to nobody
+        # over HTTP: read it through Ray, whose token guards it
+        from kiln.commands.serve import use_serving_env
+        from kiln.monitor.console.client import monitor_through_ray
+
+        use_serving_env(args.run_dir, args.address)
+        return monitor_through_ray(args.run_dir, args.address, args.model, args.version, args.debug)
     url = serving_url(args.run_dir, args.address, args.url, args.debug)
     return fetch_monitor(url, args.model, args.version, window, key)
 

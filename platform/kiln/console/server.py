@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import html
 import json
+import logging
 import time
 import urllib.parse
 from pathlib import Path
@@ -32,12 +33,20 @@ from kiln.serve.http import (
 from kiln.serve.protocol import ProtocolError
 from kiln.serve.root_server import CONSOLE_PATH
 
+logger = logging.getLogger("kiln.console")
 STATIC = Path(__file__).resolve().parent / "static"
 COOKIE = "kiln_console_key"
 ACTIONS = ("promote", "rollback", "pause", "resume")
 PUBLIC = ("/static/console.css",)  # the key form's style: public, like the form itself
 MAX_FORM_BYTES = 4096  # the key form and an action's JSON are tiny
 STATE_CACHE_S = 0.5  # several open pages share one gathering
+FRESH_S = 10.0  # a page gets a gathering up to this old at once (a newer one follows in the back)
+# Ray's metrics exporter takes about half a second to answer and updates every few seconds: the
+# console scrapes it in the background every METRICS_EVERY_S while a page polled within
+# WATCHED_S, never while a page waits for its JSON.
+METRICS_EVERY_S = 2.0
+WATCHED_S = 30.0
+PRIME_WAIT_S = 600.0  # how long the replica waits for `kiln serve start` to record what it serves
 CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -88,14 +97,53 @@ class ConsoleServer:
         self.api_key_sha256 = api_key_sha256
         self.data = ConsoleData(run_dir)
         self.files = static_files()
-        self._cached: dict[bool, tuple[float, dict[str, Any]]] = {}
-        self._lock = asyncio.Lock()
-        self._warming: asyncio.Future[None] | None = None
-        try:  # built on the replica's event loop: import the heavy parts before the first visit
-            loop = asyncio.get_running_loop()
-            self._warming = loop.run_in_executor(None, _warm_up)
+        self._cached: tuple[float, dict[str, Any]] | None = None  # (when, the page's JSON)
+        self._gathering: asyncio.Task[None] | None = None
+        self._generation = 0  # a gathering started before an action must not answer after it
+        self._last_poll = 0.0
+        self._background: set[asyncio.Task[None]] = set()
+        self._scraping: asyncio.Task[None] | None = None
+        try:  # built on the replica's event loop: pay the first gathering's costs before a visit
+            asyncio.get_running_loop()
+            self._spawn(self._prime())
         except RuntimeError:  # no running event loop (built in-process, in the unit tests)
             pass
+
+    def _spawn(self, coro) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)  # a strong reference until it ends
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _prime(self) -> None:
+        """At start, before anyone visits: import the heavy parts (MLflow's client, the rollout
+        API, the Prometheus parser), wait for `kiln serve start` to record what it serves, then
+        gather once (the first Serve status, deployment handles, registry facts and a metrics
+        snapshot: seconds on a busy machine), so the first visitor's page has its data at once."""
+        from kiln.serve.instance import load_state
+        from kiln.waiting import WaitTimeout, wait_until
+
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, _warm_up)
+        try:
+            await asyncio.to_thread(
+                wait_until, lambda: load_state(self.run_dir), PRIME_WAIT_S, "the serve state"
+            )
+            await asyncio.to_thread(self.data.refresh_metrics)
+            await self._gathering_task()
+        except (KilnError, WaitTimeout) as exc:  # the first visit gathers instead
+            logger.info("console: nothing gathered ahead of the first visit: %s", first_line(exc))
+
+    def _watched(self) -> None:
+        """A page polled: keep the metrics scraped in the background while pages poll."""
+        self._last_poll = time.monotonic()
+        if self._scraping is None or self._scraping.done():
+            self._scraping = self._spawn(self._scrape_while_watched())
+
+    async def _scrape_while_watched(self) -> None:
+        while time.monotonic() - self._last_poll < WATCHED_S:
+            await asyncio.to_thread(self.data.refresh_metrics)
+            await asyncio.sleep(METRICS_EVERY_S)
 
     async def __call__(self, request):
         path = request.url.path[len(CONSOLE_PATH) :]
@@ -163,16 +211,40 @@ class ConsoleServer:
         return _response(b"", 303, {"Location": f"{CONSOLE_PATH}/", "Set-Cookie": cookie})
 
     async def state(self, actions: bool):
-        """The page's JSON (gathered at most every STATE_CACHE_S for all open pages)."""
-        async with self._lock:
-            cached = self._cached.get(actions)
-            if cached is None or time.monotonic() - cached[0] > STATE_CACHE_S:
+        """The page's JSON, answered from the last gathering (one for all open pages) while it is
+        under FRESH_S old, a new one then started in the background once it is over
+        STATE_CACHE_S old; an older one (or none) is waited for. The payload says when it was
+        gathered; the metrics series come from the background scrapes."""
+        self._watched()
+        cached = self._cached
+        age = time.monotonic() - cached[0] if cached is not None else None
+        if cached is None or age is None or age > FRESH_S:
+            for _ in range(3):  # again when an action came in meanwhile (its outcome next)
                 try:
-                    payload = await self.data.gather(actions)
+                    await asyncio.shield(self._gathering_task())
                 except KilnError as exc:
                     return error_response(first_line(exc), 503, SECURITY_HEADERS)
-                cached = self._cached[actions] = (time.monotonic(), payload)
-        return json_response(cached[1], headers=SECURITY_HEADERS)
+                if (cached := self._cached) is not None:
+                    break
+        elif age > STATE_CACHE_S:
+            self._gathering_task()
+        if cached is None:
+            return error_response("the console's state is being gathered again", 503)
+        return json_response({**cached[1], "actions": actions}, headers=SECURITY_HEADERS)
+
+    def _gathering_task(self) -> asyncio.Task[None]:
+        """The gathering in flight, or a new one (never two at once)."""
+        if self._gathering is None or self._gathering.done():
+            self._gathering = self._spawn(self._gather())
+            # a failure nobody awaited is shown by the next request that waits, not logged here
+            self._gathering.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return self._gathering
+
+    async def _gather(self) -> None:
+        generation = self._generation
+        payload = await self.data.gather(False)
+        if generation == self._generation:
+            self._cached = (time.monotonic(), payload)
 
     async def action(self, request, key: bool):
         """POST ``{"model": M, "action": promote|rollback|pause|resume}``: the rollout command, as
@@ -207,7 +279,9 @@ class ConsoleServer:
             )
         except KilnError as exc:
             return error_response(first_line(exc), 409, SECURITY_HEADERS)
-        self._cached.clear()
+        # the next page JSON shows the action's outcome: gathered anew, after it
+        self._cached, self._gathering = None, None
+        self._generation += 1
         return json_response(record.to_dict(), headers=SECURITY_HEADERS)
 
     async def card(self, request):

@@ -66,10 +66,35 @@ def gate_rows(gates: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def rollout_view(status: dict[str, Any], entries: list[dict[str, Any]]) -> dict[str, Any]:
-    """The rollout panel: the record, the current gates, the weight steps (planned and as they
-    went), the gate values per interval and the audit log since the last start, and the finished
-    rollouts."""
+def planned_schedule(record: dict[str, Any], now: float) -> list[dict[str, Any]]:
+    """The candidate's planned weight from its current step on, as the points of a step chart:
+    the current step from when it started, each later step at the earliest time the plan allows
+    (the current step's bake time not yet baked counts from ``now``, every later step bakes
+    ``bake_s``), and 100 at the promotion that follows the last step. [] when no rollout is
+    active or the plan has no steps."""
+    steps = [float(s) for s in record.get("steps") or []]
+    if record.get("phase") not in ("preparing", "running", "paused") or not steps:
+        return []
+    step = max(int(record.get("step", -1)), 0)
+    bake = float(record.get("bake_s") or 0.0)
+    started = float(record.get("step_started_at") or 0.0) or now
+    if int(record.get("step", -1)) < 0:  # preparing: the first step starts once the candidate is up
+        started = now
+    end = now + max(bake - float(record.get("baked_s") or 0.0), 0.0)
+    points = [{"t": min(started, now), "weight": steps[step]}]
+    for weight in steps[step + 1 :]:
+        points.append({"t": end, "weight": weight})
+        end += bake
+    points.append({"t": end, "weight": 100.0})  # the promotion: the candidate takes all traffic
+    return points
+
+
+def rollout_view(
+    status: dict[str, Any], entries: list[dict[str, Any]], now: float | None = None
+) -> dict[str, Any]:
+    """The rollout panel: the record, the current gates, the weight steps (planned, as they went,
+    and the plan from the current step on: ``planned_schedule``), the gate values per interval
+    and the audit log since the last start, and the finished rollouts."""
     record = status.get("record") or {}
     starts = [i for i, e in enumerate(entries) if e.get("decision") == "start"]
     current = entries[starts[-1] :] if starts else []
@@ -101,6 +126,7 @@ def rollout_view(status: dict[str, Any], entries: list[dict[str, Any]]) -> dict[
         "live": status.get("live", False),
         "active": record.get("phase") in ("preparing", "running", "paused"),
         "planned": record.get("steps", []),
+        "schedule": planned_schedule(record, time.time() if now is None else now),
         "weights": weights,
         "gates": gate_rows(status.get("gates") or {}),
         "intervals": intervals[-AUDIT_TAIL:],
@@ -119,21 +145,21 @@ class ConsoleData:
     def __init__(self, run_dir: str):
         self.run_dir = run_dir
         self.metrics = MetricsHistory()
+        self.metrics_error: str | None = None  # the last scrape's failure, shown on the page
         self.monitor_points: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self._facts: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._handles: dict[str, Any] = {}  # model -> its app's deployment handle
+        self._renewing: dict[str, Any] = {}  # version URI -> the task asking for its facts again
 
     # --- blocking parts (run in a thread) --------------------------------------------------------
 
-    def serving(self) -> dict[str, Any]:
-        """The serve state, Serve's applications and the metrics series (blocking calls)."""
+    def serving(self, state: Any) -> dict[str, Any]:
+        """Serve's applications of what the serve state ``state`` lists, and the metrics series
+        kept so far (blocking calls; the series grow by ``refresh_metrics``)."""
         from ray import serve
 
         from kiln.serve.app import model_app_name
-        from kiln.serve.instance import load_state
 
-        state = load_state(self.run_dir)
-        if state is None:
-            raise KilnError(f"nothing is served from {self.run_dir} (no serve state file)")
         errors: list[str] = []
         apps = serve.status().applications
         names = sorted({m["name"] for m in state.models})
@@ -149,11 +175,8 @@ class ConsoleData:
                     str(k): v for d in app.deployments.values() for k, v in d.replica_states.items()
                 },
             }
-        if state.metrics_url:
-            try:
-                self.metrics.add(scrape(state.metrics_url))
-            except (urllib.error.URLError, OSError, ValueError) as exc:
-                errors.append(f"metrics {state.metrics_url}: {first_line(exc)}")
+        if self.metrics_error:
+            errors.append(self.metrics_error)
         return {
             "state": state,
             "names": names,
@@ -161,6 +184,22 @@ class ConsoleData:
             "series": self.metrics.series(),
             "errors": errors,
         }
+
+    def refresh_metrics(self) -> bool:
+        """Scrape the serving metrics once and keep the snapshot (blocking; Ray's exporter takes
+        about half a second to answer, so the console's server calls this in the background,
+        never while a page waits). Returns whether there was an endpoint to scrape."""
+        from kiln.serve.instance import load_state
+
+        state = load_state(self.run_dir)
+        if state is None or not state.metrics_url:
+            return False
+        try:
+            self.metrics.add(scrape(state.metrics_url))
+            self.metrics_error = None
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            self.metrics_error = f"metrics {state.metrics_url}: {first_line(exc)}"
+        return True
 
     def rollout(self, model: str) -> dict[str, Any] | None:
         """The rollout panel of ``model``, None when it never had a rollout (blocking)."""
@@ -173,13 +212,11 @@ class ConsoleData:
         return rollout_view(status, rollout_history(self.run_dir, model))
 
     def facts(self, tracking_uri: str | None, uri: str) -> dict[str, Any]:
-        """Registry facts of a served version (cached for FACTS_TTL_S; {} when unknown)."""
+        """Registry facts of a served version (blocking; {} when unknown), asked of the registry
+        and kept: ``known_facts`` answers from what is kept."""
         from kiln.models.card import version_facts
 
         now = time.monotonic()
-        cached = self._facts.get(uri)
-        if cached is not None and now - cached[0] < FACTS_TTL_S:
-            return cached[1]
         try:
             found = version_facts(tracking_uri, uri) if tracking_uri else {}
             facts = {k: found[k] for k in FACT_KEYS if k in found}
@@ -188,6 +225,15 @@ class ConsoleData:
         self._facts[uri] = (now, facts)
         return facts
 
+    def known_facts(self, uri: str) -> tuple[dict[str, Any] | None, bool]:
+        """(the facts kept for ``uri`` or None, whether they are older than FACTS_TTL_S): a page
+        gets kept facts at once while newer ones are asked for in the background (aliases move
+        on promotion; the rest of a registry version never changes)."""
+        cached = self._facts.get(uri)
+        if cached is None:
+            return None, True
+        return cached[1], time.monotonic() - cached[0] >= FACTS_TTL_S
+
     # --- the page's JSON -------------------------------------------------------------------------
 
     async def gather(self, actions: bool) -> dict[str, Any]:
@@ -195,14 +241,28 @@ class ConsoleData:
         monitoring. ``actions``: whether the request may use the rollout buttons."""
         import asyncio
 
-        serving = await asyncio.to_thread(self.serving)
-        state = serving["state"]
+        from kiln.serve.instance import load_state
+
+        started = time.perf_counter()
+        state = await asyncio.to_thread(load_state, self.run_dir)
+        if state is None:
+            raise KilnError(f"nothing is served from {self.run_dir} (no serve state file)")
+        names = sorted({m["name"] for m in state.models})
+        errors: list[str] = []
+        # Serve's status, and each model's rollout and monitor, asked at the same time
+        serving, *panels = await asyncio.gather(
+            asyncio.to_thread(self.serving, state),
+            *(
+                asyncio.gather(
+                    asyncio.to_thread(self._rollout_or_error, name, errors),
+                    self._monitor(name, errors),
+                )
+                for name in names
+            ),
+        )
+        serving["errors"][:0] = errors
         models = []
-        for name in serving["names"]:
-            rollout, monitor = await asyncio.gather(
-                asyncio.to_thread(self._rollout_or_error, name, serving["errors"]),
-                self._monitor(name, serving["errors"]),
-            )
+        for name, (rollout, monitor) in zip(names, panels, strict=True):
             record = (rollout or {}).get("record") or {}
             listed = [m for m in state.models if m["name"] == name]
             uris = {m["version"]: m.get("uri", "") for m in listed}
@@ -216,7 +276,7 @@ class ConsoleData:
             )
             ordered = sorted(uris.items(), key=lambda kv: _version_order(kv[0]))
             known = await asyncio.gather(
-                *(asyncio.to_thread(self.facts, state.tracking_uri, uri) for _, uri in ordered)
+                *(self._facts_now(state.tracking_uri, uri) for _, uri in ordered)
             )
             versions = []
             for (version, uri), facts in zip(ordered, known, strict=True):
@@ -256,7 +316,25 @@ class ConsoleData:
             "actions": actions,
             "models": models,
             "errors": serving["errors"],
+            "gathered_ms": round(1000 * (time.perf_counter() - started), 1),
         }
+
+    async def _facts_now(self, tracking_uri: str | None, uri: str) -> dict[str, Any]:
+        """A version's facts: asked of the registry the first time, then the kept ones, renewed
+        in the background once older than FACTS_TTL_S (a page never waits for the registry
+        twice)."""
+        import asyncio
+
+        kept, stale = self.known_facts(uri)
+        if kept is None:
+            return await asyncio.to_thread(self.facts, tracking_uri, uri)
+        if stale and uri not in self._renewing:
+            task = asyncio.get_running_loop().create_task(
+                asyncio.to_thread(self.facts, tracking_uri, uri)
+            )
+            self._renewing[uri] = task  # a strong reference until it ends
+            task.add_done_callback(lambda _: self._renewing.pop(uri, None))
+        return kept
 
     def _rollout_or_error(self, model: str, errors: list[str]) -> dict[str, Any] | None:
         try:
@@ -274,9 +352,13 @@ class ConsoleData:
         from kiln.serve.app import model_app_name
 
         try:
-            handle = serve.get_app_handle(model_app_name(model))
+            # one handle per model, kept: a new handle sets up its router on its first call
+            handle = self._handles.get(model)
+            if handle is None:
+                handle = self._handles[model] = serve.get_app_handle(model_app_name(model))
             return await handle.monitor_status.remote()
         except (RayError, RayServeException) as exc:  # a replica's failure: shown, never fatal
+            self._handles.pop(model, None)
             errors.append(f"monitor of {model}: {first_line(exc)}")
             return None
 

@@ -23,6 +23,8 @@ from kiln.models.spec import SPEC_FILE, load_spec
 
 CARD_ARTIFACT_DIR = "model_card"
 REPORT_ARTIFACT = "classification_report.json"  # per-class metrics a training run logs
+PROFILE_ARTIFACT = "reference_profile.json"  # the data profile a training run (or trial) logs
+MAX_BALANCE_CLASSES = 50  # class balance per split in the card: one row per class up to this
 MAX_STEPS = 32  # a variant chain longer than this is a loop in the tags, not a real chain
 
 
@@ -74,6 +76,7 @@ def version_facts(tracking_uri: str, uri: str) -> dict[str, Any]:
         "input_shape": list(spec.input_shape) if spec else None,
         "labels": [str(label) for label in spec.labels] if spec else None,
         "preprocessing": spec.preprocessing.kind if spec else None,
+        "preprocessing_detail": describe_preprocessing(spec.preprocessing) if spec else None,
         "size_bytes": size,
         "test_accuracy": _float(tags.get("test_accuracy")),
         "parent_version": tags.get("kiln.parent_version"),
@@ -85,6 +88,30 @@ def version_facts(tracking_uri: str, uri: str) -> dict[str, Any]:
         "metrics": dict(run.data.metrics) if run is not None else {},
         "experiment_id": run.info.experiment_id if run is not None else None,
     }
+
+
+def _numbers(values: list[float], most: int = 8) -> str:
+    shown = ", ".join(f"{v:.4g}" for v in values[:most])
+    return f"[{shown}{', ...' if len(values) > most else ''}]"
+
+
+def describe_preprocessing(prep: Any) -> str:
+    """One line on how raw inputs become model inputs (``kiln.data.preprocess.Preprocessing``),
+    with the statistics fitted on the train split."""
+    if prep.kind == "image":
+        size = "x".join(str(int(n)) for n in prep.image_size or [])
+        return (
+            f"image: {prep.channels} channel(s) at {size}, pixels scaled to [0, 1], then per "
+            f"channel (x - mean) / std with mean {_numbers(prep.mean)} and std "
+            f"{_numbers(prep.std)} fitted on the train split"
+        )
+    names = list(prep.feature_names)
+    listed = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+    return (
+        f"tabular: {len(names)} feature(s) ({listed}); missing values -> the train mean, then "
+        f"(x - mean) / std with mean "
+        f"{_numbers(prep.mean)} and std {_numbers(prep.std)} fitted on the train split"
+    )
 
 
 def _lineage(tracking_uri: str, facts: dict[str, Any]) -> list[dict[str, Any]]:
@@ -129,10 +156,10 @@ def _run_link(tracking_uri: str, facts: dict[str, Any]) -> str:
     return f"{run} in `{tracking_uri}`"
 
 
-def _report_rows(tracking_uri: str, run_id: str | None) -> list[dict[str, Any]]:
-    """The training run's per-class report (label, precision, recall, f1, support), [] if none."""
+def _run_json(tracking_uri: str, run_id: str | None, artifact: str) -> Any:
+    """The JSON artifact ``artifact`` of run ``run_id``, None when there is none."""
     if not run_id:
-        return []
+        return None
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
@@ -140,13 +167,68 @@ def _report_rows(tracking_uri: str, run_id: str | None) -> list[dict[str, Any]]:
         try:
             path = mlflow.artifacts.download_artifacts(
                 run_id=run_id,
-                artifact_path=REPORT_ARTIFACT,
+                artifact_path=artifact,
                 dst_path=tmp,
                 tracking_uri=tracking_uri,
             )
-            return list(json.loads(Path(path).read_text()))
+            return json.loads(Path(path).read_text())
         except (MlflowException, OSError, ValueError):
-            return []
+            return None
+
+
+def _report_rows(tracking_uri: str, run_id: str | None) -> list[dict[str, Any]]:
+    """The training run's per-class report (label, precision, recall, f1, support), [] if none."""
+    rows = _run_json(tracking_uri, run_id, REPORT_ARTIFACT)
+    return list(rows) if isinstance(rows, list) else []
+
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def split_lines(profile: dict[str, Any] | None, split: dict[str, Any]) -> list[str]:
+    """The card's lines on the split: rows per split and class balance per split (counts and
+    shares) from the training run's data profile (``kiln.data.profile``), the configured
+    fractions beside them; only the fractions when the run logged no profile."""
+    fractions = ", ".join(f"{k} {v}" for k, v in split.items()) if split else ""
+    profile = profile or {}
+    rows = profile.get("rows") or {}
+    if not rows:
+        return ["- Split: " + (f"fractions {fractions}" if fractions else "not recorded")]
+    lines = [
+        "- Rows per split: "
+        + ", ".join(f"{s} {int(rows.get(s, 0)):,}" for s in SPLIT_NAMES)
+        + f" (total {int(rows.get('total', sum(int(rows.get(s, 0)) for s in SPLIT_NAMES))):,}"
+        + (f"; configured fractions {fractions}" if fractions else "")
+        + ")"
+    ]
+    labels = [str(label) for label in profile.get("labels") or []]
+    counts = profile.get("class_counts") or {}
+    if not labels or not all(len(counts.get(s) or []) == len(labels) for s in SPLIT_NAMES):
+        return lines
+    lines += [
+        "- Class balance per split (rows, share of the split)"
+        + (
+            f"; the {MAX_BALANCE_CLASSES} largest classes of {len(labels)}:"
+            if len(labels) > MAX_BALANCE_CLASSES
+            else ":"
+        ),
+        "",
+        "| class | " + " | ".join(SPLIT_NAMES) + " |",
+        "|---|" + "---|" * len(SPLIT_NAMES),
+    ]
+    order = sorted(range(len(labels)), key=lambda i: -sum(counts[s][i] for s in SPLIT_NAMES))
+    for i in sorted(order[:MAX_BALANCE_CLASSES]):
+        cells = []
+        for s in SPLIT_NAMES:
+            total = int(rows.get(s, 0)) or 1
+            cells.append(f"{int(counts[s][i]):,} ({int(counts[s][i]) / total:.1%})")
+        lines.append(f"| {labels[i]} | " + " | ".join(cells) + " |")
+    if profile.get("imbalance_ratio") is not None:
+        lines += [
+            "",
+            f"- Imbalance ratio (largest / smallest class): {profile['imbalance_ratio']:.3g}",
+        ]
+    return lines
 
 
 def model_card(tracking_uri: str, uri: str) -> str:
@@ -225,12 +307,14 @@ def model_card(tracking_uri: str, uri: str) -> str:
     lines += ["", "## Data", ""]
     data = config.get("data") or {}
     split = data.get("split") or {}
+    profile = _run_json(tracking_uri, train["run_id"], PROFILE_ARTIFACT)
+    lines += split_lines(profile if isinstance(profile, dict) else None, split)
     lines.append(
-        "- Split: " + (", ".join(f"{k} {v}" for k, v in split.items()) if split else "not recorded")
+        "- Preprocessing: "
+        + (train.get("preprocessing_detail") or train["preprocessing"] or "not recorded")
     )
-    lines.append(f"- Preprocessing: {train['preprocessing'] or 'not recorded'}")
     rows = _report_rows(tracking_uri, train["run_id"])
-    if rows:
+    if rows and not (isinstance(profile, dict) and profile.get("class_counts")):
         total = sum(int(r.get("support", 0)) for r in rows) or 1
         lines.append(
             "- Class balance (test split): "

@@ -49,6 +49,11 @@ from kiln.serve.versions import ServedVersion
 
 logger = logging.getLogger("ray.serve")
 T = TypeVar("T")
+WINDOW_NEEDS_KEY = (
+    "the monitor's window (?window=1: recent raw input rows and the training data's statistics) "
+    "is served only with an API key (serve.api_key_env); on a server without one, `kiln monitor "
+    "report` reads it through Ray"
+)
 
 
 async def off_loop(work: Callable[[], T], size: int) -> T:
@@ -281,6 +286,9 @@ class ModelServer:
             except CLIENT_ERRORS as exc:
                 return error_response(str(exc), exc.status)
             window = request.query_params.get("window", "").lower() in ("1", "true", "yes")
+            if window and self.spec.api_key_sha256 is None:
+                # raw input rows and the training data's statistics: only to the key's holders
+                return error_response(WINDOW_NEEDS_KEY, 403)
             return json_response(self.monitor_status(version, window))
         if action in ("", "ready"):
             if request.method != "GET":

@@ -18,6 +18,7 @@ import numpy as np
 from kiln import tracking as trk
 from kiln.data.dataset import PreparedData, prepare_data
 from kiln.errors import ConfigError, KilnError, first_line
+from kiln.models.card import PROFILE_ARTIFACT
 from kiln.models.registration import copy_artifact, register_artifact
 from kiln.monitor.reference import write_reference
 from kiln.train.checkpoint import find_latest_checkpoint
@@ -271,6 +272,14 @@ def evaluate_test(model_dir: Path, data: PreparedData) -> tuple[dict[str, float]
     return {"test_accuracy": accuracy(cm), "test_f1_macro": f1_macro(cm)}, cm
 
 
+def log_profile(tracking_uri: str, run_id: str, data: PreparedData, tmp: Path) -> None:
+    """Log the data's profile on ``run_id`` (``reference_profile.json``: rows and class counts per
+    split, feature or image statistics): the model card's split and class balance come from it."""
+    if data.profile is not None:
+        (tmp / PROFILE_ARTIFACT).write_text(json.dumps(data.profile.to_dict()))
+        trk.log_artifact(tracking_uri, run_id, tmp / PROFILE_ARTIFACT)
+
+
 def _log_reports(
     tracking_uri: str,
     run_id: str,
@@ -283,9 +292,7 @@ def _log_reports(
     the training data's profile (the reference production monitoring compares with)."""
     confusion_matrix_png(cm, data.labels, tmp / "confusion_matrix.png")
     (tmp / "classification_report.json").write_text(json.dumps(per_class, indent=2))
-    if data.profile is not None:
-        (tmp / "reference_profile.json").write_text(json.dumps(data.profile.to_dict()))
-        trk.log_artifact(tracking_uri, run_id, tmp / "reference_profile.json")
+    log_profile(tracking_uri, run_id, data, tmp)
     trk.log_artifact(tracking_uri, run_id, tmp / "confusion_matrix.png")
     trk.log_artifact(tracking_uri, run_id, tmp / "classification_report.json")
 

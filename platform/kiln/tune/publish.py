@@ -61,7 +61,7 @@ def register_trial_model(
     checkpoint.
     """
     from kiln.monitor.reference import write_reference
-    from kiln.train.run import evaluate_test
+    from kiln.train.run import evaluate_test, log_profile
 
     if not trial.checkpoint or not Path(trial.checkpoint).is_dir():
         raise FileNotFoundError(f"trial {trial.number} left no checkpoint at {trial.checkpoint}")
@@ -70,6 +70,7 @@ def register_trial_model(
     with tempfile.TemporaryDirectory(prefix="kiln-tune-model-") as tmp:
         model_dir = copy_artifact(trial.checkpoint, Path(tmp) / trk.MODEL_ARTIFACT_PATH)
         test_metrics, _ = evaluate_test(model_dir, data)
+        log_profile(tracking_uri, trial.run_id, data, Path(tmp))  # the card's split sizes
         registration = register_artifact(
             tracking_uri,
             cfg.experiment.name,

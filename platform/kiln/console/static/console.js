@@ -67,7 +67,7 @@ function chart(box, title, labels, seriesList, options = {}) {
     const series = [{}].concat(labels.map((label, i) => ({
       label,
       stroke: COLORS[i % COLORS.length],
-      dash: DASHES[Math.floor(i / 2) % DASHES.length],
+      dash: options.dashes ? options.dashes[i] : DASHES[Math.floor(i / 2) % DASHES.length],
       width: 2,
       spanGaps: true,
       paths: options.stepped ? uPlot.paths.stepped({ align: 1 }) : undefined,
@@ -118,7 +118,9 @@ function modelSection(name) {
     el("div", { "data-testid": "rollout" }),
     el("div", { "data-testid": "monitoring" }),
     el("div", { "data-testid": "card-box" }));
-  s._rollout = { weights: chartBox("chart-weights", "Traffic weight of the candidate (%)") };
+  s._rollout = {
+    weights: chartBox("chart-weights", "Traffic weight of the candidate (%): now and planned"),
+  };
   s._drift = chartBox("chart-drift", "Drift score (share of drifting features)");
   s._ood = chartBox("chart-ood", "Out-of-distribution rate");
   return s;
@@ -257,7 +259,15 @@ function renderRollout(section, model, state) {
   if (ro.weights.length) {
     const pts = ro.weights.map((p) => [p.t, p.weight]);
     if (ro.active) pts.push([state.time, r.weight]);
-    chart(section._rollout.weights, "weights", ["v" + r.candidate], [pts], { stepped: true, range: [0, 100] });
+    // the plan from the current step on (dashed): each later step at the earliest time it can
+    // come, then 100% at the promotion
+    const plan = (ro.schedule || []).map((p) => [p.t, p.weight]);
+    const box = section._rollout.weights;
+    chart(box, "weights", ["v" + r.candidate + " now", "v" + r.candidate + " planned"], [pts, plan],
+      { stepped: true, range: [0, 100], dashes: [[], [6, 4]] });
+    box.dataset.planned = JSON.stringify(plan.map((p) => p[1]));
+    box.querySelector(".summary").textContent += plan.length ? "; planned: " +
+      plan.map((p) => `${fmt.weight(p[1])} from ${fmt.time(p[0])}`).join(", ") : "";
   }
 }
 
@@ -354,7 +364,9 @@ async function poll(once) {
 
 function render(state) {
   document.getElementById("server").textContent = state.url;
-  document.getElementById("updated").textContent = "updated " + fmt.time(state.time);
+  document.getElementById("updated").textContent = "updated " + fmt.time(state.time) +
+    (state.gathered_ms === undefined ? "" : ` (gathered in ${Math.round(state.gathered_ms)} ms)`);
+  document.getElementById("updated").dataset.gatheredMs = String(state.gathered_ms);
   document.getElementById("updated").dataset.time = String(state.time);
   document.getElementById("mode").textContent = state.actions ? "actions enabled (API key)" : "read-only";
   const errors = document.getElementById("errors");
@@ -372,6 +384,8 @@ function render(state) {
     renderMonitoring(section, model);
   }
   document.body.dataset.polls = String(Number(document.body.dataset.polls || 0) + 1);
+  // when the page first showed data, in ms since its navigation started (recorded by the tests)
+  if (!document.body.dataset.firstData) document.body.dataset.firstData = String(performance.now());
 }
 
 poll();

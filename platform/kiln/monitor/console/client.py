@@ -37,6 +37,49 @@ def serving_url(
     return http_url(*serve_http())
 
 
+def monitor_through_ray(
+    run_dir: str | Path,
+    address: str | None,
+    model: str,
+    version: str | None = None,
+    debug: bool = False,
+    timeout: float = 60.0,
+) -> dict[str, Any]:
+    """The monitor JSON of ``model`` with its window (recent raw rows and the reference
+    statistics), asked of a replica through Ray (its deployment handle), for a server that has no
+    API key and so serves the window to nobody over HTTP. Ray's own authentication guards it.
+    The cluster: ``address``, else RAY_ADDRESS, else the one RUN_DIR's serve state records.
+    Raises KilnError."""
+    import ray
+    from ray.exceptions import RayError
+    from ray.serve.exceptions import RayServeException
+
+    from kiln.errors import first_line
+    from kiln.serve.app import model_app_name
+    from kiln.serve.cluster import connect, find_target
+
+    target, _ = find_target(run_dir, address)
+    if not ray.is_initialized():
+        connect(target, debug)
+    from ray import serve
+
+    try:
+        handle = serve.get_app_handle(model_app_name(model))
+        report = handle.monitor_status.remote(None, True).result(timeout_s=timeout)
+    except RayServeException:
+        raise KilnError(f"model '{model}' is not served on {target}") from None
+    except (RayError, TimeoutError) as exc:
+        raise KilnError(f"the monitor of '{model}' did not answer: {first_line(exc)}") from None
+    if version is not None:
+        if version not in report["versions"]:
+            raise KilnError(
+                f"model '{model}' has no served version '{version}' "
+                f"(served: {', '.join(report['versions'])})"
+            )
+        report["versions"] = {version: report["versions"][version]}
+    return report
+
+
 def fetch_monitor(
     base_url: str,
     model: str,
