@@ -55,11 +55,12 @@ def source_sweep(tmp_path, trials):
     return folder
 
 
-def warm_for(folder, data=BASE):
+def warm_for(folder, data=BASE, store=None):
     cfg = validate_config(copy.deepcopy(data))
     dims = parse_space(cfg.tune.space)
     base = trial_train_config(cfg, absolute_paths=False)
-    return load_warm_start(str(folder), dims, OBJECTIVES, base, "sqlite:///unused.db"), dims
+    uri = f"sqlite:///{store or folder}/mlflow.db"
+    return load_warm_start(str(folder), dims, OBJECTIVES, base, uri), dims
 
 
 def test_trials_outside_the_new_space_are_skipped_with_the_reason(tmp_path):
@@ -106,7 +107,7 @@ def test_a_bad_source_is_one_clear_error(tmp_path):
     with pytest.raises(KilnError, match="holds no results.json"):
         warm_for(tmp_path)
     with pytest.raises(KilnError, match=r"no such run in sqlite:///"):
-        warm_for("0123abcd")
+        warm_for("0123abcd", store=tmp_path)
 
 
 def test_the_seeded_study_holds_the_warm_trials_and_tpe_models_them(tmp_path):

@@ -84,40 +84,17 @@ def _build_tuner(
     runs_callback,
     warm=None,
 ):
-    import optuna
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
-    from ray.tune.search.optuna import OptunaSearch
 
     from kiln.tune.progress import SweepProgress
     from kiln.tune.scheduler import make_scheduler
-    from kiln.tune.space import optuna_space
+    from kiln.tune.search import make_searcher
     from kiln.tune.trial import trial_dirname, trial_name
 
     t = cfg.require_tune()
-    sampler: optuna.samplers.BaseSampler
-    if t.searcher == "tpe":
-        # constant_liar: trials running in parallel are not all sent to the same promising region.
-        sampler = optuna.samplers.TPESampler(
-            seed=t.seed, n_startup_trials=t.startup_trials, constant_liar=(max_concurrent or 2) > 1
-        )
-    else:
-        sampler = optuna.samplers.RandomSampler(seed=t.seed)
+    searcher = make_searcher(t, dims, max_concurrent, warm)
     metrics: list[str] = [o.metric for o in t.objectives]
-    modes: list[str] = [o.mode for o in t.objectives]
-    seeded: dict[str, Any] = {}
-    if warm is not None:
-        from kiln.tune.warm_start import STUDY_NAME, seeded_storage
-
-        # OptunaSearch loads the study of that name from the storage: the warm trials included.
-        seeded = {"storage": seeded_storage(warm, dims, t.objectives), "study_name": STUDY_NAME}
-    searcher = OptunaSearch(
-        space=optuna_space(dims),
-        metric=metrics if t.multi_objective else metrics[0],
-        mode=modes if t.multi_objective else modes[0],
-        sampler=sampler,
-        **seeded,
-    )
     epochs = trial_epochs(cfg)
     progress = SweepProgress(
         str(folder.path),
