@@ -140,13 +140,22 @@ def main() -> int:
         for name, when in marks:
             print(f"  +{when - started:6.1f} s  ({when - prev:5.1f} s since previous)  {name}")
             prev = when
-        samples = [m for m in [result.metrics] if m]
-        if samples:
+        if result.metrics:
             rows = data.sizes()["train"]
             print(
                 f"  last epoch's training time from its throughput: "
-                f"{rows / samples[0]['samples_per_s']:.1f} s"
+                f"{rows / result.metrics['samples_per_s']:.1f} s; val_accuracy "
+                f"{result.metrics['val_accuracy']:.6f}, val_loss {result.metrics['val_loss']:.6f}"
             )
+    # The same config and seed on one worker: how far a best.yaml trained on another worker count
+    # lands from the trial's metric.
+    one = cfg.model_copy(update={"train": cfg.train.model_copy(update={"workers": 1})})
+    result = fit_on_ray(one, data, None, "overhead-one-worker", datasets=datasets)
+    if result.metrics:
+        print(
+            f"\none worker, same config and seed: val_accuracy "
+            f"{result.metrics['val_accuracy']:.6f}, val_loss {result.metrics['val_loss']:.6f}"
+        )
     return 0
 
 
