@@ -1,16 +1,40 @@
-"""Tuning benchmark: sample efficiency of TPE + ASHA against random search, and per-trial overhead.
+"""Tuning benchmark: sample efficiency of Kiln's search against random search, many seeds, two
+tasks; and the per-trial overhead of in-process and Ray Train trials.
 
-Sample efficiency: the same search space, trial budget (num_samples x max_epochs) and concurrency,
-searched by (a) Optuna TPE with ASHA early stopping and (b) random sampling with every trial
-trained to the end. For each, the training epochs spent (all trials, in the order their epochs
-were reported) until the validation accuracy first reaches the target. Median over seeds.
+Sample efficiency. For each task, method and seed, a sweep of ``--trials`` trials of up to
+``--epochs`` epochs, ``--concurrency`` at a time (the same budget and concurrency for every
+method). The searcher is the one ``kiln tune`` builds (``kiln.tune.search.make_searcher``: Ray
+Tune's OptunaSearch around Optuna's sampler) and the early stopping is Kiln's ASHA
+(``kiln.tune.scheduler.make_scheduler``), driven here by a small in-process event loop instead of
+Ray Tune's controller so that 20+ seeds fit on a small machine:
+- trials train in this process with a plain torch loop on in-memory tensors (Kiln's builders and
+  optimizer settings, not Kiln's Ray Data loop); one thread, seeded, so a config's learning curve
+  is the same whenever it is trained, and a curve trained once is reused (random + ASHA draws the
+  same configs as random + FIFO with the same seed, and stops them early);
+- two trials run "at once": the running trial that has spent the fewest epochs reports next, each
+  epoch counting one unit of time, whatever its measured duration (so the order of reports, and so
+  every decision, does not depend on the machine's load);
+- the searcher is told what Ray Tune tells it: every epoch's value (``on_trial_result``), then the
+  trial's last value when it ends, whether ASHA stopped it or not (``on_trial_complete``).
 
-Overhead: one trial at a time, the sweep's wall time minus the time spent in epochs (training,
-validation, checkpoint), per trial: for in-process trials (kiln's default for one worker) and
-for trials that each start a 2-worker Ray Train run.
+Targets are fixed before any other method runs, from random + FIFO's runs alone (which therefore
+run first, for every seed): the 75th percentile of its final best per seed (the primary target:
+a model random search finds in one run out of four) and the median (secondary). Per method:
+epochs spent (all trials, in report order) until a trial first reaches the target; a run that
+never reaches it counts as the whole budget (trials x epochs, what random + FIFO spends), a lower
+bound of its true cost; the share of seeds reaching it; training seconds until then (measured
+epoch times, summed over trials; excludes per-trial overhead); the ratio of median epochs to
+random + FIFO's, with a 90% bootstrap interval (seeds resampled, paired, 2000 times).
 
-Usage: python bench/tune_efficiency.py [--seeds 5] [--trials 16] [--epochs 6] [--target 0.99]
-Prints a report and writes bench/out/tune_efficiency.json. About 10 minutes on 2 idle cores.
+Overhead (needs Ray, skipped by --skip-overhead and --quick): one trial at a time, the sweep's
+wall time minus the time spent in epochs, per trial, for in-process trials and for trials that
+each start a 2-worker Ray Train run (real ``kiln.tune.sweep.run_sweep`` sweeps).
+
+Usage: python bench/tune_efficiency.py [--seeds 20] [--tasks digits_cnn imbalanced_mlp]
+         [--methods ...] [--trials 12] [--epochs 4] [--skip-overhead] [--quick]
+Runs are appended to OUT/tune_efficiency_runs.jsonl as they finish, and a run already there (same
+task, method, seed and budget) is not run again: an interrupted benchmark continues where it was.
+Prints the report and writes OUT/tune_efficiency.json and OUT/tune_efficiency_<task>.png.
 """
 
 from __future__ import annotations
@@ -19,63 +43,475 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
+import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
-# Ray's worker processes import kiln too: from this checkout, like this process.
+sys.path.insert(0, str(ROOT / "bench"))
+# Ray's worker processes (overhead section) import kiln too: from this checkout, like this process.
 os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (str(ROOT / "platform"), os.environ.get("PYTHONPATH")) if p
 )
 
-# A wide space, as a first sweep over an unfamiliar model would use: much of it trains badly in
-# 6 epochs (learning rates far off, tiny widths, heavy weight decay or dropout).
-SPACE = {
-    "train.lr": {"loguniform": [1.0e-6, 1.0]},
+# Wide spaces, as a first sweep over an unfamiliar model would use: much of each trains badly in a
+# few epochs (learning rates far off, tiny widths, heavy weight decay or dropout).
+DIGITS_SPACE = {
+    "train.lr": {"loguniform": [1.0e-5, 1.0]},
     "train.optimizer": {"choice": ["adamw", "sgd"]},
-    "train.batch_size": {"choice": [16, 32, 64, 128, 256]},
+    "train.batch_size": {"choice": [32, 64, 128, 256]},
     "train.weight_decay": {"loguniform": [1.0e-6, 3.0e-1]},
-    "model.width": {"int": [2, 32]},
+    "model.width": {"int": [2, 24]},
     "model.dropout": {"uniform": [0.0, 0.8]},
 }
+MLP_SPACE = {
+    "train.lr": {"loguniform": [1.0e-5, 1.0]},
+    "train.optimizer": {"choice": ["adamw", "adam", "sgd"]},
+    "train.batch_size": {"choice": [32, 64, 128, 256]},
+    "train.weight_decay": {"loguniform": [1.0e-6, 3.0e-1]},
+    "train.class_weights": {"choice": ["none", "auto"]},
+    "model.hidden": {"choice": [[16], [64], [128, 64], [256, 128], [64, 64, 64]]},
+    "model.dropout": {"uniform": [0.0, 0.7]},
+}
+
+# name -> (searcher, ASHA settings or None for FIFO, TPESampler overrides). ASHA settings are
+# Kiln's defaults (grace 1, reduction 2, one bracket) unless named.
+METHODS: dict[str, tuple[str, dict[str, Any] | None, dict[str, Any]]] = {
+    "random_fifo": ("random", None, {}),
+    "random_asha": ("random", {}, {}),
+    # Kiln's default: Optuna 5's TPE defaults (multivariate for one objective) with 4 random
+    # start-up trials and the constant liar when trials run concurrently, ASHA (grace 1, r 2).
+    "tpe_asha": ("tpe", {}, {}),
+    "tpe_fifo": ("tpe", None, {}),
+    "tpe_uni_asha": ("tpe", {}, {"multivariate": False}),  # independent TPE (Optuna < 5)
+    "tpe_nolie_asha": ("tpe", {}, {"constant_liar": False}),
+    "tpe_s2_asha": ("tpe", {}, {"n_startup_trials": 2}),
+    "tpe_s8_asha": ("tpe", {}, {"n_startup_trials": 8}),
+    "tpe_asha_rf3": ("tpe", {"reduction_factor": 3}, {}),
+    "tpe_asha_g2": ("tpe", {"grace_period": 2}, {}),
+}
+BASELINE = "random_fifo"
+DEFAULT_METHOD = "tpe_asha"
 
 
-def machine() -> dict:
-    """CPU model and flags (from /proc/cpuinfo), core count, load average."""
-    info = {
-        "cpu_model": platform.processor() or "unknown",
-        "cpu_flags": "",
-        "cores": os.cpu_count(),
+@dataclass
+class Task:
+    name: str
+    space: dict[str, Any]
+    metric: str  # val_accuracy or val_f1_macro, maximized
+    x: dict[str, Any] = field(default_factory=dict)  # split -> float32 tensor
+    y: dict[str, Any] = field(default_factory=dict)  # split -> int64 tensor
+    num_classes: int = 0
+
+
+def _split(x, y, seed: int = 0):
+    """Stratified 70/15/15 split, seeded (train, val; the test part is not used here)."""
+    from sklearn.model_selection import train_test_split
+
+    x_train, x_rest, y_train, y_rest = train_test_split(
+        x, y, test_size=0.3, stratify=y, random_state=seed
+    )
+    x_val, _, y_val, _ = train_test_split(
+        x_rest, y_rest, test_size=0.5, stratify=y_rest, random_state=seed
+    )
+    return (x_train, y_train), (x_val, y_val)
+
+
+def load_task(name: str) -> Task:
+    """The task's data as tensors: the digits images (8x8, scaled to [0, 1]) for the CNN, or an
+    imbalanced 4-class table (80/12/5/3 %, standardized on the train split) for the MLP."""
+    import numpy as np
+    import torch
+
+    if name == "digits_cnn":
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        x = (bunch.images / 16.0).astype(np.float32)[:, None]
+        task = Task(name, DIGITS_SPACE, "val_accuracy", num_classes=10)
+        (xt, yt), (xv, yv) = _split(x, bunch.target)
+    elif name == "imbalanced_mlp":
+        from sklearn.datasets import make_classification
+
+        x, y = make_classification(
+            n_samples=2400,
+            n_features=20,
+            n_informative=6,
+            n_redundant=4,
+            n_classes=4,
+            weights=[0.80, 0.12, 0.05, 0.03],
+            class_sep=0.8,
+            flip_y=0.02,
+            random_state=0,
+        )
+        (xt, yt), (xv, yv) = _split(x.astype(np.float32), y)
+        mean, std = xt.mean(0), xt.std(0) + 1e-6
+        xt, xv = (xt - mean) / std, (xv - mean) / std
+        task = Task(name, MLP_SPACE, "val_f1_macro", num_classes=4)
+    else:
+        raise SystemExit(f"unknown task {name}")
+    task.x = {"train": torch.from_numpy(xt), "val": torch.from_numpy(xv)}
+    task.y = {"train": torch.from_numpy(yt).long(), "val": torch.from_numpy(yv).long()}
+    return task
+
+
+def _metric(task: Task, logits, y) -> float:
+    pred = logits.argmax(1)
+    if task.metric == "val_accuracy":
+        return float((pred == y).float().mean())
+    f1s = []
+    for c in range(task.num_classes):
+        tp = float(((pred == c) & (y == c)).sum())
+        fp = float(((pred == c) & (y != c)).sum())
+        fn = float(((pred != c) & (y == c)).sum())
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return sum(f1s) / len(f1s)
+
+
+def train_curve(task: Task, params: dict[str, Any], epochs: int, seed: int = 0):
+    """Yield (validation metric, seconds) after each epoch of one trial's config.
+
+    The trial as Kiln trains it, in memory: Kiln's model builder, its optimizers (SGD with Nesterov
+    momentum 0.9, Adam, AdamW), its cosine schedule over the trial's epochs, its class weights.
+    """
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from kiln.data.dataset import class_weights
+    from kiln.models.builders import build_cnn, build_mlp
+
+    torch.manual_seed(seed)
+    shape = list(task.x["train"].shape[1:])
+    dropout = float(params.get("model.dropout", 0.1))
+    if task.name == "digits_cnn":
+        model = build_cnn(
+            shape, task.num_classes, width=int(params["model.width"]), dropout=dropout
+        )
+    else:
+        model = build_mlp(shape, task.num_classes, hidden=params["model.hidden"], dropout=dropout)
+    lr, wd, name = params["train.lr"], params["train.weight_decay"], params["train.optimizer"]
+    if name == "sgd":
+        opt = torch.optim.SGD(
+            model.parameters(), lr=lr, momentum=0.9, weight_decay=wd, nesterov=True
+        )
+    else:
+        cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+        opt = cls(model.parameters(), lr=lr, weight_decay=wd)
+    x, y = task.x["train"], task.y["train"]
+    batch = int(params["train.batch_size"])
+    steps = max(1, math.ceil(len(y) / batch))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps)
+    weights = None
+    if params.get("train.class_weights") == "auto":
+        weights = torch.from_numpy(
+            class_weights(np.bincount(y.numpy(), minlength=task.num_classes))
+        )
+    loss_fn = nn.CrossEntropyLoss(weight=weights)
+    for epoch in range(epochs):
+        started = time.perf_counter()
+        model.train()
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed * 1009 + epoch))
+        for i in range(0, len(y), batch):
+            idx = order[i : i + batch]
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x[idx]), y[idx])
+            if not torch.isfinite(loss):
+                break  # diverged: the rest of the epoch changes nothing useful
+            loss.backward()
+            opt.step()
+            schedule.step()
+        model.eval()
+        with torch.inference_mode():
+            logits = model(task.x["val"])
+        value = _metric(task, logits, task.y["val"]) if torch.isfinite(logits).all() else 0.0
+        yield value, time.perf_counter() - started
+
+
+class Curves:
+    """Learning curves by (task, config): each config is trained at most once per length."""
+
+    def __init__(self) -> None:
+        self.known: dict[tuple[str, str], list[tuple[float, float]]] = {}
+
+    def epoch(self, task: Task, params: dict[str, Any], epochs: int, k: int, live: dict):
+        """(metric, seconds) of epoch ``k`` (0-based) of ``params``; ``live`` holds the trial's
+        running generator when the curve has to be trained."""
+        key = (task.name, json.dumps(params, sort_keys=True))
+        curve = self.known.setdefault(key, [])
+        if k < len(curve):
+            return curve[k]
+        if "gen" not in live:
+            live["gen"] = train_curve(task, params, epochs)
+            for _ in range(k):  # replay the epochs already known (same seed: the same model)
+                next(live["gen"])
+        value = next(live["gen"])
+        curve.append(value)
+        return value
+
+
+@dataclass
+class SimTrial:
+    number: int
+    trial_id: str
+    encoded: dict[str, Any]
+    params: dict[str, Any]
+    clock: int  # epochs of simulated time at which this trial's next report happens, minus one
+    done: int = 0
+    live: dict = field(default_factory=dict)
+
+
+def run_method(
+    task: Task, method: str, seed: int, trials: int, epochs: int, concurrency: int, curves: Curves
+) -> dict[str, Any]:
+    """One sweep of ``method`` on ``task``. Returns its trace: every report in order."""
+    import numpy as np
+    from ray.tune.schedulers import TrialScheduler
+
+    from kiln.tune.config import AshaConfig, Objective, TuneConfig
+    from kiln.tune.scheduler import make_scheduler
+    from kiln.tune.search import make_searcher
+    from kiln.tune.space import decode_params, parse_space
+
+    searcher_kind, asha, tpe_options = METHODS[method]
+    t = TuneConfig(
+        space=task.space,
+        objectives=[Objective(metric=task.metric, mode="max")],
+        searcher=searcher_kind,
+        seed=seed,
+        num_samples=trials,
+        max_epochs=epochs,
+        max_concurrent_trials=concurrency,
+        asha=AshaConfig(**asha) if asha is not None else None,
+    )
+    dims = parse_space(t.space)
+    searcher = make_searcher(t, dims, concurrency, **tpe_options)
+    np.random.seed(seed)  # ASHA draws a bracket with numpy's global generator
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-asha-") as tmp:
+        scheduler = make_scheduler(t, epochs, Path(tmp))
+        running: list[SimTrial] = []
+        created, now, trace, stopped = 0, 0, [], 0
+        while created < trials or running:
+            while len(running) < concurrency and created < trials:
+                created += 1
+                tid = f"t{created:04d}"
+                encoded = searcher.suggest(tid)
+                trial = SimTrial(created, tid, encoded, decode_params(dims, encoded), now)
+                if scheduler is not None:
+                    scheduler.on_trial_add(None, trial)
+                running.append(trial)
+            trial = min(running, key=lambda r: (r.clock, r.number))
+            value, seconds = curves.epoch(task, trial.params, epochs, trial.done, trial.live)
+            trial.done += 1
+            trial.clock += 1
+            now = trial.clock
+            result = {
+                "epochs_done": trial.done,
+                "training_iteration": trial.done,
+                task.metric: value,
+            }
+            trace.append([trial.number, trial.done, round(value, 6), round(seconds, 4)])
+            searcher.on_trial_result(trial.trial_id, result)
+            decision = (
+                scheduler.on_trial_result(None, trial, result)
+                if scheduler is not None
+                else TrialScheduler.CONTINUE
+            )
+            if decision == TrialScheduler.STOP or trial.done >= epochs:
+                stopped += trial.done < epochs
+                searcher.on_trial_complete(trial.trial_id, result)
+                if scheduler is not None:
+                    scheduler.on_trial_complete(None, trial, result)
+                running.remove(trial)
+    return {
+        "task": task.name,
+        "method": method,
+        "seed": seed,
+        "trials": trials,
+        "epochs": epochs,
+        "concurrency": concurrency,
+        "trace": trace,  # [trial, epochs done, metric, seconds] per report, in report order
+        "stopped_early": stopped,
     }
+
+
+# --- analysis ------------------------------------------------------------------------------------
+
+
+def final_best(run: dict) -> float:
+    return max((r[2] for r in run["trace"]), default=0.0)
+
+
+def to_target(run: dict, target: float) -> tuple[int, float, bool]:
+    """(epochs, training seconds, reached): spent until a report first reaches ``target``; a run
+    that never does counts as the whole budget (and its own measured seconds)."""
+    seconds = 0.0
+    for i, (_, _, value, secs) in enumerate(run["trace"], start=1):
+        seconds += secs
+        if value >= target:
+            return i, seconds, True
+    return run["trials"] * run["epochs"], seconds, False
+
+
+def best_so_far(run: dict, budget: int) -> list[float]:
+    """Best metric seen after 1..budget epochs spent (flat after the run ended)."""
+    out, best = [], 0.0
+    values = [r[2] for r in run["trace"]]
+    for e in range(budget):
+        if e < len(values):
+            best = max(best, values[e])
+        out.append(best)
+    return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in [0, 100]), as numpy's default."""
+    import numpy as np
+
+    return float(np.percentile(values, q))
+
+
+def bootstrap_ratio(
+    method: list[float], base: list[float], rounds: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """(ratio of medians, 5th and 95th percentile over bootstrap resamples of the paired seeds)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    a, b = np.asarray(method, float), np.asarray(base, float)
+    ratio = float(np.median(a) / np.median(b))
+    idx = rng.integers(0, len(a), size=(rounds, len(a)))
+    ratios = np.median(a[idx], axis=1) / np.median(b[idx], axis=1)
+    return ratio, float(np.percentile(ratios, 5)), float(np.percentile(ratios, 95))
+
+
+def analyse(runs: list[dict], task: str, methods: list[str]) -> dict[str, Any]:
+    """Targets (from random + FIFO alone) and each method's numbers on ``task``."""
+    by = {
+        m: sorted(
+            (r for r in runs if r["task"] == task and r["method"] == m), key=lambda r: r["seed"]
+        )
+        for m in methods
+    }
+    base = by[BASELINE]
+    finals = [final_best(r) for r in base]
+    targets = {"p75": percentile(finals, 75), "p50": percentile(finals, 50)}
+    out: dict[str, Any] = {"targets": targets, "seeds": len(base), "methods": {}}
+    for m in methods:
+        mine = {r["seed"]: r for r in by[m]}
+        seeds = [r["seed"] for r in base if r["seed"] in mine]
+        row: dict[str, Any] = {
+            "seeds": len(seeds),
+            "median_final_best": statistics.median(final_best(mine[s]) for s in seeds)
+            if seeds
+            else None,
+            "median_epochs_in_all": statistics.median(len(mine[s]["trace"]) for s in seeds)
+            if seeds
+            else None,
+        }
+        for name, target in targets.items():
+            if not seeds:
+                continue
+            hits = [to_target(mine[s], target) for s in seeds]
+            base_hits = [to_target(next(r for r in base if r["seed"] == s), target) for s in seeds]
+            epochs = [float(h[0]) for h in hits]
+            ratio, low, high = bootstrap_ratio(epochs, [float(h[0]) for h in base_hits])
+            row[name] = {
+                "median_epochs": statistics.median(epochs),
+                # fewer than half the seeds reached it: the median is the budget, a lower bound
+                "median_censored": 2 * sum(h[2] for h in hits) <= len(hits),
+                "median_seconds": statistics.median(h[1] for h in hits),
+                "reached": sum(h[2] for h in hits),
+                "ratio_to_random_fifo": ratio,
+                "ratio_ci90": [low, high],
+            }
+        out["methods"][m] = row
+    return out
+
+
+def plot(runs: list[dict], task: str, methods: list[str], targets: dict, path: Path) -> bool:
+    """Best-so-far against epochs spent: median and quartiles over seeds, one line per method."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and info["cpu_model"] in ("unknown", "x86_64", ""):
-                info["cpu_model"] = value.strip()
-            if key.strip() == "flags" and not info["cpu_flags"]:
-                info["cpu_flags"] = value.strip()
-    except OSError:
-        pass
-    info["loadavg_start"] = os.getloadavg()
-    return info
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 5))
+    budget = 0
+    for m in methods:
+        mine = [r for r in runs if r["task"] == task and r["method"] == m]
+        if not mine:
+            continue
+        budget = mine[0]["trials"] * mine[0]["epochs"]
+        curves = np.array([best_so_far(r, budget) for r in mine])
+        x = np.arange(1, budget + 1)
+        q1, med, q3 = np.percentile(curves, [25, 50, 75], axis=0)
+        (line,) = ax.plot(x, med, label=f"{m} ({len(mine)} seeds)")
+        ax.fill_between(x, q1, q3, alpha=0.15, color=line.get_color())
+    for name, value in targets.items():
+        ax.axhline(value, ls="--", lw=0.8, color="grey")
+        ax.text(budget, value, f" target {name}", va="bottom", ha="right", fontsize=8)
+    metric = next(r for r in runs if r["task"] == task)
+    ax.set_xlabel("epochs spent (all trials)")
+    ax.set_ylabel("best validation metric so far")
+    ax.set_title(
+        f"{task}: best so far, median and quartiles over seeds "
+        f"({metric['trials']} trials x {metric['epochs']} epochs)"
+    )
+    lows = [percentile([final_best(r) for r in runs if r["task"] == task], 5)]
+    ax.set_ylim(max(0.0, min(lows) - 0.05), 1.0)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
 
 
-def sweep_config(
-    run_dir: Path,
-    name: str,
-    seed: int,
-    searcher: str,
-    asha: bool,
-    trials: int,
-    epochs: int,
-    concurrency: int,
-    trial_workers: int = 1,
-    space: dict | None = None,
-):
+def report(analysis: dict[str, Any], task: str, methods: list[str]) -> None:
+    a = analysis
+    t = a["targets"]
+    print(
+        f"\n{task}: targets from random_fifo's {a['seeds']} seeds: "
+        f"p75 {t['p75']:.4f} (primary), p50 {t['p50']:.4f}"
+    )
+    for name in ("p75", "p50"):
+        print(f"  target {name}:")
+        print(
+            f"    {'method':<15} {'seeds':>5} {'reached':>8} {'med epochs':>10} "
+            f"{'med train s':>11} {'ratio':>6} {'90% CI':>14}"
+        )
+        for m in methods:
+            row = a["methods"][m]
+            if name not in row:
+                continue
+            r = row[name]
+            print(
+                f"    {m:<15} {row['seeds']:>5} {r['reached']:>4}/{row['seeds']:<3} "
+                f"{('>=' if r['median_censored'] else '') + format(r['median_epochs'], '.1f'):>10} "
+                f"{r['median_seconds']:>11.1f} "
+                f"{r['ratio_to_random_fifo']:>6.2f} "
+                f"[{r['ratio_ci90'][0]:.2f}, {r['ratio_ci90'][1]:.2f}]"
+            )
+    print("    (>=: fewer than half the seeds reached the target; the median is the budget)")
+    print(f"    {'method':<15} median final best, median epochs in all:")
+    for m in methods:
+        row = a["methods"][m]
+        if row["seeds"]:
+            print(f"    {m:<15} {row['median_final_best']:.4f}  {row['median_epochs_in_all']}")
+
+
+# --- overhead (real sweeps on Ray) ----------------------------------------------------------------
+
+
+def sweep_config(run_dir: Path, name: str, trials: int, epochs: int, trial_workers: int):
     from kiln.config import read_yaml
     from kiln.schema import validate_config
 
@@ -84,123 +520,32 @@ def sweep_config(
     data["model"] = {"name": "cnn", "width": 16, "dropout": 0.1}
     data["train"].update(epochs=epochs, seed=0)
     data["tune"] = {
-        "name": f"{name}-s{seed}",
-        "space": space or SPACE,
-        "searcher": searcher,
-        "seed": seed,
-        "startup_trials": 4,
+        "name": name,
+        "space": {"train.lr": {"loguniform": [1.0e-3, 1.0e-2]}},
+        "searcher": "random",
         "num_samples": trials,
         "max_epochs": epochs,
-        "max_concurrent_trials": concurrency,
+        "max_concurrent_trials": 1,
         "cpus_per_worker": 0.5,
         "trial_workers": trial_workers,
-        "asha": {"grace_period": 1, "reduction_factor": 3} if asha else None,
+        "asha": None,
     }
     return validate_config(data)
-
-
-def epochs_to_target(result, target: float) -> tuple[int, bool]:
-    """Epochs spent over all trials, in report order, until one reaches ``target`` (or all of
-    them)."""
-    rows = sorted(
-        (h["reported_at"], h.get("val_accuracy", 0.0)) for t in result.trials for h in t.history
-    )
-    for i, (_, acc) in enumerate(rows, start=1):
-        if acc >= target:
-            return i, True
-    return len(rows), False
-
-
-def run_efficiency(args, run_dir: Path) -> dict:
-    from kiln.tune.sweep import run_sweep
-
-    methods = {"tpe_asha": ("tpe", True), "random_full": ("random", False)}
-    rows = []
-    for seed in range(args.seeds):
-        for method, (searcher, asha) in methods.items():
-            cfg = sweep_config(
-                run_dir,
-                f"bench-{method}",
-                seed,
-                searcher,
-                asha,
-                args.trials,
-                args.epochs,
-                args.concurrency,
-            )
-            started = time.monotonic()
-            result = run_sweep(cfg)
-            wall = time.monotonic() - started
-            spent, reached = epochs_to_target(result, args.target)
-            total = sum(t.epochs for t in result.trials)
-            best = max((t.metrics.get("val_accuracy", 0.0) for t in result.trials), default=0.0)
-            rows.append(
-                {
-                    "seed": seed,
-                    "method": method,
-                    "epochs_to_target": spent,
-                    "reached": reached,
-                    "epochs_total": total,
-                    "best_val_accuracy": best,
-                    "stopped_early": result.stopped_early,
-                    "wall_s": wall,
-                }
-            )
-            shown = f"{spent:>3}" if reached else f"not reached in {spent}"
-            print(
-                f"  seed {seed}  {method:<11}  epochs to {args.target}: {shown}"
-                f"  total epochs {total:>3}  best {best:.4f}  stopped early "
-                f"{result.stopped_early:>2}  "
-                f"{wall:5.0f} s",
-                flush=True,
-            )
-    summary = {}
-    for method in methods:
-        mine = [r for r in rows if r["method"] == method]
-        # A run that never reached the target counts as infinitely many epochs (it is censored).
-        to_target = [r["epochs_to_target"] if r["reached"] else math.inf for r in mine]
-        summary[method] = {
-            "median_epochs_to_target": statistics.median(to_target),
-            "reached": sum(r["reached"] for r in mine),
-            "runs": len(mine),
-            "median_total_epochs": statistics.median(r["epochs_total"] for r in mine),
-            "median_wall_s": statistics.median(r["wall_s"] for r in mine),
-        }
-    a, b = (
-        summary["tpe_asha"]["median_epochs_to_target"],
-        summary["random_full"]["median_epochs_to_target"],
-    )
-    # When random search's median run never reached the target, its median is at least its whole
-    # budget: the ratio against the budget is an upper bound.
-    budget = args.trials * args.epochs
-    summary["ratio_tpe_asha_over_random"] = a / b if math.isfinite(b) else a / budget
-    summary["ratio_is_upper_bound"] = not math.isfinite(b)
-    return {"rows": rows, "summary": summary}
 
 
 def run_overhead(args, run_dir: Path) -> dict:
     """Seconds per trial outside epochs, one trial at a time, in-process vs Ray Train trials."""
     from kiln.data.dataset import prepare_data
+    from kiln.ray_connection import ensure_ray
     from kiln.tune.sweep import run_sweep
 
-    space = {"train.lr": {"loguniform": [1.0e-3, 1.0e-2]}}
+    ensure_ray(None, num_cpus=2)
     out = {}
     for kind, workers, trials in (
         ("in_process", 1, args.overhead_trials),
         ("ray_train_2_workers", 2, 2),
     ):
-        cfg = sweep_config(
-            run_dir,
-            f"bench-overhead-{kind}",
-            0,
-            "random",
-            False,
-            trials,
-            2,
-            1,
-            trial_workers=workers,
-            space=space,
-        )
+        cfg = sweep_config(run_dir, f"bench-overhead-{kind}", trials, 2, workers)
         started = time.monotonic()
         result = run_sweep(cfg)
         wall = time.monotonic() - started
@@ -227,80 +572,144 @@ def run_overhead(args, run_dir: Path) -> dict:
     return out
 
 
-def main() -> int:
+# --- main ----------------------------------------------------------------------------------------
+
+
+def load_runs(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--trials", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--target", type=float, default=0.99)
+    parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--tasks", nargs="+", default=["digits_cnn", "imbalanced_mlp"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    parser.add_argument("--report-only", action="store_true", help="analyse the runs saved in OUT")
+    parser.add_argument("--overhead-trials", type=int, default=6)
+    parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 seeds, digits only, 4 trials x 2 epochs, 3 methods, no overhead (the test suite's)",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.tasks, args.trials, args.epochs = 2, ["digits_cnn"], 4, 2
+        args.methods, args.skip_overhead = ["random_fifo", "random_asha", "tpe_asha"], True
+    if BASELINE not in args.methods:
+        args.methods.insert(0, BASELINE)
     # What the CLI entry sets (read when the Tuner / TorchTrainer starts).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    parser.add_argument("--overhead-trials", type=int, default=6)
-    parser.add_argument("--skip-overhead", action="store_true")
-    args = parser.parse_args()
 
-    from kiln.ray_connection import ensure_ray
+    import optuna
+    import torch
 
-    out_dir = ROOT / "bench" / "out"
-    run_dir = out_dir / "tune_runs"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    info = machine()
+    from machine import machine_info
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    torch.set_num_threads(1)  # deterministic curves, and one core of the two per process
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs_path = args.out / "tune_efficiency_runs.jsonl"
+    info = machine_info()
+    print(f"machine: {info}")
     print(
-        f"machine: {info['cpu_model']}, {info['cores']} cores, load average "
-        f"{info['loadavg_start'][0]:.1f} at start"
+        f"sample efficiency: {args.trials} trials x up to {args.epochs} epochs, "
+        f"{args.concurrency} at a time, seeds {args.first_seed}..{args.first_seed + args.seeds - 1}"
+        f", tasks {args.tasks}, methods {args.methods}",
+        flush=True,
     )
-    print(f"flags:   {info['cpu_flags']}")
-    ensure_ray(None, num_cpus=2)
-    print(
-        f"\nsample efficiency: {args.trials} trials x up to {args.epochs} epochs, "
-        f"{args.concurrency} at a time, "
-        f"digits CNN, target val_accuracy >= {args.target}, {args.seeds} seeds"
-    )
-    efficiency = run_efficiency(args, run_dir)
-    s = efficiency["summary"]
-    for method in ("tpe_asha", "random_full"):
-        m = s[method]
-        print(
-            f"  {method:<11}  median epochs to target {m['median_epochs_to_target']:>5}  "
-            f"(reached in {m['reached']}/{m['runs']})  median epochs in all "
-            f"{m['median_total_epochs']:>5}  "
-            f"median wall {m['median_wall_s']:.0f} s"
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    runs = load_runs(runs_path)
+
+    def have(task: str, method: str, seed: int) -> bool:
+        return any(
+            r["task"] == task
+            and r["method"] == method
+            and r["seed"] == seed
+            and r["trials"] == args.trials
+            and r["epochs"] == args.epochs
+            and r["concurrency"] == args.concurrency
+            for r in runs
         )
-    bound = "<= " if s["ratio_is_upper_bound"] else ""
-    note = (
-        (
-            " (random's median run did not reach the target: compared with its "
-            f"{args.trials * args.epochs}-epoch "
-            "budget)"
+
+    started = time.monotonic()
+    if not args.report_only:
+        for task_name in args.tasks:
+            task, curves = load_task(task_name), Curves()
+            # random + FIFO first for every seed: the targets come from it alone.
+            # Then seed by seed, every method in turn: a run cut short has every method on the
+            # same (fewer) seeds.
+            order = [(BASELINE, s) for s in seeds] + [
+                (m, s) for s in seeds for m in args.methods if m != BASELINE
+            ]
+            for method, seed in order:
+                if have(task_name, method, seed):
+                    continue
+                run = run_method(
+                    task, method, seed, args.trials, args.epochs, args.concurrency, curves
+                )
+                runs.append(run)
+                with runs_path.open("a") as fh:
+                    fh.write(json.dumps(run) + "\n")
+                print(
+                    f"  {task_name} {method:<15} seed {seed:>2}: final best "
+                    f"{final_best(run):.4f}, {len(run['trace'])} epochs, "
+                    f"{run['stopped_early']} stopped early "
+                    f"[{time.monotonic() - started:.0f} s]",
+                    flush=True,
+                )
+    selected = [
+        r
+        for r in runs
+        if r["trials"] == args.trials
+        and r["epochs"] == args.epochs
+        and r["concurrency"] == args.concurrency
+        and r["seed"] in seeds
+    ]
+    results: dict[str, Any] = {}
+    for task_name in args.tasks:
+        methods = [
+            m
+            for m in args.methods
+            if any(r["task"] == task_name and r["method"] == m for r in selected)
+        ]
+        if BASELINE not in methods:
+            continue
+        analysis = analyse(selected, task_name, methods)
+        png = args.out / f"tune_efficiency_{task_name}.png"
+        analysis["plot"] = (
+            str(png) if plot(selected, task_name, methods, analysis["targets"], png) else None
         )
-        if s["ratio_is_upper_bound"]
-        else ""
-    )
-    print(
-        f"  TPE+ASHA / random epochs to target: {bound}{s['ratio_tpe_asha_over_random']:.2f}{note} "
-        " "
-        f"(goal <= 0.50)"
-    )
+        report(analysis, task_name, methods)
+        results[task_name] = analysis
     overhead = {}
-    if not args.skip_overhead:
+    if not args.skip_overhead and not args.report_only:
         print("\noverhead outside training, one trial at a time (2 epochs each):")
-        overhead = run_overhead(args, run_dir)
+        overhead = run_overhead(args, args.out / "tune_runs")
         if len(overhead) == 2:
             ratio = (
                 overhead["ray_train_2_workers"]["overhead_s_per_trial"]
                 / overhead["in_process"]["overhead_s_per_trial"]
             )
             print(f"  Ray Train trial / in-process trial overhead: {ratio:.1f}x")
-    info["loadavg_end"] = os.getloadavg()
-    print(
-        f"\nload average at end {info['loadavg_end'][0]:.1f} (the machine is shared: timings are "
-        "noisy)"
-    )
-    (out_dir / "tune_efficiency.json").write_text(
+    info["load_avg_end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"\nload average at end {info['load_avg_end']} (a shared machine: timings are noisy)")
+    (args.out / "tune_efficiency.json").write_text(
         json.dumps(
-            {"machine": info, "args": vars(args), "efficiency": efficiency, "overhead": overhead},
+            {
+                "machine": info,
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "efficiency": results,
+                "overhead": overhead,
+            },
             indent=1,
         )
     )

@@ -61,7 +61,36 @@ def serve_http_address() -> tuple[str, int] | None:
 
 
 # --- Ray Tune ----------------------------------------------------------------------------------
-# None: RecordingASHA keeps its own copies of ASHA's settings instead of reading private attributes.
+# RecordingASHA keeps its own copies of ASHA's settings instead of reading private attributes.
+
+
+def grow_saved_sweep(experiment_dir: str, num_samples: int) -> int:
+    """Raise the number of trials a saved Ray Tune experiment creates when it is restored. Returns
+    the number it had.
+
+    Checked against Ray 2.60. ``Tuner.restore`` takes no ``num_samples``: a restored experiment
+    keeps the count its search algorithm saved. ``SearchGenerator.save_to_dir`` writes that state
+    (``{"counter", "total_samples", "finished", ...}``) with ``ray.tune.utils.util._atomic_save``
+    to ``SearchGenerator.CKPT_FILE_TMPL`` in the experiment folder, and the restored controller
+    reads the newest such file (``_load_newest_checkpoint``); it creates trials while ``counter <
+    total_samples``. Raises FileNotFoundError when the folder holds no saved search state.
+    """
+    import os
+
+    from ray.tune.search.search_generator import SearchGenerator
+    from ray.tune.utils.util import _atomic_save, _load_newest_checkpoint
+
+    pattern = SearchGenerator.CKPT_FILE_TMPL.format("*")
+    state = _load_newest_checkpoint(experiment_dir, pattern)
+    if not state:
+        raise FileNotFoundError(f"no saved Ray Tune search state in {experiment_dir}")
+    import glob
+
+    newest = os.path.basename(max(glob.glob(os.path.join(experiment_dir, pattern))))
+    before = int(state["total_samples"])
+    state["total_samples"] = num_samples
+    _atomic_save(state, experiment_dir, newest, f"tmp-{newest}")
+    return before
 
 
 # Ray Serve's HAProxy config template binds two listeners on every interface, with no option to

@@ -311,6 +311,23 @@ def resolve_model_dir(model: str, tracking_uri: str | None = None) -> Path:
     return path
 
 
+def read_artifact_text(tracking_uri: str, run_id: str, artifact_path: str) -> str:
+    """The text of one file logged on run ``run_id``. Raises KilnError when it cannot be read."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory(prefix="kiln-artifact-") as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=artifact_path, dst_path=tmp, tracking_uri=tracking_uri
+            )
+            return Path(path).read_text()
+        except (MlflowException, OSError) as exc:
+            raise KilnError(
+                f"cannot read {artifact_path} of run {run_id} ({first_line(exc)})"
+            ) from None
+
+
 def get_run_or_model_error(c, run_id: str, what: str):
     """The run ``run_id`` through client ``c``; ModelError naming ``what`` when there is none."""
     from mlflow.exceptions import MlflowException

@@ -1,4 +1,5 @@
-"""kiln tune CONFIG [key=value ...] [--resume] [--address ADDR] [--json]"""
+"""kiln tune CONFIG [key=value ...] [--resume] [--warm-start SWEEP_DIR_OR_RUN] [--address ADDR]
+[--json]"""
 
 from __future__ import annotations
 
@@ -17,7 +18,14 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="continue the latest unfinished sweep of this config (finished trials are not re-run)",
+        help="continue the latest sweep of this config: an unfinished one (finished trials are "
+        "not re-run), or a finished one given a larger tune.num_samples (only the new trials run)",
+    )
+    parser.add_argument(
+        "--warm-start",
+        metavar="SWEEP_DIR_OR_RUN",
+        help="seed the searcher with a finished sweep's trials (its folder or MLflow run id); "
+        "trials outside this space are skipped and reported",
     )
     add_json_argument(parser)
 
@@ -58,6 +66,7 @@ def run(args) -> int:
             resume=args.resume,
             progress=lambda line: say(args, line),
             debug=args.debug,
+            warm_start=args.warm_start,
         )
     except SweepInterrupted as exc:
         print(str(exc), file=sys.stderr)

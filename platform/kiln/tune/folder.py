@@ -76,8 +76,15 @@ def _driver_alive(state: dict[str, Any]) -> bool:
     return b"tune" in cmdline
 
 
+def stored_num_samples(state: dict[str, Any]) -> int:
+    """``tune.num_samples`` of the config a sweep's folder records (its size after any growth)."""
+    return int(((state.get("config") or {}).get("tune") or {}).get("num_samples") or 0)
+
+
 def latest_sweep_folder(cfg) -> SweepFolder:
-    """The newest sweep of this name, to resume. Raises KilnError when there is none to resume."""
+    """The newest sweep of this name, to resume: an unfinished one, or a finished one that
+    ``cfg`` grows (a larger ``tune.num_samples``). Raises KilnError when there is none to
+    resume."""
     root = sweeps_root(cfg)
     name = sweep_name(cfg)
     pattern = re.compile(re.escape(name) + r"-(\d{8}-\d{6})(?:-(\d+))?")
@@ -98,10 +105,11 @@ def latest_sweep_folder(cfg) -> SweepFolder:
         raise KilnError(f"--resume: no sweep named '{name}' under {root} to resume")
     path = candidates[-1]
     state = json.loads((path / STATE_FILE).read_text())
-    if state.get("status") == FINISHED:
+    stored = stored_num_samples(state)
+    if state.get("status") == FINISHED and not (stored and cfg.require_tune().num_samples > stored):
         raise KilnError(
-            f"--resume: the latest sweep '{name}' ({path}) already finished; "
-            "run without --resume to start a new one"
+            f"--resume: the latest sweep '{name}' ({path}) already finished; run without --resume "
+            f"to start a new one, or raise tune.num_samples above {stored} to add trials to it"
         )
     if _driver_alive(state):
         raise KilnError(
@@ -111,12 +119,15 @@ def latest_sweep_folder(cfg) -> SweepFolder:
 
 
 def check_same_config(folder: SweepFolder, config: dict[str, Any]) -> None:
-    """Raise ConfigError when ``config`` differs from the one the sweep started with."""
+    """Raise ConfigError when ``config`` differs from the one the sweep started with (a larger
+    ``tune.num_samples`` grows the sweep and is allowed)."""
     from kiln.tracking import flatten
 
     stored = folder.state.get("config") or {}
     old, new = flatten(stored), flatten(config)
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff == ["tune.num_samples"] and new[diff[0]] > old.get(diff[0], 0):
+        return
     if diff:
         raise ConfigError(
             f"--resume: the config differs from sweep {folder.path}'s at {', '.join(diff)}"

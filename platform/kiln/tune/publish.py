@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 TAG_STATUS = "kiln.tune.status"
 TAG_BEST = "kiln.tune.best"
 TAG_PARETO = "kiln.tune.pareto"
+# What sweep.json records of where a sweep's trials came from (warm start, growth by --resume).
+LINEAGE_KEYS = ("warm_start", "grown")
 
 
 def _data_for(cfg_dict: dict[str, Any], schema: type[TuneJobConfig], data):
@@ -153,10 +155,13 @@ def publish(
         _close_child_runs(tracking_uri, trials, best, front, multi)
         best_path, best_config = _write_train_configs(cfg, folder, parent, best, front)
         progress("registering the best model" + (" and the Pareto front's models" if multi else ""))
-        model_uris, test_metrics = _register_models(
-            cfg, tracking_uri, data, parent, front if multi else [best] if best else [], best
+        known = folder.state.get("registered") or {}
+        model_uris, test_metrics, registered = _register_models(
+            cfg, tracking_uri, data, parent, front if multi else [best] if best else [], best, known
         )
+        folder.save(registered={**known, **registered})
         plots, notes = write_plots(trials, dims, objectives, folder.path / "plots")
+        lineage = {k: folder.state[k] for k in LINEAGE_KEYS if k in folder.state}
         results_path = folder.path / "results.json"
         results_path.write_text(
             json.dumps(
@@ -165,6 +170,7 @@ def publish(
                     "trials": [t.to_dict() for t in trials],
                     "best_trial": best.number if best else None,
                     "front": [m.number for m in front] if multi else None,
+                    "lineage": lineage,
                 },
                 indent=1,
                 default=str,
@@ -200,6 +206,7 @@ def publish(
         test_metrics=test_metrics,
         plots=[str(p) for p in plots],
         notes=notes,
+        lineage=lineage,
     )
 
 
@@ -246,13 +253,26 @@ def _register_models(
     parent: str,
     members: list[TrialSummary],
     best: TrialSummary | None,
-) -> tuple[dict[int, str], dict[str, float]]:
+    known: dict[str, dict[str, Any]],
+) -> tuple[dict[int, str], dict[str, float], dict[str, dict[str, Any]]]:
     """Register each member's model. Returns ({trial number: model URI}, the best trial's test
-    metrics)."""
+    metrics, {str(trial number): {"uri", "test_metrics"}} of the members).
+
+    ``known``: members registered by an earlier publish of this sweep (before it grew): their
+    version is reused, not registered twice.
+    """
 
     uris: dict[int, str] = {}
     best_test: dict[str, float] = {}
+    registered: dict[str, dict[str, Any]] = {}
     for member in members:
+        if str(member.number) in known:
+            entry = known[str(member.number)]
+            uris[member.number] = entry["uri"]
+            registered[str(member.number)] = entry
+            if best is not None and member.number == best.number:
+                best_test = dict(entry["test_metrics"])
+            continue
         member_cfg = apply_params(trial_train_config(cfg, absolute_paths=True), member.params)
         tags = {
             "kiln.tune.sweep_run_id": parent,
@@ -270,9 +290,10 @@ def _register_models(
             cfg, tracking_uri, member, _data_for(member_cfg, type(cfg), data), tags
         )
         uris[member.number] = uri
+        registered[str(member.number)] = {"uri": uri, "test_metrics": test_metrics}
         if best is not None and member.number == best.number:
             best_test = test_metrics
-    return uris, best_test
+    return uris, best_test, registered
 
 
 def _close_parent_run(

@@ -235,6 +235,7 @@ class SweepResult:
     notes: list[str] = field(default_factory=list)
     resumed: bool = False
     kept_from_before: int = 0  # trials that had ended before a resume (not run again)
+    lineage: dict[str, Any] = field(default_factory=dict)  # warm start, growth (sweep.json)
 
     @property
     def stopped_early(self) -> int:
@@ -263,6 +264,7 @@ class SweepResult:
             "test_metrics": self.test_metrics,
             "resumed": self.resumed,
             "kept_from_before": self.kept_from_before,
+            "lineage": self.lineage,
             "plots": self.plots,
             "trial_results": [
                 {

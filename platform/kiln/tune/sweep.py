@@ -27,6 +27,7 @@ from kiln.tune.folder import (
     create_sweep_folder,
     latest_sweep_folder,
     mark_driver,
+    stored_num_samples,
 )
 from kiln.tune.results import INTERRUPTED as TRIAL_INTERRUPTED
 from kiln.tune.results import SweepResult
@@ -81,34 +82,19 @@ def _build_tuner(
     folder: SweepFolder,
     max_concurrent: int | None,
     runs_callback,
+    warm=None,
 ):
-    import optuna
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
-    from ray.tune.search.optuna import OptunaSearch
 
     from kiln.tune.progress import SweepProgress
     from kiln.tune.scheduler import make_scheduler
-    from kiln.tune.space import optuna_space
+    from kiln.tune.search import make_searcher
     from kiln.tune.trial import trial_dirname, trial_name
 
     t = cfg.require_tune()
-    sampler: optuna.samplers.BaseSampler
-    if t.searcher == "tpe":
-        # constant_liar: trials running in parallel are not all sent to the same promising region.
-        sampler = optuna.samplers.TPESampler(
-            seed=t.seed, n_startup_trials=t.startup_trials, constant_liar=(max_concurrent or 2) > 1
-        )
-    else:
-        sampler = optuna.samplers.RandomSampler(seed=t.seed)
+    searcher = make_searcher(t, dims, max_concurrent, warm)
     metrics: list[str] = [o.metric for o in t.objectives]
-    modes: list[str] = [o.mode for o in t.objectives]
-    searcher = OptunaSearch(
-        space=optuna_space(dims),
-        metric=metrics if t.multi_objective else metrics[0],
-        mode=modes if t.multi_objective else modes[0],
-        sampler=sampler,
-    )
     epochs = trial_epochs(cfg)
     progress = SweepProgress(
         str(folder.path),
@@ -161,11 +147,14 @@ def run_sweep(
     resume: bool = False,
     progress: ProgressFn | None = None,
     debug: bool = False,
+    warm_start: str | None = None,
 ) -> SweepResult:
     """Run (or, with ``resume``, continue) the sweep of ``cfg.tune``. Returns the SweepResult.
 
-    Raises ConfigError for a bad space, ResourceError when a trial can never be placed,
-    KilnError when there is nothing to resume, SweepInterrupted when stopped before the end.
+    ``warm_start``: a finished sweep's folder or MLflow run id whose trials seed the searcher (a
+    new sweep only). Raises ConfigError for a bad space, ResourceError when a trial can never be
+    placed, KilnError when there is nothing to resume or no usable warm start,
+    SweepInterrupted when stopped before the end.
     """
     import optuna
 
@@ -183,10 +172,30 @@ def run_sweep(
     # 1. Check everything that can fail fast: config, resume target, data, model, placement.
     dims = check_sweep(cfg)
     t = cfg.require_tune()
+    if resume and warm_start:
+        raise ConfigError(
+            "--warm-start seeds a new sweep; a resumed sweep continues with its own searcher "
+            "(drop one of --resume and --warm-start)"
+        )
     folder = latest_sweep_folder(cfg) if resume else None
+    grow_from = None
     if folder is not None:
         check_same_config(folder, cfg.to_dict())
+        if t.num_samples > stored_num_samples(folder.state):
+            grow_from = stored_num_samples(folder.state)
     base = validate_config(trial_train_config(cfg, absolute_paths=True), type(cfg))
+    warm = None
+    if warm_start:
+        from kiln.tune.warm_start import load_warm_start
+
+        warm = load_warm_start(
+            warm_start,
+            dims,
+            t.objectives,
+            trial_train_config(cfg, absolute_paths=False),
+            trk.resolve_tracking_uri(base.experiment.tracking_uri, base.experiment.run_dir),
+        )
+        say(warm.summary())
     data = prepare_data(base.data)
     check_model_fits_data(base, data)
     ensure_ray(address, debug=debug)
@@ -199,6 +208,14 @@ def run_sweep(
         tracking_uri, cfg.experiment.name, base.experiment.run_dir
     )
     folder, parent = _open_sweep(cfg, folder, tracking_uri, experiment_id, data.dataset_hash)
+    if warm is not None:
+        _record_warm_start(folder, tracking_uri, parent, warm)
+    if grow_from is not None:
+        say(
+            f"growing sweep {folder.path} from {grow_from} to {t.num_samples} trials: only the "
+            f"{t.num_samples - grow_from} new trial(s) run"
+        )
+        _record_growth(folder, cfg, tracking_uri, parent, grow_from)
 
     # 3. Run the trials with Ray Tune (or continue them).
     tuner, kept = _tuner(
@@ -211,6 +228,8 @@ def run_sweep(
         _default_concurrency(cfg, per_worker),
         (tracking_uri, experiment_id, parent),
         resume,
+        warm,
+        grow=grow_from is not None,
     )
     if kept is not None:
         say(f"resuming {folder.path}: {kept} trial(s) had ended and are kept, the rest continue")
@@ -285,6 +304,41 @@ def _open_sweep(
     return folder, parent
 
 
+def _record_warm_start(folder: SweepFolder, tracking_uri: str, parent: str, warm) -> None:
+    """The warm start in the sweep's lineage: sweep.json (and so results.json) and the parent
+    run's tags."""
+    folder.save(warm_start=warm.lineage())
+    trk.set_tags(
+        tracking_uri,
+        parent,
+        {
+            "kiln.tune.warm_start": warm.run_id or warm.sweep_dir or warm.source,
+            "kiln.tune.warm_start_dir": warm.sweep_dir or "",
+            "kiln.tune.warm_start_trials": len(warm.trials),
+            "kiln.tune.warm_start_skipped": len(warm.skipped),
+        },
+    )
+
+
+def _record_growth(
+    folder: SweepFolder, cfg: TuneJobConfig, tracking_uri: str, parent: str, grow_from: int
+) -> None:
+    """A sweep grown by --resume: its new size in sweep.json (the config a later --resume compares
+    against) with the growth in its lineage, and on the parent run's tags (MLflow params cannot
+    change, so ``tune.num_samples`` there stays the size the sweep started with)."""
+    size = cfg.require_tune().num_samples
+    grown = [*folder.state.get("grown", []), {"from": grow_from, "to": size, "at": time.time()}]
+    folder.save(config=cfg.to_dict(), grown=grown)
+    trk.set_tags(
+        tracking_uri,
+        parent,
+        {
+            "kiln.tune.num_samples": size,
+            "kiln.tune.grown": ", ".join(f"{g['from']}->{g['to']}" for g in grown),
+        },
+    )
+
+
 def _tuner(
     cfg: TuneJobConfig,
     dims: list[Dimension],
@@ -295,6 +349,8 @@ def _tuner(
     max_concurrent: int | None,
     tracking: tuple[str, str, str],
     resume: bool,
+    warm=None,
+    grow: bool = False,
 ):
     """(Tuner, trials kept from before or None): restored when resuming a folder that holds Tune's
     state (a driver may die before Tune saved any), else new."""
@@ -326,8 +382,13 @@ def _tuner(
         warnings.simplefilter("ignore")
         if not (resume and tune.Tuner.can_restore(str(folder.tune_dir))):
             runs = SweepRuns(*tracking, base.to_dict(), type(base), dims, data.dataset_hash)
-            return _build_tuner(cfg, dims, trainable, folder, max_concurrent, runs), None
+            return _build_tuner(cfg, dims, trainable, folder, max_concurrent, runs, warm), None
         kept = sum(st in ("TERMINATED", "ERROR") for st in _trial_statuses(folder).values())
+        if grow:
+            from kiln.compat import grow_saved_sweep
+
+            # The restored search algorithm creates trials up to the count it saved.
+            grow_saved_sweep(str(folder.tune_dir), cfg.require_tune().num_samples)
         return tune.Tuner.restore(
             str(folder.tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=False
         ), kept
