@@ -287,6 +287,13 @@ def test_the_page_follows_a_canary_live(served, console_registry, ramp, open_pag
     section = f'[data-model="{MODEL}"]'
     p.wait_for_selector(f'{section} [data-testid="gate-row"]', timeout=60_000)
     first_data_ms = float(p.get_attribute("body", "data-first-data"))  # the first render
+    # the first data may be a gathering from up to FRESH_S ago (an earlier rollout): this ramp
+    # shows once the next one arrives
+    p.wait_for_function(
+        "([sel, text]) => document.querySelector(sel)?.textContent === text",
+        arg=[f'{section} [data-testid="weights-now"]', f"Weights now: v{v1} 80% / v{v2} 20%"],
+        timeout=30_000,
+    )
     gathered_ms = float(p.get_attribute('[data-testid="updated"]', "data-gathered-ms"))
     # the model, both versions with their roles, the current weights, the gate rows
     assert page.text(f'{section} [data-testid="model-name"]') == MODEL

@@ -214,8 +214,9 @@ def test_without_a_key_set_the_console_is_read_only(tmp_path):
 
 
 def test_a_page_gets_the_last_gathering_at_once_and_a_newer_one_follows(tmp_path):
-    """The page's JSON waits only for a first gathering (or one over FRESH_S old); a younger one
-    is answered at once while the next is gathered in the background, one at a time."""
+    """The page's JSON waits only for a first gathering (or one over FRESH_S old), which the page
+    itself starts; a younger one is answered at once while the next is gathered in the
+    background, one at a time."""
     from kiln.console import server as module
 
     server = ConsoleServer(str(tmp_path), None)
@@ -228,6 +229,8 @@ def test_a_page_gets_the_last_gathering_at_once_and_a_newer_one_follows(tmp_path
     server.data.gather = gather  # type: ignore[method-assign]
 
     async def scenario() -> list[int]:
+        page = await server(request("/console/"))  # the page: its JSON gathered meanwhile
+        assert page.status_code == 200 and server._gathering is not None
         seen = []
         for age in (None, 0.0, module.STATE_CACHE_S + 1, module.FRESH_S + 1):
             if age is not None and server._cached is not None:

@@ -169,6 +169,8 @@ class ConsoleServer:
             return await self.state(actions=key)
         if path == "/api/card":
             return await self.card(request)
+        if path == "/" and (self._cached is None or time.monotonic() - self._cached[0] > FRESH_S):
+            self._gathering_task()  # under way while the browser loads the page's scripts
         name = "index.html" if path == "/" else path[len("/static/") :]
         file = self.files.get(name) if path == "/" or path.startswith("/static/") else None
         if file is None:
