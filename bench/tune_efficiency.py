@@ -605,9 +605,11 @@ def main(argv: list[str] | None = None) -> int:
         args.methods, args.skip_overhead = ["random_fifo", "random_asha", "tpe_asha"], True
     if BASELINE not in args.methods:
         args.methods.insert(0, BASELINE)
-    # What the CLI entry sets (read when the Tuner / TorchTrainer starts).
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # The process set-up of Kiln's entry points (environment defaults read when Ray, the Tuner and
+    # TorchTrainer start; Ray Data's progress bars off: Tune's trial stdout cannot draw them).
+    from kiln.cli import configure_process
+
+    configure_process()
 
     import optuna
     import torch

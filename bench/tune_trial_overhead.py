@@ -83,7 +83,11 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # The process set-up of Kiln's entry points (environment defaults read when Ray, the Tuner and
+    # TorchTrainer start; Ray Data's progress bars off: Tune's trial stdout cannot draw them).
+    from kiln.cli import configure_process
+
+    configure_process()
 
     from kiln.data.dataset import open_splits, prepare_data
     from kiln.ray_connection import ensure_ray
