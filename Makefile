@@ -73,6 +73,7 @@ bench: install
 	$(PY) bench/train_throughput.py
 	$(PY) bench/submit_overhead.py
 	$(PY) bench/tune_efficiency.py
+	$(PY) bench/tune_trial_overhead.py
 
 clean:
 	rm -rf runs mlruns bench/out .pytest_cache
