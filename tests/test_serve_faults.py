@@ -1,0 +1,202 @@
+"""A replica's death under load, on the default ingress (HAProxy), against a real served app.
+
+One app serves the digits model with 2 replicas on the session's Ray instance. Four clients post
+unversioned infer requests while a fifth polls ``/v2/health/ready``; the test SIGKILLs one replica
+by the process id Ray reports for it (a process this test's serving started). Every client request
+is answered 200 (the ingress retries the one its replica dropped, on the other replica) and the
+server stays ready. With both replicas killed, what fails is Kiln's JSON 503 with ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import last_json, run_kiln
+from kiln.waiting import wait_until
+from served_models import digits_raw, free_port
+
+pytestmark = pytest.mark.slow  # starts an app of 2 replicas and waits for Serve to replace one
+MODEL = "digits"
+APP = f"kiln-{MODEL}"
+CLIENTS = 4
+IMAGES = digits_raw(8)
+
+
+def infer_body(i: int) -> str:
+    img = IMAGES[i % len(IMAGES)]
+    return json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "UINT8",
+                    "shape": [1, *img.shape],
+                    "data": img.ravel().tolist(),
+                }
+            ]
+        }
+    )
+
+
+@dataclass
+class Traffic:
+    """CLIENTS threads posting infer requests and one polling readiness, until stopped."""
+
+    url: str
+    answers: list[tuple[int, str]] = field(default_factory=list)  # (status, content type)
+    ready: list[int] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __enter__(self) -> Traffic:
+        self._threads = [
+            threading.Thread(target=self._client, args=(c,), daemon=True) for c in range(CLIENTS)
+        ]
+        self._threads.append(threading.Thread(target=self._prober, daemon=True))
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)
+
+    def _client(self, client: int) -> None:
+        session, i = requests.Session(), client
+        while not self._stop.is_set():
+            i += CLIENTS
+            try:
+                resp = session.post(
+                    f"{self.url}/v2/models/{MODEL}/infer", data=infer_body(i), timeout=60
+                )
+                answer = (resp.status_code, resp.headers.get("content-type", ""))
+            except requests.RequestException as exc:
+                answer = (0, type(exc).__name__)
+            self.answers.append(answer)
+
+    def _prober(self) -> None:
+        session = requests.Session()
+        while not self._stop.is_set():
+            try:
+                status = session.get(f"{self.url}/v2/health/ready", timeout=30).status_code
+            except requests.RequestException:
+                status = 0
+            self.ready.append(status)
+            self._stop.wait(0.1)
+
+
+def replica_pids(address: str) -> dict[str, int]:
+    """The model's live Serve replicas: actor name -> process id (as Ray reports them)."""
+    from ray.util.state import list_actors
+
+    return {
+        a.name: a.pid
+        for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000)
+        if a.name and a.name.startswith(f"SERVE_REPLICA::{APP}#") and a.pid
+    }
+
+
+def running_replicas() -> int:
+    from ray import serve
+
+    app = serve.status().applications.get(APP)
+    if app is None:
+        return 0
+    return sum(
+        n
+        for d in app.deployments.values()
+        for state, n in d.replica_states.items()
+        if getattr(state, "value", state) == "RUNNING"
+    )
+
+
+def kill(pid: int) -> None:
+    """SIGKILL a replica process this test's serving started (checked: a Ray worker of ours)."""
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    assert "SERVE_REPLICA" in cmdline or "default_worker" in cmdline, cmdline
+    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, registry, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("faults-serving")
+    env = {"MLFLOW_TRACKING_URI": registry.tracking_uri}
+    proc = run_kiln(
+        "serve",
+        "start",
+        registry.uris["fp32-cnn"],
+        "--port",
+        str(free_port()),
+        "serve.deployment.replicas=2",
+        "serve.deployment.num_cpus=0.25",
+        "--address",
+        ray_cluster,
+        "--run-dir",
+        str(run_dir),
+        "--json",
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    yield last_json(proc.stdout)
+    run_kiln("serve", "stop", "--address", ray_cluster, "--run-dir", str(run_dir), timeout=300)
+
+
+def test_a_replica_killed_under_load_fails_no_request_and_the_server_stays_ready(
+    served, ray_cluster
+):
+    url = served["url"]
+    wait_until(lambda: len(replica_pids(ray_cluster)) == 2, 60, "both replicas to be listed")
+    with Traffic(url) as traffic:
+        wait_until(lambda: len(traffic.answers) >= 40, 60, "40 answers before the kill")
+        victim_name, victim = next(iter(replica_pids(ray_cluster).items()))
+        kill(victim)
+        killed_at = len(traffic.answers)
+        # until Serve has replaced it, and then some more traffic on both replicas
+        wait_until(
+            lambda: victim_name not in replica_pids(ray_cluster) and running_replicas() == 2,
+            120,
+            "Serve to replace the killed replica",
+            interval=0.5,
+        )
+        settled = len(traffic.answers)
+        wait_until(lambda: len(traffic.answers) >= settled + 40, 60, "40 answers after it")
+    failed = [a for a in traffic.answers if a[0] != 200]
+    assert len(traffic.answers) > killed_at + 40
+    assert not failed, f"{len(failed)} of {len(traffic.answers)} requests failed: {failed[:5]}"
+    assert traffic.ready and set(traffic.ready) == {200}, sorted(set(traffic.ready))
+
+
+def test_with_every_replica_dead_a_request_gets_kilns_json_503_with_retry_after(
+    served, ray_cluster
+):
+    url = served["url"]
+    wait_until(lambda: running_replicas() == 2, 120, "both replicas running")
+    for pid in replica_pids(ray_cluster).values():
+        kill(pid)
+    t0 = time.monotonic()
+    resp = requests.post(f"{url}/v2/models/{MODEL}/infer", data=infer_body(0), timeout=60)
+    # Serve needs seconds to load a replacement; a quicker one would make this check vacuous
+    assert time.monotonic() - t0 < 30
+    assert resp.status_code == 503, (resp.status_code, resp.text)
+    assert resp.headers["content-type"] == "application/json"
+    assert int(resp.headers["retry-after"]) >= 1
+    assert "no replica of this model answered" in resp.json()["error"]
+    not_ready = requests.get(f"{url}/v2/health/ready", timeout=30)
+    wait_until(lambda: running_replicas() >= 1, 120, "a replacement replica")
+    assert not_ready.status_code in (200, 503)  # racing the replacement; the JSON is what counts
+    assert not_ready.headers["content-type"] == "application/json"
+    wait_until(
+        lambda: requests.get(f"{url}/v2/health/ready", timeout=30).status_code == 200,
+        60,
+        "the server to be ready again",
+    )
