@@ -695,6 +695,9 @@ def test_rollout_goes_on_after_the_router_replica_and_controller_die(
             steps=[20.0, 60.0, 100.0],
             bake_s=5.0,  # the kills below land inside step 0's bake
             interval_s=0.5,
+            # the killed replica's requests in flight count as errors of their versions: a gate
+            # loose enough that the one death passes it (tight gates roll back: test_rollout_units)
+            gates=["error_rate<0.5"],
         )
         baked = wait_record(
             serve_dir, lambda r: r.weight == 20.0 and r.baked_s > 0, "a step part-baked"
@@ -718,4 +721,9 @@ def test_rollout_goes_on_after_the_router_replica_and_controller_die(
     assert set(faults) == {"restart", "replica_lost"}, faults
     assert faults["restart"]["baked_s"] >= baked  # the bake goes on from the record
     assert "WORKER_DIED" in faults["replica_lost"]["cause"]
+    # what the replica had in flight of the candidate is in the candidate's gated errors
+    lost = sum(  # one gate entry per interval carries that interval's metrics
+        e["metrics"].get(target, {}).get("lost", 0) for e in entries if e["trigger"] != "fault"
+    )
+    assert lost == faults["replica_lost"]["in_flight"].get(target, 0)
     assert not failures(answers), Counter(a.status for a in answers)

@@ -122,7 +122,7 @@ def running_replicas() -> int:
 def kill(pid: int) -> None:
     """SIGKILL a replica process this test's serving started (checked: a Ray worker of ours)."""
     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    assert "SERVE_REPLICA" in cmdline or "default_worker" in cmdline, cmdline
+    assert f"ServeReplica:{APP}" in cmdline, cmdline
     os.kill(pid, signal.SIGKILL)
 
 

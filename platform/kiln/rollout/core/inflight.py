@@ -24,6 +24,7 @@ MAGIC = b"KILNINF1"
 HEADER = struct.Struct("<8sq")  # magic, pid
 NAME_BYTES = 56
 SLOT = struct.Struct(f"<{NAME_BYTES}sq")  # version (UTF-8, NUL-padded), requests in flight
+COUNT = struct.Struct("<q")
 SLOTS = 32  # versions a replica can count (a replica serves a handful)
 SIZE = HEADER.size + SLOTS * SLOT.size
 
@@ -47,7 +48,7 @@ class InflightJournal:
             os.close(fd)
         self.path = path
         HEADER.pack_into(self._map, 0, MAGIC, os.getpid())
-        self._slots: dict[str, int] = {}
+        self._slots: dict[str, int] = {}  # version -> offset of its count
         self._counts: dict[str, int] = {}
 
     def begin(self, version: str) -> None:
@@ -59,19 +60,16 @@ class InflightJournal:
         self._add(version, -1)
 
     def _add(self, version: str, delta: int) -> None:
-        slot = self._slots.get(version)
-        if slot is None:
+        offset = self._slots.get(version)
+        if offset is None:
             if len(self._slots) >= SLOTS:
                 return  # more versions than slots: the extra ones go uncounted
-            slot = self._slots[version] = len(self._slots)
+            start = HEADER.size + len(self._slots) * SLOT.size
+            SLOT.pack_into(self._map, start, version.encode()[:NAME_BYTES], 0)
+            offset = self._slots[version] = start + NAME_BYTES
         count = self._counts.get(version, 0) + delta
         self._counts[version] = count
-        SLOT.pack_into(
-            self._map,
-            HEADER.size + slot * SLOT.size,
-            version.encode()[:NAME_BYTES],
-            count,
-        )
+        COUNT.pack_into(self._map, offset, count)  # one aligned 8-byte store
 
     def close(self) -> None:
         """Remove the file (a replica stopping cleanly has nothing in flight)."""
