@@ -426,9 +426,9 @@ def test_a_replica_serve_stopped_with_nothing_in_flight_is_no_fault(tmp_path):
     assert "replica_lost" not in decisions
 
 
-def test_the_promotion_is_on_disk_before_a_replica_can_route_by_it(tmp_path):
-    """The alias move takes seconds: during it, the table replicas get already says promoted, so
-    the record on disk must say so too."""
+def test_record_and_routing_never_disagree_during_a_promotion(tmp_path):
+    """The alias move takes seconds: during it, the table replicas get and the record on disk
+    both still say the rollout runs; after it, both say promoted, in the same revision."""
     seen = {}
 
     class Controller(RolloutController):
@@ -441,9 +441,14 @@ def test_the_promotion_is_on_disk_before_a_replica_can_route_by_it(tmp_path):
         ctl = Controller(str(tmp_path), "m")
         await ctl.start(_record(gates=[]), "user")
         await _report(ctl, {"1": "ready", "2": "ready"})
+        await ctl._tick()
         await ctl.command("promote")
+        return ctl
 
-    asyncio.run(scenario())
-    assert seen["table"]["stable"] == "2" and seen["table"]["candidate"] is None
-    assert (seen["on_disk"].phase, seen["on_disk"].stable) == ("promoted", "2")
+    ctl = asyncio.run(scenario())
+    assert (seen["table"]["stable"], seen["table"]["candidate"]) == ("1", "2")
+    assert (seen["on_disk"].phase, seen["on_disk"].stable) == ("running", "1")
     assert seen["on_disk"].revision == seen["table"]["revision"]
+    after = RolloutStore(tmp_path, "m").load()
+    assert (after.phase, after.stable) == ("promoted", "2") and ctl.table()["stable"] == "2"
+    assert after.revision == ctl.table()["revision"]

@@ -349,25 +349,34 @@ class RolloutController:
 
     async def _promote(self, trigger: str, reason: str, gates: dict | None = None) -> None:
         r = self._current()
-        if r.candidate is None or r.candidate_uri is None:
+        candidate, candidate_uri, revision = r.candidate, r.candidate_uri, r.revision
+        if candidate is None or candidate_uri is None:
             raise RuntimeError(f"no candidate to promote in the rollout of '{r.model}'")
+        # The registry alias moves first (seconds): until the record changes, the routing table
+        # replicas get is the old one, so record on disk and routing never disagree; the record is
+        # saved in the same step as the change replicas read (no await in between).
+        alias = await self._move_champion(candidate)
+        if self.record is not r or r.revision != revision:  # a command came in meanwhile
+            await self._move_champion(r.stable)
+            return
         r.previous, r.previous_uri = r.stable, r.stable_uri
-        r.stable, r.stable_uri = r.candidate, r.candidate_uri
+        r.stable, r.stable_uri = candidate, candidate_uri
         r.phase, r.weight, r.reason, r.finished_at = Phase.PROMOTED, 0.0, reason, time.time()
-        # On disk before any replica can get the new table (no await in between; the alias move
-        # below takes seconds), so a crash never leaves the record behind the routing.
-        self._commit()
-        alias = await self._move_champion(r.stable)
-        self._audit("promote", trigger, reason + alias, gates)
+        self._changed("promote", trigger, reason + alias, gates)
 
     async def _undo_promotion(self, trigger: str) -> None:
         r = self._current()
-        if r.previous is None or r.previous_uri is None:
+        previous, previous_uri, revision = r.previous, r.previous_uri, r.revision
+        if previous is None or previous_uri is None:
             raise RuntimeError(f"no previous version of '{r.model}' to return to")
+        alias = await self._move_champion(previous)  # first: see _promote
+        if self.record is not r or r.revision != revision:
+            await self._move_champion(r.stable)
+            return
         demoted = r.stable
         r.stable, r.stable_uri, r.previous, r.previous_uri = (
-            r.previous,
-            r.previous_uri,
+            previous,
+            previous_uri,
             r.stable,
             r.stable_uri,
         )
@@ -376,9 +385,7 @@ class RolloutController:
             f"promotion of v{demoted} undone by hand",
             time.time(),
         )
-        self._commit()  # before the table changes (see _promote)
-        alias = await self._move_champion(r.stable)
-        self._audit("rollback", trigger, r.reason + alias)
+        self._changed("rollback", trigger, r.reason + alias)
 
     def _roll_back(self, trigger: str, reason: str, gates: dict | None = None) -> None:
         r = self._current()
