@@ -12,7 +12,6 @@ Every test asserts zero failed client requests wherever the versions involved ar
 
 from __future__ import annotations
 
-import json
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ import requests
 
 from conftest import last_json, run_kiln
 from kiln.waiting import wait_until
-from served_models import CNN, DIGITS, digits_raw, free_port, train_and_register
+from served_models import CNN, DIGITS, digits_raw, free_port, train_and_register, uint8_infer_body
 
 pytestmark = pytest.mark.slow
 TESTS = Path(__file__).resolve().parent
@@ -180,19 +179,7 @@ IMAGES = digits_raw(16)
 
 
 def body(i: int) -> str:
-    img = IMAGES[i % len(IMAGES)]
-    return json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "input",
-                    "datatype": "UINT8",
-                    "shape": [1, *img.shape],
-                    "data": img.ravel().tolist(),
-                }
-            ]
-        }
-    )
+    return uint8_infer_body(IMAGES[i % len(IMAGES)])
 
 
 @dataclass

@@ -9,7 +9,6 @@ server stays ready. With both replicas killed, what fails is Kiln's JSON 503 wit
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -22,7 +21,7 @@ import requests
 
 from conftest import last_json, run_kiln
 from kiln.waiting import wait_until
-from served_models import digits_raw, free_port
+from served_models import digits_raw, free_port, uint8_infer_body
 
 pytestmark = pytest.mark.slow  # starts an app of 2 replicas and waits for Serve to replace one
 MODEL = "digits"
@@ -32,19 +31,7 @@ IMAGES = digits_raw(8)
 
 
 def infer_body(i: int) -> str:
-    img = IMAGES[i % len(IMAGES)]
-    return json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "input",
-                    "datatype": "UINT8",
-                    "shape": [1, *img.shape],
-                    "data": img.ravel().tolist(),
-                }
-            ]
-        }
-    )
+    return uint8_infer_body(IMAGES[i % len(IMAGES)])
 
 
 @dataclass
