@@ -34,6 +34,8 @@ import json, sys, time
 t0 = time.perf_counter()
 from kiln.cli import configure_process
 configure_process()
+from kiln.commands.serve import use_serving_env
+use_serving_env(sys.argv[1], None)  # as the CLI does, before Ray is imported
 from kiln.rollout.control import api
 from kiln.rollout.core.spec import RolloutOptions
 t1 = time.perf_counter()
@@ -95,6 +97,7 @@ def main() -> int:
     try:
         for r in range(args.rounds):
             seconds = cli(*start, "--run-dir", str(run_dir), env=env)
+            print(f"round {r + 1}: kiln rollout start {seconds:5.2f} s", flush=True)
             cli(*rollback, env=env)
             full_env = dict(os.environ, PYTHONPATH=str(REPO / "platform"), **env)
             full_env.pop("RAY_ADDRESS", None)
@@ -109,7 +112,7 @@ def main() -> int:
             phases = json.loads(proc.stdout.strip().splitlines()[-1])
             cli(*rollback, env=env)
             print(
-                f"round {r + 1}: kiln rollout start {seconds:5.2f} s; in-process phases: "
+                f"round {r + 1}: in-process phases: "
                 + ", ".join(f"{k} {v:5.2f} s" for k, v in phases.items()),
                 flush=True,
             )
