@@ -714,5 +714,7 @@ def test_rollout_goes_on_after_the_router_replica_and_controller_die(
     )
     assert lost == faults["replica_lost"]["in_flight"].get(target, 0)
     # one replica serves here: while Serve replaces it, no other can answer, and what fails is the
-    # ingress's JSON 503 (tests/test_serve_faults.py: with two replicas, nothing fails)
-    assert {a.status for a in failures(answers)} <= {503}, Counter(a.status for a in answers)
+    # ingress's JSON 503 or, for a request whose retry found no replica either, a closed
+    # connection (status 0; seen 4 x 503 in one run, 3 x closed in another); never Serve's
+    # plain-text 500 (tests/test_serve_faults.py: with two replicas, nothing fails)
+    assert {a.status for a in failures(answers)} <= {0, 503}, Counter(a.status for a in answers)
