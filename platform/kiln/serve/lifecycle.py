@@ -66,7 +66,10 @@ logger = logging.getLogger("kiln.serve")
 Progress = Callable[[str], None]
 DIRECT_INGRESS_PORTS = 256  # replica ports HAProxy mode may hand out on this node
 DRAINING_PERIOD_S = 2.0  # how long a stopping ingress replica stays open behind HAProxy
-INGRESS_RETRIES = 1  # a request its replica dropped is tried once more, on another replica
+# Attempts after the first for a request its replica dropped or refused. HAProxy counts an attempt
+# on the dead replica (refused at once) too, and leastconn favours it (it holds no connection) until
+# HAProxy marks it down: with 1, one request in about 5,000 still failed when a replica was killed.
+INGRESS_RETRIES = 3
 
 
 @dataclass
@@ -153,8 +156,8 @@ def haproxy_fault_env() -> dict[str, str]:
     """Environment for Serve's HAProxy ingress that hides a replica's death from clients.
 
     An inference request whose replica closed the connection before any answer (it died) or
-    refused it is sent once more, to another replica (``retry-on conn-failure empty-response``,
-    ``retries 1``, and the template's ``option redispatch 1``); HAProxy can replay only a request
+    refused it is sent again, redispatched (``retry-on conn-failure empty-response``,
+    ``retries 3``, and the template's ``option redispatch 1``); HAProxy can replay only a request
     it still holds whole, so bodies over its buffer (16 KiB, ``RAY_SERVE_HAPROXY_TUNE_BUFSIZE``)
     are not retried. Once an answer has started nothing is retried. What still fails (no replica
     up, the retry failed too) is Kiln's JSON error, 503 with ``Retry-After``, instead of Serve's
