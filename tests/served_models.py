@@ -178,6 +178,24 @@ def digits_raw(n: int = 24) -> np.ndarray:
     return x[:: max(1, len(x) // n)][:n]
 
 
+def uint8_infer_body(image: np.ndarray) -> str:
+    """The Open Inference Protocol JSON body asking for one raw uint8 image (``[C, H, W]``)."""
+    import json
+
+    return json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "UINT8",
+                    "shape": [1, *image.shape],
+                    "data": image.ravel().tolist(),
+                }
+            ]
+        }
+    )
+
+
 def iris_rows(source: Path, n: int = 12) -> tuple[np.ndarray, list[dict[str, float]]]:
     table = pq.read_table(source)
     names = ["sepal_length", "sepal_width", "petal_length", "petal_width"]

@@ -338,3 +338,117 @@ def test_the_rollout_record_is_written_atomically(tmp_path):
     store.save(RolloutRecord.from_dict(_record()))
     assert store.load().candidate == "2"
     assert [p.name for p in store.dir.iterdir()] == [store.record_path.name]  # no temporary left
+
+
+def test_a_killed_process_leaves_its_requests_in_flight_on_disk(tmp_path):
+    """The in-flight file outlives its process: SIGKILL it mid-request and the counts remain."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from kiln.rollout.core.inflight import journal_path, read_journal
+
+    path = journal_path(tmp_path, "m", "replica-a")
+    code = (
+        "import sys, pathlib\n"
+        "from kiln.rollout.core.inflight import InflightJournal\n"
+        "j = InflightJournal(pathlib.Path(sys.argv[1]))\n"
+        "for v in ('1', '2', '2', '2', '1'): j.begin(v)\n"
+        "j.end('1'); j.end('2'); j.end('1')\n"  # v1: 0 left, v2: 2 left
+        "print('ready', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+    os.kill(proc.pid, signal.SIGKILL)  # the process this test started, by its pid
+    proc.wait(timeout=30)
+    assert read_journal(path) == {"2": 2}
+    assert read_journal(tmp_path / "missing.bin") == {}
+
+
+def _dead(cause: str = "WORKER_DIED: the worker process was killed", intended: bool = False):
+    from kiln.rollout.core.actors import ActorFate
+
+    return lambda rid: ActorFate(alive=False, cause=cause, intended=intended)
+
+
+def test_a_dead_replicas_requests_in_flight_fail_the_candidates_gate_and_are_audited(tmp_path):
+    """Errors a client saw outside any replica (its replica died) count in that version's
+    error_rate, the restarts signal counts the death, and the audit log says what happened."""
+    from kiln.rollout.core.inflight import InflightJournal, journal_path
+
+    class Controller(RolloutController):
+        fate = staticmethod(_dead())
+
+    async def scenario():
+        ctl = Controller(str(tmp_path), "m")
+        await ctl.start(_record(gates=["error_rate<0.2", "restarts<5"]), "user")
+        await _report(ctl, {"1": "ready", "2": "ready"})
+        await ctl._tick()
+        assert (ctl.record.phase, ctl.record.weight) == ("running", 50.0)
+        journal = InflightJournal(journal_path(tmp_path, "m", "r1"))
+        for version in ("2", "2", "2", "1"):
+            journal.begin(version)  # what r1 was answering when it died
+        await _report(ctl, {"1": "ready", "2": "ready"}, requests=10)  # 10 good answers of v2
+        ctl.replicas["r1"]["seen"] -= 60  # r1 stopped reporting long ago
+        await ctl._tick()
+        return ctl
+
+    ctl = asyncio.run(scenario())
+    gates = ctl.last_decision["gates"]
+    assert gates["error_rate<0.2"] == {"value": 3 / 13, "ok": False}
+    assert gates["restarts<5"] == {"value": 1.0, "ok": True}
+    assert ctl.record.phase == "rolled_back" and ctl.record.restarts == {"1": 1, "2": 1}
+    lost = [e for e in RolloutStore(tmp_path, "m").history() if e["decision"] == "replica_lost"]
+    assert len(lost) == 1 and lost[0]["trigger"] == "fault"
+    assert lost[0]["in_flight"] == {"1": 1, "2": 3} and "WORKER_DIED" in lost[0]["reason"]
+    assert not journal_path(tmp_path, "m", "r1").exists()  # read once
+
+
+def test_a_replica_serve_stopped_with_nothing_in_flight_is_no_fault(tmp_path):
+    class Controller(RolloutController):
+        fate = staticmethod(_dead("RAY_KILL", intended=True))
+
+    async def scenario():
+        ctl = Controller(str(tmp_path), "m")
+        await ctl.start(_record(gates=["error_rate<0.2"]), "user")
+        await _report(ctl, {"1": "ready", "2": "ready"})
+        ctl.replicas["r1"]["seen"] -= 60
+        await ctl._tick()
+        return ctl
+
+    ctl = asyncio.run(scenario())
+    assert "r1" not in ctl.replicas and ctl.record.restarts == {}
+    decisions = [e["decision"] for e in RolloutStore(tmp_path, "m").history()]
+    assert "replica_lost" not in decisions
+
+
+def test_record_and_routing_never_disagree_during_a_promotion(tmp_path):
+    """The alias move takes seconds: during it, the table replicas get and the record on disk
+    both still say the rollout runs; after it, both say promoted, in the same revision."""
+    seen = {}
+
+    class Controller(RolloutController):
+        async def _move_champion(self, version: str) -> str:
+            seen["table"] = self.table()
+            seen["on_disk"] = RolloutStore(tmp_path, "m").load()
+            return ""
+
+    async def scenario():
+        ctl = Controller(str(tmp_path), "m")
+        await ctl.start(_record(gates=[]), "user")
+        await _report(ctl, {"1": "ready", "2": "ready"})
+        await ctl._tick()
+        await ctl.command("promote")
+        return ctl
+
+    ctl = asyncio.run(scenario())
+    assert (seen["table"]["stable"], seen["table"]["candidate"]) == ("1", "2")
+    assert (seen["on_disk"].phase, seen["on_disk"].stable) == ("running", "1")
+    assert seen["on_disk"].revision == seen["table"]["revision"]
+    after = RolloutStore(tmp_path, "m").load()
+    assert (after.phase, after.stable) == ("promoted", "2") and ctl.table()["stable"] == "2"
+    assert after.revision == ctl.table()["revision"]

@@ -133,9 +133,67 @@ def bind_haproxy_stats_to_loopback() -> None:
         if old not in template and new not in template:
             raise RuntimeError(f"Ray Serve's HAProxy template has no '{old}' any more")
         template = template.replace(old, new)
+    template = use_kiln_haproxy_error_file(template)
     haproxy_templates.HAPROXY_CONFIG_TEMPLATE = template
     import sys
 
     loaded = sys.modules.get("ray.serve._private.haproxy")
     if loaded is not None:  # imported before the hook ran: patch its copy too
         loaded.HAPROXY_CONFIG_TEMPLATE = template  # type: ignore[attr-defined]
+
+
+# Serve's HAProxy answers every 502/503/504 of its own (a replica that died mid-request, no replica
+# up, a timeout) with one error file: a plain-text "500 Internal Server Error". Kiln points those
+# three at its own file, whose raw HTTP response the serving layer gives in HAPROXY_ERROR_ENV.
+HAPROXY_ERROR_ENV = "KILN_HAPROXY_ERROR_RESPONSE"
+HAPROXY_ERRORFILE_LINES = tuple(
+    f"errorfile {code} {{{{ config.error_file_path }}}}" for code in (502, 503, 504)
+)
+KILN_ERROR_FILE = "kiln-error.http"
+
+
+def haproxy_error_file_env(raw_response: str) -> dict[str, str]:
+    """Environment for Serve's controller (inherited by its HAProxy manager) that makes
+    ``bind_haproxy_stats_to_loopback`` answer HAProxy's own errors with ``raw_response`` (a whole
+    HTTP/1.1 response: status line, headers, blank line, body). Base64: the value travels through
+    Ray's runtime environment, which is no place for line breaks and quotes."""
+    import base64
+
+    return {HAPROXY_ERROR_ENV: base64.b64encode(raw_response.encode()).decode()}
+
+
+def use_kiln_haproxy_error_file(template: str) -> str:
+    """``template`` with its ``errorfile 502|503|504`` lines pointing at Kiln's error file, written
+    beside HAProxy's config from ``HAPROXY_ERROR_ENV``; ``template`` unchanged when that variable is
+    not set (a process that is not Kiln's HAProxy manager). Raises RuntimeError when the template
+    no longer holds the lines it replaces.
+
+    Checked against Ray 2.60: ``HAProxyApi._initialize_directories_and_error_files`` writes
+    ``500.http`` beside ``RAY_SERVE_HAPROXY_CONFIG_FILE_LOC`` and the template's ``defaults``
+    section names it for 502, 503 and 504."""
+    import os
+
+    encoded = os.environ.get(HAPROXY_ERROR_ENV)
+    if not encoded:
+        return template
+    import base64
+
+    from ray.serve._private.constants import RAY_SERVE_HAPROXY_CONFIG_FILE_LOC
+
+    from kiln.files import atomic_write_bytes
+
+    path = os.path.join(os.path.dirname(RAY_SERVE_HAPROXY_CONFIG_FILE_LOC), KILN_ERROR_FILE)
+    data = base64.b64decode(encoded)
+    try:
+        with open(path, "rb") as f:
+            current: bytes | None = f.read()
+    except FileNotFoundError:
+        current = None
+    if current != data:  # every worker of the controller runs the hook: write once
+        atomic_write_bytes(path, data)
+    for line in HAPROXY_ERRORFILE_LINES:
+        kiln_line = line.replace("{{ config.error_file_path }}", path)
+        if line not in template and kiln_line not in template:
+            raise RuntimeError(f"Ray Serve's HAProxy template has no '{line}' any more")
+        template = template.replace(line, kiln_line)
+    return template

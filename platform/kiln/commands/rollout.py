@@ -180,6 +180,11 @@ def render_status(st) -> str:
             + (f"  (mirrored {r['shadow']:g}%)" if r.get("shadow") else "")
             + f"  step {r['step'] + 1}/{len(steps)}"
             + f"  baked {r.get('baked_s', 0):.1f}/{r['bake_s']:g}s"
+            + (
+                f"  replica restarts: {', '.join(f'v{v} {n}' for v, n in r['restarts'].items())}"
+                if r.get("restarts")
+                else ""
+            )
         )
     elif r.get("reason"):
         lines.append(f"  {r['reason']}")
@@ -188,6 +193,7 @@ def render_status(st) -> str:
             f"  v{version}: {m['requests']} req, errors {_pct(m['error_rate'])}, p50 "
             f"{_ms(m['p50_ms'])}, "
             f"p99 {_ms(m['p99_ms'])}"
+            + (f" ({m['lost']} lost with a dead replica)" if m.get("lost") else "")
             + (f", agreement {_pct(m['agreement'])}" if m.get("compared") else "")
             + "".join(f", {k} {v:.3g}" for k, v in m.get("signals", {}).items())
             + (

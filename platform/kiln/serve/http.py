@@ -11,6 +11,7 @@ from typing import Any
 from kiln.serve.protocol import ProtocolError, error_body
 
 API_KEY_HEADER = "x-api-key"
+RETRY_AFTER_S = 1  # what a client is told to wait before retrying a 503 of the ingress
 
 
 def key_digest(key: str) -> str:
@@ -84,3 +85,22 @@ def method_not_allowed(method: str, path: str, allowed: str):
     return error_response(
         f"{method} is not allowed on {path} (use {allowed})", 405, {"Allow": allowed}
     )
+
+
+def unavailable_response() -> str:
+    """The whole HTTP response the ingress (HAProxy) gives when no replica answered a request: the
+    replica died and the retry failed too, or none is up. Kiln's JSON error, 503 with
+    ``Retry-After``: the request never reached a model that answered, so it is safe to retry."""
+    body = error_body(
+        "no replica of this model answered (one died or none is up yet); retry in "
+        f"{RETRY_AFTER_S} s"
+    )
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\n"
+        "Content-Type: application/json\r\n"
+        f"Retry-After: {RETRY_AFTER_S}\r\n"
+        "Cache-Control: no-store\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "\r\n"
+    )
+    return head + body.decode()

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kiln.compat import haproxy_loopback_env
+from kiln.compat import haproxy_error_file_env, haproxy_loopback_env
 from kiln.errors import ConfigError, KilnError, ResourceError, first_line, telling_line
 from kiln.ray_connection import connected_dashboard_url
 from kiln.serve.app import (
@@ -42,6 +42,7 @@ from kiln.serve.cluster import (
     serve_running,
 )
 from kiln.serve.config import ServeConfig
+from kiln.serve.http import unavailable_response
 from kiln.serve.instance import (
     LocalRay,
     ServeState,
@@ -65,6 +66,10 @@ logger = logging.getLogger("kiln.serve")
 Progress = Callable[[str], None]
 DIRECT_INGRESS_PORTS = 256  # replica ports HAProxy mode may hand out on this node
 DRAINING_PERIOD_S = 2.0  # how long a stopping ingress replica stays open behind HAProxy
+# Attempts after the first for a request its replica dropped or refused. HAProxy counts an attempt
+# on the dead replica (refused at once) too, and leastconn favours it (it holds no connection) until
+# HAProxy marks it down: with 1, one request in about 5,000 still failed when a replica was killed.
+INGRESS_RETRIES = 3
 
 
 @dataclass
@@ -144,6 +149,23 @@ def haproxy_env(base_dir: Path) -> dict[str, str]:
         # balancer's health checks; Serve's HAProxy is told by the controller within a second, and
         # 30 s made every stop, redeploy and failed start wait half a minute per replica.
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(DRAINING_PERIOD_S),
+    }
+
+
+def haproxy_fault_env() -> dict[str, str]:
+    """Environment for Serve's HAProxy ingress that hides a replica's death from clients.
+
+    An inference request whose replica closed the connection before any answer (it died) or
+    refused it is sent again, redispatched (``retry-on conn-failure empty-response``,
+    ``retries 3``, and the template's ``option redispatch 1``); HAProxy can replay only a request
+    it still holds whole, so bodies over its buffer (16 KiB, ``RAY_SERVE_HAPROXY_TUNE_BUFSIZE``)
+    are not retried. Once an answer has started nothing is retried. What still fails (no replica
+    up, the retry failed too) is Kiln's JSON error, 503 with ``Retry-After``, instead of Serve's
+    plain-text 500 (``kiln.compat.use_kiln_haproxy_error_file``)."""
+    return {
+        "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+        "RAY_SERVE_HAPROXY_RETRIES": str(INGRESS_RETRIES),
+        **haproxy_error_file_env(unavailable_response()),
     }
 
 
@@ -291,7 +313,11 @@ def start_serving(
             # HAProxy's unix sockets live under this folder plus a 56-character node id and must fit
             # 97 bytes: a short folder of its own, removed by `kiln serve stop`.
             haproxy_dir = tempfile.mkdtemp(prefix="khap-", dir="/tmp")
-            env = {**haproxy_env(Path(haproxy_dir)), **haproxy_loopback_env()}
+            env = {
+                **haproxy_env(Path(haproxy_dir)),
+                **haproxy_loopback_env(),
+                **haproxy_fault_env(),
+            }
             controller_options = {"runtime_env": {"env_vars": env}}
         started_serve = not serve_running()
         try:

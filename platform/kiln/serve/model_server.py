@@ -176,6 +176,7 @@ class ModelServer:
             self.add_version,
             self.quality_signals,
             self.remove_version,
+            spec.run_dir,
         )
         self._reporter: asyncio.Task[None] | None = None
         # Serve runs the constructor on the replica's event loop; built elsewhere (tests): none
@@ -183,6 +184,12 @@ class ModelServer:
             self._reporter = asyncio.get_running_loop().create_task(self.rollout.run_forever())
         except RuntimeError:  # no running event loop
             pass
+
+    def __del__(self):
+        # Serve calls this when the replica stops cleanly (a killed one never gets here)
+        rollout = getattr(self, "rollout", None)
+        if rollout is not None:
+            rollout.close()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve calls this with the deployment's user_config: the batching settings, changeable in
@@ -315,6 +322,7 @@ class ModelServer:
         try:
             runner = self.runner(version if version is not None else self.route(request))
             label = runner.served.version
+            self.rollout.begin(label)  # in flight until the finally below
             check_api_key(request.headers, self.spec.api_key_sha256)
             body = await read_body(request, self.spec.max_request_bytes)
             mirror = self.rollout.mirror_to(label) if version is None else None
@@ -334,6 +342,7 @@ class ModelServer:
             latency_ms = (time.perf_counter() - started) * 1000.0
             self.metrics.request(self.spec.model_name, label, endpoint, status, latency_ms)
             if label != "-":
+                self.rollout.end(label)
                 # a request naming its version is pinned: it never moves a rollout's gates
                 self.rollout.record(label, status, latency_ms, routed=version is None)
 

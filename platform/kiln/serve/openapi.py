@@ -226,7 +226,7 @@ def openapi_document(models: list[str] | None = None, version: str = "") -> dict
         },
         "/v2/health/ready": {
             "get": {
-                "summary": "Readiness: every Kiln application running",
+                "summary": "Readiness: every served model has a replica running",
                 "tags": ["server"],
                 "responses": {"200": _json({"type": "object"}, "ready"), **_errors(503)},
             }

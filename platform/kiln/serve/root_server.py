@@ -10,7 +10,7 @@ are handed to it: the console lives above serving and is known here only as a fa
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from kiln.serve.http import error_response, json_response, method_not_allowed
@@ -20,6 +20,31 @@ CONSOLE_PATH = "/console"
 
 # (run_dir, api_key_sha256) -> an async request handler for everything under CONSOLE_PATH.
 ConsoleFactory = Callable[[str, "str | None"], Callable[[Any], Awaitable[Any]]]
+
+
+def unanswered(apps: Mapping[str, Any], app_names: list[str]) -> list[str]:
+    """The applications of ``app_names`` that cannot answer a request: not deployed, being deleted,
+    or with a deployment that has no RUNNING replica. An application whose replica died while
+    another runs answers (HAProxy sends its requests to the running one), so it is not listed while
+    Serve starts the replacement (its status is then UPDATING or UNHEALTHY for seconds)."""
+    unready = []
+    for name in app_names:
+        app = apps.get(name)
+        if (
+            app is None
+            or app.status in ("NOT_STARTED", "DELETING")
+            or not app.deployments
+            or any(_running(d.replica_states) < 1 for d in app.deployments.values())
+        ):
+            unready.append(name)
+    return unready
+
+
+def _running(replica_states: Mapping[Any, int]) -> int:
+    # Serve's keys are ReplicaState members (a str enum); compare their values
+    return sum(
+        n for state, n in replica_states.items() if getattr(state, "value", state) == "RUNNING"
+    )
 
 
 class RootServer:
@@ -41,18 +66,13 @@ class RootServer:
         self.console = console(run_dir, api_key_sha256) if console is not None else None
 
     def not_ready(self) -> list[str]:
-        """Kiln applications that are not RUNNING (cached briefly: health checks come often)."""
+        """Kiln applications with no replica answering (``unanswered``; cached briefly: health
+        checks come often)."""
         now = time.monotonic()
         if self._ready is None or now - self._ready[0] > READY_CACHE_S:
             from ray import serve
 
-            apps = serve.status().applications
-            pending = [
-                name
-                for name in self.app_names
-                if name not in apps or apps[name].status != "RUNNING"
-            ]
-            self._ready = (now, pending)
+            self._ready = (now, unanswered(serve.status().applications, self.app_names))
         return self._ready[1]
 
     async def __call__(self, request):

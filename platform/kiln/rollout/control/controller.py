@@ -17,6 +17,8 @@ import time
 from typing import Any
 
 from kiln.errors import first_line
+from kiln.rollout.core.actors import actor_fate
+from kiln.rollout.core.inflight import journal_path, read_journal
 from kiln.rollout.core.routing import RoutingTable
 from kiln.rollout.core.spec import parse_gate
 from kiln.rollout.core.stats import VersionWindow, metrics_of
@@ -31,7 +33,11 @@ IDLE_TICK_S = 1.0
 class RolloutController:
     """Ray actor class (made remote by ``kiln.rollout.control.api.controller_for``)."""
 
+    # What Ray says of a replica that stopped reporting (the unit tests give a fixed answer)
+    fate = staticmethod(actor_fate)
+
     def __init__(self, run_dir: str, model: str):
+        self.run_dir = run_dir
         self.store = RolloutStore(run_dir, model)
         self.record: RolloutRecord | None = self.store.load()
         self.replicas: dict[
@@ -43,6 +49,22 @@ class RolloutController:
         self.last_decision: dict[str, Any] = {}
         self._loop: asyncio.Task | None = None
         self._last_tick = 0.0
+        # Replicas with an in-flight file, as this controller starts: those that never report are
+        # checked like replicas that stopped reporting (one may have died while no controller ran)
+        started = time.monotonic()
+        self._unseen = {
+            path.stem: started for path in journal_path(run_dir, model, "-").parent.glob("*.bin")
+        }
+        if self.record is not None and _reconstructed():
+            r = self.record
+            # Ray restarted this actor after its process died: the record on disk is what survived
+            self._audit(
+                "restart",
+                "fault",
+                f"the rollout controller restarted (its process died); record reloaded: {r.phase}"
+                + (f", step {r.step}, {r.baked_s:.1f}s of {r.bake_s:g}s baked" if r.active else ""),
+                extra={"fault": "controller_restart", "baked_s": r.baked_s},
+            )
 
     def _current(self) -> RolloutRecord:
         """The record, in the code paths that run only once a rollout was started."""
@@ -56,6 +78,7 @@ class RolloutController:
         """A replica's statistics since its last report; returns the routing table (None: no rollout
         yet)."""
         self._ensure_loop()
+        self._unseen.pop(payload["replica"], None)
         self.replicas[payload["replica"]] = {
             "seen": time.monotonic(),
             "ready": payload.get("ready", {}),
@@ -196,6 +219,7 @@ class RolloutController:
             else 0.0
         )
         self._last_tick = now
+        await self._find_lost_replicas()  # their requests in flight go into this window
         window, self.window = self.window, {}
         metrics = {v: metrics_of(w) for v, w in window.items()}
         self.last_metrics = {v: m.to_dict() for v, m in metrics.items()}
@@ -208,7 +232,10 @@ class RolloutController:
         gates = {}
         for expr in r.gates:
             gate = parse_gate(expr)
-            value = candidate.value(gate.signal) if candidate else None
+            if gate.signal == "restarts":  # counted over the whole rollout, never "no data"
+                value: float | None = float(r.restarts.get(r.candidate or "", 0))
+            else:
+                value = candidate.value(gate.signal) if candidate else None
             gates[gate.expr] = {"value": value, "ok": gate.check(value)}
         self.last_gates = gates
         failed = [
@@ -235,6 +262,61 @@ class RolloutController:
             self._changed("advance", "auto", f"step {r.step} baked with every gate passing", gates)
         else:
             await self._promote("auto", "every step baked with every gate passing", gates)
+
+    async def _find_lost_replicas(self) -> None:
+        """Replicas that stopped reporting: ask Ray whether each is dead. A dead one's requests in
+        flight (its in-flight file) are errors of their versions in this interval, and a restart
+        of each version it was answering; the death goes to the audit log with its cause. A
+        replica Serve stopped on purpose with nothing in flight (scale-down, redeploy) is just
+        forgotten."""
+        now = time.monotonic()
+        for rid, since in list(self._unseen.items()):
+            if now - since >= REPLICA_STALE_S:  # never reported to this controller
+                del self._unseen[rid]
+                self.replicas.setdefault(rid, {"seen": since, "ready": {}})
+        for rid, info in list(self.replicas.items()):
+            if (
+                now - info["seen"] < REPLICA_STALE_S
+                or now - info.get("asked", 0.0) < REPLICA_STALE_S
+            ):
+                continue
+            info["asked"] = now
+            try:
+                fate = await asyncio.to_thread(self.fate, rid)
+            except Exception as exc:  # the state API unreachable: ask again later
+                logger.warning(
+                    "kiln rollout: state of replica %s unknown: %s", rid, first_line(exc)
+                )
+                continue
+            if fate.alive:
+                continue  # slow to report (a long request, a loaded node), not gone
+            del self.replicas[rid]
+            path = journal_path(self.run_dir, self.store.model, rid)
+            lost = read_journal(path)
+            path.unlink(missing_ok=True)
+            if fate.intended and not lost:
+                continue
+            for version, n in lost.items():
+                self.window.setdefault(version, VersionWindow()).record_lost(n)
+            r = self.record
+            if r is None:
+                continue
+            if r.active:
+                for version in lost:
+                    r.restarts[version] = r.restarts.get(version, 0) + 1
+                self._save()
+            in_flight = ", ".join(f"v{v}: {n}" for v, n in sorted(lost.items())) or "none"
+            self._audit(
+                "replica_lost",
+                "fault",
+                f"replica {rid[:12]} died ({fate.cause}); requests in flight: {in_flight}",
+                extra={
+                    "fault": "replica_death",
+                    "replica": rid,
+                    "cause": fate.cause,
+                    "in_flight": lost,
+                },
+            )
 
     def _check_ready(self) -> None:
         """Preparing: start step 0 once every live replica has loaded and smoke-checked the
@@ -267,22 +349,34 @@ class RolloutController:
 
     async def _promote(self, trigger: str, reason: str, gates: dict | None = None) -> None:
         r = self._current()
-        if r.candidate is None or r.candidate_uri is None:
+        candidate, candidate_uri, revision = r.candidate, r.candidate_uri, r.revision
+        if candidate is None or candidate_uri is None:
             raise RuntimeError(f"no candidate to promote in the rollout of '{r.model}'")
+        # The registry alias moves first (seconds): until the record changes, the routing table
+        # replicas get is the old one, so record on disk and routing never disagree; the record is
+        # saved in the same step as the change replicas read (no await in between).
+        alias = await self._move_champion(candidate)
+        if self.record is not r or r.revision != revision:  # a command came in meanwhile
+            await self._move_champion(r.stable)
+            return
         r.previous, r.previous_uri = r.stable, r.stable_uri
-        r.stable, r.stable_uri = r.candidate, r.candidate_uri
+        r.stable, r.stable_uri = candidate, candidate_uri
         r.phase, r.weight, r.reason, r.finished_at = Phase.PROMOTED, 0.0, reason, time.time()
-        alias = await self._move_champion(r.stable)
         self._changed("promote", trigger, reason + alias, gates)
 
     async def _undo_promotion(self, trigger: str) -> None:
         r = self._current()
-        if r.previous is None or r.previous_uri is None:
+        previous, previous_uri, revision = r.previous, r.previous_uri, r.revision
+        if previous is None or previous_uri is None:
             raise RuntimeError(f"no previous version of '{r.model}' to return to")
+        alias = await self._move_champion(previous)  # first: see _promote
+        if self.record is not r or r.revision != revision:
+            await self._move_champion(r.stable)
+            return
         demoted = r.stable
         r.stable, r.stable_uri, r.previous, r.previous_uri = (
-            r.previous,
-            r.previous_uri,
+            previous,
+            previous_uri,
             r.stable,
             r.stable_uri,
         )
@@ -291,7 +385,6 @@ class RolloutController:
             f"promotion of v{demoted} undone by hand",
             time.time(),
         )
-        alias = await self._move_champion(r.stable)
         self._changed("rollback", trigger, r.reason + alias)
 
     def _roll_back(self, trigger: str, reason: str, gates: dict | None = None) -> None:
@@ -314,14 +407,25 @@ class RolloutController:
         return f"; alias 'champion' -> {r.registered_name} v{version}"
 
     def _changed(self, decision: str, trigger: str, reason: str, gates: dict | None = None) -> None:
+        self._commit()
+        self._audit(decision, trigger, reason, gates)
+
+    def _commit(self) -> None:
+        """A new revision of the record, saved: the routing table replicas get comes from it."""
         self._current().revision += 1
         self._save()
-        self._audit(decision, trigger, reason, gates)
 
     def _save(self) -> None:
         self.store.save(self._current())
 
-    def _audit(self, decision: str, trigger: str, reason: str, gates: dict | None = None) -> None:
+    def _audit(
+        self,
+        decision: str,
+        trigger: str,
+        reason: str,
+        gates: dict | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         r = self._current()
         weights = {r.stable: round(100.0 - r.weight, 3)}
         if r.candidate and r.active:
@@ -336,8 +440,18 @@ class RolloutController:
             "trigger": trigger,
             "reason": reason,
             "metrics": self.last_metrics,
+            **(extra or {}),
         }
         self.last_decision = self.store.audit(entry)
+
+
+def _reconstructed() -> bool:
+    """Whether this actor is a restart by Ray (its earlier process died), not its first start."""
+    import ray
+
+    if not ray.is_initialized():  # built outside Ray (unit tests)
+        return False
+    return bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
 
 def _fmt(value: float | None) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 
 from kiln.errors import first_line
 from kiln.rollout.core.actors import find_controller
+from kiln.rollout.core.inflight import InflightJournal, journal_path
 from kiln.rollout.core.routing import Router, RoutingTable
 from kiln.rollout.core.stats import VersionWindow
 
@@ -40,6 +41,7 @@ class RolloutAgent:
         load: Callable[[str, str], Awaitable[None]],
         signals: Callable[[str], dict[str, float]],
         unload: Callable[[str], None] = lambda version: None,
+        run_dir: str | None = None,
     ):
         self.model = model
         self.default_version = default_version
@@ -58,6 +60,13 @@ class RolloutAgent:
         self._looked_at = 0.0
         self._replica_id = _replica_id()
         self._warned = 0.0
+        # requests in flight per version, in a file that outlives this process (its death is then
+        # counted against the versions it was answering)
+        self.inflight: InflightJournal | None = (
+            InflightJournal(journal_path(run_dir, model, self._replica_id))
+            if run_dir and self._replica_id != "local"
+            else None
+        )
 
     # --- the request path -----------------------------------------------------------------------
 
@@ -86,6 +95,21 @@ class RolloutAgent:
         ):
             return None
         return table.candidate if self.router.mirror(table) else None
+
+    def begin(self, version: str) -> None:
+        """A client request to ``version`` starts (``end`` when it has its answer)."""
+        if self.inflight is not None:
+            self.inflight.begin(version)
+
+    def end(self, version: str) -> None:
+        if self.inflight is not None:
+            self.inflight.end(version)
+
+    def close(self) -> None:
+        """The replica stops cleanly: nothing of it is left in flight."""
+        if self.inflight is not None:
+            self.inflight.close()
+            self.inflight = None
 
     def record(self, version: str, status: int, latency_ms: float, routed: bool = True) -> None:
         """Count a request answered by ``version``; ``routed`` False for one that named its version

@@ -29,7 +29,9 @@ STRATEGIES = tuple(s.value for s in Strategy)
 # signals (issue 8: input drift, out-of-distribution rate) come from
 # ``ModelServer.quality_signals``; until a replica reports one, a gate on it has no data and holds
 # the step.
-LIVE_SIGNALS = ("error_rate", "p50_ms", "p99_ms", "agreement")
+# ``restarts``: deaths of replicas while they were answering the candidate, over the whole rollout
+# (counted by the controller from the replicas' in-flight files).
+LIVE_SIGNALS = ("error_rate", "p50_ms", "p99_ms", "agreement", "restarts")
 QUALITY_SIGNALS = ("drift", "ood_rate")
 KNOWN_SIGNALS = LIVE_SIGNALS + QUALITY_SIGNALS
 DEFAULT_GATES = ("error_rate<0.01",)

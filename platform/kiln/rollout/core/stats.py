@@ -33,6 +33,14 @@ class VersionWindow:
     agreed: int = 0
     signals: dict[str, float] = field(default_factory=dict)  # quality signals (mean over replicas)
     signal_reports: int = 0
+    lost: int = 0  # requests in flight in a replica that died: errors seen outside any replica
+
+    def record_lost(self, requests: int) -> None:
+        """Count requests a dead replica was answering: each is an error of this version (its
+        client got an error, or the ingress retried it elsewhere)."""
+        self.lost += requests
+        self.requests += requests
+        self.errors += requests
 
     def record(self, status: int, latency_ms: float, routed: bool = True) -> None:
         """Count one answered request; ``routed``: the rollout chose this version (not pinned)."""
@@ -67,6 +75,7 @@ class VersionWindow:
         self.client_errors += other.client_errors
         self.compared += other.compared
         self.agreed += other.agreed
+        self.lost += other.lost
         for value in other.latency_ms:
             self._sample(value)
         if other.signals:  # running mean over the replicas that reported the signal
@@ -98,6 +107,7 @@ class VersionMetrics:
     signals: dict[str, float]
     pinned: int = 0  # shown, never gated
     client_errors: int = 0
+    lost: int = 0  # of ``errors``: requests lost with a dead replica (counted by the controller)
 
     def value(self, signal: str) -> float | None:
         if signal in ("error_rate", "p50_ms", "p99_ms", "agreement"):
@@ -129,4 +139,5 @@ def metrics_of(window: VersionWindow) -> VersionMetrics:
         signals=dict(window.signals),
         pinned=window.pinned,
         client_errors=window.client_errors,
+        lost=window.lost,
     )

@@ -71,6 +71,9 @@ class RolloutRecord:
     previous: str | None = None  # the stable version before the last promotion (for rollback)
     previous_uri: str | None = None
     revision: int = 0
+    # version -> replica deaths with requests of it in flight, during this rollout (the restarts
+    # gate signal; kept in the record so that a restarted controller goes on counting)
+    restarts: dict[str, int] = field(default_factory=dict)
 
     @property
     def active(self) -> bool:

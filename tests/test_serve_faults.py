@@ -1,0 +1,214 @@
+"""A replica's death under load, on the default ingress (HAProxy), against a real served app.
+
+One app serves the digits model with 2 replicas on the session's Ray instance. Four clients post
+unversioned infer requests while a fifth polls ``/v2/health/ready``; the test SIGKILLs one replica
+by the process id Ray reports for it (a process this test's serving started). The ingress retries
+the requests the replica dropped on the other replica (usually every request is answered 200), no
+request gets an HTTP error, and the server stays ready. With both replicas killed, what fails is
+Kiln's JSON 503 with ``Retry-After``, never Serve's plain-text 500.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import last_json, run_kiln
+from kiln.waiting import wait_until
+from served_models import digits_raw, free_port, uint8_infer_body
+
+pytestmark = pytest.mark.slow  # starts an app of 2 replicas and waits for Serve to replace one
+MODEL = "digits"
+APP = f"kiln-{MODEL}"
+CLIENTS = 4
+IMAGES = digits_raw(8)
+
+
+def infer_body(i: int) -> str:
+    return uint8_infer_body(IMAGES[i % len(IMAGES)])
+
+
+@dataclass
+class Traffic:
+    """CLIENTS threads posting infer requests and one polling readiness, until stopped."""
+
+    url: str
+    answers: list[tuple[int, str]] = field(default_factory=list)  # (status, content type)
+    ready: list[int] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __enter__(self) -> Traffic:
+        self._threads = [
+            threading.Thread(target=self._client, args=(c,), daemon=True) for c in range(CLIENTS)
+        ]
+        self._threads.append(threading.Thread(target=self._prober, daemon=True))
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)
+
+    def _client(self, client: int) -> None:
+        session, i = requests.Session(), client
+        while not self._stop.is_set():
+            i += CLIENTS
+            try:
+                resp = session.post(
+                    f"{self.url}/v2/models/{MODEL}/infer", data=infer_body(i), timeout=60
+                )
+                answer = (resp.status_code, resp.headers.get("content-type", ""))
+            except requests.RequestException as exc:
+                answer = (0, type(exc).__name__)
+            self.answers.append(answer)
+
+    def _prober(self) -> None:
+        session = requests.Session()
+        while not self._stop.is_set():
+            try:
+                status = session.get(f"{self.url}/v2/health/ready", timeout=30).status_code
+            except requests.RequestException:
+                status = 0
+            self.ready.append(status)
+            self._stop.wait(0.1)
+
+
+def replica_pids(address: str) -> dict[str, int]:
+    """The model's live Serve replicas: actor name -> process id (as Ray reports them)."""
+    from ray.util.state import list_actors
+
+    return {
+        a.name: a.pid
+        for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000)
+        if a.name and a.name.startswith(f"SERVE_REPLICA::{APP}#") and a.pid
+    }
+
+
+def running_replicas() -> int:
+    from ray import serve
+
+    app = serve.status().applications.get(APP)
+    if app is None:
+        return 0
+    return sum(
+        n
+        for d in app.deployments.values()
+        for state, n in d.replica_states.items()
+        if getattr(state, "value", state) == "RUNNING"
+    )
+
+
+def kill(pid: int) -> None:
+    """SIGKILL a replica process this test's serving started (checked: a Ray worker of ours)."""
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    assert f"ServeReplica:{APP}" in cmdline, cmdline
+    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, registry, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("faults-serving")
+    env = {"MLFLOW_TRACKING_URI": registry.tracking_uri}
+    proc = run_kiln(
+        "serve",
+        "start",
+        registry.uris["fp32-cnn"],
+        "--port",
+        str(free_port()),
+        "serve.deployment.replicas=2",
+        "serve.deployment.num_cpus=0.25",
+        "--address",
+        ray_cluster,
+        "--run-dir",
+        str(run_dir),
+        "--json",
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    yield last_json(proc.stdout)
+    run_kiln("serve", "stop", "--address", ray_cluster, "--run-dir", str(run_dir), timeout=300)
+
+
+def test_a_replica_killed_under_load_fails_at_most_its_requests_in_flight_and_stays_ready(
+    served, ray_cluster
+):
+    url = served["url"]
+    wait_until(lambda: len(replica_pids(ray_cluster)) == 2, 60, "both replicas to be listed")
+    with Traffic(url) as traffic:
+        wait_until(lambda: len(traffic.answers) >= 40, 60, "40 answers before the kill")
+        victim_name, victim = next(iter(replica_pids(ray_cluster).items()))
+        kill(victim)
+        killed_at = len(traffic.answers)
+        # until Serve has started a replacement and it runs (the window in which Serve reports the
+        # app as not RUNNING), and then some more traffic on both replicas
+        wait_until(
+            lambda: (
+                len(pids := replica_pids(ray_cluster)) == 2
+                and victim_name not in pids
+                and running_replicas() == 2
+            ),
+            120,
+            "Serve to replace the killed replica",
+            interval=0.5,
+        )
+        settled = len(traffic.answers)
+        wait_until(lambda: len(traffic.answers) >= settled + 40, 60, "40 answers after it")
+    failed = [a for a in traffic.answers if a[0] != 200]
+    print(  # the figures BENCHMARKS.md (Faults) quotes; shown with pytest -s
+        f"replica SIGKILL under load: {len(traffic.answers)} requests ({killed_at} before the "
+        f"kill), {len(failed)} not 200; ready polled {len(traffic.ready)} times, "
+        f"{sum(1 for r in traffic.ready if r != 200)} not 200"
+    )
+    assert len(traffic.answers) > killed_at + 40
+    # Zero is the aim and the usual outcome; in 2 of 7 runs one request (of about 4,000) had its
+    # connection closed with no answer (HAProxy dropping a request sent on its pooled connection to
+    # the dead replica; issue 17 keeps it open). Never an HTTP error, never more than in flight.
+    assert all(status == 0 for status, _ in failed), failed[:5]
+    assert len(failed) <= CLIENTS, f"{len(failed)} of {len(traffic.answers)} requests failed"
+    assert traffic.ready and set(traffic.ready) == {200}, sorted(set(traffic.ready))
+
+
+def test_with_every_replica_dead_a_request_gets_kilns_json_503_not_plain_text(served, ray_cluster):
+    url = served["url"]
+    wait_until(lambda: running_replicas() == 2, 120, "both replicas running")
+    for pid in replica_pids(ray_cluster).values():
+        kill(pid)
+    t0 = time.monotonic()
+    # HAProxy may drop the first request sent on its pooled connection to a dead replica without
+    # an answer (no replica left for the retry): README, "When a replica dies"; the next requests
+    # find the replicas refusing connections and get the ingress's own answer
+    resp, closed = None, 0
+    while resp is None and closed < 5:
+        try:
+            resp = requests.post(f"{url}/v2/models/{MODEL}/infer", data=infer_body(0), timeout=60)
+        except requests.ConnectionError:
+            closed += 1
+    # Serve needs seconds to load a replacement; a quicker one would make this check vacuous
+    assert time.monotonic() - t0 < 30
+    assert resp is not None, f"{closed} requests closed with no answer"
+    # never Serve's plain-text 500: Kiln's 503, or (HAProxy's retries outlasting the outage through
+    # its fallback to Serve's proxy) an answer by the replacement (seen once with retries 3)
+    assert resp.status_code in (200, 503), (resp.status_code, resp.text)
+    assert resp.headers["content-type"] == "application/json"
+    if resp.status_code == 503:
+        assert int(resp.headers["retry-after"]) >= 1
+        assert "no replica of this model answered" in resp.json()["error"]
+    not_ready = requests.get(f"{url}/v2/health/ready", timeout=30)
+    wait_until(lambda: running_replicas() >= 1, 120, "a replacement replica")
+    assert not_ready.status_code in (200, 503)  # racing the replacement; the JSON is what counts
+    assert not_ready.headers["content-type"] == "application/json"
+    wait_until(
+        lambda: requests.get(f"{url}/v2/health/ready", timeout=30).status_code == 200,
+        60,
+        "the server to be ready again",
+    )

@@ -1,0 +1,122 @@
+"""Units of the serving path's fault handling: server readiness from Serve's replica states, and
+the ingress's own error answer (the HAProxy error file Kiln writes, checked by HAProxy itself)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from ray.serve._private.common import DeploymentStatus, DeploymentStatusTrigger, ReplicaState
+from ray.serve.schema import ApplicationStatus, ApplicationStatusOverview, DeploymentStatusOverview
+
+from kiln.serve.root_server import unanswered
+
+
+def app(status: ApplicationStatus, *replicas: dict[ReplicaState, int]) -> ApplicationStatusOverview:
+    deployments = {
+        f"d{i}": DeploymentStatusOverview(
+            status=DeploymentStatus.HEALTHY,
+            status_trigger=DeploymentStatusTrigger.CONFIG_UPDATE_COMPLETED,
+            replica_states=states,
+            message="",
+        )
+        for i, states in enumerate(replicas)
+    }
+    return ApplicationStatusOverview(
+        status=status, message="", last_deployed_time_s=0.0, deployments=deployments
+    )
+
+
+def test_an_app_with_one_running_replica_answers_while_serve_replaces_the_other():
+    apps = {
+        "kiln": app(ApplicationStatus.RUNNING, {ReplicaState.RUNNING: 1}),
+        # one of two replicas died: Serve reports the app as not RUNNING while it starts another
+        "kiln-a": app(
+            ApplicationStatus.DEPLOYING, {ReplicaState.RUNNING: 1, ReplicaState.STARTING: 1}
+        ),
+        "kiln-b": app(ApplicationStatus.UNHEALTHY, {ReplicaState.RUNNING: 1}),
+    }
+    assert unanswered(apps, ["kiln", "kiln-a", "kiln-b"]) == []
+
+
+def test_an_app_without_a_running_replica_or_not_deployed_does_not_answer():
+    apps = {
+        "kiln": app(ApplicationStatus.RUNNING, {ReplicaState.RUNNING: 1}),
+        "kiln-a": app(ApplicationStatus.DEPLOYING, {ReplicaState.STARTING: 2}),
+        "kiln-b": app(ApplicationStatus.DELETING, {ReplicaState.RUNNING: 1}),
+        "kiln-c": app(ApplicationStatus.RUNNING),  # no deployment listed
+        "kiln-d": app(ApplicationStatus.RUNNING, {ReplicaState.RUNNING: 1}, {}),
+    }
+    names = ["kiln", "kiln-a", "kiln-b", "kiln-c", "kiln-d", "kiln-e"]
+    assert unanswered(apps, names) == ["kiln-a", "kiln-b", "kiln-c", "kiln-d", "kiln-e"]
+
+
+@pytest.fixture
+def kiln_error_file(tmp_path, monkeypatch):
+    """The HAProxy template after Kiln's hook, as the HAProxy manager of a Kiln instance sees it
+    (its config folder under tmp_path); yields (template, error file path)."""
+    import importlib
+
+    from ray.serve._private import constants, haproxy_templates
+
+    from kiln.compat import (
+        HAPROXY_ERRORFILE_LINES,
+        KILN_ERROR_FILE,
+        haproxy_error_file_env,
+        use_kiln_haproxy_error_file,
+    )
+    from kiln.serve.http import unavailable_response
+
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", str(tmp_path / "haproxy.cfg"))
+    for name, value in haproxy_error_file_env(unavailable_response()).items():
+        monkeypatch.setenv(name, value)
+    importlib.reload(constants)  # Ray reads its variables at import, as in a fresh worker
+    try:
+        original = haproxy_templates.HAPROXY_CONFIG_TEMPLATE
+        for line in HAPROXY_ERRORFILE_LINES:
+            assert line in original  # Ray 2.60 still answers 502/503/504 with its one file
+        patched = use_kiln_haproxy_error_file(original)
+        assert use_kiln_haproxy_error_file(patched) == patched  # idempotent
+        yield patched, tmp_path / KILN_ERROR_FILE
+    finally:
+        monkeypatch.undo()
+        importlib.reload(constants)
+
+
+def test_the_ingress_answers_its_own_errors_with_kilns_json_503(kiln_error_file):
+    import json
+
+    import jinja2
+
+    template, path = kiln_error_file
+    jinja2.Environment().parse(template)  # still a template
+    for code in (502, 503, 504):
+        assert f"errorfile {code} {path}" in template
+    raw = path.read_bytes()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    assert lines[0] == "HTTP/1.1 503 Service Unavailable"
+    assert headers["Content-Type"] == "application/json"
+    assert int(headers["Retry-After"]) >= 1 and int(headers["Content-Length"]) == len(body)
+    assert "replica" in json.loads(body)["error"]
+
+
+def test_haproxy_itself_accepts_the_error_file(kiln_error_file, tmp_path):
+    """HAProxy parses error files when it loads its config: check it as Serve's HAProxy would
+    (``-c`` only checks the config: nothing binds)."""
+    from ray.serve._private.haproxy import get_haproxy_binary
+
+    _, path = kiln_error_file
+    config = tmp_path / "check.cfg"
+    config.write_text(
+        "defaults\n  mode http\n  timeout connect 1s\n  timeout client 1s\n  timeout server 1s\n"
+        "  retry-on conn-failure empty-response\n  retries 1\n  option redispatch 1\n"
+        + "".join(f"  errorfile {code} {path}\n" for code in (502, 503, 504))
+        + "frontend f\n  bind 127.0.0.1:8080\n  default_backend b\n"
+        "backend b\n  server s 127.0.0.1:9\n"
+    )
+    check = subprocess.run(
+        [get_haproxy_binary(), "-c", "-f", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
