@@ -6,7 +6,9 @@
       'haproxy' (the default: HAProxy on loopback, straight to the replica) and 'proxy' (Ray
       Serve's Python proxy, kept as an option), one phase each (one Kiln instance at a time, with
       (a) and (d) measured again in each phase),
-  (d) a plain FastAPI + uvicorn app serving the same model (bench/fastapi_baseline.py).
+  (d) a plain FastAPI + uvicorn app serving the same model (bench/fastapi_baseline.py),
+  (e) kiln serve over gRPC (the KServe v2 service, tritonclient.grpc.aio, the tensor sent raw), the
+      deployment of (b): REST vs gRPC side by side.
 
 Models: the small digits CNN (8x8 inputs) and ResNet-18 on 64x64 RGB inputs (batch-1 compute
 dominates). Weights are random: latency does not depend on them. Every request is the same OIP JSON
@@ -39,7 +41,9 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "platform"))
 
-from loadgen import LoadResult, percentile, run_load  # noqa: E402
+from loadgen import LoadResult, percentile, run_grpc_load, run_load  # noqa: E402
+
+GRPC = "grpc"  # a configuration measured over gRPC: (GRPC, host:port, model name)
 
 # name -> (architecture, input shape [C, H, W], builder kwargs, intra-op threads). ResNet-18 keeps
 # torchvision's ImageNet stem (stride-2 conv + max pool) at 64x64: batch-1 compute (~40 ms)
@@ -119,8 +123,13 @@ def register_models(run_dir: Path) -> tuple[str, dict[str, str], dict[str, Path]
     return uri, uris, dirs
 
 
+def input_for(shape: list[int], seed: int = 0) -> np.ndarray:
+    """One request's raw UINT8 image (the same for REST and gRPC)."""
+    return np.random.default_rng(seed).integers(0, 256, size=[1, *shape], dtype=np.uint8)
+
+
 def body_for(shape: list[int], seed: int = 0) -> bytes:
-    x = np.random.default_rng(seed).integers(0, 256, size=[1, *shape], dtype=np.uint8)
+    x = input_for(shape, seed)
     return json.dumps(
         {
             "inputs": [
@@ -330,6 +339,12 @@ def main() -> int:
                         server["url"],
                         "/v2/models/{model}-nobatch/infer",
                     ),
+                    # the same deployment as (b), over gRPC (KServe v2, tritonclient.grpc.aio)
+                    f"(e) kiln serve gRPC, batching, {ingress}": (
+                        GRPC,
+                        server["grpc_url"],
+                        "{model}-batch",
+                    ),
                 }
                 measure(configs, dirs, rounds, scale, ingress, results)
             finally:
@@ -363,10 +378,20 @@ def measure(
     """Every configuration, every concurrency, ``rounds`` times interleaved; results keyed
     model|label|phase|c."""
     for model, (_, shape, _, threads) in MODELS.items():
-        body = body_for(shape)
+        body, x = body_for(shape), input_for(shape)
+
+        def load(
+            target, concurrency: int, n: int, seconds: float, model=model, body=body, x=x
+        ) -> LoadResult:
+            if target[0] == GRPC:
+                return run_grpc_load(
+                    target[1], target[2].format(model=model), x, concurrency, n, seconds
+                )
+            return run_load(target[0], target[1].format(model=model), body, concurrency, n, seconds)
+
         for target in configs.values():  # warm up every path (first requests load and compile)
             if target:
-                run_load(target[0], target[1].format(model=model), body, 4, 40, 30.0)
+                load(target, 4, 40, 30.0)
         for r in range(rounds):
             for label, target in configs.items():
                 for concurrency, max_requests, max_seconds in BOUNDS[model]:
@@ -376,14 +401,7 @@ def measure(
                             dirs[model], shape, threads, concurrency, n, max_seconds * scale + 1
                         )
                     else:
-                        res = run_load(
-                            target[0],
-                            target[1].format(model=model),
-                            body,
-                            concurrency,
-                            n,
-                            max_seconds * scale + 1,
-                        )
+                        res = load(target, concurrency, n, max_seconds * scale + 1)
                     results.setdefault(f"{model}|{label}|{phase}|{concurrency}", []).append(
                         res.to_dict()
                     )
@@ -438,6 +456,15 @@ def report(summary: dict[str, dict], info: dict) -> None:
             f"p50 at c=1: (b) - (d) = {get(m, b, 1, 'p50_ms') - get(m, d, 1, 'p50_ms'):+.2f} ms "
             "(target <= 1)"
         )
+        e = f"(e) kiln serve gRPC, batching, {phase}"
+        for m in MODELS:
+            print(
+                f"  [{phase}] {m}: gRPC vs REST (e)/(b): p50 at c=1 "
+                f"{get(m, e, 1, 'p50_ms'):.2f} vs {get(m, b, 1, 'p50_ms'):.2f} ms (target: no "
+                f"worse), p99 {get(m, e, 1, 'p99_ms'):.1f} vs {get(m, b, 1, 'p99_ms'):.1f} ms; "
+                "throughput at c=32 "
+                f"{get(m, e, 32, 'throughput') / get(m, b, 32, 'throughput'):.2f}x"
+            )
         m = "resnet18-64"
         print(
             f"  [{phase}] resnet18: (b)/(c) throughput at c=32 = "
