@@ -35,6 +35,20 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[index]
 
 
+def summarize(concurrency: int, latencies: list[float], errors: int, elapsed: float) -> LoadResult:
+    """A run's result from its answered requests' latencies (seconds)."""
+    latencies.sort()
+    return LoadResult(
+        concurrency=concurrency,
+        requests=len(latencies),
+        errors=errors,
+        seconds=round(elapsed, 3),
+        throughput=len(latencies) / elapsed,
+        p50_ms=percentile(latencies, 0.5) * 1000,
+        p99_ms=percentile(latencies, 0.99) * 1000,
+    )
+
+
 async def _read_response(reader: asyncio.StreamReader) -> int:
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head[9:12])
@@ -95,17 +109,7 @@ async def _run(
             for _ in range(concurrency)
         )
     )
-    elapsed = time.perf_counter() - started
-    latencies.sort()
-    return LoadResult(
-        concurrency=concurrency,
-        requests=len(latencies),
-        errors=errors[0],
-        seconds=round(elapsed, 3),
-        throughput=len(latencies) / elapsed,
-        p50_ms=percentile(latencies, 0.5) * 1000,
-        p99_ms=percentile(latencies, 0.99) * 1000,
-    )
+    return summarize(concurrency, latencies, errors[0], time.perf_counter() - started)
 
 
 def http_request(host: str, path: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
@@ -165,17 +169,7 @@ async def _run_grpc(
                 latencies.append(time.perf_counter() - t)
 
         await asyncio.gather(*(one_client() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    latencies.sort()
-    return LoadResult(
-        concurrency=concurrency,
-        requests=len(latencies),
-        errors=errors[0],
-        seconds=round(elapsed, 3),
-        throughput=len(latencies) / elapsed,
-        p50_ms=percentile(latencies, 0.5) * 1000,
-        p99_ms=percentile(latencies, 0.99) * 1000,
-    )
+        return summarize(concurrency, latencies, errors[0], time.perf_counter() - started)
 
 
 def run_grpc_load(

@@ -17,6 +17,7 @@ from served_models import digits_raw, free_port, iris_rows, serve_args
 KEY_ENV = "KILN_TEST_GRPC_KEY"
 API_KEY = "grpc-test-key"
 MAX_ROWS = 64
+MAX_BYTES = 64 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +31,7 @@ def app(ray_cluster, registry):
             registry.uris["fp32-cnn"],
             registry.uris["fp32-mlp"],
             f"serve.limits.max_rows={MAX_ROWS}",
+            f"serve.max_request_bytes={MAX_BYTES}",
             "--port",
             str(free_port()),
             "--api-key-env",
@@ -140,6 +142,11 @@ def test_errors_map_to_grpc_status_codes(client):
     many = digits_raw(MAX_ROWS + 1)  # over serve.limits.max_rows
     assert (
         grpc_code(lambda: client.infer("digits", [digits_input(many)], headers=KEY))
+        == grpc.StatusCode.RESOURCE_EXHAUSTED
+    )
+    big = np.zeros((1, 1, 300, 300), np.uint8)  # 90 KB: over serve.max_request_bytes
+    assert (
+        grpc_code(lambda: client.infer("digits", [digits_input(big)], headers=KEY))
         == grpc.StatusCode.RESOURCE_EXHAUSTED
     )
 

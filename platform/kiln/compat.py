@@ -124,11 +124,44 @@ HAPROXY_GRPC_KILN_DEFAULT = (
 )
 
 
+# The interface Serve's gRPC ingress servers bind (set by Kiln in the environment of Serve's
+# controller and of its replicas: Serve's ``host``); Ray 2.60 binds them to ``[::]``.
+GRPC_BIND_HOST_ENV = "KILN_SERVE_GRPC_HOST"
+
+
 def serve_process_setup() -> None:
-    """The worker-process setup hook of Serve's controller and the actors it starts (HAProxy's
-    manager, the proxies): ``bind_haproxy_stats_to_loopback`` and ``route_grpc_by_model``."""
+    """The worker-process setup hook of Serve's controller, the actors it starts (HAProxy's
+    manager, the proxies) and Kiln's replicas: ``bind_haproxy_stats_to_loopback``,
+    ``route_grpc_by_model``, ``bind_grpc_ingress_to_host``."""
     bind_haproxy_stats_to_loopback()
     route_grpc_by_model()
+    bind_grpc_ingress_to_host()
+
+
+def bind_grpc_ingress_to_host() -> None:
+    """Make Serve's gRPC ingress servers (each ingress replica's under HAProxy, the Python proxy's)
+    listen on ``$KILN_SERVE_GRPC_HOST`` instead of every interface; nothing when it is unset.
+    Idempotent.
+
+    Checked against Ray 2.60: ``ray.serve._private.grpc_util.start_grpc_server`` imports
+    ``default_impl.add_grpc_address`` when it runs and passes it ``"[::]:PORT"``."""
+    import os
+
+    from ray.serve._private import default_impl
+
+    host = os.environ.get(GRPC_BIND_HOST_ENV)
+    original = default_impl.add_grpc_address
+    if not host or getattr(original, "_kiln", False):
+        return
+    shown = f"[{host}]" if ":" in host else host
+
+    def add_grpc_address(grpc_server, server_address: str) -> None:
+        if server_address.startswith("[::]:"):
+            server_address = f"{shown}:{server_address.rsplit(':', 1)[1]}"
+        original(grpc_server, server_address)
+
+    add_grpc_address._kiln = True  # type: ignore[attr-defined]
+    default_impl.add_grpc_address = add_grpc_address
 
 
 def route_grpc_by_model() -> None:

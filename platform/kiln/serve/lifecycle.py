@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kiln.compat import haproxy_loopback_env, serve_grpc_port
+from kiln.compat import GRPC_BIND_HOST_ENV, haproxy_loopback_env, serve_grpc_port
 from kiln.errors import ConfigError, KilnError, ResourceError, first_line, telling_line
 from kiln.ray_connection import connected_dashboard_url
 from kiln.serve.app import (
@@ -293,7 +293,7 @@ def start_serving(
         grpc_options = grpc_serving_options(cfg)
         # Serve's controller and the actors it starts (HAProxy's manager, the proxies) run Kiln's
         # setup hook (kiln.compat): HAProxy's stats on loopback, gRPC calls routed to Kiln's apps.
-        env = {**haproxy_loopback_env(), **grpc_limit_env(cfg)}
+        env = {**haproxy_loopback_env(), **grpc_process_env(cfg)}
         if cfg.ingress == "haproxy":
             # HAProxy's unix sockets live under this folder plus a 56-character node id and must fit
             # 97 bytes: a short folder of its own, removed by `kiln serve stop`.
@@ -318,7 +318,7 @@ def start_serving(
             hooks.retrainer,
             dashboard if hooks.retrainer is not None else None,
             hooks.console,
-            grpc_limit_env(cfg) if grpc_options is not None else None,
+            grpc_process_env(cfg) if grpc_options is not None else None,
         )
         deployed = [t.name for t in targets]
         progress(f"deploying {len(plan.models)} model(s) on Ray Serve at {gcs}")
@@ -399,11 +399,16 @@ def grpc_serving_options(cfg: ServeConfig) -> Any:
     )
 
 
-def grpc_limit_env(cfg: ServeConfig) -> dict[str, str]:
-    """Ray Serve's gRPC servers take messages of up to 2 GiB by default; Kiln's take what
-    ``serve.max_request_bytes`` allows (a larger message is refused before it is read whole).
-    For the environment of Serve's controller (its proxies) and of every ingress replica."""
-    return {GRPC_MESSAGE_SIZE_ENV: str(cfg.max_request_bytes)}
+def grpc_process_env(cfg: ServeConfig) -> dict[str, str]:
+    """For the environment of Serve's controller (its proxies) and of every ingress replica:
+    Kiln's setup hook (kiln.compat), the host Serve's gRPC servers bind (``serve.host``, where
+    Ray would bind every interface), and their largest message: Ray's 2 GiB by default, Kiln's
+    ``serve.max_request_bytes`` (a larger message is refused before it is read whole)."""
+    return {
+        **haproxy_loopback_env(),
+        GRPC_BIND_HOST_ENV: cfg.host,
+        GRPC_MESSAGE_SIZE_ENV: str(cfg.max_request_bytes),
+    }
 
 
 def _check_grpc(cfg: ServeConfig, options: Any) -> int | None:
