@@ -211,8 +211,8 @@ def _set_haproxy_template(template: str) -> None:
 
 def haproxy_loopback_env() -> dict[str, str]:
     """Environment variables for Serve's controller (``controller_options["runtime_env"]``, which
-    takes ``env_vars`` only) that run ``bind_haproxy_stats_to_loopback`` in it and in the actors
-    it starts, the HAProxy manager among them.
+    takes ``env_vars`` only) and Kiln's replicas, that run ``serve_process_setup`` in them and in
+    the actors the controller starts (the HAProxy manager, the proxies).
 
     Checked against Ray 2.60: a ``worker_process_setup_hook`` given as a module path is carried by
     the reserved variable ``ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR``
