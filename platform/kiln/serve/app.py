@@ -79,7 +79,7 @@ def build_applications(
     the replicas' retraining loops (passed only when ``serve.monitor.retrain`` is set); they submit
     jobs to ``dashboard_url`` unless the policy names a Jobs API. ``console`` builds the root app's
     handler of ``/console/`` (with the run dir and the API key's digest). ``replica_env`` joins
-    every replica's environment (the gRPC message size bound)."""
+    the model replicas' environment (Kiln's setup hook, the gRPC host and message bound)."""
     from ray import serve
     from ray.serve import Deployment, RunTarget
 
@@ -97,10 +97,10 @@ def build_applications(
     root = cast(Deployment, serve.deployment(RootServer)).options(
         name="RootServer",
         num_replicas=1,
-        ray_actor_options={
-            "num_cpus": 0,
-            **({"runtime_env": {"env_vars": replica_env}} if replica_env else {}),
-        },
+        # No runtime_env of its own: it inherits the Serve controller's environment (Kiln's setup
+        # hook, the gRPC host and message bound; tests/test_serve_local.py sees its gRPC port on
+        # loopback), and a replica with its own needs a dedicated worker, slower to start.
+        ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=256,
     )
     bound = root.bind(
