@@ -457,7 +457,7 @@ def report(summary: dict[str, dict], info: dict) -> None:
             f"{s['p99_ms']:.1f} |"
         )
     print("\ntargets (the default ingress, haproxy; the proxy option beside it):")
-    for phase in ("haproxy", "proxy"):
+    for phase in dict.fromkeys(key.split("|")[2] for key in summary):  # the phases measured
 
         def get(model, label, c, field, phase=phase):
             return summary.get(f"{model}|{label}|{phase}|{c}", {}).get(field, float("nan"))
