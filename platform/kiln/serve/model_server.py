@@ -383,8 +383,8 @@ class ModelServer:
     async def grpc_forwarded(
         self, method: str, payload: bytes, headers: dict[str, str]
     ) -> tuple[bytes, int, str]:
-        """A gRPC call the root app forwards by handle (one that reached it, not this app: a
-        request too large for HAProxy to read its model's name, or the Python proxy's ingress).
+        """A gRPC call the root app forwards by handle (one that reached the root app, not this
+        one: through the Python proxy's ingress, or from a client that named the root app).
         Returns (the serialized response, HTTP-style status, message)."""
         if method == "ModelInfer":
             reply, status, message = await self.grpc_infer(
