@@ -35,6 +35,20 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[index]
 
 
+def summarize(concurrency: int, latencies: list[float], errors: int, elapsed: float) -> LoadResult:
+    """A run's result from its answered requests' latencies (seconds)."""
+    latencies.sort()
+    return LoadResult(
+        concurrency=concurrency,
+        requests=len(latencies),
+        errors=errors,
+        seconds=round(elapsed, 3),
+        throughput=len(latencies) / elapsed,
+        p50_ms=percentile(latencies, 0.5) * 1000,
+        p99_ms=percentile(latencies, 0.99) * 1000,
+    )
+
+
 async def _read_response(reader: asyncio.StreamReader) -> int:
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head[9:12])
@@ -95,17 +109,7 @@ async def _run(
             for _ in range(concurrency)
         )
     )
-    elapsed = time.perf_counter() - started
-    latencies.sort()
-    return LoadResult(
-        concurrency=concurrency,
-        requests=len(latencies),
-        errors=errors[0],
-        seconds=round(elapsed, 3),
-        throughput=len(latencies) / elapsed,
-        p50_ms=percentile(latencies, 0.5) * 1000,
-        p99_ms=percentile(latencies, 0.99) * 1000,
-    )
+    return summarize(concurrency, latencies, errors[0], time.perf_counter() - started)
 
 
 def http_request(host: str, path: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
@@ -132,3 +136,96 @@ def run_load(
         raise ValueError(f"this load generator only targets loopback, not {host}")
     request = http_request(host, path, body, headers)
     return asyncio.run(_run(host, int(port), request, concurrency, max_requests, max_seconds))
+
+
+async def _run_grpc(
+    url: str,
+    model: str,
+    x,
+    concurrency: int,
+    max_requests: int,
+    max_seconds: float,
+) -> LoadResult:
+    import tritonclient.grpc.aio as tca
+
+    latencies: list[float] = []
+    errors = [0]
+    budget = [max_requests]
+    async with tca.InferenceServerClient(url) as client:
+        tensor = tca.InferInput("input", list(x.shape), "UINT8")
+        tensor.set_data_from_numpy(x)
+        started = time.perf_counter()
+        deadline = started + max_seconds
+
+        async def one_client() -> None:
+            while budget[0] > 0 and time.perf_counter() < deadline:
+                budget[0] -= 1
+                t = time.perf_counter()
+                try:
+                    await client.infer(model, [tensor])
+                except Exception:  # noqa: BLE001  (any failed call counts as an error)
+                    errors[0] += 1
+                    continue
+                latencies.append(time.perf_counter() - t)
+
+        await asyncio.gather(*(one_client() for _ in range(concurrency)))
+        return summarize(concurrency, latencies, errors[0], time.perf_counter() - started)
+
+
+def run_grpc_load(
+    url: str, model: str, x, concurrency: int, max_requests: int, max_seconds: float
+) -> LoadResult:
+    """Closed-loop load over gRPC (KServe v2 ModelInfer through tritonclient.grpc.aio, one channel
+    shared by ``concurrency`` callers, as a tritonclient user would), the UINT8 tensor ``x`` sent
+    raw. ``url`` is HOST:PORT on loopback."""
+    if url.split(":")[0] not in ("127.0.0.1", "localhost"):
+        raise ValueError(f"this load generator only targets loopback, not {url}")
+    return asyncio.run(_run_grpc(url, model, x, concurrency, max_requests, max_seconds))
+
+
+async def _run_grpc_raw(
+    url: str, request: bytes, concurrency: int, max_requests: int, max_seconds: float
+) -> LoadResult:
+    import grpc
+
+    latencies: list[float] = []
+    errors = [0]
+    budget = [max_requests]
+    async with grpc.aio.insecure_channel(url) as channel:
+        # bytes in, bytes out: no client-side protobuf or numpy work per call
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        started = time.perf_counter()
+        deadline = started + max_seconds
+
+        async def one_client() -> None:
+            while budget[0] > 0 and time.perf_counter() < deadline:
+                budget[0] -= 1
+                t = time.perf_counter()
+                try:
+                    await call(request)
+                except grpc.RpcError:
+                    errors[0] += 1
+                    continue
+                latencies.append(time.perf_counter() - t)
+
+        await asyncio.gather(*(one_client() for _ in range(concurrency)))
+        return summarize(concurrency, latencies, errors[0], time.perf_counter() - started)
+
+
+def run_grpc_raw_load(
+    url: str, model: str, x, concurrency: int, max_requests: int, max_seconds: float
+) -> LoadResult:
+    """Closed-loop load over gRPC with a minimal client, as ``run_load`` is for HTTP: one prebuilt
+    serialized ModelInferRequest (tritonclient's message, ``x`` raw), sent as bytes on one grpc.aio
+    channel. Measures the server's gRPC path with as little client CPU as possible."""
+    from tritonclient.grpc import service_pb2
+
+    if url.split(":")[0] not in ("127.0.0.1", "localhost"):
+        raise ValueError(f"this load generator only targets loopback, not {url}")
+    msg = service_pb2.ModelInferRequest(model_name=model)
+    tensor = msg.inputs.add(name="input", datatype="UINT8")
+    tensor.shape.extend(x.shape)
+    msg.raw_input_contents.append(x.tobytes())
+    return asyncio.run(
+        _run_grpc_raw(url, msg.SerializeToString(), concurrency, max_requests, max_seconds)
+    )

@@ -2,10 +2,12 @@
 directly.
 
 One digits CNN (random weights, registered twice: v1 and v2) served by `kiln serve start` (a local
-Ray instance, the chosen ingress). Configurations, each measured at concurrency 1 (latency) and 8:
+Ray instance, the chosen ingress: HAProxy on loopback by default, as `kiln serve start`).
+Configurations, each measured at concurrency 1 (latency) and 8:
 
   (a) direct: POST /v2/models/M/versions/1/infer (the version named in the path, no routing
-  decision) (b) routed, no rollout: POST /v2/models/M/infer (the default version)
+      decision)
+  (b) routed, no rollout: POST /v2/models/M/infer (the default version)
   (c) routed, canary at 50% (v1 -> v2), no sticky header: a weighted choice per request
   (d) routed, canary at 50% with a sticky header (a hash of the header value per request)
   (e) routed, shadow mirroring 100% of requests to v2 (the mirrored call runs after the answer)
@@ -18,7 +20,7 @@ every phase and the added latency is each configuration's p50/p99 minus (a)'s in
 over interleaved rounds (medians), because the machine is shared. The load generator
 (bench/loadgen.py) runs in this process, on loopback only, bounded in requests and time.
 
-    PYTHONPATH=platform python bench/rollout_latency.py [--rounds 5] [--ingress proxy|haproxy]
+    PYTHONPATH=platform python bench/rollout_latency.py [--rounds 5] [--ingress haproxy|proxy]
     [--quick]
 """
 
@@ -181,7 +183,12 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--ingress", choices=["proxy", "haproxy"], default="proxy")
+    parser.add_argument(
+        "--ingress",
+        choices=["haproxy", "proxy"],
+        default="haproxy",
+        help="Kiln's ingress: 'haproxy' (the default of kiln serve start) or 'proxy' (the option)",
+    )
     parser.add_argument(
         "--quick", action="store_true", help="two rounds, a quarter of the requests"
     )

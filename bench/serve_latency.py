@@ -6,7 +6,10 @@
       'haproxy' (the default: HAProxy on loopback, straight to the replica) and 'proxy' (Ray
       Serve's Python proxy, kept as an option), one phase each (one Kiln instance at a time, with
       (a) and (d) measured again in each phase),
-  (d) a plain FastAPI + uvicorn app serving the same model (bench/fastapi_baseline.py).
+  (d) a plain FastAPI + uvicorn app serving the same model (bench/fastapi_baseline.py),
+  (e) kiln serve over gRPC (the KServe v2 service, tritonclient.grpc.aio, the tensor sent raw), the
+      deployment of (b): REST vs gRPC side by side; (f) the same with a minimal gRPC client (one
+      prebuilt request's bytes on a grpc.aio channel), as light as the HTTP load generator.
 
 Models: the small digits CNN (8x8 inputs) and ResNet-18 on 64x64 RGB inputs (batch-1 compute
 dominates). Weights are random: latency does not depend on them. Every request is the same OIP JSON
@@ -14,7 +17,7 @@ body. The configurations are measured in interleaved rounds (medians reported) b
 is shared. The load generator (bench/loadgen.py) runs in this process, on loopback only, bounded in
 requests and time.
 
-    PYTHONPATH=platform python bench/serve_latency.py [--rounds 3] [--quick]
+    PYTHONPATH=platform python bench/serve_latency.py [--rounds 3] [--quick] [--ingress haproxy]
 """
 
 from __future__ import annotations
@@ -39,7 +42,16 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "platform"))
 
-from loadgen import LoadResult, percentile, run_load  # noqa: E402
+from loadgen import (  # noqa: E402
+    LoadResult,
+    percentile,
+    run_grpc_load,
+    run_grpc_raw_load,
+    run_load,
+)
+
+GRPC = "grpc"  # a configuration measured over gRPC: (GRPC, host:port, model name)
+GRPC_RAW = "grpc-raw"  # the same with the minimal client (prebuilt request bytes)
 
 # name -> (architecture, input shape [C, H, W], builder kwargs, intra-op threads). ResNet-18 keeps
 # torchvision's ImageNet stem (stride-2 conv + max pool) at 64x64: batch-1 compute (~40 ms)
@@ -119,8 +131,13 @@ def register_models(run_dir: Path) -> tuple[str, dict[str, str], dict[str, Path]
     return uri, uris, dirs
 
 
+def input_for(shape: list[int], seed: int = 0) -> np.ndarray:
+    """One request's raw UINT8 image (the same for REST and gRPC)."""
+    return np.random.default_rng(seed).integers(0, 256, size=[1, *shape], dtype=np.uint8)
+
+
 def body_for(shape: list[int], seed: int = 0) -> bytes:
-    x = np.random.default_rng(seed).integers(0, 256, size=[1, *shape], dtype=np.uint8)
+    x = input_for(shape, seed)
     return json.dumps(
         {
             "inputs": [
@@ -295,6 +312,11 @@ def main() -> int:
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="one round, a quarter of the requests")
+    parser.add_argument(
+        "--ingress",
+        default="haproxy,proxy",
+        help="the ingress modes to measure, one phase each (default: haproxy,proxy)",
+    )
     parser.add_argument("--out", default=str(HERE / "out" / "serve_latency.json"))
     args = parser.parse_args()
     rounds = 1 if args.quick else args.rounds
@@ -314,7 +336,7 @@ def main() -> int:
     try:
         # One Kiln instance at a time: an idle Ray instance still takes CPU on a 2-core machine, so
         # each phase measures one ingress mode beside (a) and (d), in interleaved rounds.
-        for ingress in ("haproxy", "proxy"):
+        for ingress in args.ingress.split(","):
             run_dir = work / f"run-{ingress}"
             server = start_kiln(config, run_dir, tracking_uri, ingress)
             print(f"phase {ingress}: kiln serve at {server['url']}", flush=True)
@@ -329,6 +351,18 @@ def main() -> int:
                     f"(c) kiln serve, no batching, {ingress}": (
                         server["url"],
                         "/v2/models/{model}-nobatch/infer",
+                    ),
+                    # the same deployment as (b), over gRPC (KServe v2, tritonclient.grpc.aio)
+                    f"(e) kiln serve gRPC, batching, {ingress}": (
+                        GRPC,
+                        server["grpc_url"],
+                        "{model}-batch",
+                    ),
+                    # (e) with a client as light as the HTTP load generator's (prebuilt bytes)
+                    f"(f) kiln serve gRPC raw client, {ingress}": (
+                        GRPC_RAW,
+                        server["grpc_url"],
+                        "{model}-batch",
                     ),
                 }
                 measure(configs, dirs, rounds, scale, ingress, results)
@@ -363,10 +397,19 @@ def measure(
     """Every configuration, every concurrency, ``rounds`` times interleaved; results keyed
     model|label|phase|c."""
     for model, (_, shape, _, threads) in MODELS.items():
-        body = body_for(shape)
+        body, x = body_for(shape), input_for(shape)
+
+        def load(
+            target, concurrency: int, n: int, seconds: float, model=model, body=body, x=x
+        ) -> LoadResult:
+            if target[0] in (GRPC, GRPC_RAW):
+                run = run_grpc_load if target[0] == GRPC else run_grpc_raw_load
+                return run(target[1], target[2].format(model=model), x, concurrency, n, seconds)
+            return run_load(target[0], target[1].format(model=model), body, concurrency, n, seconds)
+
         for target in configs.values():  # warm up every path (first requests load and compile)
             if target:
-                run_load(target[0], target[1].format(model=model), body, 4, 40, 30.0)
+                load(target, 4, 40, 30.0)
         for r in range(rounds):
             for label, target in configs.items():
                 for concurrency, max_requests, max_seconds in BOUNDS[model]:
@@ -376,14 +419,7 @@ def measure(
                             dirs[model], shape, threads, concurrency, n, max_seconds * scale + 1
                         )
                     else:
-                        res = run_load(
-                            target[0],
-                            target[1].format(model=model),
-                            body,
-                            concurrency,
-                            n,
-                            max_seconds * scale + 1,
-                        )
+                        res = load(target, concurrency, n, max_seconds * scale + 1)
                     results.setdefault(f"{model}|{label}|{phase}|{concurrency}", []).append(
                         res.to_dict()
                     )
@@ -421,7 +457,7 @@ def report(summary: dict[str, dict], info: dict) -> None:
             f"{s['p99_ms']:.1f} |"
         )
     print("\ntargets (the default ingress, haproxy; the proxy option beside it):")
-    for phase in ("haproxy", "proxy"):
+    for phase in dict.fromkeys(key.split("|")[2] for key in summary):  # the phases measured
 
         def get(model, label, c, field, phase=phase):
             return summary.get(f"{model}|{label}|{phase}|{c}", {}).get(field, float("nan"))
@@ -438,6 +474,21 @@ def report(summary: dict[str, dict], info: dict) -> None:
             f"p50 at c=1: (b) - (d) = {get(m, b, 1, 'p50_ms') - get(m, d, 1, 'p50_ms'):+.2f} ms "
             "(target <= 1)"
         )
+        e = f"(e) kiln serve gRPC, batching, {phase}"
+        f = f"(f) kiln serve gRPC raw client, {phase}"
+        for m in MODELS:
+            print(
+                f"  [{phase}] {m}: gRPC raw client vs REST (f)/(b): p50 at c=1 "
+                f"{get(m, f, 1, 'p50_ms'):.2f} vs {get(m, b, 1, 'p50_ms'):.2f} ms, throughput at "
+                f"c=32 {get(m, f, 32, 'throughput') / get(m, b, 32, 'throughput'):.2f}x"
+            )
+            print(
+                f"  [{phase}] {m}: gRPC vs REST (e)/(b): p50 at c=1 "
+                f"{get(m, e, 1, 'p50_ms'):.2f} vs {get(m, b, 1, 'p50_ms'):.2f} ms (target: no "
+                f"worse), p99 {get(m, e, 1, 'p99_ms'):.1f} vs {get(m, b, 1, 'p99_ms'):.1f} ms; "
+                "throughput at c=32 "
+                f"{get(m, e, 32, 'throughput') / get(m, b, 32, 'throughput'):.2f}x"
+            )
         m = "resnet18-64"
         print(
             f"  [{phase}] resnet18: (b)/(c) throughput at c=32 = "

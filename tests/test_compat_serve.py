@@ -65,3 +65,55 @@ def test_the_setup_hook_variable_is_the_one_ray_workers_read():
     from kiln.compat import HAPROXY_LOOPBACK_HOOK, haproxy_loopback_env
 
     assert export_setup_func_module({}, HAPROXY_LOOPBACK_HOOK)["env_vars"] == haproxy_loopback_env()
+
+
+def test_grpc_routing_rules_in_haproxy_template_after_the_hook():
+    """The hook adds Kiln's gRPC rules to Serve's HAProxy template (a model RPC to its model's
+    application, the rest to the root app) and still renders; fails when Ray's template no longer
+    has the lines it anchors on."""
+    import jinja2
+    from ray.serve._private import haproxy_templates, proxy_router
+
+    from kiln.compat import (
+        HAPROXY_GRPC_DEFAULT,
+        HAPROXY_GRPC_ROUTE_ANCHOR,
+        HAPROXY_GRPC_ROUTE_RULES,
+        route_grpc_by_model,
+    )
+
+    original = haproxy_templates.HAPROXY_CONFIG_TEMPLATE
+    lookup = proxy_router.ProxyRouter.get_handle_for_endpoint
+    assert original.count(HAPROXY_GRPC_ROUTE_ANCHOR) == 1
+    assert original.count(HAPROXY_GRPC_DEFAULT) == 1
+    try:
+        route_grpc_by_model()
+        patched = haproxy_templates.HAPROXY_CONFIG_TEMPLATE
+        route_grpc_by_model()  # idempotent
+        assert haproxy_templates.HAPROXY_CONFIG_TEMPLATE == patched
+        assert patched.count(HAPROXY_GRPC_ROUTE_RULES) == 1
+        assert HAPROXY_GRPC_DEFAULT not in patched
+        env = jinja2.Environment()
+        env.parse(patched)
+        # the root app's backend becomes the gRPC frontend's default among several apps
+        frontend = patched[patched.index(HAPROXY_GRPC_ROUTE_ANCHOR) :]
+        frontend = frontend[: frontend.index("{%- set backend = grpc_fallback_backend_with")]
+
+        class Backend:
+            def __init__(self, name, app_name):
+                self.name, self.app_name = name, app_name
+
+        text = env.from_string(frontend + "{%- endif %}").render(
+            grpc_backends=[Backend("b1", "kiln-digits"), Backend("b0", "kiln")],
+            grpc_fallback_backend_with_health_config=None,
+        )
+        assert "default_backend b0" in text
+    finally:
+        haproxy_templates.HAPROXY_CONFIG_TEMPLATE = original
+        proxy_router.ProxyRouter.get_handle_for_endpoint = lookup
+
+
+def test_kiln_app_names_in_compat_match_the_serve_apps():
+    from kiln.compat import KILN_MODEL_APP_PREFIX, KILN_ROOT_APP
+    from kiln.serve.app import MODEL_APP_PREFIX, ROOT_APP
+
+    assert (KILN_ROOT_APP, KILN_MODEL_APP_PREFIX) == (ROOT_APP, MODEL_APP_PREFIX)

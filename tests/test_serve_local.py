@@ -71,6 +71,7 @@ def test_local_instance_outlives_the_cli_and_stops_cleanly(registry, tmp_path):
         pid = info["local_ray_pid"]
         assert info["url"] == f"http://127.0.0.1:{port}" and info["ingress"] == "haproxy"
         assert info["metrics_url"].startswith("http://127.0.0.1:")
+        assert info["grpc_url"].startswith("127.0.0.1:")  # OIP over gRPC, on loopback too
         assert_loopback_only(pid)
         state = json.loads((run_dir / "serve" / "state.json").read_text())
         assert state["local_ray"]["pid"] == pid and pid_alive(

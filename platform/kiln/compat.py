@@ -60,6 +60,24 @@ def serve_http_address() -> tuple[str, int] | None:
     return str(http.host), int(http.port)
 
 
+def serve_grpc_port() -> int | None:
+    """The port of Ray Serve's gRPC ingress on the connected cluster; None when Serve does not run
+    there or serves no gRPC (no servicer functions).
+
+    Checked against Ray 2.60: as for ``serve_http_address`` (no public API), the controller
+    client's actor handle (``ServeControllerClient._controller``) answers ``get_grpc_config``."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return None
+    grpc = ray.get(client._controller.get_grpc_config.remote())
+    if not grpc.grpc_servicer_functions or grpc.port <= 0:
+        return None
+    return int(grpc.port)
+
+
 # --- Ray Tune ----------------------------------------------------------------------------------
 # RecordingASHA keeps its own copies of ASHA's settings instead of reading private attributes.
 
@@ -100,13 +118,130 @@ HAPROXY_ALL_INTERFACE_BINDS = (
     ("bind *:{{ config.stats_port }}", "bind 127.0.0.1:{{ config.stats_port }}"),
     ("bind :{{ config.metrics_port }}", "bind 127.0.0.1:{{ config.metrics_port }}"),
 )
-HAPROXY_LOOPBACK_HOOK = "kiln.compat.bind_haproxy_stats_to_loopback"
+HAPROXY_LOOPBACK_HOOK = "kiln.compat.serve_process_setup"
+
+# Kiln's Serve applications (kiln.serve.app: the root app and one per model, named by prefix), as
+# the gRPC routing below needs them (tests/test_compat_serve.py checks that they agree).
+KILN_ROOT_APP = "kiln"
+KILN_MODEL_APP_PREFIX = "kiln-"
+OIP_MODEL_RPCS = tuple(
+    f"/inference.GRPCInferenceService/{m}" for m in ("ModelInfer", "ModelMetadata", "ModelReady")
+)
+# Ray 2.60's HAProxy gRPC frontend routes on the ``application`` metadata only, and with several
+# applications a call without it is answered NOT_FOUND. Kiln's rules, before Ray's: a KServe v2
+# call that names a model (its request's field 1, read from the body without decoding the rest,
+# behind the 5-byte gRPC frame header; a body larger than HAProxy's buffer still has it in its
+# first bytes) is sent to that model's application; everything else (server RPCs, a model that
+# is not served) to Kiln's root application.
+HAPROXY_GRPC_ROUTE_ANCHOR = (
+    "    # Route per-app on the `application` metadata that Ray Serve clients attach.\n"
+)
+HAPROXY_GRPC_ROUTE_RULES = (
+    "    # Kiln: KServe v2 model RPCs routed by the model's name (kiln.compat)\n"
+    "    option http-buffer-request\n"
+    f"    acl kiln_model_rpc path {' '.join(OIP_MODEL_RPCS)}\n"
+    "    acl kiln_has_application req.hdr(application) -m found\n"
+    f"    http-request set-header application {KILN_MODEL_APP_PREFIX}"
+    "%[req.body,bytes(5),protobuf(1)] if kiln_model_rpc !kiln_has_application\n"
+)
+HAPROXY_GRPC_DEFAULT = "    default_backend default_grpc_backend\n{%- endif %}"
+HAPROXY_GRPC_KILN_DEFAULT = (
+    "{%- set kiln_root = grpc_backends | selectattr('app_name', 'equalto', "
+    f"'{KILN_ROOT_APP}') | list %}}\n"
+    "    default_backend {{ (kiln_root[0].name or 'unknown') if kiln_root "
+    "else 'default_grpc_backend' }}\n{%- endif %}"
+)
+
+
+# The interface Serve's gRPC ingress servers bind (set by Kiln in the environment of Serve's
+# controller and of its replicas: Serve's ``host``); Ray 2.60 binds them to ``[::]``.
+GRPC_BIND_HOST_ENV = "KILN_SERVE_GRPC_HOST"
+
+
+def serve_process_setup() -> None:
+    """The worker-process setup hook of Serve's controller, the actors it starts (HAProxy's
+    manager, the proxies) and Kiln's replicas: ``bind_haproxy_stats_to_loopback``,
+    ``route_grpc_by_model``, ``bind_grpc_ingress_to_host``."""
+    bind_haproxy_stats_to_loopback()
+    route_grpc_by_model()
+    bind_grpc_ingress_to_host()
+
+
+def bind_grpc_ingress_to_host() -> None:
+    """Make Serve's gRPC ingress servers (each ingress replica's under HAProxy, the Python proxy's)
+    listen on ``$KILN_SERVE_GRPC_HOST`` instead of every interface; nothing when it is unset.
+    Idempotent.
+
+    Checked against Ray 2.60: ``ray.serve._private.grpc_util.start_grpc_server`` imports
+    ``default_impl.add_grpc_address`` when it runs and passes it ``"[::]:PORT"``."""
+    import os
+
+    from ray.serve._private import default_impl
+
+    host = os.environ.get(GRPC_BIND_HOST_ENV)
+    original = default_impl.add_grpc_address
+    if not host or getattr(original, "_kiln", False):
+        return
+    shown = f"[{host}]" if ":" in host else host
+
+    def add_grpc_address(grpc_server, server_address: str) -> None:
+        if server_address.startswith("[::]:"):
+            server_address = f"{shown}:{server_address.rsplit(':', 1)[1]}"
+        original(grpc_server, server_address)
+
+    add_grpc_address._kiln = True  # type: ignore[attr-defined]
+    default_impl.add_grpc_address = add_grpc_address
+
+
+def route_grpc_by_model() -> None:
+    """Let a KServe v2 gRPC client that sends no ``application`` metadata (tritonclient) reach
+    Kiln: HAProxy's gRPC frontend sends a model RPC to the model's application and the rest to the
+    root application (the template rules above); Serve's Python gRPC proxy (``ingress: proxy``)
+    sends a call whose application it cannot match to the root application, which forwards model
+    RPCs by handle. Idempotent. Raises RuntimeError when Ray's code no longer has what it patches.
+
+    Checked against Ray 2.60: ``haproxy_templates.HAPROXY_CONFIG_TEMPLATE`` (the gRPC frontend),
+    ``proxy_router.ProxyRouter.get_handle_for_endpoint`` (the Python proxy's lookup by app)."""
+    from ray.serve._private import haproxy_templates, proxy_router
+
+    template = haproxy_templates.HAPROXY_CONFIG_TEMPLATE
+    if HAPROXY_GRPC_ROUTE_RULES not in template:
+        for needed in (HAPROXY_GRPC_ROUTE_ANCHOR, HAPROXY_GRPC_DEFAULT):
+            if template.count(needed) != 1:
+                raise RuntimeError(f"Ray Serve's HAProxy template changed: {needed.strip()!r}")
+        template = template.replace(
+            HAPROXY_GRPC_ROUTE_ANCHOR, HAPROXY_GRPC_ROUTE_RULES + HAPROXY_GRPC_ROUTE_ANCHOR
+        ).replace(HAPROXY_GRPC_DEFAULT, HAPROXY_GRPC_KILN_DEFAULT)
+        _set_haproxy_template(template)
+
+    router = proxy_router.ProxyRouter
+    original = router.get_handle_for_endpoint
+    if getattr(original, "_kiln", False):
+        return
+
+    def get_handle_for_endpoint(self, target_app_name: str):
+        found = original(self, target_app_name)
+        return found if found is not None else original(self, KILN_ROOT_APP)
+
+    get_handle_for_endpoint._kiln = True  # type: ignore[attr-defined]
+    router.get_handle_for_endpoint = get_handle_for_endpoint  # type: ignore[method-assign]
+
+
+def _set_haproxy_template(template: str) -> None:
+    from ray.serve._private import haproxy_templates
+
+    haproxy_templates.HAPROXY_CONFIG_TEMPLATE = template
+    import sys
+
+    loaded = sys.modules.get("ray.serve._private.haproxy")
+    if loaded is not None:  # imported before the hook ran: patch its copy too
+        loaded.HAPROXY_CONFIG_TEMPLATE = template  # type: ignore[attr-defined]
 
 
 def haproxy_loopback_env() -> dict[str, str]:
     """Environment variables for Serve's controller (``controller_options["runtime_env"]``, which
-    takes ``env_vars`` only) that run ``bind_haproxy_stats_to_loopback`` in it and in the actors
-    it starts, the HAProxy manager among them.
+    takes ``env_vars`` only) and Kiln's replicas, that run ``serve_process_setup`` in them and in
+    the actors the controller starts (the HAProxy manager, the proxies).
 
     Checked against Ray 2.60: a ``worker_process_setup_hook`` given as a module path is carried by
     the reserved variable ``ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR``
@@ -134,12 +269,7 @@ def bind_haproxy_stats_to_loopback() -> None:
             raise RuntimeError(f"Ray Serve's HAProxy template has no '{old}' any more")
         template = template.replace(old, new)
     template = use_kiln_haproxy_error_file(template)
-    haproxy_templates.HAPROXY_CONFIG_TEMPLATE = template
-    import sys
-
-    loaded = sys.modules.get("ray.serve._private.haproxy")
-    if loaded is not None:  # imported before the hook ran: patch its copy too
-        loaded.HAPROXY_CONFIG_TEMPLATE = template  # type: ignore[attr-defined]
+    _set_haproxy_template(template)
 
 
 # Serve's HAProxy answers every 502/503/504 of its own (a replica that died mid-request, no replica

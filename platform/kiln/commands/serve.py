@@ -208,6 +208,8 @@ def _start(args) -> int:
             args,
             f"infer endpoints need the API key from ${serve_cfg.api_key_env} (header X-API-Key)",
         )
+    if info.grpc_url:
+        say(args, f"gRPC     {info.grpc_url}  (KServe v2 GRPCInferenceService)")
     if info.metrics_url:
         say(args, f"metrics  {info.metrics_url}")
     if info.console_url:
@@ -252,6 +254,8 @@ def _status(args) -> int:
         )
     if st.metrics_url:
         say(args, f"metrics  {st.metrics_url}")
+    if st.grpc_url:
+        say(args, f"gRPC     {st.grpc_url}")
     if st.console_url:
         say(args, f"console  {st.console_url}")
     for error in st.errors:  # stderr under --json: the JSON line stays as documented

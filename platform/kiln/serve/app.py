@@ -34,12 +34,12 @@ def model_route(model: str) -> str:
     return f"/v2/models/{model}"
 
 
-def deployment_options(model: ModelPlan) -> dict[str, Any]:
+def deployment_options(model: ModelPlan, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     """``serve.deployment(...).options`` for a model: replicas or autoscaling, CPUs, batching
-    (user_config)."""
+    (user_config); ``extra_env`` joins the replicas' environment."""
     d = model.deployment
     actor: dict[str, Any] = {"num_cpus": d.num_cpus}
-    env_vars: dict[str, str] = {}
+    env_vars: dict[str, str] = dict(extra_env or {})
     if d.threads:
         env_vars["OMP_NUM_THREADS"] = str(d.threads)
     # The operator's builder allow-list reaches the replicas that load (and roll out) versions.
@@ -73,11 +73,13 @@ def build_applications(
     retrainer: RetrainerFactory | None = None,
     dashboard_url: str | None = None,
     console: ConsoleFactory | None = None,
+    replica_env: dict[str, str] | None = None,
 ) -> list[Any]:
     """The ``RunTarget``s to deploy: the root app first, then one per model. ``retrainer`` builds
     the replicas' retraining loops (passed only when ``serve.monitor.retrain`` is set); they submit
     jobs to ``dashboard_url`` unless the policy names a Jobs API. ``console`` builds the root app's
-    handler of ``/console/`` (with the run dir and the API key's digest)."""
+    handler of ``/console/`` (with the run dir and the API key's digest). ``replica_env`` joins
+    the model replicas' environment (Kiln's setup hook, the gRPC host and message bound)."""
     from ray import serve
     from ray.serve import Deployment, RunTarget
 
@@ -95,10 +97,21 @@ def build_applications(
     root = cast(Deployment, serve.deployment(RootServer)).options(
         name="RootServer",
         num_replicas=1,
+        # No runtime_env of its own: it inherits the Serve controller's environment (Kiln's setup
+        # hook, the gRPC host and message bound; tests/test_serve_local.py sees its gRPC port on
+        # loopback), and a replica with its own needs a dedicated worker, slower to start.
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=256,
     )
-    bound = root.bind(listing, names, kiln_version, console, plan.run_dir, api_key_sha256)
+    bound = root.bind(
+        listing,
+        names,
+        kiln_version,
+        console,
+        plan.run_dir,
+        api_key_sha256,
+        {m.name: model_app_name(m.name) for m in plan.models},
+    )
     targets = [RunTarget(bound, name=ROOT_APP, route_prefix="/")]
     for model in plan.models:
         spec = ModelAppSpec(
@@ -115,7 +128,7 @@ def build_applications(
             limits=cfg.limits.model_dump(),
         )
         deployment = cast(Deployment, serve.deployment(ModelServer)).options(
-            **deployment_options(model)
+            **deployment_options(model, replica_env)
         )
         targets.append(
             RunTarget(

@@ -57,6 +57,12 @@ def http_url(host: str, port: int) -> str:
     return f"http://{shown}:{port}"
 
 
+def grpc_url(host: str, port: int) -> str:
+    """``host:port`` of the gRPC service as a client on this machine dials it (tritonclient.grpc's
+    ``url``)."""
+    return http_url(host, port).removeprefix("http://")
+
+
 def is_loopback_host(host: str) -> bool:
     """Whether ``host`` (an interface to bind) is reachable from this machine only."""
     import ipaddress

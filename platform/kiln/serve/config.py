@@ -133,6 +133,18 @@ class ServeConfig(Section):
         "127.0.0.1", description="Interface the HTTP endpoint binds to (0.0.0.0 exposes it)."
     )
     port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 picks a free one).")
+    grpc: bool = Field(
+        True,
+        description="Serve the Open Inference Protocol over gRPC too (KServe v2 "
+        "GRPCInferenceService, on the same host as HTTP).",
+    )
+    grpc_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="gRPC port; default (or 0): a free one, reported as grpc_url by start and "
+        "status.",
+    )
     ingress: Literal["proxy", "haproxy"] = Field(
         "haproxy",
         description="'haproxy' (default): Ray Serve's HAProxy ingress, forwarding straight to the "

@@ -163,6 +163,7 @@ class ServeState:
     # what the caller recorded (ray_connection.connected_dashboard_url()); None when unknown.
     dashboard_url: str | None = None
     console_url: str | None = None  # the Kiln console (``/console/``), when served with one
+    grpc_url: str | None = None  # the OIP gRPC service (host:port), when served
 
     def __post_init__(self) -> None:
         local = self.local()

@@ -19,7 +19,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kiln.compat import haproxy_error_file_env, haproxy_loopback_env
+from kiln.compat import (
+    GRPC_BIND_HOST_ENV,
+    haproxy_error_file_env,
+    haproxy_loopback_env,
+    serve_grpc_port,
+)
 from kiln.errors import ConfigError, KilnError, ResourceError, first_line, telling_line
 from kiln.ray_connection import connected_dashboard_url
 from kiln.serve.app import (
@@ -34,6 +39,7 @@ from kiln.serve.cluster import (
     exposure_warning,
     find_target,
     forget,
+    grpc_url,
     http_url,
     metrics_url,
     remove_apps,
@@ -70,6 +76,8 @@ DRAINING_PERIOD_S = 2.0  # how long a stopping ingress replica stays open behind
 # on the dead replica (refused at once) too, and leastconn favours it (it holds no connection) until
 # HAProxy marks it down: with 1, one request in about 5,000 still failed when a replica was killed.
 INGRESS_RETRIES = 3
+GRPC_SERVICER = "kiln.serve.oip_pb2.add_GRPCInferenceServiceServicer_to_server"
+GRPC_MESSAGE_SIZE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
 
 
 @dataclass
@@ -112,6 +120,7 @@ class ServeInfo:
     metrics_url: str | None = None
     local_ray_pid: int | None = None
     api_key_required: bool = False
+    grpc_url: str | None = None  # host:port of the OIP gRPC service (tritonclient.grpc's url)
     console_url: str | None = None  # the Kiln console, when serving was started with one
 
     def to_dict(self) -> dict[str, Any]:
@@ -308,25 +317,27 @@ def start_serving(
             plan = hooks.restore(plan, run_dir)
         check_serving_fits(plan)
         port = cfg.port or free_port()
-        controller_options = None
+        grpc_options = grpc_serving_options(cfg)
+        # Serve's controller and the actors it starts (HAProxy's manager, the proxies) run Kiln's
+        # setup hook (kiln.compat): HAProxy's stats on loopback, gRPC calls routed to Kiln's apps.
+        env = {**haproxy_loopback_env(), **grpc_process_env(cfg)}
         if cfg.ingress == "haproxy":
             # HAProxy's unix sockets live under this folder plus a 56-character node id and must fit
             # 97 bytes: a short folder of its own, removed by `kiln serve stop`.
             haproxy_dir = tempfile.mkdtemp(prefix="khap-", dir="/tmp")
-            env = {
-                **haproxy_env(Path(haproxy_dir)),
-                **haproxy_loopback_env(),
-                **haproxy_fault_env(),
-            }
-            controller_options = {"runtime_env": {"env_vars": env}}
+            env = {**haproxy_env(Path(haproxy_dir)), **env, **haproxy_fault_env()}
+        controller_options = {"runtime_env": {"env_vars": env}}
         started_serve = not serve_running()
         try:
             serve.start(
-                http_options={"host": cfg.host, "port": port}, controller_options=controller_options
+                http_options={"host": cfg.host, "port": port},
+                grpc_options=grpc_options,
+                controller_options=controller_options,
             )
         except Exception as exc:
             raise KilnError(f"Ray Serve did not start: {telling_line(str(exc))}") from exc
         host, port = _check_http(cfg.host, port)
+        grpc_port = _check_grpc(cfg, grpc_options)
         dashboard = connected_dashboard_url()  # captured here: replicas only know a default
         targets = build_applications(
             plan,
@@ -334,6 +345,7 @@ def start_serving(
             hooks.retrainer,
             dashboard if hooks.retrainer is not None else None,
             hooks.console,
+            grpc_process_env(cfg) if grpc_options is not None else None,
         )
         deployed = [t.name for t in targets]
         progress(f"deploying {len(plan.models)} model(s) on Ray Serve at {gcs}")
@@ -350,6 +362,7 @@ def start_serving(
             local_ray_pid=local.pid if local else None,
             api_key_required=api_key is not None,
             console_url=f"{url}{CONSOLE_PATH}/" if hooks.console is not None else None,
+            grpc_url=grpc_url(host, grpc_port) if grpc_port else None,
             models=[
                 ServedModelInfo(
                     name=m.name,
@@ -382,6 +395,7 @@ def start_serving(
             tracking_uri=plan.tracking_uri,
             dashboard_url=dashboard,
             console_url=info.console_url,
+            grpc_url=info.grpc_url,
         ),
     )
     return info
@@ -397,6 +411,50 @@ def _check_http(host: str, port: int) -> tuple[str, int]:
             f"serve.host/serve.port must match it (asked for {host}:{port})"
         )
     return actual_host, actual_port
+
+
+def grpc_serving_options(cfg: ServeConfig) -> Any:
+    """Serve's gRPC options for ``cfg``: the KServe v2 service on ``serve.grpc_port`` (a free port
+    when unset), or none (``serve.grpc: false``)."""
+    from ray.serve.config import gRPCOptions
+
+    if not cfg.grpc:
+        return None
+    return gRPCOptions(
+        port=cfg.grpc_port or free_port(),
+        grpc_servicer_functions=[GRPC_SERVICER],
+    )
+
+
+def grpc_process_env(cfg: ServeConfig) -> dict[str, str]:
+    """For the environment of Serve's controller (its proxies) and of every ingress replica:
+    Kiln's setup hook (kiln.compat), the host Serve's gRPC servers bind (``serve.host``, where
+    Ray would bind every interface), and their largest message: Ray's 2 GiB by default, Kiln's
+    ``serve.max_request_bytes`` (a larger message is refused before it is read whole)."""
+    return {
+        **haproxy_loopback_env(),
+        GRPC_BIND_HOST_ENV: cfg.host,
+        GRPC_MESSAGE_SIZE_ENV: str(cfg.max_request_bytes),
+    }
+
+
+def _check_grpc(cfg: ServeConfig, options: Any) -> int | None:
+    """The port gRPC serves on, once Serve runs. Serve's gRPC options are fixed when it first
+    starts on a cluster: ConfigError when it serves gRPC elsewhere (or not) than asked."""
+    actual = serve_grpc_port()
+    if options is None:
+        return actual
+    if actual is None:
+        raise ConfigError(
+            "Ray Serve already runs on this cluster without gRPC; set serve.grpc: false, or "
+            "serve on a cluster where Serve is not started yet"
+        )
+    if cfg.grpc_port and actual != cfg.grpc_port:
+        raise ConfigError(
+            f"Ray Serve already runs on this cluster with gRPC on port {actual}; serve.grpc_port "
+            f"must match it (asked for {cfg.grpc_port})"
+        )
+    return actual
 
 
 def _undo(deployed: list[str], local: LocalRay | None, started_serve: bool) -> None:

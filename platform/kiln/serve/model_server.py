@@ -18,14 +18,18 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import numpy as np
 
 from kiln.models.probabilities import softmax
+from kiln.serve import oip_pb2
 from kiln.serve.config import BatchingConfig
+from kiln.serve.grpc_protocol import grpc_reply, metadata_headers, metadata_response
+from kiln.serve.grpc_protocol import infer_request as grpc_infer_request
+from kiln.serve.grpc_protocol import infer_response as grpc_infer_response
 from kiln.serve.http import (
     check_api_key,
     error_response,
@@ -38,7 +42,9 @@ from kiln.serve.plan import ModelAppSpec
 from kiln.serve.protocol import (
     CLIENT_ERRORS,
     HEADER_LENGTH,
+    InferRequest,
     ProtocolError,
+    Tensor,
     check_outputs,
     encode_infer_response,
     load_json,
@@ -72,6 +78,10 @@ def finite(logits: np.ndarray) -> np.ndarray:
             "the model's output for this input is not finite (NaN or Infinity)", 422
         )
     return logits
+
+
+class ServerFault(Exception):
+    """A request that failed through no fault of the client's (answered 500 / INTERNAL)."""
 
 
 class VersionRunner:
@@ -317,27 +327,49 @@ class ModelServer:
 
     async def infer(self, request, version: str | None, endpoint: str):
         """Answer an infer (OIP) or predict (convenience JSON) request; 4xx for every bad input."""
-        started = time.perf_counter()
-        status, label = 200, "-"
-        try:
-            runner = self.runner(version if version is not None else self.route(request))
-            label = runner.served.version
-            self.rollout.begin(label)  # in flight until the finally below
-            check_api_key(request.headers, self.spec.api_key_sha256)
+
+        async def answer(runner: VersionRunner, mirror: str | None):
             body = await read_body(request, self.spec.max_request_bytes)
-            mirror = self.rollout.mirror_to(label) if version is None else None
             if endpoint == "infer":
                 return await self._infer(runner, body, request.headers.get(HEADER_LENGTH), mirror)
             return await self._predict(runner, body, mirror)
+
+        try:
+            return await self.metered(request.headers, version, endpoint, answer)
+        except CLIENT_ERRORS as exc:
+            return error_response(str(exc), exc.status)
+        except ServerFault as exc:
+            return error_response(str(exc), 500)
+
+    async def metered(
+        self,
+        headers,
+        version: str | None,
+        endpoint: str,
+        answer: Callable[[VersionRunner, str | None], Awaitable[T]],
+    ) -> T:
+        """``answer(runner, mirror)`` for the version a request names (or the one routing picks),
+        once its API key is checked; the one place a request is counted (metrics, the rollout's
+        per-version stats), whichever protocol it came in by. Raises the client's errors
+        (CLIENT_ERRORS) as they are, and ServerFault (logged with its traceback) for the rest."""
+        started = time.perf_counter()
+        status, label = 200, "-"
+        try:
+            runner = self.runner(version if version is not None else self.rollout.route(headers))
+            label = runner.served.version
+            self.rollout.begin(label)  # in flight until the finally below
+            check_api_key(headers, self.spec.api_key_sha256)
+            mirror = self.rollout.mirror_to(label) if version is None else None
+            return await answer(runner, mirror)
         except CLIENT_ERRORS as exc:
             status = exc.status
-            return error_response(str(exc), exc.status)
+            raise
         except Exception as exc:  # a server fault, not the client's: logged with its traceback
             status = 500
             logger.exception(
                 "kiln: %s failed for model %s version %s", endpoint, self.spec.model_name, label
             )
-            return error_response(f"internal error: {type(exc).__name__}: {exc}", 500)
+            raise ServerFault(f"internal error: {type(exc).__name__}: {exc}") from exc
         finally:
             latency_ms = (time.perf_counter() - started) * 1000.0
             self.metrics.request(self.spec.model_name, label, endpoint, status, latency_ms)
@@ -345,6 +377,102 @@ class ModelServer:
                 self.rollout.end(label)
                 # a request naming its version is pinned: it never moves a rollout's gates
                 self.rollout.record(label, status, latency_ms, routed=version is None)
+
+    # --- the Open Inference Protocol over gRPC (the RPCs of GRPCInferenceService that name a
+    # model; Ray Serve calls the ingress deployment's method of the RPC's name) -----------------
+
+    async def ModelInfer(self, request, grpc_context=None):  # noqa: N802 (the RPC's name)
+        """gRPC ModelInfer: the REST infer path's decoding, model call and accounting."""
+        return grpc_reply(
+            grpc_context, *await self.grpc_infer(request, metadata_headers(grpc_context))
+        )
+
+    async def ModelMetadata(self, request, grpc_context=None):  # noqa: N802
+        """gRPC ModelMetadata of the version asked for (or the one routing picks)."""
+        return grpc_reply(
+            grpc_context, *self.grpc_metadata(request, metadata_headers(grpc_context))
+        )
+
+    async def ModelReady(self, request, grpc_context=None):  # noqa: N802
+        """gRPC ModelReady: whether the version asked for (or the routed one) is served here."""
+        return grpc_reply(grpc_context, *self.grpc_ready(request, metadata_headers(grpc_context)))
+
+    async def grpc_forwarded(
+        self, method: str, payload: bytes, headers: dict[str, str]
+    ) -> tuple[bytes, int, str]:
+        """A gRPC call the root app forwards by handle (one that reached the root app, not this
+        one: through the Python proxy's ingress, or from a client that named the root app).
+        Returns (the serialized response, HTTP-style status, message)."""
+        if method == "ModelInfer":
+            reply, status, message = await self.grpc_infer(
+                oip_pb2.ModelInferRequest.FromString(payload), headers
+            )
+        elif method == "ModelMetadata":
+            reply, status, message = self.grpc_metadata(
+                oip_pb2.ModelMetadataRequest.FromString(payload), headers
+            )
+        else:
+            reply, status, message = self.grpc_ready(
+                oip_pb2.ModelReadyRequest.FromString(payload), headers
+            )
+        return reply.SerializeToString(), status, message
+
+    def _check_name(self, name: str) -> None:
+        if name != self.spec.model_name:
+            raise ProtocolError(
+                f"unknown model '{name}' (this application serves '{self.spec.model_name}')", 404
+            )
+
+    async def grpc_infer(self, msg, headers) -> tuple[Any, int, str]:
+        """(ModelInferResponse, status, message) of a ModelInferRequest; status 200 or the HTTP
+        status its error maps from (grpc_protocol.GRPC_CODES)."""
+        size = msg.ByteSize()
+
+        async def answer(runner: VersionRunner, mirror: str | None):
+            self._check_name(msg.model_name)
+            if size > self.spec.max_request_bytes:
+                raise ProtocolError(
+                    f"request of {size} bytes is over the limit of {self.spec.max_request_bytes} "
+                    "bytes (serve.max_request_bytes)",
+                    413,
+                )
+            req, outputs, ood = await self.run_infer(
+                runner, lambda: grpc_infer_request(msg, self.limits), size, mirror
+            )
+            return grpc_infer_response(
+                self.spec.model_name,
+                runner.served.version,
+                req.id,
+                outputs,
+                ood.parameters() if ood is not None else None,
+            )
+
+        try:
+            return (
+                await self.metered(headers, msg.model_version or None, "grpc_infer", answer),
+                200,
+                "",
+            )
+        except CLIENT_ERRORS as exc:
+            return oip_pb2.ModelInferResponse(), exc.status, str(exc)
+        except ServerFault as exc:
+            return oip_pb2.ModelInferResponse(), 500, str(exc)
+
+    def grpc_metadata(self, msg, headers) -> tuple[Any, int, str]:
+        try:
+            self._check_name(msg.name)
+            chosen = self.runner(msg.version or self.rollout.route(headers))
+        except CLIENT_ERRORS as exc:
+            return oip_pb2.ModelMetadataResponse(), exc.status, str(exc)
+        return metadata_response(chosen.served.metadata(self.versions)), 200, ""
+
+    def grpc_ready(self, msg, headers) -> tuple[Any, int, str]:
+        try:
+            self._check_name(msg.name)
+            self.runner(msg.version or self.rollout.route(headers))
+        except CLIENT_ERRORS as exc:
+            return oip_pb2.ModelReadyResponse(ready=False), exc.status, str(exc)
+        return oip_pb2.ModelReadyResponse(ready=True), 200, ""
 
     def _shadow(self, version: str | None, prepare, logits: np.ndarray) -> None:
         """Mirror the request to ``version`` in the background: its answer is only compared, never
@@ -383,27 +511,45 @@ class ModelServer:
     ):
         from starlette.responses import Response
 
+        req, outputs, ood = await self.run_infer(
+            runner,
+            lambda: parse_infer_request(body, header_length, self.limits),
+            len(body),
+            mirror,
+        )
+        content, headers = encode_infer_response(
+            self.spec.model_name,
+            runner.served.version,
+            req.id,
+            outputs,
+            ood.parameters() if ood is not None else None,
+        )
+        return Response(content, status_code=200, headers=headers)
+
+    async def run_infer(
+        self,
+        runner: VersionRunner,
+        parse: Callable[[], InferRequest],
+        size: int,
+        mirror: str | None = None,
+    ) -> tuple[InferRequest, list[tuple[Tensor, bool]], Any]:
+        """The one model call of an OIP request, REST or gRPC: ``parse()`` (off the event loop for
+        a request over ``OFFLOAD_BYTES``), the version's preprocessing, the model (batched), the
+        monitors, the shadow call. Returns the request, its outputs and the OOD flags (or None)."""
         served = runner.served
 
-        def parse() -> tuple[Any, np.ndarray]:
-            req = parse_infer_request(body, header_length, self.limits)
+        def prepare() -> tuple[InferRequest, np.ndarray]:
+            req = parse()
             x = served.prepare_tensors(req.inputs)
             check_outputs(req, [o["name"] for o in served.output_metadata()])  # before compute
             return req, x
 
-        req, x = await off_loop(parse, len(body))
+        req, x = await off_loop(prepare, size)
         logits = finite(await runner.logits(x))
         probs = softmax(logits)  # once per request: the answer and the monitor share it
         ood = self.monitors.observe(served.version, x, logits, probs)
         self._shadow(mirror, lambda other: other.prepare_tensors(req.inputs), logits)
-        content, headers = encode_infer_response(
-            self.spec.model_name,
-            served.version,
-            req.id,
-            select_outputs(req, served.output_tensors(probs)),
-            ood.parameters() if ood is not None else None,
-        )
-        return Response(content, status_code=200, headers=headers)
+        return req, select_outputs(req, served.output_tensors(probs)), ood
 
     async def _predict(self, runner: VersionRunner, body: bytes, mirror: str | None = None):
         from starlette.responses import Response

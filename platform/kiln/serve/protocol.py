@@ -172,7 +172,37 @@ def _parse_input(
     for key in ("name", "shape", "datatype"):
         if key not in raw:
             raise ProtocolError(f"{where}: missing field '{key}'")
-    name, shape, datatype = raw["name"], raw["shape"], raw["datatype"]
+    params = raw.get("parameters") or {}
+    size = params.get("binary_data_size") if isinstance(params, dict) else None
+    if size is None:
+        if "data" not in raw:
+            # the header's fields are checked first: a bad name, shape or datatype names itself
+            check_tensor_header(raw["name"], raw["shape"], raw["datatype"], where, limits)
+            raise ProtocolError(
+                f"input '{raw['name']}': missing field 'data' (or parameters.binary_data_size "
+                "with binary data)"
+            )
+        return decode_tensor(
+            raw["name"], raw["shape"], raw["datatype"], limits, data=raw["data"], where=where
+        ), 0
+    if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+        check_tensor_header(raw["name"], raw["shape"], raw["datatype"], where, limits)
+        raise ProtocolError(
+            f"input '{raw['name']}': binary_data_size {size!r} does not fit the "
+            f"{len(binary) - offset} bytes of binary data left"
+        )
+    chunk = binary[offset : offset + size]
+    return decode_tensor(
+        raw["name"], raw["shape"], raw["datatype"], limits, raw=chunk, where=where
+    ), size
+
+
+def check_tensor_header(
+    name: Any, shape: Any, datatype: Any, where: str, limits: LimitsConfig
+) -> int:
+    """The element count of an input tensor's ``shape``, after checking its name, shape and
+    datatype and the shape against ``limits`` (before anything is sized by it). Raises
+    ProtocolError or LimitError."""
     if not isinstance(name, str):
         raise ProtocolError(f"{where}: 'name' must be a string")
     where = f"input '{name}'"
@@ -186,25 +216,30 @@ def _parse_input(
         raise ProtocolError(
             f"{where}: unknown datatype {datatype!r:.40} (one of {', '.join(DATATYPES)})"
         )
-    count = check_shape(shape, limits, where)  # before anything is sized by it
-    params = raw.get("parameters") or {}
-    size = params.get("binary_data_size") if isinstance(params, dict) else None
-    if size is not None:
-        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
-            raise ProtocolError(
-                f"{where}: binary_data_size {size!r} does not fit the {len(binary) - offset} "
-                "bytes of binary data left"
-            )
-        chunk = binary[offset : offset + size]
+    return check_shape(shape, limits, where)
+
+
+def decode_tensor(
+    name: Any,
+    shape: Any,
+    datatype: Any,
+    limits: LimitsConfig,
+    *,
+    raw: bytes | None = None,
+    data: Any = None,
+    where: str = "input",
+) -> Tensor:
+    """One input tensor, from its raw little-endian bytes (the binary extension over REST,
+    ``raw_input_contents`` over gRPC; BYTES elements each prefixed by a 4-byte length) or from
+    ``data`` (the JSON ``data`` over REST, the typed ``contents`` over gRPC). The one decoder of
+    both protocols: every check is the same. Raises ProtocolError or LimitError."""
+    count = check_tensor_header(name, shape, datatype, where, limits)
+    where = f"input '{name}'"
+    if raw is not None:
         return Tensor(
-            name, datatype, shape, _from_binary(chunk, datatype, shape, count, where, limits)
-        ), size
-    if "data" not in raw:
-        raise ProtocolError(
-            f"{where}: missing field 'data' (or parameters.binary_data_size with binary data)"
+            name, datatype, shape, _from_binary(raw, datatype, shape, count, where, limits)
         )
-    data = _from_json(raw["data"], datatype, shape, count, where, limits)
-    return Tensor(name, datatype, shape, data), 0
+    return Tensor(name, datatype, shape, _from_json(data, datatype, shape, count, where, limits))
 
 
 def _from_binary(

@@ -13,6 +13,8 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from kiln.serve import oip_pb2
+from kiln.serve.grpc_protocol import grpc_reply, metadata_headers
 from kiln.serve.http import error_response, json_response, method_not_allowed
 
 READY_CACHE_S = 1.0
@@ -58,9 +60,12 @@ class RootServer:
         console: ConsoleFactory | None = None,
         run_dir: str = "",
         api_key_sha256: str | None = None,
+        model_apps: dict[str, str] | None = None,
     ):
         self.models = models  # name -> {"versions": [...], "default_version": "..."}
         self.app_names = app_names
+        self.model_apps = model_apps or {}  # served name -> its Serve application
+        self._handles: dict[str, Any] = {}
         self.server_version = server_version
         self._ready: tuple[float, list[str]] | None = None
         self.console = console(run_dir, api_key_sha256) if console is not None else None
@@ -116,3 +121,49 @@ class RootServer:
         return json_response(
             {"models": [{"name": name, **info} for name, info in sorted(self.models.items())]}
         )
+
+    # --- the Open Inference Protocol over gRPC: the server-wide RPCs, and the model RPCs that
+    # reach this app instead of the model's own (see kiln.compat.route_grpc_by_model) ----------
+
+    async def ServerLive(self, request, grpc_context=None):  # noqa: N802 (the RPC's name)
+        """gRPC ServerLive."""
+        return oip_pb2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, grpc_context=None):  # noqa: N802
+        """gRPC ServerReady: every Kiln application runs."""
+        return oip_pb2.ServerReadyResponse(ready=not self.not_ready())
+
+    async def ServerMetadata(self, request, grpc_context=None):  # noqa: N802
+        """gRPC ServerMetadata (the REST ``GET /v2``'s name and version)."""
+        return oip_pb2.ServerMetadataResponse(name="kiln", version=self.server_version)
+
+    async def ModelInfer(self, request, grpc_context=None):  # noqa: N802
+        """gRPC ModelInfer, forwarded to the model's application (NOT_FOUND for one not
+        served)."""
+        return await self._forward("ModelInfer", request.model_name, request, grpc_context)
+
+    async def ModelMetadata(self, request, grpc_context=None):  # noqa: N802
+        """gRPC ModelMetadata, forwarded to the model's application."""
+        return await self._forward("ModelMetadata", request.name, request, grpc_context)
+
+    async def ModelReady(self, request, grpc_context=None):  # noqa: N802
+        """gRPC ModelReady, forwarded to the model's application."""
+        return await self._forward("ModelReady", request.name, request, grpc_context)
+
+    async def _forward(self, method: str, name: str, request, grpc_context):
+        response_type = getattr(oip_pb2, f"{method}Response")
+        app = self.model_apps.get(name)
+        if app is None:
+            served = ", ".join(sorted(self.models)) or "none"
+            return grpc_reply(
+                grpc_context, response_type(), 404, f"unknown model '{name}' (served: {served})"
+            )
+        handle = self._handles.get(app)
+        if handle is None:
+            from ray import serve
+
+            handle = self._handles[app] = serve.get_app_handle(app)
+        payload, status, message = await handle.grpc_forwarded.remote(
+            method, request.SerializeToString(), metadata_headers(grpc_context)
+        )
+        return grpc_reply(grpc_context, response_type.FromString(payload), status, message)

@@ -10,11 +10,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kiln.compat import serve_grpc_port
 from kiln.errors import KilnError, first_line, telling_line
 from kiln.serve.cluster import (
     connect,
     find_target,
     forget,
+    grpc_url,
     http_url,
     metrics_url,
     running_kiln_apps,
@@ -34,6 +36,7 @@ class ServingStatus:
     models: list[dict[str, Any]] = field(default_factory=list)
     metrics_url: str | None = None
     console_url: str | None = None  # the Kiln console, when serving was started with one
+    grpc_url: str | None = None  # the OIP gRPC service (host:port), when Serve serves gRPC
     # What could not be read (the model listing, the metrics endpoint): the CLI prints a warning
     # line for each; not in to_dict(), so the documented JSON stays as it was.
     errors: list[str] = field(default_factory=list)
@@ -62,7 +65,9 @@ def serving_status(
     apps = running_kiln_apps()
     if not apps:
         raise KilnError(f"Kiln serves nothing on the Ray cluster at {gcs}")
-    url = http_url(*serve_http())
+    host, port = serve_http()
+    url = http_url(host, port)
+    grpc_port = serve_grpc_port()
     status = ServingStatus(
         url=url,
         ray_address=gcs,
@@ -70,6 +75,7 @@ def serving_status(
         local_ray_pid=local.pid if local else None,
         metrics_url=metrics_url(),
         console_url=state.console_url if state is not None and state.address == address else None,
+        grpc_url=grpc_url(host, grpc_port) if grpc_port else None,
     )
     for name, app in sorted(apps.items()):
         replicas = {
