@@ -81,6 +81,7 @@ def make_scheduler(cfg: TrainingJobConfig, optimizer: torch.optim.Optimizer, ste
 
 
 SHUFFLE_BUFFER_BYTES = 256 << 20  # the shuffle buffer's cap, whatever train.data.shuffle_buffer
+FETCH_BYTES = 8 << 20  # the least a batch fetched from Ray Data holds when rows go into the buffer
 
 
 def shuffle_stream(
@@ -122,13 +123,19 @@ def train_batches(
     ``train.data.prefetch_batches`` batches, shuffled through a seeded buffer of
     ``train.data.shuffle_buffer`` rows (at most 256 MB). Ray Data's own local shuffle is not used:
     its order was seen to change between two iterations with the same seed."""
+    buffer_rows = min(knobs.shuffle_buffer, SHUFFLE_BUFFER_BYTES // max(row_bytes, 1))
+    # Rows come from Ray Data in chunks of at least FETCH_BYTES, cut into steps here: Ray Data's
+    # cost is per batch it formats (several ms), the cut is a view. Into a shuffle buffer, chunks
+    # change nothing but the order rows arrive in, which stays fixed for a given split.
+    fetch = batch_size
+    if buffer_rows > 0:
+        fetch = max(batch_size, min(buffer_rows, FETCH_BYTES // max(row_bytes, 1)))
     batches = source.iter_torch_batches(
-        batch_size=batch_size,
+        batch_size=fetch,
         prefetch_batches=knobs.prefetch_batches,
         dtypes={"x": torch.float32, "y": torch.int64},
         device="cpu",
     )
-    buffer_rows = min(knobs.shuffle_buffer, SHUFFLE_BUFFER_BYTES // max(row_bytes, 1))
     if buffer_rows <= 0:
         return iter(batches)
     return shuffle_stream(batches, batch_size, buffer_rows, generator)
@@ -291,8 +298,11 @@ def train_epochs(
         total, count = 0.0, 0
         batches = train_batches(datasets["train"], local_batch, t.data, row_bytes, shuffle)
         for batch in batches:
-            keep = rebalance(batch["y"], train_counts, t.sampler, draws)
-            xb, yb = batch["x"][keep].to(device), batch["y"][keep].to(device)
+            xb, yb = batch["x"], batch["y"]
+            if t.sampler != "none":  # rebalancing copies the batch; without it, no copy
+                keep = rebalance(yb, train_counts, t.sampler, draws)
+                xb, yb = xb[keep], yb[keep]
+            xb, yb = xb.to(device), yb.to(device)
             optimizer.zero_grad(set_to_none=True)
             logits = model(xb)
             loss = hooks.loss(logits, xb, yb, loss_fn) if hooks.loss else loss_fn(logits, yb)
