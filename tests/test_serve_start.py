@@ -14,14 +14,17 @@ from kiln.waiting import wait_until
 from served_models import free_port, serve_args
 
 
-def kiln_apps() -> list[str]:
+def kiln_apps(address: str) -> list[str]:
     """Kiln's Serve applications with a live replica, from Ray's state API: not this process's
     Serve client, which another module's `kiln serve stop` (it kills Serve's controller) leaves
     holding a dead controller."""
     from ray.util.state import list_actors
 
     alive = list_actors(
-        filters=[("state", "=", "ALIVE")], limit=10000, raise_on_missing_output=False
+        address=address,
+        filters=[("state", "=", "ALIVE")],
+        limit=10000,
+        raise_on_missing_output=False,
     )
     replicas = [
         a.name.split("::", 1)[1] for a in alive if (a.name or "").startswith("SERVE_REPLICA::")
@@ -32,7 +35,7 @@ def kiln_apps() -> list[str]:
 @pytest.fixture(autouse=True)
 def nothing_served(ray_cluster):
     """These tests start on an idle cluster (no other module's app is running)."""
-    assert not kiln_apps()
+    assert not kiln_apps(ray_cluster)
 
 
 def test_start_fails_at_once_when_replicas_cannot_fit(ray_cluster, registry):
@@ -49,7 +52,7 @@ def test_start_fails_at_once_when_replicas_cannot_fit(ray_cluster, registry):
         in proc.stderr
     )
     assert "Traceback" not in proc.stderr
-    assert not kiln_apps()
+    assert not kiln_apps(ray_cluster)
 
 
 @pytest.mark.slow  # waits out a start timeout
@@ -90,4 +93,6 @@ def test_start_times_out_with_a_clear_message_when_the_cluster_is_busy(ray_clust
     assert "'kiln-digits' (1 replica(s) x 0.5 CPU)" in line
     assert "CPU free" in line
     assert elapsed < 120
-    wait_until(lambda: not kiln_apps(), 60, "the failed start's applications to be removed")
+    wait_until(
+        lambda: not kiln_apps(ray_cluster), 60, "the failed start's applications to be removed"
+    )
