@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 
 
@@ -138,38 +139,53 @@ def run_load(
     return asyncio.run(_run(host, int(port), request, concurrency, max_requests, max_seconds))
 
 
-async def _run_grpc(
-    url: str,
-    model: str,
-    x,
+async def _closed_loop(
+    call: Callable[[], Awaitable[object]],
+    failure: type[BaseException] | tuple[type[BaseException], ...],
     concurrency: int,
     max_requests: int,
     max_seconds: float,
 ) -> LoadResult:
-    import tritonclient.grpc.aio as tca
-
+    """``concurrency`` callers awaiting ``call()`` back to back until ``max_requests`` calls or
+    ``max_seconds``; a call raising ``failure`` counts as an error."""
     latencies: list[float] = []
     errors = [0]
     budget = [max_requests]
+    started = time.perf_counter()
+    deadline = started + max_seconds
+
+    async def one_client() -> None:
+        while budget[0] > 0 and time.perf_counter() < deadline:
+            budget[0] -= 1
+            t = time.perf_counter()
+            try:
+                await call()
+            except failure:
+                errors[0] += 1
+                continue
+            latencies.append(time.perf_counter() - t)
+
+    await asyncio.gather(*(one_client() for _ in range(concurrency)))
+    return summarize(concurrency, latencies, errors[0], time.perf_counter() - started)
+
+
+def _check_grpc_loopback(url: str) -> None:
+    if url.split(":")[0] not in ("127.0.0.1", "localhost"):
+        raise ValueError(f"this load generator only targets loopback, not {url}")
+
+
+async def _run_grpc(
+    url: str, model: str, x, concurrency: int, max_requests: int, max_seconds: float
+) -> LoadResult:
+    import tritonclient.grpc.aio as tca
+
     async with tca.InferenceServerClient(url) as client:
         tensor = tca.InferInput("input", list(x.shape), "UINT8")
         tensor.set_data_from_numpy(x)
-        started = time.perf_counter()
-        deadline = started + max_seconds
-
-        async def one_client() -> None:
-            while budget[0] > 0 and time.perf_counter() < deadline:
-                budget[0] -= 1
-                t = time.perf_counter()
-                try:
-                    await client.infer(model, [tensor])
-                except Exception:  # noqa: BLE001  (any failed call counts as an error)
-                    errors[0] += 1
-                    continue
-                latencies.append(time.perf_counter() - t)
-
-        await asyncio.gather(*(one_client() for _ in range(concurrency)))
-        return summarize(concurrency, latencies, errors[0], time.perf_counter() - started)
+        # any failed call counts as an error
+        return await _closed_loop(
+            lambda: client.infer(model, [tensor]), Exception, concurrency, max_requests, max_seconds
+        )
 
 
 def run_grpc_load(
@@ -178,8 +194,7 @@ def run_grpc_load(
     """Closed-loop load over gRPC (KServe v2 ModelInfer through tritonclient.grpc.aio, one channel
     shared by ``concurrency`` callers, as a tritonclient user would), the UINT8 tensor ``x`` sent
     raw. ``url`` is HOST:PORT on loopback."""
-    if url.split(":")[0] not in ("127.0.0.1", "localhost"):
-        raise ValueError(f"this load generator only targets loopback, not {url}")
+    _check_grpc_loopback(url)
     return asyncio.run(_run_grpc(url, model, x, concurrency, max_requests, max_seconds))
 
 
@@ -188,28 +203,12 @@ async def _run_grpc_raw(
 ) -> LoadResult:
     import grpc
 
-    latencies: list[float] = []
-    errors = [0]
-    budget = [max_requests]
     async with grpc.aio.insecure_channel(url) as channel:
         # bytes in, bytes out: no client-side protobuf or numpy work per call
         call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
-        started = time.perf_counter()
-        deadline = started + max_seconds
-
-        async def one_client() -> None:
-            while budget[0] > 0 and time.perf_counter() < deadline:
-                budget[0] -= 1
-                t = time.perf_counter()
-                try:
-                    await call(request)
-                except grpc.RpcError:
-                    errors[0] += 1
-                    continue
-                latencies.append(time.perf_counter() - t)
-
-        await asyncio.gather(*(one_client() for _ in range(concurrency)))
-        return summarize(concurrency, latencies, errors[0], time.perf_counter() - started)
+        return await _closed_loop(
+            lambda: call(request), grpc.RpcError, concurrency, max_requests, max_seconds
+        )
 
 
 def run_grpc_raw_load(
@@ -220,8 +219,7 @@ def run_grpc_raw_load(
     channel. Measures the server's gRPC path with as little client CPU as possible."""
     from tritonclient.grpc import service_pb2
 
-    if url.split(":")[0] not in ("127.0.0.1", "localhost"):
-        raise ValueError(f"this load generator only targets loopback, not {url}")
+    _check_grpc_loopback(url)
     msg = service_pb2.ModelInferRequest(model_name=model)
     tensor = msg.inputs.add(name="input", datatype="UINT8")
     tensor.shape.extend(x.shape)
