@@ -178,22 +178,26 @@ def digits_raw(n: int = 24) -> np.ndarray:
     return x[:: max(1, len(x) // n)][:n]
 
 
+def uint8_batch_body(images: np.ndarray) -> dict:
+    """The Open Inference Protocol request asking for a batch of raw uint8 images
+    (``[N, C, H, W]``), as a JSON-ready dict."""
+    return {
+        "inputs": [
+            {
+                "name": "input",
+                "datatype": "UINT8",
+                "shape": list(images.shape),
+                "data": images.ravel().tolist(),
+            }
+        ]
+    }
+
+
 def uint8_infer_body(image: np.ndarray) -> str:
     """The Open Inference Protocol JSON body asking for one raw uint8 image (``[C, H, W]``)."""
     import json
 
-    return json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "input",
-                    "datatype": "UINT8",
-                    "shape": [1, *image.shape],
-                    "data": image.ravel().tolist(),
-                }
-            ]
-        }
-    )
+    return json.dumps(uint8_batch_body(image[None]))
 
 
 def iris_rows(source: Path, n: int = 12) -> tuple[np.ndarray, list[dict[str, float]]]:

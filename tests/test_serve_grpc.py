@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from conftest import last_json, run_kiln
-from served_models import digits_raw, free_port, iris_rows, serve_args
+from served_models import digits_raw, free_port, iris_rows, serve_args, uint8_batch_body
 
 KEY_ENV = "KILN_TEST_GRPC_KEY"
 API_KEY = "grpc-test-key"
@@ -91,16 +91,7 @@ def test_infer_with_a_version_matches_rest(client, app, registry):
     probs = result.as_numpy("probabilities")
     assert probs.shape == (4, 10)
     assert result.get_response().model_version == "1"
-    body = {
-        "inputs": [
-            {
-                "name": "input",
-                "datatype": "UINT8",
-                "shape": list(x.shape),
-                "data": x.ravel().tolist(),
-            }
-        ]
-    }
+    body = uint8_batch_body(x)
     rest = requests.post(
         f"{app['url']}/v2/models/digits/versions/1/infer", json=body, headers=KEY, timeout=30
     )

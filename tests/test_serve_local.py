@@ -21,7 +21,7 @@ import requests
 from conftest import last_json, run_kiln
 from kiln.waiting import wait_until
 from listeners import assert_loopback_only
-from served_models import digits_raw, free_port
+from served_models import digits_raw, free_port, uint8_batch_body
 
 
 def other_interface_ip() -> str | None:
@@ -79,16 +79,7 @@ def test_local_instance_outlives_the_cli_and_stops_cleanly(registry, tmp_path):
         )  # the CLI has exited; the instance has not
 
         x = digits_raw(4)
-        body = {
-            "inputs": [
-                {
-                    "name": "input",
-                    "datatype": "UINT8",
-                    "shape": list(x.shape),
-                    "data": x.ravel().tolist(),
-                }
-            ]
-        }
+        body = uint8_batch_body(x)
         resp = requests.post(f"{info['url']}/v2/models/digits/infer", json=body, timeout=30)
         assert resp.status_code == 200, resp.text
         probs = np.asarray(resp.json()["outputs"][0]["data"], np.float32).reshape(4, 10)

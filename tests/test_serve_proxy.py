@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from conftest import last_json, run_kiln
-from served_models import digits_raw, free_port
+from served_models import digits_raw, free_port, uint8_batch_body
 
 
 @pytest.mark.slow  # starts its own Ray instance: about a minute
@@ -42,16 +42,7 @@ def test_the_proxy_ingress_serves_rest_and_grpc(registry, tmp_path):
         info = last_json(proc.stdout)
         assert info["ingress"] == "proxy"
         x = digits_raw(2)
-        body = {
-            "inputs": [
-                {
-                    "name": "input",
-                    "datatype": "UINT8",
-                    "shape": list(x.shape),
-                    "data": x.ravel().tolist(),
-                }
-            ]
-        }
+        body = uint8_batch_body(x)
         rest = requests.post(f"{info['url']}/v2/models/digits/infer", json=body, timeout=30)
         assert rest.status_code == 200, rest.text
         with tc.InferenceServerClient(info["grpc_url"]) as client:
