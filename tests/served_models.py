@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import io
 import shutil
-import socket
 import struct
 import tempfile
 import zlib
@@ -27,9 +26,10 @@ import pytest
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port for a test's listener, picked as Kiln picks its own (kiln.local_ray.free_port)."""
+    from kiln.local_ray import free_port as pick
+
+    return pick()
 
 
 def serve_args(ray_cluster: str, registry: Registry, *extra: str) -> list[str]:

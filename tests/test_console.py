@@ -24,7 +24,7 @@ import requests
 
 from conftest import REPO, last_json, run_kiln
 from kiln.waiting import wait_until
-from served_models import digits_raw, free_port, register_artifact
+from served_models import digits_raw, register_artifact
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -88,7 +88,7 @@ def served(ray_cluster, console_registry, tmp_path_factory):
         "--api-key-env",
         KEY_ENV,
         "--port",
-        str(free_port()),
+        "0",  # Kiln picks it (and picks again if it is taken before Serve binds it)
         "--address",
         ray_cluster,
         "--run-dir",

@@ -23,3 +23,20 @@ def test_telling_line_is_the_last_line_naming_an_error_in_a_ray_traceback():
     assert telling_line("first\nlast") == "last"
     assert telling_line("") == "no message"
     assert len(telling_line("Error " + "x" * 1000)) == 400
+
+
+# What Ray Serve raised in CI when HAProxy's frontend port was taken (ports and paths shortened):
+# the notices and warnings come first, the cause is the first alert.
+HAPROXY_CRASH = """HAProxy crashed during startup: [NOTICE]   (11772) : haproxy version is 2.8.25
+[WARNING]  (11772) : config : parsing [/tmp/khap/haproxy.cfg:138] : content-type \
+'application/grpc' ignored by the http reply because neither errorfile nor payload defined.
+[ALERT]    (11772) : Binding [/tmp/khap/haproxy.cfg:56] for frontend http_frontend: cannot bind \
+socket (Address already in use) for [127.0.0.1:38587]
+[ALERT]    (11772) : [haproxy.main()] Some protocols failed to start their listeners! Exiting.
+"""
+
+
+def test_telling_line_of_haproxy_output_is_its_first_alert_not_a_warning_naming_errorfile():
+    assert "cannot bind socket (Address already in use)" in telling_line(HAPROXY_CRASH)
+    warning_only = HAPROXY_CRASH.split("[ALERT]")[0]
+    assert telling_line(warning_only).startswith("HAProxy crashed during startup")

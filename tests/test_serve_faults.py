@@ -22,7 +22,7 @@ import requests
 
 from conftest import last_json, run_kiln
 from kiln.waiting import wait_until
-from served_models import digits_raw, free_port, uint8_infer_body
+from served_models import digits_raw, uint8_infer_body
 
 pytestmark = pytest.mark.slow  # starts an app of 2 replicas and waits for Serve to replace one
 MODEL = "digits"
@@ -127,7 +127,7 @@ def served(ray_cluster, registry, tmp_path_factory):
         "start",
         registry.uris["fp32-cnn"],
         "--port",
-        str(free_port()),
+        "0",  # Kiln picks it (and picks again if it is taken before Serve binds it)
         "serve.deployment.replicas=2",
         "serve.deployment.num_cpus=0.25",
         "--address",

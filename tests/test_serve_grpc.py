@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from conftest import last_json, run_kiln
-from served_models import digits_raw, free_port, iris_rows, serve_args, uint8_batch_body
+from served_models import digits_raw, iris_rows, serve_args, uint8_batch_body
 
 KEY_ENV = "KILN_TEST_GRPC_KEY"
 API_KEY = "grpc-test-key"
@@ -33,7 +33,7 @@ def app(ray_cluster, registry):
             f"serve.limits.max_rows={MAX_ROWS}",
             f"serve.max_request_bytes={MAX_BYTES}",
             "--port",
-            str(free_port()),
+            "0",  # Kiln picks it (and picks again if it is taken before Serve binds it)
             "--api-key-env",
             KEY_ENV,
         ),

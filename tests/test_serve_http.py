@@ -26,7 +26,6 @@ from served_models import (
     DIGITS,
     VARIANTS,
     digits_raw,
-    free_port,
     iris_rows,
     png_b64,
     serve_args,
@@ -68,7 +67,7 @@ def app(ray_cluster, registry, second_digits):
             *uris,
             f"serve.max_request_bytes={MAX_BODY}",
             "--port",
-            str(free_port()),
+            "0",  # Kiln picks it (and picks again if it is taken before Serve binds it)
             "--api-key-env",
             KEY_ENV,
         ),

@@ -120,3 +120,14 @@ def test_haproxy_itself_accepts_the_error_file(kiln_error_file, tmp_path):
         [get_haproxy_binary(), "-c", "-f", str(config)], capture_output=True, text=True, timeout=60
     )
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_the_port_a_listener_found_taken_is_read_from_haproxys_and_uvicorns_errors():
+    from kiln.serve.lifecycle import taken_port
+    from test_errors import HAPROXY_CRASH
+
+    assert taken_port(HAPROXY_CRASH) == 38587
+    uvicorn = "[Errno 98] error while attempting to bind on address ('127.0.0.1', 41002): "
+    assert taken_port(uvicorn + "address already in use") == 41002
+    assert taken_port("OSError: [Errno 98] Address already in use") == -1
+    assert taken_port("RuntimeError: HAProxy did not take over the admin socket") is None

@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from conftest import last_json, run_kiln
-from served_models import digits_raw, free_port, uint8_batch_body
+from served_models import digits_raw, uint8_batch_body
 
 
 @pytest.mark.slow  # starts its own Ray instance: about a minute
@@ -30,7 +30,7 @@ def test_the_proxy_ingress_serves_rest_and_grpc(registry, tmp_path):
         "--num-cpus",
         "1",
         "--port",
-        str(free_port()),
+        "0",  # Kiln picks it (and picks again if it is taken before Serve binds it)
         "--run-dir",
         str(run_dir),
         "--json",

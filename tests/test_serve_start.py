@@ -11,7 +11,7 @@ import pytest
 
 from conftest import run_kiln
 from kiln.waiting import wait_until
-from served_models import free_port, serve_args
+from served_models import serve_args
 
 
 def kiln_apps(address: str) -> list[str]:
@@ -78,7 +78,7 @@ def test_start_times_out_with_a_clear_message_when_the_cluster_is_busy(ray_clust
                 "--timeout",
                 "5",
                 "--port",
-                str(free_port()),
+                "0",  # Kiln picks it (and picks again if it is taken before Serve binds it)
             ),
             env={"MLFLOW_TRACKING_URI": registry.tracking_uri},
         )
@@ -96,3 +96,21 @@ def test_start_times_out_with_a_clear_message_when_the_cluster_is_busy(ray_clust
     wait_until(
         lambda: not kiln_apps(ray_cluster), 60, "the failed start's applications to be removed"
     )
+
+
+def test_start_on_a_port_something_listens_on_fails_in_one_line_naming_it(ray_cluster, registry):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run_kiln(
+            *serve_args(ray_cluster, registry, registry.uris["fp32-cnn"], "--port", str(port)),
+            env={"MLFLOW_TRACKING_URI": registry.tracking_uri},
+        )
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: port {port} is in use on this machine"), line
+    assert "Traceback" not in proc.stderr
+    assert not kiln_apps(ray_cluster)

@@ -39,11 +39,16 @@ def first_line(exc: BaseException, limit: int = 500) -> str:
 
 
 def telling_line(message: str, limit: int = 400) -> str:
-    """The most telling line of a (Ray) error message, at most ``limit`` characters: the last line
-    naming an error (Ray wraps the cause in a traceback and context lines), else the last line,
-    else "no message"."""
+    """The most telling line of a (Ray) error message, at most ``limit`` characters: HAProxy's first
+    ``[ALERT]`` (its output starts with notices and warnings, and ends with "Exiting"), else the
+    last line naming an error (Ray wraps the cause in a traceback and context lines), else the
+    last line; warnings skipped; "no message" for none."""
     lines = [line.strip() for line in (message or "").splitlines() if line.strip()]
-    for line in reversed(lines):
+    for line in lines:
+        if "[ALERT]" in line:
+            return line[:limit]
+    telling = [line for line in lines if "[WARNING]" not in line] or lines
+    for line in reversed(telling):
         if ("Error" in line or "error" in line) and not line.startswith("File "):
             return line[:limit]
-    return (lines[-1] if lines else "no message")[:limit]
+    return (telling[-1] if telling else "no message")[:limit]

@@ -40,12 +40,39 @@ ADDRESS_FILE = "ray_current_cluster"  # ``ray start`` writes the GCS address the
 # ---- ports ---------------------------------------------------------------------------------------
 
 
+# Ports Kiln picks for its listeners come from below the kernel's ephemeral range: a port picked
+# there (``bind(("", 0))``) can be taken by any outgoing connection, or handed out again by the
+# kernel to another process's pick, between the pick and the listener's bind (seen in CI: HAProxy's
+# frontend "Address already in use"). Above Ray's default worker ports (10002-19999).
+PICKED_PORTS_LOW = 20000
+_EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_picked: set[int] = set()  # the ports this process handed out: never twice
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range of ports for outgoing connections (Linux's default where unreadable)."""
+    try:
+        low, high = (int(x) for x in _EPHEMERAL_RANGE_FILE.read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now (the OS picks it)."""
+    """A TCP port nothing listens on right now, picked at random below the kernel's ephemeral range
+    and never handed out twice by this process (the OS's pick where that range leaves no room)."""
+    low, high = PICKED_PORTS_LOW, ephemeral_ports()[0]
+    rng = random.SystemRandom()
+    for _ in range(200 if high - low > 1000 else 0):
+        port = rng.randrange(low, high)
+        if port not in _picked and not port_in_use(port, host):
+            _picked.add(port)
+            return port
     with socket.socket() as s:
         s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+        picked: int = s.getsockname()[1]
+    _picked.add(picked)
+    return picked
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
@@ -59,13 +86,20 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     return False
 
 
-def free_port_block(size: int, low: int = 20000, high: int = 60000) -> int:
+def free_port_block(size: int, low: int | None = None, high: int = 65536) -> int:
     """First port of ``size`` consecutive free ports in [low, high) (for Serve's per-replica port
-    ranges). Raises KilnError when 200 random tries find none."""
+    ranges), by default above the kernel's ephemeral range, apart from this process's other picks.
+    Raises KilnError when 200 random tries find none."""
+    if low is None:
+        low = ephemeral_ports()[1] + 1
+        if high - low < 4 * size:  # no room above it: anywhere above Ray's worker ports
+            low, high = PICKED_PORTS_LOW, 60000
     rng = random.Random()
     for _ in range(200):
         start = rng.randrange(low, high - size)
-        if not any(port_in_use(p, "0.0.0.0") for p in range(start, start + size)):
+        block = range(start, start + size)
+        if not _picked.intersection(block) and not any(port_in_use(p, "0.0.0.0") for p in block):
+            _picked.update(block)
             return start
     raise KilnError(f"no {size} consecutive free ports found between {low} and {high}")
 

@@ -76,3 +76,21 @@ def test_the_serve_state_records_the_dashboard_url_of_the_local_instance(tmp_pat
     old = load_state(tmp_path)
     assert old is not None and old.dashboard_url == "http://127.0.0.1:8266"
     assert old.local().started is None
+
+
+def test_picked_ports_are_distinct_bindable_and_outside_the_kernels_ephemeral_range():
+    import socket
+
+    from kiln.local_ray import PICKED_PORTS_LOW, ephemeral_ports, free_port, free_port_block
+
+    low, high = ephemeral_ports()
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
+    assert all(PICKED_PORTS_LOW <= p < low for p in ports), (low, sorted(ports)[-3:])
+    blocks = [free_port_block(256) for _ in range(3)]
+    spans = [set(range(b, b + 256)) for b in blocks]
+    assert all(b > high for b in blocks)  # the kernel leaves room above its range here
+    assert not (spans[0] & spans[1] or spans[1] & spans[2] or spans[0] & spans[2])
+    assert not (set(ports) & spans[0])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports[-1]))  # free indeed

@@ -115,7 +115,7 @@ def served(registry, legacy_uri, webhook):
         f"serve.monitor.webhook_url={webhook}",
         *RETRAIN,
         "--port",
-        str(free_port()),
+        "0",  # Kiln picks it (and picks again if it is taken before Serve binds it)
         "--num-cpus",
         "2",
         "--run-dir",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -71,6 +72,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("kiln.serve")
 Progress = Callable[[str], None]
 DIRECT_INGRESS_PORTS = 256  # replica ports HAProxy mode may hand out on this node
+START_ATTEMPTS = 3  # Serve starts tried when a port Kiln picked is taken before it binds
 DRAINING_PERIOD_S = 2.0  # how long a stopping ingress replica stays open behind HAProxy
 # Attempts after the first for a request its replica dropped or refused. HAProxy counts an attempt
 # on the dead replica (refused at once) too, and leastconn favours it (it holds no connection) until
@@ -316,26 +318,41 @@ def start_serving(
         if hooks.restore is not None:
             plan = hooks.restore(plan, run_dir)
         check_serving_fits(plan)
-        port = cfg.port or free_port()
-        grpc_options = grpc_serving_options(cfg)
-        # Serve's controller and the actors it starts (HAProxy's manager, the proxies) run Kiln's
-        # setup hook (kiln.compat): HAProxy's stats on loopback, gRPC calls routed to Kiln's apps.
-        env = {**haproxy_loopback_env(), **grpc_process_env(cfg)}
-        if cfg.ingress == "haproxy":
-            # HAProxy's unix sockets live under this folder plus a 56-character node id and must fit
-            # 97 bytes: a short folder of its own, removed by `kiln serve stop`.
-            haproxy_dir = tempfile.mkdtemp(prefix="khap-", dir="/tmp")
-            env = {**haproxy_env(Path(haproxy_dir)), **env, **haproxy_fault_env()}
-        controller_options = {"runtime_env": {"env_vars": env}}
         started_serve = not serve_running()
-        try:
-            serve.start(
-                http_options={"host": cfg.host, "port": port},
-                grpc_options=grpc_options,
-                controller_options=controller_options,
-            )
-        except Exception as exc:
-            raise KilnError(f"Ray Serve did not start: {telling_line(str(exc))}") from exc
+        for attempt in range(1, START_ATTEMPTS + 1):
+            port = cfg.port or free_port()
+            grpc_options = grpc_serving_options(cfg)
+            # Serve's controller and the actors it starts (HAProxy's manager, the proxies) run
+            # Kiln's setup hook (kiln.compat): HAProxy's stats on loopback, gRPC calls routed to
+            # Kiln's apps.
+            env = {**haproxy_loopback_env(), **grpc_process_env(cfg)}
+            if cfg.ingress == "haproxy":
+                # HAProxy's unix sockets live under this folder plus a 56-character node id and
+                # must fit 97 bytes: a short folder of its own, removed by `kiln serve stop`.
+                haproxy_dir = tempfile.mkdtemp(prefix="khap-", dir="/tmp")
+                env = {**haproxy_env(Path(haproxy_dir)), **env, **haproxy_fault_env()}
+            try:
+                serve.start(
+                    http_options={"host": cfg.host, "port": port},
+                    grpc_options=grpc_options,
+                    controller_options={"runtime_env": {"env_vars": env}},
+                )
+                break
+            except Exception as exc:
+                taken = taken_port(str(exc))
+                if taken is not None and taken in (cfg.port, cfg.grpc_port):
+                    raise ConfigError(
+                        f"port {taken} is in use on this machine (serve.port / serve.grpc_port); "
+                        "choose another, or 0 for a free one"
+                    ) from exc
+                if taken is None or not started_serve or attempt == START_ATTEMPTS:
+                    raise KilnError(f"Ray Serve did not start: {telling_line(str(exc))}") from exc
+                # A port Kiln picked was taken before its listener bound it: pick them all again.
+                progress(f"port {taken} was taken meanwhile; starting Ray Serve again")
+                _undo([], None, started_serve)
+                if haproxy_dir:
+                    shutil.rmtree(haproxy_dir, ignore_errors=True)
+                    haproxy_dir = None
         host, port = _check_http(cfg.host, port)
         grpc_port = _check_grpc(cfg, grpc_options)
         dashboard = connected_dashboard_url()  # captured here: replicas only know a default
@@ -399,6 +416,21 @@ def start_serving(
         ),
     )
     return info
+
+
+# "cannot bind socket (Address already in use) for [127.0.0.1:38587]" (HAProxy), "error while
+# attempting to bind on address ('127.0.0.1', 38587): address already in use" (uvicorn)
+_BOUND_ADDRESS = re.compile(r"\[[^\]\s]*:(\d+)\]|\('[^']*', (\d+)\)")
+
+
+def taken_port(message: str) -> int | None:
+    """The port a listener failed to bind because it was in use, from an error's text (-1 when the
+    text says so without naming the port); None when that is not the failure."""
+    for line in message.splitlines():
+        if "address already in use" in line.lower():
+            found = _BOUND_ADDRESS.findall(line)  # the address comes last (HAProxy names its file)
+            return int(found[-1][0] or found[-1][1]) if found else -1
+    return None
 
 
 def _check_http(host: str, port: int) -> tuple[str, int]:
