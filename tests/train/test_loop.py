@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import REPO
 from kiln.data.dataset import prepare_data
 from kiln.schema import load_config
 from kiln.train.checkpoint import find_latest_checkpoint, read_state
-from kiln.train.loop import LoopHooks, train_epochs
+from kiln.train.loop import HeldRows, LoopHooks, eval_batches, shuffle_stream, train_epochs
 from kiln.train.metrics import accuracy, classification_report, confusion_matrix, f1_macro
 from kiln.train.session import LocalSession
 
@@ -124,3 +125,52 @@ def test_samplers_balance_classes_batch_by_batch(sampler):
     assert torch.equal(rebalance(y, counts, sampler, g1), rebalance(y, counts, sampler, g2))
     plain = rebalance(y, counts, "none", torch.Generator())
     assert plain.tolist() == list(range(100))
+
+
+def _chunks(n: int, size: int):
+    x = torch.arange(n * 3, dtype=torch.float32).reshape(n, 3)
+    y = torch.arange(n) % 4
+    return [{"x": x[i : i + size], "y": y[i : i + size]} for i in range(0, n, size)]
+
+
+class Unread:
+    """Batches that must not be read (a held shard replaces them)."""
+
+    def __iter__(self):
+        raise AssertionError("the source was read again")
+
+
+def _drawn(batches) -> list[list[int]]:
+    return [b["y"].tolist() + b["x"][:, 0].tolist() for b in batches]
+
+
+def test_a_shard_that_fits_the_buffer_is_held_and_redrawn_exactly_as_streamed_again():
+    held = HeldRows()
+    first = _drawn(shuffle_stream(_chunks(50, 16), 8, 100, torch.Generator().manual_seed(3), held))
+    assert held.rows is not None and len(held.rows["y"]) == 50
+    again = _drawn(shuffle_stream(_chunks(50, 16), 8, 100, torch.Generator().manual_seed(4)))
+    from_held = _drawn(shuffle_stream(Unread(), 8, 100, torch.Generator().manual_seed(4), held))
+    assert from_held == again and from_held != first
+    assert sorted(v for b in from_held for v in b[len(b) // 2 :]) == [3.0 * i for i in range(50)]
+
+
+def test_a_shard_larger_than_the_buffer_streams_every_epoch_and_is_not_held():
+    held = HeldRows()
+    out = list(shuffle_stream(_chunks(300, 16), 8, 100, torch.Generator().manual_seed(0), held))
+    assert held.rows is None and sum(len(b["y"]) for b in out) == 300
+
+
+def test_evaluation_holds_a_small_split_and_reads_it_again_from_memory(ray_cluster):
+    import ray
+
+    ds = ray.data.from_items([{"x": [float(i), 0.0], "y": i % 3} for i in range(40)])
+    held = HeldRows()
+    streamed = list(eval_batches(ds, 16, held, budget_bytes=1 << 20))
+    assert held.rows is not None and sorted(held.rows["y"].tolist()) == sorted(
+        i % 3 for i in range(40)
+    )
+    again = list(eval_batches(Unread(), 16, held, budget_bytes=1 << 20))
+    assert [b["y"].tolist() for b in again] == [b["y"].tolist() for b in streamed]
+    too_small = HeldRows()
+    assert len(list(eval_batches(ds, 16, too_small, budget_bytes=100))) == 3
+    assert too_small.rows is None

@@ -84,45 +84,78 @@ SHUFFLE_BUFFER_BYTES = 256 << 20  # the shuffle buffer's cap, whatever train.dat
 FETCH_BYTES = 8 << 20  # the least a batch fetched from Ray Data holds when rows go into the buffer
 
 
+@dataclass
+class HeldRows:
+    """A worker's split held in memory once streamed whole within its budget (the shuffle buffer's
+    cap for train): later epochs draw from it instead of streaming it from Ray Data again. Larger
+    splits stream every epoch, never held."""
+
+    rows: dict[str, torch.Tensor] | None = None
+
+
+def _cut(pool: dict[str, torch.Tensor], batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    for i in range(0, len(pool["y"]), batch_size):
+        yield {k: v[i : i + batch_size] for k, v in pool.items()}
+
+
+def _permuted(rows: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    order = torch.randperm(len(rows["y"]), generator=generator)
+    return {k: v[order] for k, v in rows.items()}
+
+
 def shuffle_stream(
-    batches: Any, batch_size: int, buffer_rows: int, generator: torch.Generator
+    batches: Any,
+    batch_size: int,
+    buffer_rows: int,
+    generator: torch.Generator,
+    held: HeldRows | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Batches of ``batch_size`` rows drawn through a seeded shuffle buffer of ``buffer_rows``.
 
     When the buffer is full it is permuted and its first half leaves as full batches; the rest is
     permuted and emitted at the end. A buffer as large as the shard is a full shuffle. The draws
     depend only on the generator and the order rows arrive in (fixed for a cached split), and every
-    batch but the last is full, so ranks with equal rows take equal steps."""
-    held: list[dict[str, torch.Tensor]] = []
-    rows = 0
+    batch but the last is full, so ranks with equal rows take equal steps. A shard that never
+    filled the buffer is kept in ``held``; given one, ``batches`` is not read: the same draws come
+    from the rows it holds (in the order they first arrived)."""
+    if held is not None and held.rows is not None:
+        yield from _cut(_permuted(held.rows, generator), batch_size)
+        return
+    chunks: list[dict[str, torch.Tensor]] = []
+    rows, whole = 0, True
 
-    def permuted() -> dict[str, torch.Tensor]:
-        joined = {k: torch.cat([b[k] for b in held]) for k in held[0]}
-        order = torch.randperm(len(joined["y"]), generator=generator)
-        return {k: v[order] for k, v in joined.items()}
+    def joined() -> dict[str, torch.Tensor]:
+        return {k: torch.cat([b[k] for b in chunks]) for k in chunks[0]}
 
     for batch in batches:
-        held.append(batch)
+        chunks.append(batch)
         rows += len(batch["y"])
         if rows >= buffer_rows + batch_size:
-            pool = permuted()
+            whole = False
+            pool = _permuted(joined(), generator)
             out = (rows // 2) // batch_size * batch_size
-            for i in range(0, out, batch_size):
-                yield {k: v[i : i + batch_size] for k, v in pool.items()}
-            held, rows = [{k: v[out:] for k, v in pool.items()}], rows - out
+            yield from _cut({k: v[:out] for k, v in pool.items()}, batch_size)
+            chunks, rows = [{k: v[out:] for k, v in pool.items()}], rows - out
     if rows:
-        pool = permuted()
-        for i in range(0, rows, batch_size):
-            yield {k: v[i : i + batch_size] for k, v in pool.items()}
+        rest = joined()
+        if whole and held is not None:
+            held.rows = rest
+        yield from _cut(_permuted(rest, generator), batch_size)
 
 
 def train_batches(
-    source: Any, batch_size: int, knobs: TrainDataConfig, row_bytes: int, generator: torch.Generator
+    source: Any,
+    batch_size: int,
+    knobs: TrainDataConfig,
+    row_bytes: int,
+    generator: torch.Generator,
+    held: HeldRows | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """One epoch of ``{"x", "y"}`` torch batches from a dataset or a worker's shard, prefetching
     ``train.data.prefetch_batches`` batches, shuffled through a seeded buffer of
-    ``train.data.shuffle_buffer`` rows (at most 256 MB). Ray Data's own local shuffle is not used:
-    its order was seen to change between two iterations with the same seed."""
+    ``train.data.shuffle_buffer`` rows (at most 256 MB); a shard that fits the buffer is streamed
+    once and then kept in ``held`` (see ``shuffle_stream``). Ray Data's own local shuffle is not
+    used: its order was seen to change between two iterations with the same seed."""
     buffer_rows = min(knobs.shuffle_buffer, SHUFFLE_BUFFER_BYTES // max(row_bytes, 1))
     # Rows come from Ray Data in chunks of at least FETCH_BYTES, cut into steps here: Ray Data's
     # cost is per batch it formats (several ms), the cut is a view. Into a shuffle buffer, chunks
@@ -138,7 +171,27 @@ def train_batches(
     )
     if buffer_rows <= 0:
         return iter(batches)
-    return shuffle_stream(batches, batch_size, buffer_rows, generator)
+    return shuffle_stream(batches, batch_size, buffer_rows, generator, held)
+
+
+def eval_batches(
+    source: Any, batch_size: int, held: HeldRows | None, budget_bytes: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """A split's ``{"x", "y"}`` batches for evaluation, in Ray Data's order; a split of at most
+    ``budget_bytes`` is kept in ``held`` after its first pass and read from there afterwards."""
+    if held is not None and held.rows is not None:
+        yield from _cut(held.rows, batch_size)
+        return
+    chunks, size = [], 0
+    for batch in source.iter_torch_batches(
+        batch_size=batch_size, dtypes={"x": torch.float32, "y": torch.int64}, device="cpu"
+    ):
+        yield batch
+        size += sum(v.numel() * v.element_size() for v in batch.values())
+        if held is not None and size <= budget_bytes:
+            chunks.append(batch)
+    if held is not None and chunks and size <= budget_bytes:
+        held.rows = {k: torch.cat([b[k] for b in chunks]) for k in chunks[0]}
 
 
 @torch.inference_mode()
@@ -150,16 +203,15 @@ def stream_metrics(
     prefix: str,
     device: Any = "cpu",
     batch_size: int = 1024,
+    held: HeldRows | None = None,
 ) -> dict[str, float]:
     """Loss, accuracy and macro-F1 of ``model`` on one split, streamed in batches (empty split:
-    no metrics)."""
+    no metrics); ``held`` keeps a split of at most SHUFFLE_BUFFER_BYTES for the next call."""
     model.eval()
     cm = np.zeros((num_classes, num_classes), np.int64)
     loss_sum, rows = 0.0, 0.0
     reduction = getattr(loss_fn, "reduction", "mean")
-    for batch in source.iter_torch_batches(
-        batch_size=batch_size, dtypes={"x": torch.float32, "y": torch.int64}, device="cpu"
-    ):
+    for batch in eval_batches(source, batch_size, held, SHUFFLE_BUFFER_BYTES):
         x, y = batch["x"].to(device), batch["y"].to(device)
         logits = model(x)
         cm += confusion_matrix(y.cpu().numpy(), logits.argmax(1).cpu().numpy(), num_classes)
@@ -286,6 +338,8 @@ def train_epochs(
     reports = []
     every = cfg.train.checkpoint.every
     train_counts = data.class_counts[0]
+    # small splits are streamed from Ray Data once per run, then drawn from memory (HeldRows)
+    held_train, held_val = HeldRows(), HeldRows()
     for epoch in range(start_epoch, t.epochs):
         started = time.perf_counter()
         model.train()
@@ -296,7 +350,9 @@ def train_epochs(
         draws = torch.Generator().manual_seed(epoch_seed)
         shuffle = torch.Generator().manual_seed(epoch_seed + 7)
         total, count = 0.0, 0
-        batches = train_batches(datasets["train"], local_batch, t.data, row_bytes, shuffle)
+        batches = train_batches(
+            datasets["train"], local_batch, t.data, row_bytes, shuffle, held_train
+        )
         for batch in batches:
             xb, yb = batch["x"], batch["y"]
             if t.sampler != "none":  # rebalancing copies the batch; without it, no copy
@@ -333,6 +389,7 @@ def train_epochs(
                         eval_loss,
                         "val",
                         device,
+                        held=held_val,
                     )
                 )
             if (epoch + 1) % every == 0 or epoch + 1 == t.epochs:
@@ -352,13 +409,8 @@ def train_epochs(
         if session.rank == 0 and tracking:
             from kiln import tracking as trk
 
-            trk.log_metrics(
-                tracking["uri"],
-                tracking["run_id"],
-                {k: v for k, v in metrics.items() if k != "epoch"},
-                step=epoch,
-            )
-            trk.log_metrics(tracking["uri"], tracking["run_id"], {"epoch": epoch}, step=epoch)
+            # one batch (one transaction, one request): the epoch and its metrics land together
+            trk.log_metrics(tracking["uri"], tracking["run_id"], metrics, step=epoch)
         reports.append(metrics)
     return reports
 
