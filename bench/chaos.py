@@ -60,6 +60,7 @@ sys.path.insert(0, str(REPO / "tests"))  # served_models: the OIP request body, 
 import psutil  # noqa: E402
 import requests  # noqa: E402
 
+from kiln.cli import configure_process  # noqa: E402
 from kiln.serve.cluster import serving_env  # noqa: E402
 from kiln.waiting import WaitTimeout, wait_until  # noqa: E402
 from machine import print_machine  # noqa: E402
@@ -606,6 +607,26 @@ def rollout_state_lost(before: dict, after: dict, audit_before: int, audit_after
     return lost
 
 
+def load_figures(fault: Fault, load: Load, fault_at: float, until: float) -> None:
+    """Fill in ``fault``'s serving figures from the load's answers in [fault_at, until)."""
+    fault.recovered_s, fault.min_rate = time_to_full(
+        load.answers, fault_at, fault.rate_before or 0.0, until
+    )
+    fault.requests = sum(1 for t, _, _ in load.answers if fault_at <= t < until)
+    fault.failed_kinds = count_failures(load.answers, fault_at, until)
+    fault.failed = sum(fault.failed_kinds.values())
+    fault.not_ready = sum(1 for t, s in load.ready if fault_at <= t < until and s != 200)
+
+
+def audit_lines(entries: list[dict]) -> list[str]:
+    """The audit entries worth reading (faults and decisions; not every gate evaluation)."""
+    return [
+        f"{e.get('decision')} ({e.get('trigger')}): {e.get('reason', '')}"
+        for e in entries
+        if e.get("trigger") == "fault" or e.get("decision") not in ("continue", "hold")
+    ]
+
+
 def inject(
     fault: Fault,
     load: Load,
@@ -640,22 +661,12 @@ def inject(
         pass  # reported as not recovered within the window
     time.sleep(size.settle_s)
     until = time.monotonic()
-    fault.recovered_s, fault.min_rate = time_to_full(
-        load.answers, fault_at, fault.rate_before, until
-    )
-    fault.requests = sum(1 for t, _, _ in load.answers if fault_at <= t < until)
-    fault.failed_kinds = count_failures(load.answers, fault_at, until)
-    fault.failed = sum(fault.failed_kinds.values())
-    fault.not_ready = sum(1 for t, s in load.ready if fault_at <= t < until and s != 200)
+    load_figures(fault, load, fault_at, until)
     record_after, audit_after = serving.record(), serving.audit()
     fault.state_lost = rollout_state_lost(
         record_before, record_after, len(audit_before), len(audit_after)
     )
-    fault.audit = [
-        f"{e.get('decision')} ({e.get('trigger')}): {e.get('reason', '')}"
-        for e in audit_after[len(audit_before) :]
-        if e.get("trigger") == "fault" or e.get("decision") not in ("continue", "hold")
-    ]
+    fault.audit = audit_lines(audit_after[len(audit_before) :])
 
 
 def serve_phase(work: Path, size: Size, faults: list[Fault], versions: tuple[str, str]) -> dict:
@@ -765,38 +776,46 @@ def serving_faults(load: Load, serving: Serving, size: Size, faults: list[Fault]
 
     inject(replica, load, serving, size, kill_replica, replaced)
 
-    # the rollout controller: Ray restarts the actor; it reloads the record and audits the restart
-    controller = Fault("serve: SIGKILL of the rollout controller mid-bake", "")
-    faults.append(controller)
-    name = f"kiln-rollout-{MODEL}"
+    # the rollout controller: Ray restarts the actor; it reloads the record and audits the restart.
+    # Serve's controller: Ray restarts it (detached, max_restarts=-1); the replicas keep serving.
+    for fault_name, actor, marker in (
+        (
+            "serve: SIGKILL of the rollout controller mid-bake",
+            f"kiln-rollout-{MODEL}",
+            "RolloutController",
+        ),
+        (
+            "serve: SIGKILL of Serve's controller (ServeController)",
+            "SERVE_CONTROLLER_ACTOR",
+            "ServeController",
+        ),
+    ):
+        actor_fault(Fault(fault_name, ""), actor, marker, load, serving, size, faults)
+
+
+def actor_fault(
+    fault: Fault,
+    actor: str,
+    marker: str,
+    load: Load,
+    serving: Serving,
+    size: Size,
+    faults: list[Fault],
+) -> None:
+    """SIGKILL the process of named actor ``actor`` (``marker`` in its command line) and wait for
+    Ray to restart it (the same name, another pid)."""
+    faults.append(fault)
     old: dict[str, int] = {}
 
-    def kill_controller() -> str:
-        pid = serving.actors(name)[name]
-        old["pid"] = pid
-        kill_in_session(leader, pid, "RolloutController")
-        return f"rollout controller pid {pid}"
+    def kill() -> str:
+        old["pid"] = serving.actors(actor)[actor]
+        kill_in_session(serving.leader, old["pid"], marker)
+        return f"{marker} pid {old['pid']}"
 
     def restarted() -> bool:
-        return serving.actors(name).get(name, old["pid"]) != old["pid"]
+        return serving.actors(actor).get(actor, old["pid"]) != old["pid"]
 
-    inject(controller, load, serving, size, kill_controller, restarted)
-
-    # Serve's controller: Ray restarts it (detached, max_restarts=-1); replicas keep serving
-    serve_controller = Fault("serve: SIGKILL of Serve's controller (ServeController)", "")
-    faults.append(serve_controller)
-    sname = "SERVE_CONTROLLER_ACTOR"
-
-    def kill_serve_controller() -> str:
-        pid = serving.actors(sname)[sname]
-        old["serve"] = pid
-        kill_in_session(leader, pid, "ServeController")
-        return f"ServeController pid {pid}"
-
-    def serve_back() -> bool:
-        return serving.actors(sname).get(sname, old["serve"]) != old["serve"]
-
-    inject(serve_controller, load, serving, size, kill_serve_controller, serve_back)
+    inject(fault, load, serving, size, kill, restarted)
 
 
 # --- phase 4: a candidate built to crash on a given input ----------------------------------------
@@ -873,9 +892,9 @@ def crash_rollout(
     audit_before = len(serving.audit())
     fault_at = time.monotonic()
     fault.rate_before = round(load.rate(fault_at - size.baseline_s, fault_at), 1)
-    fault.target = f"v{version}'s replica process (its model aborts on the crash input)"
+    fault.target = f"the process running v{version} (its model aborts on the crash input)"
     stable = serving.record().get("stable")
-    posted = 0
+    posted, first_post = 0, time.time()
 
     def rolled_back() -> bool:
         nonlocal posted
@@ -895,29 +914,24 @@ def crash_rollout(
     rolled_at = time.monotonic()
     time.sleep(size.settle_s)
     until = time.monotonic()
-    fault.recovered_s, fault.min_rate = time_to_full(
-        load.answers, fault_at, fault.rate_before, until
-    )
-    fault.requests = sum(1 for t, _, _ in load.answers if fault_at <= t < until)
-    fault.failed_kinds = count_failures(load.answers, fault_at, until)
-    fault.failed = sum(fault.failed_kinds.values())
-    fault.not_ready = sum(1 for t, s in load.ready if fault_at <= t < until and s != 200)
+    load_figures(fault, load, fault_at, until)
     record = serving.record()
     if record.get("phase") != "rolled_back" or record.get("stable") != stable:
         fault.state_lost.append(
             f"rollout {record.get('phase')}, stable v{stable} -> v{record.get('stable')} "
             "(expected: rolled back to the same stable version)"
         )
+    written = serving.audit()[audit_before:]
+    rollback = next((e["time"] for e in written if e.get("decision") == "rollback"), None)
+    after = f"{rollback - first_post:.1f} s" if rollback else f"> {rolled_at - fault_at:.0f} s"
     fault.notes.append(
-        f"rollout {record.get('phase')} {rolled_at - fault_at:.1f} s after the first crash input "
-        f"({(rolled_at - fault_at) / 2.0:.1f} gate intervals; {posted} crash inputs posted): "
-        f"{record.get('reason')}"
+        f"rollout {record.get('phase')}: the rollback's audit entry {after} after the first crash "
+        f"input (gate interval 2 s; {posted} crash inputs posted): {record.get('reason')}"
     )
-    fault.audit = [
-        f"{e.get('decision')} ({e.get('trigger')}): {e.get('reason', '')}"
-        for e in serving.audit()[audit_before:]
-        if e.get("trigger") == "fault" or e.get("decision") not in ("continue", "hold")
-    ]
+    fault.notes.append(
+        "failed: every load request that failed, both versions (30% go to the candidate)"
+    )
+    fault.audit = audit_lines(written)
 
 
 # --- the report ----------------------------------------------------------------------------------
@@ -966,6 +980,7 @@ def main() -> int:
     )
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args()
+    configure_process()  # as Kiln's entry points (MLflow's and Ray's settings, quiet logs)
     os.environ.update(SERVING_ENV)  # before Ray is imported (see SERVING_ENV)
     size = BOUNDED if args.bounded else FULL_SIZE
     phases = set((args.phases or ("serve" if args.bounded else "train,tune,serve")).split(","))
