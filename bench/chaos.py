@@ -862,8 +862,9 @@ def crash_rollout(
 ) -> None:
     """Canary ``version`` at 30% (gates error_rate<0.05 and restarts<1, 2 s interval), post
     ``crash_body`` to the model until the rollout has left its running phase, and fill in
-    ``fault``: the stable version's failed requests (the load's clients send only good inputs),
-    the time from the crash input to the rollback, and the audit entries."""
+    ``fault``: the load's failed requests (its clients send only good inputs; a failed answer does
+    not say which version it was routed to), the time from the first crash input to the rollback's
+    audit entry, and the audit entries."""
     run_dir = str(serving.run_dir)
     kiln(
         "rollout",
