@@ -85,7 +85,37 @@ class RolloutController:
         }
         for version, data in payload.get("stats", {}).items():
             self.window.setdefault(version, VersionWindow()).add(VersionWindow.from_dict(data))
+        for version, death in payload.get("lost", {}).items():
+            self._version_lost(payload["replica"], version, death)
         return self.table()
+
+    def _version_lost(self, replica: str, version: str, death: dict[str, Any]) -> None:
+        """A replica's process of ``version`` (one a rollout loaded: it runs apart from the
+        replica's own versions) died. An audit entry says so; when it is the candidate of the
+        rollout in progress, it is a restart of the candidate and the rollout is rolled back at
+        once (its requests already go to the stable version on that replica)."""
+        r = self.record
+        if r is None:
+            return
+        cause = str(death.get("cause", ""))
+        candidate = r.active and version == r.candidate
+        if candidate:
+            r.restarts[version] = r.restarts.get(version, 0) + 1
+            self._save()
+        self._audit(
+            "version_lost",
+            "fault",
+            f"v{version}'s process died on replica {replica[:12]}: {cause}",
+            extra={
+                "fault": "version_process_death",
+                "replica": replica,
+                "version": version,
+                "cause": cause,
+                "crashed_at": death.get("at"),
+            },
+        )
+        if candidate:
+            self._roll_back("fault", f"v{version}'s process died on a replica: {cause}")
 
     def table(self) -> dict[str, Any] | None:
         r = self.record
