@@ -75,6 +75,11 @@ class IsolatedRuntime:
         parent, child = socket.socketpair()
         # The child finds the modules this process imports (Kiln, allowed builders) where it does.
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        torch = sys.modules.get("torch")  # not imported here for it: only read when loaded
+        if torch is not None and "OMP_NUM_THREADS" not in env:
+            # as many intra-op threads as this process's models use (serve.deployment.threads),
+            # not one per core competing with them
+            env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
         try:
             self._proc = subprocess.Popen(
                 [
