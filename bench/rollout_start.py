@@ -4,11 +4,11 @@ Registers a digits CNN twice (v1, v2; random weights), serves v1 with `kiln serv
 local Ray instance, which also starts the model's rollout controller), then, for each round: times
 `kiln rollout start digits-cnn --to 2` end to end (the CLI as a user runs it), rolls back, and times
 the same call's phases in a fresh process (import of the control plane, Ray connection, the
-controller's answer, which includes its registry check of the version). With ``--baseline DIR``
-(another checkout's ``platform`` folder, e.g. main's before this change), each round also times
-that checkout's CLI against the same instance, interleaved, for a side-by-side ratio.
+controller's answer, which includes its registry check of the version). To compare with an older
+checkout, run its own copy of this script right before or after (a CLI and a controller of two
+versions do not mix on one instance).
 
-    PYTHONPATH=platform python bench/rollout_start.py [--rounds 3] [--baseline /tmp/main/platform]
+    PYTHONPATH=platform python bench/rollout_start.py [--rounds 3]
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ print(json.dumps({"import": t1 - t0, "connect": t2 - t1, "controller": t3 - t2})
 """
 
 
-def cli(*args: str, env: dict, platform: Path = REPO / "platform") -> float:
-    full_env = dict(os.environ, PYTHONPATH=str(platform), **env)
+def cli(*args: str, env: dict) -> float:
+    full_env = dict(os.environ, PYTHONPATH=str(REPO / "platform"), **env)
     full_env.pop("RAY_ADDRESS", None)
     started = time.perf_counter()
     proc = subprocess.run(
@@ -71,9 +71,6 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument(
-        "--baseline", type=Path, help="another checkout's platform/ folder, timed beside this one"
-    )
     args = parser.parse_args()
     print_machine()
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-rollout-start-"))
@@ -100,14 +97,6 @@ def main() -> int:
             seconds = cli(*start, "--run-dir", str(run_dir), env=env)
             print(f"round {r + 1}: kiln rollout start {seconds:5.2f} s", flush=True)
             cli(*rollback, env=env)
-            if args.baseline:
-                before = cli(*start, "--run-dir", str(run_dir), env=env, platform=args.baseline)
-                print(
-                    f"round {r + 1}: baseline ({args.baseline}) {before:5.2f} s, ratio "
-                    f"{seconds / before:.2f}",
-                    flush=True,
-                )
-                cli(*rollback, env=env)
             full_env = dict(os.environ, PYTHONPATH=str(REPO / "platform"), **env)
             full_env.pop("RAY_ADDRESS", None)
             proc = subprocess.run(
