@@ -7,26 +7,11 @@ import asyncio
 
 from kiln.rollout.control.controller import RolloutController
 from kiln.rollout.core.routing import RoutingTable
-from kiln.rollout.core.store import RolloutRecord, RolloutStore
+from kiln.rollout.core.store import RolloutStore
+from test_rollout_units import _record
 
+GATES = ["p99_ms<1000"]  # no gate on errors: the death alone rolls the candidate back
 TABLE = RoutingTable(stable="1", candidate="2", weight=100.0, versions={"1": "u1", "2": "u2"})
-
-
-def _record() -> dict:
-    return RolloutRecord(
-        model="m",
-        registered_name="m",
-        tracking_uri="sqlite:////nonexistent/x.db",
-        stable="1",
-        stable_uri="models:/m/1",
-        candidate="2",
-        candidate_uri="models:/m/2",
-        strategy="canary",
-        steps=[30.0],
-        bake_s=60.0,
-        interval_s=1.0,
-        gates=["p99_ms<1000"],  # no gate on errors: the death alone rolls it back
-    ).to_dict()
 
 
 def test_a_replica_stops_routing_to_a_version_whose_process_died_and_reports_it_once():
@@ -59,10 +44,10 @@ def test_a_replica_stops_routing_to_a_version_whose_process_died_and_reports_it_
 def test_the_candidates_process_death_rolls_back_at_once_with_an_audit_entry(tmp_path):
     async def scenario():
         ctl = RolloutController(str(tmp_path), "m")
-        await ctl.start(_record(), "user")
+        await ctl.start(_record(gates=GATES), "user")
         await ctl.report({"replica": "r1", "ready": {"1": "ready", "2": "ready"}, "stats": {}})
         await ctl._tick()
-        assert (ctl.record.phase, ctl.record.weight) == ("running", 30.0)
+        assert (ctl.record.phase, ctl.record.weight) == ("running", 50.0)
         death = {"cause": "models:/m/2: its process killed by SIGABRT", "at": 1234.5}
         table = await ctl.report(
             {"replica": "r1", "ready": {"1": "ready", "2": "crashed"}, "lost": {"2": death}}
@@ -87,7 +72,7 @@ def test_the_candidates_process_death_rolls_back_at_once_with_an_audit_entry(tmp
 def test_a_finished_rollouts_version_dying_is_audited_without_a_decision(tmp_path):
     async def scenario():
         ctl = RolloutController(str(tmp_path), "m")
-        await ctl.start(_record(), "user")
+        await ctl.start(_record(gates=GATES), "user")
         await ctl.command("rollback")
         await ctl.report(
             {"replica": "r1", "ready": {}, "lost": {"2": {"cause": "exited with 1", "at": 1.0}}}
