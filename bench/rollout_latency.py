@@ -11,9 +11,13 @@ Configurations, each measured at concurrency 1 (latency) and 8:
   (c) routed, canary at 50% (v1 -> v2), no sticky header: a weighted choice per request
   (d) routed, canary at 50% with a sticky header (a hash of the header value per request)
   (e) routed, shadow mirroring 100% of requests to v2 (the mirrored call runs after the answer)
+  (f) direct to the candidate during the canary: POST /v2/models/M/versions/2/infer (a rollout's
+      candidate runs in its own process beside the replica: every request of it pays that hop)
 
 Also, in-process: the cost of the routing decision itself (``RolloutAgent.route`` + ``record``, what
-a request pays in the replica), per call, without and with a canary table and a sticky header.
+a request pays in the replica), per call, without and with a canary table and a sticky header; and
+the hop to a candidate's own process (``kiln.models.isolated_runtime``): one model call of the
+digits CNN in this process vs. in a child process, at batch 1 and 8.
 
 Phases: no rollout [(a), (b)], canary [(a), (c), (d)], shadow [(a), (e)]; (a) is measured again in
 every phase and the added latency is each configuration's p50/p99 minus (a)'s in the same phase,
@@ -165,6 +169,52 @@ def decision_cost(calls: int = 200_000) -> dict[str, float]:
     return out
 
 
+def isolation_cost(calls: int = 2000) -> dict[str, float]:
+    """Microseconds per model call of the digits CNN in this process vs. in its own child process
+    (the hop a rollout's candidate pays), at batch 1 and 8: interleaved rounds, best of each."""
+    import numpy as np
+    import torch
+
+    from kiln.data.preprocess import Preprocessing
+    from kiln.models.artifact import build_model, save_artifact
+    from kiln.models.predictor import load_isolated_predictor, load_predictor
+    from kiln.models.spec import ModelSpec
+
+    folder = Path(tempfile.mkdtemp(prefix="kiln-bench-isolated-"))
+    prep = Preprocessing(kind="image", mean=[0.5], std=[0.25], channels=1, image_size=SHAPE[1:])
+    spec = ModelSpec("cnn", {"width": 32, "dropout": 0.1}, SHAPE, list(range(10)), prep)
+    torch.manual_seed(0)
+    directory = save_artifact(build_model(spec).eval(), spec, folder / "model")
+    torch.set_num_threads(1)  # as the benchmark's replica (serve.deployment.threads=1)
+    predictors = {
+        "in process": load_predictor(directory),
+        "own process": load_isolated_predictor(directory, "bench"),
+    }
+    out: dict[str, float] = {}
+    try:
+        for _ in range(5):
+            for batch in (1, 8):
+                x = np.random.default_rng(0).standard_normal((batch, *SHAPE)).astype(np.float32)
+                for label, predictor in predictors.items():
+                    started = time.perf_counter()
+                    for _ in range(calls):
+                        predictor.logits(x)
+                    spent = (time.perf_counter() - started) / calls * 1e6
+                    key = f"{label}, batch {batch}"
+                    out[key] = min(out.get(key, float("inf")), spent)
+    finally:
+        predictors["own process"].close()
+        shutil.rmtree(folder, ignore_errors=True)
+    for batch in (1, 8):
+        local, isolated = out[f"in process, batch {batch}"], out[f"own process, batch {batch}"]
+        print(
+            f"  model call, batch {batch}: in process {local:7.1f} us, own process "
+            f"{isolated:7.1f} us (hop {isolated - local:+.1f} us, ratio {isolated / local:.2f})",
+            flush=True,
+        )
+    return out
+
+
 def wait_rollout_running(run_dir: Path, timeout: float = 120.0) -> None:
     from kiln.rollout.core.store import RolloutStore
 
@@ -197,6 +247,7 @@ def main() -> int:
     rounds, scale = (2, 0.25) if args.quick else (args.rounds, 1.0)
     info = print_machine()
     decision_us = decision_cost(50_000 if args.quick else 200_000)
+    isolation_us = isolation_cost(500 if args.quick else 2000)
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-rollout-"))
     run_dir = work / "runs"
     tracking_uri, (v1, v2) = register(run_dir)
@@ -253,6 +304,10 @@ def main() -> int:
                 "(a) direct /versions/1": (direct, None),
                 "(c) routed, canary 50%": (routed, None),
                 "(d) routed, canary 50%, sticky": (routed, {"X-User": "user-42"}),
+                "(f) direct /versions/2 (candidate)": (
+                    f"/v2/models/{MODEL}/versions/2/infer",
+                    None,
+                ),
             },
             rounds,
             scale,
@@ -326,6 +381,7 @@ def main() -> int:
                 "ingress": args.ingress,
                 "rounds": rounds,
                 "decision_us": decision_us,
+                "isolation_us": isolation_us,
                 "summary": summary,
                 "runs": results,
             },

@@ -188,6 +188,15 @@ def render_status(st) -> str:
         )
     elif r.get("reason"):
         lines.append(f"  {r['reason']}")
+    if active and st.replicas and r.get("candidate"):
+        # the candidate's loading, per replica (the record stays 'preparing' until all have it)
+        states = [str(ready.get(r["candidate"], "loading")) for ready in st.replicas.values()]
+        odd = sorted({s for s in states if s not in ("ready", "loading")})
+        lines.append(
+            f"  v{r['candidate']} on replicas: {states.count('ready')}/{len(states)} ready"
+            + (f", {states.count('loading')} loading" if "loading" in states else "")
+            + "".join(f"; {s}" for s in odd)
+        )
     for version, m in sorted(st.metrics.items()):
         lines.append(
             f"  v{version}: {m['requests']} req, errors {_pct(m['error_rate'])}, p50 "

@@ -45,6 +45,12 @@ class Predictor:
         probabilities: np.ndarray = softmax(self.logits(self.prepare(inputs))).astype(np.float32)
         return probabilities
 
+    def close(self) -> None:
+        """Release what the runtime holds beyond memory (an isolated runtime's process)."""
+        close = getattr(self.runtime, "close", None)
+        if close is not None:
+            close()
+
     def predict(self, inputs: Any) -> list[Any]:
         idx = self.logits(self.prepare(inputs)).argmax(axis=1)
         return [self.spec.labels[i] for i in idx]
@@ -58,3 +64,13 @@ def load_predictor(model: str | Path, tracking_uri: str | None = None) -> Predic
     directory = resolve_model_dir(str(model), tracking_uri)
     spec = load_spec(directory)
     return Predictor(spec, make_runtime(directory, spec), str(model))
+
+
+def load_isolated_predictor(directory: str | Path, source: str) -> Predictor:
+    """A predictor for the artifact in ``directory`` whose model runs in a child process
+    (``kiln.models.isolated_runtime``): its crash fails its own calls only. ``source`` names it in
+    errors. Raises ModelError (a builder not allowed, a load that failed in the child)."""
+    from kiln.models.isolated_runtime import IsolatedRuntime
+
+    spec = load_spec(directory)
+    return Predictor(spec, IsolatedRuntime(Path(directory), spec, source), source)

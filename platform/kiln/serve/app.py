@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, cast
 
 from kiln.models.registry import ALLOW_ENV, allowed_builders
-from kiln.serve.plan import ModelAppSpec, ModelPlan, ServePlan
 
 if TYPE_CHECKING:
     from kiln.monitor.live.served import RetrainerFactory
+    from kiln.serve.plan import ModelPlan, ServePlan
     from kiln.serve.root_server import ConsoleFactory
 
 ROOT_APP = "kiln"
@@ -84,6 +84,7 @@ def build_applications(
     from ray.serve import Deployment, RunTarget
 
     from kiln.serve.model_server import ModelServer
+    from kiln.serve.plan import ModelAppSpec
     from kiln.serve.root_server import RootServer
     from kiln.version import __version__ as kiln_version
 

@@ -16,9 +16,11 @@ from kiln.serve.instance import LOCAL_ONLY_ENV, ServeState, clear_state, load_st
 LOCAL_AUTH_MODE = "token"  # Kiln's local instance runs with Ray's token authentication
 
 
-def connect(address: str, debug: bool = False) -> str:
+def connect(address: str, debug: bool = False, serve: bool = True) -> str:
     """Connect this process to the Ray cluster at ``address``; returns its GCS address. Raises
-    KilnError when nothing answers there.
+    KilnError when nothing answers there. ``serve``: this process will call Ray Serve (imported
+    now, its start-up logging quieted); the rollout commands, which only call the controller actor,
+    pass False and skip that import (seconds).
 
     Kiln's local instance uses token authentication: Ray reads its mode from ``RAY_AUTH_MODE`` once
     per process, so the entry point sets it (``serving_env``) before Ray is imported."""
@@ -26,7 +28,7 @@ def connect(address: str, debug: bool = False) -> str:
 
     from kiln.ray_connection import ensure_ray
 
-    if not debug:  # Serve logs its start-up at INFO; the CLI prints its own summary
+    if serve and not debug:  # Serve logs its start-up at INFO; the CLI prints its own summary
         import ray.serve  # noqa: F401  (configures its logger on import: set the level after that)
 
         logging.getLogger("ray.serve").setLevel(logging.WARNING)

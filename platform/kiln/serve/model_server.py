@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from kiln.models.isolated_runtime import RuntimeProcessDied
 from kiln.models.probabilities import softmax
 from kiln.serve import oip_pb2
 from kiln.serve.config import BatchingConfig
@@ -31,6 +32,7 @@ from kiln.serve.grpc_protocol import grpc_reply, metadata_headers, metadata_resp
 from kiln.serve.grpc_protocol import infer_request as grpc_infer_request
 from kiln.serve.grpc_protocol import infer_response as grpc_infer_response
 from kiln.serve.http import (
+    RETRY_AFTER_S,
     check_api_key,
     error_response,
     json_response,
@@ -83,6 +85,15 @@ def finite(logits: np.ndarray) -> np.ndarray:
 class ServerFault(Exception):
     """A request that failed through no fault of the client's (answered 500 / INTERNAL)."""
 
+    status = 500
+
+
+class VersionLost(ServerFault):
+    """The process of the version answering a request died (an isolated candidate's crash): the
+    request may be retried, and the other versions answer (503 / UNAVAILABLE, ``Retry-After``)."""
+
+    status = 503
+
 
 class VersionRunner:
     """Runs one version's model: dynamic batching (serve.batch) or one call per request, off the
@@ -125,6 +136,11 @@ class VersionRunner:
         joined = inputs[0] if len(inputs) == 1 else np.concatenate(inputs)
         out = await asyncio.get_running_loop().run_in_executor(self._executor, self._call, joined)
         return np.split(out, np.cumsum(sizes)[:-1]) if len(inputs) > 1 else [out]
+
+    def close(self) -> None:
+        """Release the version's runtime (an isolated one's process) once the calls already queued
+        on its thread have run: requests that hold this runner finish on it."""
+        self._executor.submit(self.served.predictor.close)
 
     def _call(self, x: np.ndarray) -> np.ndarray:
         self.metrics.batch(self.served.model_name, self.served.version, len(x))
@@ -220,25 +236,31 @@ class ModelServer:
 
     async def add_version(self, version: str, uri: str) -> None:
         """Load a version into this running replica (a rollout's candidate), smoke-check it, then
-        serve it."""
-        from kiln.models.predictor import load_predictor
+        serve it. Its model runs in a child process of the replica
+        (``kiln.models.isolated_runtime``): a candidate that crashes its process fails its own
+        requests only, never those of the versions running here."""
+        from kiln.models.predictor import load_isolated_predictor
         from kiln.tracking import resolve_model_dir
 
         loop = asyncio.get_running_loop()
         directory = await loop.run_in_executor(None, resolve_model_dir, uri, self.spec.tracking_uri)
-        predictor = await loop.run_in_executor(None, load_predictor, directory)
+        predictor = await loop.run_in_executor(None, load_isolated_predictor, directory, uri)
         runner = VersionRunner(
             ServedVersion(self.spec.model_name, version, predictor, self.limits), self.metrics
         )
         shape = [2, *predictor.spec.input_shape]
-        logits = await loop.run_in_executor(
-            runner._executor, runner._call, np.zeros(shape, dtype=np.float32)
-        )
-        if logits.shape != (2, predictor.spec.num_classes) or not np.isfinite(logits).all():
-            raise ValueError(
-                f"smoke request answered logits of shape {logits.shape} "
-                f"(finite: {bool(np.isfinite(logits).all())})"
+        try:
+            logits = await loop.run_in_executor(
+                runner._executor, runner._call, np.zeros(shape, dtype=np.float32)
             )
+            if logits.shape != (2, predictor.spec.num_classes) or not np.isfinite(logits).all():
+                raise ValueError(
+                    f"smoke request answered logits of shape {logits.shape} "
+                    f"(finite: {bool(np.isfinite(logits).all())})"
+                )
+        except Exception:
+            runner.close()
+            raise
         runner.configure(self.batching)
         self.monitors.add(version, directory)  # its own reference: gates read its live window
         self.monitors.add_retraining(
@@ -268,7 +290,9 @@ class ModelServer:
     def remove_version(self, version: str) -> None:
         """Stop serving a version a rollout loaded. Requests already holding its runner finish on it
         (its thread is not shut down under them; it goes with the runner)."""
-        self.runners.pop(version, None)
+        runner = self.runners.pop(version, None)
+        if runner is not None:
+            runner.close()
         self.monitors.remove(version)
 
     def runner(self, version: str) -> VersionRunner:
@@ -338,8 +362,10 @@ class ModelServer:
             return await self.metered(request.headers, version, endpoint, answer)
         except CLIENT_ERRORS as exc:
             return error_response(str(exc), exc.status)
+        except VersionLost as exc:
+            return error_response(str(exc), exc.status, {"Retry-After": str(RETRY_AFTER_S)})
         except ServerFault as exc:
-            return error_response(str(exc), 500)
+            return error_response(str(exc), exc.status)
 
     async def metered(
         self,
@@ -364,6 +390,13 @@ class ModelServer:
         except CLIENT_ERRORS as exc:
             status = exc.status
             raise
+        except RuntimeProcessDied as exc:  # its process crashed; this replica's versions answer on
+            status = VersionLost.status
+            self.rollout.lost(label, str(exc))
+            raise VersionLost(
+                f"version {label} of model '{self.spec.model_name}' is unavailable ({exc}); "
+                f"retry in {RETRY_AFTER_S} s"
+            ) from exc
         except Exception as exc:  # a server fault, not the client's: logged with its traceback
             status = 500
             logger.exception(
@@ -456,7 +489,7 @@ class ModelServer:
         except CLIENT_ERRORS as exc:
             return oip_pb2.ModelInferResponse(), exc.status, str(exc)
         except ServerFault as exc:
-            return oip_pb2.ModelInferResponse(), 500, str(exc)
+            return oip_pb2.ModelInferResponse(), exc.status, str(exc)
 
     def grpc_metadata(self, msg, headers) -> tuple[Any, int, str]:
         try:
@@ -495,6 +528,9 @@ class ModelServer:
             self.monitors.observe(runner.served.version, x, logits, softmax(logits))
             agreed = int((np.argmax(logits, axis=1) == np.argmax(stable_logits, axis=1)).sum())
             self.rollout.compare(runner.served.version, agreed, len(x))
+        except RuntimeProcessDied as exc:  # the candidate's process crashed on a mirrored request
+            status = VersionLost.status
+            self.rollout.lost(runner.served.version, str(exc))
         except Exception:  # the candidate's fault: counted as its error, never the client's answer
             status = 500
         finally:

@@ -2,9 +2,14 @@
 ``kiln serve start | stop`` run (``restore_rollouts``, ``stop_controllers``; the commands layer
 hands them to ``kiln.serve.lifecycle``, which does not import this module).
 
-``start_rollout`` checks everything it can before it touches the cluster (the model is served, the
-version exists in the registry and has a runtime, the options make sense) and raises KilnError
-otherwise; then it hands the rollout to the model's controller actor, creating it if needed.
+``start_rollout`` checks what the run dir tells before it touches the cluster (the options make
+sense, the model is served, the version is not the stable one) and raises KilnError otherwise; then
+it hands the rollout to the model's controller actor (creating it if needed), which checks that the
+version exists in the registry and answers the error in the same call. Loading the candidate (its
+artifact, runtime and builder, checked against the operator's allow-list where it runs) is the
+replicas' work: a candidate that fails to load is rolled back before it gets traffic, which
+``kiln rollout status --watch`` shows. So the command returns in seconds: no MLflow, no Ray Serve
+in its process.
 """
 
 from __future__ import annotations
@@ -12,18 +17,18 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kiln import tracking as trk
-from kiln.errors import KilnError, ModelError
-from kiln.models.spec import check_allowed_builder, load_spec
+from kiln.errors import KilnError
 from kiln.rollout.control.controller import RolloutController
 from kiln.rollout.core.actors import NAMESPACE, controller_name, find_controller
 from kiln.rollout.core.spec import RolloutOptions
 from kiln.rollout.core.store import Phase, RolloutRecord, RolloutStore
 from kiln.serve.cluster import connect, find_target
 from kiln.serve.instance import ServeState
-from kiln.serve.plan import ServePlan, VersionSource
+
+if TYPE_CHECKING:
+    from kiln.serve.plan import ModelPlan, ServePlan
 
 
 @dataclass
@@ -47,18 +52,20 @@ def connect_to_serving(
     run_dir: str | Path, address: str | None, debug: bool = False
 ) -> ServeState | None:
     """Connect (unless this process is already connected); returns the serve state file (or
-    None). Raises KilnError when there is nothing to connect to."""
+    None). Raises KilnError when there is nothing to connect to. Ray Serve is not imported: the
+    rollout's driver only calls the controller actor."""
     import ray
 
     address, state = find_target(run_dir, address)
     if not ray.is_initialized():
-        connect(address, debug)
+        connect(address, debug, serve=False)
     return state
 
 
-def controller_for(run_dir: str | Path, model: str) -> Any:
+def controller_for(run_dir: str | Path, model: str, tracking_uri: str | None = None) -> Any:
     """The model's controller actor handle: the running one, else a new detached one (it reloads
-    the record)."""
+    the record; ``tracking_uri``: the registry it opens as it starts, so that its first rollout
+    finds MLflow ready)."""
     import ray
 
     actor = ray.remote(RolloutController).options(
@@ -71,7 +78,7 @@ def controller_for(run_dir: str | Path, model: str) -> Any:
         max_task_retries=-1,
         max_concurrency=64,
     )
-    return actor.remote(str(Path(run_dir).expanduser().resolve()), model)
+    return actor.remote(str(Path(run_dir).expanduser().resolve()), model, tracking_uri)
 
 
 def start_rollout(
@@ -88,12 +95,11 @@ def start_rollout(
 
     ``trigger`` (user | monitor | ...) is recorded in the audit log. Returns the new record; raises
     KilnError when the model is not served, the version is unknown, the options are wrong, or a
-    rollout of that model is already in progress.
+    rollout of that model is already in progress. The candidate is loaded afterwards, by the
+    replicas (the record's phase is ``preparing`` until every replica has it).
     """
-    import ray
-
     steps, shadow, gates = options.plan(strategy)
-    state = connect_to_serving(run_dir, address, debug)
+    address, state = find_target(run_dir, address)  # what the run dir tells, before Ray
     served = [m for m in (state.models if state else []) if m["name"] == model]
     if state is None or not served:
         names = sorted({m["name"] for m in state.models}) if state else []
@@ -123,7 +129,6 @@ def start_rollout(
     if to_version == stable:
         raise KilnError(f"v{to_version} is already the stable version of '{model}'")
     candidate_uri = f"models:/{registered}/{to_version}"
-    _check_servable(candidate_uri, tracking_uri)
     record = RolloutRecord(
         model=model,
         registered_name=registered,
@@ -140,21 +145,15 @@ def start_rollout(
         gates=[g.expr for g in gates],
         sticky_header=options.sticky_header,
     )
-    result = ray.get(controller_for(run_dir, model).start.remote(record.to_dict(), trigger))
+    import ray  # only now: the mistakes above are told without it (a second or more to import)
+
+    if not ray.is_initialized():
+        connect(address, debug, serve=False)
+    controller = controller_for(run_dir, model, tracking_uri)
+    result = ray.get(controller.start.remote(record.to_dict(), trigger))
     if "error" in result:
         raise KilnError(result["error"])
     return RolloutRecord.from_dict(result)
-
-
-def _check_servable(uri: str, tracking_uri: str) -> None:
-    """ModelError unless ``uri`` is a registered Kiln artifact with a runtime for its format."""
-    from kiln.models.inference_runtime import RUNTIMES
-
-    trk.model_version_for(tracking_uri, uri)
-    spec = load_spec(trk.resolve_model_dir(uri, tracking_uri), uri)
-    if spec.format not in RUNTIMES:
-        raise ModelError(f"{uri}: no runtime for artifact format '{spec.format}'")
-    check_allowed_builder(spec, uri)
 
 
 def rollout_command(
@@ -285,28 +284,43 @@ def restore_rollouts(plan: ServePlan, run_dir: str | Path) -> ServePlan:
     rollout record names (the last promoted one, or the one a rollback returned to), loading it even
     when the config does not list it; unless the config names a newer registry version as the
     default, which then supersedes the record. Needs a Ray connection (to tell a rollout in
-    progress from one whose controller is gone). Returns the plan; raises ModelError when the
-    record's version is no longer a Kiln artifact."""
+    progress from one whose controller is gone). Each model's controller is started here (idle until
+    a rollout), so that a later ``kiln rollout start`` finds it running with the registry open.
+    Returns the plan; raises ModelError when the record's version is no longer a Kiln artifact."""
+    import ray
+
     for model in plan.models:
-        record = served_version_overrides(run_dir, model.name)
-        if record is None or not record.stable_uri:
-            continue
-        named = model.default_version
-        if (
-            named.isdigit()
-            and record.stable.isdigit()
-            and int(named) > int(record.stable)
-            and not record.active
-        ):
-            supersede(
-                run_dir, record, named, next(v.uri for v in model.versions if v.version == named)
-            )
-            continue
-        if record.stable not in {v.version for v in model.versions}:
-            model.versions.append(VersionSource(record.stable, record.stable_uri))
-            spec = load_spec(
-                trk.resolve_model_dir(record.stable_uri, plan.tracking_uri), record.stable_uri
-            )
-            model.formats[record.stable] = spec.format
-        model.default_version = record.stable
+        _restore(plan, model, run_dir)
+        # After the record's last change here: the controller loads it as it starts. Only on a
+        # connection (`kiln serve start` has one; a bare call would start a Ray instance).
+        if ray.is_initialized():
+            controller_for(run_dir, model.name, plan.tracking_uri)
     return plan
+
+
+def _restore(plan: ServePlan, model: ModelPlan, run_dir: str | Path) -> None:
+    """One model of ``restore_rollouts``: its record's stable version becomes the plan's default
+    (loaded even when the config does not list it), unless the config supersedes it."""
+    from kiln import tracking as trk
+    from kiln.models.spec import load_spec
+    from kiln.serve.plan import VersionSource
+
+    record = served_version_overrides(run_dir, model.name)
+    if record is None or not record.stable_uri:
+        return
+    named = model.default_version
+    if (
+        named.isdigit()
+        and record.stable.isdigit()
+        and int(named) > int(record.stable)
+        and not record.active
+    ):
+        supersede(run_dir, record, named, next(v.uri for v in model.versions if v.version == named))
+        return
+    if record.stable not in {v.version for v in model.versions}:
+        model.versions.append(VersionSource(record.stable, record.stable_uri))
+        spec = load_spec(
+            trk.resolve_model_dir(record.stable_uri, plan.tracking_uri), record.stable_uri
+        )
+        model.formats[record.stable] = spec.format
+    model.default_version = record.stable

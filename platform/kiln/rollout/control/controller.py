@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from typing import Any
 
-from kiln.errors import first_line
+from kiln.errors import ModelError, first_line
 from kiln.rollout.core.actors import actor_fate
 from kiln.rollout.core.inflight import journal_path, read_journal
 from kiln.rollout.core.routing import RoutingTable
@@ -36,10 +37,15 @@ class RolloutController:
     # What Ray says of a replica that stopped reporting (the unit tests give a fixed answer)
     fate = staticmethod(actor_fate)
 
-    def __init__(self, run_dir: str, model: str):
+    def __init__(self, run_dir: str, model: str, tracking_uri: str | None = None):
         self.run_dir = run_dir
         self.store = RolloutStore(run_dir, model)
         self.record: RolloutRecord | None = self.store.load()
+        registry = tracking_uri or (self.record.tracking_uri if self.record else None)
+        if registry and _in_ray():
+            # MLflow imported and its store opened now, in the background: `start` asks the
+            # registry whether the candidate exists while the CLI waits for the answer
+            threading.Thread(target=_open_registry, args=(registry,), daemon=True).start()
         self.replicas: dict[
             str, dict[str, Any]
         ] = {}  # replica id -> {"seen": t, "ready": {version: state}}
@@ -85,7 +91,37 @@ class RolloutController:
         }
         for version, data in payload.get("stats", {}).items():
             self.window.setdefault(version, VersionWindow()).add(VersionWindow.from_dict(data))
+        for version, death in payload.get("lost", {}).items():
+            self._version_lost(payload["replica"], version, death)
         return self.table()
+
+    def _version_lost(self, replica: str, version: str, death: dict[str, Any]) -> None:
+        """A replica's process of ``version`` (one a rollout loaded: it runs apart from the
+        replica's own versions) died. An audit entry says so; when it is the candidate of the
+        rollout in progress, it is a restart of the candidate and the rollout is rolled back at
+        once (its requests already go to the stable version on that replica)."""
+        r = self.record
+        if r is None:
+            return
+        cause = str(death.get("cause", ""))
+        candidate = r.active and version == r.candidate
+        if candidate:
+            r.restarts[version] = r.restarts.get(version, 0) + 1
+            self._save()
+        self._audit(
+            "version_lost",
+            "fault",
+            f"v{version}'s process died on replica {replica[:12]}: {cause}",
+            extra={
+                "fault": "version_process_death",
+                "replica": replica,
+                "version": version,
+                "cause": cause,
+                "crashed_at": death.get("at"),
+            },
+        )
+        if candidate:
+            self._roll_back("fault", f"v{version}'s process died on a replica: {cause}")
 
     def table(self) -> dict[str, Any] | None:
         r = self.record
@@ -122,6 +158,12 @@ class RolloutController:
                 f"({self.record.phase}); promote or roll it back first"
             }
         new = RolloutRecord.from_dict(record)
+        # A version unknown to the registry is the user's error, answered in this call (the actor
+        # has MLflow warm; built outside Ray, in the unit tests, there is no registry to ask).
+        if new.candidate_uri and _in_ray():
+            unknown = await asyncio.to_thread(_unknown_version, new.tracking_uri, new.candidate_uri)
+            if unknown is not None:
+                return {"error": unknown}
         if self.record is not None:  # what was promoted before stays known
             new.previous, new.previous_uri = self.record.previous, self.record.previous_uri
         new.phase, new.step, new.weight, new.trigger = Phase.PREPARING, -1, 0.0, trigger
@@ -443,6 +485,34 @@ class RolloutController:
             **(extra or {}),
         }
         self.last_decision = self.store.audit(entry)
+
+
+def _in_ray() -> bool:
+    import ray
+
+    return bool(ray.is_initialized())
+
+
+def _open_registry(tracking_uri: str) -> None:
+    """Import MLflow and open the registry's store (its schema checked): a warm-up, so failures
+    are left to the calls that need it."""
+    from kiln import tracking as trk
+
+    try:
+        trk.client(tracking_uri)
+    except Exception:  # a warm-up only: the call that needs the registry reports its error
+        logger.debug("kiln rollout: opening the registry %s failed", tracking_uri, exc_info=True)
+
+
+def _unknown_version(tracking_uri: str, uri: str) -> str | None:
+    """Why ``uri`` (``models:/NAME/VERSION``) is not a registry version, or None when it is."""
+    from kiln import tracking as trk
+
+    try:
+        trk.model_version_for(tracking_uri, uri)
+    except ModelError as exc:
+        return first_line(exc)
+    return None
 
 
 def _reconstructed() -> bool:

@@ -5,6 +5,9 @@ Nothing here is on the request path but ``route`` (a weighted choice on a local 
 ``REPORT_S`` and gets the routing table back in the same call; a version the table names that the
 replica lacks is loaded off the event loop and smoke-checked before the replica reports it ready;
 one it loaded that the table no longer names (a rolled-back candidate) is unloaded again.
+A version loaded here runs in its own process (the server's ``load``); when that process dies,
+``lost`` takes the version out of routing in this replica (its requests go to the stable version)
+and reports the death to the controller at once, which rolls the candidate back.
 Without a controller (no rollout ever started) or while it is unreachable, the last table stands.
 """
 
@@ -56,6 +59,9 @@ class RolloutAgent:
         )  # versions loaded for a rollout (the deployment's own stay for good)
         self._signals = signals
         self._loading: dict[str, asyncio.Task] = {}
+        # versions whose process died here, until reported: version -> {"cause", "at"}
+        self._lost: dict[str, dict[str, Any]] = {}
+        self._wake: asyncio.Event | None = None  # set: report now, not at the next period
         self._handle: Any = None  # the controller actor's handle, once found
         self._looked_at = 0.0
         self._replica_id = _replica_id()
@@ -111,6 +117,16 @@ class RolloutAgent:
             self.inflight.close()
             self.inflight = None
 
+    def lost(self, version: str, cause: str) -> None:
+        """The process running ``version`` (a version a rollout loaded) died: it leaves routing
+        here at once, and the controller hears of it in a report sent now. Once per death."""
+        if version not in self._added or self.ready.get(version) != "ready":
+            return  # already known, or being unloaded
+        self.ready[version] = f"crashed: {cause}"[:300]
+        self._lost[version] = {"cause": cause[:300], "at": time.time()}
+        if self._wake is not None:
+            self._wake.set()
+
     def record(self, version: str, status: int, latency_ms: float, routed: bool = True) -> None:
         """Count a request answered by ``version``; ``routed`` False for one that named its version
         (pinned: counted apart, never in gates)."""
@@ -122,8 +138,13 @@ class RolloutAgent:
     # --- the background report --------------------------------------------------------------------
 
     async def run_forever(self) -> None:
+        self._wake = asyncio.Event()
         while True:
-            await asyncio.sleep(REPORT_S)
+            try:  # every REPORT_S, or at once when a version's process died
+                await asyncio.wait_for(self._wake.wait(), REPORT_S)
+            except TimeoutError:
+                pass
+            self._wake.clear()
             try:
                 await self.sync()
             except asyncio.CancelledError:
@@ -142,12 +163,20 @@ class RolloutAgent:
         stats = self._drain()
         if handle is None:
             return
+        lost, self._lost = self._lost, {}
         payload = {
             "replica": self._replica_id,
             "ready": dict(self.ready),
             "stats": {v: w.to_dict() for v, w in stats.items()},
+            "lost": lost,
         }
-        table = await asyncio.wait_for(_await_ref(handle.report.remote(payload)), CALL_TIMEOUT_S)
+        try:
+            table = await asyncio.wait_for(
+                _await_ref(handle.report.remote(payload)), CALL_TIMEOUT_S
+            )
+        except BaseException:
+            self._lost = {**lost, **self._lost}  # told next time
+            raise
         routing = RoutingTable.from_dict(table)
         if routing is not None:
             self.apply(routing)
