@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # worker has its own session Ray instance); TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 
-.PHONY: install lint format demo test test-quick bench clean
+.PHONY: install lint format demo test test-quick chaos bench clean
 
 install: $(STAMP)
 
@@ -68,6 +68,13 @@ test: install
 # others `ray`), and no long end-to-end test.
 test-quick: install
 	$(PY) -m pytest tests -m "not slow and not ray" $(PYTEST_ARGS)
+
+# The chaos suite (bench/chaos.py): Kiln's train, tune and serving processes SIGKILLed by pid under
+# load, and what each death cost (BENCHMARKS.md, Faults). About 15 minutes on 2 cores;
+# CHAOS_ARGS=--bounded is CI's form (the serving faults and the crashing candidate only).
+CHAOS_ARGS ?=
+chaos: install
+	$(PY) bench/chaos.py $(CHAOS_ARGS)
 
 bench: install
 	$(PY) bench/train_throughput.py

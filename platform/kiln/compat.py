@@ -60,6 +60,25 @@ def serve_http_address() -> tuple[str, int] | None:
     return str(http.host), int(http.port)
 
 
+def serve_controller_alive() -> bool:
+    """Whether Serve's controller actor is still registered on the connected cluster. After
+    ``serve.shutdown()`` returns (its graceful shutdown may time out under load) the controller can
+    live on until it kills itself; a ``serve.start`` meanwhile connects to it and fails with "killed
+    by ray.kill".
+
+    Checked against Ray 2.60: the controller is the detached actor ``SERVE_CONTROLLER_NAME`` in
+    the namespace ``SERVE_NAMESPACE`` (``ray.serve._private.constants``); its name is released when
+    it dies."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return False
+    return True
+
+
 def serve_grpc_port() -> int | None:
     """The port of Ray Serve's gRPC ingress on the connected cluster; None when Serve does not run
     there or serves no gRPC (no servicer functions).

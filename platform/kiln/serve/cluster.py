@@ -8,10 +8,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from kiln.compat import serve_http_address
+from kiln.compat import serve_controller_alive, serve_http_address
 from kiln.errors import KilnError
 from kiln.serve.app import is_kiln_app
 from kiln.serve.instance import LOCAL_ONLY_ENV, ServeState, clear_state, load_state, state_dir
+from kiln.waiting import WaitTimeout, wait_until
 
 LOCAL_AUTH_MODE = "token"  # Kiln's local instance runs with Ray's token authentication
 
@@ -127,10 +128,29 @@ def remove_apps(names: list[str]) -> None:
     from ray import serve
 
     if set(serve.status().applications) <= set(names):
-        serve.shutdown()
+        shutdown_serve()
         return
     for name in names:
         serve.delete(name)
+
+
+SHUTDOWN_TIMEOUT_S = 120.0  # Serve's own graceful shutdown waits 30 s, then our wait for its end
+
+
+def shutdown_serve() -> None:
+    """Shut Ray Serve down on the connected cluster and return once its controller is gone, so
+    that a start right after (the next ``kiln serve start``) gets a new Serve, not the dying one.
+    Raises KilnError when the controller outlives SHUTDOWN_TIMEOUT_S."""
+    from ray import serve
+
+    serve.shutdown()
+    try:
+        wait_until(lambda: not serve_controller_alive(), SHUTDOWN_TIMEOUT_S, "Serve to stop")
+    except WaitTimeout:
+        raise KilnError(
+            f"Ray Serve's controller still runs {SHUTDOWN_TIMEOUT_S:.0f}s after its shutdown; "
+            "run the stop again"
+        ) from None
 
 
 def find_target(run_dir: str | Path, address: str | None) -> tuple[str, ServeState | None]:

@@ -47,6 +47,7 @@ from kiln.serve.cluster import (
     running_kiln_apps,
     serve_http,
     serve_running,
+    shutdown_serve,
 )
 from kiln.serve.config import ServeConfig
 from kiln.serve.http import unavailable_response
@@ -502,9 +503,7 @@ def _undo(deployed: list[str], local: LocalRay | None, started_serve: bool) -> N
         if deployed:
             remove_apps(deployed)
         elif started_serve:
-            from ray import serve
-
-            serve.shutdown()
+            shutdown_serve()
     except Exception as exc:  # best effort: the original error is what the user needs to see
         logger.warning("kiln serve: cleaning up after a failed start failed: %s", first_line(exc))
 
