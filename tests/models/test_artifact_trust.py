@@ -97,10 +97,11 @@ def test_an_artifact_naming_code_outside_the_allow_list_is_refused_on_every_path
 
 
 def test_the_serve_plan_and_rollouts_refuse_it_from_the_registry(tmp_path, marks):
-    """`kiln serve start`'s plan and `kiln rollout start`'s check read the registry version."""
+    """`kiln serve start`'s plan and a rollout's candidate, loaded by the replicas in a child
+    process (``load_isolated_predictor``), read the registry version."""
     from kiln import tracking as trk
+    from kiln.models.predictor import load_isolated_predictor
     from kiln.models.registration import register_artifact
-    from kiln.rollout.control.api import _check_servable
     from kiln.serve.config import ServeConfig
     from kiln.serve.plan import plan_serving
 
@@ -109,8 +110,8 @@ def test_the_serve_plan_and_rollouts_refuse_it_from_the_registry(tmp_path, marks
     exp = trk.ensure_experiment(uri, "evil", tmp_path / "runs")
     run_id = trk.start_run(uri, exp, "evil", {trk.TAG_JOB: "test"})
     version = register_artifact(uri, "evil", run_id, directory, tags={}, finish_run=True).uri
-    with pytest.raises(ModelError, match=ALLOW_ENV):
-        _check_servable(version, uri)
+    with pytest.raises(ModelError, match=ALLOW_ENV):  # refused before a child process starts
+        load_isolated_predictor(trk.resolve_model_dir(version, uri), version)
     cfg = ServeConfig.model_validate({"models": [version]})
     with pytest.raises(ModelError, match=f"{version}: model architecture '{EVIL}'"):
         plan_serving(cfg, uri)
