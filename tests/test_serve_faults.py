@@ -26,7 +26,7 @@ from served_models import digits_raw, free_port, uint8_infer_body
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.module_seconds(50),
+    pytest.mark.module_seconds(20),
 ]  # starts an app of 2 replicas and waits for Serve to replace one
 MODEL = "digits"
 APP = f"kiln-{MODEL}"

@@ -19,7 +19,7 @@ from kiln import tracking as trk
 from kiln.schema import load_config, validate_config
 from kiln.tune.results import COMPLETED
 
-pytestmark = [pytest.mark.slow, pytest.mark.module_seconds(90)]
+pytestmark = [pytest.mark.slow, pytest.mark.module_seconds(100)]
 
 SPACE = {"train.lr": {"loguniform": [1.0e-4, 5.0e-2]}, "model.width": {"int": [4, 16]}}
 

@@ -23,7 +23,7 @@ from kiln.tune.results import COMPLETED, dominates
 from kiln.waiting import wait_until
 from sweeps import child_runs, epochs_logged, write_config
 
-pytestmark = pytest.mark.module_seconds(130)
+pytestmark = pytest.mark.module_seconds(140)
 
 
 def _saved_as_ended(runs_dir: Path) -> set[int]:

@@ -21,7 +21,7 @@ from kiln.train.run import run_training
 from kiln.tune.results import COMPLETED, STOPPED_EARLY
 from sweeps import child_runs, epochs_logged, write_config
 
-pytestmark = pytest.mark.module_seconds(130)
+pytestmark = pytest.mark.module_seconds(80)
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from served_models import (
     png_b64,
 )
 
-pytestmark = pytest.mark.module_seconds(90)
+pytestmark = pytest.mark.module_seconds(60)
 
 WINDOW = 120
 RETRAIN = [
