@@ -103,22 +103,67 @@ def pytest_itemcollected(item: pytest.Item) -> None:
         item.add_marker(pytest.mark.ray)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "module_seconds(n): the module's rough wall time on the idle 2-core machine under `make "
+        "test`; the longest modules start first (set on modules over about 30 s)",
+    )
+
+
+def _module_seconds(module_items: list[pytest.Item]) -> float:
+    marks = [m for item in module_items for m in item.iter_markers("module_seconds")]
+    return max((float(m.args[0]) for m in marks), default=0.0)
+
+
 @pytest.hookimpl(trylast=True)  # after pytest-randomly has shuffled
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests marked ``ends_module`` run after the other tests of their module: they stop something
-    the module shares (its served app), which every other test would otherwise start again. Only an
-    optimization: such a test passes alone and in any order, and the shared fixtures restart what
-    it stopped."""
+    """Modules marked ``module_seconds`` run longest first (the others after them, in pytest-
+    randomly's order): under `make test` each xdist worker takes a whole module at a time, and a
+    long module started last would leave the other worker idle while it finishes.
+
+    Tests marked ``ends_module`` run after the other tests of their module: they stop something
+    the module shares (its served app), which every other test would otherwise start again. Both
+    are only optimizations: each test passes alone and in any order, and the shared fixtures
+    restart what an ``ends_module`` test stopped."""
     by_module: dict[str, list[pytest.Item]] = {}
     for item in items:
         by_module.setdefault(item.nodeid.split("::")[0], []).append(item)
+    modules = sorted(by_module.values(), key=_module_seconds, reverse=True)  # stable: ties random
     items[:] = [
         item
-        for module_items in by_module.values()
+        for module_items in modules
         for last in (False, True)
         for item in module_items
         if (item.get_closest_marker("ends_module") is not None) == last
     ]
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """Under ``--dist loadfile``: xdist's module-at-a-time scheduling, but in the collection's
+    module order (longest first, above; xdist would sort modules by their number of tests, which
+    puts a long module of one test last) and a worker gets its next module only when it reaches
+    the last test of its current one (xdist hands it out with two tests left, so a worker could
+    hold two long modules while the other one runs out of work)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class LongestFirstScheduling(LoadFileScheduling):
+        def _reschedule(self, node) -> None:
+            if node.shutting_down:
+                return
+            if not self.workqueue:
+                node.shutdown()
+                return
+            # A worker runs a test only once it knows the next one: give it work at its last test.
+            if self._pending_of(self.assigned_work[node]) > 1:
+                return
+            self._assign_work_unit(node)
+
+    config.option.loadscopereorder = False
+    return LongestFirstScheduling(config, log)
 
 
 @pytest.fixture(scope="session")

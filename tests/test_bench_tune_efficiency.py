@@ -14,7 +14,8 @@ import pytest
 
 from conftest import REPO, kiln_env
 
-pytestmark = pytest.mark.slow  # about 25 s on an idle 2-core machine, 55 s under load
+# about 25 s on an idle 2-core machine, 55 s under load
+pytestmark = [pytest.mark.slow, pytest.mark.module_seconds(15)]
 
 
 def test_quick_benchmark_runs_and_reports_every_method(tmp_path):

@@ -19,7 +19,7 @@ import yaml
 
 from conftest import REPO, last_json, run_kiln
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.module_seconds(210)]
 
 MODEL = "compress-test"
 METRIC_KEYS = {

@@ -26,7 +26,7 @@ from conftest import REPO, last_json, run_kiln
 from kiln.waiting import wait_until
 from served_models import digits_raw, register_artifact
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.module_seconds(45)]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 MODEL = "digits"
 KEY_ENV = "KILN_CONSOLE_TEST_KEY"

@@ -11,6 +11,8 @@ import served_models
 from conftest import last_json, run_kiln
 from served_models import VARIANTS
 
+pytestmark = pytest.mark.module_seconds(50)
+
 # The registered variants, a module fixture of served_models (pytest finds it by this name here).
 registry = served_models.registry
 

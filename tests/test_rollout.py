@@ -25,7 +25,7 @@ from conftest import last_json, run_kiln
 from kiln.waiting import wait_until
 from served_models import CNN, DIGITS, digits_raw, free_port, train_and_register, uint8_infer_body
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.module_seconds(150)]
 TESTS = Path(__file__).resolve().parent
 MODEL = "digits"
 CLIENTS = 4

@@ -24,7 +24,10 @@ from conftest import last_json, run_kiln
 from kiln.waiting import wait_until
 from served_models import digits_raw, uint8_infer_body
 
-pytestmark = pytest.mark.slow  # starts an app of 2 replicas and waits for Serve to replace one
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.module_seconds(20),
+]  # starts an app of 2 replicas and waits for Serve to replace one
 MODEL = "digits"
 APP = f"kiln-{MODEL}"
 CLIENTS = 4

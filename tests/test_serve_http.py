@@ -32,6 +32,8 @@ from served_models import (
     train_and_register,
 )
 
+pytestmark = pytest.mark.module_seconds(80)
+
 API_KEY = "test-key-7f3a"
 KEY_ENV = "KILN_TEST_API_KEY"
 MAX_BODY = 65536

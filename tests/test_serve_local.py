@@ -23,6 +23,8 @@ from kiln.waiting import wait_until
 from listeners import assert_loopback_only
 from served_models import digits_raw, free_port, uint8_batch_body
 
+pytestmark = pytest.mark.module_seconds(35)
+
 
 def other_interface_ip() -> str | None:
     """An address of this machine other than loopback (to check that nothing listens there)."""

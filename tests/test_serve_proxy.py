@@ -13,6 +13,8 @@ import requests
 from conftest import last_json, run_kiln
 from served_models import digits_raw, uint8_batch_body
 
+pytestmark = pytest.mark.module_seconds(60)
+
 
 @pytest.mark.slow  # starts its own Ray instance: about a minute
 def test_the_proxy_ingress_serves_rest_and_grpc(registry, tmp_path):

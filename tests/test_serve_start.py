@@ -13,6 +13,8 @@ from conftest import run_kiln
 from kiln.waiting import wait_until
 from served_models import serve_args
 
+pytestmark = pytest.mark.module_seconds(25)
+
 
 def kiln_apps(address: str) -> list[str]:
     """Kiln's Serve applications with a live replica, from Ray's state API: not this process's

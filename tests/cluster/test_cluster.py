@@ -24,6 +24,8 @@ from kiln.errors import KilnError
 from kiln.local_ray import free_port, is_running, session_members, stop_session
 from kiln.waiting import wait_until
 
+pytestmark = pytest.mark.module_seconds(10)
+
 CONFIG = "configs/train/digits_cnn.yaml"
 
 

@@ -29,7 +29,7 @@ from kiln.cluster.local import cluster_nodes
 from kiln.local_ray import free_port, is_running, session_members, start_ticks, stop_session
 from kiln.waiting import wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.module_seconds(110)]
 
 CONFIG = "configs/train/digits_cnn.yaml"
 # Tiny, and one worker per node: each node offers 1 CPU and each worker takes 1.

@@ -20,7 +20,8 @@ from conftest import kiln_env
 from kiln.local_ray import free_port, stop_session
 from kiln.waiting import wait_until
 
-pytestmark = pytest.mark.slow  # an MLflow server start: about 10-30 s on a loaded 2-core machine
+# an MLflow server start: about 10-30 s on a loaded 2-core machine
+pytestmark = [pytest.mark.slow, pytest.mark.module_seconds(55)]
 
 
 def test_an_authenticated_tracking_server_refuses_requests_without_credentials(tmp_path):

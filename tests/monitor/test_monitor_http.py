@@ -33,6 +33,8 @@ from served_models import (
     png_b64,
 )
 
+pytestmark = pytest.mark.module_seconds(60)
+
 WINDOW = 120
 RETRAIN = [
     "serve.monitor.retrain.config=configs/train/digits_cnn.yaml",

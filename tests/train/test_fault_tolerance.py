@@ -15,7 +15,7 @@ from kiln import tracking as trk
 from kiln.waiting import wait_until
 
 DEFAULT = str(REPO / "configs/train/digits_cnn.yaml")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.module_seconds(210)]
 
 
 def start_training(address, run_dir, *overrides) -> subprocess.Popen:

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import kiln_env
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.module_seconds(130)]
 
 OBJECT_STORE = 100 << 20
 ROWS, FEATURES = 2_000_000, 64  # 512 MB of float32 features: 5x the object store

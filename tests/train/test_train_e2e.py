@@ -13,7 +13,7 @@ from kiln.models.predictor import load_predictor
 from synthetic import hf_image_parquet, shape_images, tabular_parquet
 
 DEFAULT = str(REPO / "configs/train/digits_cnn.yaml")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.module_seconds(220)]
 
 
 def train(address, run_dir, *overrides, config=DEFAULT, expect=0):

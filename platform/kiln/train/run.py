@@ -87,15 +87,20 @@ def storage_root(cfg: TrainingJobConfig) -> str:
     return str(Path(cfg.experiment.run_dir).expanduser().resolve() / "checkpoints")
 
 
+def _resumable_run(tracking_uri: str, resume: str):
+    """The run ``--resume`` names; KilnError when there is none or it already finished. Needs no
+    data, so ``run_training`` calls it before reading any: a wrong id fails at once."""
+    run = trk.get_run(tracking_uri, resume)
+    if run.info.status == "FINISHED":
+        raise KilnError(f"--resume {resume}: that run already finished; start a new run instead")
+    return run
+
+
 def _start_or_resume_run(
     cfg: TrainingJobConfig, data: PreparedData, tracking_uri: str, resume: str | None
 ) -> str:
     if resume:
-        run = trk.get_run(tracking_uri, resume)
-        if run.info.status == "FINISHED":
-            raise KilnError(
-                f"--resume {resume}: that run already finished; start a new run instead"
-            )
+        run = _resumable_run(tracking_uri, resume)
         logged = run.data.tags.get(trk.TAG_DATASET_HASH)
         if logged and logged != data.dataset_hash:
             raise KilnError(
@@ -313,9 +318,11 @@ def run_training(
     # Everything that can fail on the user's input fails before an MLflow run exists. The data is
     # read in Ray Data tasks, so Ray comes first.
     ensure_ray(address, debug=debug)
+    tracking_uri = trk.resolve_tracking_uri(cfg.experiment.tracking_uri, cfg.experiment.run_dir)
+    if resume:  # checked again with the data below; this part before the data is read
+        _resumable_run(tracking_uri, resume)
     data = prepare_data(cfg.data)
     check_model_fits_data(cfg, data)
-    tracking_uri = trk.resolve_tracking_uri(cfg.experiment.tracking_uri, cfg.experiment.run_dir)
     check_placement(cfg.train.workers, per_worker_resources(cfg))
     run_id = _start_or_resume_run(cfg, data, tracking_uri, resume)
     resume_from = None

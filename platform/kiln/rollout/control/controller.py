@@ -519,7 +519,8 @@ def _reconstructed() -> bool:
     """Whether this actor is a restart by Ray (its earlier process died), not its first start."""
     import ray
 
-    if not ray.is_initialized():  # built outside Ray (unit tests)
+    # Built outside an actor (unit tests), Ray connected or not: Ray asserts on the question there.
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
         return False
     return bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
