@@ -26,7 +26,7 @@ from crash_models import ALLOW, poison_image, register_crashing_candidate
 from kiln.waiting import wait_until
 from served_models import digits_raw, free_port, register_artifact, uint8_infer_body
 
-pytestmark = pytest.mark.slow  # an app of 2 replicas, a rollout, a crash
+pytestmark = [pytest.mark.slow, pytest.mark.module_seconds(60)]  # 2 replicas, a rollout, a crash
 MODEL = "digits-crash"  # its own registered model: the shared registry's versions stay as they are
 CLIENTS = 4
 INTERVAL_S = 1.0
