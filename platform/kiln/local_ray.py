@@ -29,7 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.errors import KilnError
-from kiln.ray_connection import AUTH_MODE_ENV, find_token, secure_token_file, token_source
+from kiln.ray_connection import (
+    AUTH_MODE_ENV,
+    LOCAL_WORKER_ENV,
+    find_token,
+    secure_token_file,
+    token_source,
+)
 from kiln.waiting import WaitTimeout, wait_until
 
 # Only pids and ports: nothing here imports ray, so ``kiln cluster stop`` and the CLI stay fast.
@@ -273,10 +279,12 @@ def ensure_auth_token() -> str:
 def head_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     """A head's environment: token auth on, no RAY_ADDRESS (the head is a cluster of its own), this
     Python's bin folder first on PATH (so that a job entrypoint's ``python`` is the one that has Ray
-    and Kiln; a bare ``python`` may be another one), then ``extra``."""
+    and Kiln; a bare ``python`` may be another one), its workers at normal priority
+    (``LOCAL_WORKER_ENV``, inherited from the raylet), then ``extra``."""
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     env[AUTH_MODE_ENV] = "token"
+    env.update(LOCAL_WORKER_ENV)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(extra or {})
     return env

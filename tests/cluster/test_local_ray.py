@@ -94,3 +94,29 @@ def test_picked_ports_are_distinct_bindable_and_outside_the_kernels_ephemeral_ra
     assert not (set(ports) & spans[0])
     with socket.socket() as s:
         s.bind(("127.0.0.1", ports[-1]))  # free indeed
+
+
+@pytest.mark.slow  # starts a Ray instance of its own (about 10 s)
+def test_workers_of_a_local_instance_kiln_starts_run_at_normal_priority_unlike_rays_default(
+    ray_cluster,
+):
+    """Ray runs workers at niceness 15 (the session's instance, started without Kiln's setting,
+    shows it); Kiln's local instance runs them at 0, as its other processes."""
+    import os
+
+    import ray
+
+    assert ray.get(ray.remote(lambda: os.nice(0)).remote()) == 15
+    script = (
+        "import os, ray\n"
+        "from kiln.ray_connection import ensure_ray\n"
+        "ensure_ray(None, num_cpus=1)\n"
+        "print('nice', ray.get(ray.remote(lambda: os.nice(0)).remote()))\n"
+        "ray.shutdown()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "nice 0" in out.stdout.splitlines(), out.stdout

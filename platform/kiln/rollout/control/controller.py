@@ -42,7 +42,7 @@ class RolloutController:
         self.store = RolloutStore(run_dir, model)
         self.record: RolloutRecord | None = self.store.load()
         registry = tracking_uri or (self.record.tracking_uri if self.record else None)
-        if registry and _in_ray():
+        if registry and _in_actor():
             # MLflow imported and its store opened now, in the background: `start` asks the
             # registry whether the candidate exists while the CLI waits for the answer
             threading.Thread(target=_open_registry, args=(registry,), daemon=True).start()
@@ -160,7 +160,7 @@ class RolloutController:
         new = RolloutRecord.from_dict(record)
         # A version unknown to the registry is the user's error, answered in this call (the actor
         # has MLflow warm; built outside Ray, in the unit tests, there is no registry to ask).
-        if new.candidate_uri and _in_ray():
+        if new.candidate_uri and _in_actor():
             unknown = await asyncio.to_thread(_unknown_version, new.tracking_uri, new.candidate_uri)
             if unknown is not None:
                 return {"error": unknown}
@@ -487,10 +487,12 @@ class RolloutController:
         self.last_decision = self.store.audit(entry)
 
 
-def _in_ray() -> bool:
+def _in_actor() -> bool:
+    """Whether this runs inside a Ray actor (the controller as deployed), not a controller built in
+    a process that merely has Ray connected (unit tests after another module started Ray)."""
     import ray
 
-    return bool(ray.is_initialized())
+    return bool(ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None)
 
 
 def _open_registry(tracking_uri: str) -> None:
@@ -520,7 +522,7 @@ def _reconstructed() -> bool:
     import ray
 
     # Built outside an actor (unit tests), Ray connected or not: Ray asserts on the question there.
-    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+    if not _in_actor():
         return False
     return bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
