@@ -13,6 +13,7 @@ import io
 import shutil
 import struct
 import tempfile
+import threading
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -318,3 +319,55 @@ def png_bomb(side: int) -> bytes:
         + _png_chunk(b"IDAT", idat)
         + _png_chunk(b"IEND", b"")
     )
+
+
+def status_and_content_type(resp: Any) -> tuple[int, str]:
+    return resp.status_code, resp.headers.get("content-type", "")
+
+
+@dataclass
+class InferLoad:
+    """``clients`` threads posting unversioned OIP infer requests of ``images`` to ``model`` (one
+    requests.Session each) until stopped. ``answers`` gets ``answer(response)`` for each request,
+    or (0, the exception's name) when none came."""
+
+    url: str
+    model: str
+    images: np.ndarray
+    clients: int = 4
+    answer: Callable[[Any], tuple[int, str]] = status_and_content_type
+    answers: list[tuple[int, str]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def threads(self) -> list[threading.Thread]:
+        return [
+            threading.Thread(target=self._client, args=(c,), daemon=True)
+            for c in range(self.clients)
+        ]
+
+    def __enter__(self) -> InferLoad:
+        self._threads = self.threads()
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)
+
+    def _client(self, client: int) -> None:
+        import requests
+
+        session, i = requests.Session(), client
+        while not self._stop.is_set():
+            i += self.clients
+            body = uint8_infer_body(self.images[i % len(self.images)])
+            try:
+                resp = session.post(
+                    f"{self.url}/v2/models/{self.model}/infer", data=body, timeout=60
+                )
+                answer = self.answer(resp)
+            except (requests.RequestException, ValueError) as exc:
+                answer = (0, type(exc).__name__)
+            self.answers.append(answer)

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -24,7 +22,7 @@ import requests
 from conftest import last_json, run_kiln
 from crash_models import ALLOW, poison_image, register_crashing_candidate
 from kiln.waiting import wait_until
-from served_models import digits_raw, free_port, register_artifact, uint8_infer_body
+from served_models import InferLoad, digits_raw, register_artifact, uint8_infer_body
 
 pytestmark = [pytest.mark.slow, pytest.mark.module_seconds(60)]  # 2 replicas, a rollout, a crash
 MODEL = "digits-crash"  # its own registered model: the shared registry's versions stay as they are
@@ -35,41 +33,9 @@ STICKY = "X-User"
 IMAGES = digits_raw(8)
 
 
-@dataclass
-class Load:
-    """CLIENTS threads posting unversioned infer requests (one requests.Session each) until
-    stopped; answers are (status, model_version or the error)."""
-
-    url: str
-    answers: list[tuple[int, str]] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-
-    def __enter__(self) -> Load:
-        self._threads = [
-            threading.Thread(target=self._client, args=(c,), daemon=True) for c in range(CLIENTS)
-        ]
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=60)
-
-    def _client(self, client: int) -> None:
-        session, i = requests.Session(), client
-        while not self._stop.is_set():
-            i += CLIENTS
-            body = uint8_infer_body(IMAGES[i % len(IMAGES)])
-            try:
-                resp = session.post(f"{self.url}/v2/models/{MODEL}/infer", data=body, timeout=60)
-                payload = resp.json()
-                what = payload.get("model_version") or payload.get("error", "")
-                answer = (resp.status_code, str(what))
-            except (requests.RequestException, ValueError) as exc:
-                answer = (0, type(exc).__name__)
-            self.answers.append(answer)
+def model_version_or_error(resp) -> tuple[int, str]:
+    payload = resp.json()
+    return resp.status_code, str(payload.get("model_version") or payload.get("error", ""))
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +70,7 @@ def served(ray_cluster, registry, versions, tmp_path_factory):
         "start",
         f"models:/{MODEL}/{versions[0]}",
         "--port",
-        str(free_port()),
+        "0",  # Kiln picks it (and picks again if it is taken before Serve binds it)
         "serve.deployment.replicas=2",
         "serve.deployment.num_cpus=0.25",
         "--address",
@@ -142,7 +108,7 @@ def test_a_candidate_that_aborts_its_process_fails_only_its_own_requests_and_is_
         record = store.load()
         return record.phase if record is not None else None
 
-    with Load(url) as load:
+    with InferLoad(url, MODEL, IMAGES, CLIENTS, model_version_or_error) as load:
         wait_until(lambda: len(load.answers) >= 20, 60, "20 answers before the rollout")
         start_rollout(
             run_dir,

@@ -22,7 +22,7 @@ import requests
 
 from conftest import last_json, run_kiln
 from kiln.waiting import wait_until
-from served_models import digits_raw, uint8_infer_body
+from served_models import InferLoad, digits_raw, uint8_infer_body
 
 pytestmark = [
     pytest.mark.slow,
@@ -39,41 +39,14 @@ def infer_body(i: int) -> str:
 
 
 @dataclass
-class Traffic:
-    """CLIENTS threads posting infer requests and one polling readiness, until stopped."""
+class Traffic(InferLoad):
+    """The infer load (InferLoad) and one more thread polling readiness, until stopped."""
 
-    url: str
-    answers: list[tuple[int, str]] = field(default_factory=list)  # (status, content type)
     ready: list[int] = field(default_factory=list)
     not_ready: list[str] = field(default_factory=list)  # the bodies of answers other than 200
-    _stop: threading.Event = field(default_factory=threading.Event)
 
-    def __enter__(self) -> Traffic:
-        self._threads = [
-            threading.Thread(target=self._client, args=(c,), daemon=True) for c in range(CLIENTS)
-        ]
-        self._threads.append(threading.Thread(target=self._prober, daemon=True))
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=60)
-
-    def _client(self, client: int) -> None:
-        session, i = requests.Session(), client
-        while not self._stop.is_set():
-            i += CLIENTS
-            try:
-                resp = session.post(
-                    f"{self.url}/v2/models/{MODEL}/infer", data=infer_body(i), timeout=60
-                )
-                answer = (resp.status_code, resp.headers.get("content-type", ""))
-            except requests.RequestException as exc:
-                answer = (0, type(exc).__name__)
-            self.answers.append(answer)
+    def threads(self) -> list[threading.Thread]:
+        return [*super().threads(), threading.Thread(target=self._prober, daemon=True)]
 
     def _prober(self) -> None:
         session = requests.Session()
@@ -151,7 +124,7 @@ def test_a_replica_killed_under_load_fails_at_most_its_requests_in_flight_and_st
 ):
     url = served["url"]
     wait_until(lambda: len(replica_pids(ray_cluster)) == 2, 60, "both replicas to be listed")
-    with Traffic(url) as traffic:
+    with Traffic(url, MODEL, IMAGES, CLIENTS) as traffic:
         wait_until(lambda: len(traffic.answers) >= 40, 60, "40 answers before the kill")
         # ready before the kill (seen once, right after start: 503 for about 2 s; cause not found)
         wait_until(lambda: traffic.ready[-1:] == [200], 60, "the server to be ready")
