@@ -18,9 +18,8 @@ from kiln.errors import KilnError, ResourceError, first_line
 # Ray starts its workers at niceness 15 (its `worker_niceness`), below every other process. On
 # the instances Kiln starts on a user's machine the workers are the job: at 15, any other process
 # (the driver, Ray's own daemons, a load generator) preempts them, and torch's OpenMP threads then
-# wait on each other (training steps in a Ray Train worker ran at 0.77-0.84 of the same loop in
-# the driver). Ray's Jobs API sets the same variable to 0 for its job supervisors. A cluster Kiln
-# joins keeps its operator's setting.
+# wait on each other. Ray's Jobs API sets the same variable to 0 for its job supervisors. A
+# cluster Kiln joins keeps its operator's setting.
 LOCAL_WORKER_ENV = {"RAY_worker_niceness": "0"}
 
 
