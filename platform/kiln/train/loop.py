@@ -98,6 +98,10 @@ def _cut(pool: dict[str, torch.Tensor], batch_size: int) -> Iterator[dict[str, t
         yield {k: v[i : i + batch_size] for k, v in pool.items()}
 
 
+def _joined(chunks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.cat([b[k] for b in chunks]) for k in chunks[0]}
+
+
 def _permuted(rows: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
     order = torch.randperm(len(rows["y"]), generator=generator)
     return {k: v[order] for k, v in rows.items()}
@@ -123,21 +127,17 @@ def shuffle_stream(
         return
     chunks: list[dict[str, torch.Tensor]] = []
     rows, whole = 0, True
-
-    def joined() -> dict[str, torch.Tensor]:
-        return {k: torch.cat([b[k] for b in chunks]) for k in chunks[0]}
-
     for batch in batches:
         chunks.append(batch)
         rows += len(batch["y"])
         if rows >= buffer_rows + batch_size:
             whole = False
-            pool = _permuted(joined(), generator)
+            pool = _permuted(_joined(chunks), generator)
             out = (rows // 2) // batch_size * batch_size
             yield from _cut({k: v[:out] for k, v in pool.items()}, batch_size)
             chunks, rows = [{k: v[out:] for k, v in pool.items()}], rows - out
     if rows:
-        rest = joined()
+        rest = _joined(chunks)
         if whole and held is not None:
             held.rows = rest
         yield from _cut(_permuted(rest, generator), batch_size)
@@ -182,16 +182,20 @@ def eval_batches(
     if held is not None and held.rows is not None:
         yield from _cut(held.rows, batch_size)
         return
-    chunks, size = [], 0
+    chunks: list[dict[str, torch.Tensor]] | None = [] if held is not None else None
+    size = 0
     for batch in source.iter_torch_batches(
         batch_size=batch_size, dtypes={"x": torch.float32, "y": torch.int64}, device="cpu"
     ):
         yield batch
-        size += sum(v.numel() * v.element_size() for v in batch.values())
-        if held is not None and size <= budget_bytes:
-            chunks.append(batch)
-    if held is not None and chunks and size <= budget_bytes:
-        held.rows = {k: torch.cat([b[k] for b in chunks]) for k in chunks[0]}
+        if chunks is not None:
+            size += sum(v.numel() * v.element_size() for v in batch.values())
+            if size > budget_bytes:
+                chunks = None  # too large to hold: let go of what was kept, stream it each time
+            else:
+                chunks.append(batch)
+    if held is not None and chunks:
+        held.rows = _joined(chunks)
 
 
 @torch.inference_mode()
