@@ -131,13 +131,23 @@ def test_a_candidate_that_aborts_its_process_fails_only_its_own_requests_and_is_
             60,
             "answers from the candidate",
         )
-        sent_at = time.time()
-        poison = requests.post(
-            f"{url}/v2/models/{MODEL}/infer",
-            data=uint8_infer_body(poison_image()),
-            headers={STICKY: sticky_key_to_candidate()},
-            timeout=60,
-        )
+        # Each replica takes the running table at its own next report (0.5 s apart at most): a
+        # poison that reached a replica still routing all to the stable version is answered by it
+        # (200), and is sent again.
+        sent: list[float] = []
+
+        def send_poison() -> list[requests.Response] | None:
+            sent.append(time.time())
+            resp = requests.post(
+                f"{url}/v2/models/{MODEL}/infer",
+                data=uint8_infer_body(poison_image()),
+                headers={STICKY: sticky_key_to_candidate()},
+                timeout=60,
+            )
+            return [resp] if resp.status_code != 200 else None  # a 503 Response is falsy
+
+        [poison] = wait_until(send_poison, 30, "the poison answered by the candidate", interval=0.2)
+        sent_at = sent[-1]
         wait_until(lambda: phase() == "rolled_back", 30, "the rollback", interval=0.1)
         after = len(load.answers)
         # the other replica follows the rolled-back table at its next report (0.5 s)
