@@ -9,7 +9,8 @@ import pytest
 from ray.serve._private.common import DeploymentStatus, DeploymentStatusTrigger, ReplicaState
 from ray.serve.schema import ApplicationStatus, ApplicationStatusOverview, DeploymentStatusOverview
 
-from kiln.serve.root_server import unanswered
+from kiln.serve import root_server
+from kiln.serve.root_server import ControllerUnreachable, RootServer, unanswered
 
 
 def app(status: ApplicationStatus, *replicas: dict[ReplicaState, int]) -> ApplicationStatusOverview:
@@ -35,8 +36,10 @@ def test_an_app_with_one_running_replica_answers_while_serve_replaces_the_other(
             ApplicationStatus.DEPLOYING, {ReplicaState.RUNNING: 1, ReplicaState.STARTING: 1}
         ),
         "kiln-b": app(ApplicationStatus.UNHEALTHY, {ReplicaState.RUNNING: 1}),
+        # Serve's controller restarted: it attaches again to the replicas that kept running
+        "kiln-c": app(ApplicationStatus.RUNNING, {ReplicaState.RECOVERING: 2}),
     }
-    assert unanswered(apps, ["kiln", "kiln-a", "kiln-b"]) == []
+    assert unanswered(apps, ["kiln", "kiln-a", "kiln-b", "kiln-c"]) == []
 
 
 def test_an_app_without_a_running_replica_or_not_deployed_does_not_answer():
@@ -49,6 +52,41 @@ def test_an_app_without_a_running_replica_or_not_deployed_does_not_answer():
     }
     names = ["kiln", "kiln-a", "kiln-b", "kiln-c", "kiln-d", "kiln-e"]
     assert unanswered(apps, names) == ["kiln-a", "kiln-b", "kiln-c", "kiln-d", "kiln-e"]
+
+
+def test_readiness_keeps_its_last_answer_while_serves_controller_restarts(monkeypatch):
+    """Serve's controller dead or restarting: the replicas still answer, so the server stays ready
+    on its last answer for CONTROLLER_GONE_S; past that it says it cannot see, and a controller
+    back (answering) is believed again at once."""
+    clock = [1000.0]
+    monkeypatch.setattr(root_server.time, "monotonic", lambda: clock[0])
+    answers: list = [{"kiln": app(ApplicationStatus.RUNNING, {ReplicaState.RUNNING: 1})}]
+
+    def status():
+        answer = answers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    server = RootServer({}, ["kiln"], "test", status=status)
+    assert server.not_ready() == []
+    answers[0] = ControllerUnreachable("ActorDiedError")
+    for step in (2.0, 10.0, 29.0):  # asked again every READY_CACHE_S, unanswered each time
+        clock[0] = 1000.0 + step
+        assert server.not_ready() == [], step
+    clock[0] = 1000.0 + root_server.CONTROLLER_GONE_S + 1
+    assert server.not_ready() == ["Serve's controller cannot be reached: ActorDiedError"]
+    answers[0] = {"kiln": app(ApplicationStatus.DEPLOYING, {ReplicaState.STARTING: 1})}
+    clock[0] += 2
+    assert server.not_ready() == ["kiln"]
+
+
+def test_readiness_before_serves_controller_ever_answered_is_false():
+    def status():
+        raise ControllerUnreachable("ActorUnavailableError")
+
+    server = RootServer({}, ["kiln"], "test", status=status)
+    assert server.not_ready() == ["Serve's controller cannot be reached: ActorUnavailableError"]
 
 
 @pytest.fixture

@@ -79,6 +79,12 @@ DRAINING_PERIOD_S = 2.0  # how long a stopping ingress replica stays open behind
 # on the dead replica (refused at once) too, and leastconn favours it (it holds no connection) until
 # HAProxy marks it down: with 1, one request in about 5,000 still failed when a replica was killed.
 INGRESS_RETRIES = 3
+# Consecutive connection errors HAProxy sees on live traffic before it marks a replica down (Ray's
+# default is 3): with 1 the first refused connection to a dead replica takes it out of leastconn's
+# choice, so the retries go to a live one; a false mark-down is revived by the next health check
+# (about 0.5 s). With 3, a request's own attempts could all land on the dead replica (a 503 in
+# about one kill in ten, seen in test_serve_faults).
+INGRESS_ERROR_LIMIT = 1
 GRPC_SERVICER = "kiln.serve.oip_pb2.add_GRPCInferenceServiceServicer_to_server"
 GRPC_MESSAGE_SIZE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
 
@@ -169,7 +175,8 @@ def haproxy_fault_env() -> dict[str, str]:
 
     An inference request whose replica closed the connection before any answer (it died) or
     refused it is sent again, redispatched (``retry-on conn-failure empty-response``,
-    ``retries 3``, and the template's ``option redispatch 1``); HAProxy can replay only a request
+    ``retries 3``, and the template's ``option redispatch 1``; the first refused connection marks
+    the replica down, ``observe layer4 error-limit 1``); HAProxy can replay only a request
     it still holds whole, so bodies over its buffer (16 KiB, ``RAY_SERVE_HAPROXY_TUNE_BUFSIZE``)
     are not retried. Once an answer has started nothing is retried. What still fails (no replica
     up, the retry failed too) is Kiln's JSON error, 503 with ``Retry-After``, instead of Serve's
@@ -177,6 +184,8 @@ def haproxy_fault_env() -> dict[str, str]:
     return {
         "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
         "RAY_SERVE_HAPROXY_RETRIES": str(INGRESS_RETRIES),
+        "RAY_SERVE_HAPROXY_OBSERVE_MARK_DOWN_ENABLED": "1",
+        "RAY_SERVE_HAPROXY_OBSERVE_ERROR_LIMIT": str(INGRESS_ERROR_LIMIT),
         **haproxy_error_file_env(unavailable_response()),
     }
 

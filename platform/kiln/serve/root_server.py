@@ -18,6 +18,9 @@ from kiln.serve.grpc_protocol import grpc_reply, metadata_headers
 from kiln.serve.http import error_response, json_response, method_not_allowed
 
 READY_CACHE_S = 1.0
+# How long the last answer stands while Serve's controller cannot be asked (it restarts in seconds
+# after its process dies; the replicas answer requests without it meanwhile)
+CONTROLLER_GONE_S = 30.0
 CONSOLE_PATH = "/console"
 
 # (run_dir, api_key_sha256) -> an async request handler for everything under CONSOLE_PATH.
@@ -42,10 +45,29 @@ def unanswered(apps: Mapping[str, Any], app_names: list[str]) -> list[str]:
     return unready
 
 
+class ControllerUnreachable(Exception):
+    """Serve's controller did not answer (its process died, or it is restarting)."""
+
+
+def _serve_applications() -> Mapping[str, Any]:
+    from ray import serve
+    from ray.exceptions import RayError
+
+    try:
+        return serve.status().applications
+    except RayError as exc:
+        raise ControllerUnreachable(type(exc).__name__) from exc
+
+
+# Replica states that answer requests: RECOVERING is a running replica that Serve's controller,
+# restarted after its process died, is attaching to again; PENDING_MIGRATION runs on a draining node
+ANSWERING = {"RUNNING", "RECOVERING", "PENDING_MIGRATION"}
+
+
 def _running(replica_states: Mapping[Any, int]) -> int:
     # Serve's keys are ReplicaState members (a str enum); compare their values
     return sum(
-        n for state, n in replica_states.items() if getattr(state, "value", state) == "RUNNING"
+        n for state, n in replica_states.items() if getattr(state, "value", state) in ANSWERING
     )
 
 
@@ -61,6 +83,7 @@ class RootServer:
         run_dir: str = "",
         api_key_sha256: str | None = None,
         model_apps: dict[str, str] | None = None,
+        status: Callable[[], Mapping[str, Any]] | None = None,
     ):
         self.models = models  # name -> {"versions": [...], "default_version": "..."}
         self.app_names = app_names
@@ -68,16 +91,24 @@ class RootServer:
         self._handles: dict[str, Any] = {}
         self.server_version = server_version
         self._ready: tuple[float, list[str]] | None = None
+        self._asked = 0.0  # when Serve's controller was last asked (monotonic)
+        self._status = status or _serve_applications
         self.console = console(run_dir, api_key_sha256) if console is not None else None
 
     def not_ready(self) -> list[str]:
         """Kiln applications with no replica answering (``unanswered``; cached briefly: health
         checks come often)."""
         now = time.monotonic()
-        if self._ready is None or now - self._ready[0] > READY_CACHE_S:
-            from ray import serve
-
-            self._ready = (now, unanswered(serve.status().applications, self.app_names))
+        if self._ready is not None and now - self._asked <= READY_CACHE_S:
+            return self._ready[1]
+        self._asked = now
+        try:
+            self._ready = (now, unanswered(self._status(), self.app_names))
+        except ControllerUnreachable as exc:
+            # Serve's controller died or restarts: the replicas keep answering, so the last answer
+            # stands for a while; then readiness says what it cannot see
+            if self._ready is None or now - self._ready[0] > CONTROLLER_GONE_S:
+                return [f"Serve's controller cannot be reached: {exc}"]
         return self._ready[1]
 
     async def __call__(self, request):

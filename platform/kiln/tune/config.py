@@ -109,6 +109,12 @@ class TuneConfig(Section):
         default=0.5, gt=0, description="CPUs per trial worker (fractions allowed)."
     )
     gpus_per_worker: float = Field(default=0.0, ge=0, description="GPUs per trial worker.")
+    trial_max_failures: int = Field(
+        default=1,
+        ge=0,
+        description="Times a failed trial is restarted from its last checkpoint (its process "
+        "killed, its node lost) before it counts as failed; 0 = never.",
+    )
 
     @field_validator("space")
     @classmethod

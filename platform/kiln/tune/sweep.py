@@ -123,7 +123,9 @@ def _build_tuner(
             log_to_file=True,
             # Every checkpoint is kept until the sweep ends (see prune_superseded_checkpoints).
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
-            failure_config=tune.FailureConfig(max_failures=0),
+            # a trial whose process died resumes from its last checkpoint (Ray Tune restarts any
+            # failed trial: a deterministic error costs one more attempt before it is reported)
+            failure_config=tune.FailureConfig(max_failures=t.trial_max_failures),
         ),
     )
 
