@@ -20,24 +20,28 @@ def test_the_private_serve_client_lookup_is_still_there():
 def test_serve_http_address_reads_what_serve_started_with_and_the_controller_goes_at_shutdown(
     ray_cluster,
 ):
+    import psutil
     from ray import serve
 
-    from kiln.compat import serve_controller_alive, serve_http_address
+    from kiln.compat import serve_controller_alive, serve_controller_pid, serve_http_address
     from kiln.serve.cluster import shutdown_serve
 
     running = serve_http_address()
     if running is not None:  # another module of this session left Serve running: read it
         host, port = running
         assert isinstance(host, str) and host and isinstance(port, int) and port > 0
+        assert "ServeController" in psutil.Process(serve_controller_pid()).name()
         return
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         assert serve_http_address() == ("127.0.0.1", port)
         assert serve_controller_alive()
+        assert "ServeController" in psutil.Process(serve_controller_pid()).name()
     finally:
         shutdown_serve()  # returns once the controller is gone (serve_controller_alive)
     assert not serve_controller_alive()
+    assert serve_controller_pid() is None
     assert serve_http_address() is None
 
 

@@ -426,6 +426,36 @@ def test_a_replica_serve_stopped_with_nothing_in_flight_is_no_fault(tmp_path):
     assert "replica_lost" not in decisions
 
 
+def test_a_restart_of_serves_controller_during_a_rollout_is_audited_once(tmp_path):
+    """Its process id changes (with no answer in between, while it was dead): one ``restart``
+    entry, trigger fault, naming both processes; the rollout goes on."""
+    from kiln.rollout.control import controller as control
+
+    pids: list[int | None] = [101, 101, None, None, 202, 202]
+
+    class Controller(RolloutController):
+        serve_pid = staticmethod(lambda: pids.pop(0))
+
+    async def scenario():
+        ctl = Controller(str(tmp_path), "m")
+        ctl.watch_serve = True
+        await ctl.start(_record(gates=["error_rate<0.2"]), "user")
+        await _report(ctl, {"1": "ready", "2": "ready"})
+        for _ in range(6):
+            ctl._serve = (ctl._serve[0], ctl._serve[1] - control.SERVE_WATCH_S)  # due again
+            await ctl._tick()
+        return ctl
+
+    ctl = asyncio.run(scenario())
+    assert pids == []  # asked at every due tick
+    restarts = [e for e in RolloutStore(tmp_path, "m").history() if e["decision"] == "restart"]
+    assert len(restarts) == 1, restarts
+    entry = restarts[0]
+    assert entry["trigger"] == "fault" and entry["fault"] == "serve_controller_restart"
+    assert (entry["previous_pid"], entry["pid"]) == (101, 202)
+    assert ctl.record.active
+
+
 def test_record_and_routing_never_disagree_during_a_promotion(tmp_path):
     """The alias move takes seconds: during it, the table replicas get and the record on disk
     both still say the rollout runs; after it, both say promoted, in the same revision."""

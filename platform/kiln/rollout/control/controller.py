@@ -17,6 +17,7 @@ import threading
 import time
 from typing import Any
 
+from kiln.compat import serve_controller_pid
 from kiln.errors import ModelError, first_line
 from kiln.rollout.core.actors import actor_fate
 from kiln.rollout.core.inflight import journal_path, read_journal
@@ -28,6 +29,7 @@ from kiln.rollout.core.store import FINISHED, Phase, RolloutRecord, RolloutStore
 logger = logging.getLogger(__name__)
 
 REPLICA_STALE_S = 3.0  # a replica that has not reported for this long is taken as gone
+SERVE_WATCH_S = 2.0  # how often Serve's controller is asked its process id during a rollout
 IDLE_TICK_S = 1.0
 
 
@@ -36,6 +38,8 @@ class RolloutController:
 
     # What Ray says of a replica that stopped reporting (the unit tests give a fixed answer)
     fate = staticmethod(actor_fate)
+    # The process id of Serve's controller, None when it does not answer (the same)
+    serve_pid = staticmethod(serve_controller_pid)
 
     def __init__(self, run_dir: str, model: str, tracking_uri: str | None = None):
         self.run_dir = run_dir
@@ -55,6 +59,9 @@ class RolloutController:
         self.last_decision: dict[str, Any] = {}
         self._loop: asyncio.Task | None = None
         self._last_tick = 0.0
+        # Serve's controller as last seen: (pid or None, monotonic time of the question)
+        self._serve: tuple[int | None, float] = (None, 0.0)
+        self.watch_serve = _in_actor()  # built outside Ray (the unit tests) there is no Serve
         # Replicas with an in-flight file, as this controller starts: those that never report are
         # checked like replicas that stopped reporting (one may have died while no controller ran)
         started = time.monotonic()
@@ -262,6 +269,8 @@ class RolloutController:
         )
         self._last_tick = now
         await self._find_lost_replicas()  # their requests in flight go into this window
+        if r is not None and r.active and self.watch_serve:
+            await self._watch_serve_controller(now)
         window, self.window = self.window, {}
         metrics = {v: metrics_of(w) for v, w in window.items()}
         self.last_metrics = {v: m.to_dict() for v, m in metrics.items()}
@@ -304,6 +313,28 @@ class RolloutController:
             self._changed("advance", "auto", f"step {r.step} baked with every gate passing", gates)
         else:
             await self._promote("auto", "every step baked with every gate passing", gates)
+
+    async def _watch_serve_controller(self, now: float) -> None:
+        """A restart of Serve's controller during a rollout goes to the audit log: requests never
+        pass through it (replicas answer meanwhile), but it restarts replicas and the ingress, and
+        an operator reading the rollout's history should see it. Seen as a new process id, or as
+        no answer (its death) followed by one."""
+        last_pid, asked = self._serve
+        if now - asked < SERVE_WATCH_S:
+            return
+        pid = await asyncio.to_thread(self.serve_pid)
+        if pid is None:
+            self._serve = (last_pid, now)  # dead or restarting: its successor is compared to it
+            return
+        self._serve = (pid, now)
+        if last_pid is not None and pid != last_pid:
+            self._audit(
+                "restart",
+                "fault",
+                f"Serve's controller restarted (its process {last_pid} died; now {pid}); the "
+                "replicas kept answering",
+                extra={"fault": "serve_controller_restart", "pid": pid, "previous_pid": last_pid},
+            )
 
     async def _find_lost_replicas(self) -> None:
         """Replicas that stopped reporting: ask Ray whether each is dead. A dead one's requests in
