@@ -532,8 +532,8 @@ def tune_phase(work: Path, size: Size, faults: list[Fault]) -> dict:
     }
     if failed:
         trial_fault.state_lost.append(
-            f"trial(s) {failed} failed, not retried (the sweep's FailureConfig(max_failures=0); "
-            "--resume does not rerun errored trials)"
+            f"trial(s) {failed} failed (restarted at most tune.trial_max_failures times, default "
+            "1; --resume does not rerun failed trials)"
         )
     trial_fault.notes.append(f"final statuses {statuses}")
     ended = [n for n, s in ended_before.items() if s == "TERMINATED"]
