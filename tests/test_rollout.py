@@ -682,9 +682,13 @@ def test_rollout_goes_on_after_the_router_replica_and_controller_die(
             steps=[20.0, 60.0, 100.0],
             bake_s=5.0,  # the kills below land inside step 0's bake
             interval_s=0.5,
-            # the killed replica's requests in flight count as errors of their versions: a gate
-            # loose enough that the one death passes it (tight gates roll back: test_rollout_units)
-            gates=["error_rate<0.5"],
+            # The killed replica's requests in flight count as errors of their versions, in the
+            # interval in which the controller finds the death; with one replica nothing else
+            # answers then, so an error-rate gate sees 1.0 whenever one of them was the
+            # candidate's (a rollback in one full run). The gate here counts the death once
+            # (restarts); the lost requests are checked in the metrics below, and gates that roll
+            # back on them in test_rollout_units.
+            gates=["restarts<5"],
         )
         baked = wait_record(
             serve_dir, lambda r: r.weight == 20.0 and r.baked_s > 0, "a step part-baked"
@@ -693,9 +697,9 @@ def test_rollout_goes_on_after_the_router_replica_and_controller_die(
         os.kill(pid, signal.SIGKILL)  # a replica this module's serving started
         ray.kill(ray.get_actor(controller_name(MODEL), namespace=NAMESPACE), no_restart=False)
         record = wait_phase(serve_dir, "promoted", "rolled_back", timeout=150)
+        assert record.phase == "promoted", record.reason
         wait_routed(served["url"], target, all_of=CLIENTS)  # the restarted replica has the table
         answers = load.stop()
-    assert record.phase == "promoted", record.reason
     assert replicas() and victim not in replicas()
     entries = since_start(serve_dir)
     faults = {e["decision"]: e for e in entries if e["trigger"] == "fault"}
