@@ -68,6 +68,34 @@ def test_haproxy_template_binds_stats_and_metrics_on_loopback_after_the_hook():
         haproxy_templates.HAPROXY_CONFIG_TEMPLATE = original
 
 
+def test_haproxy_buffers_requests_so_that_a_dead_replicas_are_retried_after_the_hook():
+    """The hook adds ``option http-buffer-request`` to the template's ``defaults`` once (HAProxy
+    replays a request whose replica died only when it held the whole request); fails when Ray's
+    template no longer has its anchor."""
+    import jinja2
+    from ray.serve._private import haproxy_templates
+
+    from kiln.compat import (
+        HAPROXY_BUFFER_REQUEST,
+        HAPROXY_DEFAULTS_ANCHOR,
+        retry_requests_a_dead_replica_held,
+    )
+
+    original = haproxy_templates.HAPROXY_CONFIG_TEMPLATE
+    assert original.count(HAPROXY_DEFAULTS_ANCHOR) == 1
+    try:
+        retry_requests_a_dead_replica_held()
+        patched = haproxy_templates.HAPROXY_CONFIG_TEMPLATE
+        retry_requests_a_dead_replica_held()  # idempotent
+        assert haproxy_templates.HAPROXY_CONFIG_TEMPLATE == patched
+        jinja2.Environment().parse(patched)
+        defaults = patched[patched.index("\ndefaults\n") : patched.index("\nfrontend ")]
+        assert defaults.count(HAPROXY_BUFFER_REQUEST) == 1
+        assert "retry-on {{ config.retry_on }}" in defaults  # what the buffering is for
+    finally:
+        haproxy_templates.HAPROXY_CONFIG_TEMPLATE = original
+
+
 def test_the_setup_hook_variable_is_the_one_ray_workers_read():
     from ray._private.runtime_env.setup_hook import export_setup_func_module
 

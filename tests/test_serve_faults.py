@@ -3,8 +3,8 @@
 One app serves the digits model with 2 replicas on the session's Ray instance. Four clients post
 unversioned infer requests while a fifth polls ``/v2/health/ready``; the test SIGKILLs one replica
 by the process id Ray reports for it (a process this test's serving started). The ingress retries
-the requests the replica dropped on the other replica (usually every request is answered 200), no
-request gets an HTTP error, and the server stays ready. With both replicas killed, what fails is
+the requests the replica dropped on the other replica: every request is answered 200, and the
+server stays ready. With both replicas killed, what fails is
 Kiln's JSON 503 with ``Retry-After``, never Serve's plain-text 500.
 """
 
@@ -153,11 +153,10 @@ def test_a_replica_killed_under_load_fails_at_most_its_requests_in_flight_and_st
         f"{sum(1 for r in traffic.ready if r != 200)} not 200 ({traffic.not_ready[:1]})"
     )
     assert len(traffic.answers) > killed_at + 40
-    # Zero is the aim and the usual outcome; in 2 of 7 runs one request (of about 4,000) had its
-    # connection closed with no answer (HAProxy dropping a request sent on its pooled connection to
-    # the dead replica; issue 17 keeps it open). Never an HTTP error, never more than in flight.
-    assert all(status == 0 for status, _ in failed), failed[:5]
-    assert len(failed) <= CLIENTS, f"{len(failed)} of {len(traffic.answers)} requests failed"
+    # every request answered 200: those in flight on the dead replica are replayed on the other one
+    # (before kiln.compat.retry_requests_a_dead_replica_held, HAProxy closed the connection of a
+    # request it had not buffered whole: a closed connection in about half of the runs)
+    assert failed == [], failed[:5]
     after = traffic.ready[ready_at:]
     assert after and set(after) == {200}, (sorted(set(after)), traffic.not_ready[:3])
 

@@ -198,8 +198,10 @@ GRPC_BIND_HOST_ENV = "KILN_SERVE_GRPC_HOST"
 def serve_process_setup() -> None:
     """The worker-process setup hook of Serve's controller, the actors it starts (HAProxy's
     manager, the proxies) and Kiln's replicas: ``bind_haproxy_stats_to_loopback``,
-    ``route_grpc_by_model``, ``bind_grpc_ingress_to_host``."""
+    ``retry_requests_a_dead_replica_held``, ``route_grpc_by_model``,
+    ``bind_grpc_ingress_to_host``."""
     bind_haproxy_stats_to_loopback()
+    retry_requests_a_dead_replica_held()
     route_grpc_by_model()
     bind_grpc_ingress_to_host()
 
@@ -262,6 +264,38 @@ def route_grpc_by_model() -> None:
 
     get_handle_for_endpoint._kiln = True  # type: ignore[attr-defined]
     router.get_handle_for_endpoint = get_handle_for_endpoint  # type: ignore[method-assign]
+
+
+# HAProxy replays a request whose replica closed the connection without answering (``retry-on
+# empty-response``) only when it holds the whole request when it sends it; otherwise, on a client
+# connection that already carried a request, it closes the client's connection without an answer or
+# a log line, for the client to retry (HAProxy's documented keep-alive behaviour; most clients,
+# ``requests`` among them, do not retry a POST). Waiting for the body before connecting makes every
+# request under ``tune.bufsize`` replayable.
+HAPROXY_DEFAULTS_ANCHOR = "    option abortonclose\n"
+HAPROXY_BUFFER_REQUEST = "    option http-buffer-request\n"
+
+
+def retry_requests_a_dead_replica_held() -> None:
+    """Make HAProxy buffer each HTTP request's body before it picks a replica (``option
+    http-buffer-request`` in the template's ``defaults``), so that a request in flight on a replica
+    that dies is retried on another one instead of closing the client's connection. Idempotent.
+    Raises RuntimeError when the template no longer has its anchor.
+
+    Checked against Ray 2.60: ``haproxy_templates.HAPROXY_CONFIG_TEMPLATE``'s ``defaults`` section
+    holds ``option abortonclose`` once."""
+    from ray.serve._private import haproxy_templates
+
+    template = haproxy_templates.HAPROXY_CONFIG_TEMPLATE
+    if HAPROXY_DEFAULTS_ANCHOR + HAPROXY_BUFFER_REQUEST in template:
+        return
+    if template.count(HAPROXY_DEFAULTS_ANCHOR) != 1:
+        raise RuntimeError(
+            f"Ray Serve's HAProxy template changed: {HAPROXY_DEFAULTS_ANCHOR.strip()!r}"
+        )
+    _set_haproxy_template(
+        template.replace(HAPROXY_DEFAULTS_ANCHOR, HAPROXY_DEFAULTS_ANCHOR + HAPROXY_BUFFER_REQUEST)
+    )
 
 
 def _set_haproxy_template(template: str) -> None:
