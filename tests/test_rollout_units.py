@@ -456,6 +456,51 @@ def test_a_restart_of_serves_controller_during_a_rollout_is_audited_once(tmp_pat
     assert ctl.record.active
 
 
+def test_a_retry_storm_at_the_ingress_during_a_rollout_is_audited_once_per_storm(tmp_path):
+    """The ingress's counters read every interval: the first reading is the baseline; an interval
+    whose retries reach the storm's floor is one ``retry_storm`` entry (trigger fault, with the
+    counts), the next stormy interval is the same storm, a calm one ends it, and a reload of
+    HAProxy (counters from zero) is read as new counts; a few retries are no storm."""
+    from kiln.rollout.control import controller as control
+    from kiln.serve.ingress_stats import IngressCounters
+
+    floor = control.RETRY_STORM_MIN
+    readings: list[IngressCounters | None] = [
+        IngressCounters(requests=1000, retries=40),  # baseline: retries from before the rollout
+        IngressCounters(requests=1100, retries=40 + floor - 1),  # a few: no storm
+        IngressCounters(requests=1200, retries=40 + floor - 1 + floor, redispatches=3),  # storm
+        IngressCounters(requests=1300, retries=60 + floor, redispatches=9),  # the same storm
+        None,  # HAProxy unreadable this interval
+        IngressCounters(requests=1400, retries=60 + floor, redispatches=9),  # calm: storm over
+        IngressCounters(requests=50, retries=floor, errors_5xx=2),  # reloaded: a new storm
+    ]
+
+    class Controller(RolloutController):
+        def ingress_counters(self):
+            return readings.pop(0)
+
+    async def scenario():
+        ctl = Controller(str(tmp_path), "m")
+        ctl.watch_serve = True
+        ctl.serve_pid = lambda: 7  # type: ignore[method-assign]
+        await ctl.start(_record(gates=["error_rate<0.2"]), "user")
+        await _report(ctl, {"1": "ready", "2": "ready"})
+        for _ in range(7):
+            await ctl._tick()
+        return ctl
+
+    ctl = asyncio.run(scenario())
+    assert readings == []
+    storms = [e for e in RolloutStore(tmp_path, "m").history() if e["decision"] == "retry_storm"]
+    assert [(e["retries"], e["requests"], e["redispatches"]) for e in storms] == [
+        (floor, 100, 3),
+        (floor, 50, 0),
+    ], storms
+    assert all(e["trigger"] == "fault" and e["fault"] == "retry_storm" for e in storms)
+    assert storms[1]["errors_5xx"] == 2 and "sent 5 of 50 requests again" in storms[1]["reason"]
+    assert ctl.record.active  # an audit entry, not a decision
+
+
 def test_record_and_routing_never_disagree_during_a_promotion(tmp_path):
     """The alias move takes seconds: during it, the table replicas get and the record on disk
     both still say the rollout runs; after it, both say promoted, in the same revision."""

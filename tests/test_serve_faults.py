@@ -21,6 +21,8 @@ import pytest
 import requests
 
 from conftest import last_json, run_kiln
+from kiln.serve.ingress_stats import model_counters
+from kiln.serve.instance import load_state
 from kiln.waiting import wait_until
 from served_models import InferLoad, digits_raw, uint8_infer_body
 
@@ -115,7 +117,7 @@ def served(ray_cluster, registry, tmp_path_factory):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    yield last_json(proc.stdout)
+    yield {**last_json(proc.stdout), "run_dir": run_dir}
     run_kiln("serve", "stop", "--address", ray_cluster, "--run-dir", str(run_dir), timeout=300)
 
 
@@ -147,6 +149,10 @@ def test_a_replica_killed_under_load_fails_at_most_its_requests_in_flight_and_st
         settled = len(traffic.answers)
         wait_until(lambda: len(traffic.answers) >= settled + 40, 60, "40 answers after it")
     failed = [a for a in traffic.answers if a[0] != 200]
+    # the ingress's own counters of the model are readable (a rollout's retry-storm watch reads
+    # them); HAProxy reloaded since the kill, so they count from its last reload
+    counters = model_counters(load_state(served["run_dir"]).haproxy_dir, MODEL)
+    assert counters is not None and counters.requests > 0, counters
     print(  # the figures BENCHMARKS.md (Faults) quotes; shown with pytest -s
         f"replica SIGKILL under load: {len(traffic.answers)} requests ({killed_at} before the "
         f"kill), {len(failed)} not 200; ready polled {len(traffic.ready)} times, "

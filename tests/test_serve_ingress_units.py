@@ -3,13 +3,17 @@ the ingress's own error answer (the HAProxy error file Kiln writes, checked by H
 
 from __future__ import annotations
 
+import socket
 import subprocess
+import threading
+from pathlib import Path
 
 import pytest
 from ray.serve._private.common import DeploymentStatus, DeploymentStatusTrigger, ReplicaState
 from ray.serve.schema import ApplicationStatus, ApplicationStatusOverview, DeploymentStatusOverview
 
 from kiln.serve import root_server
+from kiln.serve.ingress_stats import IngressCounters, model_counters, parse_show_stat
 from kiln.serve.root_server import ControllerUnreachable, RootServer, unanswered
 
 
@@ -169,3 +173,74 @@ def test_the_port_a_listener_found_taken_is_read_from_haproxys_and_uvicorns_erro
     assert taken_port(uvicorn + "address already in use") == 41002
     assert taken_port("OSError: [Errno 98] Address already in use") == -1
     assert taken_port("RuntimeError: HAProxy did not take over the admin socket") is None
+
+
+# ``show stat`` as Ray 2.60's HAProxy (2.8) answered it in tests/test_serve_faults.py: the header,
+# the backends of one model (http, grpc) and of the root app, and a server row
+SHOW_STAT = (Path(__file__).parent / "haproxy_show_stat.csv").read_text()
+
+
+def _with(stat: str, backend: str, **counts: int) -> str:
+    """``stat`` with the named counters of ``backend``'s BACKEND row set to ``counts``."""
+    lines = stat.splitlines()
+    header = lines[0][2:].split(",")
+    for i, line in enumerate(lines[1:], 1):
+        fields = line.split(",")
+        if fields[:2] == [backend, "BACKEND"]:
+            for name, value in counts.items():
+                fields[header.index(name)] = str(value)
+            lines[i] = ",".join(fields)
+    return "\n".join(lines) + "\n"
+
+
+def test_show_stat_gives_each_backends_counters():
+    stats = parse_show_stat(_with(SHOW_STAT, "http-kiln-digits", wretr=7, wredis=3, hrsp_5xx=2))
+    assert set(stats) == {"http-kiln-digits", "grpc-kiln-digits", "http-kiln"}  # no server rows
+    assert stats["http-kiln-digits"] == IngressCounters(
+        requests=459, retries=7, redispatches=3, errors_5xx=2
+    )
+    assert stats["grpc-kiln-digits"] == IngressCounters()
+    assert parse_show_stat("") == {} and parse_show_stat("Unknown command\n") == {}
+
+
+def test_counters_since_an_earlier_reading_and_across_a_reload():
+    before = IngressCounters(requests=100, retries=2, redispatches=1, errors_5xx=0)
+    now = IngressCounters(requests=180, retries=9, redispatches=5, errors_5xx=1)
+    assert now.since(before) == IngressCounters(80, 7, 4, 1)
+    assert now.since(None) == now
+    reloaded = IngressCounters(requests=12, retries=3)  # a new HAProxy process counts from zero
+    assert reloaded.since(now) == reloaded
+
+
+def test_a_models_counters_sum_its_backends_over_every_nodes_haproxy(tmp_path):
+    """Two nodes' HAProxy admin sockets under the instance's HAProxy folder, answering ``show
+    stat`` over a real unix socket: the model's http and grpc backends of both are summed; a
+    folder without a live socket is skipped; another model's backends are not counted."""
+    answers = {
+        "node-a": _with(SHOW_STAT, "grpc-kiln-digits", stot=10, wretr=1),
+        "node-b": _with(SHOW_STAT, "http-kiln-digits", stot=41, wretr=4, wredis=4),
+    }
+    servers = []
+    for node, answer in answers.items():
+        (tmp_path / node).mkdir()
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(str(tmp_path / node / "admin.sock"))
+        server.listen(1)
+        servers.append(server)
+
+        def serve(server=server, answer=answer):
+            conn, _ = server.accept()
+            with conn:
+                assert conn.recv(100) == b"show stat\n"
+                conn.sendall(answer.encode())
+
+        threading.Thread(target=serve, daemon=True).start()
+    (tmp_path / "node-gone").mkdir()
+    (tmp_path / "node-gone" / "admin.sock").write_text("")  # not a socket: refused
+    try:
+        total = model_counters(tmp_path, "digits")
+    finally:
+        for server in servers:
+            server.close()
+    assert total == IngressCounters(requests=459 + 10 + 41, retries=5, redispatches=4)
+    assert model_counters(tmp_path / "none", "digits") is None

@@ -25,12 +25,18 @@ from kiln.rollout.core.routing import RoutingTable
 from kiln.rollout.core.spec import parse_gate
 from kiln.rollout.core.stats import VersionWindow, metrics_of
 from kiln.rollout.core.store import FINISHED, Phase, RolloutRecord, RolloutStore
+from kiln.serve.ingress_stats import IngressCounters, model_counters
+from kiln.serve.instance import load_state
 
 logger = logging.getLogger(__name__)
 
 REPLICA_STALE_S = 3.0  # a replica that has not reported for this long is taken as gone
 SERVE_WATCH_S = 2.0  # how often Serve's controller is asked its process id during a rollout
 IDLE_TICK_S = 1.0
+# A retry storm: in one gate interval the ingress sent at least this many of the model's requests
+# again (to a replica that refused or dropped them), and at least this share of its requests.
+RETRY_STORM_MIN = 5
+RETRY_STORM_SHARE = 0.01
 
 
 class RolloutController:
@@ -40,6 +46,15 @@ class RolloutController:
     fate = staticmethod(actor_fate)
     # The process id of Serve's controller, None when it does not answer (the same)
     serve_pid = staticmethod(serve_controller_pid)
+
+    def ingress_counters(self) -> IngressCounters | None:
+        """What the HAProxy ingress of this run dir's serving counted of the model (cumulative),
+        None without one (``ingress: proxy``, another machine's run dir). The unit tests give
+        their own."""
+        state = load_state(self.run_dir)
+        if state is None or not state.haproxy_dir:
+            return None
+        return model_counters(state.haproxy_dir, self.store.model)
 
     def __init__(self, run_dir: str, model: str, tracking_uri: str | None = None):
         self.run_dir = run_dir
@@ -62,6 +77,9 @@ class RolloutController:
         # Serve's controller as last seen: (pid or None, monotonic time of the question)
         self._serve: tuple[int | None, float] = (None, 0.0)
         self.watch_serve = _in_actor()  # built outside Ray (the unit tests) there is no Serve
+        # The ingress's counters as last read, and whether the last interval was a retry storm
+        self._ingress: IngressCounters | None = None
+        self._in_storm = False
         # Replicas with an in-flight file, as this controller starts: those that never report are
         # checked like replicas that stopped reporting (one may have died while no controller ran)
         started = time.monotonic()
@@ -271,6 +289,7 @@ class RolloutController:
         await self._find_lost_replicas()  # their requests in flight go into this window
         if r is not None and r.active and self.watch_serve:
             await self._watch_serve_controller(now)
+            await self._watch_ingress()
         window, self.window = self.window, {}
         metrics = {v: metrics_of(w) for v, w in window.items()}
         self.last_metrics = {v: m.to_dict() for v, m in metrics.items()}
@@ -335,6 +354,40 @@ class RolloutController:
                 "replicas kept answering",
                 extra={"fault": "serve_controller_restart", "pid": pid, "previous_pid": last_pid},
             )
+
+    async def _watch_ingress(self) -> None:
+        """A retry storm during a rollout goes to the audit log: the ingress sending many of the
+        model's requests again (replicas refusing connections or dying mid-request) is a fault
+        that clients may not see (the retries answer them) but an operator should. One entry per
+        storm (consecutive intervals are one storm), from HAProxy's own counters."""
+        try:
+            counters = await asyncio.to_thread(self.ingress_counters)
+        except Exception as exc:  # the state file or HAProxy unreadable: ask again next interval
+            logger.warning("kiln rollout: the ingress's counters unread: %s", first_line(exc))
+            return
+        if counters is None:
+            return
+        earlier, self._ingress = self._ingress, counters
+        if earlier is None:  # the first reading is the baseline, not an interval's traffic
+            return
+        added = counters.since(earlier)
+        storm = added.retries >= max(RETRY_STORM_MIN, RETRY_STORM_SHARE * added.requests)
+        if storm and not self._in_storm:
+            self._audit(
+                "retry_storm",
+                "fault",
+                f"the ingress sent {added.retries} of {added.requests} requests again in one "
+                f"interval ({added.redispatches} to another replica, {added.errors_5xx} "
+                "answered 5xx)",
+                extra={
+                    "fault": "retry_storm",
+                    "retries": added.retries,
+                    "redispatches": added.redispatches,
+                    "requests": added.requests,
+                    "errors_5xx": added.errors_5xx,
+                },
+            )
+        self._in_storm = storm
 
     async def _find_lost_replicas(self) -> None:
         """Replicas that stopped reporting: ask Ray whether each is dead. A dead one's requests in
