@@ -348,6 +348,8 @@ def test_the_page_follows_a_canary_live(served, console_registry, ramp, open_pag
     passed = p.query_selector_all(f'{section} [data-testid="interval-row"] [data-result="PASS"]')
     assert passed, "no gate interval shown as PASS"
     assert p.evaluate("window.kilnMarker") == "no reload"
+    # laptop width (the viewport's 1280 px): nothing wider than the window, no sideways scrolling
+    assert p.evaluate("document.documentElement.scrollWidth") <= 1280
     assert page.errors == []
     hosts = {urllib.parse.urlsplit(u).hostname for u in page.requests}
     assert hosts == {"127.0.0.1"}, page.requests
