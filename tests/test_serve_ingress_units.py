@@ -3,6 +3,7 @@ the ingress's own error answer (the HAProxy error file Kiln writes, checked by H
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import threading
@@ -73,16 +74,18 @@ def test_readiness_keeps_its_last_answer_while_serves_controller_restarts(monkey
         return answer
 
     server = RootServer({}, ["kiln"], "test", status=status)
-    assert server.not_ready() == []
+    assert asyncio.run(server.not_ready()) == []
     answers[0] = ControllerUnreachable("ActorDiedError")
     for step in (2.0, 10.0, 29.0):  # asked again every READY_CACHE_S, unanswered each time
         clock[0] = 1000.0 + step
-        assert server.not_ready() == [], step
+        assert asyncio.run(server.not_ready()) == [], step
     clock[0] = 1000.0 + root_server.CONTROLLER_GONE_S + 1
-    assert server.not_ready() == ["Serve's controller cannot be reached: ActorDiedError"]
+    assert asyncio.run(server.not_ready()) == [
+        "Serve's controller cannot be reached: ActorDiedError"
+    ]
     answers[0] = {"kiln": app(ApplicationStatus.DEPLOYING, {ReplicaState.STARTING: 1})}
     clock[0] += 2
-    assert server.not_ready() == ["kiln"]
+    assert asyncio.run(server.not_ready()) == ["kiln"]
 
 
 def test_readiness_before_serves_controller_ever_answered_is_false():
@@ -90,7 +93,50 @@ def test_readiness_before_serves_controller_ever_answered_is_false():
         raise ControllerUnreachable("ActorUnavailableError")
 
     server = RootServer({}, ["kiln"], "test", status=status)
-    assert server.not_ready() == ["Serve's controller cannot be reached: ActorUnavailableError"]
+    assert asyncio.run(server.not_ready()) == [
+        "Serve's controller cannot be reached: ActorUnavailableError"
+    ]
+
+
+def test_a_hung_controller_never_holds_readiness_and_is_asked_once_at_a_time(monkeypatch):
+    """Serve's controller that never answers (hung, not dead): readiness answers within
+    STATUS_TIMEOUT_S that it cannot reach it, the event loop stays free meanwhile, and the next
+    question waits on the same unanswered one instead of starting another thread."""
+    monkeypatch.setattr(root_server, "STATUS_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(root_server, "READY_CACHE_S", 0.0)
+    release, asked = threading.Event(), []
+
+    def status():
+        asked.append(1)
+        release.wait(10)
+        return {"kiln": app(ApplicationStatus.RUNNING, {ReplicaState.RUNNING: 1})}
+
+    server = RootServer({}, ["kiln"], "test", status=status)
+
+    async def scenario():
+        ticks = 0
+
+        async def ticker():  # runs only while the event loop is free
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        task = asyncio.ensure_future(ticker())
+        first = await server.not_ready()
+        second = await server.not_ready()
+        questions = len(asked)
+        release.set()
+        third = await server.not_ready()
+        task.cancel()
+        return first, second, third, ticks, questions
+
+    first, second, third, ticks, questions = asyncio.run(scenario())
+    gone = ["Serve's controller cannot be reached: no answer in 0.2 s"]
+    assert (first, second) == (gone, gone)
+    assert third == []  # the controller answered the question it had: believed at once
+    assert questions == 1  # one thread for the hung question, not one per call
+    assert ticks >= 20  # the loop ran on while both calls waited (0.4 s at 10 ms a tick)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ are handed to it: the console lives above serving and is known here only as a fa
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -21,6 +22,9 @@ READY_CACHE_S = 1.0
 # How long the last answer stands while Serve's controller cannot be asked (it restarts in seconds
 # after its process dies; the replicas answer requests without it meanwhile)
 CONTROLLER_GONE_S = 30.0
+# Serve's controller not answering a status question in this long counts as unreachable (the
+# question waits in a thread: a hung controller must not hold this replica's health checks)
+STATUS_TIMEOUT_S = 5.0
 CONSOLE_PATH = "/console"
 
 # (run_dir, api_key_sha256) -> an async request handler for everything under CONSOLE_PATH.
@@ -93,9 +97,10 @@ class RootServer:
         self._ready: tuple[float, list[str]] | None = None
         self._asked = 0.0  # when Serve's controller was last asked (monotonic)
         self._status = status or _serve_applications
+        self._asking: asyncio.Future[Mapping[str, Any]] | None = None  # the question in flight
         self.console = console(run_dir, api_key_sha256) if console is not None else None
 
-    def not_ready(self) -> list[str]:
+    async def not_ready(self) -> list[str]:
         """Kiln applications with no replica answering (``unanswered``; cached briefly: health
         checks come often)."""
         now = time.monotonic()
@@ -103,13 +108,24 @@ class RootServer:
             return self._ready[1]
         self._asked = now
         try:
-            self._ready = (now, unanswered(self._status(), self.app_names))
+            self._ready = (now, unanswered(await self._ask_status(), self.app_names))
         except ControllerUnreachable as exc:
             # Serve's controller died or restarts: the replicas keep answering, so the last answer
             # stands for a while; then readiness says what it cannot see
             if self._ready is None or now - self._ready[0] > CONTROLLER_GONE_S:
                 return [f"Serve's controller cannot be reached: {exc}"]
         return self._ready[1]
+
+    async def _ask_status(self) -> Mapping[str, Any]:
+        """Serve's status, asked in a thread, one question at a time: a question still unanswered
+        after STATUS_TIMEOUT_S (or still unanswered from an earlier call) is ControllerUnreachable,
+        and the next call waits on that same question instead of piling up threads."""
+        if self._asking is None or self._asking.done():
+            self._asking = asyncio.ensure_future(asyncio.to_thread(self._status))
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._asking), STATUS_TIMEOUT_S)
+        except TimeoutError as exc:
+            raise ControllerUnreachable(f"no answer in {STATUS_TIMEOUT_S:g} s") from exc
 
     async def __call__(self, request):
         path = request.url.path.rstrip("/") or "/"
@@ -132,13 +148,14 @@ class RootServer:
             )
         if request.method != "GET":
             return method_not_allowed(request.method, path, "GET")
-        return handler()
+        answer = handler()
+        return await answer if asyncio.iscoroutine(answer) else answer
 
     def live(self):
         return json_response({"live": True})
 
-    def ready(self):
-        pending = self.not_ready()
+    async def ready(self):
+        pending = await self.not_ready()
         if pending:
             return json_response({"ready": False, "not_running": pending}, 503)
         return json_response({"ready": True})
@@ -162,7 +179,7 @@ class RootServer:
 
     async def ServerReady(self, request, grpc_context=None):  # noqa: N802
         """gRPC ServerReady: every Kiln application runs."""
-        return oip_pb2.ServerReadyResponse(ready=not self.not_ready())
+        return oip_pb2.ServerReadyResponse(ready=not await self.not_ready())
 
     async def ServerMetadata(self, request, grpc_context=None):  # noqa: N802
         """gRPC ServerMetadata (the REST ``GET /v2``'s name and version)."""
