@@ -174,3 +174,17 @@ def test_evaluation_holds_a_small_split_and_reads_it_again_from_memory(ray_clust
     too_small = HeldRows()
     assert len(list(eval_batches(ds, 16, too_small, budget_bytes=100))) == 3
     assert too_small.rows is None
+
+
+def test_evaluation_fetches_chunks_and_cuts_them_into_steps(ray_cluster):
+    import ray
+
+    ds = ray.data.from_items([{"x": [float(i), 0.0], "y": i % 3} for i in range(40)])
+    held = HeldRows()
+    steps = list(eval_batches(ds, 8, held, budget_bytes=1 << 20, fetch_rows=32))
+    assert all(len(b["y"]) <= 8 for b in steps) and sum(len(b["y"]) for b in steps) == 40
+    assert held.rows is not None and len(held.rows["y"]) == 40
+    plain = list(eval_batches(ds, 8, None, budget_bytes=1 << 20))
+    assert torch.equal(torch.cat([b["x"] for b in steps]), torch.cat([b["x"] for b in plain]))
+    again = list(eval_batches(Unread(), 8, held, budget_bytes=1 << 20))
+    assert [b["y"].tolist() for b in again] == [b["y"].tolist() for b in steps]
