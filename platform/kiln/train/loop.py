@@ -62,6 +62,37 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# glibc's malloc hands a freed block of more than its mmap threshold (128 KB at first, raised to the
+# last such block freed, at most 32 MB) back to the OS, and trims its heap's free top above 2x that:
+# the activations of every training step (6 MB a tensor for the benchmark's CNN at batch 128) were
+# mapped, faulted in page by page and unmapped again, 110,000-270,000 page faults per epoch of 28
+# steps. Fixed thresholds keep freed blocks for the next step: 1 fault per epoch, the steps 7-50%
+# faster in one process (peak RSS +40-60 MB of 780). Blocks over 32 MB are still mapped apart.
+MMAP_THRESHOLD_BYTES = 32 << 20
+TRIM_THRESHOLD_BYTES = 512 << 20
+
+
+def keep_freed_memory() -> bool:
+    """Let this process's allocator (glibc) keep freed blocks of up to MMAP_THRESHOLD_BYTES and up
+    to TRIM_THRESHOLD_BYTES free at its heap's top for reuse, instead of returning them to the OS
+    after each step. Returns whether it was applied (glibc only; elsewhere nothing changes)."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD_BYTES)) and bool(
+        mallopt(m_trim_threshold, TRIM_THRESHOLD_BYTES)
+    )
+
+
 def make_optimizer(cfg: TrainingJobConfig, model: nn.Module) -> torch.optim.Optimizer:
     t = cfg.train
     if t.optimizer == "sgd":
@@ -319,6 +350,7 @@ def train_epochs(
     t = cfg.train
     hooks = hooks or LoopHooks()
     torch.set_num_threads(max(1, int(t.cpus_per_worker)))
+    keep_freed_memory()
     seed_everything(t.seed)
     spec = hooks.spec or model_spec(cfg, data)
     # the architecture its own config chose is allowed (an artifact's is checked against the list)
