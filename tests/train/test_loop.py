@@ -3,6 +3,8 @@ metrics."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,14 @@ from conftest import REPO
 from kiln.data.dataset import prepare_data
 from kiln.schema import load_config
 from kiln.train.checkpoint import find_latest_checkpoint, read_state
-from kiln.train.loop import HeldRows, LoopHooks, eval_batches, shuffle_stream, train_epochs
+from kiln.train.loop import (
+    HeldRows,
+    LoopHooks,
+    eval_batches,
+    keep_freed_memory,
+    shuffle_stream,
+    train_epochs,
+)
 from kiln.train.metrics import accuracy, classification_report, confusion_matrix, f1_macro
 from kiln.train.session import LocalSession
 
@@ -174,3 +183,44 @@ def test_evaluation_holds_a_small_split_and_reads_it_again_from_memory(ray_clust
     too_small = HeldRows()
     assert len(list(eval_batches(ds, 16, too_small, budget_bytes=100))) == 3
     assert too_small.rows is None
+
+
+def test_evaluation_fetches_chunks_and_cuts_them_into_steps(ray_cluster):
+    import ray
+
+    ds = ray.data.from_items([{"x": [float(i), 0.0], "y": i % 3} for i in range(40)])
+    held = HeldRows()
+    steps = list(eval_batches(ds, 8, held, budget_bytes=1 << 20, fetch_rows=32))
+    assert all(len(b["y"]) <= 8 for b in steps) and sum(len(b["y"]) for b in steps) == 40
+    assert held.rows is not None and len(held.rows["y"]) == 40
+    plain = list(eval_batches(ds, 8, None, budget_bytes=1 << 20))
+    assert torch.equal(torch.cat([b["x"] for b in steps]), torch.cat([b["x"] for b in plain]))
+    again = list(eval_batches(Unread(), 8, held, budget_bytes=1 << 20))
+    assert [b["y"].tolist() for b in again] == [b["y"].tolist() for b in steps]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_freed_step_sized_blocks_stay_in_the_heap():
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("glibc without mallinfo2")
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [
+            (name, ctypes.c_size_t)
+            for name in (
+                "arena", "ordblks", "smblks", "hblks", "hblkhd",
+                "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
+            )
+        ]  # fmt: skip
+
+    libc.mallinfo2.restype = MallInfo2
+    assert keep_freed_memory()
+    mapped = libc.mallinfo2().hblkhd
+    block = torch.ones(4 << 20)  # 16 MB, as large as a training step's activations
+    assert libc.mallinfo2().hblkhd == mapped  # from the heap, not a mapping of its own
+    heap = libc.mallinfo2().arena
+    del block
+    assert libc.mallinfo2().arena == heap  # kept for the next step, not trimmed
