@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import socket
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 from kiln.compat import KILN_MODEL_APP_PREFIX
@@ -33,32 +33,17 @@ class IngressCounters:
     errors_5xx: int = 0  # 5xx answers, the ingress's own included (``hrsp_5xx``)
 
     def __add__(self, other: IngressCounters) -> IngressCounters:
-        return IngressCounters(
-            self.requests + other.requests,
-            self.retries + other.retries,
-            self.redispatches + other.redispatches,
-            self.errors_5xx + other.errors_5xx,
-        )
+        return IngressCounters(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
     def since(self, earlier: IngressCounters | None) -> IngressCounters:
         """The counts added since ``earlier``; all of them when there is no earlier reading or a
         counter went down (HAProxy reloaded: a new process counts from zero)."""
-        if earlier is None or any(
-            now < then
-            for now, then in (
-                (self.requests, earlier.requests),
-                (self.retries, earlier.retries),
-                (self.redispatches, earlier.redispatches),
-                (self.errors_5xx, earlier.errors_5xx),
-            )
-        ):
+        if earlier is None:
             return self
-        return IngressCounters(
-            self.requests - earlier.requests,
-            self.retries - earlier.retries,
-            self.redispatches - earlier.redispatches,
-            self.errors_5xx - earlier.errors_5xx,
-        )
+        pairs = list(zip(astuple(self), astuple(earlier), strict=True))
+        if any(now < then for now, then in pairs):
+            return self
+        return IngressCounters(*(now - then for now, then in pairs))
 
 
 def parse_show_stat(text: str) -> dict[str, IngressCounters]:
