@@ -527,3 +527,31 @@ def test_record_and_routing_never_disagree_during_a_promotion(tmp_path):
     after = RolloutStore(tmp_path, "m").load()
     assert (after.phase, after.stable) == ("promoted", "2") and ctl.table()["stable"] == "2"
     assert after.revision == ctl.table()["revision"]
+
+
+def test_a_saved_phase_always_finds_its_reason_in_the_audit_log(tmp_path):
+    """Whoever reads a new phase from the record (``kiln rollout status``, a test polling it) finds
+    the decision that set it already in the audit log: the entry is written before the record."""
+    seen: list[tuple[str, str | None]] = []
+
+    class Store(RolloutStore):
+        def save(self, record):
+            history = self.history()
+            seen.append((record.phase, history[-1]["phase"] if history else None))
+            super().save(record)
+
+    async def scenario():
+        ctl = RolloutController(str(tmp_path), "m")
+        ctl.store = Store(tmp_path, "m")
+        await ctl.start(_record(gates=["error_rate<0.1"]), "user")
+        await _report(ctl, {"1": "ready", "2": "ready"})
+        await ctl._tick()  # step 0
+        await _report(ctl, {"1": "ready", "2": "ready"}, requests=20, errors=10)
+        await ctl._tick()  # rolled back by its gate
+        return ctl
+
+    ctl = asyncio.run(scenario())
+    assert ctl.record.phase == "rolled_back"
+    phases = [phase for phase, _ in seen]
+    assert phases[0] == "preparing" and phases[-1] == "rolled_back" and "running" in phases
+    assert all(record == logged for record, logged in seen), seen

@@ -196,13 +196,13 @@ class RolloutController:
         new.revision = (self.record.revision if self.record else 0) + 1
         self.record = new
         self.window.clear()
-        self._save()
-        self._audit(
+        self._audit(  # first, as in _changed
             "start",
             trigger,
             f"{new.strategy} rollout v{new.stable} -> v{new.candidate}; waiting for every "
             "replica to load and smoke-check the candidate",
         )
+        self._save()
         return self.record.to_dict()
 
     async def command(self, action: str, trigger: str = "user") -> dict[str, Any]:
@@ -533,8 +533,10 @@ class RolloutController:
         return f"; alias 'champion' -> {r.registered_name} v{version}"
 
     def _changed(self, decision: str, trigger: str, reason: str, gates: dict | None = None) -> None:
-        self._commit()
+        # the audit entry first: whoever reads the new phase from the record finds its reason in
+        # the audit log (a full run read "rolled_back", then an audit log one entry behind)
         self._audit(decision, trigger, reason, gates)
+        self._commit()
 
     def _commit(self) -> None:
         """A new revision of the record, saved: the routing table replicas get comes from it."""
