@@ -194,3 +194,20 @@ def run_dir(tmp_path) -> Path:
     path = tmp_path / "runs"
     path.mkdir()
     return path
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """The slowest test files (setup, call and teardown summed over their tests, module fixtures
+    included): what to look at first to shorten the suite, and what ``module_seconds`` should
+    say."""
+    seconds: dict[str, float] = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if isinstance(report, pytest.TestReport):
+                path = report.nodeid.split("::")[0]
+                seconds[path] = seconds.get(path, 0.0) + report.duration
+    slowest = sorted(seconds.items(), key=lambda kv: kv[1], reverse=True)[:15]
+    if len(seconds) > 1 and slowest:
+        terminalreporter.write_sep("=", "slowest test files (seconds, setup + call + teardown)")
+        for path, total in slowest:
+            terminalreporter.write_line(f"{total:8.1f}  {path}")
