@@ -104,6 +104,30 @@ def test_the_setup_hook_variable_is_the_one_ray_workers_read():
     assert export_setup_func_module({}, HAPROXY_LOOPBACK_HOOK)["env_vars"] == haproxy_loopback_env()
 
 
+def test_serves_controller_reads_the_proxy_patience_kiln_gives_it():
+    """In a fresh process, as Serve's controller starts: the variable sets how long a new proxy
+    may take to be ready before the controller kills it."""
+    import subprocess
+    import sys
+
+    from conftest import kiln_env
+    from kiln.compat import PROXY_READY_TIMEOUT_S, serve_controller_patience_env
+
+    read = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from ray.serve._private import constants as c; print(c.PROXY_READY_CHECK_TIMEOUT_S)",
+        ],
+        env=kiln_env(serve_controller_patience_env()),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert float(read.stdout.strip()) == PROXY_READY_TIMEOUT_S != 5.0
+
+
 def test_grpc_routing_rules_in_haproxy_template_after_the_hook():
     """The hook adds Kiln's gRPC rules to Serve's HAProxy template (a model RPC to its model's
     application, the rest to the root app) and still renders; fails when Ray's template no longer

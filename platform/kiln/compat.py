@@ -309,6 +309,23 @@ def _set_haproxy_template(template: str) -> None:
         loaded.HAPROXY_CONFIG_TEMPLATE = template  # type: ignore[attr-defined]
 
 
+# How long Serve's controller waits for a new proxy (the HAProxy manager, the fallback proxy) to
+# say it is ready before it kills it as unhealthy and starts another: Ray's 5 s is short on a
+# loaded machine (the proxy imports Serve and starts HAProxy), and a proxy killed while
+# ``serve.start`` waits on it fails the start ("The actor never ran - it was cancelled before it
+# started running", seen with two busy training threads on 2 cores).
+PROXY_READY_TIMEOUT_S = 30.0
+
+
+def serve_controller_patience_env() -> dict[str, str]:
+    """Environment for Serve's controller: a proxy gets PROXY_READY_TIMEOUT_S to start.
+
+    Checked against Ray 2.60: ``ray.serve._private.constants.PROXY_READY_CHECK_TIMEOUT_S`` is read
+    from ``RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S`` when the controller imports it (each restart of
+    a proxy then doubles, triples... the wait)."""
+    return {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": f"{PROXY_READY_TIMEOUT_S:g}"}
+
+
 def haproxy_loopback_env() -> dict[str, str]:
     """Environment variables for Serve's controller (``controller_options["runtime_env"]``, which
     takes ``env_vars`` only) and Kiln's replicas, that run ``serve_process_setup`` in them and in

@@ -24,6 +24,7 @@ from kiln.compat import (
     GRPC_BIND_HOST_ENV,
     haproxy_error_file_env,
     haproxy_loopback_env,
+    serve_controller_patience_env,
     serve_grpc_port,
 )
 from kiln.errors import ConfigError, KilnError, ResourceError, first_line, telling_line
@@ -335,7 +336,11 @@ def start_serving(
             # Serve's controller and the actors it starts (HAProxy's manager, the proxies) run
             # Kiln's setup hook (kiln.compat): HAProxy's stats on loopback, gRPC calls routed to
             # Kiln's apps.
-            env = {**haproxy_loopback_env(), **grpc_process_env(cfg)}
+            env = {
+                **haproxy_loopback_env(),
+                **serve_controller_patience_env(),
+                **grpc_process_env(cfg),
+            }
             if cfg.ingress == "haproxy":
                 # HAProxy's unix sockets live under this folder plus a 56-character node id and
                 # must fit 97 bytes: a short folder of its own, removed by `kiln serve stop`.
