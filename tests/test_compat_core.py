@@ -43,3 +43,32 @@ def test_cluster_launcher_validation_raises_jsonschema_errors_for_schema_mistake
     raw["max_workers"] = "many"
     with pytest.raises(jsonschema.ValidationError):
         compat.validate_cluster_launcher_config(raw)
+
+
+def test_the_drivers_raylet_warning_about_its_worker_pool_is_dropped_and_no_other(capsys):
+    """Ray's driver thread prints raylet messages through the function Kiln wraps, looked up at
+    each call; after the wrap, the worker-pool warning is gone and other raylet messages stay."""
+    import inspect
+
+    from ray._private import worker
+
+    from kiln.compat import WORKER_POOL_WARNING, drop_worker_pool_warnings
+
+    listener = inspect.getsource(worker.listen_error_messages)
+    assert "print_to_stdstream(" in listener and '"pid": "raylet"' in listener
+    original = worker.print_to_stdstream
+    try:
+        drop_worker_pool_warnings()
+        wrapped = worker.print_to_stdstream
+        drop_worker_pool_warnings()  # idempotent: one wrap
+        assert worker.print_to_stdstream is wrapped is not original
+        warning = f"WARNING: 8 PYTHON {WORKER_POOL_WARNING}: abc with address: 10.0.0.1, ..."
+        death = "A worker died or was killed while executing a task by an unexpected system error."
+        for line in (warning, death):
+            worker.print_to_stdstream(
+                {"lines": [line], "pid": "raylet", "is_err": False}, ignore_prefix=False
+            )
+    finally:
+        worker.print_to_stdstream = original
+    out = capsys.readouterr().out
+    assert WORKER_POOL_WARNING not in out and death in out

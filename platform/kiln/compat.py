@@ -60,6 +60,37 @@ def serve_http_address() -> tuple[str, int] | None:
     return str(http.host), int(http.port)
 
 
+# Ray's raylet warns every driver when it has started more worker processes than twice its CPU
+# count at once; Kiln's fractional CPUs (trials, Ray Train workers, Serve replicas, Ray Data tasks)
+# on a small machine cause that routinely, and the advice it prints is for Ray's developers.
+WORKER_POOL_WARNING = "worker processes have been started on node"
+
+
+def drop_worker_pool_warnings() -> None:
+    """Stop this driver from printing the raylet's worker-pool warning (above); every other
+    message the raylet sends the driver (an actor's death, a task killed for memory) is printed as
+    before. Idempotent.
+
+    Checked against Ray 2.60: a driver's ``ray._private.worker.listen_error_messages`` thread
+    prints each raylet message with the module's ``print_to_stdstream(data, ignore_prefix)``
+    (looked up at each call), ``data["pid"] == "raylet"`` and the message in ``data["lines"]``."""
+    from ray._private import worker
+
+    original = worker.print_to_stdstream
+    if getattr(original, "_kiln", False):
+        return
+
+    def print_to_stdstream(data, ignore_prefix: bool):
+        if data.get("pid") == "raylet" and any(
+            WORKER_POOL_WARNING in line for line in data.get("lines", ())
+        ):
+            return
+        original(data, ignore_prefix)
+
+    print_to_stdstream._kiln = True  # type: ignore[attr-defined]
+    worker.print_to_stdstream = print_to_stdstream
+
+
 def serve_controller_alive() -> bool:
     """Whether Serve's controller actor is still registered on the connected cluster. After
     ``serve.shutdown()`` returns (its graceful shutdown may time out under load) the controller can

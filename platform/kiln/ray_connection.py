@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from kiln.compat import drop_worker_pool_warnings
 from kiln.errors import KilnError, ResourceError, first_line
 
 # Ray starts its workers at niceness 15 (its `worker_niceness`), below every other process. On
@@ -79,6 +80,8 @@ def ensure_ray(
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = address or "a new local instance"
         raise KilnError(f"cannot reach Ray at {where} ({first_line(exc)})") from None
+    if not debug:  # as for log_to_driver: Ray's advice for its own developers only under --debug
+        drop_worker_pool_warnings()
     return ray.get_runtime_context().gcs_address
 
 
