@@ -182,12 +182,12 @@ def test_with_every_replica_dead_a_request_gets_kilns_json_503_not_plain_text(se
             resp = requests.post(f"{url}/v2/models/{MODEL}/infer", data=infer_body(0), timeout=60)
         except requests.ConnectionError:
             closed += 1
-    # Serve needs seconds to load a replacement; a quicker one would make this check vacuous
-    assert time.monotonic() - t0 < 30
-    assert resp is not None, f"{closed} requests closed with no answer"
+    waited = time.monotonic() - t0
+    assert resp is not None, f"{closed} requests closed with no answer in {waited:.1f} s"
     # never Serve's plain-text 500: Kiln's 503, or (HAProxy's retries outlasting the outage through
-    # its fallback to Serve's proxy) an answer by the replacement (seen once with retries 3)
-    assert resp.status_code in (200, 503), (resp.status_code, resp.text)
+    # its fallback to Serve's proxy) an answer by the replacement (seen once with retries 3, and
+    # after 57 s on a machine at load 45, where Serve took that long to start the replacement)
+    assert resp.status_code in (200, 503), (resp.status_code, resp.text, f"{waited:.1f} s")
     assert resp.headers["content-type"] == "application/json"
     if resp.status_code == 503:
         assert int(resp.headers["retry-after"]) >= 1
