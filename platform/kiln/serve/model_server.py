@@ -15,6 +15,7 @@ replica's window), and the same under ``/versions/{version}``.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import time
@@ -95,6 +96,20 @@ class VersionLost(ServerFault):
     status = 503
 
 
+def presigned(method: Callable[[list[np.ndarray]], Awaitable[list[np.ndarray]]]):
+    """``method`` as a plain function of the same name that carries its signature: serve.batch
+    reads the signature of the function it wraps on every request (``extract_signature``), which
+    ``inspect`` rebuilds each time for a bound method (about 14 us) but takes as it is from
+    ``__signature__`` (about 5 us). The name stays: it labels Serve's ``serve_batch_*`` metrics."""
+
+    async def run(inputs: list[np.ndarray]) -> list[np.ndarray]:
+        return await method(inputs)
+
+    run.__name__ = run.__qualname__ = method.__name__
+    run.__signature__ = inspect.signature(run)  # type: ignore[attr-defined]
+    return run
+
+
 class VersionRunner:
     """Runs one version's model: dynamic batching (serve.batch) or one call per request, off the
     event loop."""
@@ -120,7 +135,7 @@ class VersionRunner:
             self._batched = serve.batch(
                 max_batch_size=batching.max_batch_size,
                 batch_wait_timeout_s=batching.wait_ms / 1000.0,
-            )(self._run_batch)
+            )(presigned(self._run_batch))
         else:
             self._batched.set_max_batch_size(batching.max_batch_size)
             self._batched.set_batch_wait_timeout_s(batching.wait_ms / 1000.0)
