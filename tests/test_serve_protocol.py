@@ -276,7 +276,9 @@ def test_deployment_options_carry_replicas_autoscaling_cpus_and_batching():
     assert options["num_replicas"] == 3 and "autoscaling_config" not in options
     assert options["ray_actor_options"] == {
         "num_cpus": 0.25,
-        "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "2"}},
+        "runtime_env": {
+            "env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "OMP_NUM_THREADS": "2"}
+        },
     }
     assert options["user_config"] == {
         "batching": {"enabled": True, "max_batch_size": 8, "wait_ms": 2.0}

@@ -100,6 +100,9 @@ def check_json_depth(body: bytes, limits: LimitsConfig, skeleton: bytes | None =
         raise over("JSON nesting depth", depth, limits.max_json_depth, "max_json_depth")
 
 
+# The body with every character of a number literal (and the "e" of true/false) as "1", every
+# other as " ": a literal longer than the limit is then a run of "1"s, found by a substring search.
+_NUMBER_RUNS = bytes(49 if chr(c) in "-+.eE0123456789" else 32 for c in range(256))
 # A float literal whose exponent is beyond a double's range (it would parse as Infinity).
 _HUGE_EXPONENT = re.compile(rb"[eE]\+?0*(?:[0-9]{4,}|309|3[1-9][0-9]|[4-9][0-9]{2})(?![0-9])")
 
@@ -112,15 +115,21 @@ def parse_json(body: bytes, limits: LimitsConfig) -> Any:
     UnicodeDecodeError, a refused number) for text that is not strict JSON."""
     skeleton = _skeleton(body)
     check_json_depth(body, limits, skeleton)
-    longest = re.search(rb"[-+.eE0-9]{%d,}" % (limits.max_number_chars + 1), skeleton)
-    if longest is not None:  # (greedy: the whole literal)
+    # Two linear passes in C (a translate, a substring search): a regular expression search retried
+    # each position inside a run of digits (1.5 ms of a 56 KB body of 12,288 pixels, a third of
+    # its json.loads).
+    runs = skeleton.translate(_NUMBER_RUNS)
+    start = runs.find(b"1" * (limits.max_number_chars + 1))
+    if start >= 0:  # the whole literal: from its start to the end of its run
+        end = runs.find(b" ", start)
         raise over(
             "a number literal of length",
-            len(longest.group()),
+            (len(runs) if end < 0 else end) - start,
             limits.max_number_chars,
             "max_number_chars",
         )
-    if _HUGE_EXPONENT.search(skeleton):
+    # (an exponent needs an "e" or "E": a body of integer pixels holds none, a C scan)
+    if (b"e" in skeleton or b"E" in skeleton) and _HUGE_EXPONENT.search(skeleton):
         raise ValueError("a number is out of the range of a float")
 
     def constant(text: str) -> Any:
