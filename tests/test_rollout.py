@@ -359,7 +359,7 @@ def champion(registry) -> str:
 # --- tests ---------------------------------------------------------------------------------------
 
 
-def test_bad_options_fail_with_one_line(served, ray_cluster, serve_dir, versions):
+def test_bad_options_fail_with_one_line(served, ray_cluster, serve_dir, versions, idle):
     cases = [
         (
             ["--strategy", "canary", "--gate", "error_rate<<1"],
