@@ -317,7 +317,11 @@ def main() -> int:
         default="haproxy,proxy",
         help="the ingress modes to measure, one phase each (default: haproxy,proxy)",
     )
-    parser.add_argument("--out", default=str(HERE / "out" / "serve_latency.json"))
+    parser.add_argument(
+        "--out",
+        default=str(HERE / "out" / "serve_latency.json"),
+        help="the JSON file to write (a folder: serve_latency.json in it)",
+    )
     args = parser.parse_args()
     rounds = 1 if args.quick else args.rounds
     scale = 0.25 if args.quick else 1.0
@@ -376,6 +380,8 @@ def main() -> int:
     summary = summarize(results)
     report(summary, info)
     out = Path(args.out)
+    if out.is_dir():  # (a folder given as --out once failed a finished run at this write)
+        out = out / "serve_latency.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
