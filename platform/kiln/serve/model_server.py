@@ -131,13 +131,13 @@ class BatchGate:
 
     def __init__(self) -> None:
         self._through = 0  # requests let through whose answers are not back
-        self._closed = False
-        self._open = asyncio.Event()
+        self._open = asyncio.Event()  # cleared while the gate is closed
+        self._open.set()
         self._closing: asyncio.Handle | None = None
 
     async def through(self, call: Callable[[], Awaitable[T]], wait_s: float) -> T:
         """``await call()``, once the gate lets this request through."""
-        while self._closed:
+        while not self._open.is_set():  # (it may close again before this request resumes)
             await self._open.wait()
         if self._closing is None:  # the first through: the gate closes after the wait
             loop = asyncio.get_running_loop()
@@ -154,7 +154,6 @@ class BatchGate:
 
     def _close(self) -> None:
         if self._through:
-            self._closed = True
             self._open.clear()
         else:  # none left waiting for an answer: stay open, the next request closes it
             self._closing = None
@@ -163,7 +162,6 @@ class BatchGate:
         if self._closing is not None:
             self._closing.cancel()
             self._closing = None
-        self._closed = False
         self._open.set()
 
 
