@@ -104,28 +104,34 @@ def test_the_setup_hook_variable_is_the_one_ray_workers_read():
     assert export_setup_func_module({}, HAPROXY_LOOPBACK_HOOK)["env_vars"] == haproxy_loopback_env()
 
 
-def test_serves_controller_reads_the_proxy_patience_kiln_gives_it():
-    """In a fresh process, as Serve's controller starts: the variable sets how long a new proxy
-    may take to be ready before the controller kills it."""
+def serve_constant_in_a_fresh_process(name: str, env: dict[str, str]) -> str:
+    """``ray.serve._private.constants.NAME`` as a new process with ``env`` reads it (Serve's
+    processes read their settings from the environment once, at import)."""
     import subprocess
     import sys
 
     from conftest import kiln_env
-    from kiln.compat import PROXY_READY_TIMEOUT_S, serve_controller_patience_env
 
     read = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from ray.serve._private import constants as c; print(c.PROXY_READY_CHECK_TIMEOUT_S)",
-        ],
-        env=kiln_env(serve_controller_patience_env()),
+        [sys.executable, "-c", f"from ray.serve._private import constants as c; print(c.{name})"],
+        env=kiln_env(env),
         capture_output=True,
         text=True,
         timeout=120,
         check=True,
     )
-    assert float(read.stdout.strip()) == PROXY_READY_TIMEOUT_S != 5.0
+    return read.stdout.strip()
+
+
+def test_serves_controller_reads_the_proxy_patience_kiln_gives_it():
+    """In a fresh process, as Serve's controller starts: the variable sets how long a new proxy
+    may take to be ready before the controller kills it."""
+    from kiln.compat import PROXY_READY_TIMEOUT_S, serve_controller_patience_env
+
+    read = serve_constant_in_a_fresh_process(
+        "PROXY_READY_CHECK_TIMEOUT_S", serve_controller_patience_env()
+    )
+    assert float(read) == PROXY_READY_TIMEOUT_S != 5.0
 
 
 def test_grpc_routing_rules_in_haproxy_template_after_the_hook():
@@ -178,3 +184,14 @@ def test_kiln_app_names_in_compat_match_the_serve_apps():
     from kiln.serve.app import MODEL_APP_PREFIX, ROOT_APP
 
     assert (KILN_ROOT_APP, KILN_MODEL_APP_PREFIX) == (ROOT_APP, MODEL_APP_PREFIX)
+
+
+def test_serve_reads_the_variable_that_puts_user_code_on_the_replicas_loop():
+    """Model replicas get SEPARATE_USER_LOOP_ENV "0" (kiln.serve.app): a Ray release that renamed
+    the variable would silently bring back the thread hand-off Kiln measured away (issue 15)."""
+    from kiln.serve.app import SEPARATE_USER_LOOP_ENV
+
+    read = serve_constant_in_a_fresh_process(
+        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", {SEPARATE_USER_LOOP_ENV: "0"}
+    )
+    assert read == "False"
