@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from kiln.data.config import DataConfig, SplitConfig
-from kiln.data.dataset import prepare_data
+from kiln.data.dataset import open_splits, prepare_data
 from kiln.data.split import class_cuts
 from kiln.errors import DataError
 from synthetic import hf_image_parquet, tabular_parquet
@@ -120,6 +120,21 @@ def test_parquet_folder_reads_as_one_dataset(tmp_path):
     pq.write_table(table.slice(300), folder / "part-1.parquet")
     data = prepare_data(DataConfig(source=str(folder), label="species"))
     assert sum(data.sizes().values()) == 600
+
+
+def test_auto_caches_small_splits_only_when_they_are_read_again(tmp_path):
+    from ray.data.dataset import MaterializedDataset
+
+    data = prepare_data(
+        DataConfig(source=str(tabular_parquet(tmp_path / "t.parquet")), label="species")
+    )
+    once = open_splits(data, ("train", "val"), "auto", passes=1)  # a one-epoch run
+    again = open_splits(data, ("train", "val"), "auto", passes=3)
+    never = open_splits(data, ("train", "val"), "never", passes=3)
+    forced = open_splits(data, ("train", "val"), "always", passes=1)
+    assert not any(isinstance(ds, MaterializedDataset) for ds in [*once.values(), *never.values()])
+    assert all(isinstance(ds, MaterializedDataset) for ds in [*again.values(), *forced.values()])
+    assert once["train"].count() == again["train"].count() == data.sizes()["train"]
 
 
 def test_dataset_hash_tracks_content_and_split(tmp_path):

@@ -156,7 +156,7 @@ def _drawn(batches) -> list[list[int]]:
 def test_a_shard_that_fits_the_buffer_is_held_and_redrawn_exactly_as_streamed_again():
     held = HeldRows()
     first = _drawn(shuffle_stream(_chunks(50, 16), 8, 100, torch.Generator().manual_seed(3), held))
-    assert held.rows is not None and len(held.rows["y"]) == 50
+    assert held.chunks is not None and sum(len(c["y"]) for c in held.chunks) == 50
     again = _drawn(shuffle_stream(_chunks(50, 16), 8, 100, torch.Generator().manual_seed(4)))
     from_held = _drawn(shuffle_stream(Unread(), 8, 100, torch.Generator().manual_seed(4), held))
     assert from_held == again and from_held != first
@@ -166,7 +166,7 @@ def test_a_shard_that_fits_the_buffer_is_held_and_redrawn_exactly_as_streamed_ag
 def test_a_shard_larger_than_the_buffer_streams_every_epoch_and_is_not_held():
     held = HeldRows()
     out = list(shuffle_stream(_chunks(300, 16), 8, 100, torch.Generator().manual_seed(0), held))
-    assert held.rows is None and sum(len(b["y"]) for b in out) == 300
+    assert held.chunks is None and sum(len(b["y"]) for b in out) == 300
 
 
 def test_evaluation_holds_a_small_split_and_reads_it_again_from_memory(ray_cluster):
@@ -175,14 +175,14 @@ def test_evaluation_holds_a_small_split_and_reads_it_again_from_memory(ray_clust
     ds = ray.data.from_items([{"x": [float(i), 0.0], "y": i % 3} for i in range(40)])
     held = HeldRows()
     streamed = list(eval_batches(ds, 16, held, budget_bytes=1 << 20))
-    assert held.rows is not None and sorted(held.rows["y"].tolist()) == sorted(
-        i % 3 for i in range(40)
-    )
+    assert held.chunks is not None and sorted(
+        v for c in held.chunks for v in c["y"].tolist()
+    ) == sorted(i % 3 for i in range(40))
     again = list(eval_batches(Unread(), 16, held, budget_bytes=1 << 20))
     assert [b["y"].tolist() for b in again] == [b["y"].tolist() for b in streamed]
     too_small = HeldRows()
     assert len(list(eval_batches(ds, 16, too_small, budget_bytes=100))) == 3
-    assert too_small.rows is None
+    assert too_small.chunks is None
 
 
 def test_evaluation_fetches_chunks_and_cuts_them_into_steps(ray_cluster):
@@ -192,11 +192,22 @@ def test_evaluation_fetches_chunks_and_cuts_them_into_steps(ray_cluster):
     held = HeldRows()
     steps = list(eval_batches(ds, 8, held, budget_bytes=1 << 20, fetch_rows=32))
     assert all(len(b["y"]) <= 8 for b in steps) and sum(len(b["y"]) for b in steps) == 40
-    assert held.rows is not None and len(held.rows["y"]) == 40
+    assert held.chunks is not None and sum(len(c["y"]) for c in held.chunks) == 40
     plain = list(eval_batches(ds, 8, None, budget_bytes=1 << 20))
     assert torch.equal(torch.cat([b["x"] for b in steps]), torch.cat([b["x"] for b in plain]))
     again = list(eval_batches(Unread(), 8, held, budget_bytes=1 << 20))
     assert [b["y"].tolist() for b in again] == [b["y"].tolist() for b in steps]
+    # held as the chunks fetched (5 rows of 8 in chunks of 32: steps 8,8,8,8 then 8), not joined
+    assert [len(c["y"]) for c in held.chunks] == [32, 8]
+    assert [len(b["y"]) for b in again] == [len(b["y"]) for b in steps]
+
+
+def test_nothing_is_held_for_an_epoch_that_will_not_come():
+    held = HeldRows()
+    assert held.kept(later=True) is held and held.kept(later=False) is None
+    list(shuffle_stream(_chunks(50, 16), 8, 100, torch.Generator().manual_seed(3), held))
+    # once filled, the last epoch still reads from memory
+    assert held.chunks is not None and held.kept(later=False) is held
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")

@@ -411,16 +411,22 @@ def split_bytes(data: PreparedData, name: str) -> int:
     return data.sizes()[name] * (4 * math.prod(data.input_shape) + 8)
 
 
-def open_splits(data: PreparedData, names: tuple[str, ...], cache: str = "auto") -> dict[str, Any]:
+def open_splits(
+    data: PreparedData, names: tuple[str, ...], cache: str = "auto", passes: int = 2
+) -> dict[str, Any]:
     """The splits ``names`` as Ray Data datasets. Cached (materialized in the object store, once)
-    under ``cache='always'``, or ``'auto'`` when together they take under a quarter of the object
-    store; otherwise lazy: every epoch reads, decodes and preprocesses again, streaming."""
+    under ``cache='always'``, or ``'auto'`` when the splits are read more than once (``passes``:
+    a one-epoch run reads each once, and caching would only add a copy in the object store that
+    every reader maps) and together take under a quarter of the object store; otherwise lazy:
+    every epoch reads, decodes and preprocesses again, streaming."""
     import ray
 
     opened = {name: data.dataset(name) for name in names}
     if cache == "never":
         return opened
     if cache == "auto":
+        if passes <= 1:
+            return opened
         resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
         capacity = float(resources.get("object_store_memory", 0.0))
         if sum(split_bytes(data, n) for n in names) > CACHE_SHARE * capacity:

@@ -112,6 +112,9 @@ def make_scheduler(cfg: TrainingJobConfig, optimizer: torch.optim.Optimizer, ste
 
 
 SHUFFLE_BUFFER_BYTES = 256 << 20  # the shuffle buffer's cap, whatever train.data.shuffle_buffer
+# The most a worker keeps of the validation split for later epochs (bench/data_scale.py: a 16x
+# table's split held at the old 256 MB took the worker's peak 1.48x above the 1x table's).
+HELD_SPLIT_BYTES = 128 << 20
 FETCH_BYTES = 8 << 20  # the least a batch fetched from Ray Data holds when rows go into the buffer
 EVAL_BATCH = 1024  # the least rows per validation step on a GPU (a CPU uses the training batch)
 
@@ -119,10 +122,15 @@ EVAL_BATCH = 1024  # the least rows per validation step on a GPU (a CPU uses the
 @dataclass
 class HeldRows:
     """A worker's split held in memory once streamed whole within its budget (the shuffle buffer's
-    cap for train): later epochs draw from it instead of streaming it from Ray Data again. Larger
-    splits stream every epoch, never held."""
+    cap for train, HELD_SPLIT_BYTES for validation): later epochs draw from it instead of
+    streaming it from Ray Data again. Larger splits stream every epoch, never held. The rows are
+    kept in the chunks they arrived in: joining them would hold a second copy while it is made."""
 
-    rows: dict[str, torch.Tensor] | None = None
+    chunks: list[dict[str, torch.Tensor]] | None = None
+
+    def kept(self, later: bool) -> HeldRows | None:
+        """Itself where it holds rows or a later pass will read them; else None (stream only)."""
+        return self if later or self.chunks is not None else None
 
 
 def _cut(pool: dict[str, torch.Tensor], batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -131,6 +139,8 @@ def _cut(pool: dict[str, torch.Tensor], batch_size: int) -> Iterator[dict[str, t
 
 
 def _joined(chunks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    if len(chunks) == 1:
+        return chunks[0]
     return {k: torch.cat([b[k] for b in chunks]) for k in chunks[0]}
 
 
@@ -154,8 +164,8 @@ def shuffle_stream(
     batch but the last is full, so ranks with equal rows take equal steps. A shard that never
     filled the buffer is kept in ``held``; given one, ``batches`` is not read: the same draws come
     from the rows it holds (in the order they first arrived)."""
-    if held is not None and held.rows is not None:
-        yield from _cut(_permuted(held.rows, generator), batch_size)
+    if held is not None and held.chunks is not None:
+        yield from _cut(_permuted(_joined(held.chunks), generator), batch_size)
         return
     chunks: list[dict[str, torch.Tensor]] = []
     rows, whole = 0, True
@@ -171,7 +181,7 @@ def shuffle_stream(
     if rows:
         rest = _joined(chunks)
         if whole and held is not None:
-            held.rows = rest
+            held.chunks = [rest]
         yield from _cut(_permuted(rest, generator), batch_size)
 
 
@@ -215,10 +225,12 @@ def eval_batches(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """A split's ``{"x", "y"}`` batches of ``batch_size`` rows for evaluation, in Ray Data's order;
     rows are fetched from Ray Data ``fetch_rows`` at a time (default ``batch_size``) and cut into
-    steps. A split of at most ``budget_bytes`` is kept in ``held`` after its first pass and read
-    from there afterwards."""
-    if held is not None and held.rows is not None:
-        yield from _cut(held.rows, batch_size)
+    steps. A split of at most ``budget_bytes`` is kept in ``held`` after its first pass (as the
+    fetched chunks, so the steps read from memory are the streamed ones) and read from there
+    afterwards."""
+    if held is not None and held.chunks is not None:
+        for chunk in held.chunks:
+            yield from _cut(chunk, batch_size)
         return
     chunks: list[dict[str, torch.Tensor]] | None = [] if held is not None else None
     size = 0
@@ -235,7 +247,7 @@ def eval_batches(
             else:
                 chunks.append(chunk)
     if held is not None and chunks:
-        held.rows = _joined(chunks)
+        held.chunks = chunks
 
 
 @torch.inference_mode()
@@ -252,12 +264,12 @@ def stream_metrics(
 ) -> dict[str, float]:
     """Loss, accuracy and macro-F1 of ``model`` on one split, in steps of ``batch_size`` rows
     fetched ``fetch_rows`` at a time (empty split: no metrics); ``held`` keeps a split of at most
-    SHUFFLE_BUFFER_BYTES for the next call."""
+    HELD_SPLIT_BYTES for the next call."""
     model.eval()
     cm = np.zeros((num_classes, num_classes), np.int64)
     loss_sum, rows = 0.0, 0.0
     reduction = getattr(loss_fn, "reduction", "mean")
-    for batch in eval_batches(source, batch_size, held, SHUFFLE_BUFFER_BYTES, fetch_rows):
+    for batch in eval_batches(source, batch_size, held, HELD_SPLIT_BYTES, fetch_rows):
         x, y = batch["x"].to(device), batch["y"].to(device)
         logits = model(x)
         cm += confusion_matrix(y.cpu().numpy(), logits.argmax(1).cpu().numpy(), num_classes)
@@ -360,7 +372,7 @@ def train_epochs(
     record_worker_nodes(session, tracking)
 
     if datasets is None:
-        datasets = open_splits(data, ("train", "val"), t.data.cache)
+        datasets = open_splits(data, ("train", "val"), t.data.cache, t.epochs)
     train_rows = data.sizes()["train"]
     row_bytes = 4 * math.prod(data.input_shape)
     weights = (
@@ -403,8 +415,9 @@ def train_epochs(
         draws = torch.Generator().manual_seed(epoch_seed)
         shuffle = torch.Generator().manual_seed(epoch_seed + 7)
         total, count = 0.0, 0
+        later = epoch + 1 < t.epochs  # nothing is kept for an epoch that will not come
         batches = train_batches(
-            datasets["train"], local_batch, t.data, row_bytes, shuffle, held_train
+            datasets["train"], local_batch, t.data, row_bytes, shuffle, held_train.kept(later)
         )
         for batch in batches:
             xb, yb = batch["x"], batch["y"]
@@ -443,7 +456,7 @@ def train_epochs(
                         "val",
                         device,
                         batch_size=eval_step,
-                        held=held_val,
+                        held=held_val.kept(later),
                         fetch_rows=eval_fetch,
                     )
                 )

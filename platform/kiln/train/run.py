@@ -225,7 +225,7 @@ def fit_on_ray(
         },
         # Each worker streams its own equal shard of 'train' (one worker: the whole split, no
         # split coordinator); rank 0 reads all of 'val'.
-        datasets=datasets or open_splits(data, ("train", "val"), t.data.cache),
+        datasets=datasets or open_splits(data, ("train", "val"), t.data.cache, t.epochs),
         dataset_config=DataConfig(datasets_to_split=["train"] if t.workers > 1 else []),
         scaling_config=ScalingConfig(
             num_workers=t.workers, use_gpu=t.use_gpu, resources_per_worker=per_worker
