@@ -14,6 +14,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 
+WARM_CALLS = 20  # a blocking client's first calls (connection set-up) are not measured
+
 
 @dataclass
 class LoadResult:
@@ -119,6 +121,56 @@ def http_request(host: str, path: str, body: bytes, headers: dict[str, str] | No
         f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n{extra}\r\n"
     ).encode() + body
+
+
+def _blocking_loop(call: Callable[[], object], max_requests: int, max_seconds: float) -> LoadResult:
+    """One caller making blocking ``call()``s back to back (concurrency 1) until ``max_requests``
+    calls or ``max_seconds``; every call must succeed (a failure raises: a blocking client has no
+    other caller to keep measuring)."""
+    latencies: list[float] = []
+    started = time.perf_counter()
+    deadline = started + max_seconds
+    while len(latencies) < max_requests and time.perf_counter() < deadline:
+        t = time.perf_counter()
+        call()
+        latencies.append(time.perf_counter() - t)
+    return summarize(1, latencies, 0, time.perf_counter() - started)
+
+
+def run_load_blocking(
+    url: str, path: str, body: bytes, max_requests: int, max_seconds: float
+) -> LoadResult:
+    """Concurrency 1 over HTTP with a blocking client as lean as ``run_load``'s (one keep-alive
+    socket, TCP_NODELAY, the prebuilt request's bytes, the answer read by its Content-Length): the
+    REST counterpart of ``run_grpc_blocking_load``, so that REST and gRPC are compared with clients
+    of the same style."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    if host not in ("127.0.0.1", "localhost"):
+        raise ValueError(f"this load generator only targets loopback, not {host}")
+    request = http_request(host, path, body)
+    with socket.create_connection((host, int(port))) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        stream = sock.makefile("rb")
+
+        def call() -> None:
+            sock.sendall(request)
+            status = int(stream.readline()[9:12])
+            length = 0
+            while (line := stream.readline()) != b"\r\n":
+                if not line:
+                    raise ConnectionError("the server closed the connection")
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            stream.read(length)
+            if status != 200:
+                raise RuntimeError(f"HTTP {status}")
+
+        for _ in range(WARM_CALLS):
+            call()
+        return _blocking_loop(call, max_requests, max_seconds)
 
 
 def run_load(
@@ -227,3 +279,24 @@ def run_grpc_raw_load(
     return asyncio.run(
         _run_grpc_raw(url, msg.SerializeToString(), concurrency, max_requests, max_seconds)
     )
+
+
+def run_grpc_blocking_load(
+    url: str, model: str, x, max_requests: int, max_seconds: float
+) -> LoadResult:
+    """Concurrency 1 over gRPC with the synchronous ``tritonclient.grpc`` client (the README's
+    example): one blocking ``infer`` after another, the UINT8 tensor ``x`` sent raw. A blocking
+    gRPC call runs on the caller's thread; grpc.aio's calls are handed between its poller thread
+    and the event loop."""
+    import tritonclient.grpc as tcg
+
+    _check_grpc_loopback(url)
+    client = tcg.InferenceServerClient(url)
+    try:
+        tensor = tcg.InferInput("input", list(x.shape), "UINT8")
+        tensor.set_data_from_numpy(x)
+        for _ in range(WARM_CALLS):
+            client.infer(model, [tensor])
+        return _blocking_loop(lambda: client.infer(model, [tensor]), max_requests, max_seconds)
+    finally:
+        client.close()

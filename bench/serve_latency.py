@@ -9,7 +9,11 @@
   (d) a plain FastAPI + uvicorn app serving the same model (bench/fastapi_baseline.py),
   (e) kiln serve over gRPC (the KServe v2 service, tritonclient.grpc.aio, the tensor sent raw), the
       deployment of (b): REST vs gRPC side by side; (f) the same with a minimal gRPC client (one
-      prebuilt request's bytes on a grpc.aio channel), as light as the HTTP load generator.
+      prebuilt request's bytes on a grpc.aio channel), as light as the HTTP load generator,
+  (g) (e) with the synchronous tritonclient.grpc client (the README's example: one blocking call
+      after another), concurrency 1 only, and (h) (b) with a blocking HTTP client as lean as the
+      load generator (one keep-alive socket, prebuilt bytes), concurrency 1 only: REST and gRPC
+      compared with clients of the same (blocking) style.
 
 Models: the small digits CNN (8x8 inputs) and ResNet-18 on 64x64 RGB inputs (batch-1 compute
 dominates). Weights are random: latency does not depend on them. Every request is the same OIP JSON
@@ -45,13 +49,18 @@ sys.path.insert(0, str(REPO / "platform"))
 from loadgen import (  # noqa: E402
     LoadResult,
     percentile,
+    run_grpc_blocking_load,
     run_grpc_load,
     run_grpc_raw_load,
     run_load,
+    run_load_blocking,
 )
 
 GRPC = "grpc"  # a configuration measured over gRPC: (GRPC, host:port, model name)
 GRPC_RAW = "grpc-raw"  # the same with the minimal client (prebuilt request bytes)
+GRPC_BLOCKING = "grpc-blocking"  # the same with the synchronous tritonclient.grpc (c=1 only)
+HTTP_BLOCKING = "http-blocking"  # (url, path) over HTTP with a blocking client (c=1 only)
+BLOCKING = (GRPC_BLOCKING, HTTP_BLOCKING)  # one caller: measured at concurrency 1 only
 
 # name -> (architecture, input shape [C, H, W], builder kwargs, intra-op threads). ResNet-18 keeps
 # torchvision's ImageNet stem (stride-2 conv + max pool) at 64x64: batch-1 compute (~40 ms)
@@ -368,6 +377,18 @@ def main() -> int:
                         server["grpc_url"],
                         "{model}-batch",
                     ),
+                    # (e) with the synchronous tritonclient.grpc (the README's client), c=1
+                    f"(g) kiln serve gRPC tritonclient sync, {ingress}": (
+                        GRPC_BLOCKING,
+                        server["grpc_url"],
+                        "{model}-batch",
+                    ),
+                    # (b) with a blocking HTTP client: REST's counterpart of (g), c=1
+                    f"(h) kiln serve REST blocking client, {ingress}": (
+                        HTTP_BLOCKING,
+                        server["url"],
+                        "/v2/models/{model}-batch/infer",
+                    ),
                 }
                 measure(configs, dirs, rounds, scale, ingress, results)
             finally:
@@ -408,6 +429,12 @@ def measure(
         def load(
             target, concurrency: int, n: int, seconds: float, model=model, body=body, x=x
         ) -> LoadResult:
+            if target[0] == GRPC_BLOCKING:
+                return run_grpc_blocking_load(
+                    target[1], target[2].format(model=model), x, n, seconds
+                )
+            if target[0] == HTTP_BLOCKING:
+                return run_load_blocking(target[1], target[2].format(model=model), body, n, seconds)
             if target[0] in (GRPC, GRPC_RAW):
                 run = run_grpc_load if target[0] == GRPC else run_grpc_raw_load
                 return run(target[1], target[2].format(model=model), x, concurrency, n, seconds)
@@ -415,10 +442,12 @@ def measure(
 
         for target in configs.values():  # warm up every path (first requests load and compile)
             if target:
-                load(target, 4, 40, 30.0)
+                load(target, 1 if target[0] in BLOCKING else 4, 40, 30.0)
         for r in range(rounds):
             for label, target in configs.items():
                 for concurrency, max_requests, max_seconds in BOUNDS[model]:
+                    if concurrency != 1 and target is not None and target[0] in BLOCKING:
+                        continue  # one blocking caller: concurrency 1 only
                     n = max(concurrency, int(max_requests * scale))
                     if target is None:
                         res = in_process(
@@ -482,6 +511,8 @@ def report(summary: dict[str, dict], info: dict) -> None:
         )
         e = f"(e) kiln serve gRPC, batching, {phase}"
         f = f"(f) kiln serve gRPC raw client, {phase}"
+        g = f"(g) kiln serve gRPC tritonclient sync, {phase}"
+        h = f"(h) kiln serve REST blocking client, {phase}"
         for m in MODELS:
             print(
                 f"  [{phase}] {m}: gRPC raw client vs REST (f)/(b): p50 at c=1 "
@@ -494,6 +525,12 @@ def report(summary: dict[str, dict], info: dict) -> None:
                 f"worse), p99 {get(m, e, 1, 'p99_ms'):.1f} vs {get(m, b, 1, 'p99_ms'):.1f} ms; "
                 "throughput at c=32 "
                 f"{get(m, e, 32, 'throughput') / get(m, b, 32, 'throughput'):.2f}x"
+            )
+            print(
+                f"  [{phase}] {m}: blocking clients at c=1, gRPC tritonclient sync (g) vs REST "
+                f"(h): p50 {get(m, g, 1, 'p50_ms'):.2f} vs {get(m, h, 1, 'p50_ms'):.2f} ms; (g) "
+                f"vs REST's load generator (b): {get(m, g, 1, 'p50_ms'):.2f} vs "
+                f"{get(m, b, 1, 'p50_ms'):.2f} ms"
             )
         m = "resnet18-64"
         print(
