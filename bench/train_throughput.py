@@ -141,6 +141,21 @@ def main() -> None:
         "kiln_epoch_wall_samples_per_s": round(k_wall, 1),
         "ratio_in_loop": round(k_loop / p, 3),
         "ratio_epoch_wall": round(k_wall / p, 3),
+        # Each round's Kiln run against the plain loop measured just before it, median over the
+        # rounds: the machine's speed drifts between rounds (the plain loop alone moved 2,700-3,500
+        # samples/s in three quiet runs), which a ratio of medians taken apart does not cancel.
+        "paired_ratio_in_loop": round(
+            statistics.median(
+                r["in_loop_samples_per_s"] / q for r, q in zip(kiln, plain, strict=True)
+            ),
+            3,
+        ),
+        "paired_ratio_epoch_wall": round(
+            statistics.median(
+                r["epoch_wall_samples_per_s"] / q for r, q in zip(kiln, plain, strict=True)
+            ),
+            3,
+        ),
         "kiln_fixed_cost_per_job_s": round(fixed, 1),
         "ray_local_start_s": round(ray_start, 1),
     }
