@@ -122,19 +122,28 @@ def test_parquet_folder_reads_as_one_dataset(tmp_path):
     assert sum(data.sizes().values()) == 600
 
 
-def test_auto_caches_small_splits_only_when_they_are_read_again(tmp_path):
+def test_auto_caches_a_one_pass_split_only_when_it_is_small(tmp_path, monkeypatch):
     from ray.data.dataset import MaterializedDataset
+
+    from kiln.data import dataset
 
     data = prepare_data(
         DataConfig(source=str(tabular_parquet(tmp_path / "t.parquet")), label="species")
     )
-    once = open_splits(data, ("train", "val"), "auto", passes=1)  # a one-epoch run
+    size = dataset.split_bytes(data, "train") + dataset.split_bytes(data, "val")
+    small_once = open_splits(data, ("train", "val"), "auto", passes=1)  # a one-epoch run
     again = open_splits(data, ("train", "val"), "auto", passes=3)
     never = open_splits(data, ("train", "val"), "never", passes=3)
+    monkeypatch.setattr(dataset, "ONE_PASS_CACHE_BYTES", size - 1)  # as if the split were large
+    large_once = open_splits(data, ("train", "val"), "auto", passes=1)
+    large_again = open_splits(data, ("train", "val"), "auto", passes=2)
     forced = open_splits(data, ("train", "val"), "always", passes=1)
-    assert not any(isinstance(ds, MaterializedDataset) for ds in [*once.values(), *never.values()])
-    assert all(isinstance(ds, MaterializedDataset) for ds in [*again.values(), *forced.values()])
-    assert once["train"].count() == again["train"].count() == data.sizes()["train"]
+    cached = [*small_once.values(), *again.values(), *large_again.values(), *forced.values()]
+    assert all(isinstance(ds, MaterializedDataset) for ds in cached)
+    assert not any(
+        isinstance(ds, MaterializedDataset) for ds in [*never.values(), *large_once.values()]
+    )
+    assert large_once["train"].count() == again["train"].count() == data.sizes()["train"]
 
 
 def test_dataset_hash_tracks_content_and_split(tmp_path):

@@ -404,6 +404,12 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
 
 
 CACHE_SHARE = 0.25  # 'auto' caches splits that take under this share of the object store
+# ...and, in a run that reads them once, only up to this size: a small split costs the store
+# little, and materializing it before the workers start runs its reading and decoding while CPUs
+# are free (streamed, its Ray Data tasks need a CPU beside the training workers, which a serving
+# instance's retraining job may not find); a large one would be a copy nobody reads twice, whose
+# pages every reading worker maps (1.3 GB of a 16x table's worker RSS: BENCHMARKS, data scale).
+ONE_PASS_CACHE_BYTES = 64 << 20
 
 
 def split_bytes(data: PreparedData, name: str) -> int:
@@ -415,20 +421,21 @@ def open_splits(
     data: PreparedData, names: tuple[str, ...], cache: str = "auto", passes: int = 2
 ) -> dict[str, Any]:
     """The splits ``names`` as Ray Data datasets. Cached (materialized in the object store, once)
-    under ``cache='always'``, or ``'auto'`` when the splits are read more than once (``passes``:
-    a one-epoch run reads each once, and caching would only add a copy in the object store that
-    every reader maps) and together take under a quarter of the object store; otherwise lazy:
-    every epoch reads, decodes and preprocesses again, streaming."""
+    under ``cache='always'``, or ``'auto'`` when together they take under a quarter of the object
+    store and, if the run reads them only once (``passes``: a one-epoch run), at most
+    ONE_PASS_CACHE_BYTES; otherwise lazy: every epoch reads, decodes and preprocesses again,
+    streaming."""
     import ray
 
     opened = {name: data.dataset(name) for name in names}
     if cache == "never":
         return opened
     if cache == "auto":
-        if passes <= 1:
+        size = sum(split_bytes(data, n) for n in names)
+        if passes <= 1 and size > ONE_PASS_CACHE_BYTES:
             return opened
         resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
         capacity = float(resources.get("object_store_memory", 0.0))
-        if sum(split_bytes(data, n) for n in names) > CACHE_SHARE * capacity:
+        if size > CACHE_SHARE * capacity:
             return opened
     return {name: ds.materialize() for name, ds in opened.items()}
