@@ -123,6 +123,14 @@ def http_request(host: str, path: str, body: bytes, headers: dict[str, str] | No
     ).encode() + body
 
 
+def _loopback_http(url: str) -> tuple[str, int]:
+    """HOST and PORT of ``url`` (http://127.0.0.1:PORT); any other host is refused."""
+    host, port = url.removeprefix("http://").split(":")
+    if host not in ("127.0.0.1", "localhost"):
+        raise ValueError(f"this load generator only targets loopback, not {host}")
+    return host, int(port)
+
+
 def _blocking_loop(call: Callable[[], object], max_requests: int, max_seconds: float) -> LoadResult:
     """One caller making blocking ``call()``s back to back (concurrency 1) until ``max_requests``
     calls or ``max_seconds``; every call must succeed (a failure raises: a blocking client has no
@@ -146,11 +154,9 @@ def run_load_blocking(
     of the same style."""
     import socket
 
-    host, port = url.removeprefix("http://").split(":")
-    if host not in ("127.0.0.1", "localhost"):
-        raise ValueError(f"this load generator only targets loopback, not {host}")
+    host, port = _loopback_http(url)
     request = http_request(host, path, body)
-    with socket.create_connection((host, int(port))) as sock:
+    with socket.create_connection((host, port)) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         stream = sock.makefile("rb")
 
@@ -184,11 +190,9 @@ def run_load(
 ) -> LoadResult:
     """Closed-loop load against ``url`` (http://127.0.0.1:PORT). Loopback only, by construction of
     the URL."""
-    host, port = url.removeprefix("http://").split(":")
-    if host not in ("127.0.0.1", "localhost"):
-        raise ValueError(f"this load generator only targets loopback, not {host}")
+    host, port = _loopback_http(url)
     request = http_request(host, path, body, headers)
-    return asyncio.run(_run(host, int(port), request, concurrency, max_requests, max_seconds))
+    return asyncio.run(_run(host, port, request, concurrency, max_requests, max_seconds))
 
 
 async def _closed_loop(
