@@ -8,7 +8,7 @@ Steady state = epochs after the first. Kiln's epoch wall time includes validatio
 and reporting; its in-loop samples/s counts the training steps only. Fixed cost = Kiln's total wall
 time minus its epochs' wall time.
 
-    python bench/train_throughput.py [--epochs 5] [--rounds 2]
+    python bench/train_throughput.py [--epochs 5] [--rounds 2] [--train-floor]
 """
 
 from __future__ import annotations
@@ -56,6 +56,29 @@ def plain_pytorch(cfg, data, epochs: int) -> list[float]:
     return rates
 
 
+def plain_in_ray_train(cfg, data, epochs: int) -> list[float]:
+    """The same plain loop run as the training function of a one-worker TorchTrainer holding the
+    same CPUs: what Ray Train's worker process costs a loop that is not Kiln's (its floor)."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    out = Path(tempfile.mkdtemp(prefix="kiln-bench-floor-")) / "rates.json"
+
+    def loop(config: dict) -> None:
+        config["out"].write_text(json.dumps(plain_pytorch(cfg, ray.get(config["data"]), epochs)))
+
+    TorchTrainer(
+        loop,
+        train_loop_config={"data": ray.put(data), "out": out},
+        scaling_config=ScalingConfig(
+            num_workers=1, resources_per_worker={"CPU": cfg.train.cpus_per_worker}
+        ),
+        run_config=RunConfig(storage_path=str(out.parent), name="floor"),
+    ).fit()
+    return json.loads(out.read_text())
+
+
 def kiln_run(cfg) -> dict:
     from kiln import tracking as trk
     from kiln.train.run import run_training
@@ -87,6 +110,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument(
+        "--train-floor",
+        action="store_true",
+        help="also run the plain loop inside a one-worker Ray Train run each round",
+    )
     args = parser.parse_args()
     info = print_machine()
 
@@ -121,10 +149,12 @@ def main() -> None:
     ray_start = time.perf_counter() - t0
     data = prepare_data(cfg.data)
     assert data.sample_is_whole("train")  # the plain loop trains on the same rows, in memory
-    plain, kiln = [], []
+    plain, kiln, floor = [], [], []
     for _ in range(args.rounds):
         plain.append(statistics.median(plain_pytorch(cfg, data, args.epochs)[1:]))
         kiln.append(kiln_run(cfg))
+        if args.train_floor:
+            floor.append(statistics.median(plain_in_ray_train(cfg, data, args.epochs)[1:]))
     p = statistics.median(plain)
     k_loop = statistics.median(r["in_loop_samples_per_s"] for r in kiln)
     k_wall = statistics.median(r["epoch_wall_samples_per_s"] for r in kiln)
@@ -155,6 +185,16 @@ def main() -> None:
                 r["epoch_wall_samples_per_s"] / q for r, q in zip(kiln, plain, strict=True)
             ),
             3,
+        ),
+        **(
+            {
+                "plain_in_ray_train_samples_per_s": round(statistics.median(floor), 1),
+                "paired_ratio_plain_in_ray_train": round(
+                    statistics.median(f / q for f, q in zip(floor, plain, strict=True)), 3
+                ),
+            }
+            if floor
+            else {}
         ),
         "kiln_fixed_cost_per_job_s": round(fixed, 1),
         "ray_local_start_s": round(ray_start, 1),
