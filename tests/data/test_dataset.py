@@ -146,6 +146,33 @@ def test_auto_caches_a_one_pass_split_only_when_it_is_small(tmp_path, monkeypatc
     assert large_once["train"].count() == again["train"].count() == data.sizes()["train"]
 
 
+@pytest.mark.timeout(180)  # before the fix this waited forever for a CPU
+def test_data_is_read_and_streamed_while_every_cpu_is_held(tmp_path):
+    """A busy instance (serving replicas, training workers) may hold every CPU: Kiln's Ray Data
+    tasks reserve none, so the data is still scanned, split and streamed (Ray Data's default, a
+    whole CPU a task, waited forever)."""
+    import ray
+
+    @ray.remote
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    free = float(ray.available_resources().get("CPU", 0.0))  # type: ignore[no-untyped-call]
+    holder = Holder.options(num_cpus=free).remote()  # type: ignore[attr-defined]
+    try:
+        assert ray.get(holder.ready.remote(), timeout=60)
+        assert ray.available_resources().get("CPU", 0.0) == 0.0  # type: ignore[no-untyped-call]
+        data = prepare_data(
+            DataConfig(source=str(tabular_parquet(tmp_path / "t.parquet")), label="species")
+        )
+        streamed = open_splits(data, ("train",), "never")["train"]
+        rows = sum(len(b["y"]) for b in streamed.iter_batches(batch_size=None))
+        assert rows == data.sizes()["train"] > 0
+    finally:
+        ray.kill(holder)
+
+
 def test_dataset_hash_tracks_content_and_split(tmp_path):
     path = tabular_parquet(tmp_path / "t.parquet")
     base = prepare_data(DataConfig(source=str(path), label="species")).dataset_hash

@@ -36,7 +36,7 @@ from kiln.data.fit import (
 from kiln.data.preprocess import Preprocessing
 from kiln.data.profile import DataProfile, build_profile, feature_stats, image_stats
 from kiln.data.rows import RowLayout, check_label_type, key_rows
-from kiln.data.scan import ScanResult, scan
+from kiln.data.scan import ScanResult, scan, task_inputs, task_resources
 from kiln.data.source import Fragment, fragments, read_fragment
 from kiln.data.split import SPLITS, SplitCuts, class_cuts
 from kiln.errors import DataError
@@ -70,7 +70,7 @@ def model_rows(batch: dict[str, np.ndarray], plan: DataPlan, split: int) -> dict
     class indices."""
     xs, ys = [], []
     spec = plan.fit_spec()
-    for i in batch["id"]:
+    for i in batch["i"]:
         frag = plan.fragments[int(i)]
         rows = key_rows(read_fragment(frag, plan.layout.columns), plan.layout, frag.offset)
         classes = class_indices(plan.labels, rows.labels)
@@ -92,13 +92,13 @@ def model_rows(batch: dict[str, np.ndarray], plan: DataPlan, split: int) -> dict
 def split_dataset(plan: DataPlan, name: str) -> Any:
     """Split ``name`` ('train', 'val', 'test') as a lazy Ray Data dataset of model-ready rows
     (``x`` float32, ``y`` int64), read, decoded and preprocessed in Ray Data tasks."""
-    import ray.data
-
     split = SPLITS.index(name)
     count = len(plan.fragments)
-    ids = ray.data.range(count, override_num_blocks=max(1, min(count, 1000)))
-    return ids.map_batches(
-        partial(model_rows, plan=plan, split=split), batch_size=1, batch_format="numpy"
+    return task_inputs(count).map_batches(
+        partial(model_rows, plan=plan, split=split),
+        batch_size=1,
+        batch_format="numpy",
+        **task_resources(count),
     )
 
 

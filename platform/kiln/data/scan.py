@@ -9,6 +9,7 @@ pickled partial each, consumed by the driver one at a time.
 from __future__ import annotations
 
 import io
+import math
 import pickle
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -28,6 +29,30 @@ MAX_IMAGE_SIZES = 10_000  # distinct (height, width) pairs counted for the most 
 MAX_IMAGE_PIXELS = 4096 * 4096
 
 
+def task_resources(count: int) -> dict[str, Any]:
+    """Resources of Kiln's Ray Data read/decode tasks over ``count`` inputs: no CPU reserved, at
+    most one task per CPU of the cluster (and per input) running at once. Ray Data's default (one
+    whole CPU a task) never ran a task on an instance whose CPUs the training workers (and serving
+    replicas) held: a streamed split then waited forever. Unreserved, the tasks share the cores
+    with the training they feed, and the cap keeps them from outnumbering the cores. Their input
+    comes from ``task_inputs``."""
+    import ray
+
+    cpus = float(ray.cluster_resources().get("CPU", 1.0))  # type: ignore[no-untyped-call]
+    return {"num_cpus": 0, "concurrency": max(1, min(count, math.ceil(cpus)))}
+
+
+def task_inputs(count: int) -> Any:
+    """A Ray Data dataset of the ints 0..count-1 in column ``i``, one block per int up to 1,000
+    blocks, made in this process: no read task (``ray.data.range`` reads in a task that takes a
+    whole CPU, and waits forever for one on a busy instance)."""
+    import ray.data
+
+    return ray.data.from_items(
+        [{"i": i} for i in range(count)], override_num_blocks=max(1, min(count, 1000))
+    )
+
+
 def _task(batch: dict[str, np.ndarray], work: Callable[[int], Any]) -> dict[str, np.ndarray]:
     blobs = [pickle.dumps(work(int(i)), protocol=5) for i in batch["i"]]
     return {"partial": np.array(blobs, dtype=object)}
@@ -36,11 +61,8 @@ def _task(batch: dict[str, np.ndarray], work: Callable[[int], Any]) -> dict[str,
 def run_pass(count: int, work: Callable[[int], Any], what: str) -> Iterator[Any]:
     """``work(i)`` for i in range(count), each in a Ray Data task; yields results as they come
     (in no set order)."""
-    import ray.data
-
-    items = ray.data.range(count, override_num_blocks=max(1, min(count, 1000)))
-    mapped = items.rename_columns({"id": "i"}).map_batches(
-        partial(_task, work=work), batch_size=1, batch_format="numpy"
+    mapped = task_inputs(count).map_batches(
+        partial(_task, work=work), batch_size=1, batch_format="numpy", **task_resources(count)
     )
     for batch in mapped.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=4):
         for blob in batch["partial"]:
