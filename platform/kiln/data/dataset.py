@@ -36,7 +36,7 @@ from kiln.data.fit import (
 from kiln.data.preprocess import Preprocessing
 from kiln.data.profile import DataProfile, build_profile, feature_stats, image_stats
 from kiln.data.rows import RowLayout, check_label_type, key_rows
-from kiln.data.scan import ScanResult, scan, task_inputs, task_resources
+from kiln.data.scan import ScanResult, per_input_tasks, scan
 from kiln.data.source import Fragment, fragments, read_fragment
 from kiln.data.split import SPLITS, SplitCuts, class_cuts
 from kiln.errors import DataError
@@ -93,13 +93,7 @@ def split_dataset(plan: DataPlan, name: str) -> Any:
     """Split ``name`` ('train', 'val', 'test') as a lazy Ray Data dataset of model-ready rows
     (``x`` float32, ``y`` int64), read, decoded and preprocessed in Ray Data tasks."""
     split = SPLITS.index(name)
-    count = len(plan.fragments)
-    return task_inputs(count).map_batches(
-        partial(model_rows, plan=plan, split=split),
-        batch_size=1,
-        batch_format="numpy",
-        **task_resources(count),
-    )
+    return per_input_tasks(len(plan.fragments), partial(model_rows, plan=plan, split=split))
 
 
 @dataclass
@@ -406,9 +400,9 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
 CACHE_SHARE = 0.25  # 'auto' caches splits that take under this share of the object store
 # ...and, in a run that reads them once, only up to this size: a small split costs the store
 # little, and materializing it before the workers start runs its reading and decoding while CPUs
-# are free (streamed, its Ray Data tasks need a CPU beside the training workers, which a serving
-# instance's retraining job may not find); a large one would be a copy nobody reads twice, whose
-# pages every reading worker maps (1.3 GB of a 16x table's worker RSS: BENCHMARKS, data scale).
+# are free (streamed, its Ray Data tasks share the cores with the training workers); a large one
+# would be a copy nobody reads twice, whose pages every reading worker maps (1.3 GB of a 16x
+# table's worker RSS: BENCHMARKS, data scale).
 ONE_PASS_CACHE_BYTES = 64 << 20
 
 

@@ -29,27 +29,28 @@ MAX_IMAGE_SIZES = 10_000  # distinct (height, width) pairs counted for the most 
 MAX_IMAGE_PIXELS = 4096 * 4096
 
 
-def task_resources(count: int) -> dict[str, Any]:
-    """Resources of Kiln's Ray Data read/decode tasks over ``count`` inputs: no CPU reserved, at
-    most one task per CPU of the cluster (and per input) running at once. Ray Data's default (one
-    whole CPU a task) never ran a task on an instance whose CPUs the training workers (and serving
-    replicas) held: a streamed split then waited forever. Unreserved, the tasks share the cores
-    with the training they feed, and the cap keeps them from outnumbering the cores. Their input
-    comes from ``task_inputs``."""
+def per_input_tasks(count: int, fn: Callable[[dict[str, np.ndarray]], Any]) -> Any:
+    """A lazy Ray Data dataset of ``fn`` over the ints 0..count-1 (column ``i``), one Ray Data
+    task per int (batches of one; up to 1,000 input blocks).
+
+    The inputs are made in this process (``ray.data.range`` reads them in a task of a whole CPU)
+    and the tasks reserve no CPU, at most one per CPU of the cluster (and per input) running at
+    once: with Ray Data's default of a whole CPU a task, a split streamed on an instance whose CPUs
+    the training workers (and serving replicas) held waited forever. Unreserved, the tasks share
+    the cores with the training they feed, and the cap keeps them from outnumbering the cores."""
     import ray
-
-    cpus = float(ray.cluster_resources().get("CPU", 1.0))  # type: ignore[no-untyped-call]
-    return {"num_cpus": 0, "concurrency": max(1, min(count, math.ceil(cpus)))}
-
-
-def task_inputs(count: int) -> Any:
-    """A Ray Data dataset of the ints 0..count-1 in column ``i``, one block per int up to 1,000
-    blocks, made in this process: no read task (``ray.data.range`` reads in a task that takes a
-    whole CPU, and waits forever for one on a busy instance)."""
     import ray.data
 
-    return ray.data.from_items(
+    cpus = float(ray.cluster_resources().get("CPU", 1.0))  # type: ignore[no-untyped-call]
+    inputs = ray.data.from_items(
         [{"i": i} for i in range(count)], override_num_blocks=max(1, min(count, 1000))
+    )
+    return inputs.map_batches(
+        fn,
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=0,
+        concurrency=max(1, min(count, math.ceil(cpus))),
     )
 
 
@@ -61,9 +62,7 @@ def _task(batch: dict[str, np.ndarray], work: Callable[[int], Any]) -> dict[str,
 def run_pass(count: int, work: Callable[[int], Any], what: str) -> Iterator[Any]:
     """``work(i)`` for i in range(count), each in a Ray Data task; yields results as they come
     (in no set order)."""
-    mapped = task_inputs(count).map_batches(
-        partial(_task, work=work), batch_size=1, batch_format="numpy", **task_resources(count)
-    )
+    mapped = per_input_tasks(count, partial(_task, work=work))
     for batch in mapped.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=4):
         for blob in batch["partial"]:
             yield pickle.loads(blob)
