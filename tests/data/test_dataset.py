@@ -12,6 +12,7 @@ from kiln.data.config import DataConfig, SplitConfig
 from kiln.data.dataset import open_splits, prepare_data
 from kiln.data.split import class_cuts
 from kiln.errors import DataError
+from kiln.waiting import wait_until
 from synthetic import hf_image_parquet, tabular_parquet
 
 # Data is read in Ray Data tasks: every test here runs on the session's Ray instance.
@@ -158,11 +159,18 @@ def test_data_is_read_and_streamed_while_every_cpu_is_held(tmp_path):
         def ready(self) -> bool:
             return True
 
-    free = float(ray.available_resources().get("CPU", 0.0))  # type: ignore[no-untyped-call]
-    holder = Holder.options(num_cpus=free).remote()  # type: ignore[attr-defined]
+    holders = []
+
+    def every_cpu_held() -> bool:
+        # CPUs an earlier test's work still held when we looked are taken as they come free
+        free = float(ray.available_resources().get("CPU", 0.0))  # type: ignore[no-untyped-call]
+        if free > 0:
+            holders.append(Holder.options(num_cpus=free).remote())  # type: ignore[attr-defined]
+            ray.get(holders[-1].ready.remote(), timeout=60)
+        return ray.available_resources().get("CPU", 0.0) == 0.0  # type: ignore[no-untyped-call]
+
     try:
-        assert ray.get(holder.ready.remote(), timeout=60)
-        assert ray.available_resources().get("CPU", 0.0) == 0.0  # type: ignore[no-untyped-call]
+        wait_until(every_cpu_held, timeout=60, what="every CPU held")
         data = prepare_data(
             DataConfig(source=str(tabular_parquet(tmp_path / "t.parquet")), label="species")
         )
@@ -170,7 +178,8 @@ def test_data_is_read_and_streamed_while_every_cpu_is_held(tmp_path):
         rows = sum(len(b["y"]) for b in streamed.iter_batches(batch_size=None))
         assert rows == data.sizes()["train"] > 0
     finally:
-        ray.kill(holder)
+        for holder in holders:
+            ray.kill(holder)
 
 
 def test_dataset_hash_tracks_content_and_split(tmp_path):
