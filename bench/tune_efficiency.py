@@ -15,7 +15,9 @@ Ray Tune's controller so that 20+ seeds fit on a small machine:
   epoch counting one unit of time, whatever its measured duration (so the order of reports, and so
   every decision, does not depend on the machine's load);
 - the searcher is told what Ray Tune tells it: every epoch's value (``on_trial_result``), then the
-  trial's last value when it ends, whether ASHA stopped it or not (``on_trial_complete``).
+  trial's last value when it ends, whether ASHA stopped it or not (``on_trial_complete``);
+- a method named ``NAME_fill`` is NAME with the budget in epochs (``tune.budget_epochs`` = trials x
+  epochs): trials start until that many epochs are spent, the trials still running then are cut.
 
 Targets are fixed before any other method runs, from random + FIFO's runs alone (which therefore
 run first, for every seed): the 75th percentile of its final best per seed (the primary target:
@@ -94,9 +96,24 @@ METHODS: dict[str, tuple[str, dict[str, Any] | None, dict[str, Any]]] = {
     "tpe_s8_asha": ("tpe", {}, {"n_startup_trials": 8}),
     "tpe_asha_rf3": ("tpe", {"reduction_factor": 3}, {}),
     "tpe_asha_g2": ("tpe", {"grace_period": 2}, {}),
+    # independent TPE combined with the other settings that helped on one task
+    "tpe_uni_nolie_asha": ("tpe", {}, {"multivariate": False, "constant_liar": False}),
+    "tpe_uni_asha_rf3": ("tpe", {"reduction_factor": 3}, {"multivariate": False}),
+    "tpe_uni_s8_asha": ("tpe", {}, {"multivariate": False, "n_startup_trials": 8}),
 }
 BASELINE = "random_fifo"
 DEFAULT_METHOD = "tpe_asha"
+# A method named NAME_fill runs NAME with the sweep's budget in epochs (trials x epochs) instead of
+# in trials: a trial starts whenever one ends until that many epochs are spent, and the trials
+# still running then are cut. FIFO methods spend the same epochs either way; ASHA ones, which stop
+# most trials early, get to try more configurations for the same compute.
+FILL = "_fill"
+
+
+def method_settings(method: str) -> tuple[tuple[str, dict[str, Any] | None, dict[str, Any]], bool]:
+    """(METHODS entry, fill the epoch budget?) for a method name."""
+    fill = method.endswith(FILL)
+    return METHODS[method[: -len(FILL)] if fill else method], fill
 
 
 @dataclass
@@ -278,7 +295,8 @@ def run_method(
     from kiln.tune.search import make_searcher
     from kiln.tune.space import decode_params, parse_space
 
-    searcher_kind, asha, tpe_options = METHODS[method]
+    (searcher_kind, asha, tpe_options), fill = method_settings(method)
+    budget = trials * epochs
     t = TuneConfig(
         space=task.space,
         objectives=[Objective(metric=task.metric, mode="max")],
@@ -296,8 +314,12 @@ def run_method(
         scheduler = make_scheduler(t, epochs, Path(tmp))
         running: list[SimTrial] = []
         created, now, trace, stopped = 0, 0, [], 0
-        while created < trials or running:
-            while len(running) < concurrency and created < trials:
+
+        def more() -> bool:
+            return len(trace) < budget if fill else created < trials
+
+        while running or more():
+            while len(running) < concurrency and more():
                 created += 1
                 tid = f"t{created:04d}"
                 encoded = searcher.suggest(tid)
@@ -328,6 +350,8 @@ def run_method(
                 if scheduler is not None:
                     scheduler.on_trial_complete(None, trial, result)
                 running.remove(trial)
+            if fill and len(trace) >= budget:
+                break  # the budget is spent: the trials still running are cut
     return {
         "task": task.name,
         "method": method,
@@ -337,6 +361,7 @@ def run_method(
         "concurrency": concurrency,
         "trace": trace,  # [trial, epochs done, metric, seconds] per report, in report order
         "stopped_early": stopped,
+        "trials_started": created,
     }
 
 
@@ -602,7 +627,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.tasks, args.trials, args.epochs = 2, ["digits_cnn"], 4, 2
-        args.methods, args.skip_overhead = ["random_fifo", "random_asha", "tpe_asha"], True
+        args.methods = ["random_fifo", "random_asha", "tpe_asha", "tpe_asha_fill"]
+        args.skip_overhead = True
     if BASELINE not in args.methods:
         args.methods.insert(0, BASELINE)
     # The process set-up of Kiln's entry points (environment defaults read when Ray, the Tuner and

@@ -26,7 +26,7 @@ def test_quick_benchmark_runs_and_reports_every_method(tmp_path):
     assert "digits_cnn: targets from random_fifo's 2 seeds" in proc.stdout
     result = json.loads((out / "tune_efficiency.json").read_text())
     digits = result["efficiency"]["digits_cnn"]
-    assert set(digits["methods"]) == {"random_fifo", "random_asha", "tpe_asha"}
+    assert set(digits["methods"]) == {"random_fifo", "random_asha", "tpe_asha", "tpe_asha_fill"}
     for row in digits["methods"].values():
         assert row["seeds"] == 2
         for target in ("p75", "p50"):
@@ -38,7 +38,7 @@ def test_quick_benchmark_runs_and_reports_every_method(tmp_path):
     runs = [
         json.loads(line) for line in (out / "tune_efficiency_runs.jsonl").read_text().splitlines()
     ]
-    assert len(runs) == 6
+    assert len(runs) == 8
     by = {(r["method"], r["seed"]): r for r in runs}
     for seed in (0, 1):
         fifo, asha = by["random_fifo", seed], by["random_asha", seed]
@@ -48,6 +48,10 @@ def test_quick_benchmark_runs_and_reports_every_method(tmp_path):
         full = {(t, e): v for t, e, v, _ in fifo["trace"]}
         assert all(full[t, e] == v for t, e, v, _ in asha["trace"])
         assert len(asha["trace"]) <= len(fifo["trace"])
+        # The budget in epochs: spent to the last epoch, on more trials when ASHA stopped some.
+        fill = by["tpe_asha_fill", seed]
+        assert len(fill["trace"]) == 4 * 2
+        assert fill["trials_started"] >= 4 + (fill["stopped_early"] > 0)
 
     # Saved runs are not run again: --report-only (and a re-run) only analyse them.
     again = subprocess.run(

@@ -83,7 +83,18 @@ class TuneConfig(Section):
     startup_trials: int = Field(
         default=4, ge=1, description="Random trials before TPE starts modelling the space."
     )
-    num_samples: int = Field(default=12, ge=1, description="Trials to run.")
+    num_samples: int = Field(
+        default=12,
+        ge=1,
+        description="Trials to run (with budget_epochs: the most trials the budget may start).",
+    )
+    budget_epochs: int | None = Field(
+        default=None,
+        ge=1,
+        description="Budget in trial epochs: trials keep starting until the sweep's trials have "
+        "trained this many epochs in all (those still running then are stopped), so the epochs "
+        "ASHA saves go to more trials; null: num_samples trials.",
+    )
     max_concurrent_trials: int | None = Field(
         default=None,
         ge=1,

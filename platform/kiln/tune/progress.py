@@ -41,13 +41,18 @@ def format_params(params: dict) -> str:
 class SweepProgress(Callback):
     """Tune callback printing trial events through the sink registered for ``key``."""
 
-    def __init__(self, key: str, max_epochs: int, metrics: list[str], num_samples: int):
-        self.key, self.max_epochs, self.metrics, self.num_samples = (
-            key,
-            max_epochs,
-            metrics,
-            num_samples,
-        )
+    budget_epochs: int | None = None  # for copies saved before the attribute existed
+
+    def __init__(
+        self,
+        key: str,
+        max_epochs: int,
+        metrics: list[str],
+        num_samples: int,
+        budget_epochs: int | None = None,
+    ):
+        self.key, self.max_epochs, self.metrics = key, max_epochs, metrics
+        self.num_samples, self.budget_epochs = num_samples, budget_epochs
         self._started = time.monotonic()
 
     def __setstate__(self, state):
@@ -83,9 +88,14 @@ class SweepProgress(Callback):
         done = result.get(TIME_ATTR, 0)
         how = "done   " if done >= self.max_epochs else f"stopped at epoch {done}"
         finished = sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial) + 1
+        if self.budget_epochs:
+            spent = sum(int((t.last_result or {}).get(TIME_ATTR) or 0) for t in trials)
+            count = f"{finished} trials, {spent}/{self.budget_epochs} epochs of the budget"
+        else:
+            count = f"{finished}/{self.num_samples} trials"
         self._say(
             f"trial {trial_number(trial.experiment_tag):>3} {how}  {self._metrics(result)}  "
-            f"({finished}/{self.num_samples} trials)"
+            f"({count})"
         )
 
     def on_trial_error(self, iteration, trials, trial, **info):

@@ -19,7 +19,7 @@ from kiln.tune.trial import TIME_ATTR
 
 COMPLETED = "completed"
 STOPPED_EARLY = "stopped_early"  # by ASHA
-STOPPED_BY_BUDGET = "stopped_by_budget"  # tune.time_budget_s ran out
+STOPPED_BY_BUDGET = "stopped_by_budget"  # tune.time_budget_s or tune.budget_epochs ran out
 INTERRUPTED = "interrupted"  # the driver was stopped; --resume continues it
 STOPPED = "stopped"  # Ray Tune ended it early for another reason
 FAILED = "failed"

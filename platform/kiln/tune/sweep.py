@@ -87,6 +87,7 @@ def _build_tuner(
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
 
+    from kiln.tune.budget import EpochBudget
     from kiln.tune.progress import SweepProgress
     from kiln.tune.scheduler import make_scheduler
     from kiln.tune.search import make_searcher
@@ -101,6 +102,7 @@ def _build_tuner(
         epochs,
         metrics + [m for m in ("val_accuracy",) if m not in metrics],
         t.num_samples,
+        t.budget_epochs,
     )
     return tune.Tuner(
         trainable,
@@ -116,6 +118,7 @@ def _build_tuner(
         ),
         run_config=tune.RunConfig(
             name=folder.tune_dir.name,
+            stop=EpochBudget(t.budget_epochs, str(folder.tune_dir)) if t.budget_epochs else None,
             storage_path=str(folder.path),
             verbose=0,
             # result.json per trial: each trial's epochs for the summary and plots
@@ -163,11 +166,13 @@ def run_sweep(
     from kiln.data.dataset import prepare_data
     from kiln.ray_connection import check_placement, ensure_ray
     from kiln.train.run import check_model_fits_data
+    from kiln.tune.budget import budget_spent
     from kiln.tune.progress import progress_sink
     from kiln.tune.publish import publish
     from kiln.tune.results import summarize
     from kiln.tune.runs import child_runs
     from kiln.tune.scheduler import EARLY_STOPS_FILE, read_early_stops
+    from kiln.tune.trial import TIME_ATTR
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     say = progress or (lambda text: None)
@@ -245,7 +250,7 @@ def run_sweep(
     prune_superseded_checkpoints(grid)
     budget_hit = (
         t.time_budget_s is not None and time.monotonic() - started >= 0.95 * t.time_budget_s
-    )
+    ) or budget_spent([int((r.metrics or {}).get(TIME_ATTR) or 0) for r in grid], t.budget_epochs)
 
     # 4. Summarize every trial; publish unless the sweep was interrupted.
     unfinished = {
