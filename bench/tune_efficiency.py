@@ -488,11 +488,14 @@ def plot(runs: list[dict], task: str, methods: list[str], targets: dict, path: P
     ax.set_xlabel("epochs spent (all trials)")
     ax.set_ylabel("best validation metric so far")
     ax.set_title(
-        f"{task}: best so far, median and quartiles over seeds "
-        f"({metric['trials']} trials x {metric['epochs']} epochs)"
+        f"{task}: best so far (median, quartiles over seeds), "
+        f"budget {metric['trials'] * metric['epochs']} epochs",
+        fontsize=10,
     )
-    lows = [percentile([final_best(r) for r in runs if r["task"] == task], 5)]
-    ax.set_ylim(max(0.0, min(lows) - 0.05), 1.0)
+    finals = [final_best(r) for r in runs if r["task"] == task]
+    low, high = percentile(finals, 5), max(finals)
+    margin = max(0.01, 0.25 * (high - low))
+    ax.set_ylim(max(0.0, low - margin), min(1.0, high + margin))
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
