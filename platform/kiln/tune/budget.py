@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ray.tune.result import EXPR_RESULT_FILE
 from ray.tune.stopper import Stopper
 
 from kiln.tune.trial import TIME_ATTR
@@ -42,7 +43,7 @@ class EpochBudget(Stopper):
         if self._counted_saved:
             return
         self._counted_saved = True
-        for path in Path(self.tune_dir).glob("*/result.json"):
+        for path in Path(self.tune_dir).glob(f"*/{EXPR_RESULT_FILE}"):
             for line in path.read_text(errors="replace").splitlines():
                 try:
                     result = json.loads(line)
@@ -62,7 +63,7 @@ class EpochBudget(Stopper):
 
     def stop_all(self) -> bool:
         self._count_saved()
-        return self.spent >= self.budget
+        return budget_spent(list(self.epochs.values()), self.budget)
 
 
 def budget_spent(epochs_by_trial: list[int], budget: int | None) -> bool:
