@@ -19,6 +19,7 @@ from kiln import tracking as trk
 from kiln.schema import load_config
 from kiln.train.run import run_training
 from kiln.tune.results import COMPLETED, STOPPED_EARLY
+from kiln.waiting import wait_until
 from sweeps import child_runs, epochs_logged, write_config
 
 pytestmark = pytest.mark.module_seconds(80)
@@ -125,6 +126,20 @@ def test_best_yaml_trains_to_the_best_trials_metric(sweep, ray_cluster):
     # Same seed, one worker, one thread: the same arithmetic, so the same predictions.
     assert trained["val_accuracy"] == pytest.approx(out["best_metrics"]["val_accuracy"], abs=1e-9)
     assert trained["val_loss"] == pytest.approx(out["best_metrics"]["val_loss"], rel=1e-4)
+    # A run in a long-lived driver's main thread leaves none of its Ray Train actors behind.
+    wait_until(
+        lambda: not _alive_train_actors(ray_cluster),
+        timeout=30,
+        what="the training run's Ray Train actors to end",
+    )
+
+
+def _alive_train_actors(address: str) -> list[str]:
+    from ray.util.state import list_actors
+
+    train_actors = {"TrainController", "DatasetManager", "RayTrainWorker"}
+    alive = list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000)
+    return [a.class_name for a in alive if a.class_name in train_actors]
 
 
 @pytest.mark.slow

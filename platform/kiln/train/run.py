@@ -6,9 +6,11 @@ Nothing is registered unless every step succeeded; a failed run is marked FAILED
 from __future__ import annotations
 
 import json
+import signal
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,7 +244,28 @@ def fit_on_ray(
             callbacks=callbacks,
         ),
     )
-    return trainer.fit()
+    with _restoring_sigint_handler():
+        return trainer.fit()
+
+
+@contextmanager
+def _restoring_sigint_handler() -> Iterator[None]:
+    """Restore the process's SIGINT handler after a fit in the main thread.
+
+    Ray Train (checked on 2.60) installs a SIGINT handler that holds the run's controller actor
+    handle and never removes it, so the last controller (and its dataset manager) of a run in the
+    main thread stays alive, polling, until the next fit or the process's exit: one run's actors
+    leaked per long-lived driver (a notebook, a test session). Putting the handler back releases
+    the handle, and Ray ends the actors."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # Ray only installs it in the main thread; signal.signal would raise here
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: set outside Python; it cannot be put back
+            signal.signal(signal.SIGINT, previous)
 
 
 def best_checkpoint_path(result, cfg: TrainingJobConfig) -> str:
