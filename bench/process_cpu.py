@@ -24,6 +24,9 @@ from pathlib import Path
 
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import print_machine  # noqa: E402
+
 SUBCOMMAND_GROUPS = {"serve", "rollout", "monitor", "cluster", "jobs"}
 DAEMONS = (
     "gcs_server",
@@ -68,7 +71,7 @@ def sample(seen: dict, start: float, stop: threading.Event, me: int) -> None:
             try:
                 created = proc.create_time()
                 times = proc.cpu_times()
-                cmd = " ".join(proc.cmdline())[:300] or proc.name()
+                cmd = " ".join(proc.cmdline())[:300]
             except (psutil.Error, OSError):
                 continue
             entry = seen.setdefault(
@@ -77,6 +80,9 @@ def sample(seen: dict, start: float, stop: threading.Event, me: int) -> None:
                 {"base": times.user + times.system if created < start else 0.0, "cmds": []},
             )
             entry["cpu"] = times.user + times.system
+            # an exiting process shows no command line: keep the last one it showed (its short
+            # kernel name only if it never showed one, e.g. a kernel thread)
+            cmd = cmd or (entry["cmds"][-1] if entry["cmds"] else proc.name())
             if not entry["cmds"] or entry["cmds"][-1] != cmd:
                 entry["cmds"].append(cmd)
         stop.wait(0.5)
@@ -90,6 +96,7 @@ def main() -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no COMMAND")
+    machine = print_machine()
     seen: dict = {}
     stop = threading.Event()
     start = time.time()
@@ -116,7 +123,8 @@ def main() -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         rows = {name: {"core_s": totals[name], "processes": counts[name]} for name in totals}
-        args.out.write_text(json.dumps({"wall_s": wall, "core_s": total, "kinds": rows}, indent=1))
+        out = {"machine": machine, "wall_s": wall, "core_s": total, "kinds": rows}
+        args.out.write_text(json.dumps(out, indent=1))
     return rc
 
 
