@@ -149,20 +149,26 @@ def test_a_replica_killed_under_load_fails_at_most_its_requests_in_flight_and_st
         settled = len(traffic.answers)
         wait_until(lambda: len(traffic.answers) >= settled + 40, 60, "40 answers after it")
     failed = [a for a in traffic.answers if a[0] != 200]
+    # The one failure no ingress can replay: an answer cut after its headers (the replica died
+    # between writing its headers and its body, two writes; seen in about 1 full run in 8 at high
+    # load). README, "When a replica dies". At most the requests in flight at the kill.
+    cut = [a for a in failed if a == (0, "ChunkedEncodingError")]
     # the ingress's own counters of the model are readable (a rollout's retry-storm watch reads
     # them); HAProxy reloaded since the kill, so they count from its last reload
     counters = model_counters(load_state(served["run_dir"]).haproxy_dir, MODEL)
     assert counters is not None and counters.requests > 0, counters
     print(  # the figures BENCHMARKS.md (Faults) quotes; shown with pytest -s
         f"replica SIGKILL under load: {len(traffic.answers)} requests ({killed_at} before the "
-        f"kill), {len(failed)} not 200; ready polled {len(traffic.ready)} times, "
+        f"kill), {len(failed)} not 200 ({len(cut)} cut mid-answer); "
+        f"ready polled {len(traffic.ready)} times, "
         f"{sum(1 for r in traffic.ready if r != 200)} not 200 ({traffic.not_ready[:1]})"
     )
     assert len(traffic.answers) > killed_at + 40
-    # every request answered 200: those in flight on the dead replica are replayed on the other one
-    # (before kiln.compat.retry_requests_a_dead_replica_held, HAProxy closed the connection of a
-    # request it had not buffered whole: a closed connection in about half of the runs)
-    assert failed == [], failed[:5]
+    # every other request answered 200: those in flight on the dead replica with no answer started
+    # are replayed on the other one (before kiln.compat.retry_requests_a_dead_replica_held, HAProxy
+    # closed the connection of a request it had not buffered whole: about half of the runs)
+    assert [a for a in failed if a not in cut] == [], failed[:5]
+    assert len(cut) <= CLIENTS, cut
     after = traffic.ready[ready_at:]
     assert after and set(after) == {200}, (sorted(set(after)), traffic.not_ready[:3])
 
