@@ -24,6 +24,7 @@ import requests
 
 from conftest import REPO, last_json, run_kiln
 from kiln.waiting import wait_until
+from ray_actors import replica_pids
 from served_models import digits_raw, register_artifact
 
 pytestmark = [pytest.mark.slow, pytest.mark.module_seconds(45)]
@@ -413,16 +414,13 @@ def replica_logs(address: str) -> str:
     /proc/PID/fd/1 and 2: this machine runs them) and Ray Serve's log files beside them."""
     from pathlib import Path
 
-    from ray.util.state import list_actors
-
     files: set[Path] = set()
-    for actor in list_actors(address, filters=[("state", "=", "ALIVE")], limit=1000):
-        if actor.class_name.startswith("ServeReplica:kiln-") and actor.pid:
-            for fd in (1, 2):
-                target = Path(f"/proc/{actor.pid}/fd/{fd}").resolve()
-                if target.is_file():
-                    files.add(target)
-                    files.update((target.parent / "serve").glob("*.log"))
+    for pid in replica_pids(address).values():
+        for fd in (1, 2):
+            target = Path(f"/proc/{pid}/fd/{fd}").resolve()
+            if target.is_file():
+                files.add(target)
+                files.update((target.parent / "serve").glob("*.log"))
     assert files, "no replica log files found"
     return "\n".join(p.read_text(errors="replace") for p in sorted(files))
 

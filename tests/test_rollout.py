@@ -23,6 +23,7 @@ import requests
 
 from conftest import last_json, run_kiln
 from kiln.waiting import wait_until
+from ray_actors import replica_pids
 from served_models import CNN, DIGITS, digits_raw, free_port, train_and_register, uint8_infer_body
 
 pytestmark = [pytest.mark.slow, pytest.mark.module_seconds(150)]
@@ -664,18 +665,13 @@ def test_rollout_goes_on_after_the_router_replica_and_controller_die(
     import signal
 
     import ray
-    from ray.util.state import list_actors
 
     from kiln.rollout.core.actors import NAMESPACE, controller_name
 
     target = versions.other(idle)
 
     def replicas() -> dict[str, int]:  # the model's Serve replica actors: name -> pid
-        return {
-            a.name: a.pid
-            for a in list_actors(address=ray_cluster, filters=[("state", "=", "ALIVE")], limit=1000)
-            if a.name and a.name.startswith("SERVE_REPLICA::kiln-digits#") and a.pid
-        }
+        return replica_pids(ray_cluster, "kiln-digits#")
 
     with Load(served["url"]) as load:
         start(

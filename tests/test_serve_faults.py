@@ -24,6 +24,7 @@ from conftest import last_json, run_kiln
 from kiln.serve.ingress_stats import model_counters
 from kiln.serve.instance import load_state
 from kiln.waiting import wait_until
+from ray_actors import replica_pids as app_replica_pids
 from served_models import InferLoad, digits_raw, uint8_infer_body
 
 pytestmark = [
@@ -66,13 +67,7 @@ class Traffic(InferLoad):
 
 def replica_pids(address: str) -> dict[str, int]:
     """The model's live Serve replicas: actor name -> process id (as Ray reports them)."""
-    from ray.util.state import list_actors
-
-    return {
-        a.name: a.pid
-        for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000)
-        if a.name and a.name.startswith(f"SERVE_REPLICA::{APP}#") and a.pid
-    }
+    return app_replica_pids(address, f"{APP}#")
 
 
 def running_replicas() -> int:

@@ -21,6 +21,7 @@ import requests
 
 from conftest import REPO, last_json, run_kiln
 from kiln.waiting import wait_until
+from ray_actors import replica_pids
 from served_models import (
     CNN,
     DIGITS,
@@ -569,15 +570,12 @@ def strict_json(text: str):
 
 def replica_rss(address: str) -> dict[str, int]:
     """Resident memory of each of Kiln's serve replicas on this machine (Ray's state API, /proc)."""
-    from ray.util.state import list_actors
-
     out = {}
-    for actor in list_actors(address, filters=[("state", "=", "ALIVE")], limit=1000):
-        if actor.class_name.startswith("ServeReplica:kiln-") and actor.pid:
-            status = Path(f"/proc/{actor.pid}/status")
-            for line in status.read_text().splitlines() if status.exists() else []:
-                if line.startswith("VmRSS:"):
-                    out[actor.class_name] = int(line.split()[1]) * 1024
+    for name, pid in replica_pids(address).items():
+        status = Path(f"/proc/{pid}/status")
+        for line in status.read_text().splitlines() if status.exists() else []:
+            if line.startswith("VmRSS:"):
+                out[name] = int(line.split()[1]) * 1024
     return out
 
 
@@ -673,19 +671,9 @@ def test_each_class_of_hostile_input_is_4xx_fast_memory_bounded_and_the_next_req
     assert max(grown.values()) < RSS_GROWTH_BYTES, grown
 
 
-def replica_pids(address: str) -> list[int]:
-    from ray.util.state import list_actors
-
-    return [
-        a.pid
-        for a in list_actors(address, filters=[("state", "=", "ALIVE")], limit=1000)
-        if a.class_name.startswith("ServeReplica:kiln-") and a.pid
-    ]
-
-
 def test_the_api_key_is_in_no_replica_environment(served, ray_cluster):
     """Replicas get the key's sha256 only: the key itself is in no replica's environment."""
-    pids = replica_pids(ray_cluster)
+    pids = list(replica_pids(ray_cluster).values())
     assert pids
     for pid in pids:
         assert API_KEY.encode() not in Path(f"/proc/{pid}/environ").read_bytes(), pid

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import run_kiln
 from kiln.waiting import wait_until
+from ray_actors import replica_pids
 from served_models import serve_args
 
 pytestmark = pytest.mark.module_seconds(25)
@@ -20,18 +21,8 @@ def kiln_apps(address: str) -> list[str]:
     """Kiln's Serve applications with a live replica, from Ray's state API: not this process's
     Serve client, which another module's `kiln serve stop` (it kills Serve's controller) leaves
     holding a dead controller."""
-    from ray.util.state import list_actors
-
-    alive = list_actors(
-        address=address,
-        filters=[("state", "=", "ALIVE")],
-        limit=10000,
-        raise_on_missing_output=False,
-    )
-    replicas = [
-        a.name.split("::", 1)[1] for a in alive if (a.name or "").startswith("SERVE_REPLICA::")
-    ]
-    return sorted({r.split("#")[0] for r in replicas if r.startswith("kiln")})
+    replicas = [name.split("::", 1)[1] for name in replica_pids(address, "kiln")]
+    return sorted({r.split("#")[0] for r in replicas})
 
 
 @pytest.fixture(autouse=True)

@@ -20,6 +20,7 @@ from kiln.schema import load_config
 from kiln.train.run import run_training
 from kiln.tune.results import COMPLETED, STOPPED_EARLY
 from kiln.waiting import wait_until
+from ray_actors import alive_actors
 from sweeps import child_runs, epochs_logged, write_config
 
 pytestmark = pytest.mark.module_seconds(80)
@@ -135,11 +136,8 @@ def test_best_yaml_trains_to_the_best_trials_metric(sweep, ray_cluster):
 
 
 def _alive_train_actors(address: str) -> list[str]:
-    from ray.util.state import list_actors
-
     train_actors = {"TrainController", "DatasetManager", "RayTrainWorker"}
-    alive = list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000)
-    return [a.class_name for a in alive if a.class_name in train_actors]
+    return [a.class_name for a in alive_actors(address) if a.class_name in train_actors]
 
 
 @pytest.mark.slow

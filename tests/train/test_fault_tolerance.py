@@ -13,6 +13,7 @@ import pytest
 from conftest import REPO, kiln_env, last_json, run_kiln
 from kiln import tracking as trk
 from kiln.waiting import wait_until
+from ray_actors import alive_actors
 
 DEFAULT = str(REPO / "configs/train/digits_cnn.yaml")
 pytestmark = [pytest.mark.slow, pytest.mark.module_seconds(210)]
@@ -67,14 +68,7 @@ def wait_for_epochs(
 
 
 def alive_train_workers(address: str) -> list[int]:
-    from ray.util.state import list_actors
-
-    actors = list_actors(
-        address=address,
-        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
-        timeout=30,
-    )
-    return [a.pid for a in actors]
+    return [a.pid for a in alive_actors(address) if a.class_name == "RayTrainWorker"]
 
 
 def test_killed_worker_is_replaced_and_training_finishes(ray_cluster, run_dir):
