@@ -101,6 +101,9 @@ METHODS: dict[str, tuple[str, dict[str, Any] | None, dict[str, Any]]] = {
     "tpe_uni_nolie_asha": ("tpe", {}, {"multivariate": False, "constant_liar": False}),
     "tpe_uni_asha_rf3": ("tpe", {"reduction_factor": 3}, {"multivariate": False}),
     "tpe_uni_s8_asha": ("tpe", {}, {"multivariate": False, "n_startup_trials": 8}),
+    "tpe_asha_b2": ("tpe", {"brackets": 2}, {}),
+    "tpe_uni_asha_b2": ("tpe", {"brackets": 2}, {"multivariate": False}),
+    "tpe_uni_asha_g2": ("tpe", {"grace_period": 2}, {"multivariate": False}),
 }
 BASELINE = "random_fifo"
 # What BENCHMARKS.md reports by default: the baselines, Kiln's search sized in trials and in epochs,
