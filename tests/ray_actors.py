@@ -7,17 +7,23 @@ from __future__ import annotations
 from typing import Any
 
 
-def alive_actors(address: str) -> list[Any]:
-    """Every actor of the instance at ``address`` in state ALIVE (Ray's ``ActorState`` records)."""
+def all_actors(address: str, state: str | None = None) -> list[Any]:
+    """The actors of the instance at ``address`` (Ray's ``ActorState`` records; the dead ones
+    included unless ``state`` names one)."""
     from ray.util.state import list_actors
 
     return list_actors(
         address=address,
-        filters=[("state", "=", "ALIVE")],
+        filters=[("state", "=", state)] if state else None,
         limit=10_000,
         timeout=30,
         raise_on_missing_output=False,
     )
+
+
+def alive_actors(address: str) -> list[Any]:
+    """Every actor of the instance at ``address`` in state ALIVE."""
+    return all_actors(address, "ALIVE")
 
 
 def actor_pids(address: str, name_prefix: str) -> dict[str, int]:
@@ -32,4 +38,3 @@ def actor_pids(address: str, name_prefix: str) -> dict[str, int]:
 def replica_pids(address: str, app: str = "kiln-") -> dict[str, int]:
     """Serve replicas of the applications whose name starts with ``app``: actor name -> pid."""
     return actor_pids(address, f"SERVE_REPLICA::{app}")
-

@@ -20,7 +20,7 @@ from kiln.schema import load_config
 from kiln.train.run import run_training
 from kiln.tune.results import COMPLETED, STOPPED_EARLY
 from kiln.waiting import wait_until
-from ray_actors import alive_actors
+from ray_actors import alive_actors, all_actors
 from sweeps import child_runs, epochs_logged, write_config
 
 pytestmark = pytest.mark.module_seconds(80)
@@ -53,6 +53,22 @@ def test_sweep_best_trial_beats_worst_and_asha_stops_some_early(sweep):
     assert all(t["epochs"] < 3 for t in stopped)
     assert all(t["epochs"] == 3 for t in trials if t["status"] == COMPLETED)
     assert {t["status"] for t in trials} <= {COMPLETED, STOPPED_EARLY}
+
+
+@pytest.mark.slow
+def test_the_sweep_runs_its_trials_on_the_address_it_was_given(sweep, ray_cluster):
+    """``kiln tune --address`` runs its trials on that instance: before the fix, reading the data
+    started a local Ray instance first and the whole sweep ran there."""
+    import ray
+
+    own_job = ray.get_runtime_context().get_job_id()
+    # finished trials' actors are listed as DEAD; Tune reuses one actor for several trials
+    trial_jobs = {
+        a.job_id
+        for a in all_actors(ray_cluster)
+        if a.class_name == "ImplicitFunc" and a.job_id != own_job
+    }
+    assert trial_jobs, "no trial of the sweep ran on the instance at --address"
 
 
 @pytest.mark.slow

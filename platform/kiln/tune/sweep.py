@@ -203,9 +203,11 @@ def run_sweep(
             trk.resolve_tracking_uri(base.experiment.tracking_uri, base.experiment.run_dir),
         )
         say(warm.summary())
+    # Ray before the data: prepare_data reads it in Ray Data tasks and would otherwise start a
+    # local instance of its own, and the sweep would run there instead of on --address.
+    ensure_ray(address, debug=debug)
     data = prepare_data(base.data)
     check_model_fits_data(base, data)
-    ensure_ray(address, debug=debug)
     trial_res, per_worker = trial_resources(cfg)
     check_placement(t.trial_workers, per_worker, what="tune.trial_workers")
 
