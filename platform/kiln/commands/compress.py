@@ -20,10 +20,12 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from kiln.compress.run import run_compression
     from kiln.schema import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)  # refused before torch and Ray are imported
+
+    from kiln.compress.run import run_compression
+
     steps = ", ".join(s.variant for s in cfg.compress.steps) if cfg.compress else ""
     say(args, f"kiln compress: {cfg.compress.model if cfg.compress else '?'} -> {steps}")
     result = run_compression(

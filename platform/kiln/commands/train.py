@@ -24,10 +24,14 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from kiln.schema import load_config
+
+    # The config first: a mistake in it is refused before torch, Ray and MLflow are imported
+    # (0.3 s instead of 2.5 s).
+    cfg = load_config(args.config, args.overrides)
+
     from kiln.train.report import format_table
     from kiln.train.run import run_training
 
-    cfg = load_config(args.config, args.overrides)
     t = cfg.train
     say(
         args,
