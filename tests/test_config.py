@@ -117,3 +117,32 @@ def test_help_imports_neither_torch_nor_ray():
         [sys.executable, "-c", code], env=kiln_env(), capture_output=True, text=True, check=True
     )
     assert out.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.slow  # nine CLI processes
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("train", str(REPO / "configs/train/digits_cnn.yaml")),
+        ("tune", str(REPO / "configs/tune/digits_cnn.yaml")),
+        ("data", "profile", str(REPO / "configs/train/digits_cnn.yaml")),
+    ],
+    ids=["train", "tune", "data-profile"],
+)
+def test_data_mistakes_then_an_unreachable_address_are_refused_in_one_line(command, tmp_path):
+    """Nothing listens at the address given: the data's own mistakes are named first, from the
+    files' footers, before any Ray instance is joined or started; then the address."""
+    unreachable = ("--address", "127.0.0.1:1", f"experiment.run_dir={tmp_path}")
+    missing = run_kiln(*command, "data.source=/no/such/file.parquet", *unreachable)
+    assert missing.returncode == 2, missing.stderr
+    assert missing.stderr == "error: data.source: file not found: /no/such/file.parquet\n"
+    wrong = run_kiln(*command, "data.label=digit", *unreachable)
+    assert wrong.returncode == 2, wrong.stderr
+    assert wrong.stderr.startswith("error: data.label: column 'digit' not found")
+    # and with the data right, the address is named at once (Ray's own connect retries for
+    # minutes, logging warnings)
+    unreached = run_kiln(*command, *unreachable)
+    assert unreached.returncode == 2, unreached.stderr
+    assert unreached.stderr.startswith("error: cannot reach Ray at 127.0.0.1:1: nothing answers")
+    assert len(unreached.stderr.splitlines()) == 1, unreached.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # nothing recorded

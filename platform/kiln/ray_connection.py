@@ -32,6 +32,25 @@ def local_runtime_env(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
     return given
 
 
+PROBE_TIMEOUT_S = 5.0
+
+
+def check_reachable(address: str) -> None:
+    """Raise KilnError unless something accepts a TCP connection at ``address`` (``host:port`` or
+    ``ray://host:port``; 'auto' and other forms are left to Ray). Ray's own connect retries an
+    unreachable GCS for minutes, logging warnings, before it gives up."""
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise KilnError(f"cannot reach Ray at {address}: nothing answers ({reason})") from None
+
+
 def ensure_ray(
     address: str | None = None,
     num_cpus: float | None = None,
@@ -54,6 +73,8 @@ def ensure_ray(
             f"--address {address}: give the Ray cluster address (host:6379 or 'auto'), "
             "not the dashboard URL; use 'kiln submit' to send jobs through the Jobs API"
         )
+    if address:
+        check_reachable(address)
     try:
         if address:
             ray.init(

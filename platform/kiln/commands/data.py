@@ -55,7 +55,7 @@ def _profile(args) -> int:
     from pathlib import Path
 
     from kiln.commands.common import emit_json, say
-    from kiln.data.dataset import prepare_data
+    from kiln.data.dataset import check_source, prepare_data
     from kiln.data.profile_report import write_report
     from kiln.errors import KilnError
     from kiln.schema import load_config
@@ -70,6 +70,7 @@ def _profile(args) -> int:
         cfg = load_config(None, overrides + args.overrides)
     from kiln.ray_connection import ensure_ray
 
+    check_source(cfg.data)
     ensure_ray(args.address)
     data = prepare_data(cfg.data)
     profile = data.profile

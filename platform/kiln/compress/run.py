@@ -22,7 +22,7 @@ from kiln.compress.plan import StandIn, check_steps
 from kiln.compress.report import VariantReport, compare, format_table, machine_info, write_report
 from kiln.compress.select import select_variant
 from kiln.compress.steps import Made, StepContext, run_step
-from kiln.data.dataset import PreparedData, prepare_data
+from kiln.data.dataset import PreparedData, check_source, prepare_data
 from kiln.errors import ConfigError, DataError, KilnError, ModelError, first_line
 from kiln.models.registration import register_artifact
 
@@ -244,6 +244,7 @@ def run_compression(
     cfg = with_model_data(cfg, source)
     from kiln.ray_connection import ensure_ray
 
+    check_source(cfg.data)
     ensure_ray(address, debug=debug)  # the data is read in Ray Data tasks
     data = prepare_data(cfg.data)
     check_data(source, data)

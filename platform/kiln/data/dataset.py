@@ -345,6 +345,13 @@ def _sample_rows(cfg: DataConfig, layout: RowLayout, found: ScanResult) -> int:
     return max(1, min(cfg.sample_rows, SAMPLE_BYTES // row_bytes))
 
 
+def check_source(cfg: DataConfig) -> None:
+    """What can be checked of ``data`` without Ray (footers and schema only): the source exists,
+    holds Parquet, and has the configured columns. Raises DataError naming the key. Commands call
+    it before they start or join a Ray instance, so a wrong path fails in a second."""
+    layout_of(cfg, fragments(cfg.source)[1])
+
+
 def prepare_data(cfg: DataConfig) -> PreparedData:
     """Read, key, split (stratified, seeded), fit preprocessing on train only, hash and profile
     ``cfg.source``, streaming, in Ray Data tasks (Ray is started locally when not connected).

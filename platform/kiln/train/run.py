@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from kiln import tracking as trk
-from kiln.data.dataset import PreparedData, prepare_data
+from kiln.data.dataset import PreparedData, check_source, prepare_data
 from kiln.errors import ConfigError, KilnError, first_line
 from kiln.models.card import PROFILE_ARTIFACT
 from kiln.models.registration import copy_artifact, register_artifact
@@ -339,7 +339,8 @@ def run_training(
     from kiln.ray_connection import check_placement, ensure_ray
 
     # Everything that can fail on the user's input fails before an MLflow run exists. The data is
-    # read in Ray Data tasks, so Ray comes first.
+    # read in Ray Data tasks, so Ray comes first, after what can be checked of the data without it.
+    check_source(cfg.data)
     ensure_ray(address, debug=debug)
     tracking_uri = trk.resolve_tracking_uri(cfg.experiment.tracking_uri, cfg.experiment.run_dir)
     if resume:  # checked again with the data below; this part before the data is read

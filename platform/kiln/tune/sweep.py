@@ -163,7 +163,7 @@ def run_sweep(
     """
     import optuna
 
-    from kiln.data.dataset import prepare_data
+    from kiln.data.dataset import check_source, prepare_data
     from kiln.ray_connection import check_placement, ensure_ray
     from kiln.train.run import check_model_fits_data
     from kiln.tune.budget import budget_spent
@@ -205,6 +205,7 @@ def run_sweep(
         say(warm.summary())
     # Ray before the data: prepare_data reads it in Ray Data tasks and would otherwise start a
     # local instance of its own, and the sweep would run there instead of on --address.
+    check_source(base.data)
     ensure_ray(address, debug=debug)
     data = prepare_data(base.data)
     check_model_fits_data(base, data)
