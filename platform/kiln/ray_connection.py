@@ -35,20 +35,28 @@ def local_runtime_env(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
 PROBE_TIMEOUT_S = 5.0
 
 
-def check_reachable(address: str) -> None:
+def tcp_refusal(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why nothing accepts a TCP connection at ``host:port`` (the OS's reason, e.g. 'Connection
+    refused'), or None when something does."""
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return None
+
+
+def check_ray_address(address: str) -> None:
     """Raise KilnError unless something accepts a TCP connection at ``address`` (``host:port`` or
     ``ray://host:port``; 'auto' and other forms are left to Ray). Ray's own connect retries an
     unreachable GCS for minutes, logging warnings, before it gives up."""
-    import socket
-
     host, sep, port = address.removeprefix("ray://").rpartition(":")
     if not sep or not port.isdigit():
         return
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT_S).close()
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise KilnError(f"cannot reach Ray at {address}: nothing answers ({reason})") from None
+    reason = tcp_refusal(host.strip("[]"), int(port))
+    if reason is not None:
+        raise KilnError(f"cannot reach Ray at {address}: nothing answers ({reason})")
 
 
 def ensure_ray(
@@ -74,7 +82,7 @@ def ensure_ray(
             "not the dashboard URL; use 'kiln submit' to send jobs through the Jobs API"
         )
     if address:
-        check_reachable(address)
+        check_ray_address(address)
     try:
         if address:
             ray.init(

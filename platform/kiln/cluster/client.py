@@ -4,11 +4,10 @@ failures."""
 from __future__ import annotations
 
 import os
-import socket
 from urllib.parse import urlparse
 
 from kiln.errors import KilnError, first_line
-from kiln.ray_connection import auth_headers, token_source
+from kiln.ray_connection import auth_headers, tcp_refusal, token_source
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
@@ -41,15 +40,12 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
             f"--address {address}: give the cluster's Jobs API URL, e.g. http://HOST:8265"
         )
     port = url.port or (443 if url.scheme == "https" else 80)  # what the SDK's requests will use
-    try:
-        with socket.create_connection((url.hostname, port), timeout=timeout):
-            pass
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
+    reason = tcp_refusal(url.hostname, port, timeout)
+    if reason is not None:
         raise KilnError(
             f"cannot reach the Ray Jobs API at {address} ({reason}); is the cluster running? "
             "(start one with 'kiln cluster start', or pass --address http://HOST:8265)"
-        ) from None
+        )
 
 
 def connect(address: str | None, debug: bool = False):
