@@ -1,5 +1,5 @@
-"""kiln tune, resumed after its driver is killed (a two-objective sweep), a sweep whose trials are
-multi-worker Ray Train runs, and a sweep that cannot be placed: against the session's real Ray
+"""kiln tune, resumed after its driver is killed (a two-objective sweep), and a sweep that cannot
+be placed: against the session's real Ray
 instance (2 CPUs) and a real MLflow sqlite store (split from test_tune_sweep.py to balance the
 xdist workers).
 """
@@ -175,35 +175,3 @@ def test_unplaceable_trials_fail_at_once(ray_cluster, tmp_path):
         match=r"tune.trial_workers=5 needs 5 x \(0.5 CPU\) but the cluster can place only 4",
     ):
         run_sweep(cfg, address=ray_cluster)
-
-
-@pytest.mark.slow
-def test_trial_workers_run_each_trial_as_a_multi_worker_ray_train_run(ray_cluster, tmp_path):
-    from kiln.tune.sweep import run_sweep
-
-    config = write_config(
-        tmp_path / "ddp.yaml",
-        tmp_path / "runs",
-        "tune-ddp",
-        num_samples=1,
-        asha=None,
-        max_epochs=2,
-        trial_workers=2,
-        cpus_per_worker=0.5,
-        space={"train.lr": {"loguniform": [1.0e-3, 1.0e-2]}},
-    )
-    cfg = validate_config(yaml.safe_load(config.read_text()))
-    result = run_sweep(cfg, address=ray_cluster)
-    assert [t.status for t in result.trials] == [COMPLETED]
-    for t in result.trials:
-        # Each trial ran a 2-worker TorchTrainer whose checkpoints live under the run folder.
-        train_runs = list(
-            (tmp_path / "runs" / "checkpoints").glob(
-                f"kiln-{Path(result.sweep_dir).name}-{t.trial_id}"
-            )
-        )
-        assert len(train_runs) == 1
-        assert t.checkpoint and Path(t.checkpoint).is_relative_to(train_runs[0])
-        assert epochs_logged(result.tracking_uri, t.run_id) == [0, 1]
-        assert 0.0 < t.metrics["val_accuracy"] <= 1.0
-    assert trk.model_version_for(result.tracking_uri, result.model_uri).run_id == result.best.run_id

@@ -41,7 +41,8 @@ def _header(cfg) -> str:
     objectives = ", ".join(
         f"{'max' if o.mode == 'max' else 'min'} {o.metric}" for o in t.objectives
     )
-    workers = f"{t.trial_workers} Ray Train workers" if t.trial_workers > 1 else "1 worker"
+    kind = "Ray Train workers" if t.gpus_per_worker else "ranks (DDP)"
+    workers = f"{t.trial_workers} {kind}" if t.trial_workers > 1 else "1 worker"
     return (
         f"kiln tune: {t.num_samples} trials of {cfg.model.name} on {cfg.data.source} over "
         f"{', '.join(t.space)}; {search}{stopping}; {objectives}; {workers} x "

@@ -32,6 +32,19 @@ def single_process_device(use_gpu: bool):
     return torch.device("cuda:0" if use_gpu and torch.cuda.is_available() else "cpu")
 
 
+def process_group_mean(value: float, world_size: int) -> float:
+    """The mean of ``value`` over the ranks of this process's torch.distributed group (a
+    collective: every rank calls it); ``value`` itself outside a group."""
+    import torch
+    import torch.distributed as dist
+
+    if world_size == 1 or not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item() / world_size)
+
+
 class LocalSession:
     """Single process, no Ray: checkpoints are copied into ``checkpoint_root``."""
 
@@ -106,14 +119,7 @@ class RayTrainSession:
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
     def all_reduce_mean(self, value: float) -> float:
-        import torch
-        import torch.distributed as dist
-
-        if self.world_size == 1 or not dist.is_initialized():
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t)
-        return float(t.item() / self.world_size)
+        return process_group_mean(value, self.world_size)
 
     def worker_nodes(self) -> list[dict[str, Any]]:
         """Where every rank runs, by rank: ``[{"rank", "node_id", "node_ip"}, ...]`` (a collective:

@@ -114,7 +114,8 @@ class TuneConfig(Section):
     trial_workers: int = Field(
         default=1,
         ge=1,
-        description="Ray Train workers per trial; 1 trains inside the trial itself.",
+        description="Workers per trial; 1 trains inside the trial itself, more: the trial is "
+        "rank 0 of a DDP group with that many ranks (a Ray Train run on GPUs).",
     )
     cpus_per_worker: float = Field(
         default=0.5, gt=0, description="CPUs per trial worker (fractions allowed)."

@@ -58,21 +58,27 @@ def check_sweep(cfg: TuneJobConfig) -> list[Dimension]:
     return dims
 
 
-def trial_resources(cfg: TuneJobConfig) -> tuple[dict[str, float], dict[str, float]]:
+def trial_resources(cfg: TuneJobConfig) -> tuple[Any, dict[str, float]]:
     """(resources of one trial as Tune reserves them, resources of one trial worker)."""
     t = cfg.require_tune()
     per_worker = {
         "CPU": t.cpus_per_worker,
         **({"GPU": t.gpus_per_worker} if t.gpus_per_worker else {}),
     }
-    if in_process(cfg):
+    if on_ray_train(cfg):
+        return {"CPU": DRIVER_CPUS}, per_worker
+    if t.trial_workers == 1:
         return per_worker, per_worker
-    return {"CPU": DRIVER_CPUS}, per_worker
+    from ray import tune
+
+    # One bundle per rank; bundle 0 is the trial's own process (rank 0), see kiln.tune.ranks.
+    return tune.PlacementGroupFactory([per_worker] * t.trial_workers, strategy="PACK"), per_worker
 
 
-def in_process(cfg: TuneJobConfig) -> bool:
-    """One CPU worker: the trial trains in its own process; otherwise it runs a Ray Train job."""
-    return cfg.require_tune().trial_workers == 1 and not cfg.require_tune().gpus_per_worker
+def on_ray_train(cfg: TuneJobConfig) -> bool:
+    """GPU trials run a Ray Train job each; CPU trials train in their own process, as rank 0 of
+    their peers when ``trial_workers`` > 1 (``kiln.tune.ranks``)."""
+    return bool(cfg.require_tune().gpus_per_worker)
 
 
 def _build_tuner(
@@ -141,7 +147,7 @@ def _default_concurrency(cfg: TuneJobConfig, per_worker: dict[str, float]) -> in
     t = cfg.require_tune()
     if t.max_concurrent_trials:
         return t.max_concurrent_trials
-    if in_process(cfg):
+    if not on_ray_train(cfg):
         return None  # Tune itself runs as many as the trial resources allow
     return max(1, placeable_slots(per_worker) // t.trial_workers)
 
@@ -355,7 +361,7 @@ def _tuner(
     folder: SweepFolder,
     base: TuneJobConfig,
     data,
-    trial_res: dict[str, float],
+    trial_res: Any,
     max_concurrent: int | None,
     tracking: tuple[str, str, str],
     resume: bool,

@@ -1,9 +1,11 @@
 """One trial of a sweep: the Ray Tune function trainable around the one training loop.
 
 With one worker a trial runs ``train_epochs`` in its own process through ``TuneSession`` (no Ray
-Train start-up per trial). With ``trial_workers`` > 1 it runs a Ray Train TorchTrainer whose
-reports reach Tune through ``TrialReportCallback``. A trial does not talk to MLflow: the driver
-logs what trials report (``kiln.tune.runs``), so trial processes never import it.
+Train start-up per trial). With ``trial_workers`` > 1 on CPUs, that process is rank 0 of a DDP
+group whose other ranks are Ray actors it starts (``kiln.tune.ranks``); on GPUs a trial runs a Ray
+Train TorchTrainer whose reports reach Tune through ``TrialReportCallback``. A trial does not talk
+to MLflow: the driver logs what trials report (``kiln.tune.runs``), so trial processes never import
+it.
 """
 
 from __future__ import annotations
@@ -52,16 +54,18 @@ def trial_name(trial) -> str:
 class TuneSession:
     """The loop's Session inside a Tune trial: reports and checkpoints go to ``ray.tune.report``.
 
-    When Tune ends the trial (ASHA, or its last epoch), ``ray.tune.report`` does not return.
+    Rank 0 of ``world_size`` ranks (``kiln.tune.ranks``): the model is wrapped in DDP and metrics
+    averaged over the trial's process group when there are more. When Tune ends the trial (ASHA,
+    or its last epoch), ``ray.tune.report`` does not return.
     """
 
     rank = 0
-    world_size = 1
 
-    def __init__(self, extras: dict[str, float]):
+    def __init__(self, extras: dict[str, float], world_size: int = 1):
         import ray.tune
 
         self.extras = extras
+        self.world_size = world_size
         self._restored = ray.tune.get_checkpoint()
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._mark = time.perf_counter()
@@ -72,8 +76,15 @@ class TuneSession:
         return single_process_device(use_gpu)
 
     def prepare_model(self, model):
+        from kiln.tune.ranks import data_parallel
+
+        model = data_parallel(model, self.world_size)
         self._mark = time.perf_counter()
         return model
+
+    def restored_checkpoint(self):
+        """The ray.tune.Checkpoint the trial resumes from (None on a first attempt)."""
+        return self._restored
 
     def latest_checkpoint(self) -> Path | None:
         if self._restored is None:
@@ -101,10 +112,12 @@ class TuneSession:
         self._mark = time.perf_counter()
 
     def all_reduce_mean(self, value: float) -> float:
-        return value
+        from kiln.train.session import process_group_mean
+
+        return process_group_mean(value, self.world_size)
 
     def worker_nodes(self) -> list[dict[str, Any]]:
-        """A trial's in-process training logs no run of its own: nothing to record."""
+        """A trial logs no run of its own: nothing to record (and no collective to join)."""
         return []
 
 
@@ -173,8 +186,8 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, data=None, datasets=Non
         datasets = None  # opened from the trial's own data
     extras = model_measures(cfg, data, ctx.measures)
 
-    if cfg.train.workers == 1 and not cfg.train.use_gpu:
-        session = TuneSession(extras)
+    if not cfg.train.use_gpu:
+        session = TuneSession(extras, world_size=cfg.train.workers)
         restored = session.latest_checkpoint()
         state = read_state(restored) if restored else None
         if state and int(state["epoch"]) + 1 >= cfg.train.epochs:
@@ -182,7 +195,15 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, data=None, datasets=Non
             # retrain.
             session.report(state["metrics"], None)
             return
-        train_epochs(cfg, data, session, datasets=datasets)
+        if cfg.train.workers == 1:
+            train_epochs(cfg, data, session, datasets=datasets)
+            return
+        from kiln.data.dataset import open_splits
+        from kiln.tune.ranks import run_ranked_trial
+
+        if datasets is None:
+            datasets = open_splits(data, ("train", "val"), cfg.train.data.cache, cfg.train.epochs)
+        run_ranked_trial(cfg, data, datasets, session)
         return
 
     from kiln.train.run import fit_on_ray

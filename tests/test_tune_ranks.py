@@ -1,0 +1,147 @@
+"""Multi-worker trials (``tune.trial_workers`` > 1 on CPUs): the trial's process is rank 0 and
+starts its other ranks as Ray actors (``kiln.tune.ranks``), against the session's real Ray instance
+(2 CPUs) and a real MLflow sqlite store: every rank trains every epoch, no Ray Train run is started,
+the peers end with their trial, and a killed peer costs its trial one attempt, not the sweep."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kiln import tracking as trk
+from kiln.schema import validate_config
+from kiln.tune.results import COMPLETED
+from kiln.waiting import wait_until
+from ray_actors import alive_actors, all_actors
+from sweeps import epochs_logged, write_config
+
+pytestmark = pytest.mark.module_seconds(90)
+
+PEER = "TrialPeer"
+LR = {"train.lr": {"loguniform": [1.0e-3, 1.0e-2]}}
+
+
+def _peer_tasks(address: str) -> list:
+    from ray.util.state import list_tasks
+
+    return list_tasks(
+        address=address,
+        filters=[("func_or_class_name", "=", f"{PEER}.train")],
+        limit=10_000,
+        timeout=30,
+        raise_on_missing_output=False,
+    )
+
+
+def _class_count(address: str, class_name: str) -> int:
+    return sum(a.class_name == class_name for a in all_actors(address))
+
+
+def _alive_peers(address: str) -> list:
+    return [a for a in alive_actors(address) if a.class_name == PEER]
+
+
+def _reported_epochs(runs: Path) -> int:
+    """Reports written so far by the sweep's trials (Tune's result.json, one line per report)."""
+    return sum(
+        len(path.read_text().splitlines()) for path in runs.glob("sweeps/*/tune/*/result.json")
+    )
+
+
+@pytest.mark.slow
+def test_trial_workers_train_each_trial_on_that_many_ranks_without_ray_train(ray_cluster, tmp_path):
+    from kiln.tune.sweep import run_sweep
+
+    peers_before = {t.task_id for t in _peer_tasks(ray_cluster)}
+    controllers_before = _class_count(ray_cluster, "TrainController")
+    config = write_config(
+        tmp_path / "ranks.yaml",
+        tmp_path / "runs",
+        "tune-ranks",
+        num_samples=2,
+        max_concurrent_trials=1,  # the second trial reuses the first one's process (rank 0)
+        asha=None,
+        max_epochs=2,
+        trial_workers=2,
+        cpus_per_worker=0.5,
+        space=LR,
+    )
+    result = run_sweep(validate_config(yaml.safe_load(config.read_text())), address=ray_cluster)
+
+    assert [t.status for t in result.trials] == [COMPLETED, COMPLETED]
+    # Each trial's second rank was a peer actor whose loop ran every epoch to its end: DDP steps
+    # are collectives, so it did not finish unless rank 0 took the same steps with it.
+    peers = [t for t in _peer_tasks(ray_cluster) if t.task_id not in peers_before]
+    assert sorted(t.state for t in peers) == ["FINISHED", "FINISHED"], peers
+    wait_until(lambda: not _alive_peers(ray_cluster), timeout=30, what="the peers to end")
+    assert _class_count(ray_cluster, "TrainController") == controllers_before  # no Ray Train run
+    sweep_dir = Path(result.sweep_dir)
+    for t in result.trials:
+        assert t.checkpoint and Path(t.checkpoint).is_relative_to(sweep_dir)  # Tune's own folder
+        assert epochs_logged(result.tracking_uri, t.run_id) == [0, 1]
+        assert 0.0 < t.metrics["val_accuracy"] <= 1.0
+        # samples/s is summed over ranks from their averaged rates: both ranks' rows counted
+        assert all(h["samples_per_s"] > 0 for h in t.history)
+    assert trk.model_version_for(result.tracking_uri, result.model_uri).run_id == result.best.run_id
+
+
+@pytest.mark.slow
+def test_a_killed_peer_costs_its_trial_one_attempt_and_the_trial_resumes_from_its_checkpoint(
+    ray_cluster, tmp_path
+):
+    from kiln.tune.sweep import run_sweep
+
+    epochs = 20
+    runs = tmp_path / "runs"
+    config = write_config(
+        tmp_path / "kill.yaml",
+        runs,
+        "tune-ranks-kill",
+        num_samples=1,
+        asha=None,
+        max_epochs=epochs,
+        trial_workers=2,
+        cpus_per_worker=0.5,
+        trial_max_failures=1,
+        space=LR,
+    )
+    peers_before = {a.actor_id for a in all_actors(ray_cluster) if a.class_name == PEER}
+    killed: dict[str, int] = {}
+
+    def kill_the_peer_after_the_first_report() -> None:
+        wait_until(lambda: _reported_epochs(runs) >= 1, timeout=300, what="the first report")
+        peer = wait_until(lambda: _alive_peers(ray_cluster), timeout=60, what="a live peer")[0]
+        os.kill(peer.pid, signal.SIGKILL)
+        killed["pid"] = peer.pid
+        killed["epochs_reported"] = _reported_epochs(runs)
+
+    killer = threading.Thread(target=kill_the_peer_after_the_first_report, daemon=True)
+    killer.start()
+    result = run_sweep(validate_config(yaml.safe_load(config.read_text())), address=ray_cluster)
+    killer.join(timeout=10)
+
+    assert killed, "the peer was never killed"
+    assert killed["epochs_reported"] < epochs, "the trial ended before its peer was killed"
+    (trial,) = result.trials
+    assert trial.status == COMPLETED
+    # Two peers: the one killed and the one the restarted attempt started.
+    peers = [a for a in all_actors(ray_cluster) if a.class_name == PEER]
+    assert len([a for a in peers if a.actor_id not in peers_before]) == 2
+    # The restarted attempt went on from the last checkpoint: every epoch is in the history and
+    # the last one reported is the trial's last.
+    assert sorted(set(epochs_logged(result.tracking_uri, trial.run_id))) == list(range(epochs))
+    assert trial.epochs == epochs
+    reports = [
+        json.loads(line)
+        for path in runs.glob("sweeps/*/tune/*/result.json")
+        for line in path.read_text().splitlines()
+    ]
+    # Resumed, not restarted from scratch: epoch 0 was reported once.
+    assert [r["epoch"] for r in reports].count(0) == 1
+    wait_until(lambda: not _alive_peers(ray_cluster), timeout=30, what="the peers to end")
