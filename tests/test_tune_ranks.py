@@ -56,8 +56,8 @@ def _reported_epochs(runs: Path) -> int:
 
 @pytest.fixture(scope="module")
 def ranked_sweep(ray_cluster, tmp_path_factory):
-    """A sweep of two 2-rank trials, one at a time: (its SweepResult, the TrialPeer.train tasks and
-    the TrainController actors the instance had before it)."""
+    """A sweep of two 2-rank trials, one at a time: (its SweepResult, the TrialPeer.train tasks it
+    ran, the number of Ray Train controllers it started)."""
     from kiln.tune.sweep import run_sweep
 
     tmp = tmp_path_factory.mktemp("ranks")
@@ -76,21 +76,23 @@ def ranked_sweep(ray_cluster, tmp_path_factory):
         space=LR,
     )
     result = run_sweep(validate_config(yaml.safe_load(config.read_text())), address=ray_cluster)
-    return result, peers_before, controllers_before
+    # counted now: the module's other tests start peers and Ray Train runs of their own
+    peers = [t for t in _peer_tasks(ray_cluster) if t.task_id not in peers_before]
+    controllers = _class_count(ray_cluster, "TrainController") - controllers_before
+    return result, peers, controllers
 
 
 @pytest.mark.slow
 def test_trial_workers_train_each_trial_on_that_many_ranks_without_ray_train(
     ranked_sweep, ray_cluster
 ):
-    result, peers_before, controllers_before = ranked_sweep
+    result, peers, new_controllers = ranked_sweep
     assert [t.status for t in result.trials] == [COMPLETED, COMPLETED]
     # Each trial's second rank was a peer actor whose loop ran every epoch to its end: DDP steps
     # are collectives, so it did not finish unless rank 0 took the same steps with it.
-    peers = [t for t in _peer_tasks(ray_cluster) if t.task_id not in peers_before]
     assert sorted(t.state for t in peers) == ["FINISHED", "FINISHED"], peers
+    assert new_controllers == 0  # no Ray Train run
     wait_until(lambda: not _alive_peers(ray_cluster), timeout=30, what="the peers to end")
-    assert _class_count(ray_cluster, "TrainController") == controllers_before  # no Ray Train run
     sweep_dir = Path(result.sweep_dir)
     for t in result.trials:
         assert t.checkpoint and Path(t.checkpoint).is_relative_to(sweep_dir)  # Tune's own folder

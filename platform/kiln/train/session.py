@@ -45,6 +45,23 @@ def process_group_mean(value: float, world_size: int) -> float:
     return float(t.item() / world_size)
 
 
+class LocalCopy:
+    """A Ray checkpoint (Ray Train's or Tune's) copied into a local temporary folder on first use,
+    removed with this object: what a session's ``latest_checkpoint`` returns."""
+
+    def __init__(self, checkpoint: Any):
+        self.checkpoint = checkpoint
+        self._tmp: tempfile.TemporaryDirectory | None = None
+
+    def path(self) -> Path | None:
+        if self.checkpoint is None:
+            return None
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="kiln-restore-")
+            self.checkpoint.to_directory(self._tmp.name)
+        return Path(self._tmp.name)
+
+
 class LocalSession:
     """Single process, no Ray: checkpoints are copied into ``checkpoint_root``."""
 
@@ -89,8 +106,7 @@ class RayTrainSession:
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
-        self._restored = ray.train.get_checkpoint()
-        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._restored = LocalCopy(ray.train.get_checkpoint())
 
     def device(self, use_gpu: bool):
         import ray.train.torch
@@ -104,10 +120,7 @@ class RayTrainSession:
         return ray.train.torch.prepare_model(model, move_to_device=False)
 
     def latest_checkpoint(self) -> Path | None:
-        if self._restored is None:
-            return None
-        self._tmp = tempfile.TemporaryDirectory(prefix="kiln-restore-")
-        return Path(self._restored.to_directory(self._tmp.name))
+        return self._restored.path()
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         import ray.train

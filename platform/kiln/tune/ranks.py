@@ -13,7 +13,6 @@ that fails or dies fails the trial, which Tune restarts from its last checkpoint
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -68,9 +67,10 @@ class PeerSession:
     reports."""
 
     def __init__(self, rank: int, world_size: int, checkpoint: Any):
+        from kiln.train.session import LocalCopy
+
         self.rank, self.world_size = rank, world_size
-        self._checkpoint = checkpoint
-        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._restored = LocalCopy(checkpoint)
 
     def device(self, use_gpu: bool):
         import torch
@@ -81,12 +81,7 @@ class PeerSession:
         return data_parallel(model, self.world_size)
 
     def latest_checkpoint(self) -> Path | None:
-        if self._checkpoint is None:
-            return None
-        if self._tmp is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="kiln-restore-")
-            self._checkpoint.to_directory(self._tmp.name)
-        return Path(self._tmp.name)
+        return self._restored.path()
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         """Rank 0 reports for the trial; a peer's metrics were already averaged into rank 0's."""

@@ -10,7 +10,6 @@ it.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,8 +65,9 @@ class TuneSession:
 
         self.extras = extras
         self.world_size = world_size
-        self._restored = ray.tune.get_checkpoint()
-        self._tmp: tempfile.TemporaryDirectory | None = None
+        from kiln.train.session import LocalCopy
+
+        self._local = LocalCopy(ray.tune.get_checkpoint())
         self._mark = time.perf_counter()
 
     def device(self, use_gpu: bool):
@@ -84,15 +84,10 @@ class TuneSession:
 
     def restored_checkpoint(self):
         """The ray.tune.Checkpoint the trial resumes from (None on a first attempt)."""
-        return self._restored
+        return self._local.checkpoint
 
     def latest_checkpoint(self) -> Path | None:
-        if self._restored is None:
-            return None
-        if self._tmp is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="kiln-restore-")
-            self._restored.to_directory(self._tmp.name)
-        return Path(self._tmp.name)
+        return self._local.path()
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         import ray.tune
