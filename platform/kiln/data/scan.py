@@ -50,7 +50,9 @@ def per_input_tasks(count: int, fn: Callable[[dict[str, np.ndarray]], Any]) -> A
         batch_size=1,
         batch_format="numpy",
         num_cpus=0,
-        concurrency=max(1, min(count, math.ceil(cpus))),
+        # `compute`, not `concurrency=N`: the same task pool, without Ray Data's deprecation
+        # warning (checked on Ray 2.60, where `concurrency` is deprecated since 2.51)
+        compute=ray.data.TaskPoolStrategy(size=max(1, min(count, math.ceil(cpus)))),
     )
 
 
