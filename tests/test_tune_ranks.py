@@ -39,6 +39,14 @@ def _peer_tasks(address: str) -> list:
     )
 
 
+def _ended_tasks(address: str, before: set[str], count: int) -> list | None:
+    """The peer tasks not in ``before`` once there are ``count`` and all have ended, else None."""
+    tasks = [t for t in _peer_tasks(address) if t.task_id not in before]
+    if len(tasks) >= count and all(t.state in ("FINISHED", "FAILED") for t in tasks):
+        return tasks
+    return None
+
+
 def _class_count(address: str, class_name: str) -> int:
     return sum(a.class_name == class_name for a in all_actors(address))
 
@@ -76,8 +84,13 @@ def ranked_sweep(ray_cluster, tmp_path_factory):
         space=LR,
     )
     result = run_sweep(validate_config(yaml.safe_load(config.read_text())), address=ray_cluster)
-    # counted now: the module's other tests start peers and Ray Train runs of their own
-    peers = [t for t in _peer_tasks(ray_cluster) if t.task_id not in peers_before]
+    # counted now: the module's other tests start peers and Ray Train runs of their own. Ray's
+    # state API learns of a task's end from events its worker sends: wait until both have ended.
+    peers = wait_until(
+        lambda: _ended_tasks(ray_cluster, peers_before, 2),
+        timeout=60,
+        what="the sweep's two peer tasks to be recorded as ended",
+    )
     controllers = _class_count(ray_cluster, "TrainController") - controllers_before
     return result, peers, controllers
 
@@ -139,6 +152,7 @@ def test_a_killed_peer_costs_its_trial_one_attempt_and_the_trial_resumes_from_it
         space=LR,
     )
     peers_before = {a.actor_id for a in all_actors(ray_cluster) if a.class_name == PEER}
+    tasks_before = {t.task_id for t in _peer_tasks(ray_cluster)}
     killed: dict[str, int] = {}
 
     def kill_the_peer_after_the_first_report() -> None:
@@ -172,3 +186,9 @@ def test_a_killed_peer_costs_its_trial_one_attempt_and_the_trial_resumes_from_it
     # Resumed, not restarted from scratch: epoch 0 was reported once.
     assert [r["epoch"] for r in reports].count(0) == 1
     wait_until(lambda: not _alive_peers(ray_cluster), timeout=30, what="the peers to end")
+    # and their tasks recorded as ended, so the module's other tests count only their own
+    wait_until(
+        lambda: _ended_tasks(ray_cluster, tasks_before, 2),
+        timeout=60,
+        what="the killed peer's and its successor's tasks to be recorded as ended",
+    )

@@ -27,6 +27,7 @@ JOIN_TIMEOUT_S = 600.0
 # How long a rank waits in a collective for the others: rank 0 validates, checkpoints and reports
 # while its peers wait at the next step (Ray Train's default for its process group too).
 COLLECTIVE_TIMEOUT_S = 1800.0
+PEER_EXIT_TIMEOUT_S = 10.0  # a finished peer's graceful exit; after it, it is killed
 _READY_KEY = "kiln/ready/{rank}"
 
 
@@ -191,11 +192,24 @@ def run_ranked_trial(
                 raise
             raise cause from exc
         ray.get(done)
+        # Finished peers exit on their own (Ray's graceful actor exit: what they record, such as
+        # their task's end, is flushed first); the kill below is for the other ways a trial ends.
+        ended = [peer.__ray_terminate__.remote() for peer in peers]
+        ray.wait(ended, num_returns=len(ended), timeout=PEER_EXIT_TIMEOUT_S)
+        peers = [peer for peer, ref in zip(peers, ended, strict=True) if not _ended(ref)]
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
         for peer in peers:
             ray.kill(peer)
+
+
+def _ended(ref: Any) -> bool:
+    """Whether the call behind ``ref`` has ended (here: a peer's exit, which ends in an error)."""
+    import ray
+
+    ready, _ = ray.wait([ref], timeout=0)
+    return bool(ready)
 
 
 def _peer_options(cfg: TrainingJobConfig, rank: int) -> dict[str, Any]:
