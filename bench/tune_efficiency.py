@@ -276,7 +276,7 @@ class Curves:
     """Learning curves by (task, config): each config is trained at most once per length."""
 
     def __init__(self) -> None:
-        self.known: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        self.known: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
 
     def epoch(self, task: Task, params: dict[str, Any], epochs: int, k: int, live: dict):
         """(metric, seconds, validation loss) of epoch ``k`` (0-based) of ``params``; ``live``

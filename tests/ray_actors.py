@@ -1,6 +1,7 @@
-"""The live actors of a Ray instance, from Ray's state API: what the tests look for (Serve replicas
-to kill or measure, Ray Train's actors that must be gone) without this process's Serve or Train
-clients, which another module's `kiln serve stop` can leave holding dead handles."""
+"""The live actors (and named tasks) of a Ray instance, from Ray's state API: what the tests look
+for (Serve replicas to kill or measure, Ray Train's actors that must be gone, a trial's peer ranks)
+without this process's Serve or Train clients, which another module's `kiln serve stop` can leave
+holding dead handles."""
 
 from __future__ import annotations
 
@@ -15,6 +16,20 @@ def all_actors(address: str, state: str | None = None) -> list[Any]:
     return list_actors(
         address=address,
         filters=[("state", "=", state)] if state else None,
+        limit=10_000,
+        timeout=30,
+        raise_on_missing_output=False,
+    )
+
+
+def tasks_named(address: str, name: str) -> list[Any]:
+    """The tasks of the instance at ``address`` whose function or method is ``name`` (e.g.
+    ``"Class.method"``; Ray's ``TaskState`` records, ended ones included)."""
+    from ray.util.state import list_tasks
+
+    return list_tasks(
+        address=address,
+        filters=[("func_or_class_name", "=", name)],
         limit=10_000,
         timeout=30,
         raise_on_missing_output=False,

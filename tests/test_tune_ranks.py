@@ -18,7 +18,7 @@ from kiln import tracking as trk
 from kiln.schema import validate_config
 from kiln.tune.results import COMPLETED
 from kiln.waiting import wait_until
-from ray_actors import alive_actors, all_actors
+from ray_actors import alive_actors, all_actors, tasks_named
 from sweeps import epochs_logged, write_config
 
 pytestmark = pytest.mark.module_seconds(90)
@@ -28,15 +28,7 @@ LR = {"train.lr": {"loguniform": [1.0e-3, 1.0e-2]}}
 
 
 def _peer_tasks(address: str) -> list:
-    from ray.util.state import list_tasks
-
-    return list_tasks(
-        address=address,
-        filters=[("func_or_class_name", "=", f"{PEER}.train")],
-        limit=10_000,
-        timeout=30,
-        raise_on_missing_output=False,
-    )
+    return tasks_named(address, f"{PEER}.train")
 
 
 def _ended_tasks(address: str, before: set[str], count: int) -> list | None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from kiln.errors import KilnError
 from kiln.train.config import TrainingJobConfig
+from kiln.train.session import LocalCopy, process_group_mean
 
 # A peer that has not joined after this long (placement, process start, imports) fails the trial.
 JOIN_TIMEOUT_S = 600.0
@@ -68,8 +69,6 @@ class PeerSession:
     reports."""
 
     def __init__(self, rank: int, world_size: int, checkpoint: Any):
-        from kiln.train.session import LocalCopy
-
         self.rank, self.world_size = rank, world_size
         self._restored = LocalCopy(checkpoint)
 
@@ -88,8 +87,6 @@ class PeerSession:
         """Rank 0 reports for the trial; a peer's metrics were already averaged into rank 0's."""
 
     def all_reduce_mean(self, value: float) -> float:
-        from kiln.train.session import process_group_mean
-
         return process_group_mean(value, self.world_size)
 
     def worker_nodes(self) -> list[dict[str, Any]]:
@@ -194,22 +191,14 @@ def run_ranked_trial(
         ray.get(done)
         # Finished peers exit on their own (Ray's graceful actor exit: what they record, such as
         # their task's end, is flushed first); the kill below is for the other ways a trial ends.
-        ended = [peer.__ray_terminate__.remote() for peer in peers]
-        ray.wait(ended, num_returns=len(ended), timeout=PEER_EXIT_TIMEOUT_S)
-        peers = [peer for peer, ref in zip(peers, ended, strict=True) if not _ended(ref)]
+        exits = [peer.__ray_terminate__.remote() for peer in peers]
+        exited, _ = ray.wait(exits, num_returns=len(exits), timeout=PEER_EXIT_TIMEOUT_S)
+        peers = [peer for peer, ref in zip(peers, exits, strict=True) if ref not in exited]
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
         for peer in peers:
             ray.kill(peer)
-
-
-def _ended(ref: Any) -> bool:
-    """Whether the call behind ``ref`` has ended (here: a peer's exit, which ends in an error)."""
-    import ray
-
-    ready, _ = ray.wait([ref], timeout=0)
-    return bool(ready)
 
 
 def _peer_options(cfg: TrainingJobConfig, rank: int) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kiln.train.session import LocalCopy, process_group_mean, single_process_device
 from kiln.tune.config import TuneJobConfig
 from kiln.tune.space import Dimension, apply_params, decode_params
 
@@ -65,14 +66,10 @@ class TuneSession:
 
         self.extras = extras
         self.world_size = world_size
-        from kiln.train.session import LocalCopy
-
         self._local = LocalCopy(ray.tune.get_checkpoint())
         self._mark = time.perf_counter()
 
     def device(self, use_gpu: bool):
-        from kiln.train.session import single_process_device
-
         return single_process_device(use_gpu)
 
     def prepare_model(self, model):
@@ -107,8 +104,6 @@ class TuneSession:
         self._mark = time.perf_counter()
 
     def all_reduce_mean(self, value: float) -> float:
-        from kiln.train.session import process_group_mean
-
         return process_group_mean(value, self.world_size)
 
     def worker_nodes(self) -> list[dict[str, Any]]:
