@@ -29,12 +29,19 @@ from machine import print_machine  # noqa: E402
 
 
 def plain_pytorch(cfg, data, epochs: int) -> list[float]:
-    """samples/s per epoch of a minimal loop over the same tensors."""
+    """samples/s per epoch of a minimal loop over the same tensors.
+
+    It gets the allocator settings Kiln's loop applies (``keep_freed_memory``): without them its
+    speed depended on what its process had freed before (glibc raises its mmap threshold to the
+    largest block freed so far); a fresh process ran it at 1,860-1,950 samples/s, one with the
+    settings at 2,660-3,100, the same minute: the ratio measured the baseline's luck.
+    """
     import torch
 
     from kiln.models.artifact import build_model
-    from kiln.train.loop import model_spec
+    from kiln.train.loop import keep_freed_memory, model_spec
 
+    keep_freed_memory()
     torch.manual_seed(0)
     torch.set_num_threads(int(cfg.train.cpus_per_worker))
     model = build_model(model_spec(cfg, data))

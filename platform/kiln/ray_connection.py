@@ -23,13 +23,34 @@ from kiln.errors import KilnError, ResourceError, first_line
 # cluster Kiln joins keeps its operator's setting.
 LOCAL_WORKER_ENV = {"RAY_worker_niceness": "0"}
 
+# Ray runs a training function (Ray Train's, a Tune trial's) in a thread of its worker process, and
+# glibc's malloc gives such a thread an arena of its own, made of 64 MB heaps that glibc unmaps as
+# soon as one empties, whatever its trim threshold (``kiln.train.loop.keep_freed_memory``): each
+# step's activations were mapped and faulted in again, 75,000-120,000 page faults per epoch of the
+# benchmark's CNN, in about half of the runs (depending on where the heap's blocks fell). With one
+# arena every thread allocates from the main heap, which keeps what it frees. glibc reads the
+# variable when a process starts, so it goes into the job's runtime env (every worker of the job
+# starts with it); a caller's or a submitted job's own setting wins.
+JOB_WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
+
+
+def with_worker_env(runtime_env: dict[str, Any] | None, env: dict[str, str]) -> dict[str, Any]:
+    """``runtime_env`` with ``env``'s variables added to its env_vars, each only where neither it
+    nor the runtime env of the job this driver was submitted in sets that variable (Ray refuses a
+    variable set by both)."""
+    given = dict(runtime_env or {})
+    taken = {**_submitted_job_env().get("env_vars", {}), **(given.get("env_vars") or {})}
+    added = {k: v for k, v in env.items() if k not in taken}
+    if added:
+        given["env_vars"] = {**added, **(given.get("env_vars") or {})}
+    return given
+
 
 def local_runtime_env(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
     """``runtime_env`` for a local instance Kiln starts: its workers at normal priority
-    (LOCAL_WORKER_ENV), unless the caller's env_vars say otherwise."""
-    given = dict(runtime_env or {})
-    given["env_vars"] = {**LOCAL_WORKER_ENV, **(given.get("env_vars") or {})}
-    return given
+    (LOCAL_WORKER_ENV) and on one malloc arena (JOB_WORKER_ENV), unless the caller's env_vars
+    say otherwise."""
+    return with_worker_env(runtime_env, {**LOCAL_WORKER_ENV, **JOB_WORKER_ENV})
 
 
 PROBE_TIMEOUT_S = 5.0
@@ -87,7 +108,7 @@ def ensure_ray(
         if address:
             ray.init(
                 address=address,
-                runtime_env=with_kiln_package(runtime_env),
+                runtime_env=with_kiln_package(with_worker_env(runtime_env, JOB_WORKER_ENV)),
                 logging_level=level,
                 log_to_driver=debug,
                 configure_logging=True,
@@ -131,6 +152,15 @@ def connected_dashboard_url() -> str | None:
     return url if "://" in url else f"http://{url}"
 
 
+def _submitted_job_env() -> dict[str, Any]:
+    """The runtime env of the Ray job this driver runs in when it was submitted through the Jobs
+    API (Ray hands it to the entrypoint in RAY_JOB_CONFIG_JSON_ENV_VAR); empty otherwise."""
+    import json
+
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    return job.get("runtime_env") or {}
+
+
 # The kiln package folder this process runs (shipped to workers as a py_module).
 KILN_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -141,12 +171,7 @@ def with_kiln_package(runtime_env: dict[str, Any] | None) -> dict[str, Any] | No
     may have another kiln installed, or none). Unchanged when the caller or the submitted job's
     runtime env already ships py_modules (``kiln submit`` does; Ray refuses two py_modules
     fields)."""
-    import json
-
-    job_env = (
-        json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
-    )
-    given = {**job_env, **(runtime_env or {})}
+    given = {**_submitted_job_env(), **(runtime_env or {})}
     if "py_modules" in given:
         return runtime_env
     extra: dict[str, Any] = {"py_modules": [KILN_PACKAGE_DIR]}

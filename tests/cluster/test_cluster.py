@@ -145,6 +145,39 @@ def test_a_driver_joining_a_cluster_ships_its_kiln_unless_the_job_already_does(m
     assert with_kiln_package(None) is None
 
 
+def test_every_worker_of_a_kiln_job_starts_on_one_malloc_arena_unless_told_otherwise(monkeypatch):
+    """JOB_WORKER_ENV (MALLOC_ARENA_MAX=1) reaches the job's runtime env on every path: a local
+    instance, a driver joining a cluster, a job `kiln submit` sends. A caller's own value wins,
+    and a variable the submitted job already sets is not set again (Ray refuses one set twice)."""
+    from kiln.cluster.submit import JobSpec
+    from kiln.ray_connection import JOB_WORKER_ENV, local_runtime_env, with_worker_env
+
+    assert JOB_WORKER_ENV == {"MALLOC_ARENA_MAX": "1"}
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert local_runtime_env(None)["env_vars"] == {
+        "RAY_worker_niceness": "0",
+        "MALLOC_ARENA_MAX": "1",
+    }
+    mine = {"env_vars": {"MALLOC_ARENA_MAX": "4", "A": "1"}, "pip": ["x"]}
+    assert local_runtime_env(mine) == {
+        "env_vars": {"RAY_worker_niceness": "0", "MALLOC_ARENA_MAX": "4", "A": "1"},
+        "pip": ["x"],
+    }
+    assert with_worker_env(None, JOB_WORKER_ENV) == {"env_vars": {"MALLOC_ARENA_MAX": "1"}}
+    monkeypatch.setenv(
+        "RAY_JOB_CONFIG_JSON_ENV_VAR",
+        json.dumps({"runtime_env": {"env_vars": {"MALLOC_ARENA_MAX": "2"}}}),
+    )
+    assert with_worker_env(None, JOB_WORKER_ENV) == {}
+    assert with_worker_env({"env_vars": {"B": "1"}}, JOB_WORKER_ENV) == {"env_vars": {"B": "1"}}
+    spec = JobSpec(job="train", config="configs/train/digits_cnn.yaml", project=REPO)
+    assert build_runtime_env(spec)["env_vars"]["MALLOC_ARENA_MAX"] == "1"
+    assert (
+        build_runtime_env(spec, env_vars={"MALLOC_ARENA_MAX": "8"})["env_vars"]["MALLOC_ARENA_MAX"]
+        == "8"
+    )
+
+
 # ---- a job's outcome, from its logs
 # ---------------------------------------------------------------
 

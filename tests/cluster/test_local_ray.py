@@ -97,11 +97,13 @@ def test_picked_ports_are_distinct_bindable_and_outside_the_kernels_ephemeral_ra
 
 
 @pytest.mark.slow  # starts a Ray instance of its own (about 10 s)
-def test_workers_of_a_local_instance_kiln_starts_run_at_normal_priority_unlike_rays_default(
+def test_workers_of_a_local_instance_kiln_starts_run_at_normal_priority_on_one_malloc_arena(
     ray_cluster,
 ):
-    """Ray runs workers at niceness 15 (the session's instance, started without Kiln's setting,
-    shows it); Kiln's local instance runs them at 0, as its other processes."""
+    """Ray runs workers at niceness 15 (the session's instance, started without Kiln's settings,
+    shows it); Kiln's local instance runs them at 0, as its other processes, and starts them with
+    MALLOC_ARENA_MAX=1 in the environment they were started with (/proc/self/environ: glibc reads
+    it at start, a variable set later would change nothing)."""
     import os
 
     import ray
@@ -111,12 +113,18 @@ def test_workers_of_a_local_instance_kiln_starts_run_at_normal_priority_unlike_r
         "import os, ray\n"
         "from kiln.ray_connection import ensure_ray\n"
         "ensure_ray(None, num_cpus=1)\n"
-        "print('nice', ray.get(ray.remote(lambda: os.nice(0)).remote()))\n"
+        "def probe():\n"
+        "    start_env = open('/proc/self/environ', 'rb').read().split(b'\\0')\n"
+        "    return os.nice(0), b'MALLOC_ARENA_MAX=1' in start_env\n"
+        "nice, one_arena = ray.get(ray.remote(probe).remote())\n"
+        "print('nice', nice)\n"
+        "print('one arena', one_arena)\n"
         "ray.shutdown()\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MALLOC_ARENA_MAX")}
     out = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "nice 0" in out.stdout.splitlines(), out.stdout
+    lines = out.stdout.splitlines()
+    assert "nice 0" in lines and "one arena True" in lines, out.stdout

@@ -158,11 +158,12 @@ def build_runtime_env(
     include_secret_files: bool = False,
 ) -> dict[str, Any]:
     """The job's runtime env: working dir (without ``SECRET_EXCLUDES`` unless
-    ``include_secret_files``), the kiln package, env vars (tracking URI, code version)."""
-    from kiln.ray_connection import KILN_PACKAGE_DIR
+    ``include_secret_files``), the kiln package, env vars (tracking URI, code version, and
+    ``JOB_WORKER_ENV`` under the caller's)."""
+    from kiln.ray_connection import JOB_WORKER_ENV, KILN_PACKAGE_DIR
     from kiln.tracking import code_version
 
-    variables = {"KILN_CODE_VERSION": code_version(), **(env_vars or {})}
+    variables = {**JOB_WORKER_ENV, "KILN_CODE_VERSION": code_version(), **(env_vars or {})}
     if tracking_uri:
         variables["MLFLOW_TRACKING_URI"] = tracking_uri
     env: dict[str, Any] = {
