@@ -43,9 +43,11 @@ from pathlib import Path
 from kiln.cli import configure_process
 configure_process()
 import ray
+from kiln.ray_connection import local_runtime_env
 store = int(sys.argv[2]) * 2**20 if int(sys.argv[2]) else None
+# the runtime env of the local instances `kiln train` starts (worker niceness, one malloc arena)
 ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
-         object_store_memory=store)
+         object_store_memory=store, runtime_env=local_runtime_env(None))
 # The parent scrapes this node's metrics endpoint for the object store's use.
 Path(sys.argv[3]).write_text(str(ray.nodes()[0]["MetricsExportPort"]))
 from kiln.data.dataset import prepare_data

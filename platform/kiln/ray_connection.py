@@ -34,23 +34,28 @@ LOCAL_WORKER_ENV = {"RAY_worker_niceness": "0"}
 JOB_WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
 
 
-def with_worker_env(runtime_env: dict[str, Any] | None, env: dict[str, str]) -> dict[str, Any]:
+def with_worker_env(
+    runtime_env: dict[str, Any] | None, env: dict[str, str]
+) -> dict[str, Any] | None:
     """``runtime_env`` with ``env``'s variables added to its env_vars, each only where neither it
     nor the runtime env of the job this driver was submitted in sets that variable (Ray refuses a
-    variable set by both)."""
+    variable set by both); ``runtime_env`` itself when nothing is added."""
     given = dict(runtime_env or {})
     taken = {**_submitted_job_env().get("env_vars", {}), **(given.get("env_vars") or {})}
     added = {k: v for k, v in env.items() if k not in taken}
-    if added:
-        given["env_vars"] = {**added, **(given.get("env_vars") or {})}
+    if not added:
+        return runtime_env
+    given["env_vars"] = {**added, **(given.get("env_vars") or {})}
     return given
 
 
-def local_runtime_env(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
+def local_runtime_env(
+    runtime_env: dict[str, Any] | None, worker_env: dict[str, str] = JOB_WORKER_ENV
+) -> dict[str, Any] | None:
     """``runtime_env`` for a local instance Kiln starts: its workers at normal priority
-    (LOCAL_WORKER_ENV) and on one malloc arena (JOB_WORKER_ENV), unless the caller's env_vars
-    say otherwise."""
-    return with_worker_env(runtime_env, {**LOCAL_WORKER_ENV, **JOB_WORKER_ENV})
+    (LOCAL_WORKER_ENV) and started with ``worker_env``, unless the caller's env_vars say
+    otherwise."""
+    return with_worker_env(runtime_env, {**LOCAL_WORKER_ENV, **worker_env})
 
 
 PROBE_TIMEOUT_S = 5.0
@@ -85,11 +90,13 @@ def ensure_ray(
     num_cpus: float | None = None,
     debug: bool = False,
     runtime_env: dict[str, Any] | None = None,
+    worker_env: dict[str, str] = JOB_WORKER_ENV,
 ) -> str:
     """Connect to ``address`` (or RAY_ADDRESS), else start a local instance. Returns the address.
 
-    The local instance binds its dashboard to 127.0.0.1. Raises KilnError when an address is
-    given but nothing answers there.
+    The local instance binds its dashboard to 127.0.0.1. The job's workers start with
+    ``worker_env`` (default JOB_WORKER_ENV: the training jobs'). Raises KilnError when an address
+    is given but nothing answers there.
     """
     import ray
 
@@ -108,7 +115,7 @@ def ensure_ray(
         if address:
             ray.init(
                 address=address,
-                runtime_env=with_kiln_package(with_worker_env(runtime_env, JOB_WORKER_ENV)),
+                runtime_env=with_kiln_package(with_worker_env(runtime_env, worker_env)),
                 logging_level=level,
                 log_to_driver=debug,
                 configure_logging=True,
@@ -122,7 +129,7 @@ def ensure_ray(
                 num_cpus=num_cpus,  # type: ignore[arg-type]
                 include_dashboard=True,
                 dashboard_host="127.0.0.1",
-                runtime_env=local_runtime_env(runtime_env),
+                runtime_env=local_runtime_env(runtime_env, worker_env),
                 logging_level=level,
                 log_to_driver=debug,
                 configure_logging=True,

@@ -168,7 +168,8 @@ def test_every_worker_of_a_kiln_job_starts_on_one_malloc_arena_unless_told_other
         "RAY_JOB_CONFIG_JSON_ENV_VAR",
         json.dumps({"runtime_env": {"env_vars": {"MALLOC_ARENA_MAX": "2"}}}),
     )
-    assert with_worker_env(None, JOB_WORKER_ENV) == {}
+    assert with_worker_env(None, JOB_WORKER_ENV) is None
+    assert local_runtime_env(None, worker_env={}) == {"env_vars": {"RAY_worker_niceness": "0"}}
     assert with_worker_env({"env_vars": {"B": "1"}}, JOB_WORKER_ENV) == {"env_vars": {"B": "1"}}
     spec = JobSpec(job="train", config="configs/train/digits_cnn.yaml", project=REPO)
     assert build_runtime_env(spec)["env_vars"]["MALLOC_ARENA_MAX"] == "1"

@@ -33,7 +33,9 @@ def connect(address: str, debug: bool = False, serve: bool = True) -> str:
         import ray.serve  # noqa: F401  (configures its logger on import: set the level after that)
 
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    return ensure_ray(address, debug=debug)
+    # Serving keeps glibc's arena per thread (JOB_WORKER_ENV is for training jobs, whose loop runs
+    # in one thread): a replica's threads (its event loop, its inference) allocate at once.
+    return ensure_ray(address, debug=debug, worker_env={})
 
 
 def serving_env(run_dir: str | Path, address: str | None, starting: bool = False) -> dict[str, str]:
