@@ -26,9 +26,10 @@ LOCAL_WORKER_ENV = {"RAY_worker_niceness": "0"}
 # Ray runs a training function (Ray Train's, a Tune trial's) in a thread of its worker process, and
 # glibc's malloc gives such a thread an arena of its own, made of 64 MB heaps that glibc unmaps as
 # soon as one empties, whatever its trim threshold (``kiln.train.loop.keep_freed_memory``): each
-# step's activations were mapped and faulted in again, 75,000-120,000 page faults per epoch of the
-# benchmark's CNN, in about half of the runs (depending on where the heap's blocks fell). With one
-# arena every thread allocates from the main heap, which keeps what it frees. glibc reads the
+# step's activations were mapped and faulted in again, 40,000-120,000 page faults per epoch of the
+# benchmark's CNN in the training thread (as many in its OpenMP thread), in most epochs (depending
+# on where the heap's blocks fell; BENCHMARKS, training throughput). With one arena every thread
+# allocates from the main heap, which keeps what it frees. glibc reads the
 # variable when a process starts, so it goes into the job's runtime env (every worker of the job
 # starts with it); a caller's or a submitted job's own setting wins.
 JOB_WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}

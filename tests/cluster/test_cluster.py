@@ -145,10 +145,11 @@ def test_a_driver_joining_a_cluster_ships_its_kiln_unless_the_job_already_does(m
     assert with_kiln_package(None) is None
 
 
-def test_every_worker_of_a_kiln_job_starts_on_one_malloc_arena_unless_told_otherwise(monkeypatch):
+def test_the_workers_of_a_training_job_start_on_one_malloc_arena_unless_told_otherwise(monkeypatch):
     """JOB_WORKER_ENV (MALLOC_ARENA_MAX=1) reaches the job's runtime env on every path: a local
-    instance, a driver joining a cluster, a job `kiln submit` sends. A caller's own value wins,
-    and a variable the submitted job already sets is not set again (Ray refuses one set twice)."""
+    instance, a driver joining a cluster (both through ``with_worker_env``), a job `kiln submit`
+    sends. A caller's own value wins, and a variable the submitted job already sets is not set
+    again (Ray refuses one set twice). ``worker_env={}`` (serving's) adds none."""
     from kiln.cluster.submit import JobSpec
     from kiln.ray_connection import JOB_WORKER_ENV, local_runtime_env, with_worker_env
 
