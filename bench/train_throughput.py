@@ -203,6 +203,12 @@ def main() -> None:
             if floor
             else {}
         ),
+        # each round's (plain, Kiln in-loop, Kiln epoch wall[, floor]) samples/s, in order
+        "per_round": [
+            [round(q), round(r["in_loop_samples_per_s"]), round(r["epoch_wall_samples_per_s"])]
+            + ([round(floor[i])] if floor else [])
+            for i, (q, r) in enumerate(zip(plain, kiln, strict=True))
+        ],
         "kiln_fixed_cost_per_job_s": round(fixed, 1),
         "ray_local_start_s": round(ray_start, 1),
     }
