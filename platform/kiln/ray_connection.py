@@ -29,9 +29,9 @@ LOCAL_WORKER_ENV = {"RAY_worker_niceness": "0"}
 # step's activations were mapped and faulted in again, 40,000-120,000 page faults per epoch of the
 # benchmark's CNN in the training thread (as many in its OpenMP thread), in most epochs (depending
 # on where the heap's blocks fell; BENCHMARKS, training throughput). With one arena every thread
-# allocates from the main heap, which keeps what it frees. glibc reads the
-# variable when a process starts, so it goes into the job's runtime env (every worker of the job
-# starts with it); a caller's or a submitted job's own setting wins.
+# allocates from the main heap, which keeps what it frees. glibc reads the variable when a process
+# starts, so it goes into the job's runtime env (every worker of the job starts with it); a
+# caller's or a submitted job's own setting wins.
 JOB_WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
 
 

@@ -75,7 +75,9 @@ TRIM_THRESHOLD_BYTES = 512 << 20
 def keep_freed_memory() -> bool:
     """Let this process's allocator (glibc) keep freed blocks of up to MMAP_THRESHOLD_BYTES and up
     to TRIM_THRESHOLD_BYTES free at its heap's top for reuse, instead of returning them to the OS
-    after each step. Returns whether it was applied (glibc only; elsewhere nothing changes)."""
+    after each step. Returns whether it was applied (glibc only; elsewhere nothing changes).
+    It governs the main heap: a thread's own arena unmaps its heaps whatever these thresholds, so
+    Kiln's jobs start their workers on one arena (``kiln.ray_connection.JOB_WORKER_ENV``)."""
     import ctypes
     import ctypes.util
     import sys
