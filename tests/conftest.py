@@ -173,6 +173,10 @@ def ray_cluster():
 
     import ray
 
+    # A module that trains in this process without this fixture left Kiln's own local instance
+    # connected (prepare_data starts one when none is): that module is done with it.
+    if ray.is_initialized():
+        ray.shutdown()
     # address="local": a new instance even when /tmp/ray/ray_current_cluster names someone else's.
     ray.init(
         address="local",

@@ -455,3 +455,42 @@ def test_quality_signals_for_rollout_gates_wait_for_min_rows(digits, tmp_path):
         replica.status("2")["monitored"] is False
         and "monitor_reference.json" in replica.status("2")["reason"]
     )
+
+
+def test_an_evaluation_queued_behind_a_readers_fresh_one_does_not_replace_it(digits, tmp_path):
+    """Evaluations run on one monitor thread, in order; a reader (a rollout gate, the status
+    endpoint) evaluates the current window at once. Snapshots still queued when it does are older
+    than what it saw: they must not replace its evaluation, nor move an alert back."""
+    import asyncio
+    import threading
+
+    from kiln.monitor.live.config import MonitorConfig
+    from kiln.monitor.live.served import ReplicaMonitors
+
+    predictor, data, reference = digits
+    reference.save(tmp_path)
+    replica = ReplicaMonitors("digits", MonitorConfig(window=100, min_rows=50, eval_every=10))
+    replica.add("1", tmp_path)
+    monitor = replica.monitors["1"]
+
+    async def send(x):
+        for i in range(0, len(x), 5):
+            logits = predictor.logits(x[i : i + 5])
+            replica.observe("1", x[i : i + 5], logits, softmax(logits))
+
+    asyncio.run(send(data.x_test[:100]))
+    clean = replica.signals("1")
+    assert clean["drift"] < 0.3 and clean["ood_rate"] < 0.2
+    # Hold the monitor thread so that the evaluations due while noise arrives wait in its queue.
+    hold = threading.Event()
+    replica._pool.submit(hold.wait, 30)
+    noise = predictor.spec.preprocessing.apply(
+        np.random.default_rng(0).integers(0, 256, (100, 1, 8, 8)).astype(np.uint8)
+    )
+    asyncio.run(send(noise))
+    fresh = replica.signals("1")
+    assert fresh["drift"] > 0.3 and fresh["ood_rate"] >= 0.8 and monitor.ood_alert.firing
+    hold.set()
+    replica._pool.submit(lambda: None).result(timeout=30)  # the queued evaluations have run
+    assert replica.signals("1") == fresh and monitor.ood_alert.firing
+    assert monitor.last is not None and monitor.last.seen == 200

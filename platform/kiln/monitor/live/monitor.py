@@ -39,6 +39,16 @@ class OodResult:
         }
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """A copy of the window to evaluate, and how many rows had been observed when it was taken
+    (which of two snapshots is the newer)."""
+
+    rows: np.ndarray
+    flags: np.ndarray
+    seen: int
+
+
 @dataclass
 class Evaluation:
     """One evaluation of the window: drift (None below ``min_rows``), OOD rate, alerts it raised."""
@@ -48,6 +58,7 @@ class Evaluation:
     ood_rate: float
     drift: DriftResult | None
     alerts: list[Alert] = field(default_factory=list)
+    seen: int = 0  # rows observed when its snapshot was taken
 
     @property
     def drift_score(self) -> float | None:
@@ -100,9 +111,10 @@ class VersionMonitor:
         return OodResult(scores, flags, self.threshold)
 
     @property
-    def has_new_rows(self) -> bool:
-        """Whether rows arrived since the last evaluation."""
-        return self._new_rows > 0
+    def behind(self) -> bool:
+        """Whether rows arrived that the latest evaluation does not cover (an evaluation queued
+        on the monitor thread may not have run yet)."""
+        return self.window.seen > (self.last.seen if self.last is not None else 0)
 
     def due(self) -> bool:
         """Whether enough new rows (or time with new rows) passed to evaluate again."""
@@ -113,25 +125,29 @@ class VersionMonitor:
             or time.monotonic() - self._last_eval >= self.cfg.eval_interval_s
         )
 
-    def take_snapshot(self) -> tuple[np.ndarray, np.ndarray]:
+    def take_snapshot(self) -> Snapshot:
         """The window to evaluate (taken on the request path's thread, so the buffer is never read
         mid-append)."""
         self._new_rows, self._last_eval = 0, time.monotonic()
-        return self.window.snapshot()
+        return Snapshot(*self.window.snapshot(), seen=self.window.seen)
 
     # --- off the event loop -----------------------------------------------------------------
 
-    def evaluate(self, snapshot: tuple[np.ndarray, np.ndarray] | None = None) -> Evaluation:
+    def evaluate(self, snapshot: Snapshot | None = None) -> Evaluation | None:
         """Drift and OOD rate of the window, with alert transitions (notified through
-        ``on_alert``)."""
-        rows, flags = snapshot if snapshot is not None else self.take_snapshot()
+        ``on_alert``). None for a snapshot older than the latest evaluation's: an evaluation
+        queued behind a reader's fresh one must neither replace it nor move the alerts back."""
+        snapshot = snapshot if snapshot is not None else self.take_snapshot()
+        rows, flags = snapshot.rows, snapshot.flags
         with self._evaluating:
+            if self.last is not None and self.last.seen > snapshot.seen:
+                return None
             result = None
             if len(rows) >= self.cfg.min_rows:
                 result = drift(self.statistics, rows, self.cfg.psi_threshold, self.cfg.ks_alpha)
             rate = float(flags.mean()) if len(flags) else 0.0
             evaluation = Evaluation(
-                at=time.time(), rows=int(len(rows)), ood_rate=rate, drift=result
+                at=time.time(), rows=int(len(rows)), ood_rate=rate, drift=result, seen=snapshot.seen
             )
             if result is not None:
                 self._transition(

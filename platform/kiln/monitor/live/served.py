@@ -22,7 +22,7 @@ import numpy as np
 from kiln.monitor.live.alerts import Alert, notify, post_webhook
 from kiln.monitor.live.config import MonitorConfig, RetrainPolicy
 from kiln.monitor.live.metrics import MonitorMetrics
-from kiln.monitor.live.monitor import Evaluation, OodResult, VersionMonitor
+from kiln.monitor.live.monitor import Evaluation, OodResult, Snapshot, VersionMonitor
 from kiln.monitor.reference import REFERENCE_FILE, load_reference
 
 logger = logging.getLogger("ray.serve")
@@ -205,11 +205,11 @@ class ReplicaMonitors:
         return result
 
     def _evaluate(
-        self, monitor: VersionMonitor, snapshot: tuple[np.ndarray, np.ndarray] | None = None
+        self, monitor: VersionMonitor, snapshot: Snapshot | None = None
     ) -> Evaluation | None:
         try:
             evaluation = monitor.evaluate(snapshot)
-            if self.metrics is not None:
+            if evaluation is not None and self.metrics is not None:
                 self.metrics.evaluated(self.model, monitor.version, evaluation, monitor)
             return evaluation
         except Exception:  # monitoring must never take serving down
@@ -221,10 +221,10 @@ class ReplicaMonitors:
             return None
 
     def refresh(self, version: str) -> None:
-        """Evaluate now if rows arrived since the last evaluation (for a reader that wants the
-        latest)."""
+        """Evaluate now if rows arrived that the latest evaluation does not cover (for a reader
+        that wants the latest)."""
         monitor = self.monitors.get(version)
-        if monitor is not None and monitor.has_new_rows:
+        if monitor is not None and monitor.behind:
             self._evaluate(monitor, monitor.take_snapshot())
 
     def signals(self, version: str) -> dict[str, float]:
