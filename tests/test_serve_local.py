@@ -46,6 +46,24 @@ def pid_alive(pid: int) -> bool:
     return not (stat.exists() and stat.read_text().split(")")[-1].split()[0] == "Z")
 
 
+def serve_replica_environs(head_pid: int) -> list[bytes]:
+    """The environments the Serve replicas of a Kiln-started head were started with (its processes
+    share the session the head leads)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        try:
+            if os.getsid(proc.pid) != head_pid:
+                continue
+            title = " ".join(proc.info["cmdline"] or []) or proc.info["name"] or ""
+            if "ServeReplica" in title:
+                found.append(Path(f"/proc/{proc.pid}/environ").read_bytes())
+        except (ProcessLookupError, psutil.Error, OSError):
+            continue  # gone meanwhile, or not ours to read
+    return found
+
+
 @pytest.mark.slow  # starts its own Ray instance: about a minute
 def test_local_instance_outlives_the_cli_and_stops_cleanly(registry, tmp_path):
     from kiln.models.predictor import load_predictor
@@ -87,6 +105,14 @@ def test_local_instance_outlives_the_cli_and_stops_cleanly(registry, tmp_path):
         probs = np.asarray(resp.json()["outputs"][0]["data"], np.float32).reshape(4, 10)
         expected = load_predictor(registry.uris["fp32-cnn"], registry.tracking_uri).predict_proba(x)
         np.testing.assert_allclose(probs, expected, atol=1e-5)
+
+        # Serving replicas keep glibc's default arenas: only a training job's workers get
+        # MALLOC_ARENA_MAX=1 (kiln.ray_connection.JOB_WORKER_ENV), and the CLI here had none.
+        arenas = [
+            [v for v in env.split(b"\0") if v.startswith(b"MALLOC_ARENA_MAX=")]
+            for env in serve_replica_environs(pid)
+        ]  # only that variable: a replica's environment may hold secrets, not for a test log
+        assert arenas and all(found == [] for found in arenas), arenas
 
         ip = other_interface_ip()
         if ip:  # 127.0.0.1 by default: the HTTP port does not answer on the machine's other address
