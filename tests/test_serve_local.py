@@ -20,7 +20,7 @@ import requests
 
 from conftest import last_json, run_kiln
 from kiln.waiting import wait_until
-from listeners import assert_loopback_only
+from listeners import assert_loopback_only, cmdline
 from served_models import digits_raw, free_port, uint8_batch_body
 
 pytestmark = pytest.mark.module_seconds(35)
@@ -46,21 +46,18 @@ def pid_alive(pid: int) -> bool:
     return not (stat.exists() and stat.read_text().split(")")[-1].split()[0] == "Z")
 
 
-def serve_replica_environs(head_pid: int) -> list[bytes]:
-    """The environments the Serve replicas of a Kiln-started head were started with (its processes
-    share the session the head leads)."""
-    import psutil
+def serve_replica_environs(session: int) -> list[bytes]:
+    """The environments the Serve replicas of a Kiln-started head (the leader of process session
+    ``session``) were started with."""
+    from kiln.local_ray import session_members
 
     found = []
-    for proc in psutil.process_iter(["name", "cmdline"]):
-        try:
-            if os.getsid(proc.pid) != head_pid:
-                continue
-            title = " ".join(proc.info["cmdline"] or []) or proc.info["name"] or ""
-            if "ServeReplica" in title:
-                found.append(Path(f"/proc/{proc.pid}/environ").read_bytes())
-        except (ProcessLookupError, psutil.Error, OSError):
-            continue  # gone meanwhile, or not ours to read
+    for pid in session_members(session):
+        if "ServeReplica" in cmdline(pid):
+            try:
+                found.append(Path(f"/proc/{pid}/environ").read_bytes())
+            except OSError:
+                continue  # gone meanwhile
     return found
 
 
