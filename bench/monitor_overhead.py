@@ -147,7 +147,7 @@ async def overhead(predictor, model_dir: Path, raw: np.ndarray, rounds: int, req
         )
     monitor = monitors.monitors["1"]
     evaluations = monitor.last
-    snapshot = monitor.window.snapshot()
+    snapshot = monitor.take_snapshot()
     times = []
     for _ in range(50):  # the CPU one evaluation of a full window takes (on the monitor thread)
         t = time.perf_counter()

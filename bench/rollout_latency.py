@@ -124,7 +124,7 @@ def decision_cost(calls: int = 200_000) -> dict[str, float]:
     """Microseconds per request of the replica's routing decision plus its bookkeeping,
     in-process."""
     from kiln.rollout.core.inflight import InflightJournal, journal_path
-    from kiln.rollout.core.replica import RolloutAgent
+    from kiln.rollout.core.replica import RolloutAgent, no_quality_signals
     from kiln.rollout.core.routing import RoutingTable
 
     async def noop(version, uri):
@@ -146,7 +146,7 @@ def decision_cost(calls: int = 200_000) -> dict[str, float]:
     cases += [(f"{label} + in-flight", table, True) for label, table in tables.items()]
     agents = {}
     for label, table, inflight in cases:
-        agent = agents[label] = RolloutAgent(MODEL, "1", ["1", "2"], noop, lambda v: {})
+        agent = agents[label] = RolloutAgent(MODEL, "1", ["1", "2"], noop, no_quality_signals)
         agent.table = table
         if inflight:  # outside a replica the agent keeps none: give it one
             agent.inflight = InflightJournal(journal_path(folder, MODEL, label.replace(" ", "_")))

@@ -19,9 +19,9 @@ def test_a_replica_stops_routing_to_a_version_whose_process_died_and_reports_it_
         pass
 
     async def scenario():
-        from kiln.rollout.core.replica import RolloutAgent
+        from kiln.rollout.core.replica import RolloutAgent, no_quality_signals
 
-        agent = RolloutAgent("m", "1", ["1"], load, lambda v: {})
+        agent = RolloutAgent("m", "1", ["1"], load, no_quality_signals)
         agent._wake = asyncio.Event()
         agent.lost("1", "its process killed by SIGABRT")  # a version of the deployment: not ours
         agent.apply(TABLE)

@@ -242,9 +242,9 @@ def test_a_replica_loads_the_versions_its_table_names_and_drops_a_finished_candi
         loaded.append((version, uri))
 
     async def scenario():
-        from kiln.rollout.core.replica import RolloutAgent
+        from kiln.rollout.core.replica import RolloutAgent, no_quality_signals
 
-        agent = RolloutAgent("m", "1", ["1"], load, lambda v: {}, dropped.append)
+        agent = RolloutAgent("m", "1", ["1"], load, no_quality_signals, dropped.append)
         agent.apply(
             RoutingTable(stable="1", candidate="2", weight=100.0, versions={"1": "u1", "2": "u2"})
         )

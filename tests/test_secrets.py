@@ -6,6 +6,7 @@ file is made owner-only when Kiln uses it; `kiln submit` leaves secret files out
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import stat
@@ -36,7 +37,7 @@ def test_the_webhook_url_is_in_no_logged_config_and_no_monitor_report():
     # what a replica gets (pickled) still calls the webhook; what it answers never shows it
     replica_cfg = type(cfg.serve.monitor).model_validate(cfg.serve.monitor.model_dump())
     assert replica_cfg.webhook == WEBHOOK
-    report = ReplicaMonitors("m", replica_cfg).report([], window=True)
+    report = asyncio.run(ReplicaMonitors("m", replica_cfg).report([], window=True))
     assert TOKEN not in json.dumps(report)
 
 

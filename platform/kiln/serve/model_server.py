@@ -348,16 +348,16 @@ class ModelServer:
             return self.default_version
         return None if table.candidate is not None else table.stable
 
-    def quality_signals(self, version: str) -> dict[str, float]:
+    async def quality_signals(self, version: str) -> dict[str, float]:
         """This replica's live-window signals of ``version``: {"drift": score, "ood_rate": rate}; {}
         when it is not monitored or its window holds fewer than ``serve.monitor.min_rows`` rows (no
         data yet)."""
-        return self.monitors.signals(version)
+        return await self.monitors.signals(version)
 
-    def monitor_status(self, version: str | None = None, window: bool = False) -> dict:
+    async def monitor_status(self, version: str | None = None, window: bool = False) -> dict:
         """The monitor report of one version (or all) as JSON; ``window`` adds the rows and
         reference."""
-        return self.monitors.report([version] if version else self.versions, window)
+        return await self.monitors.report([version] if version else self.versions, window)
 
     def remove_version(self, version: str) -> None:
         """Stop serving a version a rollout loaded. Requests already holding its runner finish on it
@@ -402,7 +402,7 @@ class ModelServer:
             if window and self.spec.api_key_sha256 is None:
                 # raw input rows and the training data's statistics: only to the key's holders
                 return error_response(WINDOW_NEEDS_KEY, 403)
-            return json_response(self.monitor_status(version, window))
+            return json_response(await self.monitor_status(version, window))
         if action in ("", "ready"):
             if request.method != "GET":
                 return method_not_allowed(request.method, path, "GET")

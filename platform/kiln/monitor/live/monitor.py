@@ -135,8 +135,9 @@ class VersionMonitor:
 
     def evaluate(self, snapshot: Snapshot | None = None) -> Evaluation | None:
         """Drift and OOD rate of the window, with alert transitions (notified through
-        ``on_alert``). None for a snapshot older than the latest evaluation's: an evaluation
-        queued behind a reader's fresh one must neither replace it nor move the alerts back."""
+        ``on_alert``). None for a snapshot older than the latest evaluation's: evaluations run in
+        order on the monitor thread, and one out of order must neither replace a newer result nor
+        move the alerts back."""
         snapshot = snapshot if snapshot is not None else self.take_snapshot()
         rows, flags = snapshot.rows, snapshot.flags
         with self._evaluating:

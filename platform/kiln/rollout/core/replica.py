@@ -32,6 +32,11 @@ LOOKUP_EVERY_S = 2.0  # how often a replica without a controller looks for one
 CALL_TIMEOUT_S = 5.0
 
 
+async def no_quality_signals(version: str) -> dict[str, float]:
+    """The ``signals`` of a replica that monitors nothing: no data for any gate."""
+    return {}
+
+
 class RolloutAgent:
     """Per-replica rollout state. ``load(version, uri)`` is the server's coroutine that adds a
     version."""
@@ -42,7 +47,7 @@ class RolloutAgent:
         default_version: str,
         ready_versions: list[str],
         load: Callable[[str, str], Awaitable[None]],
-        signals: Callable[[str], dict[str, float]],
+        signals: Callable[[str], Awaitable[dict[str, float]]],
         unload: Callable[[str], None] = lambda version: None,
         run_dir: str | None = None,
     ):
@@ -160,9 +165,13 @@ class RolloutAgent:
 
     async def sync(self) -> None:
         handle = await self._controller()
-        stats = self._drain()
+        stats, self.windows = self.windows, {}
         if handle is None:
             return
+        for version, window in stats.items():  # the gates' quality signals, for the controller
+            signals = await self._signals(version)
+            if signals:
+                window.signals = dict(signals)
         lost, self._lost = self._lost, {}
         payload = {
             "replica": self._replica_id,
@@ -205,14 +214,6 @@ class RolloutAgent:
             self.ready[version] = f"failed: {type(exc).__name__}: {first_line(exc, 300)}"[:300]
         finally:
             self._loading.pop(version, None)
-
-    def _drain(self) -> dict[str, VersionWindow]:
-        windows, self.windows = self.windows, {}
-        for version, window in windows.items():
-            signals = self._signals(version)
-            if signals:
-                window.signals = dict(signals)
-        return windows
 
     async def _controller(self) -> Any:
         """The controller's handle; None when there is none (looked up at most every
