@@ -6,7 +6,9 @@
    flags in the response), interleaved request by request in one process, several rounds, batch-1
    requests (the worst case: the per-request cost is not shared by rows). HTTP and Serve's proxy
    add the same milliseconds either way and are left out so that the difference is measurable.
-2. Detection delay: requests (batch 1) from the start of a fixed shift until the alert fires, after
+2. A reader during traffic: what a read of the latest signals (a rollout gate, the status endpoint)
+   holds the replica's event loop for, by window size.
+3. Detection delay: requests (batch 1) from the start of a fixed shift until the alert fires, after
    a full window of in-distribution traffic, with the default monitor config and a smaller window.
 
 Model: the digits CNN trained in-process (3 epochs) and an MLP on a synthetic tabular set.
@@ -166,6 +168,66 @@ async def overhead(predictor, model_dir: Path, raw: np.ndarray, rounds: int, req
     }
 
 
+async def reader_stall(predictor, model_dir: Path, x: np.ndarray, window: int, reads: int) -> dict:
+    """A reader (a rollout gate every 0.5 s, the status endpoint) while traffic flows: what one read
+    holds the replica's event loop for. It takes the window's snapshot on the loop and awaits the
+    evaluation on the monitor thread; ``evaluation_ms`` is what the loop paid per read when the
+    read evaluated there (before 2026-11-29). ``max_gap_ms``: the longest the loop went without
+    running a 1 ms ticker during the reads."""
+    from kiln.monitor.live.config import MonitorConfig
+    from kiln.monitor.live.served import ReplicaMonitors
+    from kiln.monitor.reference.features import softmax
+
+    monitors = ReplicaMonitors("digits", MonitorConfig(window=window, min_rows=100))
+    monitors.add("1", model_dir)
+    monitor = monitors.monitors["1"]
+
+    def send(rows: int, start: int) -> None:
+        for i in range(start, start + rows, 250):
+            batch = x[np.arange(i, min(i + 250, start + rows)) % len(x)]
+            logits = predictor.logits(batch, batch_size=len(batch))
+            monitors.observe("1", batch, logits, softmax(logits))
+
+    send(window, 0)
+    await monitors.signals("1")
+    gaps: list[float] = []
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while not stop.is_set():
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append((now - last) * 1000)
+            last = now
+
+    read_gaps, read_ms = [], []
+    tick = asyncio.get_running_loop().create_task(ticker())
+    for r in range(reads):
+        send(50, window + r * 50)  # new rows: the read must evaluate
+        await asyncio.sleep(0.01)
+        gaps.clear()
+        t = time.perf_counter()
+        await monitors.signals("1")
+        read_ms.append((time.perf_counter() - t) * 1000)
+        read_gaps.append(max(gaps, default=0.0))
+    stop.set()
+    await tick
+    snap = monitor.take_snapshot()
+    evaluation = []
+    for _ in range(5):
+        t = time.perf_counter()
+        monitor.evaluate(snap)
+        evaluation.append((time.perf_counter() - t) * 1000)
+    return {
+        "window": window,
+        "evaluation_ms": statistics.median(evaluation),
+        "read_ms": statistics.median(read_ms),
+        "max_gap_ms": max(read_gaps),
+        "median_max_gap_ms": statistics.median(read_gaps),
+    }
+
+
 def detection_delay(
     predictor, reference, baseline: np.ndarray, shifted: np.ndarray, signal: str, **cfg
 ) -> int | None:
@@ -256,6 +318,23 @@ def main() -> int:
             f"{result['evaluation_ms'] * 1000 / result['eval_every']:.0f} us of CPU per row, "
             "amortized"
         )
+
+        print(
+            "\n## a reader during traffic (a rollout gate reads every 0.5 s): what one read holds "
+            "the event loop for"
+        )
+        print(
+            "| window (rows) | evaluation (was on the loop per read) | read, awaited | longest "
+            "loop gap during a read (median, max of reads) |"
+        )
+        print("|---:|---:|---:|---:|")
+        for window in (500, 10_000, 100_000):
+            stall = asyncio.run(reader_stall(predictor, model_dir, data.x_test, window, 20))
+            print(
+                f"| {window:,} | {stall['evaluation_ms']:.1f} ms | {stall['read_ms']:.1f} ms | "
+                f"{stall['median_max_gap_ms']:.1f} / {stall['max_gap_ms']:.1f} ms |",
+                flush=True,
+            )
 
         rng = np.random.default_rng(0)
         order = rng.permutation(len(data.x_test))
