@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,15 +63,31 @@ def local_runtime_env(
 PROBE_TIMEOUT_S = 5.0
 
 
-def tcp_refusal(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> str | None:
-    """Why nothing accepts a TCP connection at ``host:port`` (the OS's reason, e.g. 'Connection
-    refused'), or None when something does."""
+@dataclass(frozen=True)
+class Refusal:
+    """Why nothing accepted a TCP connection: the OS's reason, and whether it is that the host
+    name does not resolve (a typo in an address, not a cluster that is down)."""
+
+    reason: str  # the OS's words, e.g. 'Connection refused', 'Name or service not known'
+    unknown_host: bool = False
+
+    def describe(self, host: str) -> str:
+        """The refusal as a clause: "nothing answers (...)" or "host 'H' does not resolve (...)"."""
+        if self.unknown_host:
+            return f"host '{host}' does not resolve ({self.reason})"
+        return f"nothing answers ({self.reason})"
+
+
+def tcp_refusal(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> Refusal | None:
+    """Why nothing accepts a TCP connection at ``host:port``, or None when something does."""
     import socket
 
     try:
         socket.create_connection((host, port), timeout=timeout).close()
+    except socket.gaierror as exc:  # before OSError, its base: the name lookup failed
+        return Refusal(exc.strerror or str(exc), unknown_host=True)
     except OSError as exc:
-        return exc.strerror or type(exc).__name__
+        return Refusal(exc.strerror or type(exc).__name__)
     return None
 
 
@@ -81,9 +98,10 @@ def check_ray_address(address: str) -> None:
     host, sep, port = address.removeprefix("ray://").rpartition(":")
     if not sep or not port.isdigit():
         return
-    reason = tcp_refusal(host.strip("[]"), int(port))
-    if reason is not None:
-        raise KilnError(f"cannot reach Ray at {address}: nothing answers ({reason})")
+    host = host.strip("[]")
+    refusal = tcp_refusal(host, int(port))
+    if refusal is not None:
+        raise KilnError(f"cannot reach Ray at {address}: {refusal.describe(host)}")
 
 
 def ensure_ray(

@@ -298,6 +298,30 @@ def test_an_unreachable_address_is_one_clear_line(args):
     ]
 
 
+def test_an_address_whose_host_does_not_resolve_says_so_not_that_nothing_answers():
+    """A typo in a host name is not a cluster that is down: both checks (a Ray address, a Jobs
+    API URL) name the host that does not resolve. Name lookups only, nothing is contacted."""
+    from kiln.cluster.client import check_reachable
+    from kiln.errors import KilnError
+    from kiln.ray_connection import check_ray_address
+
+    host = "no-such-host.invalid"  # RFC 2606: never resolves
+    with pytest.raises(KilnError) as ray_address:
+        check_ray_address(f"{host}:6379")
+    assert str(ray_address.value).startswith(
+        f"cannot reach Ray at {host}:6379: host '{host}' does not resolve ("
+    )
+    with pytest.raises(KilnError) as jobs_api:
+        check_reachable(f"http://{host}:8265")
+    assert str(jobs_api.value).startswith(
+        f"cannot reach the Ray Jobs API at http://{host}:8265: host '{host}' does not resolve ("
+    )
+    assert str(jobs_api.value).endswith("check --address (http://HOST:8265)")
+    port = free_port()  # nothing listens there: that one is "nothing answers"
+    with pytest.raises(KilnError, match=r": nothing answers \(Connection refused\)$"):
+        check_ray_address(f"127.0.0.1:{port}")
+
+
 def test_a_config_mistake_is_caught_before_anything_is_submitted():
     # Nothing listens at the address: the config error coming first shows nothing was contacted.
     proc = run_kiln(

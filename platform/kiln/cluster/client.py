@@ -40,11 +40,16 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
             f"--address {address}: give the cluster's Jobs API URL, e.g. http://HOST:8265"
         )
     port = url.port or (443 if url.scheme == "https" else 80)  # what the SDK's requests will use
-    reason = tcp_refusal(url.hostname, port, timeout)
-    if reason is not None:
+    refusal = tcp_refusal(url.hostname, port, timeout)
+    if refusal is not None and refusal.unknown_host:
         raise KilnError(
-            f"cannot reach the Ray Jobs API at {address} ({reason}); is the cluster running? "
-            "(start one with 'kiln cluster start', or pass --address http://HOST:8265)"
+            f"cannot reach the Ray Jobs API at {address}: {refusal.describe(url.hostname)}; "
+            "check --address (http://HOST:8265)"
+        )
+    if refusal is not None:
+        raise KilnError(
+            f"cannot reach the Ray Jobs API at {address} ({refusal.reason}); is the cluster "
+            "running? (start one with 'kiln cluster start', or pass --address http://HOST:8265)"
         )
 
 
