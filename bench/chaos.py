@@ -565,15 +565,9 @@ class Serving:
 
     def actors(self, prefix: str) -> dict[str, int]:
         """Live actors whose name starts with ``prefix``: name -> pid."""
-        from ray.util.state import list_actors
+        from ray_actors import actor_pids
 
-        return {
-            a.name: a.pid
-            for a in list_actors(
-                address=self.address, filters=[("state", "=", "ALIVE")], limit=1000, timeout=30
-            )
-            if a.name and a.name.startswith(prefix) and a.pid
-        }
+        return actor_pids(self.address, prefix)
 
     def replicas(self) -> dict[str, int]:
         return self.actors(f"SERVE_REPLICA::{APP}#")
