@@ -204,7 +204,7 @@ async def reader_stall(predictor, model_dir: Path, x: np.ndarray, window: int, r
     read_gaps, read_ms = [], []
     tick = asyncio.get_running_loop().create_task(ticker())
     for r in range(reads):
-        send(50, window + r * 50)  # new rows: the read must evaluate
+        send(10, window + r * 10)  # fewer than eval_every (50): only the read evaluates them
         await asyncio.sleep(0.01)
         gaps.clear()
         t = time.perf_counter()
@@ -266,6 +266,10 @@ def main() -> int:
     )
     args = parser.parse_args()
     import logging
+
+    from kiln.cli import configure_process
+
+    configure_process()  # Kiln's process set-up: Ray Data's progress logs off, as in a replica
 
     import ray
 
