@@ -155,10 +155,25 @@ def ensure_ray(
             )
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = address or "a new local instance"
-        raise KilnError(f"cannot reach Ray at {where} ({first_line(exc)})") from None
+        raise KilnError(
+            f"cannot reach Ray at {where} ({first_line(exc)}){_auth_hint(address)}"
+        ) from None
     if not debug:  # as for log_to_driver: Ray's advice for its own developers only under --debug
         drop_worker_pool_warnings()
     return ray.get_runtime_context().gcs_address
+
+
+def _auth_hint(address: str | None) -> str:
+    """What to add to a failed connect to ``address``: Ray sends its auth token to an address the
+    user names only in token mode (``RAY_AUTH_MODE=token``; a token is not handed to any server
+    named), so a cluster with token authentication refuses a client without that setting, after
+    Ray's connect has retried for 20 s. Say so when a token is there and the mode is unset."""
+    if not address or os.environ.get(AUTH_MODE_ENV) or find_token() is None:
+        return ""
+    return (
+        f"; if the cluster uses token authentication, set {AUTH_MODE_ENV}=token (a token is at "
+        f"{token_source()}; Ray sends it to a named address only then)"
+    )
 
 
 def connected_dashboard_url() -> str | None:

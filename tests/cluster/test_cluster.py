@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 import kiln
-from conftest import REPO, last_json, run_kiln
+from conftest import REPO, kiln_env, last_json, run_kiln
 from kiln import ray_connection as auth
 from kiln.cluster.jobs import JobState, error_line, summary_line
 from kiln.cluster.submit import WORKING_DIR_EXCLUDES, build_runtime_env, job_spec, kiln_requirements
@@ -238,6 +238,29 @@ def test_the_token_is_found_where_ray_looks_for_it_in_rays_order(monkeypatch, tm
 
 # ---- addresses
 # ------------------------------------------------------------------------------------
+
+
+def test_a_token_cluster_joined_without_token_mode_says_what_to_set(ray_cluster, tmp_path):
+    """The session's instance uses Ray's token authentication (``ray.init``'s default in Ray
+    2.60). Ray sends its token to a named address only with ``RAY_AUTH_MODE=token``, so without it
+    the connect is refused; the error line says what to set, and where the token is."""
+    env = kiln_env({"RAY_gcs_server_port_wait_time_s": "2"})  # Ray retries the GCS 2 s, not 20
+    env.pop("RAY_AUTH_MODE", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kiln.cli", "train", CONFIG, "--address", ray_cluster]
+        + [f"experiment.run_dir={tmp_path}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]  # after Ray's own warnings of each retry
+    assert line.startswith(f"error: cannot reach Ray at {ray_cluster} ("), line
+    assert f"set RAY_AUTH_MODE=token (a token is at {auth.token_source()};" in line, line
+    assert not (tmp_path / "mlflow.db").exists()  # nothing recorded
 
 
 def test_the_address_comes_from_the_flag_then_rays_variables_then_the_local_head(
