@@ -128,6 +128,10 @@ def test_local_instance_outlives_the_cli_and_stops_cleanly(registry, tmp_path):
             st["local_ray_pid"] == pid and st["url"] == info["url"] and st["ingress"] == "haproxy"
         )
         assert [(m["name"], m["version"]) for m in st["models"]] == [("digits", "1")]
+        # the replica counts its requests in flight in a file under the run dir (rollouts read it
+        # when a replica dies)
+        inflight = run_dir / "serve" / "rollouts" / "inflight"
+        assert [p.parent.name for p in inflight.glob("*/*.bin")] == ["digits"]
     finally:
         stop = run_kiln("serve", "stop", "--run-dir", str(run_dir), "--json", timeout=300)
     assert stop.returncode == 0, stop.stderr
@@ -137,5 +141,8 @@ def test_local_instance_outlives_the_cli_and_stops_cleanly(registry, tmp_path):
     with pytest.raises(requests.exceptions.ConnectionError):  # HAProxy went with the instance
         requests.get(f"{info['url']}/v2/health/live", timeout=5)
     assert not Path(state["local_ray"]["temp_dir"]).exists()
+    # The replica died with the instance and could not remove its in-flight file; a stop on
+    # purpose removes it, so that the next start's rollouts do not count a replica death.
+    assert list(inflight.glob("*/*.bin")) == []
     nothing = run_kiln("serve", "status", "--run-dir", str(run_dir))
     assert nothing.returncode == 2 and "nothing is being served" in nothing.stderr

@@ -29,6 +29,7 @@ from kiln.compat import (
 )
 from kiln.errors import ConfigError, KilnError, ResourceError, first_line, telling_line
 from kiln.ray_connection import connected_dashboard_url
+from kiln.rollout.core.inflight import forget_journals
 from kiln.serve.app import (
     MODEL_APP_PREFIX,
     ROOT_APP,
@@ -545,6 +546,7 @@ def stop_serving(
         pid, alive = local.pid, local.alive()
         local.stop()
         forget(run_dir, state)
+        forget_journals(run_dir)  # its replicas died with it, their in-flight files left behind
         if not alive:
             raise KilnError(f"the local Ray instance that served (pid {pid}) was already gone")
         return StopResult(
@@ -564,4 +566,5 @@ def stop_serving(
     remove_apps(apps)
     if state and state.address == address:
         forget(run_dir, state)
+    forget_journals(run_dir)
     return StopResult(stopped=apps, local_ray_pid=None)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -29,9 +30,22 @@ SLOTS = 32  # versions a replica can count (a replica serves a handful)
 SIZE = HEADER.size + SLOTS * SLOT.size
 
 
+def journals_dir(run_dir: str | Path) -> Path:
+    """The folder of every model's in-flight files under ``run_dir``."""
+    return rollouts_dir(run_dir) / "inflight"
+
+
 def journal_path(run_dir: str | Path, model: str, replica: str) -> Path:
     """Where the replica ``replica`` (its Ray actor id) of ``model`` keeps its counts."""
-    return rollouts_dir(run_dir) / "inflight" / model / f"{replica}.bin"
+    return journals_dir(run_dir) / model / f"{replica}.bin"
+
+
+def forget_journals(run_dir: str | Path) -> None:
+    """Remove every in-flight file of ``run_dir``: serving from it was stopped on purpose (``kiln
+    serve stop``), so what a replica held then is no loss for a later controller to count. The
+    replicas of a stopped local instance die with it and never remove their own: the next
+    ``kiln serve start`` reported each one as a replica death, with nothing in flight."""
+    shutil.rmtree(journals_dir(run_dir), ignore_errors=True)
 
 
 class InflightJournal:
