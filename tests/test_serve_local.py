@@ -64,6 +64,7 @@ def serve_replica_environs(session: int) -> list[bytes]:
 @pytest.mark.slow  # starts its own Ray instance: about a minute
 def test_local_instance_outlives_the_cli_and_stops_cleanly(registry, tmp_path):
     from kiln.models.predictor import load_predictor
+    from kiln.rollout.core.inflight import journals_dir
 
     run_dir = tmp_path / "runs"
     env = {"MLFLOW_TRACKING_URI": registry.tracking_uri}
@@ -130,7 +131,7 @@ def test_local_instance_outlives_the_cli_and_stops_cleanly(registry, tmp_path):
         assert [(m["name"], m["version"]) for m in st["models"]] == [("digits", "1")]
         # the replica counts its requests in flight in a file under the run dir (rollouts read it
         # when a replica dies)
-        inflight = run_dir / "serve" / "rollouts" / "inflight"
+        inflight = journals_dir(run_dir)
         assert [p.parent.name for p in inflight.glob("*/*.bin")] == ["digits"]
     finally:
         stop = run_kiln("serve", "stop", "--run-dir", str(run_dir), "--json", timeout=300)
